@@ -1,0 +1,402 @@
+//! The one error type of every capability.
+//!
+//! Every operation of every backend returns [`Error`]. Callers branch on its
+//! [`ErrorKind`] (part of the contract: the conformance suite asserts on
+//! kinds), ask [`Error::is_retryable`] whether the same call may succeed
+//! later, and read the [`Error::operation`] and [`Error::backend`] it came
+//! from for logs.
+//!
+//! ```
+//! use im_infra::{Error, ErrorKind};
+//!
+//! let err = Error::new(ErrorKind::Unavailable, "redis is down")
+//!     .with_operation("cache.get")
+//!     .with_backend("redis");
+//! assert!(err.is_retryable());
+//! assert_eq!(err.code(), 1002);
+//! assert_eq!(err.to_string(), "Unavailable (1002): redis is down [op=cache.get, backend=redis]");
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+/// Result alias used by every trait of the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, independent of the backend.
+///
+/// New kinds may be added: match with a wildcard arm.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The backend could not be reached or the connection failed (code 1001).
+    Connection,
+    /// The backend is reachable in principle but cannot serve now: connection
+    /// lost, server down, leader election, overload (code 1002).
+    Unavailable,
+    /// The operation did not finish within its deadline (code 1003).
+    Timeout,
+    /// The client or backend instance was closed (code 1004).
+    Closed,
+    /// The thing to create already exists (code 2001).
+    AlreadyExists,
+    /// The thing asked for does not exist (code 3001).
+    NotFound,
+    /// A service has no live instance matching the request (code 3002).
+    NoInstances,
+    /// The operation needs a lock this caller does not hold, or no longer
+    /// holds (code 4002).
+    LockNotHeld,
+    /// Another caller is running the same work right now (code 4003).
+    InProgress,
+    /// A compare-and-set found another version than expected (code 4004).
+    Conflict,
+    /// A lease expired or was revoked (code 5003).
+    LeaseLost,
+    /// A configuration value is invalid (code 6001).
+    InvalidConfig,
+    /// An argument is invalid: empty or oversized key or value, zero TTL, ...
+    /// (code 6003).
+    InvalidArgument,
+    /// Bytes could not be encoded or decoded (code 6004).
+    Serialization,
+    /// The operation is in a valid form but not allowed in the current state
+    /// (code 6005).
+    InvalidState,
+    /// The backend does not offer this operation (code 6006).
+    Unsupported,
+    /// A bounded queue or quota is full; retry later (code 7001).
+    ResourceExhausted,
+    /// A bug or an unexpected answer from the backend (code 9001).
+    Internal,
+}
+
+impl ErrorKind {
+    /// Every kind, in code order (for documentation and tests).
+    pub const ALL: [ErrorKind; 18] = [
+        ErrorKind::Connection,
+        ErrorKind::Unavailable,
+        ErrorKind::Timeout,
+        ErrorKind::Closed,
+        ErrorKind::AlreadyExists,
+        ErrorKind::NotFound,
+        ErrorKind::NoInstances,
+        ErrorKind::LockNotHeld,
+        ErrorKind::InProgress,
+        ErrorKind::Conflict,
+        ErrorKind::LeaseLost,
+        ErrorKind::InvalidConfig,
+        ErrorKind::InvalidArgument,
+        ErrorKind::Serialization,
+        ErrorKind::InvalidState,
+        ErrorKind::Unsupported,
+        ErrorKind::ResourceExhausted,
+        ErrorKind::Internal,
+    ];
+
+    /// The stable numeric code of this kind.
+    ///
+    /// Codes follow the families of the original system: 1xxx connection,
+    /// 2xxx registration, 3xxx discovery, 4xxx locking and concurrency,
+    /// 5xxx leases, 6xxx configuration and input, 7xxx capacity, 9xxx internal.
+    /// A code never changes meaning once published.
+    pub const fn code(self) -> u32 {
+        match self {
+            ErrorKind::Connection => 1001,
+            ErrorKind::Unavailable => 1002,
+            ErrorKind::Timeout => 1003,
+            ErrorKind::Closed => 1004,
+            ErrorKind::AlreadyExists => 2001,
+            ErrorKind::NotFound => 3001,
+            ErrorKind::NoInstances => 3002,
+            ErrorKind::LockNotHeld => 4002,
+            ErrorKind::InProgress => 4003,
+            ErrorKind::Conflict => 4004,
+            ErrorKind::LeaseLost => 5003,
+            ErrorKind::InvalidConfig => 6001,
+            ErrorKind::InvalidArgument => 6003,
+            ErrorKind::Serialization => 6004,
+            ErrorKind::InvalidState => 6005,
+            ErrorKind::Unsupported => 6006,
+            ErrorKind::ResourceExhausted => 7001,
+            ErrorKind::Internal => 9001,
+        }
+    }
+
+    /// Whether an operation that failed with this kind may succeed if retried
+    /// unchanged later: transport failures, timeouts, contention and full
+    /// queues. A `Conflict` is not retryable as such: re-read, then retry.
+    pub const fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Connection
+                | ErrorKind::Unavailable
+                | ErrorKind::Timeout
+                | ErrorKind::InProgress
+                | ErrorKind::NoInstances
+                | ErrorKind::ResourceExhausted
+        )
+    }
+
+    /// A short stable name, as used in metric labels (`"unavailable"`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connection => "connection",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Closed => "closed",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::NoInstances => "no_instances",
+            ErrorKind::LockNotHeld => "lock_not_held",
+            ErrorKind::InProgress => "in_progress",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::LeaseLost => "lease_lost",
+            ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::Serialization => "serialization",
+            ErrorKind::InvalidState => "invalid_state",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The error of every im-infra operation.
+///
+/// Cheap to clone (the source is shared), so one failure can be handed to
+/// every waiter of a single-flight load.
+#[derive(Clone, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct Error {
+    kind: ErrorKind,
+    message: Cow<'static, str>,
+    operation: Option<&'static str>,
+    backend: Option<&'static str>,
+    #[source]
+    source: Option<Source>,
+}
+
+impl Error {
+    /// A new error of `kind` with a human-readable message.
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            operation: None,
+            backend: None,
+            source: None,
+        }
+    }
+
+    /// Shorthand for an [`ErrorKind::InvalidArgument`] error.
+    pub fn invalid_argument(message: impl Into<Cow<'static, str>>) -> Self {
+        Error::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// Shorthand for an [`ErrorKind::Unsupported`] error naming the operation.
+    pub fn unsupported(operation: &'static str) -> Self {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("{operation} is not supported by this backend"),
+        )
+        .with_operation(operation)
+    }
+
+    /// Shorthand for an [`ErrorKind::Serialization`] error about `key`.
+    pub fn serialization(
+        key: &str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::new(
+            ErrorKind::Serialization,
+            format!("value of key {key:?} could not be (de)serialised"),
+        )
+        .with_source(source)
+    }
+
+    /// Attaches the operation (`"lock.acquire"`) if none is set yet.
+    #[must_use]
+    pub fn with_operation(mut self, operation: &'static str) -> Self {
+        if self.operation.is_none() {
+            self.operation = Some(operation);
+        }
+        self
+    }
+
+    /// Attaches the backend name (`"redis"`) if none is set yet.
+    #[must_use]
+    pub fn with_backend(mut self, backend: &'static str) -> Self {
+        if self.backend.is_none() {
+            self.backend = Some(backend);
+        }
+        self
+    }
+
+    /// Attaches the underlying error.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The stable numeric code of the kind.
+    pub fn code(&self) -> u32 {
+        self.kind.code()
+    }
+
+    /// The message, without kind or context.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The operation that failed, when known.
+    pub fn operation(&self) -> Option<&'static str> {
+        self.operation
+    }
+
+    /// The backend that failed, when known.
+    pub fn backend(&self) -> Option<&'static str> {
+        self.backend
+    }
+
+    /// Whether retrying the same call later may succeed (see
+    /// [`ErrorKind::is_retryable`]).
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
+    /// `true` for [`ErrorKind::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        self.kind == ErrorKind::NotFound
+    }
+
+    /// `true` for [`ErrorKind::Conflict`].
+    pub fn is_conflict(&self) -> bool {
+        self.kind == ErrorKind::Conflict
+    }
+
+    /// `true` for [`ErrorKind::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        self.kind == ErrorKind::Timeout
+    }
+
+    /// `true` for [`ErrorKind::Connection`] and [`ErrorKind::Unavailable`].
+    pub fn is_connection(&self) -> bool {
+        matches!(self.kind, ErrorKind::Connection | ErrorKind::Unavailable)
+    }
+
+    /// `true` for [`ErrorKind::Unsupported`].
+    pub fn is_unsupported(&self) -> bool {
+        self.kind == ErrorKind::Unsupported
+    }
+
+    fn render(&self) -> String {
+        let mut out = format!("{} ({}): {}", self.kind, self.kind.code(), self.message);
+        match (self.operation, self.backend) {
+            (Some(op), Some(be)) => out.push_str(&format!(" [op={op}, backend={be}]")),
+            (Some(op), None) => out.push_str(&format!(" [op={op}]")),
+            (None, Some(be)) => out.push_str(&format!(" [backend={be}]")),
+            (None, None) => {}
+        }
+        if let Some(source) = &self.source {
+            out.push_str(&format!(": {source}"));
+        }
+        out
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind)
+            .field("code", &self.kind.code())
+            .field("message", &self.message);
+        if let Some(op) = self.operation {
+            d.field("operation", &op);
+        }
+        if let Some(be) = self.backend {
+            d.field("backend", &be);
+        }
+        if let Some(source) = &self.source {
+            d.field("source", &source.to_string());
+        }
+        d.finish()
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::new(ErrorKind::Serialization, "JSON (de)serialisation failed").with_source(e)
+    }
+}
+
+impl From<tokio::time::error::Elapsed> for Error {
+    fn from(e: tokio::time::error::Elapsed) -> Self {
+        Error::new(ErrorKind::Timeout, "deadline elapsed").with_source(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn codes_are_unique_and_in_their_family() {
+        let codes: HashSet<u32> = ErrorKind::ALL.iter().map(|k| k.code()).collect();
+        assert_eq!(codes.len(), ErrorKind::ALL.len());
+        assert_eq!(ErrorKind::Connection.code(), 1001);
+        assert_eq!(ErrorKind::InvalidConfig.code(), 6001);
+        assert!(ErrorKind::ALL
+            .iter()
+            .all(|k| (1000..10000).contains(&k.code())));
+    }
+
+    #[test]
+    fn retryable_kinds() {
+        assert!(Error::new(ErrorKind::Timeout, "t").is_retryable());
+        assert!(Error::new(ErrorKind::Connection, "c").is_retryable());
+        assert!(!Error::new(ErrorKind::Conflict, "c").is_retryable());
+        assert!(!Error::new(ErrorKind::InvalidArgument, "c").is_retryable());
+    }
+
+    #[test]
+    fn context_is_kept_once_and_rendered() {
+        let e = Error::new(ErrorKind::NotFound, "no such key")
+            .with_operation("config.get")
+            .with_operation("ignored")
+            .with_backend("etcd");
+        assert_eq!(e.operation(), Some("config.get"));
+        assert_eq!(e.backend(), Some("etcd"));
+        assert!(e.is_not_found());
+        assert_eq!(
+            e.to_string(),
+            "NotFound (3001): no such key [op=config.get, backend=etcd]"
+        );
+    }
+
+    #[test]
+    fn source_is_exposed() {
+        let io = std::io::Error::other("boom");
+        let e = Error::new(ErrorKind::Internal, "wrapped").with_source(io);
+        let src = std::error::Error::source(&e).expect("source");
+        assert_eq!(src.to_string(), "boom");
+        assert!(e.to_string().ends_with(": boom"));
+    }
+}

@@ -1,0 +1,221 @@
+//! Distributed mutual exclusion with fencing tokens.
+//!
+//! [`DistributedLock::acquire`] waits (bounded by
+//! [`LockOptions::wait_timeout`], and by cancellation: dropping the future
+//! leaves nothing behind) and returns a [`LockGuard`]. While the guard lives
+//! the lock is renewed in the background; when renewal finds the lock gone,
+//! the guard's [`lost`](LockGuard::lost) token is cancelled. Every
+//! acquisition of a key carries a [fencing token](LockGuard::fencing_token)
+//! larger than the one before, to hand to the resource being protected so it
+//! can reject a stale holder.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use im_infra::lock::{DistributedLock, LockExt, LockOptions};
+//!
+//! async fn settle(locks: Arc<dyn DistributedLock>) -> im_infra::Result<()> {
+//!     // Scoped: acquire, run, release.
+//!     let total = locks
+//!         .with_lock("ledger:7", LockOptions::new(Duration::from_secs(10)), || async { 40 + 2 })
+//!         .await?;
+//!     assert_eq!(total, 42);
+//!
+//!     // Manual, with a fencing token and the lost-lock signal.
+//!     let guard = locks.acquire("ledger:7", LockOptions::new(Duration::from_secs(10))).await?;
+//!     let token = guard.fencing_token();
+//!     let lost = guard.lost();
+//!     tokio::select! {
+//!         _ = lost.cancelled() => println!("lock lost, stop writing"),
+//!         _ = async { /* write with `token` */ } => {}
+//!     }
+//!     guard.release().await
+//! }
+//! ```
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// How to acquire a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockOptions {
+    /// How long the lock lives without renewal.
+    pub ttl: Duration,
+    /// How long [`DistributedLock::acquire`] waits before failing with
+    /// `Timeout` (ignored by `try_acquire`).
+    pub wait_timeout: Duration,
+    /// Renew the lock in the background (every `ttl / 3`) while the guard
+    /// lives. Without it the lock expires after `ttl` unless refreshed.
+    pub auto_renew: bool,
+}
+
+impl LockOptions {
+    /// Default wait bound of [`LockOptions::new`].
+    pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+    /// A lock of `ttl`, waiting up to 30 s, renewed automatically.
+    pub fn new(ttl: Duration) -> Self {
+        LockOptions {
+            ttl,
+            wait_timeout: Self::DEFAULT_WAIT,
+            auto_renew: true,
+        }
+    }
+
+    /// Sets the wait bound.
+    #[must_use]
+    pub fn wait(mut self, wait_timeout: Duration) -> Self {
+        self.wait_timeout = wait_timeout;
+        self
+    }
+
+    /// Disables background renewal.
+    #[must_use]
+    pub fn no_renewal(mut self) -> Self {
+        self.auto_renew = false;
+        self
+    }
+
+    /// Checks the TTL (positive, ≥ 1 ms, at most ten years).
+    pub fn validate(&self) -> Result<()> {
+        crate::validate::ttl(self.ttl)?;
+        if self.ttl < Duration::from_millis(1) {
+            return Err(Error::invalid_argument("lock ttl must be at least 1 ms"));
+        }
+        Ok(())
+    }
+}
+
+/// What a lock backend offers beyond the required operations.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockCapabilities {
+    /// Waiters acquire in the order they started waiting.
+    pub fair: bool,
+    /// [`DistributedLock::info`] is supported.
+    pub info: bool,
+    /// Fencing tokens strictly increase per key across acquisitions (and
+    /// across processes).
+    pub fencing: bool,
+    /// The shortest TTL the backend honours; shorter TTLs are rounded up
+    /// (etcd leases, for one, are granted in whole seconds, at least 2 s).
+    pub min_ttl: Duration,
+}
+
+impl LockCapabilities {
+    /// Builds the capability set (TTLs honoured to the millisecond).
+    pub fn new(fair: bool, info: bool, fencing: bool) -> Self {
+        LockCapabilities {
+            fair,
+            info,
+            fencing,
+            min_ttl: Duration::from_millis(1),
+        }
+    }
+
+    /// Sets the shortest TTL honoured.
+    #[must_use]
+    pub fn with_min_ttl(mut self, min_ttl: Duration) -> Self {
+        self.min_ttl = min_ttl;
+        self
+    }
+}
+
+/// Who holds a lock, as reported by [`DistributedLock::info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    /// The lock key.
+    pub key: String,
+    /// An opaque identifier of the holder.
+    pub owner: String,
+    /// The holder's fencing token.
+    pub fencing_token: u64,
+    /// Remaining lifetime, when the backend knows it.
+    pub ttl: Option<Duration>,
+    /// When the holder acquired the lock, when the backend knows it.
+    pub acquired_at: Option<SystemTime>,
+}
+
+/// A held lock. Dropping it without [`release`](LockGuard::release) stops
+/// renewal and releases in the background (best effort).
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait LockGuard: Send + Sync {
+    /// The lock key.
+    fn key(&self) -> &str;
+    /// Strictly larger than the token of every earlier holder of this key.
+    fn fencing_token(&self) -> u64;
+    /// The TTL the lock was acquired (or last refreshed) with.
+    fn ttl(&self) -> Duration;
+    /// Whether, as far as this process knows, the lock is still held.
+    fn is_held(&self) -> bool;
+    /// Cancelled as soon as the lock is no longer held: lost (renewal found
+    /// it gone or expired), or released.
+    fn lost(&self) -> CancellationToken;
+    /// Extends the lock to `ttl` from now. `LockNotHeld` if it was lost.
+    async fn refresh(&self, ttl: Duration) -> Result<()>;
+    /// Releases the lock. `LockNotHeld` if it had expired, was taken over,
+    /// or was already released.
+    async fn release(&self) -> Result<()>;
+}
+
+/// A distributed lock service.
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait DistributedLock: Send + Sync + 'static {
+    /// What this backend offers.
+    fn capabilities(&self) -> LockCapabilities;
+
+    /// Waits until `key` is acquired, or fails with `Timeout` after
+    /// `opts.wait_timeout`.
+    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>>;
+
+    /// Acquires `key` if free; `Ok(None)` when another holder has it.
+    async fn try_acquire(&self, key: &str, opts: LockOptions)
+        -> Result<Option<Box<dyn LockGuard>>>;
+
+    /// Whether anyone holds `key`.
+    async fn is_locked(&self, key: &str) -> Result<bool>;
+
+    /// The current holder of `key` (`Unsupported` unless
+    /// [`LockCapabilities::info`]).
+    async fn info(&self, key: &str) -> Result<Option<LockInfo>>;
+}
+
+/// Conveniences for every [`DistributedLock`].
+#[async_trait]
+pub trait LockExt: DistributedLock {
+    /// Acquires `key`, runs `f`, releases. If the lock was lost before the
+    /// release, returns `LockNotHeld` (the work may have overlapped another
+    /// holder), otherwise `f`'s output.
+    async fn with_lock<F, Fut, T>(&self, key: &str, opts: LockOptions, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = T> + Send,
+        T: Send,
+    {
+        let guard = self.acquire(key, opts).await?;
+        let out = f().await;
+        match guard.release().await {
+            Ok(()) => Ok(out),
+            Err(e) if e.kind() == ErrorKind::LockNotHeld => Err(Error::new(
+                ErrorKind::LockNotHeld,
+                format!("lock {key:?} was lost before release; the work may have overlapped another holder"),
+            )
+            .with_operation("lock.with_lock")),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`acquire`](DistributedLock::acquire) with default options and `ttl`.
+    async fn lock(&self, key: &str, ttl: Duration) -> Result<Box<dyn LockGuard>> {
+        self.acquire(key, LockOptions::new(ttl)).await
+    }
+}
+
+impl<L: DistributedLock + ?Sized> LockExt for L {}

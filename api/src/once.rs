@@ -1,0 +1,256 @@
+//! Run a piece of work at most once per key (idempotency).
+//!
+//! Across every process sharing the backend, the work of a key completes
+//! successfully at most once within the TTL. While it runs, other callers
+//! get `InProgress` (or wait, with [`OnceOptions::wait`]); if it fails, the
+//! key is released so a retry can run it; its outcome is stored and handed
+//! to later callers.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use im_infra::once::{Once, OnceExt, Outcome};
+//!
+//! async fn pay(once: Arc<dyn Once>, order: &str) -> Result<u64, Box<dyn std::error::Error>> {
+//!     let receipt = once
+//!         .run(&format!("pay:{order}"), Duration::from_secs(3600), || async {
+//!             // charge the card exactly once
+//!             Ok::<u64, std::io::Error>(7001)
+//!         })
+//!         .await?;
+//!     match &receipt {
+//!         Outcome::Executed(id) => println!("charged, receipt {id}"),
+//!         Outcome::AlreadyDone(id) => println!("already charged, receipt {id}"),
+//!     }
+//!     Ok(receipt.into_inner())
+//! }
+//! ```
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The answer of [`Once::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This caller may run the work; pass the token to `complete`/`abandon`.
+    Acquired {
+        /// Identifies this claim.
+        token: String,
+    },
+    /// Another caller is running the work now.
+    InProgress,
+    /// The work already completed; its stored outcome.
+    Done(Bytes),
+}
+
+/// What an idempotency backend offers.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnceCapabilities {
+    /// The shortest TTL honoured; shorter TTLs are rounded up.
+    pub min_ttl: Duration,
+}
+
+impl Default for OnceCapabilities {
+    fn default() -> Self {
+        OnceCapabilities {
+            min_ttl: Duration::from_millis(1),
+        }
+    }
+}
+
+impl OnceCapabilities {
+    /// TTLs honoured down to `min_ttl`.
+    pub fn with_min_ttl(min_ttl: Duration) -> Self {
+        OnceCapabilities { min_ttl }
+    }
+}
+
+/// The backend side of idempotency: claim, complete or abandon a key.
+/// Use [`OnceExt::run`] rather than these primitives.
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait Once: Send + Sync + 'static {
+    /// What this backend offers (default: millisecond TTLs).
+    fn capabilities(&self) -> OnceCapabilities {
+        OnceCapabilities::default()
+    }
+
+    /// Claims `key` for `ttl` unless it is claimed or done.
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim>;
+
+    /// Marks a claimed key done with `outcome`, kept for `ttl`.
+    /// `LockNotHeld` when the claim expired or belongs to someone else.
+    async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()>;
+
+    /// Releases a claim after a failure so that a retry can run.
+    /// `LockNotHeld` when the claim expired or belongs to someone else.
+    async fn abandon(&self, key: &str, token: &str) -> Result<()>;
+
+    /// The stored outcome of a done key.
+    async fn outcome(&self, key: &str) -> Result<Option<Bytes>>;
+
+    /// Forgets a key (done or claimed), so the work can run again; returns
+    /// whether anything was stored.
+    async fn reset(&self, key: &str) -> Result<bool>;
+}
+
+/// How [`OnceExt::run_with`] behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnceOptions {
+    /// How long the claim and then the outcome are kept.
+    pub ttl: Duration,
+    /// `None`: a caller that finds the work in progress gets `InProgress`.
+    /// `Some(d)`: it waits up to `d` for the outcome (or runs the work itself
+    /// if the running caller fails), then fails with `Timeout`.
+    pub wait: Option<Duration>,
+}
+
+impl OnceOptions {
+    /// Keep claim and outcome for `ttl`; do not wait.
+    pub fn new(ttl: Duration) -> Self {
+        OnceOptions { ttl, wait: None }
+    }
+
+    /// Wait up to `d` for a running caller.
+    #[must_use]
+    pub fn wait(mut self, d: Duration) -> Self {
+        self.wait = Some(d);
+        self
+    }
+}
+
+/// What [`OnceExt::run`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T> {
+    /// This call ran the work; its output.
+    Executed(T),
+    /// The work had already completed; the stored output.
+    AlreadyDone(T),
+}
+
+impl<T> Outcome<T> {
+    /// The output, whoever produced it.
+    pub fn into_inner(self) -> T {
+        match self {
+            Outcome::Executed(t) | Outcome::AlreadyDone(t) => t,
+        }
+    }
+
+    /// Whether this call ran the work.
+    pub fn executed(&self) -> bool {
+        matches!(self, Outcome::Executed(_))
+    }
+}
+
+/// Failure of [`OnceExt::run`]: the infrastructure's or the work's own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError<E> {
+    /// The backend failed, or another caller holds the key (`InProgress`).
+    #[error(transparent)]
+    Infra(#[from] Error),
+    /// The work itself failed; the key was released for a retry.
+    #[error("the work failed: {0}")]
+    Task(E),
+}
+
+impl<E> RunError<E> {
+    /// The error kind for an infrastructure failure.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            RunError::Infra(e) => Some(e.kind()),
+            RunError::Task(_) => None,
+        }
+    }
+}
+
+/// Conveniences for every [`Once`].
+#[async_trait]
+pub trait OnceExt: Once {
+    /// Runs `f` unless the work of `key` already completed or is running;
+    /// keeps the claim and then the JSON-encoded output for `ttl`.
+    async fn run<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        f: F,
+    ) -> Result<Outcome<T>, RunError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Send,
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = std::result::Result<T, E>> + Send,
+    {
+        self.run_with(key, OnceOptions::new(ttl), f).await
+    }
+
+    /// [`run`](Self::run) with options (waiting for a running caller).
+    async fn run_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        opts: OnceOptions,
+        f: F,
+    ) -> Result<Outcome<T>, RunError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Send,
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = std::result::Result<T, E>> + Send,
+    {
+        crate::validate::key(key)?;
+        crate::validate::ttl(opts.ttl)?;
+        let decode = |raw: &Bytes| -> Result<T> {
+            serde_json::from_slice(raw).map_err(|e| Error::serialization(key, e))
+        };
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        let token = loop {
+            match self.claim(key, opts.ttl).await? {
+                Claim::Acquired { token } => break token,
+                Claim::Done(raw) => return Ok(Outcome::AlreadyDone(decode(&raw)?)),
+                Claim::InProgress => {
+                    let Some(wait) = opts.wait else {
+                        return Err(Error::new(
+                            ErrorKind::InProgress,
+                            format!("the work of {key:?} is running elsewhere"),
+                        )
+                        .into());
+                    };
+                    let elapsed = started.elapsed();
+                    if elapsed >= wait {
+                        return Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!("waited {wait:?} for the work of {key:?} to finish"),
+                        )
+                        .into());
+                    }
+                    tokio::time::sleep(pause.min(wait - elapsed)).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        };
+        match f().await {
+            Ok(value) => {
+                let raw = serde_json::to_vec(&value).map_err(|e| Error::serialization(key, e))?;
+                self.complete(key, &token, Bytes::from(raw), opts.ttl)
+                    .await?;
+                Ok(Outcome::Executed(value))
+            }
+            Err(e) => {
+                if let Err(release) = self.abandon(key, &token).await {
+                    tracing::warn!(key, error = %release, "could not release the key after a failed run");
+                }
+                Err(RunError::Task(e))
+            }
+        }
+    }
+}
+
+impl<O: Once + ?Sized> OnceExt for O {}

@@ -1,0 +1,123 @@
+//! Rate limiting with the Generic Cell Rate Algorithm.
+//!
+//! A [`Limiter`] decides whether `n` units of work for `key` of a
+//! `resource` may proceed now, under the [`Rule`] of that resource (rate,
+//! period, burst). Rules come from [`Rules`]: fixed, or hot-reloaded from the
+//! config center through a [`ConfigManager`](crate::config::ConfigManager).
+//! Two limiter instances on one distributed backend share one budget.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use im_infra::ratelimit::{Limiter, LimiterExt};
+//!
+//! async fn send(limiter: Arc<dyn Limiter>, user: &str) -> im_infra::Result<()> {
+//!     let decision = limiter.check("send_message", user, 1).await?;
+//!     if !decision.allowed {
+//!         println!("slow down, retry in {:?}", decision.retry_after);
+//!     }
+//!     if limiter.allow("login", user).await {
+//!         // proceed
+//!     }
+//!     Ok(())
+//! }
+//! ```
+
+pub mod gcra;
+mod policy;
+mod rule;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+pub use policy::{FailurePolicy, FallbackLimiter};
+pub use rule::{LimiterConfig, Rule, Rules};
+
+/// Why a request was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyReason {
+    /// The budget is used up for now; retry after `retry_after`.
+    RateExceeded,
+    /// `n` is larger than the burst: this request can never be allowed.
+    ExceedsBurst,
+    /// The backend is unreachable and the failure policy is fail-closed.
+    BackendUnavailable,
+}
+
+/// Who took a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionSource {
+    /// The backend's shared state.
+    Backend,
+    /// The fail-open policy (backend unreachable).
+    FailOpen,
+    /// The fail-closed policy (backend unreachable).
+    FailClosed,
+    /// The in-process fallback limiter (backend unreachable).
+    Local,
+}
+
+/// The answer of a limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allowed: bool,
+    /// The burst size of the rule.
+    pub limit: u64,
+    /// Units that would still be allowed right now after this decision.
+    pub remaining: u64,
+    /// When denied, how long until the same request would be allowed
+    /// (`Duration::MAX` when it never can be); zero when allowed.
+    pub retry_after: Duration,
+    /// How long until the bucket is full again.
+    pub reset_after: Duration,
+    /// Why the request was denied (`None` when allowed).
+    pub denied: Option<DenyReason>,
+    /// Who decided.
+    pub source: DecisionSource,
+}
+
+/// A rate limiter.
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait Limiter: Send + Sync + 'static {
+    /// Takes `n` units (n ≥ 1) for `key` under the rule of `resource`.
+    ///
+    /// Errors: `InvalidArgument` for an empty key or `n = 0`; `NotFound` when
+    /// `resource` has no rule and there is no default rule.
+    async fn check(&self, resource: &str, key: &str, n: u64) -> Result<Decision>;
+}
+
+/// Conveniences for every [`Limiter`].
+#[async_trait]
+pub trait LimiterExt: Limiter {
+    /// Takes one unit; `false` when denied. An error (bad input, no rule)
+    /// is logged and counts as a denial.
+    async fn allow(&self, resource: &str, key: &str) -> bool {
+        match self.check(resource, key, 1).await {
+            Ok(d) => d.allowed,
+            Err(e) => {
+                tracing::warn!(error = %e, resource, "rate-limit check failed; denying");
+                false
+            }
+        }
+    }
+}
+
+impl<L: Limiter + ?Sized> LimiterExt for L {}
+
+/// Checks the arguments of [`Limiter::check`].
+#[inline]
+pub fn validate_check(resource: &str, key: &str, n: u64) -> Result<()> {
+    crate::validate::key(resource)?;
+    crate::validate::key(key)?;
+    if n == 0 {
+        return Err(crate::Error::invalid_argument("n must be at least 1"));
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! The connection to etcd: connect, check, reconnect, status — and a
+//! deadline and error mapping around every request.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use im_infra::{Error, ErrorKind, Result};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::EtcdConfig;
+use crate::error::from_etcd;
+
+/// The state of the connection, as last observed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ConnectionStatus {
+    /// Whether the last check (or request) reached etcd.
+    pub connected: bool,
+    /// The configured endpoints.
+    pub endpoint: String,
+    /// When etcd last answered a health check.
+    pub last_ping: Option<SystemTime>,
+    /// The last connection error, if the last check failed.
+    pub error: Option<String>,
+}
+
+/// Owns the etcd client of a backend: connecting, checking, reconnecting.
+///
+/// The underlying gRPC channel reconnects by itself when a member comes
+/// back; [`reconnect`](Self::reconnect) builds a new client explicitly (for
+/// changed credentials, or a stuck channel).
+pub struct ConnectionManager {
+    cfg: EtcdConfig,
+    client: ArcSwapOption<Client>,
+    status: Mutex<ConnectionStatus>,
+    closed: AtomicBool,
+    /// Cancelled on close: stops keep-alives, watches and the health checker.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for ConnectionManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionManager")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionManager {
+    pub(crate) fn new(cfg: EtcdConfig) -> Self {
+        let endpoint = cfg.endpoints.join(",");
+        ConnectionManager {
+            cfg,
+            client: ArcSwapOption::empty(),
+            status: Mutex::new(ConnectionStatus {
+                endpoint,
+                ..ConnectionStatus::default()
+            }),
+            closed: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    fn status_mut(&self) -> MutexGuard<'_, ConnectionStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn cfg(&self) -> &EtcdConfig {
+        &self.cfg
+    }
+
+    fn options(&self) -> Result<ConnectOptions> {
+        let mut o = ConnectOptions::new()
+            .with_connect_timeout(self.cfg.dial_timeout)
+            .with_timeout(self.cfg.request_timeout)
+            .with_keep_alive(Duration::from_secs(10), self.cfg.health_check_timeout)
+            .with_keep_alive_while_idle(true);
+        if let (Some(u), Some(p)) = (&self.cfg.username, &self.cfg.password) {
+            o = o.with_user(u.clone(), p.expose().to_owned());
+        }
+        if let Some(tls) = &self.cfg.tls {
+            let mut t = etcd_client::TlsOptions::new();
+            if let Some(ca) = &tls.ca_file {
+                let pem = std::fs::read(ca).map_err(|e| {
+                    Error::new(
+                        ErrorKind::InvalidConfig,
+                        format!("cannot read {}: {e}", ca.display()),
+                    )
+                })?;
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(pem));
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                let read = |p: &std::path::Path| {
+                    std::fs::read(p).map_err(|e| {
+                        Error::new(
+                            ErrorKind::InvalidConfig,
+                            format!("cannot read {}: {e}", p.display()),
+                        )
+                    })
+                };
+                t = t.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            if let Some(name) = &tls.server_name {
+                t = t.domain_name(name.clone());
+            }
+            o = o.with_tls(t);
+        }
+        Ok(o)
+    }
+
+    /// Connects (replacing any previous client) and checks that etcd
+    /// answers, within the dial timeout.
+    pub async fn connect(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        let options = self.options()?;
+        let connect = Client::connect(self.cfg.endpoints.clone(), Some(options));
+        let client = match tokio::time::timeout(self.cfg.dial_timeout, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(self.failed(from_etcd(e))),
+            Err(_) => return Err(self.failed(self.timeout("connect", self.cfg.dial_timeout))),
+        };
+        self.client.store(Some(Arc::new(client)));
+        self.health_check().await
+    }
+
+    /// Drops the client; requests fail with `Closed` until `connect`.
+    pub fn disconnect(&self) {
+        self.client.store(None);
+        let mut s = self.status_mut();
+        s.connected = false;
+    }
+
+    /// Whether the last check or request reached etcd.
+    pub fn is_connected(&self) -> bool {
+        self.status_mut().connected && self.client.load().is_some()
+    }
+
+    /// A linearizable read (needs a leader), bounded by the health-check
+    /// timeout; updates the status.
+    pub async fn health_check(&self) -> Result<()> {
+        let key = format!("{}/im-infra/health", self.cfg.namespace);
+        let timeout = self.cfg.health_check_timeout;
+        let res = self
+            .call_with(timeout, "health_check", |mut c| async move {
+                c.get(key, Some(GetOptions::new().with_count_only())).await
+            })
+            .await;
+        match &res {
+            Ok(_) => {
+                let mut s = self.status_mut();
+                s.connected = true;
+                s.last_ping = Some(SystemTime::now());
+                s.error = None;
+            }
+            Err(e) => {
+                let mut s = self.status_mut();
+                s.connected = false;
+                s.error = Some(e.to_string());
+            }
+        }
+        res.map(drop)
+    }
+
+    /// Builds a new client and checks it.
+    pub async fn reconnect(&self) -> Result<()> {
+        self.disconnect();
+        self.connect().await
+    }
+
+    /// The connection status.
+    pub fn status(&self) -> ConnectionStatus {
+        self.status_mut().clone()
+    }
+
+    /// The raw `etcd-client` client (for operations this crate does not wrap).
+    pub fn client(&self) -> Result<Client> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.closed_error());
+        }
+        self.client.load().as_deref().cloned().ok_or_else(|| {
+            Error::new(ErrorKind::Closed, "not connected to etcd").with_backend(crate::NAME)
+        })
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        self.disconnect();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::new(ErrorKind::Closed, "the etcd backend was closed").with_backend(crate::NAME)
+    }
+
+    fn timeout(&self, what: &str, d: Duration) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("etcd {what} did not finish within {d:?}"),
+        )
+        .with_backend(crate::NAME)
+    }
+
+    fn failed(&self, e: Error) -> Error {
+        if e.is_connection() || e.is_timeout() {
+            let mut s = self.status_mut();
+            s.connected = false;
+            s.error = Some(e.to_string());
+        }
+        e
+    }
+
+    /// Runs one request. The client bounds every request by the request
+    /// timeout (set on its channel, so no second timer runs here); failures
+    /// come back as they are, retryable ones marked so: the caller decides
+    /// whether to retry, e.g. with [`RetryConfig::retry`](im_infra::RetryConfig::retry).
+    pub(crate) async fn call<T, F, Fut>(&self, _what: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let client = self.client()?;
+        f(client).await.map_err(|e| self.failed(from_etcd(e)))
+    }
+
+    async fn call_with<T, F, Fut>(&self, timeout: Duration, what: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let client = self.client()?;
+        match tokio::time::timeout(timeout, f(client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.failed(from_etcd(e))),
+            Err(_) => Err(self.failed(self.timeout(what, timeout))),
+        }
+    }
+
+    /// Checks the connection every `health_check_interval` until close.
+    pub(crate) async fn health_loop(this: std::sync::Weak<ConnectionManager>) {
+        loop {
+            let Some(me) = this.upgrade() else { return };
+            let (interval, stop) = (me.cfg.health_check_interval, me.shutdown.clone());
+            if let Err(e) = me.health_check().await {
+                tracing::warn!(error = %e, "etcd health check failed");
+            }
+            drop(me);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Mapping etcd client errors into `im_infra::Error`, and the error
+//! categories of the original system.
+
+use im_infra::{Error, ErrorKind};
+use tonic::Code;
+
+/// The kind of an etcd client error.
+pub(crate) fn kind_of(e: &etcd_client::Error) -> ErrorKind {
+    use etcd_client::Error as E;
+    match e {
+        E::InvalidArgs(_) | E::InvalidUri(_) | E::InvalidMetadataValue(_) => {
+            ErrorKind::InvalidArgument
+        }
+        E::TransportError(_) | E::EndpointError(_) => ErrorKind::Connection,
+        E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => ErrorKind::Unavailable,
+        E::GRpcStatus(s) => {
+            let msg = s.message();
+            match s.code() {
+                // The client's request timeout (tonic) ends a request so.
+                _ if msg.contains("Timeout expired")
+                    || msg.contains("timed out") && s.code() == Code::Cancelled =>
+                {
+                    ErrorKind::Timeout
+                }
+                // The request never left: a member that cannot be reached.
+                Code::Unavailable if msg.contains("connect") => ErrorKind::Connection,
+                Code::Unavailable | Code::Cancelled | Code::Aborted => ErrorKind::Unavailable,
+                Code::DeadlineExceeded => ErrorKind::Timeout,
+                Code::NotFound if msg.contains("lease") => ErrorKind::LeaseLost,
+                Code::NotFound => ErrorKind::NotFound,
+                Code::InvalidArgument if msg.contains("too large") => ErrorKind::InvalidArgument,
+                Code::InvalidArgument => ErrorKind::InvalidArgument,
+                Code::FailedPrecondition => ErrorKind::InvalidState,
+                Code::OutOfRange => ErrorKind::Conflict,
+                Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+                Code::Unauthenticated | Code::PermissionDenied => ErrorKind::InvalidConfig,
+                Code::AlreadyExists => ErrorKind::AlreadyExists,
+                // "leader changed", "no leader", "timed out" arrive as Unknown.
+                Code::Unknown if msg.contains("leader") || msg.contains("timed out") => {
+                    ErrorKind::Unavailable
+                }
+                _ => ErrorKind::Internal,
+            }
+        }
+        _ => ErrorKind::Internal,
+    }
+}
+
+/// Converts an etcd client error.
+pub(crate) fn from_etcd(e: etcd_client::Error) -> Error {
+    let kind = kind_of(&e);
+    Error::new(kind, "etcd request failed")
+        .with_backend(crate::NAME)
+        .with_source(e)
+}
+
+/// The error categories of the original etcd component, for callers that
+/// branch on them. Derived from the error kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCategory {
+    /// `CONNECTION_ERROR`: connecting, connection lost, not connected.
+    Connection,
+    /// `REGISTRY_ERROR`: a registration exists already or is missing.
+    Registry,
+    /// `DISCOVERY_ERROR`: no instance of a service.
+    Discovery,
+    /// `LOCK_ERROR`: a lock not held or held elsewhere.
+    Lock,
+    /// `LEASE_ERROR`: a lease lost or missing.
+    Lease,
+    /// `CONFIGURATION_ERROR`: invalid settings or input.
+    Configuration,
+    /// `TIMEOUT_ERROR`.
+    Timeout,
+    /// `NOT_FOUND_ERROR`.
+    NotFound,
+    /// `ALREADY_EXISTS_ERROR`.
+    AlreadyExists,
+    /// `INVALID_STATE_ERROR`.
+    InvalidState,
+}
+
+impl ErrorCategory {
+    /// The category of `e`.
+    ///
+    /// ```
+    /// use im_infra::{Error, ErrorKind};
+    /// use im_infra_etcd::ErrorCategory;
+    /// let e = Error::new(ErrorKind::LeaseLost, "gone");
+    /// assert_eq!(ErrorCategory::of(&e), ErrorCategory::Lease);
+    /// assert_eq!(ErrorCategory::of(&e).as_str(), "LEASE_ERROR");
+    /// ```
+    pub fn of(e: &Error) -> ErrorCategory {
+        match e.kind() {
+            ErrorKind::Connection | ErrorKind::Unavailable | ErrorKind::Closed => {
+                ErrorCategory::Connection
+            }
+            ErrorKind::Timeout => ErrorCategory::Timeout,
+            ErrorKind::AlreadyExists => ErrorCategory::AlreadyExists,
+            ErrorKind::NotFound => ErrorCategory::NotFound,
+            ErrorKind::NoInstances => ErrorCategory::Discovery,
+            ErrorKind::LockNotHeld | ErrorKind::InProgress | ErrorKind::Conflict => {
+                ErrorCategory::Lock
+            }
+            ErrorKind::LeaseLost => ErrorCategory::Lease,
+            ErrorKind::InvalidState => ErrorCategory::InvalidState,
+            _ => ErrorCategory::Configuration,
+        }
+    }
+
+    /// The original system's name (`"LEASE_ERROR"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCategory::Connection => "CONNECTION_ERROR",
+            ErrorCategory::Registry => "REGISTRY_ERROR",
+            ErrorCategory::Discovery => "DISCOVERY_ERROR",
+            ErrorCategory::Lock => "LOCK_ERROR",
+            ErrorCategory::Lease => "LEASE_ERROR",
+            ErrorCategory::Configuration => "CONFIGURATION_ERROR",
+            ErrorCategory::Timeout => "TIMEOUT_ERROR",
+            ErrorCategory::NotFound => "NOT_FOUND_ERROR",
+            ErrorCategory::AlreadyExists => "ALREADY_EXISTS_ERROR",
+            ErrorCategory::InvalidState => "INVALID_STATE_ERROR",
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! # im-infra-memory
+//!
+//! The in-process implementation of every im-infra capability: the embedded
+//! default for development, tests and single-process deployments, and the
+//! reference implementation of the contract (it passes every conformance
+//! case).
+//!
+//! All handles obtained from one [`MemoryBackend`] share its state, the way
+//! processes share a Redis or etcd: two limiters share one budget, two lock
+//! handles exclude each other, a watch sees every write. Clone the backend
+//! to share it; build another one for an isolated world.
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use im_infra::prelude::*;
+//! use im_infra_memory::MemoryBackend;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
+//! let backend = MemoryBackend::new();
+//!
+//! let cache = backend.cache().await?;
+//! cache.set("k", Bytes::from_static(b"v"), Some(Duration::from_secs(5))).await?;
+//! assert_eq!(cache.get("k").await?.as_deref(), Some(&b"v"[..]));
+//!
+//! let limiter = backend.limiter(Rules::single("login", Rule::per_second(2))?).await?;
+//! assert!(limiter.allow("login", "alice").await);
+//!
+//! let locks = backend.lock().await?;
+//! let guard = locks.lock("job", Duration::from_secs(5)).await?;
+//! assert!(guard.fencing_token() > 0);
+//! guard.release().await?;
+//!
+//! backend.close().await
+//! # }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod cache;
+mod config;
+mod config_center;
+mod limiter;
+mod lock;
+mod mq;
+mod once;
+mod registry;
+mod worker_id;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use async_trait::async_trait;
+use im_infra::backend::{Backend, Capability};
+use im_infra::cache::Cache;
+use im_infra::config::ConfigCenter;
+use im_infra::coord::Provider;
+use im_infra::lock::DistributedLock;
+use im_infra::mq::{Consumer, ConsumerConfig, Producer};
+use im_infra::once::Once;
+use im_infra::ratelimit::{Limiter, Rules};
+use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
+use im_infra::uid::WorkerIdAllocator;
+use im_infra::{Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
+
+pub use cache::MemoryCache;
+pub use config::MemoryConfig;
+pub use config_center::MemoryConfigCenter;
+pub use limiter::MemoryLimiter;
+pub use lock::{MemoryLock, MemoryLockGuard};
+pub use mq::{MemoryConsumer, MemoryProducer};
+pub use once::MemoryOnce;
+pub use registry::{MemoryDiscovery, MemoryRegistry};
+pub use worker_id::{MemoryWorkerIds, MemoryWorkerLease};
+
+/// The backend name used in metrics, spans and errors.
+pub const NAME: &str = "memory";
+
+/// Every capability: the memory backend offers them all.
+pub const CAPABILITIES: &[Capability] = &[
+    Capability::Cache,
+    Capability::Limiter,
+    Capability::Lock,
+    Capability::Config,
+    Capability::Registry,
+    Capability::Once,
+    Capability::Messaging,
+    Capability::WorkerIds,
+];
+
+/// State shared by every handle of one backend.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: MemoryConfig,
+    closed: AtomicBool,
+    shutdown: CancellationToken,
+    tasks_started: OnceLock<()>,
+    cache: cache::CacheStore,
+    limiter: limiter::LimiterStore,
+    locks: lock::LockStore,
+    configs: config_center::ConfigStore,
+    registry: registry::RegistryStore,
+    once: once::OnceStore,
+    mq: mq::MqStore,
+    workers: worker_id::WorkerStore,
+}
+
+impl Shared {
+    #[inline]
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            Err(Error::new(ErrorKind::Closed, "the memory backend was closed").with_backend(NAME))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Builds a [`MemoryBackend`].
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBackendBuilder {
+    config: MemoryConfig,
+}
+
+impl MemoryBackendBuilder {
+    /// Uses `config`.
+    #[must_use]
+    pub fn config(mut self, config: MemoryConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Largest cache or config value, in bytes.
+    #[must_use]
+    pub fn max_value_bytes(mut self, n: usize) -> Self {
+        self.config.max_value_bytes = n;
+        self
+    }
+
+    /// How many config changes are kept for resuming watches.
+    #[must_use]
+    pub fn config_history(mut self, n: usize) -> Self {
+        self.config.config_history = n;
+        self
+    }
+
+    /// Partitions of a topic created on first use.
+    #[must_use]
+    pub fn default_partitions(mut self, n: u32) -> Self {
+        self.config.default_partitions = n;
+        self
+    }
+
+    /// Builds the backend; `InvalidConfig` for bad settings.
+    pub fn build(self) -> Result<MemoryBackend> {
+        self.config.validate()?;
+        Ok(MemoryBackend {
+            shared: Arc::new(Shared {
+                config: self.config,
+                closed: AtomicBool::new(false),
+                shutdown: CancellationToken::new(),
+                tasks_started: OnceLock::new(),
+                cache: Default::default(),
+                limiter: Default::default(),
+                locks: Default::default(),
+                configs: Default::default(),
+                registry: Default::default(),
+                once: Default::default(),
+                mq: Default::default(),
+                workers: Default::default(),
+            }),
+            registry: Arc::new(OnceLock::new()),
+        })
+    }
+}
+
+/// The in-process backend. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct MemoryBackend {
+    shared: Arc<Shared>,
+    /// The registry handed out by [`Provider::registry`] (one per backend,
+    /// so that `close` can deregister what it registered).
+    registry: Arc<OnceLock<Arc<MemoryRegistry>>>,
+}
+
+impl std::fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("config", &self.shared.config)
+            .field("closed", &self.shared.is_closed())
+            .finish()
+    }
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend::new()
+    }
+}
+
+impl MemoryBackend {
+    /// A backend with default settings.
+    pub fn new() -> Self {
+        MemoryBackendBuilder::default()
+            .build()
+            .unwrap_or_else(|_| unreachable!("the default configuration is valid"))
+    }
+
+    /// A builder.
+    pub fn builder() -> MemoryBackendBuilder {
+        MemoryBackendBuilder::default()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &MemoryConfig {
+        &self.shared.config
+    }
+
+    /// Starts the purge and expiry tasks once, on the current Tokio runtime.
+    fn start_tasks(&self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        self.shared.tasks_started.get_or_init(|| {
+            let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+            tokio::spawn(registry::RegistryStore::reaper(weak.clone()));
+            tokio::spawn(purge_loop(weak));
+        });
+    }
+
+    /// The cache.
+    pub fn memory_cache(&self) -> MemoryCache {
+        self.start_tasks();
+        MemoryCache::new(self.shared.clone())
+    }
+
+    /// A limiter under `rules`.
+    pub fn memory_limiter(&self, rules: Rules) -> MemoryLimiter {
+        self.start_tasks();
+        MemoryLimiter::new(self.shared.clone(), rules)
+    }
+
+    /// The config center.
+    pub fn memory_config_center(&self) -> MemoryConfigCenter {
+        MemoryConfigCenter::new(self.shared.clone())
+    }
+
+    /// Creates a topic with an explicit partition count (topics are
+    /// otherwise created on first use). `AlreadyExists` when it exists with
+    /// another count.
+    pub fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        self.shared.mq.create_topic(topic, partitions)
+    }
+
+    /// The committed offset (next offset to read) of a group on a partition.
+    pub fn committed_offset(&self, group: &str, topic: &str, partition: i32) -> Option<i64> {
+        self.shared.mq.committed(group, topic, partition)
+    }
+
+    /// Fault injection: removes a registered instance as if its lease had
+    /// expired. Its registry notices and registers it again.
+    pub fn revoke_registration(&self, service: &str, id: &str) -> bool {
+        self.shared.registry.remove(service, id, None)
+    }
+
+    /// Fault injection: revokes a worker-id lease as if it had expired.
+    pub fn revoke_worker_id(&self, id: u64) -> bool {
+        self.shared.workers.revoke(id)
+    }
+
+    fn provider_registry(&self) -> Arc<MemoryRegistry> {
+        self.start_tasks();
+        self.registry
+            .get_or_init(|| Arc::new(MemoryRegistry::new(self.shared.clone())))
+            .clone()
+    }
+}
+
+async fn purge_loop(shared: Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let interval = s.config.purge_interval;
+        let stop = s.shutdown.clone();
+        s.cache.purge();
+        s.limiter.purge();
+        s.once.purge();
+        drop(s);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> &'static [Capability] {
+        CAPABILITIES
+    }
+
+    async fn cache(&self) -> Result<Arc<dyn Cache>> {
+        self.shared.check_open()?;
+        Ok(Arc::new(self.memory_cache()))
+    }
+
+    async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
+        self.shared.check_open()?;
+        Ok(Arc::new(self.memory_limiter(rules)))
+    }
+
+    async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
+        self.shared.check_open()?;
+        self.start_tasks();
+        Ok(Arc::new(MemoryLock::new(self.shared.clone())))
+    }
+
+    async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
+        self.shared.check_open()?;
+        Ok(Arc::new(MemoryConfigCenter::new(self.shared.clone())))
+    }
+
+    async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
+        self.shared.check_open()?;
+        self.start_tasks();
+        Ok(Arc::new(MemoryRegistry::new(self.shared.clone())))
+    }
+
+    async fn discovery(&self) -> Result<Arc<dyn ServiceDiscovery>> {
+        self.shared.check_open()?;
+        self.start_tasks();
+        Ok(Arc::new(MemoryDiscovery::new(self.shared.clone())))
+    }
+
+    async fn once(&self) -> Result<Arc<dyn Once>> {
+        self.shared.check_open()?;
+        self.start_tasks();
+        Ok(Arc::new(MemoryOnce::new(self.shared.clone())))
+    }
+
+    async fn producer(&self) -> Result<Arc<dyn Producer>> {
+        self.shared.check_open()?;
+        Ok(Arc::new(MemoryProducer::new(self.shared.clone())))
+    }
+
+    async fn consumer(&self, config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
+        self.shared.check_open()?;
+        Ok(Arc::new(MemoryConsumer::new(self.shared.clone(), config)?))
+    }
+
+    async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
+        self.shared.check_open()?;
+        Ok(Arc::new(MemoryWorkerIds::new(self.shared.clone())))
+    }
+
+    async fn health_check(&self) -> Result<()> {
+        self.shared.check_open()
+    }
+
+    async fn close(&self) -> Result<()> {
+        if let Some(reg) = self.registry.get() {
+            reg.close().await;
+        }
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.shutdown.cancel();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Provider for MemoryBackend {
+    fn lock(&self) -> Arc<dyn DistributedLock> {
+        self.start_tasks();
+        Arc::new(MemoryLock::new(self.shared.clone()))
+    }
+
+    fn registry(&self) -> Arc<dyn ServiceRegistry> {
+        self.provider_registry()
+    }
+
+    fn discovery(&self) -> Arc<dyn ServiceDiscovery> {
+        self.start_tasks();
+        Arc::new(MemoryDiscovery::new(self.shared.clone()))
+    }
+
+    fn config(&self) -> Arc<dyn ConfigCenter> {
+        Arc::new(MemoryConfigCenter::new(self.shared.clone()))
+    }
+
+    async fn health_check(&self) -> Result<()> {
+        self.shared.check_open()
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.shared.is_closed()
+    }
+
+    async fn close(&self) -> Result<()> {
+        Backend::close(self).await
+    }
+}

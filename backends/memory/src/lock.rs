@@ -1,0 +1,479 @@
+//! In-process locks with TTLs, fair waiting, fencing and expiry.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use im_infra::lock::{DistributedLock, LockCapabilities, LockGuard, LockInfo, LockOptions};
+use im_infra::telemetry::OpMetrics;
+use im_infra::{validate, Error, ErrorKind, Result};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+
+#[derive(Debug, Clone)]
+struct Holder {
+    token: String,
+    fencing: u64,
+    expires_at: Instant,
+    acquired_at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    holder: Option<Holder>,
+    /// Waiting acquirers, first come first served.
+    queue: VecDeque<u64>,
+    notify: Arc<Notify>,
+}
+
+impl KeyState {
+    fn live_holder(&mut self, now: Instant) -> Option<&Holder> {
+        if self.holder.as_ref().is_some_and(|h| h.expires_at <= now) {
+            self.holder = None;
+            self.notify.notify_waiters();
+        }
+        self.holder.as_ref()
+    }
+}
+
+/// Locks of every handle of one backend.
+#[derive(Debug, Default)]
+pub(crate) struct LockStore {
+    keys: Mutex<HashMap<String, KeyState>>,
+    /// One counter for every key: strictly increasing per key as required.
+    fencing: AtomicU64,
+    waiter_ids: AtomicU64,
+}
+
+impl LockStore {
+    fn keys(&self) -> MutexGuard<'_, HashMap<String, KeyState>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the lock for `token` if it is free and nobody waits ahead.
+    fn take(&self, key: &str, token: &str, ttl: Duration, waiter: Option<u64>) -> Option<Holder> {
+        let now = Instant::now();
+        let mut keys = self.keys();
+        let state = keys.entry(key.to_owned()).or_default();
+        if state.live_holder(now).is_some() {
+            return None;
+        }
+        match (waiter, state.queue.front()) {
+            (Some(me), Some(&first)) if me != first => return None,
+            (None, Some(_)) => return None,
+            _ => {}
+        }
+        if waiter.is_some() {
+            state.queue.pop_front();
+        }
+        let holder = Holder {
+            token: token.to_owned(),
+            fencing: self.fencing.fetch_add(1, Ordering::Relaxed) + 1,
+            expires_at: now + ttl,
+            acquired_at: SystemTime::now(),
+        };
+        state.holder = Some(holder.clone());
+        Some(holder)
+    }
+
+    fn notify_of(&self, key: &str) -> Arc<Notify> {
+        self.keys()
+            .entry(key.to_owned())
+            .or_default()
+            .notify
+            .clone()
+    }
+
+    fn leave_queue(&self, key: &str, waiter: u64) {
+        let mut keys = self.keys();
+        if let Some(state) = keys.get_mut(key) {
+            state.queue.retain(|w| *w != waiter);
+            state.notify.notify_waiters();
+            if state.holder.is_none() && state.queue.is_empty() {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// Extends the lock if `token` still holds it.
+    fn refresh(&self, key: &str, token: &str, ttl: Duration) -> bool {
+        let now = Instant::now();
+        let mut keys = self.keys();
+        let Some(state) = keys.get_mut(key) else {
+            return false;
+        };
+        match state.live_holder(now) {
+            Some(h) if h.token == token => {
+                if let Some(h) = state.holder.as_mut() {
+                    h.expires_at = now + ttl;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Releases the lock if `token` still holds it.
+    fn release(&self, key: &str, token: &str) -> bool {
+        let now = Instant::now();
+        let mut keys = self.keys();
+        let Some(state) = keys.get_mut(key) else {
+            return false;
+        };
+        let mine = matches!(state.live_holder(now), Some(h) if h.token == token);
+        if mine {
+            state.holder = None;
+            state.notify.notify_waiters();
+            if state.queue.is_empty() {
+                keys.remove(key);
+            }
+        }
+        mine
+    }
+
+    fn holder(&self, key: &str) -> Option<Holder> {
+        let now = Instant::now();
+        let mut keys = self.keys();
+        keys.get_mut(key).and_then(|s| s.live_holder(now).cloned())
+    }
+
+    /// When the current holder's lease ends, if any.
+    fn expiry(&self, key: &str) -> Option<Instant> {
+        self.keys()
+            .get(key)
+            .and_then(|s| s.holder.as_ref().map(|h| h.expires_at))
+    }
+}
+
+/// Removes a waiter from the queue when its `acquire` ends in any way.
+struct QueueTicket<'a> {
+    store: &'a LockStore,
+    key: &'a str,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.store.leave_queue(self.key, self.id);
+        }
+    }
+}
+
+/// The lock service of a [`MemoryBackend`](crate::MemoryBackend). Fair:
+/// waiters acquire in arrival order.
+pub struct MemoryLock {
+    shared: Arc<Shared>,
+    acquire: OpMetrics,
+    try_acquire: OpMetrics,
+    is_locked: OpMetrics,
+    info: OpMetrics,
+}
+
+impl std::fmt::Debug for MemoryLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLock").finish_non_exhaustive()
+    }
+}
+
+impl MemoryLock {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let m = |op| OpMetrics::new(crate::NAME, "lock", op);
+        MemoryLock {
+            shared,
+            acquire: m("lock.acquire"),
+            try_acquire: m("lock.try_acquire"),
+            is_locked: m("lock.is_locked"),
+            info: m("lock.info"),
+        }
+    }
+
+    fn store(&self) -> &LockStore {
+        &self.shared.locks
+    }
+
+    fn guard(
+        &self,
+        key: &str,
+        token: String,
+        holder: Holder,
+        opts: LockOptions,
+    ) -> Box<dyn LockGuard> {
+        Box::new(MemoryLockGuard::start(
+            self.shared.clone(),
+            key,
+            token,
+            holder.fencing,
+            opts,
+        ))
+    }
+
+    async fn acquire_inner(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
+        self.shared.check_open()?;
+        validate::key(key)?;
+        opts.validate()?;
+        let token = uuid::Uuid::new_v4().to_string();
+        let store = self.store();
+        let deadline = tokio::time::Instant::now() + opts.wait_timeout;
+        let id = store.waiter_ids.fetch_add(1, Ordering::Relaxed);
+        store
+            .keys()
+            .entry(key.to_owned())
+            .or_default()
+            .queue
+            .push_back(id);
+        let mut ticket = QueueTicket {
+            store,
+            key,
+            id,
+            done: false,
+        };
+        let notify = store.notify_of(key);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(holder) = store.take(key, &token, opts.ttl, Some(id)) {
+                ticket.done = true;
+                return Ok(self.guard(key, token, holder, opts));
+            }
+            self.shared.check_open()?;
+            // Wake up at the holder's expiry at the latest (a dead holder
+            // does not notify).
+            let wake = store
+                .expiry(key)
+                .map(tokio::time::Instant::from_std)
+                .map_or(deadline, |e| e.min(deadline));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                if let Some(holder) = store.take(key, &token, opts.ttl, Some(id)) {
+                    ticket.done = true;
+                    return Ok(self.guard(key, token, holder, opts));
+                }
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("lock {key:?} not acquired within {:?}", opts.wait_timeout),
+                ));
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl DistributedLock for MemoryLock {
+    fn capabilities(&self) -> LockCapabilities {
+        LockCapabilities::new(true, true, true)
+    }
+
+    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
+        self.acquire.run(self.acquire_inner(key, opts)).await
+    }
+
+    async fn try_acquire(
+        &self,
+        key: &str,
+        opts: LockOptions,
+    ) -> Result<Option<Box<dyn LockGuard>>> {
+        self.try_acquire.run_sync(|| {
+            self.shared.check_open()?;
+            validate::key(key)?;
+            opts.validate()?;
+            let token = uuid::Uuid::new_v4().to_string();
+            Ok(self
+                .store()
+                .take(key, &token, opts.ttl, None)
+                .map(|h| self.guard(key, token, h, opts)))
+        })
+    }
+
+    async fn is_locked(&self, key: &str) -> Result<bool> {
+        self.is_locked.run_sync(|| {
+            self.shared.check_open()?;
+            validate::key(key)?;
+            Ok(self.store().holder(key).is_some())
+        })
+    }
+
+    async fn info(&self, key: &str) -> Result<Option<LockInfo>> {
+        self.info.run_sync(|| {
+            self.shared.check_open()?;
+            validate::key(key)?;
+            Ok(self.store().holder(key).map(|h| LockInfo {
+                key: key.to_owned(),
+                owner: h.token,
+                fencing_token: h.fencing,
+                ttl: Some(h.expires_at.saturating_duration_since(Instant::now())),
+                acquired_at: Some(h.acquired_at),
+            }))
+        })
+    }
+}
+
+/// A held in-process lock.
+pub struct MemoryLockGuard {
+    shared: Arc<Shared>,
+    key: String,
+    token: String,
+    fencing: u64,
+    ttl_ms: AtomicU64,
+    lost: CancellationToken,
+    released: AtomicBool,
+    refresh: OpMetrics,
+    release: OpMetrics,
+}
+
+impl std::fmt::Debug for MemoryLockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLockGuard")
+            .field("key", &self.key)
+            .field("fencing_token", &self.fencing)
+            .finish()
+    }
+}
+
+impl MemoryLockGuard {
+    fn start(
+        shared: Arc<Shared>,
+        key: &str,
+        token: String,
+        fencing: u64,
+        opts: LockOptions,
+    ) -> Self {
+        let lost = CancellationToken::new();
+        let guard = MemoryLockGuard {
+            shared: shared.clone(),
+            key: key.to_owned(),
+            token: token.clone(),
+            fencing,
+            ttl_ms: AtomicU64::new(validate::ttl_millis(opts.ttl)),
+            lost: lost.clone(),
+            released: AtomicBool::new(false),
+            refresh: OpMetrics::new(crate::NAME, "lock", "lock.refresh"),
+            release: OpMetrics::new(crate::NAME, "lock", "lock.release"),
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(keeper(shared, key.to_owned(), token, opts, lost));
+        }
+        guard
+    }
+}
+
+/// Renews the lock every ttl/3 (with `auto_renew`), or watches its expiry,
+/// and cancels `lost` when it is gone. Ends when `lost` is cancelled.
+async fn keeper(
+    shared: Arc<Shared>,
+    key: String,
+    token: String,
+    opts: LockOptions,
+    lost: CancellationToken,
+) {
+    let period = (opts.ttl / 3).max(Duration::from_millis(1));
+    loop {
+        let wait = if opts.auto_renew {
+            period
+        } else {
+            match shared.locks.holder(&key) {
+                Some(h) if h.token == token => {
+                    h.expires_at.saturating_duration_since(Instant::now())
+                        + Duration::from_millis(1)
+                }
+                _ => Duration::ZERO,
+            }
+        };
+        tokio::select! {
+            _ = lost.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let held = if opts.auto_renew {
+            shared.locks.refresh(&key, &token, opts.ttl)
+        } else {
+            shared.locks.holder(&key).is_some_and(|h| h.token == token)
+        };
+        if !held {
+            tracing::warn!(key, "lock lost");
+            lost.cancel();
+            return;
+        }
+    }
+}
+
+#[async_trait]
+impl LockGuard for MemoryLockGuard {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn fencing_token(&self) -> u64 {
+        self.fencing
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    fn is_held(&self) -> bool {
+        !self.lost.is_cancelled()
+            && self
+                .shared
+                .locks
+                .holder(&self.key)
+                .is_some_and(|h| h.token == self.token)
+    }
+
+    fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    async fn refresh(&self, ttl: Duration) -> Result<()> {
+        self.refresh.run_sync(|| {
+            self.shared.check_open()?;
+            validate::ttl(ttl)?;
+            if self.released.load(Ordering::Acquire)
+                || !self.shared.locks.refresh(&self.key, &self.token, ttl)
+            {
+                self.lost.cancel();
+                return Err(Error::new(
+                    ErrorKind::LockNotHeld,
+                    format!("lock {:?} is not held", self.key),
+                ));
+            }
+            self.ttl_ms
+                .store(validate::ttl_millis(ttl), Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    async fn release(&self) -> Result<()> {
+        self.release.run_sync(|| {
+            let was_released = self.released.swap(true, Ordering::AcqRel);
+            self.lost.cancel();
+            if was_released || !self.shared.locks.release(&self.key, &self.token) {
+                return Err(Error::new(
+                    ErrorKind::LockNotHeld,
+                    format!(
+                        "lock {:?} was not held any more (expired, taken over or released)",
+                        self.key
+                    ),
+                ));
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for MemoryLockGuard {
+    fn drop(&mut self) {
+        self.lost.cancel();
+        if !self.released.swap(true, Ordering::AcqRel) {
+            self.shared.locks.release(&self.key, &self.token);
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The in-process producer.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_infra::mq::{Delivery, Message, Producer};
+use im_infra::telemetry::OpMetrics;
+use im_infra::{Error, ErrorKind, Result};
+
+use crate::Shared;
+
+/// A producer on a [`MemoryBackend`](crate::MemoryBackend). Topics are
+/// created on first use with the backend's default partition count.
+pub struct MemoryProducer {
+    shared: Arc<Shared>,
+    closed: AtomicBool,
+    produce: OpMetrics,
+    batch: OpMetrics,
+}
+
+impl std::fmt::Debug for MemoryProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryProducer").finish_non_exhaustive()
+    }
+}
+
+impl MemoryProducer {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let m = |op| OpMetrics::new(crate::NAME, "mq", op);
+        MemoryProducer {
+            shared,
+            closed: AtomicBool::new(false),
+            produce: m("mq.produce"),
+            batch: m("mq.produce_batch"),
+        }
+    }
+
+    fn send(&self, message: Message) -> Result<Delivery> {
+        self.shared.check_open()?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Closed, "the producer was closed"));
+        }
+        message.validate(self.shared.config.max_message_bytes)?;
+        Ok(self
+            .shared
+            .mq
+            .append(message, self.shared.config.default_partitions))
+    }
+}
+
+#[async_trait]
+impl Producer for MemoryProducer {
+    async fn produce(&self, message: Message) -> Result<Delivery> {
+        self.produce.run_sync(|| self.send(message))
+    }
+
+    async fn produce_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<Delivery>>> {
+        self.batch
+            .run_sync(|| Ok(messages.into_iter().map(|m| self.send(m)).collect()))
+    }
+
+    async fn flush(&self, _timeout: Duration) -> Result<()> {
+        self.shared.check_open()
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}

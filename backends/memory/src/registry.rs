@@ -1,0 +1,456 @@
+//! In-process service registry: instances with TTL leases, keep-alive,
+//! re-registration after lease loss, and watch events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use im_infra::registry::{
+    RegistryCapabilities, ServiceDiscovery, ServiceEvent, ServiceEventKind, ServiceEventStream,
+    ServiceInstance, ServiceRegistry,
+};
+use im_infra::telemetry::OpMetrics;
+use im_infra::{validate, Error, ErrorKind, Result, RetryConfig};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::Shared;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    instance: ServiceInstance,
+    lease: u64,
+    expires_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Live instances by (service, id).
+    instances: BTreeMap<(String, String), Entry>,
+    watchers: Vec<(String, mpsc::UnboundedSender<Result<ServiceEvent>>)>,
+}
+
+impl State {
+    fn emit(&mut self, kind: ServiceEventKind, instance: &ServiceInstance) {
+        self.watchers.retain(|(service, tx)| {
+            if *service != instance.service {
+                return !tx.is_closed();
+            }
+            tx.send(Ok(ServiceEvent {
+                kind,
+                instance: instance.clone(),
+            }))
+            .is_ok()
+        });
+    }
+}
+
+/// Instances shared by every registry and discovery handle of one backend.
+#[derive(Debug, Default)]
+pub(crate) struct RegistryStore {
+    state: Mutex<State>,
+    leases: AtomicU64,
+    /// Woken whenever an expiry time changes, for the reaper.
+    changed: Arc<Notify>,
+}
+
+impl RegistryStore {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts an instance under a new lease; returns the lease id.
+    fn put(&self, instance: &ServiceInstance, ttl: Duration) -> u64 {
+        let lease = self.leases.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut state = self.state();
+        let key = (instance.service.clone(), instance.id.clone());
+        let kind = match state.instances.get(&key) {
+            Some(old) if old.instance == *instance => None,
+            Some(_) => Some(ServiceEventKind::Update),
+            None => Some(ServiceEventKind::Add),
+        };
+        state.instances.insert(
+            key,
+            Entry {
+                instance: instance.clone(),
+                lease,
+                expires_at: Instant::now() + ttl,
+            },
+        );
+        if let Some(kind) = kind {
+            state.emit(kind, instance);
+        }
+        drop(state);
+        self.changed.notify_one();
+        lease
+    }
+
+    /// Extends a lease; `false` when it is gone (expired or revoked).
+    fn keep_alive(&self, service: &str, id: &str, lease: u64, ttl: Duration) -> bool {
+        let mut state = self.state();
+        match state
+            .instances
+            .get_mut(&(service.to_owned(), id.to_owned()))
+        {
+            Some(e) if e.lease == lease && e.expires_at > Instant::now() => {
+                e.expires_at = Instant::now() + ttl;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn update(&self, instance: &ServiceInstance, lease: u64) -> bool {
+        let mut state = self.state();
+        let key = (instance.service.clone(), instance.id.clone());
+        match state.instances.get_mut(&key) {
+            Some(e) if e.lease == lease => {
+                if e.instance != *instance {
+                    e.instance = instance.clone();
+                    state.emit(ServiceEventKind::Update, instance);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes an instance (of `lease`, or any when `None`).
+    pub(crate) fn remove(&self, service: &str, id: &str, lease: Option<u64>) -> bool {
+        let mut state = self.state();
+        let key = (service.to_owned(), id.to_owned());
+        let matches = state
+            .instances
+            .get(&key)
+            .is_some_and(|e| lease.is_none_or(|l| l == e.lease));
+        if !matches {
+            return false;
+        }
+        if let Some(e) = state.instances.remove(&key) {
+            state.emit(ServiceEventKind::Delete, &e.instance);
+        }
+        true
+    }
+
+    /// Removes expired instances; returns the next expiry.
+    pub(crate) fn reap(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let expired: Vec<(String, String)> = state
+            .instances
+            .iter()
+            .filter(|(_, e)| e.expires_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            if let Some(e) = state.instances.remove(&key) {
+                tracing::debug!(service = %e.instance.service, id = %e.instance.id, "registration expired");
+                state.emit(ServiceEventKind::Delete, &e.instance);
+            }
+        }
+        state.instances.values().map(|e| e.expires_at).min()
+    }
+
+    /// Deletes expired instances as they expire, until shutdown.
+    pub(crate) async fn reaper(shared: std::sync::Weak<Shared>) {
+        loop {
+            let Some(s) = shared.upgrade() else { return };
+            let next = s.registry.reap();
+            let wait = next.map_or(Duration::from_secs(1), |t| {
+                t.saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(1))
+            });
+            let stop = s.shutdown.clone();
+            let changed = s.registry.changed.clone();
+            drop(s);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep(wait + Duration::from_millis(1)) => {}
+            }
+        }
+    }
+
+    fn live(&self, service: &str) -> Vec<ServiceInstance> {
+        let now = Instant::now();
+        let state = self.state();
+        state
+            .instances
+            .range((service.to_owned(), String::new())..)
+            .take_while(|((s, _), _)| s == service)
+            .filter(|(_, e)| e.expires_at > now)
+            .map(|(_, e)| e.instance.clone())
+            .collect()
+    }
+}
+
+struct Registration {
+    instance: Arc<Mutex<ServiceInstance>>,
+    lease: Arc<AtomicU64>,
+    keeper: JoinHandle<()>,
+}
+
+/// The registry handle of a [`MemoryBackend`](crate::MemoryBackend). Its
+/// registrations stay alive while it lives; dropping it stops the
+/// keep-alive (instances then expire, as when a process dies), and
+/// [`close`](Self::close) deregisters them.
+pub struct MemoryRegistry {
+    shared: Arc<Shared>,
+    retry: RetryConfig,
+    mine: Mutex<HashMap<(String, String), Registration>>,
+    register: OpMetrics,
+    deregister: OpMetrics,
+    update: OpMetrics,
+    list: OpMetrics,
+}
+
+impl std::fmt::Debug for MemoryRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryRegistry").finish_non_exhaustive()
+    }
+}
+
+impl MemoryRegistry {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let m = |op| OpMetrics::new(crate::NAME, "registry", op);
+        MemoryRegistry {
+            shared,
+            retry: RetryConfig {
+                max_retries: u32::MAX,
+                initial_interval: Duration::from_millis(20),
+                max_interval: Duration::from_secs(2),
+                multiplier: 2.0,
+                jitter: true,
+            },
+            mine: Mutex::new(HashMap::new()),
+            register: m("registry.register"),
+            deregister: m("registry.deregister"),
+            update: m("registry.update"),
+            list: m("registry.list_services"),
+        }
+    }
+
+    fn mine(&self) -> MutexGuard<'_, HashMap<(String, String), Registration>> {
+        self.mine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deregisters every instance registered through this handle.
+    pub async fn close(&self) {
+        let all: Vec<_> = self.mine().drain().collect();
+        for ((service, id), reg) in all {
+            reg.keeper.abort();
+            self.shared.registry.remove(&service, &id, None);
+        }
+    }
+}
+
+impl Drop for MemoryRegistry {
+    fn drop(&mut self) {
+        for (_, reg) in self.mine().drain() {
+            reg.keeper.abort();
+        }
+    }
+}
+
+/// Keeps one registration alive; re-registers it after a lost lease.
+async fn keeper(
+    shared: Arc<Shared>,
+    instance: Arc<Mutex<ServiceInstance>>,
+    lease: Arc<AtomicU64>,
+    ttl: Duration,
+    retry: RetryConfig,
+) {
+    let period = (ttl / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let current = instance.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if shared.registry.keep_alive(
+            &current.service,
+            &current.id,
+            lease.load(Ordering::Acquire),
+            ttl,
+        ) {
+            continue;
+        }
+        tracing::warn!(service = %current.service, id = %current.id, "registration lease lost; registering again");
+        let mut delays = retry.delays_forever();
+        loop {
+            if shared.check_open().is_err() {
+                return;
+            }
+            let new_lease = shared.registry.put(&current, ttl);
+            lease.store(new_lease, Ordering::Release);
+            if shared
+                .registry
+                .keep_alive(&current.service, &current.id, new_lease, ttl)
+            {
+                break;
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(1));
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+#[async_trait]
+impl ServiceRegistry for MemoryRegistry {
+    async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+        self.register.run_sync(|| {
+            self.shared.check_open()?;
+            instance.validate()?;
+            validate::ttl(ttl)?;
+            if ttl < Duration::from_millis(10) {
+                return Err(Error::invalid_argument(
+                    "registration ttl must be at least 10 ms",
+                ));
+            }
+            let key = (instance.service.clone(), instance.id.clone());
+            if let Some(old) = self.mine().remove(&key) {
+                old.keeper.abort();
+            }
+            let lease = Arc::new(AtomicU64::new(self.shared.registry.put(instance, ttl)));
+            let shared_instance = Arc::new(Mutex::new(instance.clone()));
+            let keeper = tokio::spawn(keeper(
+                self.shared.clone(),
+                shared_instance.clone(),
+                lease.clone(),
+                ttl,
+                self.retry.clone(),
+            ));
+            self.mine().insert(
+                key,
+                Registration {
+                    instance: shared_instance,
+                    lease,
+                    keeper,
+                },
+            );
+            Ok(())
+        })
+    }
+
+    async fn deregister(&self, service: &str, id: &str) -> Result<()> {
+        self.deregister.run_sync(|| {
+            self.shared.check_open()?;
+            let Some(reg) = self.mine().remove(&(service.to_owned(), id.to_owned())) else {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("{service}/{id} is not registered by this registry"),
+                ));
+            };
+            reg.keeper.abort();
+            self.shared
+                .registry
+                .remove(service, id, Some(reg.lease.load(Ordering::Acquire)));
+            Ok(())
+        })
+    }
+
+    async fn update(&self, instance: &ServiceInstance) -> Result<()> {
+        self.update.run_sync(|| {
+            self.shared.check_open()?;
+            instance.validate()?;
+            let mine = self.mine();
+            let Some(reg) = mine.get(&(instance.service.clone(), instance.id.clone())) else {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "{}/{} is not registered by this registry",
+                        instance.service, instance.id
+                    ),
+                ));
+            };
+            *reg.instance.lock().unwrap_or_else(|p| p.into_inner()) = instance.clone();
+            // If the lease is momentarily lost, the keeper re-registers the new value.
+            self.shared
+                .registry
+                .update(instance, reg.lease.load(Ordering::Acquire));
+            Ok(())
+        })
+    }
+
+    async fn list_services(&self) -> Result<Vec<String>> {
+        self.list.run_sync(|| {
+            self.shared.check_open()?;
+            let now = Instant::now();
+            let state = self.shared.registry.state();
+            let mut names: Vec<String> = state
+                .instances
+                .iter()
+                .filter(|(_, e)| e.expires_at > now)
+                .map(|((s, _), _)| s.clone())
+                .collect();
+            names.dedup();
+            Ok(names)
+        })
+    }
+}
+
+/// The discovery handle of a [`MemoryBackend`](crate::MemoryBackend).
+pub struct MemoryDiscovery {
+    shared: Arc<Shared>,
+    instances: OpMetrics,
+    watch: OpMetrics,
+}
+
+impl std::fmt::Debug for MemoryDiscovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryDiscovery").finish_non_exhaustive()
+    }
+}
+
+impl MemoryDiscovery {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let m = |op| OpMetrics::new(crate::NAME, "registry", op);
+        MemoryDiscovery {
+            shared,
+            instances: m("discovery.instances"),
+            watch: m("discovery.watch"),
+        }
+    }
+}
+
+#[async_trait]
+impl ServiceDiscovery for MemoryDiscovery {
+    fn capabilities(&self) -> RegistryCapabilities {
+        RegistryCapabilities::new(true)
+    }
+
+    async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {
+        self.instances.run_sync(|| {
+            self.shared.check_open()?;
+            validate::name("service name", service)?;
+            Ok(self.shared.registry.live(service))
+        })
+    }
+
+    async fn watch(&self, service: &str) -> Result<ServiceEventStream> {
+        self.watch.run_sync(|| {
+            self.shared.check_open()?;
+            validate::name("service name", service)?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let now = Instant::now();
+            let mut state = self.shared.registry.state();
+            for ((s, _), e) in state.instances.iter() {
+                if s == service && e.expires_at > now {
+                    let _ = tx.send(Ok(ServiceEvent {
+                        kind: ServiceEventKind::Add,
+                        instance: e.instance.clone(),
+                    }));
+                }
+            }
+            state.watchers.push((service.to_owned(), tx));
+            let stop = self.shared.shutdown.clone();
+            Ok(UnboundedReceiverStream::new(rx)
+                .take_until(async move { stop.cancelled().await })
+                .boxed())
+        })
+    }
+}

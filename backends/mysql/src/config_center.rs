@@ -1,0 +1,540 @@
+//! `ConfigCenter` on tables: current values with versions, and a change log
+//! (auto-increment id = version) that watches poll and resume from.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use im_infra::config::watch::{WatchCursor, WatchTarget};
+use im_infra::config::{
+    ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
+    WatchStream,
+};
+use im_infra::telemetry::OpMetrics;
+use im_infra::RetryConfig;
+use im_infra::{validate, Error, ErrorKind, Result};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Params, Value};
+use tokio::sync::mpsc;
+
+use crate::db::first;
+use crate::error::{malformed, ForKey};
+use crate::Shared;
+
+/// Changes read by one poll of a watch.
+const BATCH: usize = 256;
+
+/// The config center of a [`MysqlBackend`](crate::MysqlBackend).
+///
+/// A write is one transaction that first locks the `config_writer` row of
+/// `<prefix>meta` (so writers commit in the order of their log ids), checks
+/// the expected version, appends the change to `<prefix>config_log` and
+/// stores the value with the log id as its version. A watch polls the log
+/// after the last id it delivered, every `config_poll_interval`, so a lost
+/// connection loses nothing; when the ids it needs were purged (the
+/// `config_floor` row says up to where) it re-reads the current state.
+pub struct MysqlConfigCenter {
+    shared: Arc<Shared>,
+    get: OpMetrics,
+    set: OpMetrics,
+    delete: OpMetrics,
+    list: OpMetrics,
+    cas: OpMetrics,
+    watch: OpMetrics,
+}
+
+impl std::fmt::Debug for MysqlConfigCenter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlConfigCenter").finish_non_exhaustive()
+    }
+}
+
+/// What a write did.
+enum Written {
+    /// Stored (or deleted) at this version.
+    At(u64),
+    /// A delete of a key that does not exist.
+    Missing,
+    /// The compare-and-set found this version.
+    Conflict(u64),
+}
+
+/// The SQL of one table prefix.
+struct Statements {
+    lock_writers: String,
+    current_version: String,
+    append: String,
+    upsert: String,
+    remove: String,
+}
+
+impl Statements {
+    fn new(shared: &Shared) -> Self {
+        let (config, log, meta) = (
+            shared.table("config"),
+            shared.table("config_log"),
+            shared.table("meta"),
+        );
+        Statements {
+            lock_writers: format!(
+                "UPDATE {meta} SET value = value + 1 WHERE name = 'config_writer'"
+            ),
+            current_version: format!("SELECT version FROM {config} WHERE k = ? FOR UPDATE"),
+            append: format!("INSERT INTO {log} (k, kind, v) VALUES (?, ?, ?)"),
+            upsert: format!(
+                "INSERT INTO {config} (k, v, version) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE v = VALUES(v), version = VALUES(version)"
+            ),
+            remove: format!("DELETE FROM {config} WHERE k = ?"),
+        }
+    }
+}
+
+impl MysqlConfigCenter {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let m = |op| OpMetrics::new(crate::NAME, "config", op);
+        MysqlConfigCenter {
+            shared,
+            get: m("config.get"),
+            set: m("config.set"),
+            delete: m("config.delete"),
+            list: m("config.list"),
+            cas: m("config.compare_and_set"),
+            watch: m("config.watch"),
+        }
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        value: Option<Bytes>,
+        expected: Option<u64>,
+    ) -> Result<Written> {
+        validate::key(key)?;
+        if let Some(v) = &value {
+            validate::value(v.len(), self.shared.cfg().max_value_bytes)?;
+        }
+        let sql = Statements::new(&self.shared);
+        let k = self.shared.key(key);
+        self.shared
+            .db
+            .transaction(move |tx| {
+                Box::pin(async move {
+                    tx.query_drop(sql.lock_writers.as_str()).await?;
+                    let current: Option<u64> =
+                        first(&mut *tx, &sql.current_version, (k.as_slice(),)).await?;
+                    if let Some(expected) = expected {
+                        if current.unwrap_or(0) != expected {
+                            return Ok(Written::Conflict(current.unwrap_or(0)));
+                        }
+                    }
+                    match value {
+                        None => {
+                            if current.is_none() {
+                                return Ok(Written::Missing);
+                            }
+                            tx.exec_drop(sql.append.as_str(), (k.as_slice(), "d", Value::NULL))
+                                .await?;
+                            let version = tx.last_insert_id().unwrap_or(0);
+                            tx.exec_drop(sql.remove.as_str(), (k.as_slice(),)).await?;
+                            Ok(Written::At(version))
+                        }
+                        Some(v) => {
+                            tx.exec_drop(sql.append.as_str(), (k.as_slice(), "p", v.as_ref()))
+                                .await?;
+                            let version = tx.last_insert_id().unwrap_or(0);
+                            tx.exec_drop(sql.upsert.as_str(), (k.as_slice(), v.as_ref(), version))
+                                .await?;
+                            Ok(Written::At(version))
+                        }
+                    }
+                })
+            })
+            .await
+    }
+
+    async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(
+                Error::new(ErrorKind::Closed, "the mysql backend was closed")
+                    .with_backend(crate::NAME),
+            );
+        }
+        // "From now" means the revision at this call, not when the task runs.
+        let mut cursor = WatchCursor::new(target, opts.after_version.unwrap_or(0));
+        if opts.after_version.is_none() {
+            cursor.advance_to(current_revision(&self.shared).await?);
+        }
+        let (tx, mut rx) = mpsc::channel(BATCH);
+        tokio::spawn(watch_task(Arc::downgrade(&self.shared), cursor, tx));
+        Ok(Box::pin(futures::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx)
+        })))
+    }
+}
+
+/// `k = ?` or `k >= ? AND k < ?` on `column`, with its parameters.
+fn key_filter(shared: &Shared, target: &WatchTarget, column: &str) -> (String, Vec<Value>) {
+    match target {
+        WatchTarget::Key(k) => (format!("{column} = ?"), vec![shared.key(k).into()]),
+        WatchTarget::Prefix(p) => {
+            let (low, high) = shared.key_range(p);
+            (
+                format!("{column} >= ? AND {column} < ?"),
+                vec![low.into(), high.into()],
+            )
+        }
+    }
+}
+
+/// The newest version the store has handed out (purged history included).
+async fn current_revision(shared: &Shared) -> Result<u64> {
+    let sql = format!(
+        "SELECT GREATEST(value, (SELECT COALESCE(MAX(id), 0) FROM {})) FROM {} WHERE name = 'config_floor'",
+        shared.table("config_log"),
+        shared.table("meta")
+    );
+    let v: Option<u64> = shared.db.query_first(&sql, ()).await?;
+    Ok(v.unwrap_or(0))
+}
+
+/// Every stored entry covered by `target` and the revision they are
+/// current at, read in one statement (one consistent snapshot).
+async fn snapshot(
+    shared: &Shared,
+    target: &WatchTarget,
+) -> Result<(u64, Vec<(String, Versioned)>)> {
+    let (filter, params) = key_filter(shared, target, "c.k");
+    let sql = format!(
+        "SELECT GREATEST(m.value, (SELECT COALESCE(MAX(id), 0) FROM {log})), c.k, c.v, c.version \
+         FROM {meta} m LEFT JOIN {config} c ON {filter} WHERE m.name = 'config_floor'",
+        log = shared.table("config_log"),
+        meta = shared.table("meta"),
+        config = shared.table("config"),
+    );
+    type Row = (u64, Option<Vec<u8>>, Option<Vec<u8>>, Option<u64>);
+    let rows: Vec<Row> = shared.db.query(&sql, Params::Positional(params)).await?;
+    let mut revision = 0;
+    let mut entries = Vec::with_capacity(rows.len());
+    for (rev, k, v, version) in rows {
+        revision = rev;
+        let (Some(k), Some(v), Some(version)) = (k, v, version) else {
+            continue;
+        };
+        let Some(key) = shared.user_key(&k) else {
+            tracing::warn!(key = %String::from_utf8_lossy(&k), "config row with a key that is not UTF-8 ignored");
+            continue;
+        };
+        entries.push((
+            key,
+            Versioned {
+                value: Bytes::from(v),
+                version,
+            },
+        ));
+    }
+    Ok((revision, entries))
+}
+
+/// How a poll ended.
+enum Step {
+    /// The batch was full: poll again at once.
+    More,
+    /// Up to date: wait for the next interval.
+    Idle,
+    /// The consumer went away.
+    Stop,
+}
+
+type LogRow = (
+    u64,
+    u64,
+    Option<u64>,
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<Vec<u8>>,
+);
+
+/// A change-log row as an event; `None` (with a warning) when malformed.
+fn parse_change(
+    shared: &Shared,
+    id: u64,
+    k: Vec<u8>,
+    kind: Option<String>,
+    v: Option<Vec<u8>>,
+) -> Option<ConfigEvent> {
+    let Some(key) = shared.user_key(&k) else {
+        tracing::warn!(id, key = %String::from_utf8_lossy(&k), "config change with a key that is not UTF-8 ignored");
+        return None;
+    };
+    match (kind.as_deref(), v) {
+        (Some("p"), Some(v)) => Some(ConfigEvent {
+            kind: ConfigEventKind::Put,
+            key,
+            value: Some(Bytes::from(v)),
+            version: id,
+        }),
+        (Some("d"), _) => Some(ConfigEvent {
+            kind: ConfigEventKind::Delete,
+            key,
+            value: None,
+            version: id,
+        }),
+        (kind, _) => {
+            tracing::warn!(id, key, ?kind, "malformed config change ignored");
+            None
+        }
+    }
+}
+
+/// One poll: the changes after the cursor and the purge floor, in one
+/// statement; a resync when the floor passed the cursor.
+async fn poll(
+    shared: &Shared,
+    cursor: &mut WatchCursor,
+    tx: &mpsc::Sender<Result<ConfigEvent>>,
+) -> Result<Step> {
+    let (filter, filter_params) = key_filter(shared, cursor.target(), "l.k");
+    let sql = format!(
+        "SELECT m.value, (SELECT COALESCE(MAX(id), 0) FROM {log}), l.id, l.k, l.kind, l.v \
+         FROM {meta} m LEFT JOIN {log} l ON l.id > ? AND {filter} \
+         WHERE m.name = 'config_floor' ORDER BY l.id LIMIT {BATCH}",
+        log = shared.table("config_log"),
+        meta = shared.table("meta"),
+    );
+    let mut params = vec![Value::from(cursor.last_version())];
+    params.extend(filter_params);
+    let rows: Vec<LogRow> = shared.db.query(&sql, Params::Positional(params)).await?;
+    let Some(&(floor, top, ..)) = rows.first() else {
+        return Err(
+            Error::new(ErrorKind::InvalidState, "the config_floor row is missing")
+                .with_backend(crate::NAME),
+        );
+    };
+    if floor > cursor.last_version() {
+        let (revision, entries) = snapshot(shared, cursor.target()).await?;
+        for e in cursor.resync(entries, revision) {
+            if tx.send(Ok(e)).await.is_err() {
+                return Ok(Step::Stop);
+            }
+        }
+        return Ok(Step::More);
+    }
+    let full = rows.len() >= BATCH;
+    for (_, _, id, k, kind, v) in rows {
+        let (Some(id), Some(k)) = (id, k) else {
+            continue;
+        };
+        match parse_change(shared, id, k, kind, v) {
+            Some(event) => {
+                if let Some(e) = cursor.accept(event) {
+                    if tx.send(Ok(e)).await.is_err() {
+                        return Ok(Step::Stop);
+                    }
+                }
+            }
+            None => cursor.advance_to(id),
+        }
+    }
+    if full {
+        return Ok(Step::More);
+    }
+    // Writers commit in id order, so nothing at or below `top` can appear
+    // later: skip past the other keys' changes.
+    cursor.advance_to(top);
+    Ok(Step::Idle)
+}
+
+/// Feeds a watch until its consumer goes away or the backend closes;
+/// failures are retried with backoff from the last delivered version.
+async fn watch_task(
+    shared: Weak<Shared>,
+    mut cursor: WatchCursor,
+    tx: mpsc::Sender<Result<ConfigEvent>>,
+) {
+    let mut delays: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let stop = s.shutdown.clone();
+        let interval = s.cfg().config_poll_interval;
+        let outcome = poll(&s, &mut cursor, &tx).await;
+        drop(s);
+        let pause = match outcome {
+            Ok(Step::Stop) => return,
+            Ok(Step::More) => {
+                delays = None;
+                continue;
+            }
+            Ok(Step::Idle) => {
+                delays = None;
+                interval
+            }
+            Err(e) if e.kind() == ErrorKind::Closed => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "config watch poll failed; retrying");
+                delays
+                    .get_or_insert_with(|| Box::new(RetryConfig::default().delays_forever()))
+                    .next()
+                    .unwrap_or(Duration::from_secs(1))
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Moves the purge floor to `upto` and deletes the log up to it (the floor
+/// first, so that a poll that misses a row also sees the floor).
+pub(crate) async fn purge_log(shared: &Shared, upto: u64) -> Result<u64> {
+    let floor = format!(
+        "UPDATE {} SET value = GREATEST(value, ?) WHERE name = 'config_floor'",
+        shared.table("meta")
+    );
+    shared.db.exec(&floor, (upto,)).await?;
+    let delete = format!(
+        "DELETE FROM {} WHERE id <= ? LIMIT 10000",
+        shared.table("config_log")
+    );
+    let mut total = 0;
+    loop {
+        let n = shared.db.exec(&delete, (upto,)).await?;
+        total += n;
+        if n < 10_000 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Keeps the newest `config_history` changes.
+pub(crate) async fn trim_log(shared: &Shared) -> Result<u64> {
+    let top: Option<u64> = shared
+        .db
+        .query_first(
+            &format!("SELECT MAX(id) FROM {}", shared.table("config_log")),
+            (),
+        )
+        .await?;
+    match top {
+        Some(top) if top > shared.cfg().config_history => {
+            purge_log(shared, top - shared.cfg().config_history).await
+        }
+        _ => Ok(0),
+    }
+}
+
+/// Drops the whole change history (watches behind it resynchronise).
+pub(crate) async fn compact(shared: &Shared) -> Result<u64> {
+    purge_log(shared, current_revision(shared).await?).await
+}
+
+#[async_trait]
+impl ConfigCenter for MysqlConfigCenter {
+    fn capabilities(&self) -> ConfigCapabilities {
+        ConfigCapabilities::full(self.shared.cfg().max_value_bytes)
+    }
+
+    async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
+        self.get
+            .run(async {
+                validate::key(key)?;
+                let sql = format!(
+                    "SELECT v, version FROM {} WHERE k = ?",
+                    self.shared.table("config")
+                );
+                let row: Option<(Vec<u8>, u64)> = self
+                    .shared
+                    .db
+                    .query_first(&sql, (self.shared.key(key),))
+                    .await
+                    .for_key(key)?;
+                Ok(row.map(|(v, version)| Versioned {
+                    value: Bytes::from(v),
+                    version,
+                }))
+            })
+            .await
+    }
+
+    async fn set(&self, key: &str, value: Bytes) -> Result<u64> {
+        self.set
+            .run(async {
+                match self.write(key, Some(value), None).await? {
+                    Written::At(v) => Ok(v),
+                    _ => Err(Error::new(
+                        ErrorKind::Internal,
+                        "an unconditional write did not happen",
+                    )),
+                }
+            })
+            .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.delete
+            .run(async { Ok(matches!(self.write(key, None, None).await?, Written::At(_))) })
+            .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.list
+            .run(async {
+                validate::prefix(prefix)?;
+                let (low, high) = self.shared.key_range(prefix);
+                let sql = format!(
+                    "SELECT k FROM {} WHERE k >= ? AND k < ? ORDER BY k",
+                    self.shared.table("config")
+                );
+                let keys: Vec<Vec<u8>> = self.shared.db.query(&sql, (low, high)).await?;
+                keys.into_iter()
+                    .map(|k| {
+                        self.shared.user_key(&k).ok_or_else(|| {
+                            malformed(&String::from_utf8_lossy(&k), "the key is not UTF-8")
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn compare_and_set(&self, key: &str, value: Bytes, expected_version: u64) -> Result<u64> {
+        self.cas
+            .run(async {
+                match self.write(key, Some(value), Some(expected_version)).await? {
+                    Written::At(v) => Ok(v),
+                    Written::Conflict(found) => Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!("{key:?} is at version {found}, not {expected_version}"),
+                    )),
+                    Written::Missing => Err(Error::new(
+                        ErrorKind::Internal,
+                        "a compare-and-set did not happen",
+                    )),
+                }
+            })
+            .await
+    }
+
+    async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
+        self.watch
+            .run(async {
+                validate::key(key)?;
+                self.open_watch(WatchTarget::Key(key.to_owned()), opts)
+                    .await
+            })
+            .await
+    }
+
+    async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
+        self.watch
+            .run(async {
+                validate::prefix(prefix)?;
+                self.open_watch(WatchTarget::Prefix(prefix.to_owned()), opts)
+                    .await
+            })
+            .await
+    }
+}

@@ -1,0 +1,312 @@
+//! # im-infra-mysql
+//!
+//! The MySQL / MariaDB backend of im-infra, on `mysql_async`, and the
+//! original system's `db` library ([`Db`]): a pooled connection with a
+//! deadline, a `tracing` span and metrics around every query.
+//!
+//! | capability | how |
+//! |---|---|
+//! | `Cache` | one row per key, expiry by the server's `NOW(6)`, expired rows never returned and purged in the background |
+//! | `Limiter` | GCRA state per key, read and updated by one `INSERT ... ON DUPLICATE KEY UPDATE` in one round trip; failure policy while the database is unreachable |
+//! | `DistributedLock` | row lease (owner, expiry on the server's clock), fencing counter bumped by every acquisition, renewal, owner-only release |
+//! | `Once` | one row per key; claim, complete and abandon are single statements |
+//! | `ConfigCenter` | values with versions, compare-and-set, a change log (auto-increment id = version) that watches poll and resume from |
+//! | `WorkerIdAllocator` | one leased row per id |
+//!
+//! Registry, discovery and messaging are not offered (they answer
+//! `Unsupported`). The backend creates and upgrades its tables itself
+//! ([`SCHEMA_VERSION`]), under a configurable table prefix; every key
+//! starts with the configured namespace.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use im_infra::prelude::*;
+//! use im_infra_mysql::MysqlBackend;
+//!
+//! # async fn demo() -> im_infra::Result<()> {
+//! let backend = MysqlBackend::builder()
+//!     .url("mysql://app:secret@127.0.0.1:3306/im")
+//!     .namespace("im-logic/")
+//!     .build()
+//!     .await?;
+//! let cache = backend.cache().await?;
+//! cache.set("k", Bytes::from_static(b"v"), Some(Duration::from_secs(60))).await?;
+//! let locks = backend.lock().await?;
+//! let guard = locks.acquire("orders/42", LockOptions::new(Duration::from_secs(10))).await?;
+//! guard.release().await?;
+//! backend.close().await
+//! # }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod cache;
+mod config;
+mod config_center;
+mod db;
+mod error;
+mod limiter;
+mod lock;
+mod once;
+mod purge;
+mod schema;
+mod shared;
+mod worker_id;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_infra::backend::{Backend, Capability};
+use im_infra::cache::Cache;
+use im_infra::config::ConfigCenter;
+use im_infra::lock::DistributedLock;
+use im_infra::once::Once;
+use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
+use im_infra::uid::WorkerIdAllocator;
+use im_infra::{Error, ErrorKind, Result};
+
+/// The client library, for [`Db::with_conn`] and [`Db::transaction`]
+/// closures and anything else the wrapper does not offer.
+pub use mysql_async;
+
+pub use cache::MysqlCache;
+pub use config::{MysqlConfig, MysqlTls};
+pub use config_center::MysqlConfigCenter;
+pub use db::Db;
+pub use limiter::MysqlLimiter;
+pub use lock::{MysqlLock, MysqlLockGuard};
+pub use once::MysqlOnce;
+pub use schema::SCHEMA_VERSION;
+pub use worker_id::{MysqlWorkerIds, MysqlWorkerLease};
+
+pub(crate) use shared::Shared;
+
+/// The backend name used in metrics, spans and errors.
+pub const NAME: &str = "mysql";
+
+/// What the MySQL backend offers.
+pub const CAPABILITIES: &[Capability] = &[
+    Capability::Cache,
+    Capability::Limiter,
+    Capability::Lock,
+    Capability::Config,
+    Capability::Once,
+    Capability::WorkerIds,
+];
+
+/// Builds a [`MysqlBackend`].
+#[derive(Debug, Clone, Default)]
+pub struct MysqlBackendBuilder {
+    config: MysqlConfig,
+}
+
+impl MysqlBackendBuilder {
+    /// Uses `config` (replacing what was set before).
+    #[must_use]
+    pub fn config(mut self, config: MysqlConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The server, as `mysql://user:password@host:port/database`.
+    #[must_use]
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.config.url = Some(url.into());
+        self
+    }
+
+    /// The prefix of every stored key.
+    #[must_use]
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.config.namespace = ns.into();
+        self
+    }
+
+    /// The prefix of the backend's tables (default `iminfra_`).
+    #[must_use]
+    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.table_prefix = prefix.into();
+        self
+    }
+
+    /// Bound of every query.
+    #[must_use]
+    pub fn query_timeout(mut self, d: Duration) -> Self {
+        self.config.query_timeout = d;
+        self
+    }
+
+    /// Bound of establishing a connection.
+    #[must_use]
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.config.connect_timeout = d;
+        self
+    }
+
+    /// Connections kept open and the most open at once.
+    #[must_use]
+    pub fn pool(mut self, min: usize, max: usize) -> Self {
+        self.config.pool_min = min;
+        self.config.pool_max = max;
+        self
+    }
+
+    /// How often config watches look for changes.
+    #[must_use]
+    pub fn config_poll_interval(mut self, d: Duration) -> Self {
+        self.config.config_poll_interval = d;
+        self
+    }
+
+    /// Connects, creates or upgrades the tables and starts the background
+    /// purge. `InvalidConfig` for bad settings or credentials,
+    /// `Unavailable`/`Timeout` when the server cannot be reached.
+    pub async fn build(self) -> Result<MysqlBackend> {
+        let db = Db::connect(self.config).await?;
+        let prefix = db.config().table_prefix.clone();
+        if let Err(e) = schema::migrate(&db, &prefix).await {
+            let _ = db.close().await;
+            return Err(e);
+        }
+        let shared = Arc::new(Shared::new(db));
+        tokio::spawn(purge::run(Arc::downgrade(&shared)));
+        Ok(MysqlBackend { shared })
+    }
+}
+
+/// The MySQL backend. Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct MysqlBackend {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MysqlBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlBackend")
+            .field("config", self.shared.cfg())
+            .finish()
+    }
+}
+
+impl MysqlBackend {
+    /// A builder with default settings.
+    pub fn builder() -> MysqlBackendBuilder {
+        MysqlBackendBuilder::default()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &MysqlConfig {
+        self.shared.cfg()
+    }
+
+    /// The pooled connection, for the service's own queries.
+    pub fn db(&self) -> &Db {
+        &self.shared.db
+    }
+
+    /// The distributed limiter without the failure policy.
+    pub fn mysql_limiter(&self, rules: &Rules) -> MysqlLimiter {
+        MysqlLimiter::new(self.shared.clone(), rules)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.shared.shutdown.is_cancelled() {
+            Err(Error::new(ErrorKind::Closed, "the mysql backend was closed").with_backend(NAME))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Fault injection: deletes a worker-id lease as if it had expired.
+    pub async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
+        worker_id::revoke(&self.shared, id).await
+    }
+
+    /// Deletes the whole config change log, so that watches resuming from
+    /// an older version must resynchronise from the current state.
+    pub async fn compact_config_history(&self) -> Result<()> {
+        config_center::compact(&self.shared).await.map(drop)
+    }
+
+    /// Runs one pass of the background purge now; returns the rows deleted.
+    pub async fn purge_expired(&self) -> Result<u64> {
+        purge::purge_once(&self.shared).await
+    }
+
+    /// Deletes every row of the namespace (for tests and tear-down tools).
+    pub async fn purge_namespace(&self) -> Result<u64> {
+        let s = &self.shared;
+        let (low, high) = s.key_range("");
+        let mut deleted = 0;
+        for table in ["cache", "config", "config_log", "locks", "once", "limiter"] {
+            let sql = format!("DELETE FROM {} WHERE k >= ? AND k < ?", s.table(table));
+            deleted += s.db.exec(&sql, (low.as_slice(), high.as_slice())).await?;
+        }
+        let sql = format!("DELETE FROM {} WHERE ns = ?", s.table("workers"));
+        deleted += s.db.exec(&sql, (s.ns(),)).await?;
+        Ok(deleted)
+    }
+}
+
+#[async_trait]
+impl Backend for MysqlBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> &'static [Capability] {
+        CAPABILITIES
+    }
+
+    async fn cache(&self) -> Result<Arc<dyn Cache>> {
+        self.check_open()?;
+        Ok(Arc::new(MysqlCache::new(self.shared.clone())))
+    }
+
+    async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
+        self.check_open()?;
+        let primary = Arc::new(MysqlLimiter::new(self.shared.clone(), &rules));
+        let local = Arc::new(im_infra_memory::MemoryBackend::new().memory_limiter(rules.clone()));
+        Ok(Arc::new(FallbackLimiter::new(
+            NAME,
+            primary,
+            local,
+            rules,
+            self.shared.cfg().limiter_probe_interval,
+        )))
+    }
+
+    async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
+        self.check_open()?;
+        Ok(Arc::new(MysqlLock::new(self.shared.clone())))
+    }
+
+    async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
+        self.check_open()?;
+        Ok(Arc::new(MysqlConfigCenter::new(self.shared.clone())))
+    }
+
+    async fn once(&self) -> Result<Arc<dyn Once>> {
+        self.check_open()?;
+        Ok(Arc::new(MysqlOnce::new(self.shared.clone())))
+    }
+
+    async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
+        self.check_open()?;
+        Ok(Arc::new(MysqlWorkerIds::new(self.shared.clone())))
+    }
+
+    async fn health_check(&self) -> Result<()> {
+        self.shared.db.health_check().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.shared.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        self.shared.shutdown.cancel();
+        self.shared.db.close().await
+    }
+}

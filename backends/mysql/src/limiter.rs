@@ -1,0 +1,216 @@
+//! `Limiter`: GCRA state per key, updated atomically by one statement on the
+//! server's clock, in one round trip.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use im_infra::config::ConfigManager;
+use im_infra::ratelimit::{
+    gcra, validate_check, Decision, DecisionSource, DenyReason, Limiter, LimiterConfig, Rules,
+};
+use im_infra::telemetry::OpMetrics;
+use im_infra::{Error, ErrorKind, Result};
+use mysql_async::from_row_opt;
+
+use crate::Shared;
+
+/// Microseconds: the unit of the stored arrival times.
+const TICK_NS: u64 = 1_000;
+
+struct Table {
+    version: u64,
+    rules: HashMap<String, Result<gcra::Params>>,
+    default: Option<Result<gcra::Params>>,
+}
+
+impl Table {
+    fn build(config: &LimiterConfig, version: u64) -> Table {
+        Table {
+            version,
+            rules: config
+                .rules
+                .iter()
+                .map(|(n, r)| (n.clone(), gcra::Params::new(r, TICK_NS)))
+                .collect(),
+            default: config.default_rule.map(|r| gcra::Params::new(&r, TICK_NS)),
+        }
+    }
+
+    fn lookup(&self, resource: &str) -> Result<gcra::Params> {
+        match self.rules.get(resource).or(self.default.as_ref()) {
+            Some(p) => p.clone(),
+            None => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no rate-limit rule for resource {resource:?} and no default rule"),
+            )),
+        }
+    }
+}
+
+enum Params {
+    Fixed(Table),
+    Managed {
+        manager: ConfigManager<LimiterConfig>,
+        table: ArcSwap<Table>,
+    },
+}
+
+/// The distributed limiter of a [`MysqlBackend`](crate::MysqlBackend).
+///
+/// A bucket is a row `(key, theoretical arrival time in µs)`. A decision is
+/// one round trip: a multi-statement query that reads the server's
+/// `NOW(6)` and runs one `INSERT ... ON DUPLICATE KEY UPDATE` whose row lock
+/// makes the read-modify-write atomic. The backend wraps it in the failure
+/// policy of its rules.
+pub struct MysqlLimiter {
+    shared: Arc<Shared>,
+    params: Params,
+    op: OpMetrics,
+}
+
+impl std::fmt::Debug for MysqlLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlLimiter").finish_non_exhaustive()
+    }
+}
+
+/// `X'..'`: a byte string as a SQL literal, safe for any bytes.
+fn hex_literal(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2 + 3);
+    s.push_str("X'");
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s.push('\'');
+    s
+}
+
+fn us(v: i64) -> Duration {
+    Duration::from_micros(v.max(0) as u64)
+}
+
+impl MysqlLimiter {
+    pub(crate) fn new(shared: Arc<Shared>, rules: &Rules) -> Self {
+        let params = match rules {
+            Rules::Fixed(c) => Params::Fixed(Table::build(c, 0)),
+            Rules::Managed(m) => Params::Managed {
+                table: ArcSwap::from_pointee(Table::build(&m.current(), m.version())),
+                manager: m.clone(),
+            },
+        };
+        MysqlLimiter {
+            shared,
+            params,
+            op: OpMetrics::new(crate::NAME, "ratelimit", "ratelimit.check"),
+        }
+    }
+
+    fn params_of(&self, resource: &str) -> Result<gcra::Params> {
+        match &self.params {
+            Params::Fixed(t) => t.lookup(resource),
+            Params::Managed { manager, table } => {
+                let current = table.load();
+                let version = manager.version();
+                if current.version == version {
+                    return current.lookup(resource);
+                }
+                let fresh = Arc::new(Table::build(&manager.current(), version));
+                table.store(fresh.clone());
+                fresh.lookup(resource)
+            }
+        }
+    }
+
+    fn bucket(&self, resource: &str, key: &str) -> Vec<u8> {
+        self.shared
+            .key(&format!("{}:{resource}:{key}", resource.len()))
+    }
+
+    async fn decide(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
+        validate_check(resource, key, n)?;
+        let p = self.params_of(resource)?;
+        let table = self.shared.table("limiter");
+        let k = hex_literal(&self.bucket(resource, key));
+        let (em, tol, burst) = (p.emission as i64, p.tolerance as i64, p.burst as i64);
+        let now_us = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)";
+        if n > p.burst {
+            // Never allowed: report the bucket as it is.
+            let sql = format!("SELECT {now_us}, (SELECT tat FROM {table} WHERE k = {k})");
+            let rows = self.shared.db.text(&sql).await?;
+            let (now, tat): (i64, Option<i64>) = rows
+                .into_iter()
+                .next()
+                .and_then(|r| from_row_opt(r).ok())
+                .ok_or_else(|| Error::new(ErrorKind::Internal, "no answer to the limiter query"))?;
+            let tat = tat.unwrap_or(now).max(now);
+            return Ok(Decision {
+                allowed: false,
+                limit: p.burst,
+                remaining: ((now + tol - tat) / em).clamp(0, burst) as u64,
+                retry_after: Duration::MAX,
+                reset_after: us(tat - now),
+                denied: Some(DenyReason::ExceedsBurst),
+                source: DecisionSource::Backend,
+            });
+        }
+        let cost = em * n as i64;
+        let sql = format!(
+            "SET @now = {now_us}, @ok = 1, @t = 0; \
+             INSERT INTO {table} (k, tat, expires_at) VALUES ({k}, (@t := @now + {cost}), FROM_UNIXTIME((@now + {cost}) / 1000000)) \
+             ON DUPLICATE KEY UPDATE \
+               expires_at = IF((@ok := (GREATEST(tat, @now) + {cost} - {tol} <= @now)), \
+                               FROM_UNIXTIME((GREATEST(tat, @now) + {cost}) / 1000000), expires_at), \
+               tat = IF(@ok, (@t := GREATEST(tat, @now) + {cost}), (@t := GREATEST(tat, @now)) - GREATEST(tat, @now) + tat); \
+             SELECT @now, @t, @ok"
+        );
+        let rows = self.shared.db.text(&sql).await?;
+        let (now, t, ok): (i64, i64, i64) = rows
+            .into_iter()
+            .next()
+            .and_then(|r| from_row_opt(r).ok())
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "no answer to the limiter query"))?;
+        Ok(if ok == 1 {
+            Decision {
+                allowed: true,
+                limit: p.burst,
+                remaining: ((now + tol - t) / em).clamp(0, burst) as u64,
+                retry_after: Duration::ZERO,
+                reset_after: us(t - now),
+                denied: None,
+                source: DecisionSource::Backend,
+            }
+        } else {
+            Decision {
+                allowed: false,
+                limit: p.burst,
+                remaining: ((now + tol - t) / em).clamp(0, burst) as u64,
+                retry_after: us(t + cost - tol - now),
+                reset_after: us(t - now),
+                denied: Some(DenyReason::RateExceeded),
+                source: DecisionSource::Backend,
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl Limiter for MysqlLimiter {
+    async fn check(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
+        self.op.run(self.decide(resource, key, n)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_literals_hold_any_bytes() {
+        assert_eq!(hex_literal(b"a'\\\0"), "X'61275c00'");
+        assert_eq!(hex_literal(b""), "X''");
+    }
+}

@@ -1,0 +1,66 @@
+//! State shared by every handle of one backend instance.
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MysqlConfig;
+use crate::db::Db;
+
+/// The pool, the key namespace, the table names and the shutdown signal.
+pub(crate) struct Shared {
+    pub(crate) db: Db,
+    ns: Vec<u8>,
+    prefix: String,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub(crate) fn new(db: Db) -> Self {
+        let ns = db.config().namespace.as_bytes().to_vec();
+        let prefix = db.config().table_prefix.clone();
+        Shared {
+            db,
+            ns,
+            prefix,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// The settings in force.
+    pub(crate) fn cfg(&self) -> &MysqlConfig {
+        self.db.config()
+    }
+
+    /// The namespace bytes.
+    pub(crate) fn ns(&self) -> &[u8] {
+        &self.ns
+    }
+
+    /// The stored form of `key`: the namespace followed by the key.
+    pub(crate) fn key(&self, key: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.ns.len() + key.len());
+        k.extend_from_slice(&self.ns);
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    /// The bounds `[low, high)` of the stored keys that start with `prefix`
+    /// (no UTF-8 string holds the byte 0xFF, so `high` is above them all).
+    pub(crate) fn key_range(&self, prefix: &str) -> (Vec<u8>, Vec<u8>) {
+        let low = self.key(prefix);
+        let mut high = low.clone();
+        high.push(0xFF);
+        (low, high)
+    }
+
+    /// The user's key of a stored key, `None` when it is not in this
+    /// namespace or not UTF-8.
+    pub(crate) fn user_key(&self, stored: &[u8]) -> Option<String> {
+        let rest = stored.strip_prefix(self.ns.as_slice())?;
+        String::from_utf8(rest.to_vec()).ok()
+    }
+
+    /// The full name of one of the backend's tables.
+    pub(crate) fn table(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+}

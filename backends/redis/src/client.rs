@@ -1,0 +1,242 @@
+//! The connection to Redis (one node or a cluster), with a deadline and
+//! error mapping on every command.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use im_infra::{Error, ErrorKind, Result};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisFuture, ScriptInvocation, Value,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RedisConfig;
+use crate::error::from_redis;
+
+/// A multiplexed connection: a reconnecting manager to one node, or a
+/// cluster connection.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The shared connection state of one backend instance.
+pub(crate) struct Client {
+    conn: Conn,
+    single: Option<redis::Client>,
+    cfg: RedisConfig,
+    closed: AtomicBool,
+    /// Cancelled on close: stops keep-alives, renewals and watches.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Client {
+    pub(crate) async fn connect(cfg: RedisConfig) -> Result<Client> {
+        cfg.validate()?;
+        let connect = async {
+            if cfg.is_cluster() {
+                let mut b = ClusterClient::builder(cfg.urls.clone())
+                    .connection_timeout(cfg.connect_timeout)
+                    .response_timeout(cfg.response_timeout)
+                    .retries(cfg.retry.max_retries);
+                if let Some(u) = &cfg.username {
+                    b = b.username(u);
+                }
+                if let Some(p) = &cfg.password {
+                    b = b.password(p.expose());
+                }
+                let client = b.build()?;
+                let conn = client.get_async_connection().await?;
+                Ok::<_, redis::RedisError>((Conn::Cluster(conn), None))
+            } else {
+                let mut info = cfg.urls[0].as_str().into_connection_info()?;
+                let mut settings = info.redis_settings().clone();
+                if let Some(u) = &cfg.username {
+                    settings = settings.set_username(u);
+                }
+                if let Some(p) = &cfg.password {
+                    settings = settings.set_password(p.expose());
+                }
+                info = info.set_redis_settings(settings);
+                let client = redis::Client::open(info)?;
+                // One plain attempt first: the manager would retry a wrong
+                // password with backoff until the deadline; this surfaces it.
+                let probe = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(cfg.connect_timeout))
+                    .set_response_timeout(Some(cfg.response_timeout));
+                drop(
+                    client
+                        .get_multiplexed_async_connection_with_config(&probe)
+                        .await?,
+                );
+                let mgr_cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(cfg.connect_timeout))
+                    .set_response_timeout(Some(cfg.response_timeout))
+                    .set_number_of_retries(cfg.retry.max_retries as usize)
+                    .set_min_delay(cfg.retry.initial_interval)
+                    .set_max_delay(cfg.retry.max_interval);
+                let mgr = ConnectionManager::new_with_config(client.clone(), mgr_cfg).await?;
+                Ok((Conn::Single(mgr), Some(client)))
+            }
+        };
+        let bound = cfg.connect_timeout * 2 + Duration::from_millis(100);
+        let (conn, single) = match tokio::time::timeout(bound, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let mut err = from_redis(e);
+                if err.kind() == ErrorKind::Internal {
+                    err = Error::new(ErrorKind::Connection, "could not connect to redis")
+                        .with_backend(crate::NAME)
+                        .with_source(err);
+                }
+                return Err(err.with_operation("redis.connect"));
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no connection to redis within {bound:?}"),
+                )
+                .with_backend(crate::NAME)
+                .with_operation("redis.connect"))
+            }
+        };
+        Ok(Client {
+            conn,
+            single,
+            cfg,
+            closed: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub(crate) fn cfg(&self) -> &RedisConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn ns(&self) -> &str {
+        &self.cfg.namespace
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.shutdown.cancel();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    #[inline]
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            Err(
+                Error::new(ErrorKind::Closed, "the redis backend was closed")
+                    .with_backend(crate::NAME),
+            )
+        } else {
+            Ok(())
+        }
+    }
+
+    fn timeout_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "redis did not answer within {:?}",
+                self.cfg.response_timeout
+            ),
+        )
+        .with_backend(crate::NAME)
+    }
+
+    // Every request is bounded by the connection's response timeout
+    // (`RedisConfig::response_timeout`), set on the connection manager and
+    // the cluster client alike; a timeout surfaces as `Timeout`.
+
+    /// Runs one command.
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        self.check_open()?;
+        let mut c = self.conn.clone();
+        cmd.query_async(&mut c).await.map_err(from_redis)
+    }
+
+    /// Runs a pipeline in one round trip.
+    pub(crate) async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> Result<T> {
+        self.check_open()?;
+        let mut c = self.conn.clone();
+        p.query_async(&mut c).await.map_err(from_redis)
+    }
+
+    /// Runs a script by EVALSHA (loading it on NOSCRIPT).
+    pub(crate) async fn script<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T> {
+        self.check_open()?;
+        let mut c = self.conn.clone();
+        inv.invoke_async(&mut c).await.map_err(from_redis)
+    }
+
+    /// A connection of its own, for blocking reads (watch streams) and
+    /// pub/sub; `None` on a cluster (those poll instead).
+    pub(crate) async fn dedicated(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<Option<MultiplexedConnection>> {
+        self.check_open()?;
+        let Some(client) = &self.single else {
+            return Ok(None);
+        };
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.cfg.connect_timeout))
+            .set_response_timeout(Some(response_timeout));
+        client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map(Some)
+            .map_err(from_redis)
+    }
+
+    /// A pub/sub connection (single node only).
+    pub(crate) async fn pubsub(&self) -> Result<Option<redis::aio::PubSub>> {
+        self.check_open()?;
+        let Some(client) = &self.single else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(self.cfg.connect_timeout, client.get_async_pubsub()).await {
+            Ok(r) => r.map(Some).map_err(from_redis),
+            Err(_) => Err(self.timeout_error()),
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Settings of the Redis backend.
+
+use std::time::Duration;
+
+use im_infra::secret::{redact_url, Secret};
+use im_infra::{Error, ErrorKind, Result, RetryConfig};
+use serde::{Deserialize, Serialize};
+
+/// Settings of a [`RedisBackend`](crate::RedisBackend); deserialises from
+/// the config center (`/config/{env}/{service}/redis`).
+///
+/// ```
+/// let cfg: im_infra_redis::RedisConfig = serde_json::from_str(r#"{
+///     "urls": ["redis://10.0.0.5:6379/0"],
+///     "username": "app",
+///     "password": "s3cret",
+///     "namespace": "im-logic",
+///     "response_timeout": "500ms"
+/// }"#).unwrap();
+/// cfg.validate().unwrap();
+/// assert!(!format!("{cfg:?}").contains("s3cret"));
+/// ```
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://` (TLS). Several URLs, or
+    /// `cluster: true`, connect to a Redis Cluster.
+    pub urls: Vec<String>,
+    /// Connect to a Redis Cluster even with one seed URL.
+    pub cluster: bool,
+    /// ACL user name (overrides the URL's).
+    pub username: Option<String>,
+    /// Password (overrides the URL's). Never printed.
+    pub password: Option<Secret>,
+    /// Prefix of every key (letters, digits, `.`, `_`, `-`).
+    pub namespace: String,
+    /// Bound of establishing a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bound of every command.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Backoff of reconnection attempts.
+    pub retry: RetryConfig,
+    /// Largest cache or config value, in bytes.
+    pub max_value_bytes: usize,
+    /// Changes kept in the config change stream for resuming watches.
+    pub config_history: usize,
+    /// While Redis is unreachable, how long the limiter decides by its
+    /// failure policy before asking Redis again.
+    #[serde(with = "humantime_serde")]
+    pub limiter_probe_interval: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            urls: vec!["redis://127.0.0.1:6379/0".into()],
+            cluster: false,
+            username: None,
+            password: None,
+            namespace: "im-infra".into(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            retry: RetryConfig {
+                max_retries: 6,
+                initial_interval: Duration::from_millis(50),
+                max_interval: Duration::from_secs(2),
+                multiplier: 2.0,
+                jitter: true,
+            },
+            max_value_bytes: 16 * 1024 * 1024,
+            config_history: 10_000,
+            limiter_probe_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisConfig")
+            .field("urls", &urls)
+            .field("cluster", &self.cluster)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("config_history", &self.config_history)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidConfig, msg.into()).with_backend(crate::NAME)
+}
+
+impl RedisConfig {
+    /// A configuration for one server URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            urls: vec![url.into()],
+            ..RedisConfig::default()
+        }
+    }
+
+    /// Checks the values; `InvalidConfig` names the problem.
+    pub fn validate(&self) -> Result<()> {
+        if self.urls.is_empty() {
+            return Err(invalid("at least one Redis URL is required"));
+        }
+        for url in &self.urls {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(format!(
+                    "{} is not a redis:// or rediss:// URL",
+                    redact_url(url)
+                )));
+            }
+        }
+        let ns = &self.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(invalid(format!(
+                "namespace {ns:?} must be 1-64 letters, digits, '.', '_' or '-'"
+            )));
+        }
+        if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
+            return Err(invalid("timeouts must be positive"));
+        }
+        if self.max_value_bytes == 0 || self.config_history == 0 {
+            return Err(invalid(
+                "max_value_bytes and config_history must be positive",
+            ));
+        }
+        if self.limiter_probe_interval.is_zero() {
+            return Err(invalid("limiter_probe_interval must be positive"));
+        }
+        self.retry.validate()
+    }
+
+    /// Whether to connect to a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster || self.urls.len() > 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(RedisConfig::default().validate().is_ok());
+        let mut c = RedisConfig::new("http://x");
+        assert_eq!(c.validate().unwrap_err().kind(), ErrorKind::InvalidConfig);
+        c = RedisConfig::default();
+        c.namespace = "a:b".into();
+        assert!(c.validate().is_err());
+        c = RedisConfig::default();
+        c.urls.clear();
+        assert!(c.validate().is_err());
+        c = RedisConfig::default();
+        c.response_timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
+        let bad: std::result::Result<RedisConfig, _> = serde_json::from_str(r#"{"unknown": 1}"#);
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn debug_redacts_passwords() {
+        let mut c = RedisConfig::new("redis://u:topsecret@h:1/0");
+        c.password = Some(Secret::new("other-secret"));
+        let d = format!("{c:?}");
+        assert!(
+            !d.contains("topsecret") && !d.contains("other-secret"),
+            "{d}"
+        );
+    }
+}

@@ -1,0 +1,445 @@
+//! `ConfigCenter` on Redis: values in a hash, a global revision counter,
+//! and a change stream that watches read and resume from.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use im_infra::config::watch::{WatchCursor, WatchTarget};
+use im_infra::config::{
+    ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
+    WatchStream,
+};
+use im_infra::telemetry::OpMetrics;
+use im_infra::{validate, Error, ErrorKind, Result};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tokio::sync::mpsc;
+
+use crate::error::{decode, from_redis};
+use crate::Shared;
+
+static WRITE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/config_write.lua")));
+static SNAPSHOT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/config_snapshot.lua")));
+
+/// How long one blocking read of the change stream waits.
+const BLOCK: Duration = Duration::from_millis(1000);
+
+/// The config center of a [`RedisBackend`](crate::RedisBackend).
+///
+/// Every change increments one revision counter; the value and its version
+/// (the revision) go to a hash, and the change to a stream under the id
+/// `<revision>-1`, trimmed to `config_history` entries. A watch reads the
+/// stream from its last revision on a connection of its own, reconnects
+/// with backoff after any failure and resumes where it stopped; when the
+/// entries it needs were trimmed it re-reads the current state.
+pub struct RedisConfigCenter {
+    shared: Arc<Shared>,
+    get: OpMetrics,
+    set: OpMetrics,
+    delete: OpMetrics,
+    list: OpMetrics,
+    cas: OpMetrics,
+    watch: OpMetrics,
+}
+
+impl std::fmt::Debug for RedisConfigCenter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfigCenter").finish_non_exhaustive()
+    }
+}
+
+fn conflict(key: &str, current: i64, expected: u64) -> Error {
+    Error::new(
+        ErrorKind::Conflict,
+        format!("{key:?} is at version {current}, not {expected}"),
+    )
+}
+
+fn internal(msg: &str) -> Error {
+    Error::new(ErrorKind::Internal, msg.to_owned()).with_backend(crate::NAME)
+}
+
+impl RedisConfigCenter {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let m = |op| OpMetrics::new(crate::NAME, "config", op);
+        RedisConfigCenter {
+            shared,
+            get: m("config.get"),
+            set: m("config.set"),
+            delete: m("config.delete"),
+            list: m("config.list"),
+            cas: m("config.compare_and_set"),
+            watch: m("config.watch"),
+        }
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        value: Option<&Bytes>,
+        expected: Option<u64>,
+    ) -> Result<(i64, i64)> {
+        validate::key(key)?;
+        if let Some(v) = value {
+            validate::value(v.len(), self.shared.client.cfg().max_value_bytes)?;
+        }
+        let k = &self.shared.keys;
+        let mut inv = WRITE.prepare_invoke();
+        inv.key(k.cfg("rev"))
+            .key(k.cfg("data"))
+            .key(k.cfg("index"))
+            .key(k.cfg("log"))
+            .arg(key)
+            .arg(if value.is_some() { "p" } else { "d" })
+            .arg(value.map(|v| v.as_ref()).unwrap_or_default())
+            .arg(expected.map(|e| e.to_string()).unwrap_or_default())
+            .arg(self.shared.client.cfg().config_history);
+        self.shared.client.script(inv).await
+    }
+
+    async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
+        self.shared.client.check_open()?;
+        // "From now" means the revision at this call, not when the task runs.
+        let mut cursor = WatchCursor::new(target, opts.after_version.unwrap_or(0));
+        if opts.after_version.is_none() {
+            cursor.advance_to(current_revision(&self.shared).await?);
+        }
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(watch_task(Arc::downgrade(&self.shared), cursor, tx));
+        Ok(tokio_stream_from(rx))
+    }
+}
+
+fn tokio_stream_from(mut rx: mpsc::Receiver<Result<ConfigEvent>>) -> WatchStream {
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// Reads the current state covered by `target`, with the revision.
+async fn snapshot(
+    shared: &Shared,
+    target: &WatchTarget,
+) -> Result<(u64, Vec<(String, Versioned)>)> {
+    let k = &shared.keys;
+    let (mode, arg) = match target {
+        WatchTarget::Key(key) => ("key", key.as_str()),
+        WatchTarget::Prefix(p) => ("prefix", p.as_str()),
+    };
+    let mut inv = SNAPSHOT.prepare_invoke();
+    inv.key(k.cfg("rev"))
+        .key(k.cfg("data"))
+        .key(k.cfg("index"))
+        .arg(mode)
+        .arg(arg);
+    let raw: Vec<Value> = shared.client.script(inv).await?;
+    let mut it = raw.into_iter();
+    let rev: u64 = it.next().map(decode).transpose()?.unwrap_or(0);
+    let mut entries = Vec::new();
+    while let (Some(k), Some(v), Some(ver)) = (it.next(), it.next(), it.next()) {
+        let key: String = decode(k)?;
+        let value: Vec<u8> = decode(v)?;
+        let version: u64 = decode(ver)?;
+        entries.push((
+            key,
+            Versioned {
+                value: Bytes::from(value),
+                version,
+            },
+        ));
+    }
+    Ok((rev, entries))
+}
+
+/// A change read from the stream.
+fn parse_entry(id: &str, fields: &std::collections::HashMap<String, Value>) -> Option<ConfigEvent> {
+    let version: u64 = id.split('-').next()?.parse().ok()?;
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| redis::from_redis_value::<Vec<u8>>(v.clone()).ok())
+    };
+    let key = String::from_utf8(field("k")?).ok()?;
+    let kind = field("t")?;
+    Some(if kind == b"d" {
+        ConfigEvent {
+            kind: ConfigEventKind::Delete,
+            key,
+            value: None,
+            version,
+        }
+    } else {
+        ConfigEvent {
+            kind: ConfigEventKind::Put,
+            key,
+            value: Some(Bytes::from(field("v").unwrap_or_default())),
+            version,
+        }
+    })
+}
+
+/// One read of the change stream after `last`: blocking on a dedicated
+/// connection, or a plain read (then a pause) on a cluster.
+async fn read_after(
+    shared: &Shared,
+    conn: &mut Option<MultiplexedConnection>,
+    last: u64,
+) -> Result<Vec<(String, std::collections::HashMap<String, Value>)>> {
+    let log = shared.keys.cfg("log");
+    let mut cmd = redis::cmd("XREAD");
+    if conn.is_some() {
+        cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
+    }
+    cmd.arg("COUNT")
+        .arg(512)
+        .arg("STREAMS")
+        .arg(&log)
+        .arg(format!("{last}-1"));
+    let reply: Option<redis::streams::StreamReadReply> = match conn {
+        Some(c) => cmd.query_async(c).await.map_err(from_redis)?,
+        None => {
+            let r = shared.client.query(&cmd).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            r
+        }
+    };
+    Ok(reply
+        .map(|r| {
+            r.keys
+                .into_iter()
+                .flat_map(|k| k.ids.into_iter().map(|e| (e.id, e.map)))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Whether the stream still holds the change right after `last`.
+async fn has_entry(shared: &Shared, version: u64) -> Result<bool> {
+    let id = format!("{version}-1");
+    let r: Vec<Value> = shared
+        .client
+        .query(
+            redis::cmd("XRANGE")
+                .arg(shared.keys.cfg("log"))
+                .arg(&id)
+                .arg(&id),
+        )
+        .await?;
+    Ok(!r.is_empty())
+}
+
+async fn current_revision(shared: &Shared) -> Result<u64> {
+    let rev: Option<u64> = shared
+        .client
+        .query(redis::cmd("GET").arg(shared.keys.cfg("rev")))
+        .await?;
+    Ok(rev.unwrap_or(0))
+}
+
+async fn resync(
+    shared: &Shared,
+    cursor: &mut WatchCursor,
+    tx: &mpsc::Sender<Result<ConfigEvent>>,
+) -> Result<bool> {
+    let target = cursor.target().clone();
+    let (rev, entries) = snapshot(shared, &target).await?;
+    for e in cursor.resync(entries, rev) {
+        if tx.send(Ok(e)).await.is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Feeds a watch: resumes after every failure from the last delivered
+/// revision, resynchronises when the stream no longer has what it needs.
+async fn watch_task(
+    shared: std::sync::Weak<Shared>,
+    mut cursor: WatchCursor,
+    tx: mpsc::Sender<Result<ConfigEvent>>,
+) {
+    let mut delays = None;
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let stop = s.client.shutdown.clone();
+        let outcome: Result<bool> = async {
+            let c = &mut cursor;
+            let mut conn = s
+                .client
+                .dedicated(BLOCK + s.client.cfg().response_timeout)
+                .await?;
+            // Continuity check on every (re)connection.
+            let rev = current_revision(&s).await?;
+            if rev > c.last_version()
+                && !has_entry(&s, c.last_version() + 1).await?
+                && !resync(&s, c, &tx).await?
+            {
+                return Ok(false);
+            }
+            delays = None;
+            loop {
+                if tx.is_closed() {
+                    return Ok(false);
+                }
+                let entries = read_after(&s, &mut conn, c.last_version()).await?;
+                let Some((first_id, _)) = entries.first() else {
+                    continue;
+                };
+                let first: u64 = first_id
+                    .split('-')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if first > c.last_version() + 1 {
+                    // Trimmed past us: re-read the state instead.
+                    if !resync(&s, c, &tx).await? {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+                for (id, fields) in &entries {
+                    let Some(event) = parse_entry(id, fields) else {
+                        tracing::warn!(id, "unreadable config change ignored");
+                        continue;
+                    };
+                    if let Some(e) = c.accept(event) {
+                        if tx.send(Ok(e)).await.is_err() {
+                            return Ok(false);
+                        }
+                    }
+                }
+                // Entries of other keys still move the cursor.
+                if let Some((last_id, _)) = entries.last() {
+                    if let Some(v) = last_id.split('-').next().and_then(|v| v.parse().ok()) {
+                        c.advance_to(v);
+                    }
+                }
+            }
+        }
+        .await;
+        drop(s);
+        match outcome {
+            Ok(_) => return,
+            Err(e) if e.kind() == ErrorKind::Closed => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "config watch interrupted; resuming");
+                let Some(s) = shared.upgrade() else { return };
+                let d = delays
+                    .get_or_insert_with(|| s.client.cfg().retry.delays_forever())
+                    .next()
+                    .unwrap_or(Duration::from_secs(1));
+                drop(s);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ConfigCenter for RedisConfigCenter {
+    fn capabilities(&self) -> ConfigCapabilities {
+        ConfigCapabilities::full(self.shared.client.cfg().max_value_bytes)
+    }
+
+    async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
+        self.get
+            .run(async {
+                validate::key(key)?;
+                let (value, version): (Option<Vec<u8>>, Option<u64>) = self
+                    .shared
+                    .client
+                    .query(
+                        redis::cmd("HMGET")
+                            .arg(self.shared.keys.cfg("data"))
+                            .arg(format!("v:{key}"))
+                            .arg(format!("r:{key}")),
+                    )
+                    .await?;
+                Ok(match (value, version) {
+                    (Some(v), Some(version)) => Some(Versioned {
+                        value: Bytes::from(v),
+                        version,
+                    }),
+                    _ => None,
+                })
+            })
+            .await
+    }
+
+    async fn set(&self, key: &str, value: Bytes) -> Result<u64> {
+        self.set
+            .run(async {
+                let (_, rev) = self.write(key, Some(&value), None).await?;
+                u64::try_from(rev).map_err(|_| internal("negative revision"))
+            })
+            .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.delete
+            .run(async {
+                let (status, _) = self.write(key, None, None).await?;
+                Ok(status == 1)
+            })
+            .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.list
+            .run(async {
+                validate::prefix(prefix)?;
+                let mut cmd = redis::cmd("ZRANGEBYLEX");
+                cmd.arg(self.shared.keys.cfg("index"));
+                if prefix.is_empty() {
+                    cmd.arg("-").arg("+");
+                } else {
+                    let mut end = format!("[{prefix}").into_bytes();
+                    end.push(0xff);
+                    cmd.arg(format!("[{prefix}")).arg(end);
+                }
+                let keys: Vec<String> = self.shared.client.query(&cmd).await?;
+                Ok(keys.into_iter().filter(|k| k.starts_with(prefix)).collect())
+            })
+            .await
+    }
+
+    async fn compare_and_set(&self, key: &str, value: Bytes, expected_version: u64) -> Result<u64> {
+        self.cas
+            .run(async {
+                let (status, n) = self
+                    .write(key, Some(&value), Some(expected_version))
+                    .await?;
+                if status == -1 {
+                    return Err(conflict(key, n, expected_version));
+                }
+                u64::try_from(n).map_err(|_| internal("negative revision"))
+            })
+            .await
+    }
+
+    async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
+        self.watch
+            .run(async {
+                validate::key(key)?;
+                self.open_watch(WatchTarget::Key(key.to_owned()), opts)
+                    .await
+            })
+            .await
+    }
+
+    async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
+        self.watch
+            .run(async {
+                validate::prefix(prefix)?;
+                self.open_watch(WatchTarget::Prefix(prefix.to_owned()), opts)
+                    .await
+            })
+            .await
+    }
+}

@@ -1,0 +1,395 @@
+//! # im-infra-redis
+//!
+//! The Redis backend of im-infra, on the `redis` crate (Tokio, a
+//! reconnecting multiplexed `ConnectionManager`, or a cluster connection):
+//!
+//! | capability | how |
+//! |---|---|
+//! | `Cache` | strings with `PX` TTLs; `MGET`; one pipeline for `set_many` |
+//! | `Limiter` | GCRA in one Lua script (`EVALSHA`, reloaded on `NOSCRIPT`) on the server's `TIME`; failure policy (fail-open, fail-closed, local limiter) while Redis is unreachable |
+//! | `DistributedLock` | owner token + Lua; fencing token from `INCR` in the acquire script; renewal; release notifications by pub/sub |
+//! | `Once` | one hash per key, claim/complete/abandon in Lua |
+//! | `ConfigCenter` | values + versions in a hash, a revision counter, a change stream that watches resume from |
+//! | `ServiceRegistry` / `ServiceDiscovery` | instances with server-clock expiries, keep-alive, re-registration, change stream |
+//! | `WorkerIdAllocator` | one key per id with an expiry, renewed |
+//!
+//! Every key starts with the configured namespace; keys a script touches
+//! together share a Redis Cluster hash tag.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use im_infra::prelude::*;
+//! use im_infra_redis::RedisBackend;
+//!
+//! # async fn demo() -> im_infra::Result<()> {
+//! let backend = RedisBackend::builder()
+//!     .url("redis://127.0.0.1:6379/0")
+//!     .namespace("im-logic")
+//!     .build()
+//!     .await?;
+//! let cache = backend.cache().await?;
+//! cache.set("k", Bytes::from_static(b"v"), Some(Duration::from_secs(60))).await?;
+//! let limiter = backend.limiter(Rules::single("login", Rule::per_minute(5))?).await?;
+//! let _ok = limiter.allow("login", "alice").await;
+//! backend.close().await
+//! # }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod cache;
+mod client;
+mod config;
+mod config_center;
+mod error;
+mod keys;
+mod limiter;
+mod lock;
+mod once;
+mod registry;
+mod worker_id;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_infra::backend::{Backend, Capability};
+use im_infra::cache::Cache;
+use im_infra::config::ConfigCenter;
+use im_infra::coord::Provider;
+use im_infra::lock::DistributedLock;
+use im_infra::once::Once;
+use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
+use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
+use im_infra::secret::Secret;
+use im_infra::uid::WorkerIdAllocator;
+use im_infra::Result;
+
+pub use cache::RedisCache;
+pub use config::RedisConfig;
+pub use config_center::RedisConfigCenter;
+pub use limiter::{gcra_script, RedisLimiter};
+pub use lock::{RedisLock, RedisLockGuard};
+pub use once::RedisOnce;
+pub use registry::{RedisDiscovery, RedisRegistry};
+pub use worker_id::{RedisWorkerIds, RedisWorkerLease};
+
+/// The backend name used in metrics, spans and errors.
+pub const NAME: &str = "redis";
+
+/// What the Redis backend offers.
+pub const CAPABILITIES: &[Capability] = &[
+    Capability::Cache,
+    Capability::Limiter,
+    Capability::Lock,
+    Capability::Config,
+    Capability::Registry,
+    Capability::Once,
+    Capability::WorkerIds,
+];
+
+/// State shared by every handle of one backend instance.
+pub(crate) struct Shared {
+    client: client::Client,
+    keys: keys::Keys,
+    notifier: lock::ReleaseNotifier,
+}
+
+/// Builds a [`RedisBackend`].
+#[derive(Debug, Clone, Default)]
+pub struct RedisBackendBuilder {
+    config: RedisConfig,
+}
+
+impl RedisBackendBuilder {
+    /// Uses `config` (replacing what was set before).
+    #[must_use]
+    pub fn config(mut self, config: RedisConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// One server URL (`redis://` or `rediss://`).
+    #[must_use]
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.config.urls = vec![url.into()];
+        self
+    }
+
+    /// Several cluster seed URLs.
+    #[must_use]
+    pub fn cluster<S: Into<String>>(mut self, urls: impl IntoIterator<Item = S>) -> Self {
+        self.config.urls = urls.into_iter().map(Into::into).collect();
+        self.config.cluster = true;
+        self
+    }
+
+    /// ACL user and password.
+    #[must_use]
+    pub fn auth(mut self, username: impl Into<String>, password: impl Into<Secret>) -> Self {
+        self.config.username = Some(username.into());
+        self.config.password = Some(password.into());
+        self
+    }
+
+    /// The key prefix.
+    #[must_use]
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.config.namespace = ns.into();
+        self
+    }
+
+    /// Bound of every command.
+    #[must_use]
+    pub fn response_timeout(mut self, d: Duration) -> Self {
+        self.config.response_timeout = d;
+        self
+    }
+
+    /// Bound of establishing a connection.
+    #[must_use]
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.config.connect_timeout = d;
+        self
+    }
+
+    /// Connects; `InvalidConfig` for bad settings, `Connection`/`Timeout`
+    /// when Redis cannot be reached.
+    pub async fn build(self) -> Result<RedisBackend> {
+        let client = client::Client::connect(self.config).await?;
+        let keys = keys::Keys::new(client.ns());
+        Ok(RedisBackend {
+            shared: Arc::new(Shared {
+                client,
+                keys,
+                notifier: lock::ReleaseNotifier::default(),
+            }),
+            registries: Arc::new(Mutex::new(Vec::new())),
+            provider_registry: Arc::new(std::sync::OnceLock::new()),
+        })
+    }
+}
+
+/// The Redis backend. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct RedisBackend {
+    shared: Arc<Shared>,
+    /// Registries handed out, deregistered on close.
+    registries: Arc<Mutex<Vec<std::sync::Weak<RedisRegistry>>>>,
+    provider_registry: Arc<std::sync::OnceLock<Arc<RedisRegistry>>>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("config", self.shared.client.cfg())
+            .finish()
+    }
+}
+
+impl RedisBackend {
+    /// A builder with default settings.
+    pub fn builder() -> RedisBackendBuilder {
+        RedisBackendBuilder::default()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &RedisConfig {
+        self.shared.client.cfg()
+    }
+
+    /// The distributed limiter without the failure policy.
+    pub fn redis_limiter(&self, rules: &Rules) -> RedisLimiter {
+        RedisLimiter::new(self.shared.clone(), rules)
+    }
+
+    fn new_registry(&self) -> Arc<RedisRegistry> {
+        let reg = Arc::new(RedisRegistry::new(self.shared.clone()));
+        let mut all = self.registries.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&reg));
+        reg
+    }
+
+    /// Fault injection: removes a registered instance as if its lease had
+    /// expired. Its registry notices and registers it again.
+    pub async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
+        registry::revoke(&self.shared, service, id).await
+    }
+
+    /// Fault injection: deletes a worker-id lease as if it had expired.
+    pub async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
+        worker_id::revoke(&self.shared, id).await
+    }
+
+    /// Trims the config change stream to nothing, so that watches resuming
+    /// from an older version must resynchronise from the current state.
+    pub async fn compact_config_history(&self) -> Result<()> {
+        self.shared
+            .client
+            .query::<i64>(
+                redis::cmd("XTRIM")
+                    .arg(self.shared.keys.cfg("log"))
+                    .arg("MAXLEN")
+                    .arg(0),
+            )
+            .await
+            .map(drop)
+    }
+
+    /// Deletes every key of the namespace (for tests and tear-down tools).
+    pub async fn purge_namespace(&self) -> Result<u64> {
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .shared
+                .client
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(self.shared.keys.all())
+                        .arg("COUNT")
+                        .arg(500),
+                )
+                .await?;
+            if !keys.is_empty() {
+                let mut p = redis::pipe();
+                for k in &keys {
+                    p.cmd("UNLINK").arg(k).ignore();
+                }
+                self.shared.client.pipe::<()>(&p).await?;
+                deleted += keys.len() as u64;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> &'static [Capability] {
+        CAPABILITIES
+    }
+
+    async fn cache(&self) -> Result<Arc<dyn Cache>> {
+        self.shared.client.check_open()?;
+        Ok(Arc::new(RedisCache::new(self.shared.clone())))
+    }
+
+    async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
+        self.shared.client.check_open()?;
+        let primary = Arc::new(RedisLimiter::new(self.shared.clone(), &rules));
+        let local = Arc::new(im_infra_memory::MemoryBackend::new().memory_limiter(rules.clone()));
+        Ok(Arc::new(FallbackLimiter::new(
+            NAME,
+            primary,
+            local,
+            rules,
+            self.shared.client.cfg().limiter_probe_interval,
+        )))
+    }
+
+    async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
+        self.shared.client.check_open()?;
+        Ok(Arc::new(RedisLock::new(self.shared.clone())))
+    }
+
+    async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
+        self.shared.client.check_open()?;
+        Ok(Arc::new(RedisConfigCenter::new(self.shared.clone())))
+    }
+
+    async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
+        self.shared.client.check_open()?;
+        Ok(self.new_registry())
+    }
+
+    async fn discovery(&self) -> Result<Arc<dyn ServiceDiscovery>> {
+        self.shared.client.check_open()?;
+        Ok(Arc::new(RedisDiscovery::new(self.shared.clone())))
+    }
+
+    async fn once(&self) -> Result<Arc<dyn Once>> {
+        self.shared.client.check_open()?;
+        Ok(Arc::new(RedisOnce::new(self.shared.clone())))
+    }
+
+    async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
+        self.shared.client.check_open()?;
+        Ok(Arc::new(RedisWorkerIds::new(self.shared.clone())))
+    }
+
+    async fn health_check(&self) -> Result<()> {
+        let pong: String = self.shared.client.query(&redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(im_infra::Error::new(
+                im_infra::ErrorKind::Internal,
+                format!("PING answered {pong:?}"),
+            ))
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.shared.client.is_closed() {
+            return Ok(());
+        }
+        let regs: Vec<Arc<RedisRegistry>> = self
+            .registries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .chain(self.provider_registry.get().cloned())
+            .collect();
+        for r in regs {
+            r.close().await;
+        }
+        self.shared.client.close();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Provider for RedisBackend {
+    fn lock(&self) -> Arc<dyn DistributedLock> {
+        Arc::new(RedisLock::new(self.shared.clone()))
+    }
+
+    fn registry(&self) -> Arc<dyn ServiceRegistry> {
+        self.provider_registry
+            .get_or_init(|| Arc::new(RedisRegistry::new(self.shared.clone())))
+            .clone()
+    }
+
+    fn discovery(&self) -> Arc<dyn ServiceDiscovery> {
+        Arc::new(RedisDiscovery::new(self.shared.clone()))
+    }
+
+    fn config(&self) -> Arc<dyn ConfigCenter> {
+        Arc::new(RedisConfigCenter::new(self.shared.clone()))
+    }
+
+    async fn health_check(&self) -> Result<()> {
+        Backend::health_check(self).await
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.shared.client.is_closed()
+    }
+
+    async fn close(&self) -> Result<()> {
+        Backend::close(self).await
+    }
+}

@@ -1,0 +1,150 @@
+//! `Once` on one Redis hash per key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use im_infra::once::{Claim, Once};
+use im_infra::telemetry::OpMetrics;
+use im_infra::{validate, Error, ErrorKind, Result};
+
+use crate::Shared;
+
+static CLAIM: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/once_claim.lua")));
+static FINISH: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/once_finish.lua")));
+
+/// Idempotency on a [`RedisBackend`](crate::RedisBackend): a hash
+/// `{state, token, outcome}` per key with a `PX` expiry; claim, complete
+/// and abandon are Lua scripts that check the claim's owner.
+pub struct RedisOnce {
+    shared: Arc<Shared>,
+    claim: OpMetrics,
+    complete: OpMetrics,
+    abandon: OpMetrics,
+    outcome: OpMetrics,
+    reset: OpMetrics,
+}
+
+impl std::fmt::Debug for RedisOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOnce").finish_non_exhaustive()
+    }
+}
+
+impl RedisOnce {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let m = |op| OpMetrics::new(crate::NAME, "once", op);
+        RedisOnce {
+            shared,
+            claim: m("once.claim"),
+            complete: m("once.complete"),
+            abandon: m("once.abandon"),
+            outcome: m("once.outcome"),
+            reset: m("once.reset"),
+        }
+    }
+
+    async fn finish(
+        &self,
+        key: &str,
+        token: &str,
+        action: &str,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
+        validate::key(key)?;
+        let mut inv = FINISH.prepare_invoke();
+        inv.key(self.shared.keys.once(key))
+            .arg(token)
+            .arg(action)
+            .arg(outcome)
+            .arg(validate::ttl_millis(ttl));
+        let ok: i64 = self.shared.client.script(inv).await?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::LockNotHeld,
+                format!("the claim on {key:?} expired or belongs to another caller"),
+            ))
+        }
+    }
+}
+
+#[async_trait]
+impl Once for RedisOnce {
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
+        self.claim
+            .run(async {
+                validate::key(key)?;
+                validate::ttl(ttl)?;
+                let token = uuid::Uuid::new_v4().to_string();
+                let mut inv = CLAIM.prepare_invoke();
+                inv.key(self.shared.keys.once(key))
+                    .arg(&token)
+                    .arg(validate::ttl_millis(ttl));
+                let (state, outcome): (i64, Vec<u8>) = self.shared.client.script(inv).await?;
+                Ok(match state {
+                    0 => Claim::Acquired { token },
+                    1 => Claim::InProgress,
+                    _ => Claim::Done(Bytes::from(outcome)),
+                })
+            })
+            .await
+    }
+
+    async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
+        self.complete
+            .run(async {
+                validate::ttl(ttl)?;
+                validate::value(outcome.len(), self.shared.client.cfg().max_value_bytes)?;
+                self.finish(key, token, "complete", &outcome, ttl).await
+            })
+            .await
+    }
+
+    async fn abandon(&self, key: &str, token: &str) -> Result<()> {
+        self.abandon
+            .run(self.finish(key, token, "abandon", b"", Duration::from_millis(1)))
+            .await
+    }
+
+    async fn outcome(&self, key: &str) -> Result<Option<Bytes>> {
+        self.outcome
+            .run(async {
+                validate::key(key)?;
+                let (state, outcome): (Option<String>, Option<Vec<u8>>) = self
+                    .shared
+                    .client
+                    .query(
+                        redis::cmd("HMGET")
+                            .arg(self.shared.keys.once(key))
+                            .arg("state")
+                            .arg("outcome"),
+                    )
+                    .await?;
+                Ok(match (state.as_deref(), outcome) {
+                    (Some("done"), Some(o)) => Some(Bytes::from(o)),
+                    _ => None,
+                })
+            })
+            .await
+    }
+
+    async fn reset(&self, key: &str) -> Result<bool> {
+        self.reset
+            .run(async {
+                validate::key(key)?;
+                let n: u64 = self
+                    .shared
+                    .client
+                    .query(redis::cmd("DEL").arg(self.shared.keys.once(key)))
+                    .await?;
+                Ok(n == 1)
+            })
+            .await
+    }
+}

@@ -1,0 +1,235 @@
+//! `Once` contract.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Result};
+use im_infra::backend::Capability;
+use im_infra::once::{Once, OnceExt, OnceOptions, Outcome, RunError};
+use im_infra::ErrorKind;
+
+use super::unique;
+use crate::harness::{Case, World};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn once(w: &World) -> Result<Arc<dyn Once>> {
+    Ok(w.backend.once().await?)
+}
+
+type Run = Result<Outcome<String>, RunError<std::io::Error>>;
+
+async fn runs_once_then_returns_the_stored_outcome(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let key = unique("job");
+    let runs = AtomicUsize::new(0);
+    let first: Run = o
+        .run(&key, HOUR, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok("receipt-1".to_string())
+        })
+        .await;
+    ensure!(
+        matches!(&first, Ok(Outcome::Executed(v)) if v == "receipt-1"),
+        "{first:?}"
+    );
+    let second: Run = o
+        .run(&key, HOUR, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok("receipt-2".to_string())
+        })
+        .await;
+    ensure!(
+        matches!(&second, Ok(Outcome::AlreadyDone(v)) if v == "receipt-1"),
+        "{second:?}"
+    );
+    ensure!(runs.load(Ordering::SeqCst) == 1);
+    ensure!(
+        o.outcome(&key).await?.as_deref() == Some(&b"\"receipt-1\""[..]),
+        "stored outcome readable"
+    );
+    Ok(())
+}
+
+async fn concurrent_callers_run_the_work_once(w: World) -> Result<()> {
+    let key = unique("job");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for i in 0..12 {
+        let o = if i % 2 == 0 {
+            once(&w).await?
+        } else {
+            w.peer.once().await?
+        };
+        let key = key.clone();
+        let runs = runs.clone();
+        handles.push(tokio::spawn(async move {
+            let r: Run = o
+                .run(&key, HOUR, || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok("done".to_string())
+                })
+                .await;
+            r
+        }));
+    }
+    let (mut executed, mut in_progress, mut done) = (0, 0, 0);
+    for h in handles {
+        match h.await? {
+            Ok(Outcome::Executed(_)) => executed += 1,
+            Ok(Outcome::AlreadyDone(_)) => done += 1,
+            Err(RunError::Infra(e)) if e.kind() == ErrorKind::InProgress => in_progress += 1,
+            other => bail!("unexpected outcome {other:?}"),
+        }
+    }
+    ensure!(
+        runs.load(Ordering::SeqCst) == 1,
+        "the work ran {} times",
+        runs.load(Ordering::SeqCst)
+    );
+    ensure!(
+        executed == 1 && in_progress + done == 11,
+        "executed {executed}, in progress {in_progress}, done {done}"
+    );
+    Ok(())
+}
+
+async fn waiting_callers_get_the_outcome(w: World) -> Result<()> {
+    let key = unique("job");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for i in 0..8 {
+        let o = if i % 2 == 0 {
+            once(&w).await?
+        } else {
+            w.peer.once().await?
+        };
+        let key = key.clone();
+        let runs = runs.clone();
+        handles.push(tokio::spawn(async move {
+            let r: Run = o
+                .run_with(
+                    &key,
+                    OnceOptions::new(HOUR).wait(Duration::from_secs(10)),
+                    || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok("shared".to_string())
+                    },
+                )
+                .await;
+            r
+        }));
+    }
+    for h in handles {
+        let out = h.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        ensure!(out.into_inner() == "shared");
+    }
+    ensure!(runs.load(Ordering::SeqCst) == 1);
+    Ok(())
+}
+
+async fn failed_work_releases_the_key(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let key = unique("job");
+    let failed: Run = o
+        .run(&key, HOUR, || async {
+            Err(std::io::Error::other("card declined"))
+        })
+        .await;
+    ensure!(matches!(failed, Err(RunError::Task(_))), "{failed:?}");
+    ensure!(
+        o.outcome(&key).await?.is_none(),
+        "a failure stores no outcome"
+    );
+    let retry: Run = o
+        .run(&key, HOUR, || async { Ok("second try".to_string()) })
+        .await;
+    ensure!(
+        matches!(&retry, Ok(Outcome::Executed(v)) if v == "second try"),
+        "{retry:?}"
+    );
+    Ok(())
+}
+
+async fn outcome_expires_with_its_ttl(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let key = unique("job");
+    let ttl = Duration::from_millis(300).max(o.capabilities().min_ttl);
+    let _: Run = o.run(&key, ttl, || async { Ok("first".to_string()) }).await;
+    tokio::time::sleep(ttl * 2 + Duration::from_millis(600)).await;
+    let again: Run = o.run(&key, ttl, || async { Ok("again".to_string()) }).await;
+    ensure!(
+        matches!(&again, Ok(Outcome::Executed(v)) if v == "again"),
+        "{again:?}"
+    );
+    Ok(())
+}
+
+async fn reset_forgets_the_key(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let key = unique("job");
+    let _: Run = o.run(&key, HOUR, || async { Ok("one".to_string()) }).await;
+    ensure!(o.reset(&key).await?, "reset of a done key");
+    ensure!(!o.reset(&key).await?, "nothing left to reset");
+    let again: Run = o.run(&key, HOUR, || async { Ok("two".to_string()) }).await;
+    ensure!(again.map(|x| x.executed()).unwrap_or(false));
+    Ok(())
+}
+
+async fn stale_claims_cannot_complete(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let key = unique("job");
+    let im_infra::once::Claim::Acquired { token } = o.claim(&key, HOUR).await? else {
+        bail!("a fresh key must be claimable")
+    };
+    match o.claim(&key, HOUR).await? {
+        im_infra::once::Claim::InProgress => {}
+        other => bail!("a claimed key is in progress, got {other:?}"),
+    }
+    let wrong = o
+        .complete(&key, "not-the-token", bytes::Bytes::from_static(b"1"), HOUR)
+        .await;
+    ensure!(
+        wrong.err().map(|e| e.kind()) == Some(ErrorKind::LockNotHeld),
+        "wrong token must not complete"
+    );
+    o.complete(&key, &token, bytes::Bytes::from_static(b"1"), HOUR)
+        .await?;
+    Ok(())
+}
+
+async fn bad_input_is_invalid_argument(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let r: Run = o.run("", HOUR, || async { Ok(String::new()) }).await;
+    ensure!(
+        matches!(&r, Err(RunError::Infra(e)) if e.kind() == ErrorKind::InvalidArgument),
+        "{r:?}"
+    );
+    let r: Run = o
+        .run("k", Duration::ZERO, || async { Ok(String::new()) })
+        .await;
+    ensure!(
+        matches!(&r, Err(RunError::Infra(e)) if e.kind() == ErrorKind::InvalidArgument),
+        "{r:?}"
+    );
+    ensure!(o.claim("", HOUR).await.err().map(|e| e.kind()) == Some(ErrorKind::InvalidArgument));
+    Ok(())
+}
+
+/// The once cases.
+pub fn cases() -> Vec<Case> {
+    let on = |c: &crate::harness::Claims| c.has(Capability::Once);
+    vec![
+        crate::case!("once", runs_once_then_returns_the_stored_outcome, when = on),
+        crate::case!("once", concurrent_callers_run_the_work_once, when = on),
+        crate::case!("once", waiting_callers_get_the_outcome, when = on),
+        crate::case!("once", failed_work_releases_the_key, when = on),
+        crate::case!("once", outcome_expires_with_its_ttl, when = on),
+        crate::case!("once", reset_forgets_the_key, when = on),
+        crate::case!("once", stale_claims_cannot_complete, when = on),
+        crate::case!("once", bad_input_is_invalid_argument, when = on),
+    ]
+}

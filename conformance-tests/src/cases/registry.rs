@@ -1,0 +1,296 @@
+//! `ServiceRegistry` / `ServiceDiscovery` contract.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use futures::StreamExt;
+use im_infra::backend::Capability;
+use im_infra::registry::{
+    ServiceDiscoveryExt, ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance,
+};
+use im_infra::ErrorKind;
+
+use super::{eventually, expect_kind, unique};
+use crate::harness::{Case, Claims, World};
+
+/// Lease TTL used by the cases: long enough for every backend's minimum
+/// (etcd grants whole seconds), short enough to watch expiry happen.
+const TTL: Duration = Duration::from_secs(2);
+
+async fn next_event(stream: &mut ServiceEventStream) -> Result<ServiceEvent> {
+    let item = tokio::time::timeout(Duration::from_secs(15), stream.next())
+        .await
+        .context("no registry event within 15 s")?
+        .context("the watch stream ended")?;
+    Ok(item?)
+}
+
+fn instance(service: &str, id: &str, port: u16) -> ServiceInstance {
+    ServiceInstance::new(service, id, format!("127.0.0.1:{port}")).with_metadata("zone", "a")
+}
+
+async fn registered_instances_are_discovered(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register(&instance(&service, "i-2", 9002), TTL).await?;
+    reg.register(
+        &instance(&service, "i-1", 9001).with_metadata("version", "1.2"),
+        TTL,
+    )
+    .await?;
+    let found = w.peer.discovery().await?.instances(&service).await?;
+    ensure!(found.len() == 2, "found {found:?}");
+    ensure!(
+        found[0].id == "i-1" && found[1].id == "i-2",
+        "sorted by id: {found:?}"
+    );
+    ensure!(
+        found[0].metadata.get("version").map(String::as_str) == Some("1.2"),
+        "metadata kept"
+    );
+    ensure!(found[0].address == "127.0.0.1:9001");
+    let endpoints = w.backend.discovery().await?.endpoints(&service).await?;
+    ensure!(endpoints == ["127.0.0.1:9001", "127.0.0.1:9002"]);
+    Ok(())
+}
+
+async fn deregister_removes_the_instance(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register(&instance(&service, "i-1", 9001), TTL).await?;
+    reg.deregister(&service, "i-1").await?;
+    ensure!(w
+        .backend
+        .discovery()
+        .await?
+        .instances(&service)
+        .await?
+        .is_empty());
+    expect_kind(
+        reg.deregister(&service, "i-1").await,
+        ErrorKind::NotFound,
+        "second deregister",
+    )?;
+    Ok(())
+}
+
+async fn list_services_names_live_services(w: World) -> Result<()> {
+    let (a, b) = (unique("alpha"), unique("beta"));
+    let reg = w.backend.registry().await?;
+    reg.register(&instance(&a, "1", 9001), TTL).await?;
+    reg.register(&instance(&b, "1", 9002), TTL).await?;
+    reg.register(&instance(&b, "2", 9003), TTL).await?;
+    let names = reg.list_services().await?;
+    ensure!(names.contains(&a) && names.contains(&b), "{names:?}");
+    ensure!(
+        names.windows(2).all(|w| w[0] < w[1]),
+        "sorted and unique: {names:?}"
+    );
+    Ok(())
+}
+
+async fn watch_starts_with_live_instances_then_follows_changes(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register(&instance(&service, "i-1", 9001), TTL).await?;
+    let mut events = w.peer.discovery().await?.watch(&service).await?;
+    let e = next_event(&mut events).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Add && e.instance.id == "i-1",
+        "initial Add: {e:?}"
+    );
+    reg.register(&instance(&service, "i-2", 9002), TTL).await?;
+    let e = next_event(&mut events).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Add && e.instance.id == "i-2",
+        "{e:?}"
+    );
+    reg.update(&instance(&service, "i-2", 9002).with_metadata("weight", "5"))
+        .await?;
+    let e = next_event(&mut events).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Update
+            && e.instance.metadata.get("weight").map(String::as_str) == Some("5"),
+        "{e:?}"
+    );
+    reg.deregister(&service, "i-1").await?;
+    let e = next_event(&mut events).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Delete && e.instance.id == "i-1",
+        "{e:?}"
+    );
+    Ok(())
+}
+
+async fn update_of_an_unknown_instance_is_not_found(w: World) -> Result<()> {
+    let reg = w.backend.registry().await?;
+    expect_kind(
+        reg.update(&instance(&unique("svc"), "nope", 9001)).await,
+        ErrorKind::NotFound,
+        "update unknown",
+    )
+}
+
+async fn keepalive_keeps_the_instance(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register(&instance(&service, "i-1", 9001), TTL).await?;
+    tokio::time::sleep(TTL * 3).await;
+    let found = w.backend.discovery().await?.instances(&service).await?;
+    ensure!(
+        found.len() == 1,
+        "a kept-alive instance outlives its TTL: {found:?}"
+    );
+    Ok(())
+}
+
+async fn instance_expires_when_its_registry_goes_away(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.peer.registry().await?;
+    reg.register(&instance(&service, "i-1", 9001), TTL).await?;
+    let mut events = w.backend.discovery().await?.watch(&service).await?;
+    ensure!(next_event(&mut events).await?.kind == ServiceEventKind::Add);
+    // The registering "process" dies: no keep-alive any more.
+    drop(reg);
+    let e = next_event(&mut events).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Delete && e.instance.id == "i-1",
+        "{e:?}"
+    );
+    ensure!(w
+        .backend
+        .discovery()
+        .await?
+        .instances(&service)
+        .await?
+        .is_empty());
+    Ok(())
+}
+
+async fn lost_lease_is_registered_again(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register(&instance(&service, "i-1", 9001), TTL).await?;
+    let mut events = w.backend.discovery().await?.watch(&service).await?;
+    ensure!(next_event(&mut events).await?.kind == ServiceEventKind::Add);
+    w.hooks.revoke_registration(&service, "i-1").await?;
+    let e = next_event(&mut events).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Delete,
+        "the revoked lease removes the instance: {e:?}"
+    );
+    let e = next_event(&mut events).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Add && e.instance.id == "i-1",
+        "registered again: {e:?}"
+    );
+    let disc = w.backend.discovery().await?;
+    eventually(Duration::from_secs(5), "instance listed again", || {
+        let disc = disc.clone();
+        let service = service.clone();
+        async move { Ok(disc.instances(&service).await?.len() == 1) }
+    })
+    .await
+}
+
+async fn resolve_filters_by_metadata(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register(
+        &instance(&service, "a", 9001).with_metadata("region", "eu"),
+        TTL,
+    )
+    .await?;
+    reg.register(
+        &instance(&service, "b", 9002).with_metadata("region", "us"),
+        TTL,
+    )
+    .await?;
+    let disc = w.backend.discovery().await?;
+    let mut filter = BTreeMap::new();
+    filter.insert("region".to_owned(), "us".to_owned());
+    let found = disc.resolve(&service, &filter).await?;
+    ensure!(found.len() == 1 && found[0].id == "b", "{found:?}");
+    filter.insert("region".to_owned(), "ap".to_owned());
+    expect_kind(
+        disc.resolve(&service, &filter).await,
+        ErrorKind::NoInstances,
+        "no match",
+    )?;
+    Ok(())
+}
+
+async fn services_are_isolated(w: World) -> Result<()> {
+    let (a, b) = (unique("svc-a"), unique("svc-b"));
+    w.backend
+        .registry()
+        .await?
+        .register(&instance(&a, "1", 9001), TTL)
+        .await?;
+    ensure!(w.backend.discovery().await?.instances(&b).await?.is_empty());
+    Ok(())
+}
+
+async fn bad_input_is_invalid_argument(w: World) -> Result<()> {
+    let reg = w.backend.registry().await?;
+    let disc = w.backend.discovery().await?;
+    for bad in [
+        ServiceInstance::new("", "id", "127.0.0.1:1"),
+        ServiceInstance::new("svc", "", "127.0.0.1:1"),
+        ServiceInstance::new("s/v", "id", "127.0.0.1:1"),
+        ServiceInstance::new("svc", "id", "no-port"),
+        ServiceInstance::new("svc", "id", "host:99999"),
+    ] {
+        expect_kind(
+            reg.register(&bad, TTL).await,
+            ErrorKind::InvalidArgument,
+            "bad instance",
+        )?;
+    }
+    expect_kind(
+        reg.register(&instance("svc", "id", 1), Duration::ZERO)
+            .await,
+        ErrorKind::InvalidArgument,
+        "zero ttl",
+    )?;
+    expect_kind(
+        disc.instances("").await,
+        ErrorKind::InvalidArgument,
+        "empty service",
+    )?;
+    Ok(())
+}
+
+fn on(c: &Claims) -> bool {
+    c.has(Capability::Registry) && c.registry.as_ref().is_some_and(|r| r.watch)
+}
+
+/// The registry cases.
+pub fn cases() -> Vec<Case> {
+    vec![
+        crate::case!("registry", registered_instances_are_discovered, when = on),
+        crate::case!("registry", deregister_removes_the_instance, when = on),
+        crate::case!("registry", list_services_names_live_services, when = on),
+        crate::case!(
+            "registry",
+            watch_starts_with_live_instances_then_follows_changes,
+            when = on
+        ),
+        crate::case!(
+            "registry",
+            update_of_an_unknown_instance_is_not_found,
+            when = on
+        ),
+        crate::case!("registry", keepalive_keeps_the_instance, when = on),
+        crate::case!(
+            "registry",
+            instance_expires_when_its_registry_goes_away,
+            when = on
+        ),
+        crate::case!("registry", lost_lease_is_registered_again, when = on),
+        crate::case!("registry", resolve_filters_by_metadata, when = on),
+        crate::case!("registry", services_are_isolated, when = on),
+        crate::case!("registry", bad_input_is_invalid_argument, when = on),
+    ]
+}

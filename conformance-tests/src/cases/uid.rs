@@ -1,0 +1,137 @@
+//! `WorkerIdAllocator` contract (and Snowflake generators on leased ids).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use im_infra::backend::Capability;
+use im_infra::uid::{IdGenerator, Layout, Snowflake};
+use im_infra::ErrorKind;
+
+use super::{eventually, expect_kind};
+use crate::harness::{Case, World};
+
+const TTL: Duration = Duration::from_secs(3);
+
+async fn leased_ids_are_unique(w: World) -> Result<()> {
+    let a = w.backend.worker_ids().await?;
+    let b = w.peer.worker_ids().await?;
+    let mut leases = Vec::new();
+    for i in 0..6 {
+        let alloc = if i % 2 == 0 { &a } else { &b };
+        leases.push(alloc.allocate(1023, TTL).await?);
+    }
+    let ids: HashSet<u64> = leases.iter().map(|l| l.worker_id()).collect();
+    ensure!(ids.len() == 6, "ids {ids:?} must be distinct");
+    ensure!(ids.iter().all(|id| *id <= 1023));
+    Ok(())
+}
+
+async fn exhausted_range_is_resource_exhausted(w: World) -> Result<()> {
+    let alloc = w.backend.worker_ids().await?;
+    let one = alloc.allocate(1, TTL).await?;
+    let two = alloc.allocate(1, TTL).await?;
+    ensure!(one.worker_id() != two.worker_id());
+    expect_kind(
+        alloc.allocate(1, TTL).await.map(|l| l.worker_id()),
+        ErrorKind::ResourceExhausted,
+        "third id of two",
+    )?;
+    Ok(())
+}
+
+async fn released_id_is_reused(w: World) -> Result<()> {
+    let alloc = w.backend.worker_ids().await?;
+    let lease = alloc.allocate(0, TTL).await?;
+    ensure!(lease.worker_id() == 0);
+    lease.release().await?;
+    ensure!(
+        lease.lost().is_cancelled(),
+        "a released lease reads as lost"
+    );
+    let again = alloc.allocate(0, TTL).await?;
+    ensure!(again.worker_id() == 0, "the released id is free again");
+    Ok(())
+}
+
+async fn renewal_keeps_the_lease(w: World) -> Result<()> {
+    let alloc = w.backend.worker_ids().await?;
+    let lease = alloc.allocate(0, TTL).await?;
+    tokio::time::sleep(TTL * 2).await;
+    ensure!(!lease.lost().is_cancelled(), "a renewed lease is not lost");
+    expect_kind(
+        w.peer
+            .worker_ids()
+            .await?
+            .allocate(0, TTL)
+            .await
+            .map(|l| l.worker_id()),
+        ErrorKind::ResourceExhausted,
+        "a renewed id is not handed out again",
+    )
+}
+
+async fn generator_on_a_lost_lease_stops_issuing(w: World) -> Result<()> {
+    let alloc = w.backend.worker_ids().await?;
+    let lease = alloc.allocate(1023, TTL).await?;
+    let id = lease.worker_id();
+    let gen = Snowflake::with_lease(Layout::default(), lease)?;
+    ensure!(gen.next_id().is_ok());
+    w.hooks.revoke_worker_id(id).await?;
+    eventually(Duration::from_secs(10), "the generator stops", || {
+        let res = gen.next_id();
+        async move { Ok(res.err().map(|e| e.kind()) == Some(ErrorKind::LeaseLost)) }
+    })
+    .await
+}
+
+async fn ids_from_leased_generators_are_unique_across_threads(w: World) -> Result<()> {
+    let layout = Layout::default();
+    let g1 = Arc::new(Snowflake::with_lease(
+        layout,
+        w.backend.worker_ids().await?.allocate(1023, TTL).await?,
+    )?);
+    let g2 = Arc::new(Snowflake::with_lease(
+        layout,
+        w.peer.worker_ids().await?.allocate(1023, TTL).await?,
+    )?);
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let g = if i % 2 == 0 { g1.clone() } else { g2.clone() };
+            std::thread::spawn(move || {
+                (0..20_000)
+                    .map(|_| g.next_id())
+                    .collect::<im_infra::Result<Vec<_>>>()
+            })
+        })
+        .collect();
+    let mut all = HashSet::new();
+    for h in handles {
+        let ids = h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??;
+        ensure!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids increase within a thread"
+        );
+        all.extend(ids);
+    }
+    ensure!(all.len() == 80_000, "{} unique of 80000", all.len());
+    Ok(())
+}
+
+/// The worker-id cases.
+pub fn cases() -> Vec<Case> {
+    let on = |c: &crate::harness::Claims| c.has(Capability::WorkerIds);
+    vec![
+        crate::case!("uid", leased_ids_are_unique, when = on),
+        crate::case!("uid", exhausted_range_is_resource_exhausted, when = on),
+        crate::case!("uid", released_id_is_reused, when = on),
+        crate::case!("uid", renewal_keeps_the_lease, when = on),
+        crate::case!("uid", generator_on_a_lost_lease_stops_issuing, when = on),
+        crate::case!(
+            "uid",
+            ids_from_leased_generators_are_unique_across_threads,
+            when = on
+        ),
+    ]
+}

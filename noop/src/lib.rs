@@ -1,0 +1,171 @@
+//! # im-infra-noop
+//!
+//! Null implementations of every im-infra trait, for services that run
+//! without a capability (a local tool, a test of something else) without
+//! `Option` plumbing. They keep no state, never fail on valid or invalid
+//! input (inputs are not checked), and never panic:
+//!
+//! | trait | behaviour |
+//! |---|---|
+//! | `Cache` | every read misses; writes are dropped; `incr_by` returns `delta`; `set_nx` returns `true` |
+//! | `Limiter` | every request is allowed |
+//! | `DistributedLock` | every acquisition succeeds at once; `is_locked` is `false`; `info` is `Unsupported` |
+//! | `ConfigCenter` | empty; `set` returns version 0 and stores nothing; CAS is `Unsupported`; watches never fire |
+//! | `ServiceRegistry` / `ServiceDiscovery` | registrations are dropped; no service has instances; watches never fire |
+//! | `Once` | the work always runs; no outcome is stored |
+//! | `Producer` / `Consumer` | messages are dropped (offset -1); the consumer never delivers and returns on shutdown |
+//! | `WorkerIdAllocator` | always the same fixed id |
+//!
+//! ```
+//! use bytes::Bytes;
+//! use im_infra::prelude::*;
+//! use im_infra_noop::NoopBackend;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
+//! let backend = NoopBackend::new();
+//! let cache = backend.cache().await?;
+//! cache.set("k", Bytes::from_static(b"v"), None).await?;
+//! assert_eq!(cache.get("k").await?, None);
+//! assert!(backend.limiter(Rules::single("r", Rule::per_second(1))?).await?.allow("r", "k").await);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod coordination;
+mod data;
+mod messaging;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use im_infra::backend::{Backend, Capability};
+use im_infra::cache::Cache;
+use im_infra::config::ConfigCenter;
+use im_infra::coord::Provider;
+use im_infra::lock::DistributedLock;
+use im_infra::mq::{Consumer, ConsumerConfig, Producer};
+use im_infra::once::Once;
+use im_infra::ratelimit::{Limiter, Rules};
+use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
+use im_infra::uid::WorkerIdAllocator;
+use im_infra::Result;
+
+pub use coordination::{
+    NoopConfigCenter, NoopDiscovery, NoopLock, NoopLockGuard, NoopRegistry, NoopWorkerIds,
+};
+pub use data::{NoopCache, NoopLimiter, NoopOnce};
+pub use messaging::{NoopConsumer, NoopProducer};
+
+/// The backend name used in errors.
+pub const NAME: &str = "noop";
+
+/// The null backend: every capability, none of them doing anything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopBackend {
+    worker_id: u64,
+}
+
+impl NoopBackend {
+    /// A null backend whose worker-id allocator hands out id 0.
+    pub fn new() -> Self {
+        NoopBackend::default()
+    }
+
+    /// A null backend whose worker-id allocator hands out `worker_id`.
+    pub fn with_worker_id(worker_id: u64) -> Self {
+        NoopBackend { worker_id }
+    }
+}
+
+const ALL: &[Capability] = &Capability::ALL;
+
+#[async_trait]
+impl Backend for NoopBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> &'static [Capability] {
+        ALL
+    }
+
+    async fn cache(&self) -> Result<Arc<dyn Cache>> {
+        Ok(Arc::new(NoopCache))
+    }
+
+    async fn limiter(&self, _rules: Rules) -> Result<Arc<dyn Limiter>> {
+        Ok(Arc::new(NoopLimiter))
+    }
+
+    async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
+        Ok(Arc::new(NoopLock::default()))
+    }
+
+    async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
+        Ok(Arc::new(NoopConfigCenter))
+    }
+
+    async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
+        Ok(Arc::new(NoopRegistry))
+    }
+
+    async fn discovery(&self) -> Result<Arc<dyn ServiceDiscovery>> {
+        Ok(Arc::new(NoopDiscovery))
+    }
+
+    async fn once(&self) -> Result<Arc<dyn Once>> {
+        Ok(Arc::new(NoopOnce))
+    }
+
+    async fn producer(&self) -> Result<Arc<dyn Producer>> {
+        Ok(Arc::new(NoopProducer))
+    }
+
+    async fn consumer(&self, _config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
+        Ok(Arc::new(NoopConsumer::default()))
+    }
+
+    async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
+        Ok(Arc::new(NoopWorkerIds::new(self.worker_id)))
+    }
+
+    async fn health_check(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Provider for NoopBackend {
+    fn lock(&self) -> Arc<dyn DistributedLock> {
+        Arc::new(NoopLock::default())
+    }
+
+    fn registry(&self) -> Arc<dyn ServiceRegistry> {
+        Arc::new(NoopRegistry)
+    }
+
+    fn discovery(&self) -> Arc<dyn ServiceDiscovery> {
+        Arc::new(NoopDiscovery)
+    }
+
+    fn config(&self) -> Arc<dyn ConfigCenter> {
+        Arc::new(NoopConfigCenter)
+    }
+
+    async fn health_check(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
