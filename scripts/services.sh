@@ -39,6 +39,8 @@ now_ms() { date +%s%3N; }
 
 need_apt=()
 check_bin() { command -v "$1" >/dev/null 2>&1 || need_apt+=("$2"); }
+# A library package (headers for a -sys crate): checked with dpkg.
+check_lib() { command -v dpkg >/dev/null 2>&1 || return 0; dpkg -s "$1" >/dev/null 2>&1 || need_apt+=("$1"); }
 
 install_debian_packages() {
     need_apt=()
@@ -47,6 +49,9 @@ install_debian_packages() {
     check_bin redis-server redis-server
     check_bin mariadbd mariadb-server
     check_bin protoc protobuf-compiler
+    # rdkafka's bundled librdkafka: TLS through OpenSSL, found by pkg-config.
+    check_bin pkg-config pkg-config
+    check_lib libssl-dev
     [ ${#need_apt[@]} -eq 0 ] && return 0
     command -v apt-get >/dev/null 2>&1 || die "missing ${need_apt[*]} and no apt-get to install them"
     local sudo=""

@@ -1,0 +1,496 @@
+//! [`Consumer`]: one member of a Kafka consumer group, with at-least-once
+//! delivery.
+//!
+//! The member handles one message at a time. After the handler succeeded
+//! (or the message was dead-lettered) the offset is *stored*; librdkafka
+//! commits stored offsets every `commit_interval`, and this member commits
+//! them synchronously when partitions are revoked and when it shuts down.
+//! A message whose handler never succeeded is never stored, so it is
+//! delivered again, to this member or to the one that takes its partition.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::FutureExt;
+use im_infra::mq::{
+    dead_letter_headers as dlh, Consumer, ConsumerCapabilities, ConsumerConfig, Handler, Message,
+    Producer, ReceivedMessage,
+};
+use im_infra::telemetry::OpMetrics;
+use im_infra::{Error, ErrorKind, Result};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as RdConsumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{map, BACKEND};
+use crate::logging;
+use crate::producer::KafkaProducer;
+
+/// Pause after a consumer error (broker down, unknown topic) before polling
+/// again, so an outage does not spin the loop.
+const ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Group callbacks: commits before partitions go away, keeps new ones
+/// paused while the member is paused.
+struct GroupContext {
+    group: String,
+    paused: watch::Receiver<bool>,
+    /// Bumped on every rebalance; a message held back across one is dropped
+    /// (its partition was revoked, perhaps given back, and is fetched again
+    /// from the committed offset).
+    generation: Arc<AtomicU64>,
+}
+
+impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        logging::log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        logging::client_error(&error, reason);
+    }
+}
+
+/// Commits the stored offsets now; "nothing to commit" is success.
+fn commit_stored<C: ConsumerContext, K: RdConsumer<C>>(consumer: &K, group: &str, why: &str) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(group, error = %e, "committing offsets {why} failed"),
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            // Before another member takes these partitions, it must see
+            // everything this one finished: no message handled twice.
+            commit_stored(consumer, &self.group, "on revoke");
+            tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                if *self.paused.borrow() {
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::warn!(group = %self.group, error = %e, "pausing new partitions failed");
+                    }
+                }
+                tracing::info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.group, error = %e, "rebalance failed");
+            }
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// The librdkafka consumer of one `run`. Dropped without [`leave`], it is
+/// closed on a blocking thread (closing waits for the group).
+struct Member {
+    consumer: Option<Arc<GroupConsumer>>,
+    group: String,
+}
+
+impl Member {
+    fn get(&self) -> &GroupConsumer {
+        self.consumer
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("the consumer is only taken on leave"))
+    }
+
+    /// Commits the stored offsets and leaves the group.
+    async fn leave(mut self) {
+        if let Some(c) = self.consumer.take() {
+            let group = self.group.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                commit_stored(&*c, &group, "on shutdown");
+                drop(c);
+            })
+            .await;
+            if let Err(e) = done {
+                tracing::warn!(group = %self.group, error = %e, "leaving the group failed");
+            }
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(c) = self.consumer.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || drop(c));
+                }
+                Err(_) => drop(c),
+            }
+        }
+    }
+}
+
+enum Handled {
+    /// Store the offset (handled, or dead-lettered).
+    Done,
+    /// Stop requested before the message was done: leave it uncommitted.
+    Abandoned,
+}
+
+struct State {
+    client_config: ClientConfig,
+    config: ConsumerConfig,
+    dead_letters: KafkaProducer,
+    stop: CancellationToken,
+    running: AtomicBool,
+    /// `true` while `run` is active.
+    active: watch::Sender<bool>,
+    paused: watch::Sender<bool>,
+    handle_op: OpMetrics,
+    dead_letter_op: OpMetrics,
+}
+
+/// One member of a Kafka consumer group (see the [module](self) docs for
+/// the delivery guarantee). Build it with
+/// [`KafkaBackend::consumer`](im_infra::backend::Backend::consumer).
+pub struct KafkaConsumer {
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("group", &self.state.config.group)
+            .field("topics", &self.state.config.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resets the running flags when `run` ends in any way, including
+/// cancellation.
+struct Active<'a>(&'a State);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+        self.0.active.send_replace(false);
+    }
+}
+
+fn received(m: &BorrowedMessage<'_>) -> ReceivedMessage {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| {
+                    (
+                        x.key.to_owned(),
+                        x.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ReceivedMessage {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(Bytes::copy_from_slice),
+        payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        headers,
+        timestamp: m
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        attempt: 1,
+    }
+}
+
+fn dead_letter_message(dlq: &str, msg: &ReceivedMessage, err: &Error) -> Message {
+    let mut m = Message::new(dlq.to_owned(), msg.payload.clone());
+    m.key = msg.key.clone();
+    m.headers = msg.headers.clone();
+    m.headers
+        .push((dlh::ORIGINAL_TOPIC.into(), Bytes::from(msg.topic.clone())));
+    m.headers.push((
+        dlh::ORIGINAL_PARTITION.into(),
+        Bytes::from(msg.partition.to_string()),
+    ));
+    m.headers.push((
+        dlh::ORIGINAL_OFFSET.into(),
+        Bytes::from(msg.offset.to_string()),
+    ));
+    m.headers
+        .push((dlh::ERROR.into(), Bytes::from(err.to_string())));
+    m
+}
+
+impl KafkaConsumer {
+    pub(crate) fn new(
+        client_config: ClientConfig,
+        config: ConsumerConfig,
+        dead_letters: KafkaProducer,
+        stop: CancellationToken,
+    ) -> Result<Self> {
+        config.validate()?;
+        Ok(KafkaConsumer {
+            state: Arc::new(State {
+                client_config,
+                config,
+                dead_letters,
+                stop,
+                running: AtomicBool::new(false),
+                active: watch::channel(false).0,
+                paused: watch::channel(false).0,
+                handle_op: OpMetrics::new(BACKEND, "mq", "mq.handle"),
+                dead_letter_op: OpMetrics::new(BACKEND, "mq", "mq.dead_letter"),
+            }),
+        })
+    }
+
+    /// One handler attempt; a panicking handler counts as a failed attempt.
+    async fn attempt(&self, handler: &dyn Handler, msg: &ReceivedMessage) -> Result<()> {
+        self.state
+            .handle_op
+            .run(async {
+                match AssertUnwindSafe(handler.handle(msg)).catch_unwind().await {
+                    Ok(res) => res,
+                    Err(_) => Err(Error::new(ErrorKind::Internal, "the handler panicked")),
+                }
+            })
+            .await
+    }
+
+    /// Runs the handler with retries, then dead-letters the message if a
+    /// dead-letter topic is configured.
+    async fn handle(&self, handler: &dyn Handler, mut msg: ReceivedMessage) -> Handled {
+        let retry = &self.state.config.handler_retry;
+        let mut finite = retry.delays();
+        let mut forever = retry.delays_forever();
+        loop {
+            let err = match self.attempt(handler, &msg).await {
+                Ok(()) => return Handled::Done,
+                Err(e) => e,
+            };
+            let delay = if self.state.config.dead_letter_topic.is_some() {
+                finite.next()
+            } else {
+                Some(forever.next().unwrap_or(retry.max_interval))
+            };
+            let Some(delay) = delay else {
+                return self.dead_letter(&msg, &err).await;
+            };
+            tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempt = msg.attempt, error = %err, "handler failed; retrying");
+            tokio::select! {
+                _ = self.state.stop.cancelled() => return Handled::Abandoned,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            msg.attempt += 1;
+        }
+    }
+
+    /// Produces the message to the dead-letter topic, retrying until the
+    /// broker acknowledges it (or a stop is requested): a message is never
+    /// dropped.
+    async fn dead_letter(&self, msg: &ReceivedMessage, err: &Error) -> Handled {
+        let Some(dlq) = &self.state.config.dead_letter_topic else {
+            return Handled::Abandoned;
+        };
+        let letter = dead_letter_message(dlq, msg, err);
+        let mut delays = self.state.config.handler_retry.delays_forever();
+        loop {
+            let sent = self
+                .state
+                .dead_letter_op
+                .run(self.state.dead_letters.produce(letter.clone()))
+                .await;
+            match sent {
+                Ok(d) => {
+                    tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, dead_letter_topic = %dlq, dead_letter_offset = d.offset, error = %err, "message dead-lettered");
+                    return Handled::Done;
+                }
+                Err(e) => {
+                    tracing::error!(topic = %msg.topic, offset = msg.offset, dead_letter_topic = %dlq, error = %e, "dead-lettering failed; retrying");
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    tokio::select! {
+                        _ = self.state.stop.cancelled() => return Handled::Abandoned,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one message and stores its offset; `false` when the member
+    /// must stop.
+    async fn process(&self, member: &Member, handler: &dyn Handler, msg: ReceivedMessage) -> bool {
+        let (topic, partition, offset) = (msg.topic.clone(), msg.partition, msg.offset);
+        match self.handle(handler, msg).await {
+            Handled::Done => {
+                // librdkafka's offset store takes the handled message's
+                // offset and commits the one after it.
+                if let Err(e) = member.get().store_offset(&topic, partition, offset) {
+                    // The partition went away (the member overran
+                    // max_poll_interval): its new owner handles the message
+                    // again, as at-least-once allows.
+                    tracing::warn!(topic = %topic, partition, offset, error = %e, "storing the offset failed");
+                }
+                true
+            }
+            Handled::Abandoned => false,
+        }
+    }
+
+    fn apply_pause(member: &Member, paused: bool) {
+        let c = member.get();
+        let res = c.assignment().and_then(|tpl| {
+            if paused {
+                c.pause(&tpl)
+            } else {
+                c.resume(&tpl)
+            }
+        });
+        if let Err(e) = res {
+            tracing::warn!(group = %member.group, paused, error = %e, "pause/resume failed");
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    fn capabilities(&self) -> ConsumerCapabilities {
+        ConsumerCapabilities::new(true)
+    }
+
+    async fn run(&self, handler: Arc<dyn Handler>) -> Result<()> {
+        let st = &*self.state;
+        if st.stop.is_cancelled() {
+            return Err(
+                Error::new(ErrorKind::Closed, "the consumer was shut down").with_backend(BACKEND)
+            );
+        }
+        if st.running.swap(true, Ordering::AcqRel) {
+            return Err(
+                Error::new(ErrorKind::InvalidState, "the consumer is already running")
+                    .with_backend(BACKEND),
+            );
+        }
+        let _active = Active(st);
+        st.active.send_replace(true);
+        let generation = Arc::new(AtomicU64::new(0));
+        let mut paused = st.paused.subscribe();
+        let group = st.config.group.clone();
+        let ctx = GroupContext {
+            group: group.clone(),
+            paused: paused.clone(),
+            generation: generation.clone(),
+        };
+        let consumer: GroupConsumer = st
+            .client_config
+            .create_with_context(ctx)
+            .map_err(|e| map(e, "creating the consumer"))?;
+        let member = Member {
+            consumer: Some(Arc::new(consumer)),
+            group,
+        };
+        let topics: Vec<&str> = st.config.topics.iter().map(String::as_str).collect();
+        member
+            .get()
+            .subscribe(&topics)
+            .map_err(|e| map(e, "subscribing"))?;
+        tracing::info!(group = %member.group, topics = ?st.config.topics, "consumer joined");
+
+        let mut applied_pause = false;
+        // A message received just as the member was paused: handled first
+        // after resume, unless a rebalance came in between.
+        let mut held: Option<(u64, ReceivedMessage)> = None;
+        loop {
+            let want_pause = *paused.borrow_and_update();
+            if want_pause != applied_pause {
+                Self::apply_pause(&member, want_pause);
+                applied_pause = want_pause;
+            }
+            if !want_pause {
+                if let Some((gen, msg)) = held.take() {
+                    if gen == generation.load(Ordering::Acquire)
+                        && !self.process(&member, handler.as_ref(), msg).await
+                    {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = st.stop.cancelled() => break,
+                changed = paused.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                next = member.get().recv() => match next {
+                    Ok(m) => {
+                        let msg = received(&m);
+                        drop(m);
+                        if *paused.borrow() {
+                            held = Some((generation.load(Ordering::Acquire), msg));
+                        } else if !self.process(&member, handler.as_ref(), msg).await {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %member.group, error = %e, "consumer error");
+                        tokio::select! {
+                            _ = st.stop.cancelled() => break,
+                            _ = tokio::time::sleep(ERROR_PAUSE) => {}
+                        }
+                    }
+                },
+            }
+        }
+        member.leave().await;
+        Ok(())
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        self.state.stop.cancel();
+        let mut active = self.state.active.subscribe();
+        while *active.borrow_and_update() {
+            if active.changed().await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.state.paused.send_replace(true);
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.state.paused.send_replace(false);
+        Ok(())
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        self.state.stop.cancel();
+    }
+}

@@ -1,0 +1,298 @@
+//! # im-infra-kafka
+//!
+//! The Kafka backend of im-infra: [`Producer`] and consumer-group
+//! [`Consumer`]s with at-least-once delivery, on `rdkafka` (librdkafka,
+//! built from source with the crate; nothing to install).
+//!
+//! | capability | how |
+//! |---|---|
+//! | `Producer` | one shared librdkafka client; acks from all in-sync replicas and idempotence by default; batching (`linger`); per-key order; a bounded queue that answers `ResourceExhausted` when full |
+//! | `Consumer` | a group member handling one message at a time; the offset is stored after the handler succeeded and committed in the background, on partition revoke and on shutdown; failed handlers retried with backoff, then dead-lettered; pause/resume |
+//!
+//! Every other capability answers `Unsupported`. Topics listed in
+//! [`KafkaConfig::topics`] are created at start-up through the admin
+//! client; [`KafkaBackend::create_topic`] creates one later.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use im_infra::prelude::*;
+//! use im_infra::mq::{handler_fn, ConsumerConfig, Message};
+//! use im_infra_kafka::KafkaBackend;
+//!
+//! # async fn demo() -> im_infra::Result<()> {
+//! let backend = KafkaBackend::builder()
+//!     .brokers(["127.0.0.1:9092"])
+//!     .client_id("chat-service")
+//!     .topic("chat.events", 6)
+//!     .build()
+//!     .await?;
+//! let producer = backend.producer().await?;
+//! let d = producer
+//!     .produce(Message::new("chat.events", "hello").with_key("room-1"))
+//!     .await?;
+//! println!("partition {} offset {}", d.partition, d.offset);
+//!
+//! let consumer = backend
+//!     .consumer(ConsumerConfig::new("chat-indexer", ["chat.events"]).dead_letter("chat.events.dlq"))
+//!     .await?;
+//! let worker = tokio::spawn({
+//!     let consumer = consumer.clone();
+//!     async move {
+//!         consumer
+//!             .run(handler_fn(|m| async move {
+//!                 println!("{} bytes from partition {}", m.payload.len(), m.partition);
+//!                 Ok(())
+//!             }))
+//!             .await
+//!     }
+//! });
+//! // ... later: finish in-flight messages, commit, leave the group.
+//! consumer.shutdown().await?;
+//! worker.await.ok();
+//! backend.close().await
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod admin;
+mod config;
+mod consumer;
+mod error;
+mod logging;
+mod producer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_infra::backend::{Backend, Capability};
+use im_infra::mq::{Consumer, ConsumerConfig, Producer};
+use im_infra::{Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
+
+/// The client library, for what the traits do not cover.
+pub use rdkafka;
+
+pub use config::{
+    Acks, Compression, ConsumerTuning, KafkaConfig, ProducerTuning, Sasl, SaslMechanism, Security,
+    SecurityProtocol, Tls, TopicSpec,
+};
+pub use consumer::KafkaConsumer;
+pub use producer::KafkaProducer;
+
+/// The backend's name.
+pub const NAME: &str = "kafka";
+
+/// The capabilities of the Kafka backend.
+pub const CAPABILITIES: &[Capability] = &[Capability::Messaging];
+
+/// Builds a [`KafkaBackend`].
+#[derive(Debug, Clone, Default)]
+pub struct KafkaBackendBuilder {
+    config: KafkaConfig,
+}
+
+impl KafkaBackendBuilder {
+    /// Replaces the whole configuration.
+    #[must_use]
+    pub fn config(mut self, config: KafkaConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The bootstrap brokers (`host:port`).
+    #[must_use]
+    pub fn brokers<S: Into<String>>(mut self, brokers: impl IntoIterator<Item = S>) -> Self {
+        self.config.brokers = brokers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The client id.
+    #[must_use]
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.config.client_id = id.into();
+        self
+    }
+
+    /// A topic to create at start-up if it does not exist (replication
+    /// factor 1; use [`config`](Self::config) for more).
+    #[must_use]
+    pub fn topic(mut self, name: impl Into<String>, partitions: u32) -> Self {
+        self.config.topics.push(TopicSpec {
+            name: name.into(),
+            partitions,
+            replication_factor: 1,
+        });
+        self
+    }
+
+    /// Producer settings.
+    #[must_use]
+    pub fn producer(mut self, tuning: ProducerTuning) -> Self {
+        self.config.producer = tuning;
+        self
+    }
+
+    /// Consumer-group settings.
+    #[must_use]
+    pub fn consumer(mut self, tuning: ConsumerTuning) -> Self {
+        self.config.consumer = tuning;
+        self
+    }
+
+    /// Transport security and authentication.
+    #[must_use]
+    pub fn security(mut self, security: Security) -> Self {
+        self.config.security = security;
+        self
+    }
+
+    /// Deadline of admin and metadata requests.
+    #[must_use]
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.config.request_timeout = d;
+        self
+    }
+
+    /// Sets a raw librdkafka property (applied last).
+    #[must_use]
+    pub fn property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.extra.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks the configuration, creates the clients and the configured
+    /// topics. The brokers need not be reachable for the clients to be
+    /// created; topic creation, when asked, needs them.
+    pub async fn build(self) -> Result<KafkaBackend> {
+        self.config.validate()?;
+        let admin = Arc::new(admin::Admin::new(&self.config)?);
+        if !self.config.topics.is_empty() {
+            admin.create_topics(&self.config.topics).await?;
+        }
+        let producer = KafkaProducer::new(&self.config)?;
+        Ok(KafkaBackend {
+            inner: Arc::new(Inner {
+                config: self.config,
+                admin,
+                producer,
+                shutdown: CancellationToken::new(),
+            }),
+        })
+    }
+}
+
+struct Inner {
+    config: KafkaConfig,
+    admin: Arc<admin::Admin>,
+    producer: KafkaProducer,
+    shutdown: CancellationToken,
+}
+
+/// The Kafka backend: messaging on a Kafka-protocol cluster.
+///
+/// Cheap to clone; clones share the clients.
+#[derive(Clone)]
+pub struct KafkaBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBackend")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl KafkaBackend {
+    /// A builder with the default configuration.
+    pub fn builder() -> KafkaBackendBuilder {
+        KafkaBackendBuilder::default()
+    }
+
+    /// The configuration in use.
+    pub fn settings(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.shutdown.is_cancelled() {
+            Err(Error::new(ErrorKind::Closed, "the kafka backend was closed").with_backend(NAME))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Creates `topic` with `partitions` partitions and the given replication
+    /// factor; `Ok(false)` if it already existed.
+    ///
+    /// ```no_run
+    /// # async fn demo(backend: im_infra_kafka::KafkaBackend) -> im_infra::Result<()> {
+    /// let created = backend.create_topic("orders", 12, 3).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_topic(
+        &self,
+        topic: &str,
+        partitions: u32,
+        replication_factor: u16,
+    ) -> Result<bool> {
+        self.check_open()?;
+        let spec = TopicSpec {
+            name: topic.to_owned(),
+            partitions,
+            replication_factor,
+        };
+        let created = self.inner.admin.create_topics(&[spec]).await?;
+        Ok(created.first().copied().unwrap_or(false))
+    }
+
+    /// The producer as its concrete type (for [`KafkaProducer::client`]).
+    pub fn kafka_producer(&self) -> Result<KafkaProducer> {
+        self.check_open()?;
+        Ok(self.inner.producer.handle())
+    }
+}
+
+#[async_trait]
+impl Backend for KafkaBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> &'static [Capability] {
+        CAPABILITIES
+    }
+
+    async fn producer(&self) -> Result<Arc<dyn Producer>> {
+        Ok(Arc::new(self.kafka_producer()?))
+    }
+
+    async fn consumer(&self, config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
+        self.check_open()?;
+        let client_config = self
+            .inner
+            .config
+            .consumer_config(&config.group, config.start);
+        Ok(Arc::new(KafkaConsumer::new(
+            client_config,
+            config,
+            self.inner.producer.handle(),
+            self.inner.shutdown.child_token(),
+        )?))
+    }
+
+    async fn health_check(&self) -> Result<()> {
+        self.check_open()?;
+        self.inner.admin.ping().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        self.inner.shutdown.cancel();
+        self.inner.producer.close_client().await
+    }
+}
