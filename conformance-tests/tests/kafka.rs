@@ -21,7 +21,7 @@ struct KafkaHooks {
     peer: KafkaBackend,
 }
 
-async fn connect(brokers: &[String]) -> Result<KafkaBackend> {
+async fn connect(brokers: &[String], namespace: &str) -> Result<KafkaBackend> {
     let mut builder = KafkaBackend::builder();
     // librdkafka's own debug contexts, e.g. IMINFRA_KAFKA_DEBUG=cgrp,fetch
     // (printed with RUST_LOG=librdkafka=debug).
@@ -31,6 +31,7 @@ async fn connect(brokers: &[String]) -> Result<KafkaBackend> {
     Ok(builder
         .brokers(brokers.iter().cloned())
         .client_id("im-infra-conformance")
+        .namespace(namespace)
         .consumer(ConsumerTuning {
             commit_interval: Duration::from_millis(200),
             fetch_wait_max: Duration::from_millis(50),
@@ -57,8 +58,10 @@ impl Hooks for KafkaHooks {
 #[async_trait]
 impl Fixture for KafkaFixture {
     async fn world(&self) -> Result<World> {
-        let backend = connect(&self.brokers).await?;
-        let peer = connect(&self.brokers).await?;
+        // Every world has topics and groups of its own on the broker.
+        let ns = format!("t-{}.", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let backend = connect(&self.brokers, &ns).await?;
+        let peer = connect(&self.brokers, &ns).await?;
         Ok(World {
             backend: Arc::new(backend.clone()),
             peer: Arc::new(peer.clone()),

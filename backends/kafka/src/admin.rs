@@ -11,10 +11,12 @@ use rdkafka::util::Timeout;
 use crate::config::{KafkaConfig, TopicSpec};
 use crate::error::{kind_of_code, map, BACKEND};
 use crate::logging::TracingContext;
+use crate::names::Names;
 
 /// The admin client of a backend.
 pub(crate) struct Admin {
     client: AdminClient<TracingContext>,
+    names: Names,
     timeout: Duration,
 }
 
@@ -26,6 +28,7 @@ impl Admin {
             .map_err(|e| map(e, "creating the admin client"))?;
         Ok(Admin {
             client,
+            names: Names::new(&cfg.namespace)?,
             timeout: cfg.request_timeout,
         })
     }
@@ -48,11 +51,16 @@ impl Admin {
                 )));
             }
         }
+        let real = topics
+            .iter()
+            .map(|t| self.names.topic(&t.name))
+            .collect::<Result<Vec<_>>>()?;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
-            .map(|t| {
+            .zip(&real)
+            .map(|(t, name)| {
                 NewTopic::new(
-                    &t.name,
+                    name,
                     t.partitions as i32,
                     TopicReplication::Fixed(i32::from(t.replication_factor)),
                 )

@@ -39,6 +39,10 @@ pub struct KafkaConfig {
     pub brokers: Vec<String>,
     /// The client id the brokers see.
     pub client_id: String,
+    /// Prefix of every topic and consumer group on the brokers (e.g.
+    /// `staging.`); applications keep using the names without it. Empty by
+    /// default.
+    pub namespace: String,
     /// Transport security and authentication.
     pub security: Security,
     /// Producer settings.
@@ -62,6 +66,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: vec!["127.0.0.1:9092".to_owned()],
             client_id: "im-infra".to_owned(),
+            namespace: String::new(),
             security: Security::default(),
             producer: ProducerTuning::default(),
             consumer: ConsumerTuning::default(),
@@ -340,6 +345,7 @@ impl KafkaConfig {
         if self.client_id.is_empty() {
             return Err(invalid("kafka: client_id must not be empty"));
         }
+        crate::names::Names::new(&self.namespace)?;
         let sec = &self.security;
         if sec.protocol.uses_sasl() {
             match &sec.sasl {

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{map, BACKEND};
 use crate::logging;
+use crate::names::Names;
 use crate::producer::KafkaProducer;
 
 /// Pause after a consumer error (broker down, unknown topic) before polling
@@ -153,6 +154,7 @@ enum Handled {
 
 struct State {
     client_config: ClientConfig,
+    names: Names,
     config: ConsumerConfig,
     dead_letters: KafkaProducer,
     stop: CancellationToken,
@@ -191,7 +193,14 @@ impl Drop for Active<'_> {
     }
 }
 
-fn received(m: &BorrowedMessage<'_>) -> ReceivedMessage {
+/// A message taken from librdkafka: the topic's name on the brokers (for
+/// the offset store) and the message as the handler sees it.
+struct Taken {
+    real_topic: String,
+    message: ReceivedMessage,
+}
+
+fn received(m: &BorrowedMessage<'_>, names: &Names) -> Taken {
     let headers = m
         .headers()
         .map(|h| {
@@ -205,8 +214,8 @@ fn received(m: &BorrowedMessage<'_>) -> ReceivedMessage {
                 .collect()
         })
         .unwrap_or_default();
-    ReceivedMessage {
-        topic: m.topic().to_owned(),
+    let message = ReceivedMessage {
+        topic: names.logical(m.topic()).to_owned(),
         partition: m.partition(),
         offset: m.offset(),
         key: m.key().map(Bytes::copy_from_slice),
@@ -218,6 +227,10 @@ fn received(m: &BorrowedMessage<'_>) -> ReceivedMessage {
             .and_then(|ms| u64::try_from(ms).ok())
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
         attempt: 1,
+    };
+    Taken {
+        real_topic: m.topic().to_owned(),
+        message,
     }
 }
 
@@ -243,6 +256,7 @@ fn dead_letter_message(dlq: &str, msg: &ReceivedMessage, err: &Error) -> Message
 impl KafkaConsumer {
     pub(crate) fn new(
         client_config: ClientConfig,
+        names: Names,
         config: ConsumerConfig,
         dead_letters: KafkaProducer,
         stop: CancellationToken,
@@ -251,6 +265,7 @@ impl KafkaConsumer {
         Ok(KafkaConsumer {
             state: Arc::new(State {
                 client_config,
+                names,
                 config,
                 dead_letters,
                 stop,
@@ -338,9 +353,13 @@ impl KafkaConsumer {
 
     /// Handles one message and stores its offset; `false` when the member
     /// must stop.
-    async fn process(&self, member: &Member, handler: &dyn Handler, msg: ReceivedMessage) -> bool {
-        let (topic, partition, offset) = (msg.topic.clone(), msg.partition, msg.offset);
-        match self.handle(handler, msg).await {
+    async fn process(&self, member: &Member, handler: &dyn Handler, taken: Taken) -> bool {
+        let Taken {
+            real_topic: topic,
+            message,
+        } = taken;
+        let (partition, offset) = (message.partition, message.offset);
+        match self.handle(handler, message).await {
             Handled::Done => {
                 // librdkafka's offset store takes the handled message's
                 // offset and commits the one after it.
@@ -408,7 +427,13 @@ impl Consumer for KafkaConsumer {
             consumer: Some(Arc::new(consumer)),
             group,
         };
-        let topics: Vec<&str> = st.config.topics.iter().map(String::as_str).collect();
+        let real_topics = st
+            .config
+            .topics
+            .iter()
+            .map(|t| st.names.topic(t))
+            .collect::<Result<Vec<_>>>()?;
+        let topics: Vec<&str> = real_topics.iter().map(|t| t.as_ref()).collect();
         member
             .get()
             .subscribe(&topics)
@@ -418,7 +443,7 @@ impl Consumer for KafkaConsumer {
         let mut applied_pause = false;
         // A message received just as the member was paused: handled first
         // after resume, unless a rebalance came in between.
-        let mut held: Option<(u64, ReceivedMessage)> = None;
+        let mut held: Option<(u64, Taken)> = None;
         loop {
             let want_pause = *paused.borrow_and_update();
             if want_pause != applied_pause {
@@ -445,7 +470,7 @@ impl Consumer for KafkaConsumer {
                 }
                 next = member.get().recv() => match next {
                     Ok(m) => {
-                        let msg = received(&m);
+                        let msg = received(&m, &st.names);
                         drop(m);
                         if *paused.borrow() {
                             held = Some((generation.load(Ordering::Acquire), msg));

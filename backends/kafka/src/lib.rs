@@ -59,6 +59,7 @@ mod config;
 mod consumer;
 mod error;
 mod logging;
+mod names;
 mod producer;
 
 use std::sync::Arc;
@@ -111,6 +112,13 @@ impl KafkaBackendBuilder {
     #[must_use]
     pub fn client_id(mut self, id: impl Into<String>) -> Self {
         self.config.client_id = id.into();
+        self
+    }
+
+    /// The namespace: a prefix of every topic and group on the brokers.
+    #[must_use]
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.config.namespace = namespace.into();
         self
     }
 
@@ -271,12 +279,15 @@ impl Backend for KafkaBackend {
 
     async fn consumer(&self, config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
         self.check_open()?;
+        config.validate()?;
+        let names = names::Names::new(&self.inner.config.namespace)?;
         let client_config = self
             .inner
             .config
-            .consumer_config(&config.group, config.start);
+            .consumer_config(&names.group(&config.group), config.start);
         Ok(Arc::new(KafkaConsumer::new(
             client_config,
+            names,
             config,
             self.inner.producer.handle(),
             self.inner.shutdown.child_token(),

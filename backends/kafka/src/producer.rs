@@ -16,6 +16,7 @@ use rdkafka::util::Timeout;
 use crate::config::KafkaConfig;
 use crate::error::{map, BACKEND};
 use crate::logging::TracingContext;
+use crate::names::Names;
 
 /// How long a produce that found the queue full sleeps before trying again.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(2);
@@ -29,6 +30,7 @@ struct Ops {
 
 struct Inner {
     client: FutureProducer<TracingContext>,
+    names: Names,
     closed: AtomicBool,
     max_message_bytes: usize,
     queue_max_messages: usize,
@@ -61,8 +63,8 @@ impl std::fmt::Debug for KafkaProducer {
     }
 }
 
-fn record(m: &Message) -> FutureRecord<'_, [u8], [u8]> {
-    let mut r = FutureRecord::<[u8], [u8]>::to(&m.topic).payload(m.payload.as_ref());
+fn record<'a>(m: &'a Message, topic: &'a str) -> FutureRecord<'a, [u8], [u8]> {
+    let mut r = FutureRecord::<[u8], [u8]>::to(topic).payload(m.payload.as_ref());
     if let Some(k) = &m.key {
         r = r.key(k.as_ref());
     }
@@ -89,6 +91,7 @@ impl KafkaProducer {
         Ok(KafkaProducer {
             inner: Arc::new(Inner {
                 client,
+                names: Names::new(&cfg.namespace)?,
                 closed: AtomicBool::new(false),
                 max_message_bytes: cfg.producer.max_message_bytes,
                 queue_max_messages: cfg.producer.queue_max_messages,
@@ -140,8 +143,9 @@ impl KafkaProducer {
     /// `enqueue_timeout`.
     async fn enqueue(&self, m: &Message) -> Result<DeliveryFuture> {
         m.validate(self.inner.max_message_bytes)?;
+        let topic = self.inner.names.topic(&m.topic)?;
         let deadline = Instant::now() + self.inner.enqueue_timeout;
-        let mut rec = record(m);
+        let mut rec = record(m, &topic);
         loop {
             match self.inner.client.send_result(rec) {
                 Ok(f) => return Ok(f),
