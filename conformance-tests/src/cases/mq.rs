@@ -462,6 +462,68 @@ async fn shutdown_commits_and_the_group_resumes_after(w: World) -> Result<()> {
     Ok(())
 }
 
+async fn shutdown_finishes_the_in_flight_message_and_commits_it(w: World) -> Result<()> {
+    let t = topic(&w, 1).await?;
+    let group = unique("group");
+    let p = producer(&w).await?;
+    p.produce(Message::new(&t, "slow")).await?;
+    p.produce(Message::new(&t, "next")).await?;
+    let entered = Arc::new(Notify::new());
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let first = Seen::default();
+    let handler = {
+        let (entered, finished, first) = (entered.clone(), finished.clone(), first.clone());
+        handler_fn(move |m| {
+            let (entered, finished, first) = (entered.clone(), finished.clone(), first.clone());
+            async move {
+                if m.payload == "slow" {
+                    entered.notify_one();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                first.push(m);
+                Ok(())
+            }
+        })
+    };
+    let run = start(&w, ConsumerConfig::new(&group, [&t]), handler).await?;
+    tokio::time::timeout(Duration::from_secs(30), entered.notified())
+        .await
+        .context("the slow message never reached the handler")?;
+    run.stop().await?;
+    ensure!(
+        finished.load(std::sync::atomic::Ordering::SeqCst),
+        "shutdown returned before the in-flight message finished"
+    );
+    // The next member of the group starts after what the first one finished.
+    p.produce(Message::new(&t, "after")).await?;
+    let second = Seen::default();
+    let run = start(&w, ConsumerConfig::new(&group, [&t]), second.handler()).await?;
+    second.wait_for(1, "a message for the next member").await?;
+    eventually(
+        Duration::from_secs(30),
+        "\"after\" for the next member",
+        || {
+            let got = second.payloads().iter().any(|p| p == "after");
+            async move { Ok(got) }
+        },
+    )
+    .await?;
+    run.stop().await?;
+    let (a, b) = (first.payloads(), second.payloads());
+    ensure!(
+        !b.iter().any(|p| p == "slow"),
+        "the in-flight message was committed at shutdown, yet delivered again: {a:?} then {b:?}"
+    );
+    let mut all: Vec<_> = a.iter().chain(&b).cloned().collect();
+    all.sort();
+    ensure!(
+        all == ["after", "next", "slow"],
+        "every message once across the two members: {a:?} then {b:?}"
+    );
+    Ok(())
+}
+
 async fn pause_stops_delivery_until_resume(w: World) -> Result<()> {
     let t = topic(&w, 1).await?;
     let seen = Seen::default();
@@ -583,6 +645,12 @@ pub fn cases() -> Vec<Case> {
         crate::case!(
             "mq",
             shutdown_commits_and_the_group_resumes_after,
+            when = on,
+            timeout = 120
+        ),
+        crate::case!(
+            "mq",
+            shutdown_finishes_the_in_flight_message_and_commits_it,
             when = on,
             timeout = 120
         ),
