@@ -11,6 +11,10 @@
 #   scripts/services.sh status           what runs where
 #   scripts/services.sh env              print the IMINFRA_* variables (file: .services/env)
 #
+# etcd and Redis also listen with TLS on a second port, MariaDB on its one
+# port, with a private CA made once under .services/tls (variables
+# IMINFRA_ETCD_TLS_ENDPOINTS, IMINFRA_REDIS_TLS_URL, IMINFRA_TLS_CA_FILE).
+#
 # svc is one of: etcd redis mysql kafka (default: all). 'up' is idempotent:
 # a server that already runs is left alone. A server that fails to start
 # stops the script with its name and the tail of its log.
@@ -51,6 +55,8 @@ install_debian_packages() {
     check_bin protoc protobuf-compiler
     # rdkafka's bundled librdkafka: TLS through OpenSSL, found by pkg-config.
     check_bin pkg-config pkg-config
+    # The test CA and the servers' TLS certificates.
+    check_bin openssl openssl
     check_lib libssl-dev
     [ ${#need_apt[@]} -eq 0 ] && return 0
     command -v apt-get >/dev/null 2>&1 || die "missing ${need_apt[*]} and no apt-get to install them"
@@ -145,16 +151,47 @@ wait_ready() {
     log "$svc ready on 127.0.0.1:$(cat "$DIR/$svc.port") after $(( $(now_ms) - t0 )) ms"
 }
 
+# --- TLS material ---------------------------------------------------------
+
+# A private CA and one server certificate for 127.0.0.1 and localhost, made
+# once and kept under $DIR/tls. etcd, Redis and MariaDB also listen with TLS
+# (etcd and Redis on a second port, MariaDB on its one port), for the tests
+# of the backends' TLS options.
+TLS_DIR="$DIR/tls"
+
+make_tls() {
+    [ -s "$TLS_DIR/server.pem" ] && [ -s "$TLS_DIR/ca.pem" ] && return 0
+    command -v openssl >/dev/null 2>&1 || die "openssl is needed to make the test certificates"
+    mkdir -p "$TLS_DIR"
+    local l="$TLS_DIR/openssl.log"
+    {
+        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=im-infra test CA" \
+            -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+            -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" &&
+        openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+            -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" &&
+        printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "basicConstraints=CA:FALSE" \
+            "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth,clientAuth" \
+            >"$TLS_DIR/server.ext" &&
+        openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+            -CAcreateserial -days 3650 -extfile "$TLS_DIR/server.ext" -out "$TLS_DIR/server.pem"
+    } >"$l" 2>&1 || { tail -20 "$l" >&2; die "making the test certificates failed"; }
+    chmod 600 "$TLS_DIR/ca.key" "$TLS_DIR/server.key"
+    log "made a test CA and server certificate in $TLS_DIR"
+}
+
 # --- etcd -----------------------------------------------------------------
 
 ready_etcd() { etcdctl --endpoints="127.0.0.1:$(cat "$DIR/etcd.port")" --dial-timeout=1s endpoint health >/dev/null 2>&1; }
 
 start_etcd() {
-    local port peer; port=$(port_of etcd)
+    local port peer tls; port=$(port_of etcd); tls=$(port_of etcd-tls)
     if [ -s "$DIR/etcd.peer" ]; then peer=$(cat "$DIR/etcd.peer"); else peer=$(free_port); echo "$peer" >"$DIR/etcd.peer"; fi
     mkdir -p "$DIR/etcd"
     spawn etcd "$DIR/etcd.log" "$DIR" etcd --name iminfra --data-dir "$DIR/etcd/data" \
-        --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+        --listen-client-urls "http://127.0.0.1:$port,https://127.0.0.1:$tls" \
+        --advertise-client-urls "http://127.0.0.1:$port,https://127.0.0.1:$tls" \
+        --cert-file "$TLS_DIR/server.pem" --key-file "$TLS_DIR/server.key" \
         --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
         --initial-cluster "iminfra=http://127.0.0.1:$peer"
     wait_ready etcd "$DIR/etcd.log"
@@ -165,11 +202,13 @@ start_etcd() {
 ready_redis() { [ "$(redis-cli -p "$(cat "$DIR/redis.port")" ping 2>/dev/null)" = "PONG" ]; }
 
 start_redis() {
-    local port; port=$(port_of redis)
+    local port tls; port=$(port_of redis); tls=$(port_of redis-tls)
     mkdir -p "$DIR/redis"
     # Append-only file on: a restarted server keeps its data, as in production.
     spawn redis "$DIR/redis.log" "$DIR/redis" redis-server --port "$port" --bind 127.0.0.1 \
-        --dir "$DIR/redis" --save '' --appendonly yes --appendfsync everysec
+        --dir "$DIR/redis" --save '' --appendonly yes --appendfsync everysec \
+        --tls-port "$tls" --tls-cert-file "$TLS_DIR/server.pem" --tls-key-file "$TLS_DIR/server.key" \
+        --tls-ca-cert-file "$TLS_DIR/ca.pem" --tls-auth-clients no
     wait_ready redis "$DIR/redis.log"
     redis-cli -p "$port" ACL SETUSER "$REDIS_USER" on ">$REDIS_PASSWORD" '~*' '&*' '+@all' >/dev/null ||
         fail_start redis "$DIR/redis.log"
@@ -189,7 +228,8 @@ start_mysql() {
     fi
     spawn mysql "$DIR/mysql.out" "$DIR" mariadbd --no-defaults --user=root --datadir="$DIR/mysql/data" \
         --socket="$DIR/mysql.sock" --port="$port" --bind-address=127.0.0.1 --skip-name-resolve \
-        --pid-file="$DIR/mysql.server.pid" --log-error="$DIR/mysql.log" --max-connections=500
+        --pid-file="$DIR/mysql.server.pid" --log-error="$DIR/mysql.log" --max-connections=500 \
+        --ssl-ca="$TLS_DIR/ca.pem" --ssl-cert="$TLS_DIR/server.pem" --ssl-key="$TLS_DIR/server.key"
     wait_ready mysql "$DIR/mysql.log"
     mariadb --no-defaults --socket="$DIR/mysql.sock" -uroot -e "
         CREATE DATABASE IF NOT EXISTS \`$MYSQL_DB\`;
@@ -236,6 +276,9 @@ write_env() {
         [ -s "$DIR/redis.port" ] && echo "export IMINFRA_REDIS_URL=redis://127.0.0.1:$(cat "$DIR/redis.port")/0"
         [ -s "$DIR/mysql.port" ] && echo "export IMINFRA_MYSQL_URL=mysql://$MYSQL_USER:$MYSQL_PASSWORD@127.0.0.1:$(cat "$DIR/mysql.port")/$MYSQL_DB"
         [ -s "$DIR/kafka.port" ] && echo "export IMINFRA_KAFKA_BROKERS=127.0.0.1:$(cat "$DIR/kafka.port")"
+        [ -s "$DIR/etcd-tls.port" ] && echo "export IMINFRA_ETCD_TLS_ENDPOINTS=https://127.0.0.1:$(cat "$DIR/etcd-tls.port")"
+        [ -s "$DIR/redis-tls.port" ] && echo "export IMINFRA_REDIS_TLS_URL=rediss://127.0.0.1:$(cat "$DIR/redis-tls.port")/0"
+        [ -s "$TLS_DIR/ca.pem" ] && echo "export IMINFRA_TLS_CA_FILE=$TLS_DIR/ca.pem"
     } >"$ENV_FILE"
 }
 
@@ -261,6 +304,8 @@ up_one() {
     stop_one "$svc" quiet
     # A saved port taken by someone else: pick another one.
     if [ -s "$DIR/$svc.port" ] && port_in_use "$(cat "$DIR/$svc.port")"; then rm -f "$DIR/$svc.port"; fi
+    if [ -s "$DIR/$svc-tls.port" ] && port_in_use "$(cat "$DIR/$svc-tls.port")"; then rm -f "$DIR/$svc-tls.port"; fi
+    make_tls
     start_"$svc"
 }
 
@@ -315,7 +360,7 @@ case "$cmd" in
         cat "$ENV_FILE"
         ;;
     *)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

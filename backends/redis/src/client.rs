@@ -67,6 +67,7 @@ pub(crate) struct Client {
 impl Client {
     pub(crate) async fn connect(cfg: RedisConfig) -> Result<Client> {
         cfg.validate()?;
+        let certs = cfg.tls.as_ref().map(|t| t.certificates()).transpose()?;
         let connect = async {
             if cfg.is_cluster() {
                 let mut b = ClusterClient::builder(cfg.urls.clone())
@@ -78,6 +79,9 @@ impl Client {
                 }
                 if let Some(p) = &cfg.password {
                     b = b.password(p.expose());
+                }
+                if let Some(certs) = &certs {
+                    b = b.certs(certs.clone());
                 }
                 let client = b.build()?;
                 let conn = client.get_async_connection().await?;
@@ -92,7 +96,10 @@ impl Client {
                     settings = settings.set_password(p.expose());
                 }
                 info = info.set_redis_settings(settings);
-                let client = redis::Client::open(info)?;
+                let client = match &certs {
+                    Some(certs) => redis::Client::build_with_tls(info, certs.clone())?,
+                    None => redis::Client::open(info)?,
+                };
                 // One plain attempt first: the manager would retry a wrong
                 // password with backoff until the deadline; this surfaces it.
                 let probe = redis::AsyncConnectionConfig::new()

@@ -1,5 +1,6 @@
 //! Settings of the Redis backend.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use im_infra::secret::{redact_url, Secret};
@@ -32,6 +33,10 @@ pub struct RedisConfig {
     pub username: Option<String>,
     /// Password (overrides the URL's). Never printed.
     pub password: Option<Secret>,
+    /// TLS files for `rediss://` URLs: a private CA, and a client
+    /// certificate for mutual TLS. Without them `rediss://` trusts the
+    /// system's roots.
+    pub tls: Option<RedisTls>,
     /// Prefix of every key (letters, digits, `.`, `_`, `-`).
     pub namespace: String,
     /// Bound of establishing a connection.
@@ -59,6 +64,7 @@ impl Default for RedisConfig {
             cluster: false,
             username: None,
             password: None,
+            tls: None,
             namespace: "im-infra".into(),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
@@ -84,12 +90,58 @@ impl std::fmt::Debug for RedisConfig {
             .field("cluster", &self.cluster)
             .field("username", &self.username)
             .field("password", &self.password)
+            .field("tls", &self.tls)
             .field("namespace", &self.namespace)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("max_value_bytes", &self.max_value_bytes)
             .field("config_history", &self.config_history)
             .finish_non_exhaustive()
+    }
+}
+
+/// TLS files (PEM) for `rediss://` connections.
+///
+/// ```
+/// let cfg: im_infra_redis::RedisConfig = serde_json::from_str(r#"{
+///     "urls": ["rediss://redis.internal:6380/0"],
+///     "tls": { "ca_file": "/etc/ssl/internal-ca.pem" }
+/// }"#).unwrap();
+/// cfg.validate().unwrap();
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTls {
+    /// CA certificate(s) that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate, for mutual TLS (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// Client private key, for mutual TLS (with `cert_file`).
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    /// Reads the files; `InvalidConfig` names one that cannot be read.
+    pub(crate) fn certificates(&self) -> Result<redis::TlsCertificates> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| invalid(format!("reading {}: {e}", p.display())))
+        };
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read(c)?,
+                client_key: read(k)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "tls.cert_file and tls.key_file go together (mutual TLS)",
+                ))
+            }
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert: self.ca_file.as_ref().map(read).transpose()?,
+        })
     }
 }
 
@@ -129,6 +181,16 @@ impl RedisConfig {
             return Err(invalid(format!(
                 "namespace {ns:?} must be 1-64 letters, digits, '.', '_' or '-'"
             )));
+        }
+        if let Some(tls) = &self.tls {
+            if self.urls.iter().any(|u| !u.starts_with("rediss://")) {
+                return Err(invalid("tls files are set but a URL is not rediss://"));
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err(invalid(
+                    "tls.cert_file and tls.key_file go together (mutual TLS)",
+                ));
+            }
         }
         if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
             return Err(invalid("timeouts must be positive"));

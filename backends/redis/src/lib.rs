@@ -67,7 +67,7 @@ use im_infra::uid::WorkerIdAllocator;
 use im_infra::Result;
 
 pub use cache::RedisCache;
-pub use config::RedisConfig;
+pub use config::{RedisConfig, RedisTls};
 pub use config_center::RedisConfigCenter;
 pub use limiter::{gcra_script, RedisLimiter};
 pub use lock::{RedisLock, RedisLockGuard};
