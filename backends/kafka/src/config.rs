@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use im_infra::config::{ConfigCenter, ConfigCenterExt};
 use im_infra::secret::Secret;
 use im_infra::{Error, ErrorKind, Result};
 use rdkafka::ClientConfig;
@@ -329,6 +330,39 @@ fn positive(name: &str, d: Duration) -> Result<()> {
 }
 
 impl KafkaConfig {
+    /// The settings stored in the config center at
+    /// `/config/{APP_ENV}/{service}/kafka` (JSON), validated; `None` when the
+    /// key does not exist, `Serialization` naming the key when it does not
+    /// parse.
+    ///
+    /// ```
+    /// # async fn demo() -> im_infra::Result<()> {
+    /// use im_infra::backend::Backend;
+    /// use im_infra::config::ConfigCenterExt;
+    ///
+    /// let center = im_infra_memory::MemoryBackend::new().config().await?;
+    /// let path = im_infra::config::config_path_in("dev", "chat", "kafka")?;
+    /// center
+    ///     .set_json(&path, &serde_json::json!({ "brokers": ["10.0.0.1:9092"], "namespace": "dev." }))
+    ///     .await?;
+    /// std::env::set_var("APP_ENV", "dev");
+    /// let cfg = im_infra_kafka::KafkaConfig::from_center(&*center, "chat").await?.unwrap();
+    /// assert_eq!(cfg.namespace, "dev.");
+    /// # Ok(()) }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub async fn from_center(
+        center: &dyn ConfigCenter,
+        service: &str,
+    ) -> Result<Option<KafkaConfig>> {
+        let path = im_infra::config::config_path(service, "kafka")?;
+        let cfg: Option<KafkaConfig> = center.get_json(&path).await?;
+        if let Some(c) = &cfg {
+            c.validate()?;
+        }
+        Ok(cfg)
+    }
+
     /// Checks the configuration; the error names the field at fault.
     pub fn validate(&self) -> Result<()> {
         if self.brokers.is_empty() {
