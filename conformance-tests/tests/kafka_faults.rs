@@ -271,3 +271,58 @@ async fn consumer_keeps_its_place_across_a_broker_restart() -> Result<()> {
     backend.close().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_the_broker_down_ends_within_bounds() -> Result<()> {
+    let _one_at_a_time = SERVER.lock().await;
+    let Some(list) = server_or_skip("kafka", KAFKA_ENV) else {
+        return Ok(());
+    };
+    let backend = backend(&list).await?;
+    let topic = unique("down");
+    backend.create_topic(&topic, 1, 1).await?;
+    let producer = backend.producer().await?;
+    for n in 0..5u64 {
+        producer
+            .produce(Message::new(&topic, n.to_string()))
+            .await?;
+    }
+    let seen = Arc::new(Mutex::new(0usize));
+    let consumer = backend
+        .consumer(ConsumerConfig::new(unique("group"), [&topic]))
+        .await?;
+    let task = tokio::spawn({
+        let (consumer, seen) = (consumer.clone(), seen.clone());
+        async move {
+            consumer
+                .run(handler_fn(move |_m| {
+                    let seen = seen.clone();
+                    async move {
+                        *seen.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                        Ok(())
+                    }
+                }))
+                .await
+        }
+    });
+    until(Duration::from_secs(30), "the 5 messages", || {
+        let n = *seen.lock().unwrap_or_else(|p| p.into_inner());
+        async move { n >= 5 }
+    })
+    .await?;
+    services(&["kill", "kafka"])?;
+    let started = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), async {
+        consumer.shutdown().await?;
+        task.await??;
+        anyhow::Ok(())
+    })
+    .await;
+    let took = started.elapsed();
+    let closed = tokio::time::timeout(Duration::from_secs(60), backend.close()).await;
+    services(&["up", "kafka"])?;
+    stopped.map_err(|_| anyhow!("shutdown hung with the broker down"))??;
+    println!("kafka: shutdown with the broker down took {took:?}");
+    closed.map_err(|_| anyhow!("close hung with the broker down"))??;
+    Ok(())
+}
