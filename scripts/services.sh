@@ -15,7 +15,7 @@
 # port, with a private CA made once under .services/tls (variables
 # IMINFRA_ETCD_TLS_ENDPOINTS, IMINFRA_REDIS_TLS_URL, IMINFRA_TLS_CA_FILE).
 #
-# svc is one of: etcd redis mysql kafka (default: all). 'up' is idempotent:
+# svc is one of: etcd redis redis-cluster mysql kafka (default: all). 'up' is idempotent:
 # a server that already runs is left alone. A server that fails to start
 # stops the script with its name and the tail of its log.
 set -euo pipefail
@@ -23,7 +23,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${IMINFRA_SERVICES_DIR:-$ROOT/.services}"
 ENV_FILE="$DIR/env"
-ALL=(etcd redis mysql kafka)
+ALL=(etcd redis redis-cluster mysql kafka)
 TANSU_VERSION="0.6.0"
 START_TIMEOUT="${IMINFRA_START_TIMEOUT:-60}"
 MYSQL_DB="iminfra"
@@ -110,7 +110,8 @@ port_of() {
 # Starts a server in its own session, detached from this script: stdin from
 # /dev/null, output to its log, and no other inherited descriptor (a leaked
 # pipe would keep a caller such as `scripts/services.sh up | tail` waiting).
-# The recorded pid is the server's own (the subshell execs into it).
+# The recorded pid is the server's own (the subshell execs into it); a
+# service of several processes (the Redis cluster) records one per line.
 spawn() {
     local svc=$1 logf=$2 wd=$3
     shift 3
@@ -122,14 +123,16 @@ spawn() {
         done
         exec setsid "$@" </dev/null >"$logf" 2>&1
     ) &
-    echo $! >"$DIR/$svc.pid"
+    echo $! >>"$DIR/$svc.pid"
 }
 
-pid_of() { [ -s "$DIR/$1.pid" ] && cat "$DIR/$1.pid" || true; }
+# The pids of a service, space-separated.
+pid_of() { [ -s "$DIR/$1.pid" ] && tr '\n' ' ' <"$DIR/$1.pid" | sed 's/ $//' || true; }
 
 alive() {
-    local pid; pid=$(pid_of "$1")
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+    local pids p; pids=$(pid_of "$1")
+    [ -n "$pids" ] || return 1
+    for p in $pids; do kill -0 "$p" 2>/dev/null || return 1; done
 }
 
 fail_start() {
@@ -214,6 +217,50 @@ start_redis() {
         fail_start redis "$DIR/redis.log"
 }
 
+# --- Redis Cluster --------------------------------------------------------
+
+# Three primaries (no replicas) sharing the 16384 slots, for the backend's
+# cluster mode. The nodes find each other by the ports in nodes.conf.
+cluster_ports() { echo "$(port_of redis-cluster) $(port_of redis-cluster-2) $(port_of redis-cluster-3)"; }
+
+cluster_urls() {
+    local p out=""
+    for p in $(cluster_ports); do out="$out${out:+,}redis://127.0.0.1:$p/0"; done
+    echo "$out"
+}
+
+ready_redis-cluster() {
+    local p
+    for p in $(cluster_ports); do
+        redis-cli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+    done
+}
+
+start_redis-cluster() {
+    local p n=0 nodes=()
+    for p in $(cluster_ports); do
+        n=$((n + 1))
+        mkdir -p "$DIR/redis-cluster/$n"
+        spawn redis-cluster "$DIR/redis-cluster/$n.log" "$DIR/redis-cluster/$n" redis-server --port "$p" \
+            --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf \
+            --cluster-node-timeout 2000 --save '' --appendonly no
+        nodes+=("127.0.0.1:$p")
+    done
+    local deadline=$(( $(date +%s) + START_TIMEOUT ))
+    for p in $(cluster_ports); do
+        until [ "$(redis-cli -p "$p" ping 2>/dev/null)" = "PONG" ]; do
+            [ "$(date +%s)" -lt "$deadline" ] && alive redis-cluster || fail_start redis-cluster "$DIR/redis-cluster/1.log"
+            sleep 0.1
+        done
+    done
+    # A cluster made before keeps its slots (nodes.conf); a new one is made here.
+    if ! redis-cli -p "$(port_of redis-cluster)" cluster info 2>/dev/null | grep -q '^cluster_slots_assigned:16384'; then
+        redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+            >"$DIR/redis-cluster/create.log" 2>&1 || fail_start redis-cluster "$DIR/redis-cluster/create.log"
+    fi
+    wait_ready redis-cluster "$DIR/redis-cluster/1.log"
+}
+
 # --- MariaDB --------------------------------------------------------------
 
 ready_mysql() { mariadb-admin --no-defaults --socket="$DIR/mysql.sock" -uroot status >/dev/null 2>&1; }
@@ -278,20 +325,23 @@ write_env() {
         [ -s "$DIR/kafka.port" ] && echo "export IMINFRA_KAFKA_BROKERS=127.0.0.1:$(cat "$DIR/kafka.port")"
         [ -s "$DIR/etcd-tls.port" ] && echo "export IMINFRA_ETCD_TLS_ENDPOINTS=https://127.0.0.1:$(cat "$DIR/etcd-tls.port")"
         [ -s "$DIR/redis-tls.port" ] && echo "export IMINFRA_REDIS_TLS_URL=rediss://127.0.0.1:$(cat "$DIR/redis-tls.port")/0"
+        [ -s "$DIR/redis-cluster-3.port" ] && echo "export IMINFRA_REDIS_CLUSTER_URLS=$(cluster_urls)"
         [ -s "$TLS_DIR/ca.pem" ] && echo "export IMINFRA_TLS_CA_FILE=$TLS_DIR/ca.pem"
     } >"$ENV_FILE"
 }
 
 stop_one() {
     local svc=$1 quiet=${2:-}
-    local pid; pid=$(pid_of "$svc")
-    if [ -z "$pid" ]; then [ -n "$quiet" ] || log "$svc: not started by this script"; return 0; fi
-    if kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
-        [ -n "$quiet" ] || log "$svc stopped (pid $pid)"
-    fi
+    local pids pid; pids=$(pid_of "$svc")
+    if [ -z "$pids" ]; then [ -n "$quiet" ] || log "$svc: not started by this script"; return 0; fi
+    for pid in $pids; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
+            [ -n "$quiet" ] || log "$svc stopped (pid $pid)"
+        fi
+    done
     rm -f "$DIR/$svc.pid"
 }
 
@@ -303,8 +353,14 @@ up_one() {
     fi
     stop_one "$svc" quiet
     # A saved port taken by someone else: pick another one.
-    if [ -s "$DIR/$svc.port" ] && port_in_use "$(cat "$DIR/$svc.port")"; then rm -f "$DIR/$svc.port"; fi
-    if [ -s "$DIR/$svc-tls.port" ] && port_in_use "$(cat "$DIR/$svc-tls.port")"; then rm -f "$DIR/$svc-tls.port"; fi
+    local f
+    for f in "$DIR/$svc.port" "$DIR/$svc"-*.port; do
+        if [ -s "$f" ] && port_in_use "$(cat "$f")"; then
+            rm -f "$f"
+            # A cluster's nodes know each other by port: start it afresh.
+            [ "$svc" = redis-cluster ] && rm -rf "$DIR/redis-cluster"
+        fi
+    done
     make_tls
     start_"$svc"
 }
@@ -339,9 +395,10 @@ case "$cmd" in
     kill)
         [ $# -gt 0 ] || die "kill needs a service name"
         for s in $(services_of "$@"); do
-            pid=$(pid_of "$s")
-            [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null && log "$s killed (pid $pid)"
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            for pid in $(pid_of "$s"); do
+                kill -9 "$pid" 2>/dev/null && log "$s killed (pid $pid)"
+                for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            done
             rm -f "$DIR/$s.pid"
         done
         ;;

@@ -15,12 +15,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 already_up=$(scripts/services.sh status | grep -c ': running' || true)
+all=$(scripts/services.sh status | grep -c ': ' || true)
 if ! scripts/services.sh up; then
     echo "[test] the servers could not be started; see above" >&2
-    [ "$already_up" -eq 4 ] || scripts/services.sh down
+    [ "$already_up" -eq "$all" ] || scripts/services.sh down
     exit 1
 fi
-if [ "$already_up" -ne 4 ]; then
+if [ "$already_up" -ne "$all" ]; then
     trap 'scripts/services.sh down' EXIT
 fi
 

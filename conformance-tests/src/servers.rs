@@ -2,7 +2,8 @@
 //!
 //! The servers come from the environment (written by
 //! `scripts/services.sh up`): `IMINFRA_ETCD_ENDPOINTS`, `IMINFRA_REDIS_URL`,
-//! `IMINFRA_MYSQL_URL`, `IMINFRA_KAFKA_BROKERS`. Each probe speaks the
+//! `IMINFRA_MYSQL_URL`, `IMINFRA_KAFKA_BROKERS`, `IMINFRA_REDIS_CLUSTER_URLS`.
+//! Each probe speaks the
 //! server's own protocol (an etcd `/health` request, a Redis `PING`, the
 //! MySQL handshake greeting, a Kafka `ApiVersions` request), so "reachable"
 //! means "the right server answers", not just "a port is open".
@@ -17,6 +18,9 @@ use tokio::net::TcpStream;
 pub const ETCD_ENV: &str = "IMINFRA_ETCD_ENDPOINTS";
 /// Environment variable naming the Redis URL.
 pub const REDIS_ENV: &str = "IMINFRA_REDIS_URL";
+/// Environment variable naming the Redis Cluster's nodes (comma-separated
+/// URLs).
+pub const REDIS_CLUSTER_ENV: &str = "IMINFRA_REDIS_CLUSTER_URLS";
 /// Environment variable naming the MySQL/MariaDB URL.
 pub const MYSQL_ENV: &str = "IMINFRA_MYSQL_URL";
 /// Environment variable naming the Kafka bootstrap brokers.
@@ -43,6 +47,12 @@ pub async fn probe(backend: &str, address: &str) -> Result<()> {
         match backend {
             "etcd" => etcd(address).await,
             "redis" => redis(address).await,
+            "redis-cluster" => {
+                for url in address.split(',') {
+                    redis(url.trim()).await?;
+                }
+                Ok(())
+            }
             "mysql" => mysql(address).await,
             "kafka" => kafka(address).await,
             other => bail!("no probe for backend {other}"),

@@ -139,21 +139,13 @@ impl Cache for RedisCache {
             .delete
             .run(async {
                 validate::keys(keys)?;
-                if self.shared.client.cfg().is_cluster() {
-                    // Keys may live in different slots: one DEL each, one round trip.
-                    let mut p = redis::pipe();
-                    for k in keys {
-                        p.cmd("DEL").arg(self.shared.keys.cache_arg(k));
-                    }
-                    let counts: Vec<u64> = self.shared.client.pipe(&p).await?;
-                    Ok(counts.iter().sum())
-                } else {
-                    let mut cmd = redis::cmd("DEL");
-                    for k in keys {
-                        cmd.arg(self.shared.keys.cache_arg(k));
-                    }
-                    self.shared.client.query(&cmd).await
+                // On a cluster the client splits a multi-key DEL by slot
+                // and sums the counts.
+                let mut cmd = redis::cmd("DEL");
+                for k in keys {
+                    cmd.arg(self.shared.keys.cache_arg(k));
                 }
+                self.shared.client.query(&cmd).await
             })
             .await
     }
@@ -250,14 +242,26 @@ impl Cache for RedisCache {
                     return Err(Error::invalid_argument("at least one entry is required"));
                 }
                 validate::opt_ttl(ttl)?;
-                let mut p = redis::pipe();
+                let mut cmds = Vec::with_capacity(entries.len());
                 for (k, v) in entries {
                     validate::key(k)?;
                     self.check_value(v)?;
-                    p.add_command(Self::set_cmd(self.shared.keys.cache_arg(k), v, ttl, false))
-                        .ignore();
+                    cmds.push(Self::set_cmd(self.shared.keys.cache_arg(k), v, ttl, false));
                 }
-                self.shared.client.pipe::<()>(&p).await
+                if self.shared.client.cfg().is_cluster() {
+                    // A cluster pipeline must stay in one slot: the SETs go
+                    // out together on the multiplexed connections instead.
+                    let client = &self.shared.client;
+                    futures::future::try_join_all(cmds.iter().map(|c| client.query::<()>(c)))
+                        .await
+                        .map(drop)
+                } else {
+                    let mut p = redis::pipe();
+                    for c in cmds {
+                        p.add_command(c).ignore();
+                    }
+                    self.shared.client.pipe::<()>(&p).await
+                }
             })
             .await
     }
