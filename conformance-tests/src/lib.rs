@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod cases;
+pub mod decoding;
 pub mod faults;
 pub mod harness;
 pub mod servers;

@@ -1,0 +1,87 @@
+//! Everything the library decodes from outside, behind one entry point for
+//! fuzzing: configuration documents (JSON from the config center, YAML from
+//! etcd config files) for every settings type, and the names and keys
+//! applications pass in.
+//!
+//! [`decode_untrusted`] must never panic, whatever the bytes: a malformed
+//! document is a `Serialization`/`InvalidConfig` error, a bad name an
+//! `InvalidArgument`. It is run by the `config_decoding` test on seeds and
+//! mutations of them, and by the `fuzz/` target under libFuzzer.
+//!
+//! ```
+//! im_infra_conformance::decoding::decode_untrusted(br#"{"brokers": ["h:1"], "namespace": 7}"#);
+//! im_infra_conformance::decoding::decode_untrusted(&[0xff, 0x00, b'{']);
+//! ```
+
+use im_infra::mq::{ConsumerConfig, StartPosition};
+use im_infra::ratelimit::{LimiterConfig, Rule};
+use im_infra::registry::ServiceInstance;
+use im_infra::uid::Layout;
+use im_infra::{Result, RetryConfig};
+use im_infra_etcd::EtcdConfig;
+use im_infra_kafka::KafkaConfig;
+use im_infra_memory::MemoryConfig;
+use im_infra_mysql::MysqlConfig;
+use im_infra_redis::RedisConfig;
+use serde::de::DeserializeOwned;
+
+/// Decodes `data` as JSON (and YAML where the library reads YAML) into `T`;
+/// when that succeeds, checks it and runs `then` on a valid value.
+fn one<T: DeserializeOwned>(
+    data: &[u8],
+    yaml: bool,
+    validate: impl Fn(&T) -> Result<()>,
+    then: impl Fn(&T),
+) {
+    let mut values: Vec<T> = serde_json::from_slice(data).into_iter().collect();
+    if yaml {
+        values.extend(serde_yaml_ng::from_slice::<T>(data));
+    }
+    for v in values {
+        if validate(&v).is_ok() {
+            then(&v);
+        }
+    }
+}
+
+fn nothing<T>(_: &T) {}
+
+/// Feeds `data` to every decoder and validator; returns normally for any
+/// input (a panic is the bug this looks for).
+pub fn decode_untrusted(data: &[u8]) {
+    one::<LimiterConfig>(data, false, LimiterConfig::validate, nothing::<_>);
+    one::<Rule>(data, false, Rule::validate, |r| {
+        let _ = im_infra::ratelimit::gcra::Params::new(r, 1_000);
+    });
+    one::<RetryConfig>(data, false, RetryConfig::validate, |r| {
+        let _ = r.delays().take(64).count();
+    });
+    one::<ConsumerConfig>(data, false, ConsumerConfig::validate, nothing::<_>);
+    one::<ServiceInstance>(data, false, ServiceInstance::validate, nothing::<_>);
+    one::<Layout>(data, false, Layout::validate, nothing::<_>);
+    one::<MemoryConfig>(data, false, MemoryConfig::validate, nothing::<_>);
+    one::<RedisConfig>(data, false, RedisConfig::validate, nothing::<_>);
+    one::<EtcdConfig>(data, true, EtcdConfig::validate, nothing::<_>);
+    one::<MysqlConfig>(data, false, MysqlConfig::validate, |c| {
+        let _ = c.opts();
+    });
+    one::<KafkaConfig>(data, false, KafkaConfig::validate, |c| {
+        let _ = c.producer_config();
+        let _ = c.consumer_config("group", StartPosition::Earliest);
+        let _ = c.admin_config();
+    });
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = im_infra::validate::key(text);
+        let _ = im_infra::validate::prefix(text);
+        let _ = im_infra::validate::name("name", text);
+        let _ = im_infra::mq::validate_topic(text);
+        let _ = im_infra::ratelimit::validate_check(text, text, text.len() as u64);
+        let mut parts = text.splitn(3, '/');
+        let (env, service, component) = (
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+        );
+        let _ = im_infra::config::config_path_in(env, service, component);
+    }
+}
