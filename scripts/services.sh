@@ -237,8 +237,16 @@ ready_redis-cluster() {
 }
 
 start_redis-cluster() {
-    local p n=0 nodes=()
-    for p in $(cluster_ports); do
+    local p n=0 nodes=() ports
+    ports=$(cluster_ports)
+    # The nodes know each other by port (nodes.conf): on other ports, the
+    # cluster is made afresh.
+    if [ "$(cat "$DIR/redis-cluster/ports" 2>/dev/null)" != "$ports" ]; then
+        rm -rf "$DIR/redis-cluster"
+        mkdir -p "$DIR/redis-cluster"
+        echo "$ports" >"$DIR/redis-cluster/ports"
+    fi
+    for p in $ports; do
         n=$((n + 1))
         mkdir -p "$DIR/redis-cluster/$n"
         spawn redis-cluster "$DIR/redis-cluster/$n.log" "$DIR/redis-cluster/$n" redis-server --port "$p" \
@@ -353,13 +361,11 @@ up_one() {
     fi
     stop_one "$svc" quiet
     # A saved port taken by someone else: pick another one.
+    # The service's own port files: svc.port, svc-tls.port, svc-N.port
+    # (not another service's whose name starts the same).
     local f
-    for f in "$DIR/$svc.port" "$DIR/$svc"-*.port; do
-        if [ -s "$f" ] && port_in_use "$(cat "$f")"; then
-            rm -f "$f"
-            # A cluster's nodes know each other by port: start it afresh.
-            [ "$svc" = redis-cluster ] && rm -rf "$DIR/redis-cluster"
-        fi
+    for f in "$DIR/$svc.port" "$DIR/$svc-tls.port" "$DIR/$svc"-[0-9].port; do
+        if [ -s "$f" ] && port_in_use "$(cat "$f")"; then rm -f "$f"; fi
     done
     make_tls
     start_"$svc"
