@@ -133,6 +133,53 @@ impl ReceivedMessage {
     pub fn header(&self, name: &str) -> Option<&Bytes> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v)
     }
+
+    /// The message to produce to the dead-letter topic `topic` after its
+    /// handler kept failing with `error`: the same key, payload and headers,
+    /// plus the [`dead_letter_headers`] naming where it came from and why.
+    ///
+    /// ```
+    /// use im_infra::mq::{dead_letter_headers as dlh, ReceivedMessage};
+    /// use im_infra::{Error, ErrorKind};
+    ///
+    /// let m = ReceivedMessage {
+    ///     topic: "orders".into(), partition: 2, offset: 41, key: Some("k".into()),
+    ///     payload: "{bad json".into(), headers: vec![("trace".into(), "t1".into())],
+    ///     timestamp: None, attempt: 4,
+    /// };
+    /// let letter = m.dead_letter("orders.dlq", &Error::new(ErrorKind::Serialization, "bad json"));
+    /// assert_eq!(letter.topic, "orders.dlq");
+    /// assert_eq!(letter.key, m.key);
+    /// assert_eq!(letter.headers[0].0, "trace");
+    /// assert!(letter.headers.iter().any(|(k, v)| k == dlh::ORIGINAL_OFFSET && v == "41"));
+    /// ```
+    pub fn dead_letter(&self, topic: &str, error: &Error) -> Message {
+        let mut headers = self.headers.clone();
+        headers.extend([
+            (
+                dead_letter_headers::ORIGINAL_TOPIC.to_owned(),
+                Bytes::from(self.topic.clone()),
+            ),
+            (
+                dead_letter_headers::ORIGINAL_PARTITION.to_owned(),
+                Bytes::from(self.partition.to_string()),
+            ),
+            (
+                dead_letter_headers::ORIGINAL_OFFSET.to_owned(),
+                Bytes::from(self.offset.to_string()),
+            ),
+            (
+                dead_letter_headers::ERROR.to_owned(),
+                Bytes::from(error.to_string()),
+            ),
+        ]);
+        Message {
+            topic: topic.to_owned(),
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers,
+        }
+    }
 }
 
 /// Appends messages to topics.

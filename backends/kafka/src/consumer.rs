@@ -17,8 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::FutureExt;
 use im_infra::mq::{
-    dead_letter_headers as dlh, Consumer, ConsumerCapabilities, ConsumerConfig, Handler, Message,
-    Producer, ReceivedMessage,
+    Consumer, ConsumerCapabilities, ConsumerConfig, Handler, Producer, ReceivedMessage,
 };
 use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
@@ -234,25 +233,6 @@ fn received(m: &BorrowedMessage<'_>, names: &Names) -> Taken {
     }
 }
 
-fn dead_letter_message(dlq: &str, msg: &ReceivedMessage, err: &Error) -> Message {
-    let mut m = Message::new(dlq.to_owned(), msg.payload.clone());
-    m.key = msg.key.clone();
-    m.headers = msg.headers.clone();
-    m.headers
-        .push((dlh::ORIGINAL_TOPIC.into(), Bytes::from(msg.topic.clone())));
-    m.headers.push((
-        dlh::ORIGINAL_PARTITION.into(),
-        Bytes::from(msg.partition.to_string()),
-    ));
-    m.headers.push((
-        dlh::ORIGINAL_OFFSET.into(),
-        Bytes::from(msg.offset.to_string()),
-    ));
-    m.headers
-        .push((dlh::ERROR.into(), Bytes::from(err.to_string())));
-    m
-}
-
 impl KafkaConsumer {
     pub(crate) fn new(
         client_config: ClientConfig,
@@ -326,7 +306,7 @@ impl KafkaConsumer {
         let Some(dlq) = &self.state.config.dead_letter_topic else {
             return Handled::Abandoned;
         };
-        let letter = dead_letter_message(dlq, msg, err);
+        let letter = msg.dead_letter(dlq, err);
         let mut delays = self.state.config.handler_retry.delays_forever();
         loop {
             let sent = self

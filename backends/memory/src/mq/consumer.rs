@@ -5,11 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use im_infra::mq::{
-    dead_letter_headers as dlh, Consumer, ConsumerCapabilities, ConsumerConfig, Handler, Message,
-    ReceivedMessage,
-};
+use im_infra::mq::{Consumer, ConsumerCapabilities, ConsumerConfig, Handler, ReceivedMessage};
 use im_infra::{Error, ErrorKind, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -111,21 +107,7 @@ impl MemoryConsumer {
         let Some(dlq) = &self.config.dead_letter_topic else {
             return Err(Error::new(ErrorKind::Internal, "no dead-letter topic"));
         };
-        let mut m = Message::new(dlq.clone(), msg.payload.clone());
-        m.key = msg.key.clone();
-        m.headers = msg.headers.clone();
-        m.headers
-            .push((dlh::ORIGINAL_TOPIC.into(), Bytes::from(msg.topic.clone())));
-        m.headers.push((
-            dlh::ORIGINAL_PARTITION.into(),
-            Bytes::from(msg.partition.to_string()),
-        ));
-        m.headers.push((
-            dlh::ORIGINAL_OFFSET.into(),
-            Bytes::from(msg.offset.to_string()),
-        ));
-        m.headers
-            .push((dlh::ERROR.into(), Bytes::from(err.to_string())));
+        let m = msg.dead_letter(dlq, err);
         self.shared
             .mq
             .append(m, self.shared.config.default_partitions);
