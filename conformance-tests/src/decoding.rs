@@ -26,46 +26,53 @@ use im_infra_redis::RedisConfig;
 use serde::de::DeserializeOwned;
 
 /// Decodes `data` as JSON (and YAML where the library reads YAML) into `T`;
-/// when that succeeds, checks it and runs `then` on a valid value.
+/// when that succeeds, checks it and runs `then` on a valid value. Returns
+/// how many valid values it decoded.
 fn one<T: DeserializeOwned>(
     data: &[u8],
     yaml: bool,
     validate: impl Fn(&T) -> Result<()>,
     then: impl Fn(&T),
-) {
+) -> usize {
     let mut values: Vec<T> = serde_json::from_slice(data).into_iter().collect();
     if yaml {
         values.extend(serde_yaml_ng::from_slice::<T>(data));
     }
+    let mut valid = 0;
     for v in values {
         if validate(&v).is_ok() {
             then(&v);
+            valid += 1;
         }
     }
+    valid
 }
 
 fn nothing<T>(_: &T) {}
 
 /// Feeds `data` to every decoder and validator; returns normally for any
-/// input (a panic is the bug this looks for).
-pub fn decode_untrusted(data: &[u8]) {
-    one::<LimiterConfig>(data, false, LimiterConfig::validate, nothing::<_>);
-    one::<Rule>(data, false, Rule::validate, |r| {
+/// input (a panic is the bug this looks for). Returns how many settings
+/// types decoded `data` into a valid value (so a corpus can be checked to
+/// reach the decoders at all).
+pub fn decode_untrusted(data: &[u8]) -> usize {
+    let mut valid = 0;
+    valid += one::<LimiterConfig>(data, false, LimiterConfig::validate, nothing::<_>);
+    valid += one::<Rule>(data, false, Rule::validate, |r| {
         let _ = im_infra::ratelimit::gcra::Params::new(r, 1_000);
     });
-    one::<RetryConfig>(data, false, RetryConfig::validate, |r| {
+    valid += one::<RetryConfig>(data, false, RetryConfig::validate, |r| {
         let _ = r.delays().take(64).count();
     });
-    one::<ConsumerConfig>(data, false, ConsumerConfig::validate, nothing::<_>);
-    one::<ServiceInstance>(data, false, ServiceInstance::validate, nothing::<_>);
-    one::<Layout>(data, false, Layout::validate, nothing::<_>);
-    one::<MemoryConfig>(data, false, MemoryConfig::validate, nothing::<_>);
-    one::<RedisConfig>(data, false, RedisConfig::validate, nothing::<_>);
-    one::<EtcdConfig>(data, true, EtcdConfig::validate, nothing::<_>);
-    one::<MysqlConfig>(data, false, MysqlConfig::validate, |c| {
+    valid += one::<ConsumerConfig>(data, false, ConsumerConfig::validate, nothing::<_>);
+    valid += one::<ServiceInstance>(data, false, ServiceInstance::validate, nothing::<_>);
+    valid += one::<Layout>(data, false, Layout::validate, nothing::<_>);
+    valid += one::<MemoryConfig>(data, false, MemoryConfig::validate, nothing::<_>);
+    valid += one::<RedisConfig>(data, false, RedisConfig::validate, nothing::<_>);
+    valid += one::<EtcdConfig>(data, true, EtcdConfig::validate, nothing::<_>);
+    valid += one::<MysqlConfig>(data, false, MysqlConfig::validate, |c| {
         let _ = c.opts();
     });
-    one::<KafkaConfig>(data, false, KafkaConfig::validate, |c| {
+    valid += one::<KafkaConfig>(data, false, KafkaConfig::validate, |c| {
         let _ = c.producer_config();
         let _ = c.consumer_config("group", StartPosition::Earliest);
         let _ = c.admin_config();
@@ -84,4 +91,5 @@ pub fn decode_untrusted(data: &[u8]) {
         );
         let _ = im_infra::config::config_path_in(env, service, component);
     }
+    valid
 }
