@@ -380,6 +380,37 @@ impl KafkaConfig {
             return Err(invalid("kafka: client_id must not be empty"));
         }
         crate::names::Names::new(&self.namespace)?;
+        // librdkafka takes every property as a C string.
+        let texts = [
+            ("client_id", self.client_id.as_str()),
+            (
+                "security.sasl.username",
+                self.security
+                    .sasl
+                    .as_ref()
+                    .map_or("", |s| s.username.as_str()),
+            ),
+            (
+                "security.sasl.password",
+                self.security
+                    .sasl
+                    .as_ref()
+                    .map_or("", |s| s.password.expose()),
+            ),
+        ];
+        let extra = self
+            .extra
+            .iter()
+            .flat_map(|(k, v)| [("extra", k.as_str()), ("extra", v.as_str())]);
+        if let Some((field, _)) = texts
+            .into_iter()
+            .chain(extra)
+            .find(|(_, t)| t.contains('\0'))
+        {
+            return Err(invalid(format!(
+                "kafka: {field} must not contain a NUL character"
+            )));
+        }
         let sec = &self.security;
         if sec.protocol.uses_sasl() {
             match &sec.sasl {
@@ -619,6 +650,13 @@ mod tests {
                 "host:port",
             ),
             (Box::new(|c| c.client_id.clear()), "client_id"),
+            (Box::new(|c| c.client_id = "a\0b".into()), "client_id"),
+            (
+                Box::new(|c| {
+                    c.extra.insert("debug".into(), "all\0".into());
+                }),
+                "extra",
+            ),
             (
                 Box::new(|c| c.security.protocol = SecurityProtocol::SaslSsl),
                 "security.sasl",

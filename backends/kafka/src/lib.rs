@@ -9,6 +9,11 @@
 //! | `Producer` | one shared librdkafka client; acks from all in-sync replicas and idempotence by default; batching (`linger`); per-key order; a bounded queue that answers `ResourceExhausted` when full |
 //! | `Consumer` | a group member handling one message at a time; the offset is stored after the handler succeeded and committed in the background, on partition revoke and on shutdown; failed handlers retried with backoff, then dead-lettered; pause/resume |
 //!
+//! Every topic and consumer group on the brokers carries the configured
+//! [`namespace`](KafkaConfig::namespace) as a prefix; handlers see the
+//! names without it. [`KafkaConfig::from_center`] reads the settings from the
+//! config center (`/config/{env}/{service}/kafka`).
+//!
 //! Every other capability answers `Unsupported`. Topics listed in
 //! [`KafkaConfig::topics`] are created at start-up through the admin
 //! client; [`KafkaBackend::create_topic`] creates one later.
@@ -280,12 +285,12 @@ impl Backend for KafkaBackend {
 
     async fn consumer(&self, config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
         self.check_open()?;
-        config.validate()?;
         let names = names::Names::new(&self.inner.config.namespace)?;
         let client_config = self
             .inner
             .config
             .consumer_config(&names.group(&config.group), config.start);
+        // KafkaConsumer::new validates `config`.
         Ok(Arc::new(KafkaConsumer::new(
             client_config,
             names,
