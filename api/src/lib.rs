@@ -14,6 +14,7 @@
 //! | [`lock`] | [`DistributedLock`](lock::DistributedLock), [`LockGuard`](lock::LockGuard) | mutual exclusion with fencing tokens and renewal |
 //! | [`config`] | [`ConfigCenter`](config::ConfigCenter), [`ConfigManager`](config::ConfigManager) | versioned configuration, CAS, watches, hot reload |
 //! | [`registry`] | [`ServiceRegistry`](registry::ServiceRegistry), [`ServiceDiscovery`](registry::ServiceDiscovery) | service instances with leases, discovery, watches |
+//! | [`lease`] | [`Lease`](lease::Lease), [`LeaseBackend`](lease::LeaseBackend) | the one lease keeper under locks, worker ids, registrations and once-claims |
 //! | [`coord`] | [`Provider`](coord::Provider) | the coordinator facade (lock, registry, discovery, config) |
 //! | [`once`] | [`Once`](once::Once), [`OnceExt`](once::OnceExt) | run work at most once per key |
 //! | [`mq`] | [`Producer`](mq::Producer), [`Consumer`](mq::Consumer) | messaging with consumer groups, at-least-once |
@@ -68,6 +69,7 @@ pub mod cache;
 pub mod config;
 pub mod coord;
 mod error;
+pub mod lease;
 pub mod lock;
 pub mod mq;
 pub mod once;

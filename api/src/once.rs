@@ -2,9 +2,18 @@
 //!
 //! Across every process sharing the backend, the work of a key completes
 //! successfully at most once within the TTL. While it runs, other callers
-//! get `InProgress` (or wait, with [`OnceOptions::wait`]); if it fails, the
-//! key is released so a retry can run it; its outcome is stored and handed
-//! to later callers.
+//! get `InProgress` (or wait, with [`OnceOptions::wait`]); if it fails,
+//! panics or is cancelled, the key is released so a retry can run it; its
+//! outcome is stored and handed to later callers.
+//!
+//! While the work runs, the key is held by a short *claim* (its own TTL,
+//! [`OnceOptions::claim_ttl`], 10 s by default) kept by a
+//! [`Lease`](crate::lease::Lease): renewed in the background, ended at its
+//! local deadline if the backend cannot be reached. A crashed caller blocks
+//! the key for one claim TTL, not for the outcome's TTL. If the claim was
+//! lost while the work ran (the backend unreachable past the deadline),
+//! another caller may have run the work; the first caller's completion is
+//! then refused with `LockNotHeld`.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -35,6 +44,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{Lease, LeaseBackend, LeaseOptions, SentAt};
 
 /// The answer of [`Once::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,12 +66,15 @@ pub enum Claim {
 pub struct OnceCapabilities {
     /// The shortest TTL honoured; shorter TTLs are rounded up.
     pub min_ttl: Duration,
+    /// The largest outcome stored, in bytes.
+    pub max_outcome_bytes: usize,
 }
 
 impl Default for OnceCapabilities {
     fn default() -> Self {
         OnceCapabilities {
             min_ttl: Duration::from_millis(1),
+            max_outcome_bytes: usize::MAX,
         }
     }
 }
@@ -69,7 +82,17 @@ impl Default for OnceCapabilities {
 impl OnceCapabilities {
     /// TTLs honoured down to `min_ttl`.
     pub fn with_min_ttl(min_ttl: Duration) -> Self {
-        OnceCapabilities { min_ttl }
+        OnceCapabilities {
+            min_ttl,
+            ..OnceCapabilities::default()
+        }
+    }
+
+    /// Outcomes stored up to `bytes`.
+    #[must_use]
+    pub fn with_max_outcome(mut self, bytes: usize) -> Self {
+        self.max_outcome_bytes = bytes;
+        self
     }
 }
 
@@ -85,6 +108,11 @@ pub trait Once: Send + Sync + 'static {
 
     /// Claims `key` for `ttl` unless it is claimed or done.
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim>;
+
+    /// The claim `token` on `key` as a lease backend, to keep it while the
+    /// work runs: `extend` renews the claim (true while it is this token's,
+    /// running or completed by it), `release` abandons it.
+    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend>;
 
     /// Marks a claimed key done with `outcome`, kept for `ttl`.
     /// `LockNotHeld` when the claim expired or belongs to someone else.
@@ -105,24 +133,42 @@ pub trait Once: Send + Sync + 'static {
 /// How [`OnceExt::run_with`] behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OnceOptions {
-    /// How long the claim and then the outcome are kept.
+    /// How long the outcome is kept.
     pub ttl: Duration,
+    /// The TTL of the claim while the work runs (renewed every third of it):
+    /// how long a crashed caller blocks the key.
+    pub claim_ttl: Duration,
     /// `None`: a caller that finds the work in progress gets `InProgress`.
     /// `Some(d)`: it waits up to `d` for the outcome (or runs the work itself
     /// if the running caller fails), then fails with `Timeout`.
+    /// `Duration::MAX` waits without limit.
     pub wait: Option<Duration>,
 }
 
 impl OnceOptions {
-    /// Keep claim and outcome for `ttl`; do not wait.
+    /// Default [`claim_ttl`](Self::claim_ttl).
+    pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(10);
+
+    /// Keep the outcome for `ttl`; claim for 10 s at a time; do not wait.
     pub fn new(ttl: Duration) -> Self {
-        OnceOptions { ttl, wait: None }
+        OnceOptions {
+            ttl,
+            claim_ttl: Self::DEFAULT_CLAIM_TTL,
+            wait: None,
+        }
     }
 
     /// Wait up to `d` for a running caller.
     #[must_use]
     pub fn wait(mut self, d: Duration) -> Self {
         self.wait = Some(d);
+        self
+    }
+
+    /// Sets the claim's TTL.
+    #[must_use]
+    pub fn claim_ttl(mut self, d: Duration) -> Self {
+        self.claim_ttl = d;
         self
     }
 }
@@ -206,14 +252,22 @@ pub trait OnceExt: Once {
     {
         crate::validate::key(key)?;
         crate::validate::ttl(opts.ttl)?;
+        crate::validate::ttl(opts.claim_ttl)?;
         let decode = |raw: &Bytes| -> Result<T> {
+            if raw.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Serialization,
+                    format!("the work of {key:?} completed, but its outcome was larger than the backend stores, so it was not kept"),
+                ));
+            }
             serde_json::from_slice(raw).map_err(|e| Error::serialization(key, e))
         };
         let started = Instant::now();
         let mut pause = Duration::from_millis(5);
-        let token = loop {
-            match self.claim(key, opts.ttl).await? {
-                Claim::Acquired { token } => break token,
+        let (token, sent) = loop {
+            let sent = SentAt::now();
+            match self.claim(key, opts.claim_ttl).await? {
+                Claim::Acquired { token } => break (token, sent),
                 Claim::Done(raw) => return Ok(Outcome::AlreadyDone(decode(&raw)?)),
                 Claim::InProgress => {
                     let Some(wait) = opts.wait else {
@@ -236,21 +290,68 @@ pub trait OnceExt: Once {
                 }
             }
         };
-        match f().await {
-            Ok(value) => {
-                let raw = serde_json::to_vec(&value).map_err(|e| Error::serialization(key, e))?;
-                self.complete(key, &token, Bytes::from(raw), opts.ttl)
-                    .await?;
-                Ok(Outcome::Executed(value))
-            }
+        // From here the claim is a lease: renewed while the work runs,
+        // abandoned if the work fails, panics or is cancelled (drop).
+        let claim = Lease::start_boxed(
+            self.claim_lease(key, &token),
+            LeaseOptions::new(opts.claim_ttl).labels("once", "once"),
+            sent,
+        );
+        let value = match f().await {
+            Ok(value) => value,
             Err(e) => {
-                if let Err(release) = self.abandon(key, &token).await {
+                if let Err(release) = claim.release().await {
                     tracing::warn!(key, error = %release, "could not release the key after a failed run");
                 }
-                Err(RunError::Task(e))
+                return Err(RunError::Task(e));
+            }
+        };
+        let mut raw = serde_json::to_vec(&value).map_err(|e| Error::serialization(key, e))?;
+        if raw.len() > self.capabilities().max_outcome_bytes {
+            // The work ran: store that it did (so it never runs again)
+            // without the outcome, and hand the value to this caller.
+            tracing::warn!(
+                key,
+                bytes = raw.len(),
+                limit = self.capabilities().max_outcome_bytes,
+                "the outcome is larger than the backend stores; the key is marked done without it"
+            );
+            raw.clear();
+        }
+        if !claim.is_held() {
+            return Err(claim_lost(key).into());
+        }
+        let raw = Bytes::from(raw);
+        // The work ran: retry a failed completion while the claim holds
+        // (completing again with the same token is recognised as done).
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.complete(key, &token, raw.clone(), opts.ttl).await {
+                Ok(()) => {
+                    claim.detach();
+                    return Ok(Outcome::Executed(value));
+                }
+                Err(e) if e.kind() == ErrorKind::LockNotHeld => return Err(claim_lost(key).into()),
+                Err(e) if e.is_retryable() && claim.is_held() => {
+                    tracing::debug!(key, error = %e, "storing the outcome failed; retrying");
+                    let lost = claim.lost();
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = lost.cancelled() => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }
+}
+
+fn claim_lost(key: &str) -> Error {
+    Error::new(
+        ErrorKind::LockNotHeld,
+        format!("the claim on {key:?} was lost while the work ran (another caller may have run it); its outcome was not stored"),
+    )
 }
 
 impl<O: Once + ?Sized> OnceExt for O {}

@@ -33,5 +33,5 @@ pub use im_infra::mq::{MockConsumer, MockHandler, MockProducer};
 pub use im_infra::once::MockOnce;
 pub use im_infra::ratelimit::MockLimiter;
 pub use im_infra::registry::{MockServiceDiscovery, MockServiceRegistry};
-pub use im_infra::uid::{MockIdGenerator, MockWorkerIdAllocator, MockWorkerLease};
+pub use im_infra::uid::{MockIdGenerator, MockWorkerIdAllocator};
 pub use mockall::{predicate, Sequence};

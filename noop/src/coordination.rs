@@ -92,6 +92,11 @@ impl LockGuard for NoopLockGuard {
         !self.released.load(Ordering::Acquire)
     }
 
+    /// The TTL it was acquired with, until released (nothing expires).
+    fn remaining(&self) -> Option<Duration> {
+        self.is_held().then_some(self.ttl)
+    }
+
     fn lost(&self) -> CancellationToken {
         self.lost.clone()
     }
@@ -215,31 +220,7 @@ impl NoopWorkerIds {
 
 #[async_trait]
 impl WorkerIdAllocator for NoopWorkerIds {
-    async fn allocate(&self, max_worker_id: u64, _ttl: Duration) -> Result<Box<dyn WorkerLease>> {
-        Ok(Box::new(FixedLease {
-            id: self.id.min(max_worker_id),
-            lost: CancellationToken::new(),
-        }))
-    }
-}
-
-#[derive(Debug)]
-struct FixedLease {
-    id: u64,
-    lost: CancellationToken,
-}
-
-#[async_trait]
-impl WorkerLease for FixedLease {
-    fn worker_id(&self) -> u64 {
-        self.id
-    }
-
-    fn lost(&self) -> CancellationToken {
-        self.lost.clone()
-    }
-
-    async fn release(&self) -> Result<()> {
-        Ok(())
+    async fn allocate(&self, max_worker_id: u64, _ttl: Duration) -> Result<WorkerLease> {
+        Ok(WorkerLease::fixed(self.id.min(max_worker_id)))
     }
 }

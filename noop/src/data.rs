@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::cache::{Cache, CacheCapabilities, KeyTtl};
+use im_infra::lease::LeaseBackend;
 use im_infra::once::{Claim, Once};
 use im_infra::ratelimit::{Decision, DecisionSource, Limiter};
 use im_infra::Result;
@@ -85,12 +86,34 @@ impl Limiter for NoopLimiter {
     }
 }
 
+/// A claim that holds nothing anywhere, kept forever.
+struct NothingClaimed(String);
+
+#[async_trait]
+impl LeaseBackend for NothingClaimed {
+    fn describe(&self) -> String {
+        format!("noop once claim {:?}", self.0)
+    }
+
+    async fn extend(&self, _ttl: Duration) -> Result<bool> {
+        Ok(true)
+    }
+
+    async fn release(&self) -> Result<bool> {
+        Ok(true)
+    }
+}
+
 /// Idempotency that always lets the work run and stores nothing.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoopOnce;
 
 #[async_trait]
 impl Once for NoopOnce {
+    fn claim_lease(&self, key: &str, _token: &str) -> Box<dyn LeaseBackend> {
+        Box::new(NothingClaimed(key.to_owned()))
+    }
+
     async fn claim(&self, _key: &str, _ttl: Duration) -> Result<Claim> {
         Ok(Claim::Acquired {
             token: String::new(),

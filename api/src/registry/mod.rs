@@ -27,6 +27,7 @@
 
 #[cfg(feature = "grpc")]
 pub mod grpc;
+mod keeper;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -36,6 +37,8 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+pub use keeper::{RegistrationBackend, RegistrationLease, Registrations};
 
 /// One instance of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,7 +34,7 @@ use std::time::SystemTime;
 
 pub use snowflake::{Clock, Layout, Snowflake, SystemClock};
 #[cfg(feature = "mock")]
-pub use worker::{MockWorkerIdAllocator, MockWorkerLease};
+pub use worker::MockWorkerIdAllocator;
 pub use worker::{WorkerIdAllocator, WorkerLease};
 
 use crate::error::Result;

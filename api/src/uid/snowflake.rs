@@ -3,11 +3,9 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
-
 use super::{IdGenerator, IdParts, WorkerLease};
 use crate::error::{Error, ErrorKind, Result};
+use serde::{Deserialize, Serialize};
 
 /// A source of wall-clock milliseconds (replaceable in tests).
 pub trait Clock: Send + Sync + 'static {
@@ -138,17 +136,19 @@ impl Layout {
 /// A lock-free Snowflake generator.
 ///
 /// Ids increase strictly within one generator, also when the wall clock
-/// steps back by up to [`Layout::max_backward`]; beyond that, or when the
-/// worker lease is lost, `next_id` fails with `InvalidState`/`LeaseLost`
-/// rather than risk a duplicate.
+/// steps back by up to [`Layout::max_backward`]; beyond that `next_id` fails
+/// with `InvalidState` rather than risk a duplicate. On a leased worker id
+/// ([`Snowflake::with_lease`]) every `next_id` also checks the lease's local
+/// deadline (one clock read) and fails with `LeaseLost` once it has passed —
+/// before the server can hand the id to another process — and the first id
+/// comes after the previous holder's last possible timestamp.
 pub struct Snowflake<C: Clock = SystemClock> {
     layout: Layout,
     worker_id: u64,
     /// `millis_since_epoch << sequence_bits | sequence` of the last id.
     state: AtomicU64,
     clock: C,
-    lost: Option<CancellationToken>,
-    _lease: Option<Box<dyn WorkerLease>>,
+    lease: Option<WorkerLease>,
 }
 
 impl<C: Clock> std::fmt::Debug for Snowflake<C> {
@@ -166,13 +166,12 @@ impl Snowflake<SystemClock> {
         Snowflake::with_clock(layout, worker_id, SystemClock::new())
     }
 
-    /// A generator on a leased worker id; it stops issuing when the lease
-    /// is lost, and releases the lease when dropped.
-    pub fn with_lease(layout: Layout, lease: Box<dyn WorkerLease>) -> Result<Self> {
-        let mut g = Snowflake::with_clock(layout, lease.worker_id(), SystemClock::new())?;
-        g.lost = Some(lease.lost());
-        g._lease = Some(lease);
-        Ok(g)
+    /// A generator on a leased worker id; it stops issuing when the
+    /// lease's local deadline passes or the lease is lost, starts after the
+    /// previous holder's last possible timestamp, and releases the lease
+    /// when dropped.
+    pub fn with_lease(layout: Layout, lease: WorkerLease) -> Result<Self> {
+        Snowflake::with_clock(layout, lease.worker_id(), SystemClock::new())?.on_lease(lease)
     }
 }
 
@@ -191,9 +190,37 @@ impl<C: Clock> Snowflake<C> {
             worker_id,
             state: AtomicU64::new(0),
             clock,
-            lost: None,
-            _lease: None,
+            lease: None,
         })
+    }
+
+    /// Builds on `lease` (its worker id must be this generator's): ids
+    /// stop when it ends, and start after its
+    /// [`not_before_millis`](WorkerLease::not_before_millis).
+    pub fn on_lease(mut self, lease: WorkerLease) -> Result<Self> {
+        if lease.worker_id() != self.worker_id {
+            return Err(Error::invalid_argument(format!(
+                "the lease is for worker id {}, the generator for {}",
+                lease.worker_id(),
+                self.worker_id
+            )));
+        }
+        let floor = lease
+            .not_before_millis()
+            .saturating_sub(self.layout.epoch_millis)
+            .min(self.layout.max_time());
+        if floor > 0 {
+            // As if the previous holder's last millisecond were used up here.
+            self.state =
+                AtomicU64::new((floor << self.layout.sequence_bits) | self.layout.max_sequence());
+        }
+        self.lease = Some(lease);
+        Ok(self)
+    }
+
+    /// The worker lease this generator issues on, if any.
+    pub fn lease(&self) -> Option<&WorkerLease> {
+        self.lease.as_ref()
     }
 
     /// The worker id of this generator.
@@ -233,15 +260,30 @@ impl<C: Clock> Snowflake<C> {
     }
 }
 
+#[cold]
+fn lease_ended() -> Error {
+    Error::new(
+        ErrorKind::LeaseLost,
+        "the worker id lease ended (its local deadline passed, or it was lost or released); no more ids from this generator",
+    )
+}
+
+#[cold]
+fn clock_behind(by: u64, max_back: u64) -> Error {
+    Error::new(
+        ErrorKind::InvalidState,
+        format!(
+            "the clock is {by} ms behind the last timestamp used (this generator's, or the previous holder's of this worker id), more than the tolerated {max_back} ms"
+        ),
+    )
+}
+
 impl<C: Clock> IdGenerator for Snowflake<C> {
     #[inline]
     fn next_id(&self) -> Result<i64> {
-        if let Some(lost) = &self.lost {
-            if lost.is_cancelled() {
-                return Err(Error::new(
-                    ErrorKind::LeaseLost,
-                    "the worker id lease was lost; no more ids from this generator",
-                ));
+        if let Some(lease) = &self.lease {
+            if !lease.is_held() {
+                return Err(lease_ended());
             }
         }
         let seq_bits = self.layout.sequence_bits;
@@ -255,13 +297,7 @@ impl<C: Clock> IdGenerator for Snowflake<C> {
                 now << seq_bits
             } else {
                 if last - now > max_back {
-                    return Err(Error::new(
-                        ErrorKind::InvalidState,
-                        format!(
-                            "the clock moved back by {} ms, more than the tolerated {max_back} ms",
-                            last - now
-                        ),
-                    ));
+                    return Err(clock_behind(last - now, max_back));
                 }
                 if cur & max_seq == max_seq {
                     // This millisecond is used up: wait for the clock.
@@ -418,5 +454,66 @@ mod tests {
             all.extend(ids);
         }
         assert_eq!(all.len(), 80_000);
+    }
+
+    struct Gone;
+
+    #[async_trait::async_trait]
+    impl crate::lease::LeaseBackend for Gone {
+        fn describe(&self) -> String {
+            "worker id 3".into()
+        }
+        async fn extend(&self, _: Duration) -> Result<bool> {
+            Ok(false)
+        }
+        async fn release(&self) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn a_lease_past_its_local_deadline_stops_the_ids() {
+        use crate::lease::{Lease, LeaseOptions, SentAt};
+        let (g, _) = fake(5_000);
+        let opts = LeaseOptions::new(Duration::from_millis(30)).auto_renew(false);
+        let lease = WorkerLease::new(3, Lease::start(Gone, opts, SentAt::now()));
+        let g = g.on_lease(lease).unwrap();
+        assert!(g.next_id().is_ok());
+        std::thread::sleep(Duration::from_millis(30));
+        // No keeper ran (no runtime): the deadline alone stops the ids.
+        assert_eq!(g.next_id().unwrap_err().kind(), ErrorKind::LeaseLost);
+        assert!(!g.lease().unwrap().is_held());
+    }
+
+    #[test]
+    fn a_reused_worker_id_starts_after_the_previous_holders_last_timestamp() {
+        // The previous holder's clock was 20 ms ahead of ours: wait for it.
+        let (g, t) = fake(5_000);
+        let g = g
+            .on_lease(WorkerLease::fixed(3).with_not_before(5_020))
+            .unwrap();
+        let t2 = t.clone();
+        let bump = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            t2.store(5_021, Ordering::SeqCst);
+        });
+        let id = g.next_id().unwrap();
+        bump.join().unwrap();
+        assert!(g.decompose(id).millis_since_epoch > 4_020);
+
+        // 2 s ahead: refuse rather than wait that long (or repeat an id).
+        let (g, t) = fake(5_000);
+        let g = g
+            .on_lease(WorkerLease::fixed(3).with_not_before(7_000))
+            .unwrap();
+        assert_eq!(g.next_id().unwrap_err().kind(), ErrorKind::InvalidState);
+        t.store(7_001, Ordering::SeqCst);
+        assert_eq!(g.decompose(g.next_id().unwrap()).millis_since_epoch, 6_001);
+
+        let (g, _) = fake(5_000);
+        assert!(
+            g.on_lease(WorkerLease::fixed(4)).is_err(),
+            "another worker id"
+        );
     }
 }

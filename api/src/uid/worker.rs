@@ -5,21 +5,109 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{Lease, LeaseOptions};
 
-/// A worker id held by this process. The backend renews it in the
-/// background; if renewal fails the [`lost`](Self::lost) token is cancelled
-/// and a [`Snowflake`](super::Snowflake) built on it stops issuing ids.
-/// Dropping it releases the id in the background (best effort).
-#[cfg_attr(feature = "mock", mockall::automock)]
-#[async_trait]
-pub trait WorkerLease: Send + Sync {
+/// A worker id held by this process, kept by a [`Lease`]: renewed in the
+/// background, with a local deadline after which a
+/// [`Snowflake`](super::Snowflake) built on it stops issuing ids — before
+/// the server can hand the id to another process. Dropping it releases the
+/// id in the background (best effort).
+///
+/// It also carries the previous holder's last possible timestamp
+/// ([`not_before_millis`](Self::not_before_millis)): a generator on a
+/// reused id issues no id at or before it, so a host whose clock is behind
+/// the previous holder's cannot repeat its ids.
+///
+/// ```
+/// use im_infra::uid::WorkerLease;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
+/// let lease = WorkerLease::fixed(7);
+/// assert_eq!(lease.worker_id(), 7);
+/// assert!(lease.is_held());
+/// lease.release().await?;
+/// assert!(!lease.is_held());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct WorkerLease {
+    worker_id: u64,
+    not_before_millis: u64,
+    lease: Lease,
+}
+
+impl WorkerLease {
+    /// Worker id `worker_id`, kept by `lease`.
+    pub fn new(worker_id: u64, lease: Lease) -> Self {
+        WorkerLease {
+            worker_id,
+            not_before_millis: 0,
+            lease,
+        }
+    }
+
+    /// A worker id that is simply fixed (never expires, nothing on a server).
+    pub fn fixed(worker_id: u64) -> Self {
+        WorkerLease::new(
+            worker_id,
+            Lease::unbounded(format!("worker id {worker_id}")),
+        )
+    }
+
+    /// Records the previous holder's last possible timestamp (Unix ms).
+    #[must_use]
+    pub fn with_not_before(mut self, unix_millis: u64) -> Self {
+        self.not_before_millis = unix_millis;
+        self
+    }
+
     /// The leased id.
-    fn worker_id(&self) -> u64;
+    pub fn worker_id(&self) -> u64 {
+        self.worker_id
+    }
+
+    /// No id may carry this timestamp (Unix ms) or an earlier one: the
+    /// previous holder may have used it. 0 when the id was never held.
+    pub fn not_before_millis(&self) -> u64 {
+        self.not_before_millis
+    }
+
+    /// Whether the id is still held (before the local deadline, not lost).
+    #[inline]
+    pub fn is_held(&self) -> bool {
+        self.lease.is_held()
+    }
+
     /// Cancelled when the lease is lost or released.
-    fn lost(&self) -> CancellationToken;
-    /// Gives the id back.
-    async fn release(&self) -> Result<()>;
+    pub fn lost(&self) -> CancellationToken {
+        self.lease.lost()
+    }
+
+    /// The lease that keeps the id.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Gives the id back. `LeaseLost` if it had been lost or released.
+    pub async fn release(&self) -> Result<()> {
+        if self.lease.release().await? {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::LeaseLost,
+                format!(
+                    "worker id {} was not leased any more (lost or released)",
+                    self.worker_id
+                ),
+            ))
+        }
+    }
+
+    /// The lease options of a worker id of `ttl` on `backend`.
+    pub fn lease_options(backend: &'static str, ttl: Duration) -> LeaseOptions {
+        LeaseOptions::new(ttl).labels(backend, "uid")
+    }
 }
 
 /// Hands out worker ids that are unique among live processes.
@@ -28,5 +116,5 @@ pub trait WorkerLease: Send + Sync {
 pub trait WorkerIdAllocator: Send + Sync + 'static {
     /// Leases the lowest free id in `0..=max_worker_id` for `ttl` (renewed
     /// while the lease lives). `ResourceExhausted` when every id is taken.
-    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<Box<dyn WorkerLease>>;
+    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease>;
 }

@@ -1,15 +1,19 @@
 //! Leases: the lease manager of the original system, and the background
 //! keep-alive every lease-backed capability uses.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use etcd_client::LeaseTimeToLiveOptions;
+use async_trait::async_trait;
+use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, LeaseTimeToLiveOptions};
+use im_infra::lease::{Lease, LeaseBackend, LeaseOptions, SentAt};
 use im_infra::{Error, ErrorKind, Result};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::ConnectionManager;
+use crate::error::from_etcd;
 
 /// etcd grants whole seconds and enforces a minimum (1.5 s with default
 /// settings, rounded up): shorter TTLs become this.
@@ -87,8 +91,26 @@ impl LeaseManager {
     /// Renews the lease in the background until the returned handle is
     /// dropped; the handle's `lost` token fires if the lease is lost.
     pub async fn keep_alive(&self, id: i64) -> Result<KeepAlive> {
+        let sent = SentAt::now();
         let info = self.info(id).await?;
-        Ok(KeepAlive::spawn(self.conn.clone(), id, info.granted_ttl))
+        // Until the first renewal, the deadline counts from what etcd
+        // reported as left (whole seconds, rounded down).
+        let lease = Lease::start(
+            EtcdLease::new(self.conn.clone(), id),
+            LeaseOptions::new(info.ttl.max(Duration::from_millis(1))).labels(crate::NAME, "lease"),
+            sent,
+        );
+        // Renew at once: from then on a full TTL, renewed every third of it.
+        if let Err(e) = lease
+            .refresh(info.granted_ttl.max(Duration::from_secs(1)))
+            .await
+        {
+            tracing::debug!(lease = format!("{id:x}"), error = %e, "first keep-alive failed; the keeper retries");
+        }
+        Ok(KeepAlive {
+            id,
+            lease: Some(lease),
+        })
     }
 
     /// Revokes the lease (its keys are deleted).
@@ -159,107 +181,173 @@ impl LeaseManager {
     }
 }
 
-/// A lease renewed in the background. Dropping it stops the renewals (the
-/// lease then expires after its TTL unless revoked).
+/// A lease renewed in the background by the lease core
+/// ([`im_infra::lease::Lease`]): every third of its TTL, with a local
+/// deadline, and [`lost`](KeepAlive::lost) fired when etcd reports the lease
+/// gone or the deadline passes without a successful renewal. Dropping it
+/// stops the renewals (the lease then expires after its TTL unless revoked).
 #[derive(Debug)]
 pub struct KeepAlive {
     id: i64,
-    stop: CancellationToken,
-    lost: CancellationToken,
+    lease: Option<Lease>,
 }
 
 impl KeepAlive {
-    /// Starts renewing lease `id` of `ttl` every `ttl / 3`.
-    pub(crate) fn spawn(conn: Arc<ConnectionManager>, id: i64, ttl: Duration) -> KeepAlive {
-        let stop = CancellationToken::new();
-        let lost = CancellationToken::new();
-        tokio::spawn(keep_alive_loop(conn, id, ttl, stop.clone(), lost.clone()));
-        KeepAlive { id, stop, lost }
-    }
-
     /// The lease id.
     pub fn id(&self) -> i64 {
         self.id
     }
 
     /// Cancelled when the lease is found expired or revoked, or cannot be
-    /// renewed within its TTL.
+    /// renewed before its local deadline.
     pub fn lost(&self) -> CancellationToken {
-        self.lost.clone()
+        self.lease.as_ref().map(Lease::lost).unwrap_or_default()
     }
 
-    /// Stops renewing.
-    pub fn stop(&self) {
-        self.stop.cancel();
+    /// Whether the lease is held (before its local deadline, not lost).
+    pub fn is_held(&self) -> bool {
+        self.lease.as_ref().is_some_and(Lease::is_held)
+    }
+
+    /// Stops renewing (the lease expires on etcd after its TTL).
+    pub fn stop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.detach();
+        }
     }
 }
 
 impl Drop for KeepAlive {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.stop();
     }
 }
 
-async fn keep_alive_loop(
+/// One etcd lease as the lease core sees it: extended by keep-alive
+/// requests on a stream opened once (and again after a failure), released
+/// by revoking it.
+pub(crate) struct EtcdLease {
     conn: Arc<ConnectionManager>,
-    id: i64,
-    ttl: Duration,
-    stop: CancellationToken,
-    lost: CancellationToken,
-) {
-    let period = (ttl / 3).max(Duration::from_millis(300));
-    let mut last_ok = Instant::now();
-    let mut stream = None;
-    loop {
-        if stream.is_none() {
-            stream = conn
+    id: AtomicI64,
+    stream: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
+}
+
+impl EtcdLease {
+    pub(crate) fn new(conn: Arc<ConnectionManager>, id: i64) -> Self {
+        EtcdLease {
+            conn,
+            id: AtomicI64::new(id),
+            stream: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Grants a lease of `ttl` (whole seconds, at least [`MIN_TTL`]);
+    /// returns it and the TTL etcd granted.
+    pub(crate) async fn grant(
+        conn: &Arc<ConnectionManager>,
+        what: &'static str,
+        ttl: Duration,
+    ) -> Result<(EtcdLease, Duration)> {
+        let secs = lease_secs(ttl);
+        let grant = conn
+            .call(what, |mut c| async move { c.lease_grant(secs, None).await })
+            .await?;
+        let granted = Duration::from_secs(grant.ttl().max(1) as u64);
+        Ok((EtcdLease::new(conn.clone(), grant.id()), granted))
+    }
+
+    pub(crate) fn id(&self) -> i64 {
+        self.id.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn conn(&self) -> &Arc<ConnectionManager> {
+        &self.conn
+    }
+
+    /// Moves to another lease id (the stream is reopened for it); returns
+    /// the old id.
+    pub(crate) async fn replace(&self, id: i64) -> i64 {
+        let mut stream = self.stream.lock().await;
+        *stream = None;
+        self.id.swap(id, Ordering::AcqRel)
+    }
+
+    /// One keep-alive round trip, bounded by the request timeout. `Ok(true)`
+    /// while the lease lives, `Ok(false)` once etcd reports it gone.
+    pub(crate) async fn keep_alive(&self) -> Result<bool> {
+        let mut slot = self.stream.lock().await;
+        let id = self.id();
+        if slot.is_none() {
+            let opened = self
+                .conn
                 .call("lease.keep_alive", |mut c| async move {
                     c.lease_keep_alive(id).await
                 })
-                .await
-                .ok();
+                .await?;
+            *slot = Some(opened);
         }
-        let renewed = match stream.as_mut() {
-            Some((keeper, responses)) => {
-                let once = async {
-                    keeper.keep_alive().await?;
-                    responses.message().await
-                };
-                match tokio::time::timeout(conn.cfg().request_timeout, once).await {
-                    Ok(Ok(Some(r))) => Some(r.ttl()),
-                    _ => None,
-                }
-            }
-            None => None,
+        let Some((keeper, responses)) = slot.as_mut() else {
+            return Err(Error::new(ErrorKind::Internal, "no keep-alive stream"));
         };
-        match renewed {
-            Some(t) if t > 0 => last_ok = Instant::now(),
-            Some(_) => {
-                tracing::warn!(lease = format!("{id:x}"), "lease expired or was revoked");
-                lost.cancel();
-                return;
-            }
-            None => {
-                stream = None;
-                if last_ok.elapsed() >= ttl {
-                    tracing::warn!(
-                        lease = format!("{id:x}"),
-                        "lease could not be renewed within its TTL"
-                    );
-                    lost.cancel();
-                    return;
-                }
-            }
-        }
-        let wait = if stream.is_some() {
-            period
-        } else {
-            period.min(Duration::from_millis(500))
+        let timeout = self.conn.cfg().request_timeout;
+        let once = async {
+            keeper.keep_alive().await?;
+            responses.message().await
         };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = conn.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        match tokio::time::timeout(timeout, once).await {
+            Ok(Ok(Some(r))) => Ok(r.ttl() > 0),
+            Ok(Ok(None)) => {
+                *slot = None;
+                Err(
+                    Error::new(ErrorKind::Unavailable, "the keep-alive stream ended")
+                        .with_backend(crate::NAME),
+                )
+            }
+            Ok(Err(e)) => {
+                *slot = None;
+                Err(from_etcd(e))
+            }
+            Err(_) => {
+                *slot = None;
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no keep-alive answer within {timeout:?}"),
+                )
+                .with_backend(crate::NAME))
+            }
         }
+    }
+
+    /// Revokes the lease (its keys are deleted). `Ok(false)` when it was
+    /// already gone.
+    pub(crate) async fn revoke(&self) -> Result<bool> {
+        match LeaseManager::new(self.conn.clone()).revoke(self.id()).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::LeaseLost => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Revokes in the background (best effort).
+    pub(crate) fn revoke_later(conn: &Arc<ConnectionManager>, id: i64) {
+        let leases = LeaseManager::new(conn.clone());
+        tokio::spawn(async move {
+            let _ = leases.revoke(id).await;
+        });
+    }
+}
+
+#[async_trait]
+impl LeaseBackend for EtcdLease {
+    fn describe(&self) -> String {
+        format!("etcd lease {:x}", self.id())
+    }
+
+    async fn extend(&self, _ttl: Duration) -> Result<bool> {
+        self.keep_alive().await
+    }
+
+    async fn release(&self) -> Result<bool> {
+        self.revoke().await
     }
 }

@@ -69,10 +69,10 @@ pub use config_center::EtcdConfigCenter;
 pub use connection::{ConnectionManager, ConnectionStatus};
 pub use error::ErrorCategory;
 pub use lease::{KeepAlive, LeaseInfo, LeaseManager, MIN_TTL};
-pub use lock::{EtcdLock, EtcdLockGuard};
+pub use lock::EtcdLock;
 pub use once::EtcdOnce;
 pub use registry::{EtcdDiscovery, EtcdRegistry};
-pub use worker_id::{EtcdWorkerIds, EtcdWorkerLease};
+pub use worker_id::EtcdWorkerIds;
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "etcd";

@@ -2,8 +2,8 @@
 //! lock's prefix, ordered by create revision, each waiter watching only its
 //! predecessor. Compatible with `etcdctl lock` and Go's `concurrency.Mutex`.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -11,14 +11,16 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
 };
-use im_infra::lock::{DistributedLock, LockCapabilities, LockGuard, LockInfo, LockOptions};
+use im_infra::lease::{Lease, LeaseBackend, PendingLease, SentAt};
+use im_infra::lock::{
+    DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
+};
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use crate::connection::ConnectionManager;
-use crate::lease::{lease_secs, KeepAlive, LeaseManager, MIN_TTL};
+use crate::lease::{lease_secs, EtcdLease, LeaseManager, MIN_TTL};
 
 /// The value of a waiter key: who and since when.
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,9 +51,13 @@ fn now_ms() -> u64 {
 /// when its key has the smallest create revision under the prefix; until
 /// then it watches only the key created just before its own. Waiters are
 /// served in arrival order. The fencing token is the key's create
-/// revision. While waiting, and while the guard lives with `auto_renew`,
-/// the lease is kept alive; the guard watches its key and reports loss when
-/// the key disappears (lease expired or revoked).
+/// revision. From the grant on, the lease is a
+/// [`Lease`](im_infra::lease::Lease): kept alive while waiting and while the
+/// guard lives (with `auto_renew`), with a local deadline, so that a holder
+/// cut off from etcd knows it lost the lock before etcd expires its lease.
+/// Each renewal also checks that the waiter key is still there. After the
+/// wait, the acquisition checks that its own key and lease survived it (as
+/// Go's `concurrency.Mutex` does).
 pub struct EtcdLock {
     conn: Arc<ConnectionManager>,
     acquire: OpMetrics,
@@ -66,47 +72,185 @@ impl std::fmt::Debug for EtcdLock {
     }
 }
 
-/// A waiter key in place, removed (with its lease) if the attempt fails or
-/// is cancelled.
-struct Attempt {
-    conn: Arc<ConnectionManager>,
+/// A waiter key on its lease, as the lease core sees it. `rev` is 0 until
+/// the key's create revision is known.
+struct WaiterKey {
+    lease: EtcdLease,
+    granted_secs: AtomicI64,
     name: String,
-    prefix: String,
     my_key: String,
-    my_rev: i64,
-    lease: i64,
-    lease_ttl: Duration,
-    keep: Option<KeepAlive>,
+    rev: AtomicI64,
     token: String,
-    done: bool,
 }
 
-impl Attempt {
-    /// Keeps the lease alive (while waiting, or for a renewed lock).
-    fn keep_alive(&mut self) {
-        if self.keep.is_none() {
-            self.keep = Some(KeepAlive::spawn(
-                self.conn.clone(),
-                self.lease,
-                self.lease_ttl,
-            ));
+impl WaiterKey {
+    fn rev(&self) -> i64 {
+        self.rev.load(Ordering::Acquire)
+    }
+
+    fn conn(&self) -> &Arc<ConnectionManager> {
+        self.lease.conn()
+    }
+
+    /// Whether the waiter key is still there with our create revision.
+    async fn key_is_ours(&self) -> Result<bool> {
+        let k = self.my_key.clone();
+        let r = self
+            .conn()
+            .call(
+                "lock.check_own",
+                |mut c| async move { c.get(k, None).await },
+            )
+            .await?;
+        let rev = self.rev();
+        Ok(r.kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == rev))
+    }
+
+    /// A lease's TTL is fixed: a new TTL moves the key to a new lease
+    /// (keeping its create revision, so its place and fencing token).
+    async fn move_to_new_lease(&self, ttl: Duration) -> Result<bool> {
+        let (fresh, granted) = EtcdLease::grant(self.conn(), "lock.lease_grant", ttl).await?;
+        let new_id = fresh.id();
+        let value = holder_value(&self.name, &self.token)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.my_key.clone(),
+                CompareOp::Equal,
+                self.rev(),
+            )])
+            .and_then([TxnOp::put(
+                self.my_key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(new_id)),
+            )]);
+        let moved = self
+            .conn()
+            .call("lock.refresh", |mut c| async move { c.txn(txn).await })
+            .await;
+        match moved {
+            Ok(r) if r.succeeded() => {
+                let old = self.lease.replace(new_id).await;
+                self.granted_secs
+                    .store(granted.as_secs() as i64, Ordering::Release);
+                EtcdLease::revoke_later(self.conn(), old);
+                Ok(true)
+            }
+            Ok(_) => {
+                EtcdLease::revoke_later(self.conn(), new_id);
+                Ok(false)
+            }
+            Err(e) => {
+                EtcdLease::revoke_later(self.conn(), new_id);
+                Err(e)
+            }
         }
     }
 }
 
-impl Drop for Attempt {
-    fn drop(&mut self) {
-        if self.done {
-            return;
+#[async_trait]
+impl LeaseBackend for WaiterKey {
+    fn describe(&self) -> String {
+        format!("lock {:?} (waiter key {})", self.name, self.my_key)
+    }
+
+    /// Keeps the lease alive and checks that the waiter key is still ours;
+    /// a new TTL moves the key to a new lease.
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        if lease_secs(ttl) != self.granted_secs.load(Ordering::Acquire) {
+            return self.move_to_new_lease(ttl).await;
         }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let conn = self.conn.clone();
-            let lease = self.lease;
-            rt.spawn(async move {
-                let _ = LeaseManager::new(conn).revoke(lease).await;
-            });
+        if !self.lease.keep_alive().await? {
+            return Ok(false);
+        }
+        if self.rev() == 0 {
+            return Ok(true);
+        }
+        self.key_is_ours().await
+    }
+
+    /// Deletes the waiter key if it is still ours (waking the next waiter),
+    /// then revokes its lease in the background. Before the key's revision
+    /// is known, revokes the lease (which deletes the key).
+    async fn release(&self) -> Result<bool> {
+        let rev = self.rev();
+        if rev == 0 {
+            return self.lease.revoke().await;
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.my_key.clone(),
+                CompareOp::Equal,
+                rev,
+            )])
+            .and_then([TxnOp::delete(self.my_key.clone(), None)]);
+        let resp = self
+            .conn()
+            .call("lock.release", |mut c| async move { c.txn(txn).await })
+            .await?;
+        EtcdLease::revoke_later(self.conn(), self.lease.id());
+        Ok(resp.succeeded())
+    }
+
+    fn announces_loss(&self) -> bool {
+        true
+    }
+
+    /// Watches the waiter key and resolves when it is deleted (lease
+    /// expired or revoked, key deleted by hand), following it across
+    /// reconnections.
+    async fn gone(&self) {
+        // Locks released sooner never open a watch.
+        tokio::time::sleep(WATCH_DELAY).await;
+        let mut from = self.rev() + 1;
+        loop {
+            let k = self.my_key.clone();
+            let watch = self
+                .conn()
+                .call("lock.watch_own", |mut c| async move {
+                    c.watch(k, Some(WatchOptions::new().with_start_revision(from)))
+                        .await
+                })
+                .await;
+            if let Ok(mut stream) = watch {
+                while let Ok(Some(r)) = stream.message().await {
+                    if r.compact_revision() > 0 {
+                        from = r.compact_revision();
+                        break;
+                    }
+                    for e in r.events() {
+                        if let Some(kv) = e.kv() {
+                            from = from.max(kv.mod_revision() + 1);
+                        }
+                        if e.event_type() == etcd_client::EventType::Delete {
+                            return;
+                        }
+                    }
+                    if r.canceled() {
+                        break;
+                    }
+                }
+            }
+            // The watch broke: look at the key, then watch again.
+            if matches!(self.key_is_ours().await, Ok(false)) {
+                return;
+            }
+            tokio::time::sleep(WATCH_DELAY).await;
         }
     }
+}
+
+/// How long after acquisition the waiter key is first watched, and the
+/// pause before watching again after a broken watch.
+const WATCH_DELAY: Duration = Duration::from_millis(200);
+
+fn holder_value(name: &str, token: &str) -> Result<Vec<u8>> {
+    serde_json::to_vec(&Holder {
+        owner: token.to_owned(),
+        acquired_at_ms: now_ms(),
+    })
+    .map_err(|e| Error::serialization(name, e))
 }
 
 fn deadline_error(name: &str, wait: Duration) -> Error {
@@ -128,40 +272,31 @@ impl EtcdLock {
         }
     }
 
-    /// Grants the lease and puts the waiter key; returns whether it owns the lock.
-    async fn enqueue(&self, name: &str, opts: &LockOptions) -> Result<(Attempt, bool)> {
-        let secs = lease_secs(opts.ttl);
-        let grant = self
-            .conn
-            .call("lock.lease_grant", |mut c| async move {
-                c.lease_grant(secs, None).await
-            })
-            .await?;
-        let lease = grant.id();
+    /// Grants the lease and puts the waiter key; returns the waiter key's
+    /// lease (kept from now on, renewed even with `no_renewal` until the
+    /// lock is acquired) and whether it owns the lock.
+    async fn enqueue(&self, name: &str, opts: &LockOptions) -> Result<(Lease, i64, bool)> {
+        let sent = SentAt::now();
+        let (lease, granted) = EtcdLease::grant(&self.conn, "lock.lease_grant", opts.ttl).await?;
+        let lease_id = lease.id();
         let prefix = lock_prefix(&self.conn, name);
-        let my_key = format!("{prefix}{lease:x}");
+        let my_key = format!("{prefix}{lease_id:x}");
         let token = uuid::Uuid::new_v4().to_string();
-        let mut attempt = Attempt {
-            conn: self.conn.clone(),
-            name: name.to_owned(),
-            prefix: prefix.clone(),
-            my_key: my_key.clone(),
-            my_rev: 0,
+        let value = holder_value(name, &token)?;
+        let mut pending = PendingLease::new(WaiterKey {
             lease,
-            lease_ttl: Duration::from_secs(grant.ttl().max(1) as u64),
-            keep: None,
-            token: token.clone(),
-            done: false,
-        };
-        let value = serde_json::to_vec(&Holder {
-            owner: token,
-            acquired_at_ms: now_ms(),
-        })
-        .map_err(|e| Error::serialization(name, e))?;
+            granted_secs: AtomicI64::new(granted.as_secs() as i64),
+            name: name.to_owned(),
+            my_key: my_key.clone(),
+            rev: AtomicI64::new(0),
+            token,
+        });
+        pending.arm();
         let first = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_limit(1);
+        // Put only if absent; a retry of the same waiter finds its key.
         let txn = Txn::new()
             .when([Compare::create_revision(
                 my_key.clone(),
@@ -172,7 +307,7 @@ impl EtcdLock {
                 TxnOp::put(
                     my_key.clone(),
                     value,
-                    Some(PutOptions::new().with_lease(lease)),
+                    Some(PutOptions::new().with_lease(lease_id)),
                 ),
                 TxnOp::get(prefix.clone(), Some(first.clone())),
             ])
@@ -204,25 +339,27 @@ impl EtcdLock {
                 "etcd did not report the waiter's revision",
             ));
         }
-        attempt.my_rev = my_rev;
-        Ok((attempt, owner_rev == my_rev))
+        pending.backend().rev.store(my_rev, Ordering::Release);
+        let mut kept = opts.lease_options(crate::NAME, granted).auto_renew(true);
+        kept.max_extensions = None;
+        Ok((pending.start(kept, sent), my_rev, owner_rev == my_rev))
     }
 
     /// Waits until no key created before ours remains under the prefix.
     async fn wait_for_predecessors(
         &self,
-        attempt: &Attempt,
-        deadline: Instant,
+        name: &str,
+        lease: &Lease,
+        my_rev: i64,
+        deadline: Option<Instant>,
         wait: Duration,
     ) -> Result<()> {
-        let lost = attempt
-            .keep
-            .as_ref()
-            .map(KeepAlive::lost)
-            .unwrap_or_default();
+        let lost = lease.lost();
+        let prefix = lock_prefix(&self.conn, name);
+        let past = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
         loop {
-            let prefix = attempt.prefix.clone();
-            let max_rev = attempt.my_rev - 1;
+            let prefix = prefix.clone();
+            let max_rev = my_rev - 1;
             let resp = self
                 .conn
                 .call("lock.predecessor", |mut c| async move {
@@ -251,13 +388,19 @@ impl EtcdLock {
                 )
                 .await
             });
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(deadline_error(&attempt.name, wait));
+            if past(deadline) {
+                return Err(deadline_error(name, wait));
             }
-            let mut stream = match tokio::time::timeout(remaining, watch).await {
-                Ok(r) => r?,
-                Err(_) => return Err(deadline_error(&attempt.name, wait)),
+            let until = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(until);
+            let mut stream = tokio::select! {
+                r = watch => r?,
+                _ = &mut until => return Err(deadline_error(name, wait)),
             };
             // Wait for the predecessor's deletion (or a broken stream: look again).
             let deleted = async {
@@ -280,29 +423,79 @@ impl EtcdLock {
             };
             tokio::select! {
                 _ = deleted => {}
-                _ = tokio::time::sleep_until(deadline.into()) => return Err(deadline_error(&attempt.name, wait)),
-                _ = lost.cancelled() => return Err(Error::new(ErrorKind::LeaseLost, "the waiter's lease was lost while waiting")),
+                _ = &mut until => return Err(deadline_error(name, wait)),
+                _ = lost.cancelled() => return Err(waiter_lost()),
                 _ = self.conn.shutdown.cancelled() => return Err(Error::new(ErrorKind::Closed, "the etcd backend was closed")),
             }
         }
+    }
+
+    /// The lease of an owned waiter key becomes the guard.
+    async fn guard(
+        &self,
+        name: &str,
+        lease: Lease,
+        my_rev: i64,
+        opts: LockOptions,
+        waited: bool,
+    ) -> Result<Box<dyn LockGuard>> {
+        if waited {
+            // The session may have expired while waiting (Go's mutex
+            // returns ErrSessionExpired here): check key and lease.
+            let prefix = lock_prefix(&self.conn, name);
+            let r = self
+                .conn
+                .call("lock.verify", |mut c| async move {
+                    c.get(
+                        prefix,
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                                .with_limit(1),
+                        ),
+                    )
+                    .await
+                })
+                .await?;
+            let first = r.kvs().first().map(|kv| kv.create_revision());
+            if first != Some(my_rev) || !lease.is_held() {
+                return Err(waiter_lost());
+            }
+        }
+        if !opts.auto_renew {
+            // Without renewal the TTL counts from the acquisition.
+            if waited && !lease.refresh(lease.ttl()).await? {
+                return Err(waiter_lost());
+            }
+            lease.set_auto_renew(false);
+        } else if let Some(n) = opts.max_renewals {
+            lease.limit_extensions(n);
+        }
+        Ok(Box::new(LeasedGuard::new(name, my_rev as u64, lease)))
     }
 
     async fn acquire_inner(&self, name: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
         validate::key(name)?;
         opts.validate()?;
         let began = Instant::now();
-        let deadline = began + opts.wait_timeout;
-        let (mut attempt, owned) = self.enqueue(name, &opts).await?;
+        let deadline = opts.wait_deadline(began);
+        let (lease, my_rev, owned) = self.enqueue(name, &opts).await?;
         if !owned {
-            // The wait may outlast the lease: keep it alive meanwhile.
-            attempt.keep_alive();
-            self.wait_for_predecessors(&attempt, deadline, opts.wait_timeout)
+            // Dropping the lease (an error, a timeout, a dropped future)
+            // removes the waiter key.
+            self.wait_for_predecessors(name, &lease, my_rev, deadline, opts.wait_timeout)
                 .await?;
         }
-        EtcdLockGuard::start(attempt, opts, began.elapsed())
-            .await
-            .map(|g| Box::new(g) as Box<dyn LockGuard>)
+        self.guard(name, lease, my_rev, opts, !owned).await
     }
+}
+
+fn waiter_lost() -> Error {
+    Error::new(
+        ErrorKind::LeaseLost,
+        "the waiter's lease or key was lost while waiting",
+    )
 }
 
 #[async_trait]
@@ -324,15 +517,13 @@ impl DistributedLock for EtcdLock {
             .run(async {
                 validate::key(key)?;
                 opts.validate()?;
-                let (attempt, owned) = self.enqueue(key, &opts).await?;
+                let (lease, my_rev, owned) = self.enqueue(key, &opts).await?;
                 if !owned {
-                    // Dropping the attempt removes the waiter key and its lease.
+                    // Releasing the lease removes the waiter key.
+                    let _ = lease.release().await;
                     return Ok(None);
                 }
-                Ok(Some(
-                    Box::new(EtcdLockGuard::start(attempt, opts, Duration::ZERO).await?)
-                        as Box<dyn LockGuard>,
-                ))
+                Ok(Some(self.guard(key, lease, my_rev, opts, false).await?))
             })
             .await
     }
@@ -401,346 +592,5 @@ impl DistributedLock for EtcdLock {
                 }))
             })
             .await
-    }
-}
-
-/// A held etcd lock.
-pub struct EtcdLockGuard {
-    conn: Arc<ConnectionManager>,
-    name: String,
-    my_key: String,
-    my_rev: i64,
-    lease: AtomicI64,
-    keep: Mutex<Option<KeepAlive>>,
-    auto_renew: bool,
-    ttl_ms: AtomicU64,
-    lost: CancellationToken,
-    released: AtomicBool,
-    token: String,
-    refresh_op: OpMetrics,
-    release_op: OpMetrics,
-}
-
-impl std::fmt::Debug for EtcdLockGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdLockGuard")
-            .field("key", &self.name)
-            .field("waiter_key", &self.my_key)
-            .field("fencing_token", &self.my_rev)
-            .finish()
-    }
-}
-
-impl EtcdLockGuard {
-    async fn start(mut attempt: Attempt, opts: LockOptions, waited: Duration) -> Result<Self> {
-        let keep = if opts.auto_renew {
-            attempt.keep_alive();
-            attempt.keep.take()
-        } else {
-            // The TTL should count from now: after a noticeable wait, one
-            // last renewal (the lease was granted when the wait began).
-            drop(attempt.keep.take());
-            if waited > opts.ttl / 10 {
-                let _ = LeaseManager::new(attempt.conn.clone())
-                    .refresh(attempt.lease)
-                    .await;
-            }
-            None
-        };
-        attempt.done = true;
-        let lost = CancellationToken::new();
-        if let Some(k) = &keep {
-            let (l, kl) = (lost.clone(), k.lost());
-            tokio::spawn(async move {
-                tokio::select! { _ = kl.cancelled() => l.cancel(), _ = l.cancelled() => {} }
-            });
-        }
-        tokio::spawn(watch_own_key(
-            attempt.conn.clone(),
-            attempt.my_key.clone(),
-            attempt.my_rev,
-            lost.clone(),
-        ));
-        let m = |op| OpMetrics::new(crate::NAME, "lock", op);
-        Ok(EtcdLockGuard {
-            conn: attempt.conn.clone(),
-            name: attempt.name.clone(),
-            my_key: attempt.my_key.clone(),
-            my_rev: attempt.my_rev,
-            lease: AtomicI64::new(attempt.lease),
-            keep: Mutex::new(keep),
-            auto_renew: opts.auto_renew,
-            ttl_ms: AtomicU64::new(validate::ttl_millis(opts.ttl)),
-            lost,
-            released: AtomicBool::new(false),
-            token: attempt.token.clone(),
-            refresh_op: m("lock.refresh"),
-            release_op: m("lock.release"),
-        })
-    }
-
-    fn keep(&self) -> MutexGuard<'_, Option<KeepAlive>> {
-        self.keep.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn not_held(&self) -> Error {
-        Error::new(
-            ErrorKind::LockNotHeld,
-            format!(
-                "lock {:?} is not held any more (lease expired or revoked, or released)",
-                self.name
-            ),
-        )
-    }
-
-    /// The waiter key in etcd (`<prefix><name>/<lease hex>`).
-    pub fn waiter_key(&self) -> &str {
-        &self.my_key
-    }
-
-    /// The lease the lock lives on.
-    pub fn lease_id(&self) -> i64 {
-        self.lease.load(Ordering::Acquire)
-    }
-
-    /// The owner token written in the waiter key.
-    pub fn owner(&self) -> &str {
-        &self.token
-    }
-}
-
-/// How long after acquisition the guard starts watching its key. The watch
-/// starts at the revision after acquisition, so nothing is missed; locks
-/// released sooner never open a watch.
-const WATCH_DELAY: Duration = Duration::from_millis(200);
-
-/// Cancels `lost` when the waiter key is deleted (expiry, revocation,
-/// release), following the key across reconnections.
-async fn watch_own_key(
-    conn: Arc<ConnectionManager>,
-    key: String,
-    rev: i64,
-    lost: CancellationToken,
-) {
-    tokio::select! {
-        _ = lost.cancelled() => return,
-        _ = tokio::time::sleep(WATCH_DELAY) => {}
-    }
-    let mut from = rev + 1;
-    loop {
-        if lost.is_cancelled() {
-            return;
-        }
-        let k = key.clone();
-        let watch = conn
-            .call("lock.watch_own", |mut c| async move {
-                c.watch(k, Some(WatchOptions::new().with_start_revision(from)))
-                    .await
-            })
-            .await;
-        if let Ok(mut stream) = watch {
-            loop {
-                let msg = tokio::select! {
-                    _ = lost.cancelled() => return,
-                    _ = conn.shutdown.cancelled() => return,
-                    m = stream.message() => m,
-                };
-                match msg {
-                    Ok(Some(r)) => {
-                        if r.compact_revision() > 0 {
-                            from = r.compact_revision();
-                            break;
-                        }
-                        for e in r.events() {
-                            if let Some(kv) = e.kv() {
-                                from = from.max(kv.mod_revision() + 1);
-                            }
-                            if e.event_type() == etcd_client::EventType::Delete {
-                                tracing::warn!(key, "lock lost: its key was deleted");
-                                lost.cancel();
-                                return;
-                            }
-                        }
-                        if r.canceled() {
-                            break;
-                        }
-                    }
-                    _ => break,
-                }
-            }
-        }
-        // Reconnect; meanwhile check the key is still ours.
-        let k = key.clone();
-        if let Ok(r) = conn
-            .call(
-                "lock.check_own",
-                |mut c| async move { c.get(k, None).await },
-            )
-            .await
-        {
-            if r.kvs().first().is_none_or(|kv| kv.create_revision() != rev) {
-                lost.cancel();
-                return;
-            }
-        }
-        tokio::select! {
-            _ = lost.cancelled() => return,
-            _ = conn.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
-    }
-}
-
-/// Deletes the waiter key if it is still ours (waking the next waiter),
-/// then revokes its lease.
-async fn release(conn: &Arc<ConnectionManager>, key: &str, rev: i64, lease: i64) -> Result<bool> {
-    let txn = Txn::new()
-        .when([Compare::create_revision(
-            key.to_owned(),
-            CompareOp::Equal,
-            rev,
-        )])
-        .and_then([TxnOp::delete(key.to_owned(), None)]);
-    let resp = conn
-        .call("lock.release", |mut c| async move { c.txn(txn).await })
-        .await?;
-    // The next waiter is already awake; the lease goes in the background.
-    let leases = LeaseManager::new(conn.clone());
-    tokio::spawn(async move {
-        let _ = leases.revoke(lease).await;
-    });
-    Ok(resp.succeeded())
-}
-
-#[async_trait]
-impl LockGuard for EtcdLockGuard {
-    fn key(&self) -> &str {
-        &self.name
-    }
-
-    fn fencing_token(&self) -> u64 {
-        self.my_rev as u64
-    }
-
-    fn ttl(&self) -> Duration {
-        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
-    }
-
-    fn is_held(&self) -> bool {
-        !self.lost.is_cancelled() && !self.released.load(Ordering::Acquire)
-    }
-
-    fn lost(&self) -> CancellationToken {
-        self.lost.clone()
-    }
-
-    async fn refresh(&self, ttl: Duration) -> Result<()> {
-        self.refresh_op
-            .run(async {
-                validate::ttl(ttl)?;
-                if !self.is_held() {
-                    return Err(self.not_held());
-                }
-                // A lease's TTL is fixed: move the key to a new lease.
-                let secs = lease_secs(ttl);
-                let grant = self
-                    .conn
-                    .call("lock.lease_grant", |mut c| async move {
-                        c.lease_grant(secs, None).await
-                    })
-                    .await?;
-                let new_lease = grant.id();
-                let value = serde_json::to_vec(&Holder {
-                    owner: self.token.clone(),
-                    acquired_at_ms: now_ms(),
-                })
-                .map_err(|e| Error::serialization(&self.name, e))?;
-                let txn = Txn::new()
-                    .when([Compare::create_revision(
-                        self.my_key.clone(),
-                        CompareOp::Equal,
-                        self.my_rev,
-                    )])
-                    .and_then([TxnOp::put(
-                        self.my_key.clone(),
-                        value,
-                        Some(PutOptions::new().with_lease(new_lease)),
-                    )]);
-                let resp = self
-                    .conn
-                    .call("lock.refresh", |mut c| async move { c.txn(txn).await })
-                    .await?;
-                let leases = LeaseManager::new(self.conn.clone());
-                if !resp.succeeded() {
-                    let _ = leases.revoke(new_lease).await;
-                    self.lost.cancel();
-                    return Err(self.not_held());
-                }
-                let old = self.lease.swap(new_lease, Ordering::AcqRel);
-                let _ = leases.revoke(old).await;
-                if self.auto_renew {
-                    let keep = KeepAlive::spawn(
-                        self.conn.clone(),
-                        new_lease,
-                        Duration::from_secs(grant.ttl().max(1) as u64),
-                    );
-                    let (l, kl) = (self.lost.clone(), keep.lost());
-                    tokio::spawn(async move {
-                        tokio::select! { _ = kl.cancelled() => l.cancel(), _ = l.cancelled() => {} }
-                    });
-                    *self.keep() = Some(keep);
-                }
-                self.ttl_ms
-                    .store(validate::ttl_millis(ttl), Ordering::Relaxed);
-                Ok(())
-            })
-            .await
-    }
-
-    async fn release(&self) -> Result<()> {
-        self.release_op
-            .run(async {
-                let was = self.released.swap(true, Ordering::AcqRel);
-                self.lost.cancel();
-                self.keep().take();
-                if was {
-                    return Err(self.not_held());
-                }
-                if release(
-                    &self.conn,
-                    &self.my_key,
-                    self.my_rev,
-                    self.lease.load(Ordering::Acquire),
-                )
-                .await?
-                {
-                    Ok(())
-                } else {
-                    Err(self.not_held())
-                }
-            })
-            .await
-    }
-}
-
-impl Drop for EtcdLockGuard {
-    fn drop(&mut self) {
-        self.lost.cancel();
-        self.keep().take();
-        if !self.released.swap(true, Ordering::AcqRel) {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let conn = self.conn.clone();
-                let (key, rev, lease) = (
-                    self.my_key.clone(),
-                    self.my_rev,
-                    self.lease.load(Ordering::Acquire),
-                );
-                rt.spawn(async move {
-                    if let Err(e) = release(&conn, &key, rev, lease).await {
-                        tracing::debug!(key, error = %e, "background release of a dropped lock guard failed");
-                    }
-                });
-            }
-        }
     }
 }

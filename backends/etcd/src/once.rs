@@ -7,20 +7,35 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use im_infra::lease::LeaseBackend;
 use im_infra::once::{Claim, Once, OnceCapabilities};
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 
 use crate::connection::ConnectionManager;
-use crate::lease::{lease_secs, LeaseManager, MIN_TTL};
+use crate::lease::{lease_secs, EtcdLease, LeaseManager, MIN_TTL};
 
 const CLAIMED: &[u8] = b"c:";
+/// `d:<outcome>`: done (written by earlier versions, without the token).
 const DONE: &[u8] = b"d:";
+/// `D:<token>\n<outcome>`: done by the claim `token`.
+const DONE_BY: &[u8] = b"D:";
+
+/// The outcome of a done value, and the token that completed it if known.
+fn done(value: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
+    if let Some(rest) = value.strip_prefix(DONE_BY) {
+        let split = rest.iter().position(|b| *b == b'\n')?;
+        return Some((Some(&rest[..split]), &rest[split + 1..]));
+    }
+    value.strip_prefix(DONE).map(|outcome| (None, outcome))
+}
 
 /// Idempotency on an [`EtcdBackend`](crate::EtcdBackend): the key
-/// `<namespace>/once/<key>` holds `c:<token>` while claimed and
-/// `d:<outcome>` when done, on a lease of the TTL (whole seconds, at least
-/// 2 s). Claim, complete and abandon are transactions comparing the value.
+/// `<namespace>/once/<key>` holds `c:<token>` while claimed (on a lease of
+/// the claim's TTL, kept alive while the work runs) and
+/// `D:<token>\n<outcome>` when done (on a lease of the outcome's TTL);
+/// TTLs are whole seconds, at least 2 s. Claim, complete and abandon are
+/// transactions comparing the value.
 pub struct EtcdOnce {
     conn: Arc<ConnectionManager>,
     claim: OpMetrics,
@@ -74,10 +89,77 @@ impl EtcdOnce {
     }
 }
 
+/// Whether `value` is a done record completed by `token`.
+fn done_by(value: Option<&[u8]>, token: &str) -> bool {
+    matches!(value.and_then(done), Some((Some(t), _)) if t == token.as_bytes())
+}
+
+/// Deletes the claim if it is `token`'s, and revokes its lease.
+async fn abandon(conn: &Arc<ConnectionManager>, k: &str, token: &str) -> Result<bool> {
+    let txn = Txn::new()
+        .when([Compare::value(
+            k.to_owned(),
+            CompareOp::Equal,
+            claimed(token),
+        )])
+        .and_then([TxnOp::delete(k.to_owned(), None)]);
+    let r = conn
+        .call("once.abandon", |mut c| async move { c.txn(txn).await })
+        .await?;
+    if let Some(old) = lease_of(token) {
+        let _ = LeaseManager::new(conn.clone()).revoke(old).await;
+    }
+    Ok(r.succeeded())
+}
+
+/// A claim on its lease, as the lease core sees it.
+struct HeldClaim {
+    lease: EtcdLease,
+    key: String,
+    token: String,
+}
+
+#[async_trait]
+impl LeaseBackend for HeldClaim {
+    fn describe(&self) -> String {
+        format!("once claim {}", self.key)
+    }
+
+    /// Keeps the claim's lease alive; once it is gone, the claim still
+    /// counts as held if this token completed the work.
+    async fn extend(&self, _ttl: Duration) -> Result<bool> {
+        if self.lease.keep_alive().await? {
+            return Ok(true);
+        }
+        let k = self.key.clone();
+        let r = self
+            .lease
+            .conn()
+            .call("once.get", |mut c| async move { c.get(k, None).await })
+            .await?;
+        Ok(done_by(r.kvs().first().map(|kv| kv.value()), &self.token))
+    }
+
+    async fn release(&self) -> Result<bool> {
+        abandon(self.lease.conn(), &self.key, &self.token).await
+    }
+}
+
 #[async_trait]
 impl Once for EtcdOnce {
     fn capabilities(&self) -> OnceCapabilities {
+        // The done record carries the token and a separator beside the outcome.
+        let overhead = DONE_BY.len() + 2 + 64;
         OnceCapabilities::with_min_ttl(MIN_TTL)
+            .with_max_outcome(self.conn.cfg().max_value_bytes.saturating_sub(overhead))
+    }
+
+    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
+        Box::new(HeldClaim {
+            lease: EtcdLease::new(self.conn.clone(), lease_of(token).unwrap_or(0)),
+            key: self.key(key),
+            token: token.to_owned(),
+        })
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
@@ -115,10 +197,8 @@ impl Once for EtcdOnce {
                     Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
                     _ => None,
                 };
-                Ok(match value {
-                    Some(v) if v.starts_with(DONE) => {
-                        Claim::Done(Bytes::copy_from_slice(&v[DONE.len()..]))
-                    }
+                Ok(match value.as_deref().and_then(done) {
+                    Some((_, outcome)) => Claim::Done(Bytes::copy_from_slice(outcome)),
                     // Claimed, or gone between the two steps: report in progress.
                     _ => Claim::InProgress,
                 })
@@ -131,7 +211,8 @@ impl Once for EtcdOnce {
             .run(async {
                 validate::key(key)?;
                 validate::ttl(ttl)?;
-                validate::value(outcome.len() + DONE.len(), self.conn.cfg().max_value_bytes)?;
+                let value = [DONE_BY, token.as_bytes(), b"\n", &outcome].concat();
+                validate::value(value.len(), self.conn.cfg().max_value_bytes)?;
                 let old = lease_of(token).ok_or_else(|| Self::not_held(key))?;
                 let k = self.key(key);
                 let secs = lease_secs(ttl);
@@ -145,16 +226,27 @@ impl Once for EtcdOnce {
                 let txn = Txn::new()
                     .when([Compare::value(k.clone(), CompareOp::Equal, claimed(token))])
                     .and_then([TxnOp::put(
-                        k,
-                        [DONE, &outcome].concat(),
+                        k.clone(),
+                        value,
                         Some(PutOptions::new().with_lease(lease)),
-                    )]);
+                    )])
+                    .or_else([TxnOp::get(k, None)]);
                 let r = self
                     .conn
                     .call("once.complete", |mut c| async move { c.txn(txn).await })
                     .await?;
                 if !r.succeeded() {
                     let _ = self.leases().revoke(lease).await;
+                    // Completed by this token already (a retry after a lost answer)?
+                    let current = match r.op_responses().first() {
+                        Some(TxnOpResponse::Get(g)) => {
+                            g.kvs().first().map(|kv| kv.value().to_vec())
+                        }
+                        _ => None,
+                    };
+                    if done_by(current.as_deref(), token) {
+                        return Ok(());
+                    }
                     return Err(Self::not_held(key));
                 }
                 let _ = self.leases().revoke(old).await;
@@ -167,18 +259,7 @@ impl Once for EtcdOnce {
         self.abandon
             .run(async {
                 validate::key(key)?;
-                let k = self.key(key);
-                let txn = Txn::new()
-                    .when([Compare::value(k.clone(), CompareOp::Equal, claimed(token))])
-                    .and_then([TxnOp::delete(k, None)]);
-                let r = self
-                    .conn
-                    .call("once.abandon", |mut c| async move { c.txn(txn).await })
-                    .await?;
-                if let Some(old) = lease_of(token) {
-                    let _ = self.leases().revoke(old).await;
-                }
-                if r.succeeded() {
+                if abandon(&self.conn, &self.key(key), token).await? {
                     Ok(())
                 } else {
                     Err(Self::not_held(key))
@@ -198,9 +279,8 @@ impl Once for EtcdOnce {
                     .await?;
                 Ok(r.kvs()
                     .first()
-                    .map(|kv| kv.value())
-                    .filter(|v| v.starts_with(DONE))
-                    .map(|v| Bytes::copy_from_slice(&v[DONE.len()..])))
+                    .and_then(|kv| done(kv.value()))
+                    .map(|(_, outcome)| Bytes::copy_from_slice(outcome)))
             })
             .await
     }

@@ -1,23 +1,25 @@
 //! Service registry and discovery on etcd: one key per instance on a lease,
 //! kept alive, registered again after a lost lease, watched by prefix.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use im_infra::lease::{LeaseBackend, PendingLease};
 use im_infra::registry::{
-    RegistryCapabilities, ServiceDiscovery, ServiceEvent, ServiceEventKind, ServiceEventStream,
-    ServiceInstance, ServiceRegistry,
+    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
+    ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::connection::ConnectionManager;
-use crate::lease::{lease_secs, KeepAlive, LeaseManager};
+use crate::lease::{EtcdLease, LeaseManager};
 
 /// `<namespace><service_prefix>/<service>/`.
 fn service_dir(conn: &ConnectionManager, service: &str) -> String {
@@ -55,27 +57,18 @@ async fn read(conn: &ConnectionManager, service: &str) -> Result<(i64, Vec<Servi
     Ok((rev, out))
 }
 
-struct Registration {
-    instance: Arc<Mutex<ServiceInstance>>,
-    lease: Arc<Mutex<i64>>,
-    task: JoinHandle<()>,
-}
-
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The registry of an [`EtcdBackend`](crate::EtcdBackend).
 ///
 /// An instance is JSON at `<service_prefix>/<service>/<id>` on a lease of
-/// its TTL (whole seconds), kept alive in the background. When the lease is
-/// lost (expired during a partition, revoked), the instance is registered
-/// again on a new lease, retrying forever with backoff, until deregistered.
-/// Dropping the handle stops the keep-alive (the instance expires);
-/// `close` deregisters.
+/// its TTL (whole seconds), kept by a [`Lease`](im_infra::lease::Lease)
+/// (renewed every third of the TTL, with a local deadline). When the lease
+/// is lost (expired during a partition, revoked), the instance is
+/// registered again on a new lease, retrying forever with backoff, until
+/// deregistered ([`Registrations`]). Dropping the handle stops the
+/// keep-alive (the instance expires); `close` deregisters.
 pub struct EtcdRegistry {
     conn: Arc<ConnectionManager>,
-    mine: Mutex<HashMap<(String, String), Registration>>,
+    registrations: Registrations,
     register: OpMetrics,
     deregister: OpMetrics,
     update: OpMetrics,
@@ -92,8 +85,11 @@ impl EtcdRegistry {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
         let m = |op| OpMetrics::new(crate::NAME, "registry", op);
         EtcdRegistry {
+            registrations: Registrations::new(
+                Arc::new(Server { conn: conn.clone() }),
+                conn.cfg().retry.clone(),
+            ),
             conn,
-            mine: Mutex::new(HashMap::new()),
             register: m("registry.register"),
             deregister: m("registry.deregister"),
             update: m("registry.update"),
@@ -103,19 +99,7 @@ impl EtcdRegistry {
 
     /// Deregisters everything registered through this handle.
     pub async fn close(&self) {
-        let all: Vec<_> = locked(&self.mine).drain().collect();
-        for ((service, id), reg) in all {
-            reg.task.abort();
-            let key = instance_key(&self.conn, &service, &id);
-            let _ = self
-                .conn
-                .call("registry.delete", |mut c| async move {
-                    c.delete(key, None).await
-                })
-                .await;
-            let lease = *locked(&reg.lease);
-            let _ = LeaseManager::new(self.conn.clone()).revoke(lease).await;
-        }
+        self.registrations.close().await;
     }
 
     fn with_defaults(&self, instance: &ServiceInstance) -> ServiceInstance {
@@ -127,82 +111,102 @@ impl EtcdRegistry {
     }
 }
 
-impl Drop for EtcdRegistry {
-    fn drop(&mut self) {
-        for (_, reg) in locked(&self.mine).drain() {
-            reg.task.abort();
-        }
-    }
-}
-
-/// Grants a lease and puts the instance on it; returns the lease and its TTL.
-async fn put_instance(
-    conn: &ConnectionManager,
-    instance: &ServiceInstance,
-    ttl: Duration,
-) -> Result<(i64, Duration)> {
-    let secs = lease_secs(ttl);
-    let grant = conn
-        .call("registry.lease_grant", |mut c| async move {
-            c.lease_grant(secs, None).await
-        })
-        .await?;
-    let lease = grant.id();
-    let key = instance_key(conn, &instance.service, &instance.id);
-    let value = serde_json::to_vec(instance).map_err(|e| Error::serialization(&key, e))?;
-    conn.call("registry.put", |mut c| async move {
-        c.put(key, value, Some(PutOptions::new().with_lease(lease)))
-            .await
-    })
-    .await?;
-    Ok((lease, Duration::from_secs(grant.ttl().max(1) as u64)))
-}
-
-/// Keeps one registration alive; registers it again, forever, with backoff,
-/// when its lease is lost.
-async fn keeper(
+/// Registers on etcd.
+struct Server {
     conn: Arc<ConnectionManager>,
-    instance: Arc<Mutex<ServiceInstance>>,
-    lease: Arc<Mutex<i64>>,
-    ttl: Duration,
-    granted: Duration,
-) {
-    let mut keep = KeepAlive::spawn(conn.clone(), *locked(&lease), granted);
-    loop {
-        let lost = keep.lost();
-        tokio::select! {
-            _ = conn.shutdown.cancelled() => return,
-            _ = lost.cancelled() => {}
-        }
-        let current = locked(&instance).clone();
-        tracing::warn!(service = %current.service, id = %current.id, "registration lease lost; registering again");
-        let mut delays = conn.cfg().retry.delays_forever();
-        loop {
-            let current = locked(&instance).clone();
-            match put_instance(&conn, &current, ttl).await {
-                Ok((new_lease, granted)) => {
-                    *locked(&lease) = new_lease;
-                    keep = KeepAlive::spawn(conn.clone(), new_lease, granted);
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "re-registration failed; retrying");
-                    let d = delays.next().unwrap_or(Duration::from_secs(1));
-                    tokio::select! {
-                        _ = conn.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(d) => {}
-                    }
-                }
-            }
-        }
+}
+
+#[async_trait]
+impl RegistrationBackend for Server {
+    fn name(&self) -> &'static str {
+        crate::NAME
+    }
+
+    /// Grants a lease and puts the instance on it.
+    async fn put(
+        &self,
+        instance: &ServiceInstance,
+        ttl: Duration,
+    ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+        let (lease, granted) = EtcdLease::grant(&self.conn, "registry.lease_grant", ttl).await?;
+        let mut pending = PendingLease::new(lease);
+        pending.arm();
+        let id = pending.backend().id();
+        let key = instance_key(&self.conn, &instance.service, &instance.id);
+        let value = serde_json::to_vec(instance).map_err(|e| Error::serialization(&key, e))?;
+        let k = key.clone();
+        self.conn
+            .call("registry.put", |mut c| async move {
+                c.put(k, value, Some(PutOptions::new().with_lease(id)))
+                    .await
+            })
+            .await?;
+        Ok((
+            Arc::new(Registered {
+                lease: pending.into_backend(),
+                key,
+            }),
+            granted,
+        ))
     }
 }
 
-fn not_registered(service: &str, id: &str) -> Error {
-    Error::new(
-        ErrorKind::NotFound,
-        format!("{service}/{id} is not registered by this registry"),
-    )
+/// One registration: the instance key on its lease.
+struct Registered {
+    lease: EtcdLease,
+    key: String,
+}
+
+impl Registered {
+    /// Runs `op` on the key only while it is on this registration's lease.
+    async fn if_mine(&self, what: &'static str, op: TxnOp) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Compare::lease(
+                self.key.clone(),
+                CompareOp::Equal,
+                self.lease.id(),
+            )])
+            .and_then([op]);
+        let r = self
+            .lease
+            .conn()
+            .call(what, |mut c| async move { c.txn(txn).await })
+            .await?;
+        Ok(r.succeeded())
+    }
+}
+
+#[async_trait]
+impl LeaseBackend for Registered {
+    fn describe(&self) -> String {
+        format!("registration {}", self.key)
+    }
+
+    async fn extend(&self, _ttl: Duration) -> Result<bool> {
+        self.lease.keep_alive().await
+    }
+
+    /// Deletes the key if it is still on this lease, then revokes the lease.
+    async fn release(&self) -> Result<bool> {
+        let deleted = self
+            .if_mine("registry.delete", TxnOp::delete(self.key.clone(), None))
+            .await?;
+        let _ = self.lease.revoke().await;
+        Ok(deleted)
+    }
+}
+
+#[async_trait]
+impl RegistrationLease for Registered {
+    async fn update(&self, instance: &ServiceInstance) -> Result<bool> {
+        let value = serde_json::to_vec(instance).map_err(|e| Error::serialization(&self.key, e))?;
+        let put = TxnOp::put(
+            self.key.clone(),
+            value,
+            Some(PutOptions::new().with_lease(self.lease.id())),
+        );
+        self.if_mine("registry.update", put).await
+    }
 }
 
 #[async_trait]
@@ -210,86 +214,24 @@ impl ServiceRegistry for EtcdRegistry {
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
         self.register
             .run(async {
-                instance.validate()?;
                 validate::ttl(ttl)?;
                 let instance = self.with_defaults(instance);
-                let (lease, granted) = put_instance(&self.conn, &instance, ttl).await?;
-                let cell = Arc::new(Mutex::new(instance.clone()));
-                let lease_cell = Arc::new(Mutex::new(lease));
-                let task = tokio::spawn(keeper(
-                    self.conn.clone(),
-                    cell.clone(),
-                    lease_cell.clone(),
-                    ttl,
-                    granted,
-                ));
-                let old = locked(&self.mine).insert(
-                    (instance.service.clone(), instance.id.clone()),
-                    Registration {
-                        instance: cell,
-                        lease: lease_cell,
-                        task,
-                    },
-                );
-                if let Some(old) = old {
-                    old.task.abort();
-                    let old_lease = *locked(&old.lease);
-                    if old_lease != lease {
-                        let _ = LeaseManager::new(self.conn.clone()).revoke(old_lease).await;
-                    }
-                }
-                Ok(())
+                self.registrations.register(&instance, ttl).await
             })
             .await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
         self.deregister
-            .run(async {
-                let Some(reg) = locked(&self.mine).remove(&(service.to_owned(), id.to_owned()))
-                else {
-                    return Err(not_registered(service, id));
-                };
-                reg.task.abort();
-                let key = instance_key(&self.conn, service, id);
-                self.conn
-                    .call("registry.delete", |mut c| async move {
-                        c.delete(key, None).await
-                    })
-                    .await?;
-                let lease = *locked(&reg.lease);
-                let _ = LeaseManager::new(self.conn.clone()).revoke(lease).await;
-                Ok(())
-            })
+            .run(self.registrations.deregister(service, id))
             .await
     }
 
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {
         self.update
             .run(async {
-                instance.validate()?;
                 let instance = self.with_defaults(instance);
-                let (cell, lease_cell) = {
-                    let mine = locked(&self.mine);
-                    let Some(reg) = mine.get(&(instance.service.clone(), instance.id.clone()))
-                    else {
-                        return Err(not_registered(&instance.service, &instance.id));
-                    };
-                    (reg.instance.clone(), reg.lease.clone())
-                };
-                *locked(&cell) = instance.clone();
-                let lease = *locked(&lease_cell);
-                let key = instance_key(&self.conn, &instance.service, &instance.id);
-                let value =
-                    serde_json::to_vec(&instance).map_err(|e| Error::serialization(&key, e))?;
-                // On a lost lease the put fails; the keeper re-registers the new value.
-                self.conn
-                    .call("registry.update", |mut c| async move {
-                        c.put(key, value, Some(PutOptions::new().with_lease(lease)))
-                            .await
-                    })
-                    .await
-                    .map(drop)
+                self.registrations.update(&instance).await
             })
             .await
     }

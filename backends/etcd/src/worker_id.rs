@@ -1,27 +1,41 @@
 //! Worker-id leases on etcd keys.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use im_infra::lease::{Lease, LeaseBackend, PendingLease, SentAt};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 
 use crate::connection::ConnectionManager;
-use crate::lease::{lease_secs, KeepAlive, LeaseManager};
+use crate::lease::{EtcdLease, LeaseManager};
 
 fn dir(conn: &ConnectionManager) -> String {
     conn.cfg().key("/workers/")
 }
 
+/// Where each id's last possible timestamp is kept (no lease: it must
+/// outlive the holder).
+fn last_dir(conn: &ConnectionManager) -> String {
+    conn.cfg().key("/workers-last/")
+}
+
+fn wall_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The worker-id allocator of an [`EtcdBackend`](crate::EtcdBackend): the id
-/// `n` is the key `<namespace>/workers/<n>` on a lease kept alive while the
-/// lease object lives; an id is taken by a create-only transaction.
+/// `n` is the key `<namespace>/workers/<n>` on a lease kept by a
+/// [`Lease`](im_infra::lease::Lease); an id is taken by a create-only
+/// transaction. `<namespace>/workers-last/<n>` keeps the last timestamp the
+/// id's latest holder may have used (written by every renewal, only while
+/// the id is still that holder's), which the next holder starts after.
 pub struct EtcdWorkerIds {
     conn: Arc<ConnectionManager>,
     allocate: OpMetrics,
@@ -44,7 +58,7 @@ impl EtcdWorkerIds {
 
 #[async_trait]
 impl WorkerIdAllocator for EtcdWorkerIds {
-    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<Box<dyn WorkerLease>> {
+    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
         self.allocate
             .run(async {
                 validate::ttl(ttl)?;
@@ -70,46 +84,54 @@ impl WorkerIdAllocator for EtcdWorkerIds {
                             .ok()
                     })
                     .collect();
-                let secs = lease_secs(ttl);
-                let grant = self
-                    .conn
-                    .call("uid.lease", |mut c| async move {
-                        c.lease_grant(secs, None).await
-                    })
-                    .await?;
-                let lease = grant.id();
+                let sent = SentAt::now();
+                let (lease, granted) = EtcdLease::grant(&self.conn, "uid.lease", ttl).await?;
+                let lease_id = lease.id();
+                // Whatever happens from here, the lease goes (and the key it
+                // may hold with it) unless the allocation completes.
+                let mut pending = PendingLease::new(lease);
+                pending.arm();
                 let token = uuid::Uuid::new_v4().to_string();
+                let last_dir = last_dir(&self.conn);
                 for id in (0..=max_worker_id).filter(|id| !taken.contains(id)) {
                     let key = format!("{d}{id}");
+                    let last_key = format!("{last_dir}{id}");
+                    let last = wall_millis().saturating_add(validate::ttl_millis(granted));
                     let txn = Txn::new()
                         .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(
-                            key.clone(),
-                            token.clone(),
-                            Some(PutOptions::new().with_lease(lease)),
-                        )]);
+                        .and_then([
+                            TxnOp::get(last_key.clone(), None),
+                            TxnOp::put(
+                                key.clone(),
+                                token.clone(),
+                                Some(PutOptions::new().with_lease(lease_id)),
+                            ),
+                            TxnOp::put(last_key.clone(), last.to_string(), None),
+                        ]);
                     let r = self
                         .conn
                         .call("uid.claim", |mut c| async move { c.txn(txn).await })
                         .await?;
                     if r.succeeded() {
-                        let keep = KeepAlive::spawn(
-                            self.conn.clone(),
-                            lease,
-                            Duration::from_secs(grant.ttl().max(1) as u64),
-                        );
-                        return Ok(Box::new(EtcdWorkerLease {
-                            conn: self.conn.clone(),
-                            id,
+                        let not_before = match r.op_responses().first() {
+                            Some(TxnOpResponse::Get(g)) => g
+                                .kvs()
+                                .first()
+                                .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
+                                .unwrap_or(0),
+                            _ => 0,
+                        };
+                        let held = HeldWorkerId {
+                            lease: pending.into_backend(),
                             key,
-                            lease,
-                            lost: keep.lost(),
-                            _keep: keep,
-                            released: AtomicBool::new(false),
-                        }) as Box<dyn WorkerLease>);
+                            last_key,
+                            ttl: granted,
+                        };
+                        let opts = WorkerLease::lease_options(crate::NAME, granted);
+                        let lease = Lease::start(held, opts, sent);
+                        return Ok(WorkerLease::new(id, lease).with_not_before(not_before));
                     }
                 }
-                let _ = LeaseManager::new(self.conn.clone()).revoke(lease).await;
                 Err(Error::new(
                     ErrorKind::ResourceExhausted,
                     format!(
@@ -122,62 +144,52 @@ impl WorkerIdAllocator for EtcdWorkerIds {
     }
 }
 
-/// A worker id leased from etcd.
-pub struct EtcdWorkerLease {
-    conn: Arc<ConnectionManager>,
-    id: u64,
+/// A worker id on its etcd lease, as the lease core sees it.
+struct HeldWorkerId {
+    lease: EtcdLease,
     key: String,
-    lease: i64,
-    lost: CancellationToken,
-    _keep: KeepAlive,
-    released: AtomicBool,
+    last_key: String,
+    ttl: Duration,
 }
 
-impl std::fmt::Debug for EtcdWorkerLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdWorkerLease")
-            .field("id", &self.id)
-            .field("key", &self.key)
-            .finish()
+impl HeldWorkerId {
+    /// Writes the last timestamp while the id is still on our lease.
+    async fn record_last(&self, last: u64) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Compare::lease(
+                self.key.clone(),
+                CompareOp::Equal,
+                self.lease.id(),
+            )])
+            .and_then([TxnOp::put(self.last_key.clone(), last.to_string(), None)]);
+        let r = self
+            .lease
+            .conn()
+            .call("uid.last", |mut c| async move { c.txn(txn).await })
+            .await?;
+        Ok(r.succeeded())
     }
 }
 
 #[async_trait]
-impl WorkerLease for EtcdWorkerLease {
-    fn worker_id(&self) -> u64 {
-        self.id
+impl LeaseBackend for HeldWorkerId {
+    fn describe(&self) -> String {
+        format!("worker id key {}", self.key)
     }
 
-    fn lost(&self) -> CancellationToken {
-        self.lost.clone()
+    async fn extend(&self, _ttl: Duration) -> Result<bool> {
+        let last = wall_millis().saturating_add(validate::ttl_millis(self.ttl));
+        Ok(self.lease.keep_alive().await? && self.record_last(last).await?)
     }
 
-    async fn release(&self) -> Result<()> {
-        self.lost.cancel();
-        self._keep.stop();
-        if self.released.swap(true, Ordering::AcqRel) {
-            return Err(Error::new(
-                ErrorKind::LeaseLost,
-                "the worker id was already released",
-            ));
+    /// Records the release time as the last timestamp, then revokes the
+    /// lease (deleting the id's key).
+    async fn release(&self) -> Result<bool> {
+        // Without the record, the next holder waits for the last renewal's.
+        if let Err(e) = self.record_last(wall_millis()).await {
+            tracing::debug!(key = %self.key, error = %e, "could not record the release time");
         }
-        LeaseManager::new(self.conn.clone())
-            .revoke(self.lease)
-            .await
-    }
-}
-
-impl Drop for EtcdWorkerLease {
-    fn drop(&mut self) {
-        self.lost.cancel();
-        if !self.released.swap(true, Ordering::AcqRel) {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let (conn, lease) = (self.conn.clone(), self.lease);
-                rt.spawn(async move {
-                    let _ = LeaseManager::new(conn).revoke(lease).await;
-                });
-            }
-        }
+        self.lease.revoke().await
     }
 }
 

@@ -68,11 +68,11 @@ pub use cache::MemoryCache;
 pub use config::MemoryConfig;
 pub use config_center::MemoryConfigCenter;
 pub use limiter::MemoryLimiter;
-pub use lock::{MemoryLock, MemoryLockGuard};
+pub use lock::MemoryLock;
 pub use mq::{MemoryConsumer, MemoryProducer};
 pub use once::MemoryOnce;
 pub use registry::{MemoryDiscovery, MemoryRegistry};
-pub use worker_id::{MemoryWorkerIds, MemoryWorkerLease};
+pub use worker_id::MemoryWorkerIds;
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "memory";

@@ -1,16 +1,18 @@
 //! In-process locks with TTLs, fair waiting, fencing and expiry.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use im_infra::lock::{DistributedLock, LockCapabilities, LockGuard, LockInfo, LockOptions};
+use im_infra::lease::{Lease, LeaseBackend, SentAt};
+use im_infra::lock::{
+    DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
+};
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
@@ -203,14 +205,18 @@ impl MemoryLock {
         token: String,
         holder: Holder,
         opts: LockOptions,
+        sent: SentAt,
     ) -> Box<dyn LockGuard> {
-        Box::new(MemoryLockGuard::start(
-            self.shared.clone(),
-            key,
-            token,
-            holder.fencing,
-            opts,
-        ))
+        let lease = Lease::start(
+            HeldLock {
+                shared: self.shared.clone(),
+                key: key.to_owned(),
+                token,
+            },
+            opts.lease_options(crate::NAME, opts.ttl),
+            sent,
+        );
+        Box::new(LeasedGuard::new(key, holder.fencing, lease))
     }
 
     async fn acquire_inner(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
@@ -219,7 +225,9 @@ impl MemoryLock {
         opts.validate()?;
         let token = uuid::Uuid::new_v4().to_string();
         let store = self.store();
-        let deadline = tokio::time::Instant::now() + opts.wait_timeout;
+        let deadline = opts
+            .wait_deadline(Instant::now())
+            .map(tokio::time::Instant::from_std);
         let id = store.waiter_ids.fetch_add(1, Ordering::Relaxed);
         store
             .keys()
@@ -238,25 +246,31 @@ impl MemoryLock {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let sent = SentAt::now();
             if let Some(holder) = store.take(key, &token, opts.ttl, Some(id)) {
                 ticket.done = true;
-                return Ok(self.guard(key, token, holder, opts));
+                return Ok(self.guard(key, token, holder, opts, sent));
             }
             self.shared.check_open()?;
             // Wake up at the holder's expiry at the latest (a dead holder
             // does not notify).
-            let wake = store
-                .expiry(key)
-                .map(tokio::time::Instant::from_std)
-                .map_or(deadline, |e| e.min(deadline));
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(wake) => {}
+            let expiry = store.expiry(key).map(tokio::time::Instant::from_std);
+            let wake = match (expiry, deadline) {
+                (Some(e), Some(d)) => Some(e.min(d)),
+                (e, d) => e.or(d),
+            };
+            match wake {
+                Some(wake) => tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(wake) => {}
+                },
+                None => notified.await,
             }
-            if tokio::time::Instant::now() >= deadline {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                let sent = SentAt::now();
                 if let Some(holder) = store.take(key, &token, opts.ttl, Some(id)) {
                     ticket.done = true;
-                    return Ok(self.guard(key, token, holder, opts));
+                    return Ok(self.guard(key, token, holder, opts, sent));
                 }
                 return Err(Error::new(
                     ErrorKind::Timeout,
@@ -287,10 +301,11 @@ impl DistributedLock for MemoryLock {
             validate::key(key)?;
             opts.validate()?;
             let token = uuid::Uuid::new_v4().to_string();
+            let sent = SentAt::now();
             Ok(self
                 .store()
                 .take(key, &token, opts.ttl, None)
-                .map(|h| self.guard(key, token, h, opts)))
+                .map(|h| self.guard(key, token, h, opts, sent)))
         })
     }
 
@@ -317,163 +332,25 @@ impl DistributedLock for MemoryLock {
     }
 }
 
-/// A held in-process lock.
-pub struct MemoryLockGuard {
+/// A lock held in the store, as the lease core sees it.
+struct HeldLock {
     shared: Arc<Shared>,
     key: String,
     token: String,
-    fencing: u64,
-    ttl_ms: AtomicU64,
-    lost: CancellationToken,
-    released: AtomicBool,
-    refresh: OpMetrics,
-    release: OpMetrics,
-}
-
-impl std::fmt::Debug for MemoryLockGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryLockGuard")
-            .field("key", &self.key)
-            .field("fencing_token", &self.fencing)
-            .finish()
-    }
-}
-
-impl MemoryLockGuard {
-    fn start(
-        shared: Arc<Shared>,
-        key: &str,
-        token: String,
-        fencing: u64,
-        opts: LockOptions,
-    ) -> Self {
-        let lost = CancellationToken::new();
-        let guard = MemoryLockGuard {
-            shared: shared.clone(),
-            key: key.to_owned(),
-            token: token.clone(),
-            fencing,
-            ttl_ms: AtomicU64::new(validate::ttl_millis(opts.ttl)),
-            lost: lost.clone(),
-            released: AtomicBool::new(false),
-            refresh: OpMetrics::new(crate::NAME, "lock", "lock.refresh"),
-            release: OpMetrics::new(crate::NAME, "lock", "lock.release"),
-        };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(keeper(shared, key.to_owned(), token, opts, lost));
-        }
-        guard
-    }
-}
-
-/// Renews the lock every ttl/3 (with `auto_renew`), or watches its expiry,
-/// and cancels `lost` when it is gone. Ends when `lost` is cancelled.
-async fn keeper(
-    shared: Arc<Shared>,
-    key: String,
-    token: String,
-    opts: LockOptions,
-    lost: CancellationToken,
-) {
-    let period = (opts.ttl / 3).max(Duration::from_millis(1));
-    loop {
-        let wait = if opts.auto_renew {
-            period
-        } else {
-            match shared.locks.holder(&key) {
-                Some(h) if h.token == token => {
-                    h.expires_at.saturating_duration_since(Instant::now())
-                        + Duration::from_millis(1)
-                }
-                _ => Duration::ZERO,
-            }
-        };
-        tokio::select! {
-            _ = lost.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        let held = if opts.auto_renew {
-            shared.locks.refresh(&key, &token, opts.ttl)
-        } else {
-            shared.locks.holder(&key).is_some_and(|h| h.token == token)
-        };
-        if !held {
-            tracing::warn!(key, "lock lost");
-            lost.cancel();
-            return;
-        }
-    }
 }
 
 #[async_trait]
-impl LockGuard for MemoryLockGuard {
-    fn key(&self) -> &str {
-        &self.key
+impl LeaseBackend for HeldLock {
+    fn describe(&self) -> String {
+        format!("lock {:?}", self.key)
     }
 
-    fn fencing_token(&self) -> u64 {
-        self.fencing
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        self.shared.check_open()?;
+        Ok(self.shared.locks.refresh(&self.key, &self.token, ttl))
     }
 
-    fn ttl(&self) -> Duration {
-        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
-    }
-
-    fn is_held(&self) -> bool {
-        !self.lost.is_cancelled()
-            && self
-                .shared
-                .locks
-                .holder(&self.key)
-                .is_some_and(|h| h.token == self.token)
-    }
-
-    fn lost(&self) -> CancellationToken {
-        self.lost.clone()
-    }
-
-    async fn refresh(&self, ttl: Duration) -> Result<()> {
-        self.refresh.run_sync(|| {
-            self.shared.check_open()?;
-            validate::ttl(ttl)?;
-            if self.released.load(Ordering::Acquire)
-                || !self.shared.locks.refresh(&self.key, &self.token, ttl)
-            {
-                self.lost.cancel();
-                return Err(Error::new(
-                    ErrorKind::LockNotHeld,
-                    format!("lock {:?} is not held", self.key),
-                ));
-            }
-            self.ttl_ms
-                .store(validate::ttl_millis(ttl), Ordering::Relaxed);
-            Ok(())
-        })
-    }
-
-    async fn release(&self) -> Result<()> {
-        self.release.run_sync(|| {
-            let was_released = self.released.swap(true, Ordering::AcqRel);
-            self.lost.cancel();
-            if was_released || !self.shared.locks.release(&self.key, &self.token) {
-                return Err(Error::new(
-                    ErrorKind::LockNotHeld,
-                    format!(
-                        "lock {:?} was not held any more (expired, taken over or released)",
-                        self.key
-                    ),
-                ));
-            }
-            Ok(())
-        })
-    }
-}
-
-impl Drop for MemoryLockGuard {
-    fn drop(&mut self) {
-        self.lost.cancel();
-        if !self.released.swap(true, Ordering::AcqRel) {
-            self.shared.locks.release(&self.key, &self.token);
-        }
+    async fn release(&self) -> Result<bool> {
+        Ok(self.shared.locks.release(&self.key, &self.token))
     }
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use im_infra::once::{Claim, Once};
+use im_infra::lease::LeaseBackend;
+use im_infra::once::{Claim, Once, OnceCapabilities};
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 
@@ -14,8 +15,15 @@ use crate::Shared;
 
 #[derive(Debug, Clone)]
 enum Record {
-    Claimed { token: String, expires_at: Instant },
-    Done { outcome: Bytes, expires_at: Instant },
+    Claimed {
+        token: String,
+        expires_at: Instant,
+    },
+    Done {
+        token: String,
+        outcome: Bytes,
+        expires_at: Instant,
+    },
 }
 
 impl Record {
@@ -37,6 +45,34 @@ pub(crate) struct OnceStore {
 impl OnceStore {
     fn records(&self) -> MutexGuard<'_, HashMap<String, Record>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Extends `token`'s live claim on `key`; true also when `token`
+    /// completed it.
+    fn renew(&self, key: &str, token: &str, ttl: Duration) -> bool {
+        let now = Instant::now();
+        match self.records().get_mut(key) {
+            Some(Record::Claimed {
+                token: t,
+                expires_at,
+            }) if t == token && *expires_at > now => {
+                *expires_at = now + ttl;
+                true
+            }
+            Some(Record::Done { token: t, .. }) => t == token,
+            _ => false,
+        }
+    }
+
+    /// Removes `token`'s live claim on `key`.
+    fn abandon(&self, key: &str, token: &str) -> bool {
+        let now = Instant::now();
+        let mut records = self.records();
+        let mine = matches!(records.get(key), Some(Record::Claimed { token: t, expires_at }) if t == token && *expires_at > now);
+        if mine {
+            records.remove(key);
+        }
+        mine
     }
 
     pub(crate) fn purge(&self) {
@@ -87,8 +123,43 @@ impl MemoryOnce {
     }
 }
 
+/// A claim, as the lease core sees it.
+struct HeldClaim {
+    shared: Arc<Shared>,
+    key: String,
+    token: String,
+}
+
+#[async_trait]
+impl LeaseBackend for HeldClaim {
+    fn describe(&self) -> String {
+        format!("once claim {:?}", self.key)
+    }
+
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        self.shared.check_open()?;
+        Ok(self.shared.once.renew(&self.key, &self.token, ttl))
+    }
+
+    async fn release(&self) -> Result<bool> {
+        Ok(self.shared.once.abandon(&self.key, &self.token))
+    }
+}
+
 #[async_trait]
 impl Once for MemoryOnce {
+    fn capabilities(&self) -> OnceCapabilities {
+        OnceCapabilities::default().with_max_outcome(self.shared.config.max_value_bytes)
+    }
+
+    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
+        Box::new(HeldClaim {
+            shared: self.shared.clone(),
+            key: key.to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
         self.claim.run_sync(|| {
             self.shared.check_open()?;
@@ -100,6 +171,7 @@ impl Once for MemoryOnce {
                 Some(Record::Done {
                     outcome,
                     expires_at,
+                    ..
                 }) if *expires_at > now => {
                     return Ok(Claim::Done(outcome.clone()));
                 }
@@ -128,12 +200,18 @@ impl Once for MemoryOnce {
             validate::value(outcome.len(), self.shared.config.max_value_bytes)?;
             let now = Instant::now();
             let mut records = self.shared.once.records();
+            if let Some(Record::Done { token: t, .. }) = records.get(key) {
+                if t == token {
+                    return Ok(()); // completed by this caller already
+                }
+            }
             if !Self::holds(&records, key, token, now) {
                 return Err(Self::not_held(key));
             }
             records.insert(
                 key.to_owned(),
                 Record::Done {
+                    token: token.to_owned(),
                     outcome,
                     expires_at: now + ttl,
                 },
@@ -146,12 +224,9 @@ impl Once for MemoryOnce {
         self.abandon.run_sync(|| {
             self.shared.check_open()?;
             validate::key(key)?;
-            let now = Instant::now();
-            let mut records = self.shared.once.records();
-            if !Self::holds(&records, key, token, now) {
+            if !self.shared.once.abandon(key, token) {
                 return Err(Self::not_held(key));
             }
-            records.remove(key);
             Ok(())
         })
     }
@@ -165,6 +240,7 @@ impl Once for MemoryOnce {
                 Some(Record::Done {
                     outcome,
                     expires_at,
+                    ..
                 }) if *expires_at > now => Some(outcome.clone()),
                 _ => None,
             })

@@ -1,21 +1,21 @@
 //! In-process service registry: instances with TTL leases, keep-alive,
 //! re-registration after lease loss, and watch events.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use im_infra::lease::LeaseBackend;
 use im_infra::registry::{
-    RegistryCapabilities, ServiceDiscovery, ServiceEvent, ServiceEventKind, ServiceEventStream,
-    ServiceInstance, ServiceRegistry,
+    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
+    ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
 use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result, RetryConfig};
+use im_infra::{validate, Error, Result, RetryConfig};
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::Shared;
@@ -188,20 +188,14 @@ impl RegistryStore {
     }
 }
 
-struct Registration {
-    instance: Arc<Mutex<ServiceInstance>>,
-    lease: Arc<AtomicU64>,
-    keeper: JoinHandle<()>,
-}
-
 /// The registry handle of a [`MemoryBackend`](crate::MemoryBackend). Its
-/// registrations stay alive while it lives; dropping it stops the
-/// keep-alive (instances then expire, as when a process dies), and
-/// [`close`](Self::close) deregisters them.
+/// registrations stay alive while it lives (each a lease, registered again
+/// after it is lost); dropping it stops the keep-alive (instances then
+/// expire, as when a process dies), and [`close`](Self::close) deregisters
+/// them.
 pub struct MemoryRegistry {
     shared: Arc<Shared>,
-    retry: RetryConfig,
-    mine: Mutex<HashMap<(String, String), Registration>>,
+    registrations: Registrations,
     register: OpMetrics,
     deregister: OpMetrics,
     update: OpMetrics,
@@ -217,16 +211,21 @@ impl std::fmt::Debug for MemoryRegistry {
 impl MemoryRegistry {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         let m = |op| OpMetrics::new(crate::NAME, "registry", op);
+        let retry = RetryConfig {
+            max_retries: u32::MAX,
+            initial_interval: Duration::from_millis(20),
+            max_interval: Duration::from_secs(2),
+            multiplier: 2.0,
+            jitter: true,
+        };
         MemoryRegistry {
+            registrations: Registrations::new(
+                Arc::new(Store {
+                    shared: shared.clone(),
+                }),
+                retry,
+            ),
             shared,
-            retry: RetryConfig {
-                max_retries: u32::MAX,
-                initial_interval: Duration::from_millis(20),
-                max_interval: Duration::from_secs(2),
-                multiplier: 2.0,
-                jitter: true,
-            },
-            mine: Mutex::new(HashMap::new()),
             register: m("registry.register"),
             deregister: m("registry.deregister"),
             update: m("registry.update"),
@@ -234,146 +233,113 @@ impl MemoryRegistry {
         }
     }
 
-    fn mine(&self) -> MutexGuard<'_, HashMap<(String, String), Registration>> {
-        self.mine.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Deregisters every instance registered through this handle.
     pub async fn close(&self) {
-        let all: Vec<_> = self.mine().drain().collect();
-        for ((service, id), reg) in all {
-            reg.keeper.abort();
-            self.shared.registry.remove(&service, &id, None);
-        }
+        self.registrations.close().await;
     }
 }
 
-impl Drop for MemoryRegistry {
-    fn drop(&mut self) {
-        for (_, reg) in self.mine().drain() {
-            reg.keeper.abort();
-        }
-    }
-}
-
-/// Keeps one registration alive; re-registers it after a lost lease.
-async fn keeper(
+/// Registers in the backend's store.
+struct Store {
     shared: Arc<Shared>,
-    instance: Arc<Mutex<ServiceInstance>>,
-    lease: Arc<AtomicU64>,
-    ttl: Duration,
-    retry: RetryConfig,
-) {
-    let period = (ttl / 3).max(Duration::from_millis(1));
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-        }
-        let current = instance.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if shared.registry.keep_alive(
-            &current.service,
-            &current.id,
-            lease.load(Ordering::Acquire),
+}
+
+#[async_trait]
+impl RegistrationBackend for Store {
+    fn name(&self) -> &'static str {
+        crate::NAME
+    }
+
+    async fn put(
+        &self,
+        instance: &ServiceInstance,
+        ttl: Duration,
+    ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+        self.shared.check_open()?;
+        let lease = self.shared.registry.put(instance, ttl);
+        Ok((
+            Arc::new(Registered {
+                shared: self.shared.clone(),
+                service: instance.service.clone(),
+                id: instance.id.clone(),
+                lease,
+            }),
             ttl,
-        ) {
-            continue;
-        }
-        tracing::warn!(service = %current.service, id = %current.id, "registration lease lost; registering again");
-        let mut delays = retry.delays_forever();
-        loop {
-            if shared.check_open().is_err() {
-                return;
-            }
-            let new_lease = shared.registry.put(&current, ttl);
-            lease.store(new_lease, Ordering::Release);
-            if shared
-                .registry
-                .keep_alive(&current.service, &current.id, new_lease, ttl)
-            {
-                break;
-            }
-            let delay = delays.next().unwrap_or(Duration::from_secs(1));
-            tokio::time::sleep(delay).await;
-        }
+        ))
+    }
+}
+
+/// One registration in the store.
+struct Registered {
+    shared: Arc<Shared>,
+    service: String,
+    id: String,
+    lease: u64,
+}
+
+#[async_trait]
+impl LeaseBackend for Registered {
+    fn describe(&self) -> String {
+        format!("registration {}/{}", self.service, self.id)
+    }
+
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        self.shared.check_open()?;
+        Ok(self
+            .shared
+            .registry
+            .keep_alive(&self.service, &self.id, self.lease, ttl))
+    }
+
+    async fn release(&self) -> Result<bool> {
+        Ok(self
+            .shared
+            .registry
+            .remove(&self.service, &self.id, Some(self.lease)))
+    }
+}
+
+#[async_trait]
+impl RegistrationLease for Registered {
+    async fn update(&self, instance: &ServiceInstance) -> Result<bool> {
+        self.shared.check_open()?;
+        Ok(self.shared.registry.update(instance, self.lease))
     }
 }
 
 #[async_trait]
 impl ServiceRegistry for MemoryRegistry {
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
-        self.register.run_sync(|| {
-            self.shared.check_open()?;
-            instance.validate()?;
-            validate::ttl(ttl)?;
-            if ttl < Duration::from_millis(10) {
-                return Err(Error::invalid_argument(
-                    "registration ttl must be at least 10 ms",
-                ));
-            }
-            let key = (instance.service.clone(), instance.id.clone());
-            if let Some(old) = self.mine().remove(&key) {
-                old.keeper.abort();
-            }
-            let lease = Arc::new(AtomicU64::new(self.shared.registry.put(instance, ttl)));
-            let shared_instance = Arc::new(Mutex::new(instance.clone()));
-            let keeper = tokio::spawn(keeper(
-                self.shared.clone(),
-                shared_instance.clone(),
-                lease.clone(),
-                ttl,
-                self.retry.clone(),
-            ));
-            self.mine().insert(
-                key,
-                Registration {
-                    instance: shared_instance,
-                    lease,
-                    keeper,
-                },
-            );
-            Ok(())
-        })
+        self.register
+            .run(async {
+                self.shared.check_open()?;
+                validate::ttl(ttl)?;
+                if ttl < Duration::from_millis(10) {
+                    return Err(Error::invalid_argument(
+                        "registration ttl must be at least 10 ms",
+                    ));
+                }
+                self.registrations.register(instance, ttl).await
+            })
+            .await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        self.deregister.run_sync(|| {
-            self.shared.check_open()?;
-            let Some(reg) = self.mine().remove(&(service.to_owned(), id.to_owned())) else {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("{service}/{id} is not registered by this registry"),
-                ));
-            };
-            reg.keeper.abort();
-            self.shared
-                .registry
-                .remove(service, id, Some(reg.lease.load(Ordering::Acquire)));
-            Ok(())
-        })
+        self.deregister
+            .run(async {
+                self.shared.check_open()?;
+                self.registrations.deregister(service, id).await
+            })
+            .await
     }
 
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {
-        self.update.run_sync(|| {
-            self.shared.check_open()?;
-            instance.validate()?;
-            let mine = self.mine();
-            let Some(reg) = mine.get(&(instance.service.clone(), instance.id.clone())) else {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "{}/{} is not registered by this registry",
-                        instance.service, instance.id
-                    ),
-                ));
-            };
-            *reg.instance.lock().unwrap_or_else(|p| p.into_inner()) = instance.clone();
-            // If the lease is momentarily lost, the keeper re-registers the new value.
-            self.shared
-                .registry
-                .update(instance, reg.lease.load(Ordering::Acquire));
-            Ok(())
-        })
+        self.update
+            .run(async {
+                self.shared.check_open()?;
+                self.registrations.update(instance).await
+            })
+            .await
     }
 
     async fn list_services(&self) -> Result<Vec<String>> {

@@ -1,34 +1,51 @@
 //! In-process worker-id leases.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use im_infra::lease::{Lease, LeaseBackend, SentAt};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
+fn wall_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    /// Leased ids: id -> (token, expiry).
+    held: BTreeMap<u64, (String, Instant)>,
+    /// Per id, the last timestamp (Unix ms) its latest holder may have
+    /// used: renewal time + TTL, or the release time.
+    last_millis: BTreeMap<u64, u64>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct WorkerStore {
-    /// Leased ids: id -> (token, expiry).
-    leases: Mutex<BTreeMap<u64, (String, Instant)>>,
+    leases: Mutex<Leases>,
 }
 
 impl WorkerStore {
-    fn leases(&self) -> MutexGuard<'_, BTreeMap<u64, (String, Instant)>> {
+    fn leases(&self) -> MutexGuard<'_, Leases> {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn renew(&self, id: u64, token: &str, ttl: Duration) -> bool {
         let now = Instant::now();
-        match self.leases().get_mut(&id) {
+        let mut leases = self.leases();
+        match leases.held.get_mut(&id) {
             Some((t, exp)) if t == token && *exp > now => {
                 *exp = now + ttl;
+                let last = wall_millis().saturating_add(validate::ttl_millis(ttl));
+                let e = leases.last_millis.entry(id).or_default();
+                *e = (*e).max(last);
                 true
             }
             _ => false,
@@ -37,8 +54,10 @@ impl WorkerStore {
 
     fn release(&self, id: u64, token: &str) -> bool {
         let mut leases = self.leases();
-        if leases.get(&id).is_some_and(|(t, _)| t == token) {
-            leases.remove(&id);
+        if leases.held.get(&id).is_some_and(|(t, _)| t == token) {
+            leases.held.remove(&id);
+            // Its holder stops issuing ids now.
+            leases.last_millis.insert(id, wall_millis());
             true
         } else {
             false
@@ -47,7 +66,7 @@ impl WorkerStore {
 
     /// Revokes a lease as if it expired (fault injection for tests).
     pub(crate) fn revoke(&self, id: u64) -> bool {
-        self.leases().remove(&id).is_some()
+        self.leases().held.remove(&id).is_some()
     }
 }
 
@@ -74,16 +93,17 @@ impl MemoryWorkerIds {
 
 #[async_trait]
 impl WorkerIdAllocator for MemoryWorkerIds {
-    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<Box<dyn WorkerLease>> {
+    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
         self.allocate.run_sync(|| {
             self.shared.check_open()?;
             validate::ttl(ttl)?;
+            let sent = SentAt::now();
             let now = Instant::now();
             let token = uuid::Uuid::new_v4().to_string();
             let mut leases = self.shared.workers.leases();
-            leases.retain(|_, (_, exp)| *exp > now);
+            leases.held.retain(|_, (_, exp)| *exp > now);
             let id = (0..=max_worker_id)
-                .find(|id| !leases.contains_key(id))
+                .find(|id| !leases.held.contains_key(id))
                 .ok_or_else(|| {
                     Error::new(
                         ErrorKind::ResourceExhausted,
@@ -93,94 +113,44 @@ impl WorkerIdAllocator for MemoryWorkerIds {
                         ),
                     )
                 })?;
-            leases.insert(id, (token.clone(), now + ttl));
+            leases.held.insert(id, (token.clone(), now + ttl));
+            let not_before = leases.last_millis.get(&id).copied().unwrap_or(0);
+            let last = wall_millis().saturating_add(validate::ttl_millis(ttl));
+            leases.last_millis.insert(id, not_before.max(last));
             drop(leases);
-            let lost = CancellationToken::new();
-            tokio::spawn(renew(
-                self.shared.clone(),
-                id,
-                token.clone(),
-                ttl,
-                lost.clone(),
-            ));
-            Ok(Box::new(MemoryWorkerLease {
-                shared: self.shared.clone(),
-                id,
-                token,
-                lost,
-                released: AtomicBool::new(false),
-            }) as Box<dyn WorkerLease>)
+            let lease = Lease::start(
+                HeldWorkerId {
+                    shared: self.shared.clone(),
+                    id,
+                    token,
+                },
+                WorkerLease::lease_options(crate::NAME, ttl),
+                sent,
+            );
+            Ok(WorkerLease::new(id, lease).with_not_before(not_before))
         })
     }
 }
 
-async fn renew(
+/// A leased worker id, as the lease core sees it.
+struct HeldWorkerId {
     shared: Arc<Shared>,
     id: u64,
     token: String,
-    ttl: Duration,
-    lost: CancellationToken,
-) {
-    let period = (ttl / 3).max(Duration::from_millis(1));
-    loop {
-        tokio::select! {
-            _ = lost.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-        }
-        if !shared.workers.renew(id, &token, ttl) {
-            tracing::warn!(worker_id = id, "worker id lease lost");
-            lost.cancel();
-            return;
-        }
-    }
-}
-
-/// A leased worker id.
-pub struct MemoryWorkerLease {
-    shared: Arc<Shared>,
-    id: u64,
-    token: String,
-    lost: CancellationToken,
-    released: AtomicBool,
-}
-
-impl std::fmt::Debug for MemoryWorkerLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryWorkerLease")
-            .field("id", &self.id)
-            .finish()
-    }
 }
 
 #[async_trait]
-impl WorkerLease for MemoryWorkerLease {
-    fn worker_id(&self) -> u64 {
-        self.id
+impl LeaseBackend for HeldWorkerId {
+    fn describe(&self) -> String {
+        format!("worker id {}", self.id)
     }
 
-    fn lost(&self) -> CancellationToken {
-        self.lost.clone()
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        self.shared.check_open()?;
+        Ok(self.shared.workers.renew(self.id, &self.token, ttl))
     }
 
-    async fn release(&self) -> Result<()> {
-        self.lost.cancel();
-        if self.released.swap(true, Ordering::AcqRel)
-            || !self.shared.workers.release(self.id, &self.token)
-        {
-            return Err(Error::new(
-                ErrorKind::LeaseLost,
-                format!("worker id {} was not leased any more", self.id),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for MemoryWorkerLease {
-    fn drop(&mut self) {
-        self.lost.cancel();
-        if !self.released.swap(true, Ordering::AcqRel) {
-            self.shared.workers.release(self.id, &self.token);
-        }
+    async fn release(&self) -> Result<bool> {
+        Ok(self.shared.workers.release(self.id, &self.token))
     }
 }

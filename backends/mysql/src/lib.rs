@@ -76,10 +76,10 @@ pub use config::{MysqlConfig, MysqlTls};
 pub use config_center::MysqlConfigCenter;
 pub use db::Db;
 pub use limiter::MysqlLimiter;
-pub use lock::{MysqlLock, MysqlLockGuard};
+pub use lock::MysqlLock;
 pub use once::MysqlOnce;
 pub use schema::SCHEMA_VERSION;
-pub use worker_id::{MysqlWorkerIds, MysqlWorkerLease};
+pub use worker_id::MysqlWorkerIds;
 
 pub(crate) use shared::Shared;
 

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use im_infra::once::{Claim, Once};
+use im_infra::lease::LeaseBackend;
+use im_infra::once::{Claim, Once, OnceCapabilities};
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
@@ -57,8 +58,72 @@ impl MysqlOnce {
     }
 }
 
+/// Deletes `token`'s live claim on `key`.
+async fn abandon(shared: &Shared, key: &str, token: &str) -> Result<bool> {
+    let sql = format!(
+        "DELETE FROM {} WHERE k = ? AND state = 'c' AND token = ? AND expires_at > NOW(6)",
+        shared.table("once")
+    );
+    Ok(shared.db.exec(&sql, (shared.key(key), token)).await? == 1)
+}
+
+/// A claim, as the lease core sees it.
+struct HeldClaim {
+    shared: Arc<Shared>,
+    key: String,
+    token: String,
+}
+
+#[async_trait]
+impl LeaseBackend for HeldClaim {
+    fn describe(&self) -> String {
+        format!("once claim {:?}", self.key)
+    }
+
+    /// Extends the live claim; true also when this token completed it.
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        let shared = &self.shared;
+        let table = shared.table("once");
+        let k = shared.key(&self.key);
+        let extend = format!(
+            "UPDATE {table} SET expires_at = NOW(6) + INTERVAL ? MICROSECOND \
+             WHERE k = ? AND state = 'c' AND token = ? AND expires_at > NOW(6)"
+        );
+        if shared
+            .db
+            .exec(&extend, (micros(ttl), k.as_slice(), self.token.as_str()))
+            .await?
+            == 1
+        {
+            return Ok(true);
+        }
+        let done = format!("SELECT 1 FROM {table} WHERE k = ? AND state = 'd' AND token = ?");
+        let v: Option<i64> = shared
+            .db
+            .query_first(&done, (k.as_slice(), self.token.as_str()))
+            .await?;
+        Ok(v.is_some())
+    }
+
+    async fn release(&self) -> Result<bool> {
+        abandon(&self.shared, &self.key, &self.token).await
+    }
+}
+
 #[async_trait]
 impl Once for MysqlOnce {
+    fn capabilities(&self) -> OnceCapabilities {
+        OnceCapabilities::default().with_max_outcome(self.shared.cfg().max_value_bytes)
+    }
+
+    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
+        Box::new(HeldClaim {
+            shared: self.shared.clone(),
+            key: key.to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
         self.claim
             .run(async {
@@ -119,9 +184,11 @@ impl Once for MysqlOnce {
                 validate::key(key)?;
                 validate::ttl(ttl)?;
                 validate::value(outcome.len(), self.shared.cfg().max_value_bytes)?;
+                // The token stays on the done row: completing again (a retry
+                // after a lost answer) is recognised as this caller's.
                 let sql = format!(
-                    "UPDATE {} SET state = 'd', outcome = ?, token = NULL, expires_at = NOW(6) + INTERVAL ? MICROSECOND \
-                     WHERE k = ? AND state = 'c' AND token = ? AND expires_at > NOW(6)",
+                    "UPDATE {} SET state = 'd', outcome = ?, expires_at = NOW(6) + INTERVAL ? MICROSECOND \
+                     WHERE k = ? AND token = ? AND (state = 'd' OR expires_at > NOW(6))",
                     self.shared.table("once")
                 );
                 let n = self
@@ -142,11 +209,7 @@ impl Once for MysqlOnce {
         self.abandon
             .run(async {
                 validate::key(key)?;
-                let sql = format!(
-                    "DELETE FROM {} WHERE k = ? AND state = 'c' AND token = ? AND expires_at > NOW(6)",
-                    self.shared.table("once")
-                );
-                if self.shared.db.exec(&sql, (self.shared.key(key), token)).await? == 1 {
+                if abandon(&self.shared, key, token).await? {
                     Ok(())
                 } else {
                     Err(Self::not_held(key))

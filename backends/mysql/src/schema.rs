@@ -7,7 +7,10 @@ use mysql_async::prelude::Queryable;
 use crate::db::{first, Db};
 
 /// The migrations, in order; version n is `MIGRATIONS[n - 1]`.
-const MIGRATIONS: &[&str] = &[include_str!("sql/schema_v1.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("sql/schema_v1.sql"),
+    include_str!("sql/schema_v2.sql"),
+];
 
 /// Bound of the whole upgrade, waiting for the migration lock included.
 const MIGRATION_BOUND: std::time::Duration = std::time::Duration::from_secs(60);

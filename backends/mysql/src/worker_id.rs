@@ -1,15 +1,14 @@
 //! Worker-id leases: one row per `(namespace, id)` with an owner token and
 //! an expiry on the server's clock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use im_infra::lease::{LeaseBackend, PendingLease, SentAt};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
@@ -21,7 +20,9 @@ const MAX_WORKER_ID: u64 = 65_535;
 ///
 /// Allocation reads the live ids, then takes the lowest free one with an
 /// upsert that only replaces an expired row; a lost race moves on to the
-/// next candidate. The lease is renewed every `ttl / 3`.
+/// next candidate. The lease is kept by a [`Lease`](im_infra::lease::Lease).
+/// Released ids keep their row (expired), with the last timestamp their
+/// holder may have used, which the next holder starts after.
 pub struct MysqlWorkerIds {
     shared: Arc<Shared>,
     allocate: OpMetrics,
@@ -37,6 +38,12 @@ fn micros(d: Duration) -> u64 {
     validate::ttl_millis(d) * 1000
 }
 
+fn wall_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl MysqlWorkerIds {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MysqlWorkerIds {
@@ -45,23 +52,37 @@ impl MysqlWorkerIds {
         }
     }
 
-    /// Takes `id` for `token` unless a live lease holds it.
-    async fn take(&self, id: u64, token: &str, ttl: Duration) -> Result<bool> {
-        // `token` is assigned before `expires_at`, so both conditions read
-        // the old expiry.
+    /// Takes `id` for `token` unless a live lease holds it; on success
+    /// returns the previous holder's last possible timestamp.
+    async fn take(&self, id: u64, token: &str, ttl: Duration) -> Result<Option<u64>> {
+        // Every condition reads the old expiry: `expires_at` is assigned
+        // last. `prev_ms` keeps the old `last_ms` for the taker to read.
+        let t = self.shared.table("workers");
         let sql = format!(
-            "INSERT INTO {} (ns, id, token, expires_at) VALUES (?, ?, ?, NOW(6) + INTERVAL ? MICROSECOND) \
+            "INSERT INTO {t} (ns, id, token, expires_at, last_ms, prev_ms) \
+             VALUES (?, ?, ?, NOW(6) + INTERVAL ? MICROSECOND, ?, 0) \
              ON DUPLICATE KEY UPDATE \
                token = IF(expires_at <= NOW(6), VALUES(token), token), \
-               expires_at = IF(expires_at <= NOW(6), VALUES(expires_at), expires_at)",
-            self.shared.table("workers")
+               prev_ms = IF(expires_at <= NOW(6), last_ms, prev_ms), \
+               last_ms = IF(expires_at <= NOW(6), GREATEST(last_ms, VALUES(last_ms)), last_ms), \
+               expires_at = IF(expires_at <= NOW(6), VALUES(expires_at), expires_at)"
         );
+        let last = wall_millis().saturating_add(validate::ttl_millis(ttl));
         let n = self
             .shared
             .db
-            .exec(&sql, (self.shared.ns(), id, token, micros(ttl)))
+            .exec(&sql, (self.shared.ns(), id, token, micros(ttl), last))
             .await?;
-        Ok(n > 0)
+        if n == 0 {
+            return Ok(None);
+        }
+        let read = format!("SELECT prev_ms FROM {t} WHERE ns = ? AND id = ? AND token = ?");
+        let prev: Option<u64> = self
+            .shared
+            .db
+            .query_first(&read, (self.shared.ns(), id, token))
+            .await?;
+        Ok(Some(prev.unwrap_or(0)))
     }
 
     async fn live_ids(&self, max_worker_id: u64) -> Result<Vec<u64>> {
@@ -83,7 +104,7 @@ fn free_ids(taken: &[u64], max: u64) -> impl Iterator<Item = u64> + '_ {
 
 #[async_trait]
 impl WorkerIdAllocator for MysqlWorkerIds {
-    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<Box<dyn WorkerLease>> {
+    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
         self.allocate
             .run(async {
                 validate::ttl(ttl)?;
@@ -93,15 +114,27 @@ impl WorkerIdAllocator for MysqlWorkerIds {
                     )));
                 }
                 let token = uuid::Uuid::new_v4().simple().to_string();
+                // Until an id is known, releasing looks for the token.
+                let mut pending = PendingLease::new(HeldWorkerId {
+                    shared: self.shared.clone(),
+                    id: OnceLock::new(),
+                    token: token.clone(),
+                });
                 // A few rounds: another allocator may take our candidates.
                 for _ in 0..8 {
                     let taken = self.live_ids(max_worker_id).await?;
                     let mut tried = false;
                     for id in free_ids(&taken, max_worker_id).take(4) {
                         tried = true;
-                        if self.take(id, &token, ttl).await? {
-                            return Ok(self.lease(id, token, ttl));
+                        let sent = SentAt::now();
+                        pending.arm();
+                        if let Some(not_before) = self.take(id, &token, ttl).await? {
+                            let _ = pending.backend().id.set(id);
+                            let lease =
+                                pending.start(WorkerLease::lease_options(crate::NAME, ttl), sent);
+                            return Ok(WorkerLease::new(id, lease).with_not_before(not_before));
                         }
+                        pending.disarm();
                     }
                     if !tried {
                         break;
@@ -116,147 +149,55 @@ impl WorkerIdAllocator for MysqlWorkerIds {
     }
 }
 
-impl MysqlWorkerIds {
-    fn lease(&self, id: u64, token: String, ttl: Duration) -> Box<dyn WorkerLease> {
-        let lost = CancellationToken::new();
-        tokio::spawn(renew(
-            self.shared.clone(),
-            id,
-            token.clone(),
-            ttl,
-            lost.clone(),
-        ));
-        Box::new(MysqlWorkerLease {
-            shared: self.shared.clone(),
-            id,
-            token,
-            lost,
-            released: AtomicBool::new(false),
-        })
-    }
-}
-
-async fn extend(shared: &Shared, id: u64, token: &str, ttl: Duration) -> Result<bool> {
-    let sql = format!(
-        "UPDATE {} SET expires_at = NOW(6) + INTERVAL ? MICROSECOND \
-         WHERE ns = ? AND id = ? AND token = ? AND expires_at > NOW(6)",
-        shared.table("workers")
-    );
-    Ok(shared
-        .db
-        .exec(&sql, (micros(ttl), shared.ns(), id, token))
-        .await?
-        == 1)
-}
-
-async fn give_back(shared: &Shared, id: u64, token: &str) -> Result<bool> {
-    let sql = format!(
-        "DELETE FROM {} WHERE ns = ? AND id = ? AND token = ? AND expires_at > NOW(6)",
-        shared.table("workers")
-    );
-    Ok(shared.db.exec(&sql, (shared.ns(), id, token)).await? == 1)
-}
-
-/// Renews every `ttl / 3`; an outage is ridden out until the lease would
-/// have run out.
-async fn renew(
+/// A leased worker id, as the lease core sees it.
+struct HeldWorkerId {
     shared: Arc<Shared>,
-    id: u64,
+    id: OnceLock<u64>,
     token: String,
-    ttl: Duration,
-    lost: CancellationToken,
-) {
-    let period = (ttl / 3).max(Duration::from_millis(1));
-    let mut valid_until = Instant::now() + ttl;
-    loop {
-        tokio::select! {
-            _ = lost.cancelled() => return,
-            _ = shared.shutdown.cancelled() => { lost.cancel(); return }
-            _ = tokio::time::sleep(period) => {}
-        }
-        let started = Instant::now();
-        match extend(&shared, id, &token, ttl).await {
-            Ok(true) => valid_until = started + ttl,
-            Ok(false) => {
-                tracing::warn!(worker_id = id, "worker id lease lost");
-                lost.cancel();
-                return;
-            }
-            Err(e) if Instant::now() >= valid_until => {
-                tracing::warn!(worker_id = id, error = %e, "worker id lease ran out while the database was unreachable");
-                lost.cancel();
-                return;
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-/// A worker id leased from MySQL.
-pub struct MysqlWorkerLease {
-    shared: Arc<Shared>,
-    id: u64,
-    token: String,
-    lost: CancellationToken,
-    released: AtomicBool,
-}
-
-impl std::fmt::Debug for MysqlWorkerLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlWorkerLease")
-            .field("id", &self.id)
-            .finish()
-    }
 }
 
 #[async_trait]
-impl WorkerLease for MysqlWorkerLease {
-    fn worker_id(&self) -> u64 {
-        self.id
+impl LeaseBackend for HeldWorkerId {
+    fn describe(&self) -> String {
+        match self.id.get() {
+            Some(id) => format!("worker id {id}"),
+            None => "a worker id being allocated".into(),
+        }
     }
 
-    fn lost(&self) -> CancellationToken {
-        self.lost.clone()
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        let Some(&id) = self.id.get() else {
+            return Ok(false);
+        };
+        let shared = &self.shared;
+        let sql = format!(
+            "UPDATE {} SET last_ms = GREATEST(last_ms, ?), expires_at = NOW(6) + INTERVAL ? MICROSECOND \
+             WHERE ns = ? AND id = ? AND token = ? AND expires_at > NOW(6)",
+            shared.table("workers")
+        );
+        let last = wall_millis().saturating_add(validate::ttl_millis(ttl));
+        let params = (last, micros(ttl), shared.ns(), id, self.token.as_str());
+        Ok(shared.db.exec(&sql, params).await? == 1)
     }
 
-    async fn release(&self) -> Result<()> {
-        self.lost.cancel();
-        if self.released.swap(true, Ordering::AcqRel) {
-            return Err(Error::new(
-                ErrorKind::LeaseLost,
-                "the worker id was already released",
-            ));
-        }
-        if give_back(&self.shared, self.id, &self.token).await? {
-            Ok(())
-        } else {
-            Err(Error::new(
-                ErrorKind::LeaseLost,
-                format!("worker id {} was not leased any more", self.id),
-            ))
-        }
+    /// Expires the row (it stays, with the release time as the last
+    /// timestamp its holder used).
+    async fn release(&self) -> Result<bool> {
+        let shared = &self.shared;
+        let sql = format!(
+            "UPDATE {} SET last_ms = ?, expires_at = NOW(6) \
+             WHERE ns = ? AND token = ? AND expires_at > NOW(6)",
+            shared.table("workers")
+        );
+        let params = (wall_millis(), shared.ns(), self.token.as_str());
+        Ok(shared.db.exec(&sql, params).await? >= 1)
     }
 }
 
-impl Drop for MysqlWorkerLease {
-    fn drop(&mut self) {
-        self.lost.cancel();
-        if !self.released.swap(true, Ordering::AcqRel) {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let shared = self.shared.clone();
-                let (id, token) = (self.id, self.token.clone());
-                rt.spawn(async move {
-                    let _ = give_back(&shared, id, &token).await;
-                });
-            }
-        }
-    }
-}
-
-/// Deletes a worker-id lease whoever holds it (fault injection).
+/// Expires a worker-id lease whoever holds it (fault injection).
 pub(crate) async fn revoke(shared: &Shared, id: u64) -> Result<bool> {
     let sql = format!(
-        "DELETE FROM {} WHERE ns = ? AND id = ? AND expires_at > NOW(6)",
+        "UPDATE {} SET expires_at = NOW(6) WHERE ns = ? AND id = ? AND expires_at > NOW(6)",
         shared.table("workers")
     );
     Ok(shared.db.exec(&sql, (shared.ns(), id)).await? == 1)

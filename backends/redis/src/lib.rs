@@ -7,14 +7,48 @@
 //! |---|---|
 //! | `Cache` | strings with `PX` TTLs; `MGET`; one pipeline for `set_many` |
 //! | `Limiter` | GCRA in one Lua script (`EVALSHA`, reloaded on `NOSCRIPT`) on the server's `TIME`; failure policy (fail-open, fail-closed, local limiter) while Redis is unreachable |
-//! | `DistributedLock` | owner token + Lua; fencing token from `INCR` in the acquire script; renewal; release notifications by pub/sub |
+//! | `DistributedLock` | owner token + Lua; fencing token from a per-key counter in the acquire script, never below the server's clock in µs (see below); renewal; release notifications by pub/sub |
 //! | `Once` | one hash per key, claim/complete/abandon in Lua |
-//! | `ConfigCenter` | values + versions in a hash, a revision counter, a change stream that watches resume from |
+//! | `ConfigCenter` | values + versions in a hash, a revision counter (never below the server's clock in µs), a change stream that watches resume from and resynchronise on |
 //! | `ServiceRegistry` / `ServiceDiscovery` | instances with server-clock expiries, keep-alive, re-registration, change stream |
 //! | `WorkerIdAllocator` | one key per id with an expiry, renewed |
 //!
 //! Every key starts with the configured namespace; keys a script touches
 //! together share a Redis Cluster hash tag.
+//!
+//! ## When Redis loses acknowledged writes
+//!
+//! Redis acknowledges a write before it is on disk or on a replica: a
+//! restart from an older RDB/AOF file, or a failover to a replica that was
+//! behind, brings back older data. What clients were told still holds:
+//!
+//! - **Fencing tokens** never repeat or go back. The acquire script issues
+//!   `max(last token + 1, server clock in microseconds since 1970)` (about
+//!   1.8e15: exact in a Lua number, below 2^53, a `u64` in Rust) and stores
+//!   it back as the counter: strictly increasing while the data lasts, and
+//!   after the data went back, still larger than every token issued before
+//!   — **as long as the clock of the server that comes back (the restarted
+//!   one, or the promoted replica) does not read earlier than the clock of
+//!   the server that issued those tokens** did when it issued them. Keep
+//!   the servers' clocks synchronised (NTP slewing, never stepping back by
+//!   more than the time a restore or failover takes); a clock that steps
+//!   back across the restore can make a token repeat. Tokens are no longer
+//!   consecutive (a gap is the time between acquisitions); only their order
+//!   is meaningful.
+//! - **Config versions** come from a revision counter with the same rule,
+//!   so they keep increasing for clients across such a loss (compare-and-set
+//!   and "newer version wins" consumers keep working), under the same clock
+//!   condition. A config watch that finds the server's history behind its
+//!   cursor, or no longer continuing from it, re-reads the current state,
+//!   reports every key that may differ from what it delivered (also keys
+//!   whose lost changes took them to versions the server no longer has) and
+//!   continues from the server's revision.
+//!
+//! Everything acknowledged after the older data was written is still lost:
+//! locks granted then are free again (their holders' later writes are
+//! fenced off by the larger tokens), and config changes made then are gone.
+//! How much can be lost is Redis's persistence setting (`appendonly yes`
+//! with `appendfsync always`, or `everysec`: up to about a second).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -70,10 +104,10 @@ pub use cache::RedisCache;
 pub use config::{RedisConfig, RedisTls};
 pub use config_center::RedisConfigCenter;
 pub use limiter::{gcra_script, RedisLimiter};
-pub use lock::{RedisLock, RedisLockGuard};
+pub use lock::RedisLock;
 pub use once::RedisOnce;
 pub use registry::{RedisDiscovery, RedisRegistry};
-pub use worker_id::{RedisWorkerIds, RedisWorkerLease};
+pub use worker_id::RedisWorkerIds;
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "redis";

@@ -1,18 +1,20 @@
-//! `DistributedLock`: owner token + Lua, fencing by `INCR`, renewal, and
-//! waiting on release notifications (pub/sub) with a jittered fallback.
+//! `DistributedLock`: owner token + Lua, a fencing counter that never goes
+//! back, leases kept by the lease core, and waiting on release
+//! notifications (pub/sub) with a jittered fallback.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::StreamExt;
-use im_infra::lock::{DistributedLock, LockCapabilities, LockGuard, LockInfo, LockOptions};
+use im_infra::lease::{LeaseBackend, PendingLease, SentAt};
+use im_infra::lock::{
+    DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
+};
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
@@ -121,11 +123,17 @@ async fn subscriber(shared: std::sync::Weak<Shared>) {
 /// The lock service of a [`RedisBackend`](crate::RedisBackend).
 ///
 /// A lock is a hash `{owner, fence, at}` with a `PX` expiry, set only when
-/// absent; the fencing token comes from `INCR` of a per-key counter in the
-/// same script (strictly increasing, never reset). Release and extension
-/// compare the owner token in Lua. Waiters sleep until a release is
-/// announced on a pub/sub channel, or a jittered fallback delay bounded by
-/// the holder's remaining TTL.
+/// absent (or already the caller's: an attempt whose answer was lost is
+/// recognised by its owner token). The fencing token comes from a per-key
+/// counter in the same script: the larger of the last token + 1 and the
+/// server's clock in microseconds, so it strictly increases, also after
+/// Redis comes back with older data (see the crate docs). Release and
+/// extension compare the owner token in Lua; the guard is a
+/// [`LeasedGuard`] whose lease ends at a local deadline before Redis can
+/// expire the key. An attempt that fails or is dropped releases what it may
+/// have taken. Waiters sleep until a release is announced on a pub/sub
+/// channel, or a jittered fallback delay bounded by the holder's remaining
+/// TTL.
 pub struct RedisLock {
     shared: Arc<Shared>,
     acquire: OpMetrics,
@@ -172,14 +180,42 @@ impl RedisLock {
         })
     }
 
-    fn guard(&self, key: &str, token: String, fence: u64, opts: LockOptions) -> Box<dyn LockGuard> {
-        Box::new(RedisLockGuard::start(
-            self.shared.clone(),
-            key,
-            token,
-            fence,
-            opts,
-        ))
+    fn pending(&self, key: &str, token: &str) -> PendingLease<HeldLock> {
+        PendingLease::new(HeldLock {
+            shared: self.shared.clone(),
+            key: key.to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    /// One acquisition attempt with `pending`'s token. An attempt whose
+    /// answer is lost (an error, a dropped future) leaves `pending` armed,
+    /// so what it may have taken is released unless a retry with the same
+    /// token finds the lock its own.
+    async fn attempt_with(
+        &self,
+        pending: &mut PendingLease<HeldLock>,
+        ttl: Duration,
+    ) -> Result<(Attempt, SentAt)> {
+        let sent = SentAt::now();
+        pending.arm();
+        let held = pending.backend();
+        let attempt = self.attempt(&held.key, &held.token, ttl).await?;
+        if let Attempt::Held(_) = attempt {
+            pending.disarm();
+        }
+        Ok((attempt, sent))
+    }
+
+    fn guard(
+        key: &str,
+        pending: PendingLease<HeldLock>,
+        fence: u64,
+        opts: LockOptions,
+        sent: SentAt,
+    ) -> Box<dyn LockGuard> {
+        let lease = pending.start(opts.lease_options(crate::NAME, opts.ttl), sent);
+        Box::new(LeasedGuard::new(key, fence, lease))
     }
 
     async fn acquire_inner(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
@@ -187,7 +223,8 @@ impl RedisLock {
         validate::key(key)?;
         opts.validate()?;
         let token = uuid::Uuid::new_v4().to_string();
-        let deadline = Instant::now() + opts.wait_timeout;
+        let deadline = opts.wait_deadline(Instant::now());
+        let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
         self.shared.notifier.ensure_started(&self.shared);
         let notify = self.shared.notifier.register(key);
         struct Unregister<'a>(&'a Shared, &'a str);
@@ -197,25 +234,29 @@ impl RedisLock {
             }
         }
         let _unregister = Unregister(&self.shared, key);
+        let mut pending = self.pending(key, &token);
         let mut backoff = Duration::from_millis(20);
         loop {
             let released = notify.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            let remaining = match self.attempt(key, &token, opts.ttl).await {
-                Ok(Attempt::Acquired(fence)) => return Ok(self.guard(key, token, fence, opts)),
-                Ok(Attempt::Held(ttl)) => ttl,
-                // A transient failure: keep trying until the deadline.
+            let remaining = match self.attempt_with(&mut pending, opts.ttl).await {
+                Ok((Attempt::Acquired(fence), sent)) => {
+                    return Ok(Self::guard(key, pending, fence, opts, sent))
+                }
+                Ok((Attempt::Held(ttl), _)) => ttl,
+                // A transient failure: keep trying (with the same token, so
+                // an attempt the server applied is found ours) until the
+                // deadline.
                 Err(e) if e.is_retryable() => {
-                    if Instant::now() >= deadline {
+                    if past_deadline() {
                         return Err(e);
                     }
                     backoff
                 }
                 Err(e) => return Err(e),
             };
-            let now = Instant::now();
-            if now >= deadline {
+            if past_deadline() {
                 return Err(Error::new(
                     ErrorKind::Timeout,
                     format!("lock {key:?} not acquired within {:?}", opts.wait_timeout),
@@ -224,7 +265,10 @@ impl RedisLock {
             // Fallback when no release is announced: jittered, never past
             // the holder's expiry or the deadline.
             let jittered = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
-            let wait = jittered.min(remaining).min(deadline - now);
+            let mut wait = jittered.min(remaining);
+            if let Some(d) = deadline {
+                wait = wait.min(d.saturating_duration_since(Instant::now()));
+            }
             backoff = (backoff * 2).min(Duration::from_millis(500));
             tokio::select! {
                 _ = &mut released => {}
@@ -255,9 +299,12 @@ impl DistributedLock for RedisLock {
                 validate::key(key)?;
                 opts.validate()?;
                 let token = uuid::Uuid::new_v4().to_string();
-                Ok(match self.attempt(key, &token, opts.ttl).await? {
-                    Attempt::Acquired(fence) => Some(self.guard(key, token, fence, opts)),
-                    Attempt::Held(_) => None,
+                let mut pending = self.pending(key, &token);
+                Ok(match self.attempt_with(&mut pending, opts.ttl).await? {
+                    (Attempt::Acquired(fence), sent) => {
+                        Some(Self::guard(key, pending, fence, opts, sent))
+                    }
+                    (Attempt::Held(_), _) => None,
                 })
             })
             .await
@@ -308,234 +355,36 @@ impl DistributedLock for RedisLock {
     }
 }
 
-/// A held Redis lock.
-pub struct RedisLockGuard {
+/// A lock held on Redis, as the lease core sees it: extended and released
+/// by owner-checking scripts.
+struct HeldLock {
     shared: Arc<Shared>,
     key: String,
     token: String,
-    fence: u64,
-    ttl_ms: Arc<AtomicU64>,
-    /// Local deadline of the lease (renewals push it).
-    expires: Arc<Mutex<Instant>>,
-    lost: CancellationToken,
-    released: AtomicBool,
-    refresh: OpMetrics,
-    release: OpMetrics,
-}
-
-impl std::fmt::Debug for RedisLockGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisLockGuard")
-            .field("key", &self.key)
-            .field("fencing_token", &self.fence)
-            .finish()
-    }
-}
-
-async fn extend(shared: &Shared, key: &str, token: &str, ttl_ms: u64) -> Result<bool> {
-    let mut inv = EXTEND.prepare_invoke();
-    inv.key(shared.keys.lock(key)).arg(token).arg(ttl_ms);
-    let ok: i64 = shared.client.script(inv).await?;
-    Ok(ok == 1)
-}
-
-async fn owner_is(shared: &Shared, key: &str, token: &str) -> Result<bool> {
-    let owner: Option<String> = shared
-        .client
-        .query(redis::cmd("HGET").arg(shared.keys.lock(key)).arg("owner"))
-        .await?;
-    Ok(owner.as_deref() == Some(token))
-}
-
-fn lock_of(m: &Mutex<Instant>) -> std::sync::MutexGuard<'_, Instant> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl RedisLockGuard {
-    fn start(shared: Arc<Shared>, key: &str, token: String, fence: u64, opts: LockOptions) -> Self {
-        let ttl_ms = Arc::new(AtomicU64::new(validate::ttl_millis(opts.ttl)));
-        let expires = Arc::new(Mutex::new(Instant::now() + opts.ttl));
-        let lost = CancellationToken::new();
-        tokio::spawn(keeper(
-            shared.clone(),
-            key.to_owned(),
-            token.clone(),
-            opts.auto_renew,
-            ttl_ms.clone(),
-            expires.clone(),
-            lost.clone(),
-        ));
-        let m = |op| OpMetrics::new(crate::NAME, "lock", op);
-        RedisLockGuard {
-            shared,
-            key: key.to_owned(),
-            token,
-            fence,
-            ttl_ms,
-            expires,
-            lost,
-            released: AtomicBool::new(false),
-            refresh: m("lock.refresh"),
-            release: m("lock.release"),
-        }
-    }
-
-    fn not_held(&self) -> Error {
-        Error::new(
-            ErrorKind::LockNotHeld,
-            format!(
-                "lock {:?} is not held any more (expired, taken over or released)",
-                self.key
-            ),
-        )
-    }
-}
-
-/// Renews the lock every ttl/3 (with `auto_renew`) or checks it at its
-/// expiry, and cancels `lost` when it is gone. A Redis outage is ridden out
-/// until the local lease deadline passes.
-async fn keeper(
-    shared: Arc<Shared>,
-    key: String,
-    token: String,
-    auto_renew: bool,
-    ttl_ms: Arc<AtomicU64>,
-    expires: Arc<Mutex<Instant>>,
-    lost: CancellationToken,
-) {
-    loop {
-        let ttl = Duration::from_millis(ttl_ms.load(Ordering::Relaxed));
-        let deadline = *lock_of(&expires);
-        let wait = if auto_renew {
-            (ttl / 3).max(Duration::from_millis(1))
-        } else {
-            deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(5)
-        };
-        tokio::select! {
-            _ = lost.cancelled() => return,
-            _ = shared.client.shutdown.cancelled() => { lost.cancel(); return }
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if lost.is_cancelled() {
-            return;
-        }
-        let started = Instant::now();
-        let check = if auto_renew {
-            extend(&shared, &key, &token, ttl.as_millis() as u64).await
-        } else if Instant::now() < *lock_of(&expires) {
-            // Refreshed meanwhile: sleep again until the new deadline.
-            continue;
-        } else {
-            owner_is(&shared, &key, &token).await
-        };
-        match check {
-            Ok(true) => {
-                if auto_renew {
-                    *lock_of(&expires) = started + ttl;
-                } else {
-                    // Still there at its local deadline (clock skew): look again shortly.
-                    *lock_of(&expires) = Instant::now() + Duration::from_millis(50);
-                }
-            }
-            Ok(false) => {
-                tracing::warn!(key, "lock lost");
-                lost.cancel();
-                return;
-            }
-            Err(e) => {
-                if Instant::now() >= *lock_of(&expires) {
-                    tracing::warn!(key, error = %e, "lock lease ran out while redis was unreachable");
-                    lost.cancel();
-                    return;
-                }
-            }
-        }
-    }
 }
 
 #[async_trait]
-impl LockGuard for RedisLockGuard {
-    fn key(&self) -> &str {
-        &self.key
+impl LeaseBackend for HeldLock {
+    fn describe(&self) -> String {
+        format!("lock {:?}", self.key)
     }
 
-    fn fencing_token(&self) -> u64 {
-        self.fence
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        let mut inv = EXTEND.prepare_invoke();
+        inv.key(self.shared.keys.lock(&self.key))
+            .arg(&self.token)
+            .arg(validate::ttl_millis(ttl));
+        let ok: i64 = self.shared.client.script(inv).await?;
+        Ok(ok == 1)
     }
 
-    fn ttl(&self) -> Duration {
-        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
-    }
-
-    fn is_held(&self) -> bool {
-        !self.lost.is_cancelled() && Instant::now() < *lock_of(&self.expires)
-    }
-
-    fn lost(&self) -> CancellationToken {
-        self.lost.clone()
-    }
-
-    async fn refresh(&self, ttl: Duration) -> Result<()> {
-        self.refresh
-            .run(async {
-                validate::ttl(ttl)?;
-                if self.released.load(Ordering::Acquire) || self.lost.is_cancelled() {
-                    return Err(self.not_held());
-                }
-                let started = Instant::now();
-                let ms = validate::ttl_millis(ttl);
-                if !extend(&self.shared, &self.key, &self.token, ms).await? {
-                    self.lost.cancel();
-                    return Err(self.not_held());
-                }
-                self.ttl_ms.store(ms, Ordering::Relaxed);
-                *lock_of(&self.expires) = started + Duration::from_millis(ms);
-                Ok(())
-            })
-            .await
-    }
-
-    async fn release(&self) -> Result<()> {
-        self.release
-            .run(async {
-                let was = self.released.swap(true, Ordering::AcqRel);
-                self.lost.cancel();
-                if was {
-                    return Err(self.not_held());
-                }
-                if release(&self.shared, &self.key, &self.token).await? {
-                    Ok(())
-                } else {
-                    Err(self.not_held())
-                }
-            })
-            .await
-    }
-}
-
-async fn release(shared: &Shared, key: &str, token: &str) -> Result<bool> {
-    let mut inv = RELEASE.prepare_invoke();
-    inv.key(shared.keys.lock(key))
-        .arg(token)
-        .arg(shared.keys.lock_channel())
-        .arg(key);
-    let ok: i64 = shared.client.script(inv).await?;
-    Ok(ok == 1)
-}
-
-impl Drop for RedisLockGuard {
-    fn drop(&mut self) {
-        self.lost.cancel();
-        if !self.released.swap(true, Ordering::AcqRel) {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let shared = self.shared.clone();
-                let (key, token) = (self.key.clone(), self.token.clone());
-                rt.spawn(async move {
-                    if let Err(e) = release(&shared, &key, &token).await {
-                        tracing::debug!(key, error = %e, "background release of a dropped lock guard failed");
-                    }
-                });
-            }
-        }
+    async fn release(&self) -> Result<bool> {
+        let mut inv = RELEASE.prepare_invoke();
+        inv.key(self.shared.keys.lock(&self.key))
+            .arg(&self.token)
+            .arg(self.shared.keys.lock_channel())
+            .arg(&self.key);
+        let ok: i64 = self.shared.client.script(inv).await?;
+        Ok(ok == 1)
     }
 }

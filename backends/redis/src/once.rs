@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use im_infra::once::{Claim, Once};
+use im_infra::lease::LeaseBackend;
+use im_infra::once::{Claim, Once, OnceCapabilities};
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 
@@ -56,14 +57,7 @@ impl RedisOnce {
         ttl: Duration,
     ) -> Result<()> {
         validate::key(key)?;
-        let mut inv = FINISH.prepare_invoke();
-        inv.key(self.shared.keys.once(key))
-            .arg(token)
-            .arg(action)
-            .arg(outcome)
-            .arg(validate::ttl_millis(ttl));
-        let ok: i64 = self.shared.client.script(inv).await?;
-        if ok == 1 {
+        if finish(&self.shared, key, token, action, outcome, ttl).await? {
             Ok(())
         } else {
             Err(Error::new(
@@ -74,8 +68,62 @@ impl RedisOnce {
     }
 }
 
+/// Runs the finishing script; true when the claim was `token`'s.
+async fn finish(
+    shared: &Shared,
+    key: &str,
+    token: &str,
+    action: &str,
+    outcome: &[u8],
+    ttl: Duration,
+) -> Result<bool> {
+    let mut inv = FINISH.prepare_invoke();
+    inv.key(shared.keys.once(key))
+        .arg(token)
+        .arg(action)
+        .arg(outcome)
+        .arg(validate::ttl_millis(ttl));
+    let ok: i64 = shared.client.script(inv).await?;
+    Ok(ok == 1)
+}
+
+/// A claim, as the lease core sees it.
+struct HeldClaim {
+    shared: Arc<Shared>,
+    key: String,
+    token: String,
+}
+
+#[async_trait]
+impl LeaseBackend for HeldClaim {
+    fn describe(&self) -> String {
+        format!("once claim {:?}", self.key)
+    }
+
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        finish(&self.shared, &self.key, &self.token, "renew", b"", ttl).await
+    }
+
+    async fn release(&self) -> Result<bool> {
+        let ttl = Duration::from_millis(1);
+        finish(&self.shared, &self.key, &self.token, "abandon", b"", ttl).await
+    }
+}
+
 #[async_trait]
 impl Once for RedisOnce {
+    fn capabilities(&self) -> OnceCapabilities {
+        OnceCapabilities::default().with_max_outcome(self.shared.client.cfg().max_value_bytes)
+    }
+
+    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
+        Box::new(HeldClaim {
+            shared: self.shared.clone(),
+            key: key.to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
         self.claim
             .run(async {

@@ -1,20 +1,20 @@
 //! Service registry and discovery on Redis: instances with server-clock
 //! expiries, keep-alive, re-registration, and a change stream for watches.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use im_infra::lease::LeaseBackend;
 use im_infra::registry::{
-    RegistryCapabilities, ServiceDiscovery, ServiceEvent, ServiceEventKind, ServiceEventStream,
-    ServiceInstance, ServiceRegistry,
+    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
+    ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use redis::Value;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::error::{decode, from_redis};
 use crate::Shared;
@@ -65,31 +65,22 @@ async fn list(shared: &Shared, prefix: &str) -> Result<(u64, Vec<ServiceInstance
     Ok((rev, out))
 }
 
-struct Registration {
-    instance: Arc<Mutex<ServiceInstance>>,
-    lease: Arc<Mutex<String>>,
-    keeper: JoinHandle<()>,
-}
-
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The registry of a [`RedisBackend`](crate::RedisBackend).
 ///
 /// An instance is a JSON value with a lease token and an expiry on the
-/// server's clock; a background task renews it every `ttl / 3` and, if the
-/// lease was lost (expired, revoked), registers it again with a new lease,
-/// retrying forever with backoff. Dropping the handle stops the renewals
-/// (the instances then expire, as when a process dies); `close`
-/// deregisters them.
+/// server's clock, kept by a [`Lease`](im_infra::lease::Lease) (renewed
+/// every `ttl / 3`, with a local deadline); if the registration is lost
+/// (expired during a partition, removed), it is registered again with a new
+/// lease, retrying forever with backoff ([`Registrations`]). Dropping the
+/// handle stops the renewals (the instances then expire, as when a process
+/// dies); `close` deregisters them.
 pub struct RedisRegistry {
-    shared: Arc<Shared>,
-    mine: Mutex<HashMap<String, Registration>>,
+    registrations: Registrations,
     register: OpMetrics,
     deregister: OpMetrics,
     update: OpMetrics,
     list: OpMetrics,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for RedisRegistry {
@@ -102,102 +93,95 @@ impl RedisRegistry {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         let m = |op| OpMetrics::new(crate::NAME, "registry", op);
         RedisRegistry {
-            shared,
-            mine: Mutex::new(HashMap::new()),
+            registrations: Registrations::new(
+                Arc::new(Server {
+                    shared: shared.clone(),
+                }),
+                shared.client.cfg().retry.clone(),
+            ),
             register: m("registry.register"),
             deregister: m("registry.deregister"),
             update: m("registry.update"),
             list: m("registry.list_services"),
+            shared,
         }
     }
 
     /// Deregisters every instance registered through this handle.
     pub async fn close(&self) {
-        let all: Vec<(String, Registration)> = locked(&self.mine).drain().collect();
-        for (sid, reg) in all {
-            reg.keeper.abort();
-            let lease = locked(&reg.lease).clone();
-            if let Err(e) = op::<i64>(&self.shared, &["remove", &sid, &lease]).await {
-                tracing::warn!(sid, error = %e, "deregistration on close failed; the instance will expire");
-            }
-        }
+        self.registrations.close().await;
     }
 }
 
-impl Drop for RedisRegistry {
-    fn drop(&mut self) {
-        for (_, reg) in locked(&self.mine).drain() {
-            reg.keeper.abort();
-        }
-    }
-}
-
-/// Keeps one registration alive; registers it again after a lost lease.
-async fn keeper(
+/// Registers on the server.
+struct Server {
     shared: Arc<Shared>,
-    instance: Arc<Mutex<ServiceInstance>>,
-    lease: Arc<Mutex<String>>,
-    ttl: Duration,
-) {
-    let period = (ttl / 3).max(Duration::from_millis(10));
-    let ttl_ms = validate::ttl_millis(ttl).to_string();
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::select! {
-            _ = shared.client.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-        }
-        let current = locked(&instance).clone();
-        let id = sid(&current.service, &current.id);
-        let token = locked(&lease).clone();
-        match op::<i64>(&shared, &["keepalive", &id, &token, &ttl_ms]).await {
-            Ok(1) => {
-                last_ok = Instant::now();
-                continue;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                // Unreachable: keep trying; once the lease must have run out,
-                // register again as soon as Redis answers.
-                tracing::debug!(sid = id, error = %e, "keep-alive failed");
-                if last_ok.elapsed() < ttl {
-                    continue;
-                }
-            }
-        }
-        tracing::warn!(sid = id, "registration lease lost; registering again");
-        let mut delays = shared.client.cfg().retry.delays_forever();
-        loop {
-            let current = locked(&instance).clone();
-            let new_lease = uuid::Uuid::new_v4().to_string();
-            let json = match serde_json::to_string(&current) {
-                Ok(j) => j,
-                Err(_) => return,
-            };
-            match op::<i64>(&shared, &["put", &id, &json, &new_lease, &ttl_ms]).await {
-                Ok(_) => {
-                    *locked(&lease) = new_lease;
-                    last_ok = Instant::now();
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(sid = id, error = %e, "re-registration failed; retrying");
-                    let d = delays.next().unwrap_or(Duration::from_secs(1));
-                    tokio::select! {
-                        _ = shared.client.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(d) => {}
-                    }
-                }
-            }
-        }
+}
+
+#[async_trait]
+impl RegistrationBackend for Server {
+    fn name(&self) -> &'static str {
+        crate::NAME
+    }
+
+    async fn put(
+        &self,
+        instance: &ServiceInstance,
+        ttl: Duration,
+    ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+        let sid = sid(&instance.service, &instance.id);
+        let json = serde_json::to_string(instance).map_err(|e| Error::serialization(&sid, e))?;
+        let lease = uuid::Uuid::new_v4().to_string();
+        let ttl_ms = validate::ttl_millis(ttl).to_string();
+        op::<i64>(&self.shared, &["put", &sid, &json, &lease, &ttl_ms]).await?;
+        Ok((
+            Arc::new(Registered {
+                shared: self.shared.clone(),
+                sid,
+                lease,
+            }),
+            ttl,
+        ))
     }
 }
 
-fn not_registered(service: &str, id: &str) -> Error {
-    Error::new(
-        ErrorKind::NotFound,
-        format!("{service}/{id} is not registered by this registry"),
-    )
+/// One registration: its instance id and lease token.
+struct Registered {
+    shared: Arc<Shared>,
+    sid: String,
+    lease: String,
+}
+
+#[async_trait]
+impl LeaseBackend for Registered {
+    fn describe(&self) -> String {
+        format!("registration {}", self.sid)
+    }
+
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        let ttl_ms = validate::ttl_millis(ttl).to_string();
+        let kept: i64 = op(
+            &self.shared,
+            &["keepalive", &self.sid, &self.lease, &ttl_ms],
+        )
+        .await?;
+        Ok(kept == 1)
+    }
+
+    async fn release(&self) -> Result<bool> {
+        let removed: i64 = op(&self.shared, &["remove", &self.sid, &self.lease]).await?;
+        Ok(removed == 1)
+    }
+}
+
+#[async_trait]
+impl RegistrationLease for Registered {
+    async fn update(&self, instance: &ServiceInstance) -> Result<bool> {
+        let json =
+            serde_json::to_string(instance).map_err(|e| Error::serialization(&self.sid, e))?;
+        let updated: i64 = op(&self.shared, &["update", &self.sid, &self.lease, &json]).await?;
+        Ok(updated == 1)
+    }
 }
 
 #[async_trait]
@@ -205,78 +189,26 @@ impl ServiceRegistry for RedisRegistry {
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
         self.register
             .run(async {
-                instance.validate()?;
+                self.shared.client.check_open()?;
                 validate::ttl(ttl)?;
                 if ttl < Duration::from_millis(100) {
                     return Err(Error::invalid_argument(
                         "registration ttl must be at least 100 ms",
                     ));
                 }
-                let id = sid(&instance.service, &instance.id);
-                let json =
-                    serde_json::to_string(instance).map_err(|e| Error::serialization(&id, e))?;
-                let lease = uuid::Uuid::new_v4().to_string();
-                let ttl_ms = validate::ttl_millis(ttl).to_string();
-                op::<i64>(&self.shared, &["put", &id, &json, &lease, &ttl_ms]).await?;
-                let instance_cell = Arc::new(Mutex::new(instance.clone()));
-                let lease_cell = Arc::new(Mutex::new(lease));
-                let task = tokio::spawn(keeper(
-                    self.shared.clone(),
-                    instance_cell.clone(),
-                    lease_cell.clone(),
-                    ttl,
-                ));
-                if let Some(old) = locked(&self.mine).insert(
-                    id,
-                    Registration {
-                        instance: instance_cell,
-                        lease: lease_cell,
-                        keeper: task,
-                    },
-                ) {
-                    old.keeper.abort();
-                }
-                Ok(())
+                self.registrations.register(instance, ttl).await
             })
             .await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
         self.deregister
-            .run(async {
-                let key = sid(service, id);
-                let Some(reg) = locked(&self.mine).remove(&key) else {
-                    return Err(not_registered(service, id));
-                };
-                reg.keeper.abort();
-                let lease = locked(&reg.lease).clone();
-                op::<i64>(&self.shared, &["remove", &key, &lease]).await?;
-                Ok(())
-            })
+            .run(self.registrations.deregister(service, id))
             .await
     }
 
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {
-        self.update
-            .run(async {
-                instance.validate()?;
-                let key = sid(&instance.service, &instance.id);
-                let (cell, lease_cell) = {
-                    let mine = locked(&self.mine);
-                    let Some(reg) = mine.get(&key) else {
-                        return Err(not_registered(&instance.service, &instance.id));
-                    };
-                    (reg.instance.clone(), reg.lease.clone())
-                };
-                let lease = locked(&lease_cell).clone();
-                *locked(&cell) = instance.clone();
-                let json =
-                    serde_json::to_string(instance).map_err(|e| Error::serialization(&key, e))?;
-                // A lost lease is re-registered by the keeper with the new value.
-                op::<i64>(&self.shared, &["update", &key, &lease, &json]).await?;
-                Ok(())
-            })
-            .await
+        self.update.run(self.registrations.update(instance)).await
     }
 
     async fn list_services(&self) -> Result<Vec<String>> {

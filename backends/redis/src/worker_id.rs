@@ -1,21 +1,20 @@
 //! Worker-id leases on Redis keys with expiries.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use im_infra::lease::{LeaseBackend, PendingLease, SentAt};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
 static SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/worker_id.lua")));
 
-async fn run(shared: &Shared, args: &[String]) -> Result<i64> {
+async fn run<T: redis::FromRedisValue>(shared: &Shared, args: &[String]) -> Result<T> {
     let prefix = shared.keys.worker_prefix();
     let mut inv = SCRIPT.prepare_invoke();
     inv.key(format!("{prefix}route"));
@@ -26,9 +25,17 @@ async fn run(shared: &Shared, args: &[String]) -> Result<i64> {
     shared.client.script(inv).await
 }
 
+fn wall_millis() -> String {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        .to_string()
+}
+
 /// The worker-id allocator of a [`RedisBackend`](crate::RedisBackend): one
 /// key per id holding the owner's token with a `PX` expiry; the lowest free
-/// id is taken in one script; the lease is renewed every `ttl / 3`.
+/// id is taken in one script and kept by a [`Lease`]; a hash keeps each
+/// id's last possible timestamp for its next holder.
 pub struct RedisWorkerIds {
     shared: Arc<Shared>,
     allocate: OpMetrics,
@@ -51,7 +58,7 @@ impl RedisWorkerIds {
 
 #[async_trait]
 impl WorkerIdAllocator for RedisWorkerIds {
-    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<Box<dyn WorkerLease>> {
+    async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
         self.allocate
             .run(async {
                 validate::ttl(ttl)?;
@@ -62,147 +69,82 @@ impl WorkerIdAllocator for RedisWorkerIds {
                 }
                 let token = uuid::Uuid::new_v4().to_string();
                 let ttl_ms = validate::ttl_millis(ttl);
-                let id = run(
+                let mut pending = PendingLease::new(HeldWorkerId {
+                    shared: self.shared.clone(),
+                    id: OnceLock::new(),
+                    token: token.clone(),
+                    max_worker_id,
+                });
+                let sent = SentAt::now();
+                pending.arm();
+                let (id, not_before): (i64, u64) = run(
                     &self.shared,
                     &[
                         "allocate".into(),
                         max_worker_id.to_string(),
-                        token.clone(),
+                        token,
                         ttl_ms.to_string(),
+                        wall_millis(),
                     ],
                 )
                 .await?;
                 if id < 0 {
+                    pending.disarm();
                     return Err(Error::new(
                         ErrorKind::ResourceExhausted,
                         format!("all {} worker ids are leased", max_worker_id + 1),
                     ));
                 }
-                let lost = CancellationToken::new();
-                tokio::spawn(renew(
-                    self.shared.clone(),
-                    id as u64,
-                    token.clone(),
-                    ttl,
-                    lost.clone(),
-                ));
-                Ok(Box::new(RedisWorkerLease {
-                    shared: self.shared.clone(),
-                    id: id as u64,
-                    token,
-                    lost,
-                    released: AtomicBool::new(false),
-                }) as Box<dyn WorkerLease>)
+                let id = id as u64;
+                let _ = pending.backend().id.set(id);
+                let lease = pending.start(WorkerLease::lease_options(crate::NAME, ttl), sent);
+                Ok(WorkerLease::new(id, lease).with_not_before(not_before))
             })
             .await
     }
 }
 
-async fn renew(
+/// A leased worker id, as the lease core sees it. Before the id is known
+/// (an allocation whose answer was lost), releasing looks for the token in
+/// every id.
+struct HeldWorkerId {
     shared: Arc<Shared>,
-    id: u64,
+    id: OnceLock<u64>,
     token: String,
-    ttl: Duration,
-    lost: CancellationToken,
-) {
-    let period = (ttl / 3).max(Duration::from_millis(1));
-    let args = [
-        "renew".to_string(),
-        id.to_string(),
-        token,
-        validate::ttl_millis(ttl).to_string(),
-    ];
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::select! {
-            _ = lost.cancelled() => return,
-            _ = shared.client.shutdown.cancelled() => { lost.cancel(); return }
-            _ = tokio::time::sleep(period) => {}
-        }
-        match run(&shared, &args).await {
-            Ok(1) => last_ok = Instant::now(),
-            Ok(_) => {
-                tracing::warn!(worker_id = id, "worker id lease lost");
-                lost.cancel();
-                return;
-            }
-            Err(e) if last_ok.elapsed() >= ttl => {
-                tracing::warn!(worker_id = id, error = %e, "worker id lease ran out while redis was unreachable");
-                lost.cancel();
-                return;
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-/// A worker id leased from Redis.
-pub struct RedisWorkerLease {
-    shared: Arc<Shared>,
-    id: u64,
-    token: String,
-    lost: CancellationToken,
-    released: AtomicBool,
-}
-
-impl std::fmt::Debug for RedisWorkerLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisWorkerLease")
-            .field("id", &self.id)
-            .finish()
-    }
+    max_worker_id: u64,
 }
 
 #[async_trait]
-impl WorkerLease for RedisWorkerLease {
-    fn worker_id(&self) -> u64 {
-        self.id
-    }
-
-    fn lost(&self) -> CancellationToken {
-        self.lost.clone()
-    }
-
-    async fn release(&self) -> Result<()> {
-        self.lost.cancel();
-        if self.released.swap(true, Ordering::AcqRel) {
-            return Err(Error::new(
-                ErrorKind::LeaseLost,
-                "the worker id was already released",
-            ));
-        }
-        let n = run(
-            &self.shared,
-            &["release".into(), self.id.to_string(), self.token.clone()],
-        )
-        .await?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(Error::new(
-                ErrorKind::LeaseLost,
-                format!("worker id {} was not leased any more", self.id),
-            ))
+impl LeaseBackend for HeldWorkerId {
+    fn describe(&self) -> String {
+        match self.id.get() {
+            Some(id) => format!("worker id {id}"),
+            None => "a worker id being allocated".into(),
         }
     }
-}
 
-impl Drop for RedisWorkerLease {
-    fn drop(&mut self) {
-        self.lost.cancel();
-        if !self.released.swap(true, Ordering::AcqRel) {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let shared = self.shared.clone();
-                let args = [
-                    "release".to_string(),
-                    self.id.to_string(),
-                    self.token.clone(),
-                ];
-                rt.spawn(async move {
-                    let _ = run(&shared, &args).await;
-                });
-            }
-        }
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        let Some(id) = self.id.get() else {
+            return Ok(false);
+        };
+        let args = [
+            "renew".to_string(),
+            id.to_string(),
+            self.token.clone(),
+            validate::ttl_millis(ttl).to_string(),
+            wall_millis(),
+        ];
+        Ok(run::<i64>(&self.shared, &args).await? == 1)
+    }
+
+    async fn release(&self) -> Result<bool> {
+        let args = match self.id.get() {
+            Some(id) => ["release".to_string(), id.to_string()],
+            None => ["forget".to_string(), self.max_worker_id.to_string()],
+        };
+        let [op, which] = args;
+        let args = [op, which, self.token.clone(), wall_millis()];
+        Ok(run::<i64>(&self.shared, &args).await? == 1)
     }
 }
 

@@ -2,9 +2,13 @@
 //!
 //! [`DistributedLock::acquire`] waits (bounded by
 //! [`LockOptions::wait_timeout`], and by cancellation: dropping the future
-//! leaves nothing behind) and returns a [`LockGuard`]. While the guard lives
-//! the lock is renewed in the background; when renewal finds the lock gone,
-//! the guard's [`lost`](LockGuard::lost) token is cancelled. Every
+//! leaves nothing behind) and returns a [`LockGuard`]. Every backend's guard
+//! is a [`LeasedGuard`]: the lock is a [`Lease`](crate::lease::Lease), renewed
+//! in the background while the guard lives, with a local deadline on this
+//! host's monotonic clock. The guard's [`lost`](LockGuard::lost) token is
+//! cancelled when the server says the lock is gone *and* when the deadline
+//! passes without a successful renewal — so a holder cut off from its server
+//! learns it lost the lock before any other process can acquire it. Every
 //! acquisition of a key carries a [fencing token](LockGuard::fencing_token)
 //! larger than the one before, to hand to the resource being protected so it
 //! can reject a stale holder.
@@ -33,13 +37,18 @@
 //! }
 //! ```
 
+mod leased;
+
 use std::future::Future;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::lease::LeaseOptions;
+
+pub use leased::LeasedGuard;
 
 /// How to acquire a lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,11 +56,15 @@ pub struct LockOptions {
     /// How long the lock lives without renewal.
     pub ttl: Duration,
     /// How long [`DistributedLock::acquire`] waits before failing with
-    /// `Timeout` (ignored by `try_acquire`).
+    /// `Timeout` (ignored by `try_acquire`). `Duration::MAX` (or any wait too
+    /// long to be represented as an instant) waits without limit.
     pub wait_timeout: Duration,
     /// Renew the lock in the background (every `ttl / 3`) while the guard
     /// lives. Without it the lock expires after `ttl` unless refreshed.
     pub auto_renew: bool,
+    /// Stop renewing after this many background renewals; the lock then
+    /// ends at its deadline. `None`: renew while the guard lives.
+    pub max_renewals: Option<u64>,
 }
 
 impl LockOptions {
@@ -64,10 +77,11 @@ impl LockOptions {
             ttl,
             wait_timeout: Self::DEFAULT_WAIT,
             auto_renew: true,
+            max_renewals: None,
         }
     }
 
-    /// Sets the wait bound.
+    /// Sets the wait bound (`Duration::MAX`: wait without limit).
     #[must_use]
     pub fn wait(mut self, wait_timeout: Duration) -> Self {
         self.wait_timeout = wait_timeout;
@@ -81,6 +95,13 @@ impl LockOptions {
         self
     }
 
+    /// Bounds the number of background renewals.
+    #[must_use]
+    pub fn max_renewals(mut self, n: u64) -> Self {
+        self.max_renewals = Some(n);
+        self
+    }
+
     /// Checks the TTL (positive, ≥ 1 ms, at most ten years).
     pub fn validate(&self) -> Result<()> {
         crate::validate::ttl(self.ttl)?;
@@ -88,6 +109,32 @@ impl LockOptions {
             return Err(Error::invalid_argument("lock ttl must be at least 1 ms"));
         }
         Ok(())
+    }
+
+    /// When a wait that starts at `start` gives up; `None` when the wait is
+    /// too long to be represented (it then waits without limit).
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use im_infra::lock::LockOptions;
+    ///
+    /// let now = Instant::now();
+    /// let opts = LockOptions::new(Duration::from_secs(5));
+    /// assert_eq!(opts.wait_deadline(now), Some(now + LockOptions::DEFAULT_WAIT));
+    /// assert_eq!(opts.wait(Duration::MAX).wait_deadline(now), None);
+    /// ```
+    pub fn wait_deadline(&self, start: Instant) -> Option<Instant> {
+        start.checked_add(self.wait_timeout)
+    }
+
+    /// The lease options of a lock acquired with these options on `backend`,
+    /// whose server granted `ttl` (at least [`LockOptions::ttl`]).
+    pub fn lease_options(&self, backend: &'static str, ttl: Duration) -> LeaseOptions {
+        let mut opts = LeaseOptions::new(ttl)
+            .auto_renew(self.auto_renew)
+            .labels(backend, "lock");
+        opts.max_extensions = self.max_renewals;
+        opts
     }
 }
 
@@ -152,10 +199,16 @@ pub trait LockGuard: Send + Sync {
     fn fencing_token(&self) -> u64;
     /// The TTL the lock was acquired (or last refreshed) with.
     fn ttl(&self) -> Duration;
-    /// Whether, as far as this process knows, the lock is still held.
+    /// Whether the lock is still held: before its local deadline (the send
+    /// time of the last successful renewal + TTL − a safety margin, on this
+    /// host's monotonic clock), not found gone by the server, not released.
     fn is_held(&self) -> bool;
-    /// Cancelled as soon as the lock is no longer held: lost (renewal found
-    /// it gone or expired), or released.
+    /// Time left before the local deadline; `None` once not held (the
+    /// seed's `TTL`).
+    fn remaining(&self) -> Option<Duration>;
+    /// Cancelled as soon as the lock is no longer held: the deadline passed
+    /// without a successful renewal (even while a renewal is still
+    /// outstanding), the server found it gone, or it was released.
     fn lost(&self) -> CancellationToken;
     /// Extends the lock to `ttl` from now. `LockNotHeld` if it was lost.
     async fn refresh(&self, ttl: Duration) -> Result<()>;

@@ -1,0 +1,309 @@
+//! [`Registrations`]: the registrations of one registry handle, each kept
+//! by a [`Lease`] and registered again, forever, after it is lost.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::ServiceInstance;
+use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{Lease, LeaseBackend, LeaseOptions, SentAt};
+use crate::retry::RetryConfig;
+
+/// One registration on a backend's server: kept alive by `extend`,
+/// deregistered by `release` (both only while it is this registration's:
+/// a newer registration of the same instance is never touched).
+#[async_trait]
+pub trait RegistrationLease: LeaseBackend {
+    /// Replaces the registered value, keeping the lease. `Ok(false)`: the
+    /// registration is gone on the server.
+    async fn update(&self, instance: &ServiceInstance) -> Result<bool>;
+}
+
+/// What a backend does to register an instance on its server.
+#[async_trait]
+pub trait RegistrationBackend: Send + Sync + 'static {
+    /// The backend's name, for metrics and logs.
+    fn name(&self) -> &'static str;
+
+    /// Puts `instance` on the server under a new lease of `ttl`, replacing
+    /// any earlier registration of the same service and id. Returns the
+    /// registration and the TTL the server granted (at least `ttl`).
+    async fn put(
+        &self,
+        instance: &ServiceInstance,
+        ttl: Duration,
+    ) -> Result<(Arc<dyn RegistrationLease>, Duration)>;
+}
+
+/// The lease core sees the registration through this.
+struct Kept(Arc<dyn RegistrationLease>);
+
+#[async_trait]
+impl LeaseBackend for Kept {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        self.0.extend(ttl).await
+    }
+    async fn release(&self) -> Result<bool> {
+        self.0.release().await
+    }
+}
+
+/// The state of one registration, shared by its keeper task and the
+/// registry's calls.
+struct Slot {
+    instance: ServiceInstance,
+    current: Option<(Arc<dyn RegistrationLease>, Lease)>,
+    stopped: bool,
+}
+
+impl Drop for Slot {
+    /// A registration dropped without `deregister` (the registry dropped,
+    /// the keeper ended) is left to expire on the server, as when the
+    /// process dies.
+    fn drop(&mut self) {
+        if let Some((_, lease)) = self.current.take() {
+            lease.detach();
+        }
+    }
+}
+
+struct Registration {
+    slot: Arc<tokio::sync::Mutex<Slot>>,
+    stop: CancellationToken,
+}
+
+/// The registrations made through one registry handle of a backend.
+///
+/// Each is a [`Lease`] (renewed every third of its TTL, with a local
+/// deadline); when it is lost — expired during a partition, revoked,
+/// deleted — it is registered again with a new lease, retrying forever with
+/// the backend's backoff, until it is deregistered. Backends implement
+/// [`RegistrationBackend`] and [`RegistrationLease`] and delegate
+/// `register`, `deregister` and `update` here.
+pub struct Registrations {
+    backend: Arc<dyn RegistrationBackend>,
+    retry: RetryConfig,
+    mine: Mutex<HashMap<(String, String), Registration>>,
+}
+
+impl std::fmt::Debug for Registrations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registrations")
+            .field("backend", &self.backend.name())
+            .field("count", &self.mine().len())
+            .finish()
+    }
+}
+
+fn not_registered(service: &str, id: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("{service}/{id} is not registered by this registry"),
+    )
+}
+
+impl Registrations {
+    /// Registrations on `backend`, re-registered with `retry`'s backoff.
+    pub fn new(backend: Arc<dyn RegistrationBackend>, retry: RetryConfig) -> Self {
+        Registrations {
+            backend,
+            retry,
+            mine: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn mine(&self) -> MutexGuard<'_, HashMap<(String, String), Registration>> {
+        self.mine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `instance` for `ttl` and keeps it registered. Registering
+    /// the same service and id again replaces the earlier registration.
+    pub async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+        instance.validate()?;
+        crate::validate::ttl(ttl)?;
+        let sent = SentAt::now();
+        let (reg, granted) = self.backend.put(instance, ttl).await?;
+        let lease = self.lease(reg.clone(), granted, sent);
+        let slot = Arc::new(tokio::sync::Mutex::new(Slot {
+            instance: instance.clone(),
+            current: Some((reg, lease)),
+            stopped: false,
+        }));
+        let stop = CancellationToken::new();
+        tokio::spawn(keep(
+            self.backend.clone(),
+            self.retry.clone(),
+            slot.clone(),
+            stop.clone(),
+            ttl,
+        ));
+        let key = (instance.service.clone(), instance.id.clone());
+        let old = self.mine().insert(key, Registration { slot, stop });
+        if let Some(old) = old {
+            old.stop.cancel();
+            let current = {
+                let mut slot = old.slot.lock().await;
+                slot.stopped = true;
+                slot.current.take()
+            };
+            // Releasing touches only what is still the old registration's.
+            if let Some((_, lease)) = current {
+                let _ = lease.release().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deregisters an instance registered here. `NotFound` if it is not.
+    pub async fn deregister(&self, service: &str, id: &str) -> Result<()> {
+        let reg = self
+            .mine()
+            .remove(&(service.to_owned(), id.to_owned()))
+            .ok_or_else(|| not_registered(service, id))?;
+        reg.stop.cancel();
+        let current = {
+            let mut slot = reg.slot.lock().await;
+            slot.stopped = true;
+            slot.current.take()
+        };
+        if let Some((_, lease)) = current {
+            lease.release().await?;
+        }
+        Ok(())
+    }
+
+    /// Changes the address or metadata of an instance registered here.
+    /// `NotFound` if it is not registered here; `LeaseLost` if its
+    /// registration was lost (it is being registered again, with the new
+    /// value).
+    pub async fn update(&self, instance: &ServiceInstance) -> Result<()> {
+        instance.validate()?;
+        let slot = self
+            .mine()
+            .get(&(instance.service.clone(), instance.id.clone()))
+            .map(|r| r.slot.clone())
+            .ok_or_else(|| not_registered(&instance.service, &instance.id))?;
+        let mut slot = slot.lock().await;
+        slot.instance = instance.clone();
+        let updated = match &slot.current {
+            Some((reg, lease)) if lease.is_held() => reg.update(instance).await?,
+            _ => false,
+        };
+        if updated {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::LeaseLost,
+                format!(
+                    "the registration of {}/{} was lost; it is being registered again with the new value",
+                    instance.service, instance.id
+                ),
+            ))
+        }
+    }
+
+    /// The instances registered here (as last registered or updated).
+    pub fn instances(&self) -> Vec<(String, String)> {
+        self.mine().keys().cloned().collect()
+    }
+
+    /// Deregisters everything registered here; failures are logged (those
+    /// registrations expire on the server).
+    pub async fn close(&self) {
+        let keys = self.instances();
+        for (service, id) in keys {
+            if let Err(e) = self.deregister(&service, &id).await {
+                tracing::warn!(service, id, error = %e, "deregistration on close failed; the instance will expire");
+            }
+        }
+    }
+
+    fn lease(&self, reg: Arc<dyn RegistrationLease>, granted: Duration, sent: SentAt) -> Lease {
+        lease_of(self.backend.name(), reg, granted, sent)
+    }
+}
+
+fn lease_of(
+    backend: &'static str,
+    reg: Arc<dyn RegistrationLease>,
+    granted: Duration,
+    sent: SentAt,
+) -> Lease {
+    Lease::start(
+        Kept(reg),
+        LeaseOptions::new(granted).labels(backend, "registry"),
+        sent,
+    )
+}
+
+impl Drop for Registrations {
+    /// Stops keeping the registrations: they expire on the server, as when
+    /// the process dies. Use [`close`](Registrations::close) to deregister.
+    fn drop(&mut self) {
+        for (_, reg) in self.mine().drain() {
+            reg.stop.cancel();
+        }
+    }
+}
+
+/// Waits for the registration's lease to be lost, then registers it again
+/// with backoff, forever, until stopped.
+async fn keep(
+    backend: Arc<dyn RegistrationBackend>,
+    retry: RetryConfig,
+    slot: Arc<tokio::sync::Mutex<Slot>>,
+    stop: CancellationToken,
+    ttl: Duration,
+) {
+    loop {
+        let lost = match &slot.lock().await.current {
+            Some((_, lease)) => lease.lost(),
+            None => return,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = lost.cancelled() => {}
+        }
+        let mut delays = retry.delays_forever();
+        loop {
+            // Held across the put, so that a deregistration waits for it
+            // and then releases what it registered.
+            let mut s = slot.lock().await;
+            if s.stopped || stop.is_cancelled() {
+                return;
+            }
+            tracing::info!(
+                service = %s.instance.service,
+                id = %s.instance.id,
+                backend = backend.name(),
+                "registering again after the registration was lost"
+            );
+            let sent = SentAt::now();
+            match backend.put(&s.instance, ttl).await {
+                Ok((reg, granted)) => {
+                    let lease = lease_of(backend.name(), reg.clone(), granted, sent);
+                    // The lost lease is released where it is still its own.
+                    s.current = Some((reg, lease));
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::Closed => return,
+                Err(e) => {
+                    drop(s);
+                    let pause = delays.next().unwrap_or(Duration::from_secs(1));
+                    tracing::debug!(error = %e, ?pause, "registering again failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+}
