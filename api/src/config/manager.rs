@@ -456,12 +456,26 @@ async fn watch_loop<T>(
             }
         };
         delays = retry.delays_forever();
+        let mut stream_last = after;
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
                 next = events.next() => next,
             };
             let Some(inner) = inner.upgrade() else { return };
+            if let Some(Ok(ev)) = &next {
+                if ev.version < stream_last {
+                    // The watch went back: the server lost changes it had
+                    // delivered, and this event is the correction (see
+                    // `WatchCursor::resync_regressed`). It wins over what
+                    // was applied.
+                    tracing::warn!(path = %path, version = ev.version, after = stream_last, "the config center went back in time; applying its current state");
+                    inner
+                        .seen
+                        .store(ev.version.saturating_sub(1), Ordering::Release);
+                }
+                stream_last = ev.version;
+            }
             match next {
                 Some(Ok(ev)) => match ev.kind {
                     ConfigEventKind::Put => {
@@ -489,7 +503,7 @@ async fn watch_loop<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConfigCapabilities, Versioned, WatchStream};
+    use crate::config::{ConfigCapabilities, ConfigEvent, Versioned, WatchStream};
     use std::sync::atomic::AtomicUsize;
 
     /// A center that is down (or hangs) for every call.
@@ -606,5 +620,67 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    }
+
+    /// A center whose watch replays fixed events, then stays open.
+    struct Scripted(Vec<ConfigEvent>);
+
+    #[async_trait]
+    impl ConfigCenter for Scripted {
+        fn capabilities(&self) -> ConfigCapabilities {
+            ConfigCapabilities::full(1024)
+        }
+        async fn get_with_version(&self, _key: &str) -> Result<Option<Versioned>> {
+            Ok(Some(Versioned {
+                value: Bytes::from_static(br#"{"workers":5}"#),
+                version: 5,
+            }))
+        }
+        async fn set(&self, _key: &str, _value: Bytes) -> Result<u64> {
+            Err(Error::unsupported("set"))
+        }
+        async fn delete(&self, _key: &str) -> Result<bool> {
+            Err(Error::unsupported("delete"))
+        }
+        async fn list(&self, _prefix: &str) -> Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        async fn compare_and_set(&self, _key: &str, _value: Bytes, _v: u64) -> Result<u64> {
+            Err(Error::unsupported("cas"))
+        }
+        async fn watch(&self, _key: &str, _opts: WatchOptions) -> Result<WatchStream> {
+            let events: Vec<Result<ConfigEvent>> = self.0.iter().cloned().map(Ok).collect();
+            Ok(futures::stream::iter(events)
+                .chain(futures::stream::pending())
+                .boxed())
+        }
+        async fn watch_prefix(&self, _prefix: &str, _opts: WatchOptions) -> Result<WatchStream> {
+            Err(Error::unsupported("watch_prefix"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_goes_back_in_time_corrects_the_value() {
+        let put = |workers: u32, version: u64| ConfigEvent {
+            kind: crate::config::ConfigEventKind::Put,
+            key: "/config/test/svc/settings".into(),
+            value: Some(Bytes::from(format!(r#"{{"workers":{workers}}}"#))),
+            version,
+        };
+        // Version 6 was lost by the server; its resync reports version 4.
+        let center = Arc::new(Scripted(vec![put(6, 6), put(4, 4), put(4, 4)]));
+        let m = ConfigManager::<Settings>::builder(center, "svc", "settings")
+            .env("test")
+            .build()
+            .unwrap();
+        m.start().await;
+        for _ in 0..100 {
+            if m.version() == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((m.current().workers, m.version()), (4, 4));
+        m.stop().await;
     }
 }

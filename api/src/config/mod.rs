@@ -95,6 +95,13 @@ impl WatchOptions {
 /// A stream of changes, in version order. Connection losses are handled
 /// inside (the stream resumes after the last delivered version); an `Err`
 /// item means the watch cannot continue (closed backend, bad input).
+///
+/// One exception to the order: when the server comes back with older data
+/// than the watch delivered (a restore from an old snapshot, a failover to
+/// a lagging replica), the watch reports the server's current state for
+/// every key that may differ, with versions below those delivered before,
+/// and goes on from there. Such an event supersedes what was delivered
+/// (as [`ConfigManager`] does).
 pub type WatchStream = BoxStream<'static, Result<ConfigEvent>>;
 
 /// What a config center offers beyond the required operations.

@@ -7,6 +7,16 @@
 //! turns a snapshot of the current state into the events that bring the
 //! consumer up to date.
 //!
+//! A store may also come back with *older* data than a watch has seen (a
+//! Redis restarted from an old snapshot, a database restored from a backup,
+//! a failover to a lagging replica): the changes after some point are gone,
+//! and the writes made since continue from there. A backend that detects
+//! this (its revision is behind the cursor, or the change the cursor last
+//! delivered is missing from a history that should still hold it) calls
+//! [`WatchCursor::resync_regressed`], which reports every key whose state
+//! may differ from what was delivered and moves the cursor back to the
+//! store's revision.
+//!
 //! ```
 //! use bytes::Bytes;
 //! use im_infra::config::watch::{WatchCursor, WatchTarget};
@@ -23,7 +33,7 @@
 //! assert_eq!(cursor.last_version(), 10);
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{ConfigEvent, ConfigEventKind, Versioned};
 
@@ -51,7 +61,10 @@ impl WatchTarget {
 pub struct WatchCursor {
     target: WatchTarget,
     last_version: u64,
-    present: BTreeSet<String>,
+    anchor: u64,
+    /// Keys the consumer was told exist, with the version it was told
+    /// (0: unknown).
+    present: BTreeMap<String, u64>,
 }
 
 impl WatchCursor {
@@ -59,15 +72,16 @@ impl WatchCursor {
     /// key watch with `after_version > 0`, the key counts as present (the
     /// caller read it at that version), so a resync reports its deletion.
     pub fn new(target: WatchTarget, after_version: u64) -> Self {
-        let mut present = BTreeSet::new();
+        let mut present = BTreeMap::new();
         if let WatchTarget::Key(k) = &target {
             if after_version > 0 {
-                present.insert(k.clone());
+                present.insert(k.clone(), 0);
             }
         }
         WatchCursor {
             target,
             last_version: after_version,
+            anchor: after_version,
             present,
         }
     }
@@ -82,6 +96,18 @@ impl WatchCursor {
         self.last_version
     }
 
+    /// The newest version known to be a change in the store's history: the
+    /// last change delivered, the newest value a resync reported, or the
+    /// version the watch started after (0: none). Unlike
+    /// [`last_version`](Self::last_version) it never comes from
+    /// [`advance_to`](Self::advance_to), so it belongs to the watched keys.
+    /// Unless the history was purged up to it, a store that still has it
+    /// has not lost what the consumer was told; a backend whose history
+    /// cannot otherwise show a regression checks that it still exists.
+    pub fn anchor(&self) -> u64 {
+        self.anchor
+    }
+
     /// Moves the cursor past `version` without delivering anything (for a
     /// watch that starts "now" at the store's current revision).
     pub fn advance_to(&mut self, version: u64) {
@@ -94,9 +120,10 @@ impl WatchCursor {
             return None;
         }
         self.last_version = event.version;
+        self.anchor = event.version;
         match event.kind {
             ConfigEventKind::Put => {
-                self.present.insert(event.key.clone());
+                self.present.insert(event.key.clone(), event.version);
             }
             ConfigEventKind::Delete => {
                 self.present.remove(&event.key);
@@ -110,39 +137,103 @@ impl WatchCursor {
     /// events that bring the consumer to the current state, in version
     /// order, and moves the cursor to `revision`.
     pub fn resync(&mut self, current: Vec<(String, Versioned)>, revision: u64) -> Vec<ConfigEvent> {
-        let mut events = Vec::new();
-        let now_present: BTreeSet<String> = current
+        let current = self.covered(current);
+        let mut events: Vec<ConfigEvent> = current
             .iter()
-            .filter(|(k, _)| self.target.matches(k))
-            .map(|(k, _)| k.clone())
+            .filter(|(_, v)| v.version > self.last_version)
+            .map(|(key, v)| put(key, v))
             .collect();
-        for (key, v) in current {
-            if self.target.matches(&key) && v.version > self.last_version {
-                events.push(ConfigEvent {
-                    kind: ConfigEventKind::Put,
-                    key,
-                    value: Some(v.value),
-                    version: v.version,
-                });
-            }
-        }
         events.sort_by_key(|e| e.version);
-        let gone: Vec<String> = self.present.difference(&now_present).cloned().collect();
         let delete_version = revision.max(events.last().map_or(0, |e| e.version));
         if delete_version > self.last_version {
-            for key in gone {
-                events.push(ConfigEvent {
-                    kind: ConfigEventKind::Delete,
-                    key,
-                    value: None,
-                    version: delete_version,
-                });
-            }
+            events.extend(self.gone(&current, delete_version));
         }
-        self.present = now_present;
+        self.anchor = self.anchor.max(newest(&current));
+        self.present = present(&current);
         self.last_version = self.last_version.max(revision).max(delete_version);
         events
     }
+
+    /// After the store lost changes this cursor may have delivered (it came
+    /// back with older data, so its history no longer continues from the
+    /// cursor): given every covered entry that exists now and the store's
+    /// current revision, returns the events that bring the consumer to the
+    /// current state, and moves the cursor to `revision` — back, when the
+    /// store is behind it — so that the changes written from there on are
+    /// delivered.
+    ///
+    /// The events are a put for every covered entry whose version is not
+    /// the one this cursor delivered for its key (a key it never delivered
+    /// counts as changed: a lost delete may have hidden it), in version
+    /// order, then a delete at `revision` for every key it delivered that
+    /// is gone. Their versions are the store's and may be at or below
+    /// versions delivered before: they describe the values the store has
+    /// now, and a consumer must apply them even though it has seen higher
+    /// versions (a consumer that skips versions it has seen keeps lost
+    /// values until their keys change again).
+    pub fn resync_regressed(
+        &mut self,
+        current: Vec<(String, Versioned)>,
+        revision: u64,
+    ) -> Vec<ConfigEvent> {
+        let current = self.covered(current);
+        let mut events: Vec<ConfigEvent> = current
+            .iter()
+            .filter(|(key, v)| self.present.get(key) != Some(&v.version))
+            .map(|(key, v)| put(key, v))
+            .collect();
+        events.sort_by_key(|e| e.version);
+        let delete_version = revision.max(newest(&current));
+        events.extend(self.gone(&current, delete_version));
+        self.anchor = newest(&current);
+        self.present = present(&current);
+        self.last_version = delete_version;
+        events
+    }
+
+    /// The entries of `current` this cursor covers.
+    fn covered(&self, current: Vec<(String, Versioned)>) -> Vec<(String, Versioned)> {
+        current
+            .into_iter()
+            .filter(|(k, _)| self.target.matches(k))
+            .collect()
+    }
+
+    /// Deletes, at `version`, of the keys delivered as present that are not
+    /// in `current`.
+    fn gone(&self, current: &[(String, Versioned)], version: u64) -> Vec<ConfigEvent> {
+        let now: BTreeSet<&str> = current.iter().map(|(k, _)| k.as_str()).collect();
+        self.present
+            .keys()
+            .filter(|k| !now.contains(k.as_str()))
+            .map(|key| ConfigEvent {
+                kind: ConfigEventKind::Delete,
+                key: key.clone(),
+                value: None,
+                version,
+            })
+            .collect()
+    }
+}
+
+fn put(key: &str, v: &Versioned) -> ConfigEvent {
+    ConfigEvent {
+        kind: ConfigEventKind::Put,
+        key: key.to_owned(),
+        value: Some(v.value.clone()),
+        version: v.version,
+    }
+}
+
+fn newest(current: &[(String, Versioned)]) -> u64 {
+    current.iter().map(|(_, v)| v.version).max().unwrap_or(0)
+}
+
+fn present(current: &[(String, Versioned)]) -> BTreeMap<String, u64> {
+    current
+        .iter()
+        .map(|(k, v)| (k.clone(), v.version))
+        .collect()
 }
 
 #[cfg(test)]
@@ -180,5 +271,88 @@ mod tests {
     fn fresh_key_watch_without_version_reports_no_spurious_delete() {
         let mut c = WatchCursor::new(WatchTarget::Key("/k".into()), 0);
         assert!(c.resync(vec![], 3).is_empty());
+    }
+
+    fn put_at(key: &str, version: u64) -> ConfigEvent {
+        ConfigEvent {
+            kind: ConfigEventKind::Put,
+            key: key.into(),
+            value: Some(Bytes::from_static(b"{}")),
+            version,
+        }
+    }
+
+    #[test]
+    fn regressed_resync_moves_back_and_reports_what_changed() {
+        let mut c = WatchCursor::new(WatchTarget::Prefix("/p/".into()), 0);
+        for (k, v) in [("/p/a", 3), ("/p/b", 4), ("/p/a", 7), ("/p/c", 8)] {
+            assert!(c.accept(put_at(k, v)).is_some());
+        }
+        assert_eq!(c.anchor(), 8);
+        // The store came back at revision 5: "/p/a" is at 3 again, "/p/c"
+        // never existed, "/p/b" is unchanged, "/p/x" was never delivered.
+        let events = c.resync_regressed(
+            vec![
+                ("/p/a".into(), v(3)),
+                ("/p/b".into(), v(4)),
+                ("/p/x".into(), v(2)),
+            ],
+            5,
+        );
+        let got: Vec<(ConfigEventKind, &str, u64)> = events
+            .iter()
+            .map(|e| (e.kind, e.key.as_str(), e.version))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (ConfigEventKind::Put, "/p/x", 2),
+                (ConfigEventKind::Put, "/p/a", 3),
+                (ConfigEventKind::Delete, "/p/c", 5),
+            ]
+        );
+        assert_eq!(c.last_version(), 5, "the cursor moved back");
+        assert_eq!(c.anchor(), 4);
+        // Changes written after the regression are delivered again.
+        assert!(c.accept(put_at("/p/b", 6)).is_some());
+        // Nothing more to report against the same state.
+        assert!(c
+            .resync_regressed(
+                vec![
+                    ("/p/a".into(), v(3)),
+                    ("/p/b".into(), v(6)),
+                    ("/p/x".into(), v(2))
+                ],
+                6
+            )
+            .is_empty());
+    }
+
+    #[test]
+    fn regressed_resync_of_a_key_watch_reports_its_value_or_deletion() {
+        let mut c = WatchCursor::new(WatchTarget::Key("/k".into()), 9);
+        let events = c.resync_regressed(vec![("/k".into(), v(4))], 6);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].kind, events[0].version),
+            (ConfigEventKind::Put, 4)
+        );
+        let mut c = WatchCursor::new(WatchTarget::Key("/k".into()), 9);
+        let events = c.resync_regressed(vec![], 6);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].kind, events[0].version),
+            (ConfigEventKind::Delete, 6)
+        );
+        assert_eq!(c.last_version(), 6);
+    }
+
+    #[test]
+    fn advance_to_does_not_move_the_anchor() {
+        let mut c = WatchCursor::new(WatchTarget::Key("/k".into()), 0);
+        c.advance_to(40);
+        assert_eq!((c.last_version(), c.anchor()), (40, 0));
+        assert!(c.accept(put_at("/k", 41)).is_some());
+        assert_eq!(c.anchor(), 41);
     }
 }

@@ -1,5 +1,5 @@
 //! `ConfigCenter` on tables: current values with versions, and a change log
-//! (auto-increment id = version) that watches poll and resume from.
+//! (id = version) that watches poll and resume from.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -27,13 +27,26 @@ const BATCH: usize = 256;
 
 /// The config center of a [`MysqlBackend`](crate::MysqlBackend).
 ///
-/// A write is one transaction that first locks the `config_writer` row of
-/// `<prefix>meta` (so writers commit in the order of their log ids), checks
-/// the expected version, appends the change to `<prefix>config_log` and
-/// stores the value with the log id as its version. A watch polls the log
-/// after the last id it delivered, every `config_poll_interval`, so a lost
-/// connection loses nothing; when the ids it needs were purged (the
-/// `config_floor` row says up to where) it re-reads the current state.
+/// A write is one transaction that first takes the next version from the
+/// `config_writer` row of `<prefix>meta`, which locks it (so writers commit
+/// in the order of their versions), checks the expected version, appends
+/// the change to `<prefix>config_log` under the version as its id and
+/// stores the value with it. A version is the larger of the previous
+/// version plus one and the server's clock (`UTC_TIMESTAMP(6)`) in
+/// microseconds since 1970: strictly increasing, and after the database
+/// comes back with older data (a restore from a backup, a failover to a
+/// lagging replica) still above every version handed out before, as long
+/// as the server's clock did not step back across the restore.
+///
+/// A watch polls the log after the last id it delivered, every
+/// `config_poll_interval`, so a lost connection loses nothing; when the ids
+/// it needs were purged (the `config_floor` row says up to where) it
+/// re-reads the current state. When the database lost changes the watch
+/// delivered — the newest id is behind the cursor, or the last change it
+/// delivered is gone from a log not purged that far — it re-reads the
+/// current state, reports every key that may differ from what it delivered
+/// and continues from the database's revision
+/// ([`WatchCursor::resync_regressed`]).
 pub struct MysqlConfigCenter {
     shared: Arc<Shared>,
     get: OpMetrics,
@@ -60,10 +73,14 @@ enum Written {
     Conflict(u64),
 }
 
+/// The server's clock in microseconds since 1970 (UTC: no time-zone or
+/// daylight-saving conversion can make it go back).
+const NOW_MICROS: &str = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
+
 /// The SQL of one table prefix.
 struct Statements {
-    lock_writers: String,
-    current_version: String,
+    next_version: String,
+    versions: String,
     append: String,
     upsert: String,
     remove: String,
@@ -77,11 +94,19 @@ impl Statements {
             shared.table("meta"),
         );
         Statements {
-            lock_writers: format!(
-                "UPDATE {meta} SET value = value + 1 WHERE name = 'config_writer'"
+            // Locks the writers' row until the transaction ends, and only
+            // that row: a subquery on the log here would lock the log's end
+            // before the writers' row, and deadlock with the insert of the
+            // writer ahead.
+            next_version: format!(
+                "UPDATE {meta} SET value = GREATEST(value + 1, {NOW_MICROS}) \
+                 WHERE name = 'config_writer'"
             ),
-            current_version: format!("SELECT version FROM {config} WHERE k = ? FOR UPDATE"),
-            append: format!("INSERT INTO {log} (k, kind, v) VALUES (?, ?, ?)"),
+            versions: format!(
+                "SELECT m.value, c.version FROM {meta} m LEFT JOIN {config} c ON c.k = ? \
+                 WHERE m.name = 'config_writer' FOR UPDATE"
+            ),
+            append: format!("INSERT INTO {log} (id, k, kind, v) VALUES (?, ?, ?, ?)"),
             upsert: format!(
                 "INSERT INTO {config} (k, v, version) VALUES (?, ?, ?) \
                  ON DUPLICATE KEY UPDATE v = VALUES(v), version = VALUES(version)"
@@ -121,9 +146,14 @@ impl MysqlConfigCenter {
             .db
             .transaction(move |tx| {
                 Box::pin(async move {
-                    tx.query_drop(sql.lock_writers.as_str()).await?;
-                    let current: Option<u64> =
-                        first(&mut *tx, &sql.current_version, (k.as_slice(),)).await?;
+                    tx.query_drop(sql.next_version.as_str()).await?;
+                    let row: Option<(u64, Option<u64>)> =
+                        first(&mut *tx, &sql.versions, (k.as_slice(),)).await?;
+                    let Some((version, current)) = row else {
+                        return Err(mysql_async::Error::Other(
+                            "the config_writer row is missing".into(),
+                        ));
+                    };
                     if let Some(expected) = expected {
                         if current.unwrap_or(0) != expected {
                             return Ok(Written::Conflict(current.unwrap_or(0)));
@@ -134,16 +164,20 @@ impl MysqlConfigCenter {
                             if current.is_none() {
                                 return Ok(Written::Missing);
                             }
-                            tx.exec_drop(sql.append.as_str(), (k.as_slice(), "d", Value::NULL))
-                                .await?;
-                            let version = tx.last_insert_id().unwrap_or(0);
+                            tx.exec_drop(
+                                sql.append.as_str(),
+                                (version, k.as_slice(), "d", Value::NULL),
+                            )
+                            .await?;
                             tx.exec_drop(sql.remove.as_str(), (k.as_slice(),)).await?;
                             Ok(Written::At(version))
                         }
                         Some(v) => {
-                            tx.exec_drop(sql.append.as_str(), (k.as_slice(), "p", v.as_ref()))
-                                .await?;
-                            let version = tx.last_insert_id().unwrap_or(0);
+                            tx.exec_drop(
+                                sql.append.as_str(),
+                                (version, k.as_slice(), "p", v.as_ref()),
+                            )
+                            .await?;
                             tx.exec_drop(sql.upsert.as_str(), (k.as_slice(), v.as_ref(), version))
                                 .await?;
                             Ok(Written::At(version))
@@ -250,6 +284,7 @@ enum Step {
 type LogRow = (
     u64,
     u64,
+    bool,
     Option<u64>,
     Option<Vec<u8>>,
     Option<String>,
@@ -288,8 +323,39 @@ fn parse_change(
     }
 }
 
-/// One poll: the changes after the cursor and the purge floor, in one
-/// statement; a resync when the floor passed the cursor.
+/// Re-reads the state the watch covers and sends the events that bring
+/// its consumer there: after purged history, or (`regressed`) after the
+/// database lost changes the watch delivered.
+async fn resync(
+    shared: &Shared,
+    cursor: &mut WatchCursor,
+    tx: &mpsc::Sender<Result<ConfigEvent>>,
+    regressed: bool,
+) -> Result<Step> {
+    let (revision, entries) = snapshot(shared, cursor.target()).await?;
+    let events = if regressed {
+        tracing::warn!(
+            cursor = cursor.last_version(),
+            revision,
+            "the config log lost changes this watch delivered (the database came back with \
+             older data?); resynchronising from the current state"
+        );
+        cursor.resync_regressed(entries, revision)
+    } else {
+        cursor.resync(entries, revision)
+    };
+    for e in events {
+        if tx.send(Ok(e)).await.is_err() {
+            return Ok(Step::Stop);
+        }
+    }
+    Ok(Step::More)
+}
+
+/// One poll: the changes after the cursor, the purge floor, the newest id
+/// and whether the cursor's anchor is still logged, in one statement; a
+/// resync when the floor passed the cursor or the log lost what the watch
+/// delivered.
 async fn poll(
     shared: &Shared,
     cursor: &mut WatchCursor,
@@ -297,32 +363,34 @@ async fn poll(
 ) -> Result<Step> {
     let (filter, filter_params) = key_filter(shared, cursor.target(), "l.k");
     let sql = format!(
-        "SELECT m.value, (SELECT COALESCE(MAX(id), 0) FROM {log}), l.id, l.k, l.kind, l.v \
+        "SELECT m.value, (SELECT COALESCE(MAX(id), 0) FROM {log}), \
+         EXISTS(SELECT 1 FROM {log} WHERE id = ?), l.id, l.k, l.kind, l.v \
          FROM {meta} m LEFT JOIN {log} l ON l.id > ? AND {filter} \
          WHERE m.name = 'config_floor' ORDER BY l.id LIMIT {BATCH}",
         log = shared.table("config_log"),
         meta = shared.table("meta"),
     );
-    let mut params = vec![Value::from(cursor.last_version())];
+    let (last, anchor) = (cursor.last_version(), cursor.anchor());
+    let mut params = vec![Value::from(anchor), Value::from(last)];
     params.extend(filter_params);
     let rows: Vec<LogRow> = shared.db.query(&sql, Params::Positional(params)).await?;
-    let Some(&(floor, top, ..)) = rows.first() else {
+    let Some(&(floor, top, anchor_logged, ..)) = rows.first() else {
         return Err(
             Error::new(ErrorKind::InvalidState, "the config_floor row is missing")
                 .with_backend(crate::NAME),
         );
     };
-    if floor > cursor.last_version() {
-        let (revision, entries) = snapshot(shared, cursor.target()).await?;
-        for e in cursor.resync(entries, revision) {
-            if tx.send(Ok(e)).await.is_err() {
-                return Ok(Step::Stop);
-            }
-        }
-        return Ok(Step::More);
+    if floor > last {
+        return resync(shared, cursor, tx, false).await;
+    }
+    // Ids are never reused and rows go only by a purge up to the floor: a
+    // revision behind the cursor, or a delivered change missing above the
+    // floor, means the database came back with older data.
+    if floor.max(top) < last || (anchor > floor && !anchor_logged) {
+        return resync(shared, cursor, tx, true).await;
     }
     let full = rows.len() >= BATCH;
-    for (_, _, id, k, kind, v) in rows {
+    for (_, _, _, id, k, kind, v) in rows {
         let (Some(id), Some(k)) = (id, k) else {
             continue;
         };
@@ -409,20 +477,23 @@ pub(crate) async fn purge_log(shared: &Shared, upto: u64) -> Result<u64> {
     }
 }
 
-/// Keeps the newest `config_history` changes.
+/// Keeps the newest `config_history` changes (ids are not consecutive: the
+/// floor is the id of the newest change beyond them).
 pub(crate) async fn trim_log(shared: &Shared) -> Result<u64> {
-    let top: Option<u64> = shared
+    let beyond: Option<u64> = shared
         .db
         .query_first(
-            &format!("SELECT MAX(id) FROM {}", shared.table("config_log")),
+            &format!(
+                "SELECT id FROM {} ORDER BY id DESC LIMIT 1 OFFSET {}",
+                shared.table("config_log"),
+                shared.cfg().config_history
+            ),
             (),
         )
         .await?;
-    match top {
-        Some(top) if top > shared.cfg().config_history => {
-            purge_log(shared, top - shared.cfg().config_history).await
-        }
-        _ => Ok(0),
+    match beyond {
+        Some(upto) => purge_log(shared, upto).await,
+        None => Ok(0),
     }
 }
 

@@ -30,12 +30,26 @@ const BLOCK: Duration = Duration::from_millis(1000);
 
 /// The config center of a [`RedisBackend`](crate::RedisBackend).
 ///
-/// Every change increments one revision counter; the value and its version
+/// Every change takes a new revision from one counter: the larger of the
+/// previous revision + 1 and the server's clock in microseconds, so
+/// revisions strictly increase and, after Redis comes back with older data
+/// (a restart from an old RDB/AOF file, a failover to a lagging replica),
+/// still exceed every version handed out before — provided the server's
+/// clock did not step back across the restore. The value and its version
 /// (the revision) go to a hash, and the change to a stream under the id
-/// `<revision>-1`, trimmed to `config_history` entries. A watch reads the
-/// stream from its last revision on a connection of its own, reconnects
-/// with backoff after any failure and resumes where it stopped; when the
-/// entries it needs were trimmed it re-reads the current state.
+/// `<revision>-1`, with the revision before it, trimmed to `config_history`
+/// entries.
+///
+/// A watch reads the stream from its last revision on a connection of its
+/// own, reconnects with backoff after any failure and resumes where it
+/// stopped. Each entry names its predecessor, so the watch knows whether
+/// the history continues from its cursor: when the entries it needs were
+/// trimmed it re-reads the current state; when the server lost changes the
+/// watch delivered (its revision is behind the cursor, or the history after
+/// the cursor continues from an earlier revision) it re-reads the current
+/// state, reports every key that may differ from what it delivered, and
+/// continues from the server's revision
+/// ([`WatchCursor::resync_regressed`]).
 pub struct RedisConfigCenter {
     shared: Arc<Shared>,
     get: OpMetrics,
@@ -180,6 +194,39 @@ fn parse_entry(id: &str, fields: &std::collections::HashMap<String, Value>) -> O
     })
 }
 
+/// The revision of a stream entry and the revision before it (entries
+/// written before the field existed had consecutive revisions).
+fn entry_link(id: &str, fields: &std::collections::HashMap<String, Value>) -> Option<(u64, u64)> {
+    let version: u64 = id.split('-').next()?.parse().ok()?;
+    let prev = match fields.get("pr") {
+        Some(v) => redis::from_redis_value::<u64>(v.clone()).ok()?,
+        None => version.checked_sub(1)?,
+    };
+    Some((version, prev))
+}
+
+/// How the history continues after a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Continuity {
+    /// The next entry follows the cursor directly (or there is none yet).
+    Continuous,
+    /// Entries after the cursor were trimmed (or compacted away).
+    Trimmed,
+    /// The server lost changes up to the cursor: it came back with older
+    /// data.
+    Regressed,
+}
+
+/// Where the entry after `last` says it comes from.
+fn continuity(last: u64, link: Option<(u64, u64)>) -> Continuity {
+    match link {
+        None => Continuity::Continuous,
+        Some((_, prev)) if prev == last => Continuity::Continuous,
+        Some((_, prev)) if prev > last => Continuity::Trimmed,
+        Some(_) => Continuity::Regressed,
+    }
+}
+
 /// One read of the change stream after `last`: blocking on a dedicated
 /// connection, or a plain read (then a pause) on a cluster.
 async fn read_after(
@@ -215,19 +262,22 @@ async fn read_after(
         .unwrap_or_default())
 }
 
-/// Whether the stream still holds the change right after `last`.
-async fn has_entry(shared: &Shared, version: u64) -> Result<bool> {
-    let id = format!("{version}-1");
-    let r: Vec<Value> = shared
+/// The first entry of the stream after `version`, as (its revision, the
+/// revision before it).
+async fn first_after(shared: &Shared, version: u64) -> Result<Option<(u64, u64)>> {
+    // Every id is `<revision>-1`: `<version>-2` starts right after ours.
+    let r: redis::streams::StreamRangeReply = shared
         .client
         .query(
             redis::cmd("XRANGE")
                 .arg(shared.keys.cfg("log"))
-                .arg(&id)
-                .arg(&id),
+                .arg(format!("{version}-2"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(1),
         )
         .await?;
-    Ok(!r.is_empty())
+    Ok(r.ids.first().and_then(|e| entry_link(&e.id, &e.map)))
 }
 
 async fn current_revision(shared: &Shared) -> Result<u64> {
@@ -238,14 +288,30 @@ async fn current_revision(shared: &Shared) -> Result<u64> {
     Ok(rev.unwrap_or(0))
 }
 
+/// Re-reads the state the watch covers and sends the events that bring
+/// its consumer there: after trimmed history, or (`regressed`) after the
+/// server lost changes the watch delivered. Returns `false` when the
+/// consumer went away.
 async fn resync(
     shared: &Shared,
     cursor: &mut WatchCursor,
     tx: &mpsc::Sender<Result<ConfigEvent>>,
+    regressed: bool,
 ) -> Result<bool> {
     let target = cursor.target().clone();
     let (rev, entries) = snapshot(shared, &target).await?;
-    for e in cursor.resync(entries, rev) {
+    let events = if regressed {
+        tracing::warn!(
+            cursor = cursor.last_version(),
+            revision = rev,
+            "the config history lost changes this watch delivered (Redis came back with older \
+             data?); resynchronising from the current state"
+        );
+        cursor.resync_regressed(entries, rev)
+    } else {
+        cursor.resync(entries, rev)
+    };
+    for e in events {
         if tx.send(Ok(e)).await.is_err() {
             return Ok(false);
         }
@@ -253,8 +319,29 @@ async fn resync(
     Ok(true)
 }
 
+/// Resynchronises if the history does not continue from the cursor;
+/// returns `false` when the consumer went away.
+async fn ensure_continuity(
+    shared: &Shared,
+    cursor: &mut WatchCursor,
+    tx: &mpsc::Sender<Result<ConfigEvent>>,
+    how: Continuity,
+) -> Result<bool> {
+    match how {
+        Continuity::Continuous => Ok(true),
+        Continuity::Trimmed => resync(shared, cursor, tx, false).await,
+        Continuity::Regressed => resync(shared, cursor, tx, true).await,
+    }
+}
+
+/// How often an idle watch checks that the server's revision is not behind
+/// its cursor (the server came back with older data and nothing was
+/// written since).
+const REGRESSION_CHECK: Duration = Duration::from_secs(1);
+
 /// Feeds a watch: resumes after every failure from the last delivered
-/// revision, resynchronises when the stream no longer has what it needs.
+/// revision, resynchronises when the stream no longer has what it needs or
+/// the server lost what the watch delivered.
 async fn watch_task(
     shared: std::sync::Weak<Shared>,
     mut cursor: WatchCursor,
@@ -272,29 +359,41 @@ async fn watch_task(
                 .await?;
             // Continuity check on every (re)connection.
             let rev = current_revision(&s).await?;
-            if rev > c.last_version()
-                && !has_entry(&s, c.last_version() + 1).await?
-                && !resync(&s, c, &tx).await?
-            {
+            let how = if rev < c.last_version() {
+                Continuity::Regressed
+            } else if rev > c.last_version() {
+                match first_after(&s, c.last_version()).await? {
+                    // The revision moved on but nothing follows us: trimmed.
+                    None => Continuity::Trimmed,
+                    link => continuity(c.last_version(), link),
+                }
+            } else {
+                Continuity::Continuous
+            };
+            if !ensure_continuity(&s, c, &tx, how).await? {
                 return Ok(false);
             }
             delays = None;
+            let mut checked = tokio::time::Instant::now();
             loop {
                 if tx.is_closed() {
                     return Ok(false);
                 }
                 let entries = read_after(&s, &mut conn, c.last_version()).await?;
-                let Some((first_id, _)) = entries.first() else {
+                let Some((first_id, first_fields)) = entries.first() else {
+                    if checked.elapsed() >= REGRESSION_CHECK {
+                        checked = tokio::time::Instant::now();
+                        if current_revision(&s).await? < c.last_version()
+                            && !ensure_continuity(&s, c, &tx, Continuity::Regressed).await?
+                        {
+                            return Ok(false);
+                        }
+                    }
                     continue;
                 };
-                let first: u64 = first_id
-                    .split('-')
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                if first > c.last_version() + 1 {
-                    // Trimmed past us: re-read the state instead.
-                    if !resync(&s, c, &tx).await? {
+                let how = continuity(c.last_version(), entry_link(first_id, first_fields));
+                if how != Continuity::Continuous {
+                    if !ensure_continuity(&s, c, &tx, how).await? {
                         return Ok(false);
                     }
                     continue;

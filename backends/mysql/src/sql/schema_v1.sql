@@ -22,8 +22,9 @@ CREATE TABLE IF NOT EXISTS {p}config_log (
   v LONGBLOB NULL
 ) ENGINE=InnoDB;
 
--- 'config_writer': the row config writers lock; 'config_floor': the
--- highest log id purged (a watch behind it resynchronises).
+-- 'config_writer': the row config writers lock, holding the last version
+-- handed out; 'config_floor': the highest log id purged (a watch behind it
+-- resynchronises).
 CREATE TABLE IF NOT EXISTS {p}meta (
   name VARCHAR(64) NOT NULL PRIMARY KEY,
   value BIGINT UNSIGNED NOT NULL
