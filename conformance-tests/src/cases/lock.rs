@@ -414,6 +414,176 @@ async fn bad_input_is_invalid_argument(w: World) -> Result<()> {
         ErrorKind::InvalidArgument,
         "is_locked empty key",
     )?;
+    expect_kind(
+        fence(l.acquire("k", LockOptions::new(Duration::MAX)).await),
+        ErrorKind::InvalidArgument,
+        "ttl Duration::MAX",
+    )?;
+    let g = l.acquire(&unique("lock"), ttl(10_000)).await?;
+    expect_kind(
+        g.refresh(Duration::MAX).await,
+        ErrorKind::InvalidArgument,
+        "refresh Duration::MAX",
+    )?;
+    expect_kind(
+        g.refresh(Duration::ZERO).await,
+        ErrorKind::InvalidArgument,
+        "refresh zero",
+    )?;
+    ensure!(g.is_held(), "a refused refresh keeps the lock");
+    // An unlimited wait on a free lock is granted at once.
+    let free = l
+        .acquire(&unique("lock"), ttl(10_000).wait(Duration::MAX))
+        .await?;
+    free.release().await?;
+    g.release().await?;
+    Ok(())
+}
+
+async fn refresh_with_auto_renew_keeps_the_new_ttl(w: World) -> Result<()> {
+    let l = locks(&w).await?;
+    let key = unique("lock");
+    let t = short(&l, 600);
+    let long = t * 20;
+    let g = l.acquire(&key, LockOptions::new(t)).await?;
+    g.refresh(long).await?;
+    // Several renewal periods of the old TTL: the keeper must renew with
+    // the new one, not put the old one back.
+    tokio::time::sleep(t * 2).await;
+    ensure!(
+        g.ttl() == long,
+        "ttl {:?} after refreshing to {long:?}",
+        g.ttl()
+    );
+    let left = g.remaining().context("held")?;
+    ensure!(
+        left > long / 2,
+        "{left:?} left of {long:?}: the renewals went back to {t:?}"
+    );
+    if l.capabilities().info {
+        let info = l.info(&key).await?.context("info of a held lock")?;
+        if let Some(server) = info.ttl {
+            ensure!(
+                server > t * 2,
+                "the server's TTL is {server:?}: the renewals went back to {t:?}"
+            );
+        }
+    }
+    g.release().await?;
+    Ok(())
+}
+
+async fn the_holder_learns_of_expiry_before_anyone_else_acquires(w: World) -> Result<()> {
+    let l = locks(&w).await?;
+    let key = unique("lock");
+    let t = short(&l, 300);
+    let g = l.acquire(&key, LockOptions::new(t).no_renewal()).await?;
+    let lost = g.lost();
+    let other = w.peer.lock().await?;
+    let deadline = Instant::now() + expired_after(t) + Duration::from_secs(3);
+    loop {
+        // Looked at before the attempt: a grant after it must find it lost.
+        let lost_before = lost.is_cancelled() && !g.is_held();
+        if let Some(next) = other.try_acquire(&key, ttl(10_000)).await? {
+            ensure!(
+                lost_before,
+                "another caller acquired the lock while its holder still believed it held"
+            );
+            ensure!(next.fencing_token() > g.fencing_token());
+            next.release().await?;
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the lock never expired");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn remaining_counts_down_and_ends(w: World) -> Result<()> {
+    let l = locks(&w).await?;
+    let t = short(&l, 2_000);
+    let g = l
+        .acquire(&unique("lock"), LockOptions::new(t).no_renewal())
+        .await?;
+    let first = g.remaining().context("held")?;
+    ensure!(first <= t && first > t / 2, "{first:?} of {t:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let later = g.remaining().context("still held")?;
+    ensure!(later < first, "{later:?} after {first:?}");
+    g.release().await?;
+    ensure!(g.remaining().is_none(), "nothing left once released");
+    Ok(())
+}
+
+async fn acquire_cancelled_in_flight_leaves_nothing_behind(w: World) -> Result<()> {
+    let l = locks(&w).await?;
+    let other = w.peer.lock().await?;
+    let key = unique("lock");
+    // Drop the acquisition at many points of its round trips, including
+    // after the server granted it but before the answer was read.
+    for i in 0..16u64 {
+        let cut = Duration::from_micros(i * 250);
+        match tokio::time::timeout(cut, l.acquire(&key, ttl(60_000))).await {
+            Ok(granted) => granted?.release().await?,
+            Err(_) => {
+                // Whatever the dropped call took must not block the lock
+                // for its 60 s TTL.
+                let g = other
+                    .acquire(&key, ttl(60_000).wait(Duration::from_secs(5)))
+                    .await
+                    .with_context(|| format!("after an acquisition cut at {cut:?}"))?;
+                g.release().await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn timed_out_acquire_leaves_nothing_behind(w: World) -> Result<()> {
+    let l = locks(&w).await?;
+    let other = w.peer.lock().await?;
+    let key = unique("lock");
+    let t = short(&l, 300);
+    for _ in 0..3 {
+        // The waiter gives up right around the time the holder's lock
+        // expires: it may win the lock in its last attempt.
+        let _held = l.acquire(&key, LockOptions::new(t).no_renewal()).await?;
+        let res = other
+            .acquire(&key, ttl(60_000).wait(t + Duration::from_millis(100)))
+            .await;
+        match res {
+            Ok(g) => g.release().await?,
+            Err(e) if e.kind() == ErrorKind::Timeout => {}
+            Err(e) => return Err(e.into()),
+        }
+        let g = l
+            .acquire(
+                &key,
+                ttl(60_000).wait(expired_after(t) + Duration::from_secs(3)),
+            )
+            .await
+            .context("a timed-out acquisition left the lock taken")?;
+        g.release().await?;
+    }
+    Ok(())
+}
+
+async fn wait_without_limit_waits_for_the_release(w: World) -> Result<()> {
+    let l = locks(&w).await?;
+    let key = unique("lock");
+    let held = l.acquire(&key, ttl(10_000)).await?;
+    let other = w.peer.lock().await?;
+    let k = key.clone();
+    let waiter =
+        tokio::spawn(async move { other.acquire(&k, ttl(10_000).wait(Duration::MAX)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(!waiter.is_finished(), "an unlimited wait waits");
+    held.release().await?;
+    let g = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .context("the waiter did not get the released lock")???;
+    ensure!(g.fencing_token() > held.fencing_token());
+    g.release().await?;
     Ok(())
 }
 
@@ -453,6 +623,20 @@ pub fn cases() -> Vec<Case> {
             when = |c| on(c) && c.lock.as_ref().is_some_and(|l| l.fair)
         ),
         crate::case!("lock", with_lock_runs_and_releases, when = on),
+        crate::case!("lock", refresh_with_auto_renew_keeps_the_new_ttl, when = on),
+        crate::case!(
+            "lock",
+            the_holder_learns_of_expiry_before_anyone_else_acquires,
+            when = on
+        ),
+        crate::case!("lock", remaining_counts_down_and_ends, when = on),
+        crate::case!(
+            "lock",
+            acquire_cancelled_in_flight_leaves_nothing_behind,
+            when = on
+        ),
+        crate::case!("lock", timed_out_acquire_leaves_nothing_behind, when = on),
+        crate::case!("lock", wait_without_limit_waits_for_the_release, when = on),
         crate::case!("lock", bad_input_is_invalid_argument, when = on),
     ]
 }

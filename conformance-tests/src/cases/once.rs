@@ -219,6 +219,163 @@ async fn bad_input_is_invalid_argument(w: World) -> Result<()> {
     Ok(())
 }
 
+/// A claim TTL the backend honours, short enough to expire during a test.
+fn short_claim(o: &Arc<dyn Once>) -> Duration {
+    Duration::from_millis(300).max(o.capabilities().min_ttl)
+}
+
+async fn a_long_run_keeps_its_claim(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let peer = w.peer.once().await?;
+    let key = unique("job");
+    let claim = short_claim(&o);
+    let opts = OnceOptions::new(HOUR).claim_ttl(claim);
+    let work = o.run_with(&key, opts, || async {
+        tokio::time::sleep(claim * 3).await;
+        Ok::<_, std::io::Error>("done".to_string())
+    });
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let until = tokio::time::Instant::now() + claim * 5 / 2;
+        while tokio::time::Instant::now() < until {
+            let r: Run = peer
+                .run(&key, HOUR, || async { Ok("twice".to_string()) })
+                .await;
+            match r {
+                Err(RunError::Infra(e)) if e.kind() == ErrorKind::InProgress => {}
+                other => bail!("while the work runs past its claim TTL: {other:?}"),
+            }
+            tokio::time::sleep(claim / 4).await;
+        }
+        Ok(())
+    };
+    let (done, probed) = tokio::join!(work, probe);
+    probed?;
+    ensure!(
+        matches!(&done, Ok(Outcome::Executed(v)) if v == "done"),
+        "{done:?}"
+    );
+    Ok(())
+}
+
+/// A peer runs the work of `key` within `within` (the first caller's claim
+/// was released, not left to expire).
+async fn peer_runs_soon(w: &World, key: &str, within: Duration) -> Result<()> {
+    let peer = w.peer.once().await?;
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        let r: Run = peer
+            .run(key, HOUR, || async { Ok("second".to_string()) })
+            .await;
+        match r {
+            Ok(Outcome::Executed(_)) => return Ok(()),
+            Err(RunError::Infra(e))
+                if e.kind() == ErrorKind::InProgress && tokio::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => bail!("the key is still blocked: {other:?}"),
+        }
+    }
+}
+
+async fn a_cancelled_run_releases_the_key(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let key = unique("job");
+    let opts = OnceOptions::new(HOUR).claim_ttl(Duration::from_secs(60));
+    let run = o.run_with(&key, opts, || async {
+        std::future::pending::<()>().await;
+        Ok::<_, std::io::Error>(String::new())
+    });
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(200), run)
+            .await
+            .is_err(),
+        "the work never finishes"
+    );
+    // Not 60 s: the dropped run released its claim.
+    peer_runs_soon(&w, &key, Duration::from_secs(5)).await
+}
+
+async fn a_panicking_run_releases_the_key(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let key = unique("job");
+    let k = key.clone();
+    let task = tokio::spawn(async move {
+        let opts = OnceOptions::new(HOUR).claim_ttl(Duration::from_secs(60));
+        let _: Run = o
+            .run_with(&k, opts, || async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                panic!("the work panics");
+            })
+            .await;
+    });
+    ensure!(task.await.is_err_and(|e| e.is_panic()), "the run panicked");
+    peer_runs_soon(&w, &key, Duration::from_secs(5)).await
+}
+
+async fn an_oversized_outcome_never_reruns_the_work(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let limit = o.capabilities().max_outcome_bytes;
+    if limit > 16 << 20 {
+        // Nothing that large in a test; the local check is the same.
+        return Ok(());
+    }
+    let key = unique("job");
+    let runs = AtomicUsize::new(0);
+    let big = "x".repeat(limit + 1);
+    let first: Run = o
+        .run(&key, HOUR, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(big.clone())
+        })
+        .await;
+    ensure!(
+        matches!(&first, Ok(Outcome::Executed(v)) if v.len() == limit + 1),
+        "the caller that ran the work gets its output: {:?}",
+        first.as_ref().map(|o| o.executed())
+    );
+    let second: Run = o
+        .run(&key, HOUR, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok("again".to_string())
+        })
+        .await;
+    ensure!(
+        matches!(&second, Err(RunError::Infra(e)) if e.kind() == ErrorKind::Serialization),
+        "later callers learn the outcome was not kept: {second:?}"
+    );
+    ensure!(runs.load(Ordering::SeqCst) == 1, "the work ran again");
+    Ok(())
+}
+
+async fn wait_without_limit_gets_the_outcome(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let peer = w.peer.once().await?;
+    let key = unique("job");
+    let first = o.run(&key, HOUR, || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok::<_, std::io::Error>("result".to_string())
+    });
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peer.run_with(&key, OnceOptions::new(HOUR).wait(Duration::MAX), || async {
+            Ok::<_, std::io::Error>("not me".to_string())
+        })
+        .await
+    };
+    let (a, b) = tokio::join!(first, second);
+    ensure!(
+        matches!(&a, Ok(Outcome::Executed(v)) if v == "result"),
+        "{a:?}"
+    );
+    ensure!(
+        matches!(&b, Ok(Outcome::AlreadyDone(v)) if v == "result"),
+        "{b:?}"
+    );
+    Ok(())
+}
+
 /// The once cases.
 pub fn cases() -> Vec<Case> {
     let on = |c: &crate::harness::Claims| c.has(Capability::Once);
@@ -231,5 +388,14 @@ pub fn cases() -> Vec<Case> {
         crate::case!("once", reset_forgets_the_key, when = on),
         crate::case!("once", stale_claims_cannot_complete, when = on),
         crate::case!("once", bad_input_is_invalid_argument, when = on),
+        crate::case!("once", a_long_run_keeps_its_claim, when = on),
+        crate::case!("once", a_cancelled_run_releases_the_key, when = on),
+        crate::case!("once", a_panicking_run_releases_the_key, when = on),
+        crate::case!(
+            "once",
+            an_oversized_outcome_never_reruns_the_work,
+            when = on
+        ),
+        crate::case!("once", wait_without_limit_gets_the_outcome, when = on),
     ]
 }

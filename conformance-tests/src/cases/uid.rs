@@ -119,10 +119,58 @@ async fn ids_from_leased_generators_are_unique_across_threads(w: World) -> Resul
     Ok(())
 }
 
+async fn a_reused_id_starts_after_its_previous_holder(w: World) -> Result<()> {
+    let alloc = w.backend.worker_ids().await?;
+    let layout = Layout::default();
+    let first = alloc.allocate(0, TTL).await?;
+    let gen = Snowflake::with_lease(layout, first)?;
+    let mut last = 0;
+    for _ in 0..1000 {
+        last = gen.next_id()?;
+    }
+    let last_time = gen.decompose(last).time;
+    drop(gen); // releases the id, recording when its holder stopped
+    let again = eventually_allocated(&*w.peer.worker_ids().await?).await?;
+    ensure!(again.worker_id() == 0, "the same id");
+    let not_before = std::time::UNIX_EPOCH + Duration::from_millis(again.not_before_millis());
+    ensure!(
+        not_before >= last_time,
+        "the previous holder issued an id at {last_time:?}, the next holder may start at {not_before:?}"
+    );
+    let gen = Snowflake::with_lease(layout, again)?;
+    let next = gen.next_id()?;
+    ensure!(next > last, "{next} after {last}");
+    Ok(())
+}
+
+/// Id 0 once the background release of a dropped lease went through.
+async fn eventually_allocated(
+    alloc: &dyn im_infra::uid::WorkerIdAllocator,
+) -> Result<im_infra::uid::WorkerLease> {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match alloc.allocate(0, TTL).await {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if e.kind() == ErrorKind::ResourceExhausted
+                    && std::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The worker-id cases.
 pub fn cases() -> Vec<Case> {
     let on = |c: &crate::harness::Claims| c.has(Capability::WorkerIds);
     vec![
+        crate::case!(
+            "uid",
+            a_reused_id_starts_after_its_previous_holder,
+            when = on
+        ),
         crate::case!("uid", leased_ids_are_unique, when = on),
         crate::case!("uid", exhausted_range_is_resource_exhausted, when = on),
         crate::case!("uid", released_id_is_reused, when = on),
