@@ -44,7 +44,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{Lease, LeaseBackend, LeaseOptions, SentAt};
+use crate::lease::{Lease, LeaseBackend, LeaseOptions, Tick};
 
 /// The answer of [`Once::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,7 +265,7 @@ pub trait OnceExt: Once {
         let started = Instant::now();
         let mut pause = Duration::from_millis(5);
         let (token, sent) = loop {
-            let sent = SentAt::now();
+            let sent = Tick::now();
             match self.claim(key, opts.claim_ttl).await? {
                 Claim::Acquired { token } => break (token, sent),
                 Claim::Done(raw) => return Ok(Outcome::AlreadyDone(decode(&raw)?)),

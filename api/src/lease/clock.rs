@@ -23,33 +23,39 @@ pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The instant a request was sent to the server, on the lease clock.
+/// A reading of the monotonic clock leases are measured on.
 ///
-/// Take it just before sending the request that grants or extends a
-/// lease: the server starts the lease's TTL when it applies the request,
-/// which is never before this instant, so `sent + ttl` never comes after
-/// the server's expiry.
+/// Take one just before sending the request that grants or extends a
+/// lease (and pass it to [`Lease::start`](super::Lease::start)): the server
+/// starts the lease's TTL when it applies the request, which is never
+/// before this instant, so `sent + ttl` never comes after the server's
+/// expiry.
 ///
 /// ```
-/// use im_infra::lease::SentAt;
+/// use im_infra::lease::Tick;
 ///
-/// let sent = SentAt::now();
+/// let sent = Tick::now();
 /// // ... send the request that takes the lease ...
 /// assert!(sent.elapsed() < std::time::Duration::from_secs(1));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SentAt(pub(crate) u64);
+pub struct Tick(pub(crate) u64);
 
-impl SentAt {
+impl Tick {
     /// Now.
     #[inline]
     pub fn now() -> Self {
-        SentAt(now())
+        Tick(now())
     }
 
     /// Time since this instant.
     pub fn elapsed(&self) -> Duration {
         Duration::from_nanos(now().saturating_sub(self.0))
+    }
+
+    /// Nanoseconds since the process-wide base of the lease clock.
+    pub fn as_nanos(&self) -> u64 {
+        self.0
     }
 }
 

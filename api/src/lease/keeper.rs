@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::clock::{self, nanos, SentAt};
+use super::clock::{self, nanos, Tick};
 use super::{LeaseBackend, LeaseOptions};
 use crate::error::{ErrorKind, Result};
 use crate::telemetry::OpMetrics;
@@ -228,12 +228,12 @@ async fn listen(inner: Arc<Inner>) {
 impl Lease {
     /// Starts keeping a lease the server granted for `opts.ttl` in reply to
     /// a request sent at `sent`.
-    pub fn start(backend: impl LeaseBackend, opts: LeaseOptions, sent: SentAt) -> Lease {
+    pub fn start(backend: impl LeaseBackend, opts: LeaseOptions, sent: Tick) -> Lease {
         Lease::start_boxed(Box::new(backend), opts, sent)
     }
 
     /// [`start`](Lease::start) with a boxed backend.
-    pub fn start_boxed(backend: Box<dyn LeaseBackend>, opts: LeaseOptions, sent: SentAt) -> Lease {
+    pub fn start_boxed(backend: Box<dyn LeaseBackend>, opts: LeaseOptions, sent: Tick) -> Lease {
         let lease = Lease::build(backend, opts, sent);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(keep(lease.inner.clone()));
@@ -244,7 +244,7 @@ impl Lease {
         lease
     }
 
-    fn build(backend: Box<dyn LeaseBackend>, opts: LeaseOptions, sent: SentAt) -> Lease {
+    fn build(backend: Box<dyn LeaseBackend>, opts: LeaseOptions, sent: Tick) -> Lease {
         let m = |op| OpMetrics::new(opts.backend, opts.capability, op);
         let inner = Arc::new(Inner {
             backend,
@@ -288,7 +288,7 @@ impl Lease {
             }
         }
         let opts = LeaseOptions::new(crate::validate::MAX_TTL).auto_renew(false);
-        let lease = Lease::build(Box::new(Unbounded(what.into())), opts, SentAt::now());
+        let lease = Lease::build(Box::new(Unbounded(what.into())), opts, Tick::now());
         lease.inner.deadline.store(u64::MAX, Ordering::Release);
         lease
     }
@@ -298,6 +298,13 @@ impl Lease {
     #[inline]
     pub fn is_held(&self) -> bool {
         clock::now() < self.inner.deadline.load(Ordering::Acquire)
+    }
+
+    /// [`is_held`](Lease::is_held) at `now`, a reading taken by the caller
+    /// (to share one clock read with other work on a hot path).
+    #[inline]
+    pub fn is_held_at(&self, now: Tick) -> bool {
+        now.0 < self.inner.deadline.load(Ordering::Acquire)
     }
 
     /// Cancelled when the lease ends: lost (deadline passed, gone on the
@@ -484,7 +491,7 @@ mod tests {
         let server = Arc::new(Server::default());
         let opts = f(LeaseOptions::new(Duration::from_millis(ttl_ms)));
         (
-            Lease::start(Handle(server.clone()), opts, SentAt::now()),
+            Lease::start(Handle(server.clone()), opts, Tick::now()),
             server,
         )
     }
@@ -650,7 +657,7 @@ mod tests {
         let lease = Lease::start(
             Closed,
             LeaseOptions::new(Duration::from_secs(3)),
-            SentAt::now(),
+            Tick::now(),
         );
         let after = lost_within(&lease, Duration::from_secs(2)).await;
         assert!(
@@ -684,7 +691,7 @@ mod tests {
         let lease = Lease::start(
             Announcing(deleted.clone()),
             LeaseOptions::new(Duration::from_secs(30)),
-            SentAt::now(),
+            Tick::now(),
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(lease.is_held());
@@ -713,7 +720,7 @@ mod tests {
         let lease = Lease::start(
             Handle(server),
             LeaseOptions::new(Duration::from_millis(20)),
-            SentAt::now(),
+            Tick::now(),
         );
         assert!(lease.is_held());
         std::thread::sleep(Duration::from_millis(25));

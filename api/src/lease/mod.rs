@@ -30,7 +30,7 @@
 //! use std::sync::atomic::{AtomicBool, Ordering};
 //! use std::time::Duration;
 //! use async_trait::async_trait;
-//! use im_infra::lease::{Lease, LeaseBackend, LeaseOptions, SentAt};
+//! use im_infra::lease::{Lease, LeaseBackend, LeaseOptions, Tick};
 //!
 //! /// A lease on a server, here a flag.
 //! struct Flag(Arc<AtomicBool>);
@@ -50,7 +50,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
 //! let flag = Arc::new(AtomicBool::new(true));
-//! let sent = SentAt::now(); // just before the request that took it
+//! let sent = Tick::now(); // just before the request that took it
 //! let lease = Lease::start(Flag(flag.clone()), LeaseOptions::new(Duration::from_secs(10)), sent);
 //! assert!(lease.is_held());
 //! assert!(lease.refresh(Duration::from_secs(20)).await?);
@@ -70,7 +70,7 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 
-pub use clock::SentAt;
+pub use clock::Tick;
 pub use keeper::Lease;
 pub use pending::PendingLease;
 

@@ -1,6 +1,6 @@
 //! [`PendingLease`]: what an acquisition may have taken, until it is known.
 
-use super::{Lease, LeaseBackend, LeaseOptions, SentAt};
+use super::{Lease, LeaseBackend, LeaseOptions, Tick};
 
 /// A lease being acquired. Arm it just before sending a request that may
 /// take the lease on the server; if the acquisition then ends without
@@ -16,7 +16,7 @@ use super::{Lease, LeaseBackend, LeaseOptions, SentAt};
 /// ```
 /// use std::time::Duration;
 /// use async_trait::async_trait;
-/// use im_infra::lease::{LeaseBackend, LeaseOptions, PendingLease, SentAt};
+/// use im_infra::lease::{LeaseBackend, LeaseOptions, PendingLease, Tick};
 ///
 /// struct Row;
 /// #[async_trait]
@@ -28,7 +28,7 @@ use super::{Lease, LeaseBackend, LeaseOptions, SentAt};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let mut pending = PendingLease::new(Row);
-/// let sent = SentAt::now();
+/// let sent = Tick::now();
 /// pending.arm();
 /// // ... the server answered "taken" ...
 /// let lease = pending.start(LeaseOptions::new(Duration::from_secs(5)), sent);
@@ -74,7 +74,7 @@ impl<B: LeaseBackend> PendingLease<B> {
     }
 
     /// The server granted the lease to a request sent at `sent`: keep it.
-    pub fn start(mut self, opts: LeaseOptions, sent: SentAt) -> Lease {
+    pub fn start(mut self, opts: LeaseOptions, sent: Tick) -> Lease {
         self.armed = false;
         let backend = self
             .backend
@@ -173,7 +173,7 @@ mod tests {
 
         let mut p = PendingLease::new(Counting(released.clone()));
         p.arm();
-        let lease = p.start(LeaseOptions::new(Duration::from_secs(5)), SentAt::now());
+        let lease = p.start(LeaseOptions::new(Duration::from_secs(5)), Tick::now());
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
             released.load(Ordering::SeqCst),

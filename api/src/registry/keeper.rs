@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ServiceInstance;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{Lease, LeaseBackend, LeaseOptions, SentAt};
+use crate::lease::{Lease, LeaseBackend, LeaseOptions, Tick};
 use crate::retry::RetryConfig;
 
 /// One registration on a backend's server: kept alive by `extend`,
@@ -128,7 +128,7 @@ impl Registrations {
     pub async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
         instance.validate()?;
         crate::validate::ttl(ttl)?;
-        let sent = SentAt::now();
+        let sent = Tick::now();
         let (reg, granted) = self.backend.put(instance, ttl).await?;
         let lease = self.lease(reg.clone(), granted, sent);
         let slot = Arc::new(tokio::sync::Mutex::new(Slot {
@@ -225,7 +225,7 @@ impl Registrations {
         }
     }
 
-    fn lease(&self, reg: Arc<dyn RegistrationLease>, granted: Duration, sent: SentAt) -> Lease {
+    fn lease(&self, reg: Arc<dyn RegistrationLease>, granted: Duration, sent: Tick) -> Lease {
         lease_of(self.backend.name(), reg, granted, sent)
     }
 }
@@ -234,7 +234,7 @@ fn lease_of(
     backend: &'static str,
     reg: Arc<dyn RegistrationLease>,
     granted: Duration,
-    sent: SentAt,
+    sent: Tick,
 ) -> Lease {
     Lease::start(
         Kept(reg),
@@ -285,7 +285,7 @@ async fn keep(
                 backend = backend.name(),
                 "registering again after the registration was lost"
             );
-            let sent = SentAt::now();
+            let sent = Tick::now();
             match backend.put(&s.instance, ttl).await {
                 Ok((reg, granted)) => {
                     let lease = lease_of(backend.name(), reg.clone(), granted, sent);

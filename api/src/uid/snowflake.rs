@@ -5,35 +5,42 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{IdGenerator, IdParts, WorkerLease};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lease::Tick;
 use serde::{Deserialize, Serialize};
 
 /// A source of wall-clock milliseconds (replaceable in tests).
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
     fn now_millis(&self) -> u64;
+
+    /// [`now_millis`](Clock::now_millis) and a reading of the lease clock
+    /// taken together: a generator on a leased worker id checks the lease's
+    /// deadline on every id with it. The default reads both clocks;
+    /// [`SystemClock`] derives both from one read.
+    fn now_with_tick(&self) -> (u64, Tick) {
+        (self.now_millis(), Tick::now())
+    }
 }
 
-/// The system's wall clock, read cheaply: a time-stamp-counter clock
-/// (`quanta`, a few nanoseconds per read) offset to the wall clock, with the
-/// offset refreshed from [`SystemTime`] once a second so that wall-clock
-/// adjustments (including steps back) are followed.
+/// The system's wall clock, read cheaply: the lease clock (a
+/// time-stamp-counter clock, a few nanoseconds per read) offset to the wall
+/// clock, with the offset refreshed from [`SystemTime`] once a second so
+/// that wall-clock adjustments (including steps back) are followed.
 #[derive(Debug)]
 pub struct SystemClock {
-    base: quanta::Instant,
-    /// Wall-clock milliseconds minus `base`-relative milliseconds.
+    /// Wall-clock milliseconds minus lease-clock milliseconds.
     offset: AtomicI64,
-    /// `base`-relative millisecond at which the offset is refreshed next.
+    /// Lease-clock millisecond at which the offset is refreshed next.
     next_sync: AtomicU64,
 }
 
 impl Default for SystemClock {
     fn default() -> Self {
         let clock = SystemClock {
-            base: quanta::Instant::now(),
             offset: AtomicI64::new(0),
             next_sync: AtomicU64::new(0),
         };
-        clock.sync(0);
+        clock.sync(Tick::now().as_nanos() / 1_000_000);
         clock
     }
 }
@@ -54,16 +61,29 @@ impl SystemClock {
     }
 }
 
-impl Clock for SystemClock {
+impl SystemClock {
     #[inline]
-    fn now_millis(&self) -> u64 {
-        let mono = self.base.elapsed().as_millis() as u64;
+    fn wall_millis_at(&self, tick: Tick) -> u64 {
+        let mono = tick.as_nanos() / 1_000_000;
         if mono >= self.next_sync.load(Ordering::Relaxed) {
             self.sync(mono);
         }
         (mono as i64)
             .saturating_add(self.offset.load(Ordering::Relaxed))
             .max(0) as u64
+    }
+}
+
+impl Clock for SystemClock {
+    #[inline]
+    fn now_millis(&self) -> u64 {
+        self.wall_millis_at(Tick::now())
+    }
+
+    #[inline]
+    fn now_with_tick(&self) -> (u64, Tick) {
+        let tick = Tick::now();
+        (self.wall_millis_at(tick), tick)
     }
 }
 
@@ -233,9 +253,20 @@ impl<C: Clock> Snowflake<C> {
         &self.layout
     }
 
+    /// Milliseconds since the layout's epoch; on a leased worker id, fails
+    /// once the lease's local deadline has passed (one clock read for both).
     #[inline]
     fn since_epoch(&self) -> Result<u64> {
-        let now = self.clock.now_millis();
+        let now = match &self.lease {
+            None => self.clock.now_millis(),
+            Some(lease) => {
+                let (now, tick) = self.clock.now_with_tick();
+                if !lease.is_held_at(tick) {
+                    return Err(lease_ended());
+                }
+                now
+            }
+        };
         let t = now.checked_sub(self.layout.epoch_millis).ok_or_else(|| {
             Error::new(
                 ErrorKind::InvalidState,
@@ -281,11 +312,6 @@ fn clock_behind(by: u64, max_back: u64) -> Error {
 impl<C: Clock> IdGenerator for Snowflake<C> {
     #[inline]
     fn next_id(&self) -> Result<i64> {
-        if let Some(lease) = &self.lease {
-            if !lease.is_held() {
-                return Err(lease_ended());
-            }
-        }
         let seq_bits = self.layout.sequence_bits;
         let max_seq = self.layout.max_sequence();
         let max_back = self.layout.max_backward.as_millis() as u64;
@@ -473,10 +499,10 @@ mod tests {
 
     #[test]
     fn a_lease_past_its_local_deadline_stops_the_ids() {
-        use crate::lease::{Lease, LeaseOptions, SentAt};
+        use crate::lease::{Lease, LeaseOptions, Tick};
         let (g, _) = fake(5_000);
         let opts = LeaseOptions::new(Duration::from_millis(30)).auto_renew(false);
-        let lease = WorkerLease::new(3, Lease::start(Gone, opts, SentAt::now()));
+        let lease = WorkerLease::new(3, Lease::start(Gone, opts, Tick::now()));
         let g = g.on_lease(lease).unwrap();
         assert!(g.next_id().is_ok());
         std::thread::sleep(Duration::from_millis(30));

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{Lease, LeaseOptions};
+use crate::lease::{Lease, LeaseOptions, Tick};
 
 /// A worker id held by this process, kept by a [`Lease`]: renewed in the
 /// background, with a local deadline after which a
@@ -77,6 +77,12 @@ impl WorkerLease {
     #[inline]
     pub fn is_held(&self) -> bool {
         self.lease.is_held()
+    }
+
+    /// [`is_held`](Self::is_held) at a clock reading the caller took.
+    #[inline]
+    pub fn is_held_at(&self, now: Tick) -> bool {
+        self.lease.is_held_at(now)
     }
 
     /// Cancelled when the lease is lost or released.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, LeaseTimeToLiveOptions};
-use im_infra::lease::{Lease, LeaseBackend, LeaseOptions, SentAt};
+use im_infra::lease::{Lease, LeaseBackend, LeaseOptions, Tick};
 use im_infra::{Error, ErrorKind, Result};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -91,7 +91,7 @@ impl LeaseManager {
     /// Renews the lease in the background until the returned handle is
     /// dropped; the handle's `lost` token fires if the lease is lost.
     pub async fn keep_alive(&self, id: i64) -> Result<KeepAlive> {
-        let sent = SentAt::now();
+        let sent = Tick::now();
         let info = self.info(id).await?;
         // Until the first renewal, the deadline counts from what etcd
         // reported as left (whole seconds, rounded down).

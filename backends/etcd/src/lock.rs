@@ -11,7 +11,7 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
     WatchOptions,
 };
-use im_infra::lease::{Lease, LeaseBackend, PendingLease, SentAt};
+use im_infra::lease::{Lease, LeaseBackend, PendingLease, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
@@ -276,7 +276,7 @@ impl EtcdLock {
     /// lease (kept from now on, renewed even with `no_renewal` until the
     /// lock is acquired) and whether it owns the lock.
     async fn enqueue(&self, name: &str, opts: &LockOptions) -> Result<(Lease, i64, bool)> {
-        let sent = SentAt::now();
+        let sent = Tick::now();
         let (lease, granted) = EtcdLease::grant(&self.conn, "lock.lease_grant", opts.ttl).await?;
         let lease_id = lease.id();
         let prefix = lock_prefix(&self.conn, name);

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
-use im_infra::lease::{Lease, LeaseBackend, PendingLease, SentAt};
+use im_infra::lease::{Lease, LeaseBackend, PendingLease, Tick};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
@@ -84,7 +84,7 @@ impl WorkerIdAllocator for EtcdWorkerIds {
                             .ok()
                     })
                     .collect();
-                let sent = SentAt::now();
+                let sent = Tick::now();
                 let (lease, granted) = EtcdLease::grant(&self.conn, "uid.lease", ttl).await?;
                 let lease_id = lease.id();
                 // Whatever happens from here, the lease goes (and the key it

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use im_infra::lease::{Lease, LeaseBackend, SentAt};
+use im_infra::lease::{Lease, LeaseBackend, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
@@ -205,7 +205,7 @@ impl MemoryLock {
         token: String,
         holder: Holder,
         opts: LockOptions,
-        sent: SentAt,
+        sent: Tick,
     ) -> Box<dyn LockGuard> {
         let lease = Lease::start(
             HeldLock {
@@ -246,7 +246,7 @@ impl MemoryLock {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let sent = SentAt::now();
+            let sent = Tick::now();
             if let Some(holder) = store.take(key, &token, opts.ttl, Some(id)) {
                 ticket.done = true;
                 return Ok(self.guard(key, token, holder, opts, sent));
@@ -267,7 +267,7 @@ impl MemoryLock {
                 None => notified.await,
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                let sent = SentAt::now();
+                let sent = Tick::now();
                 if let Some(holder) = store.take(key, &token, opts.ttl, Some(id)) {
                     ticket.done = true;
                     return Ok(self.guard(key, token, holder, opts, sent));
@@ -301,7 +301,7 @@ impl DistributedLock for MemoryLock {
             validate::key(key)?;
             opts.validate()?;
             let token = uuid::Uuid::new_v4().to_string();
-            let sent = SentAt::now();
+            let sent = Tick::now();
             Ok(self
                 .store()
                 .take(key, &token, opts.ttl, None)

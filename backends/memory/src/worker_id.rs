@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use im_infra::lease::{Lease, LeaseBackend, SentAt};
+use im_infra::lease::{Lease, LeaseBackend, Tick};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
@@ -97,7 +97,7 @@ impl WorkerIdAllocator for MemoryWorkerIds {
         self.allocate.run_sync(|| {
             self.shared.check_open()?;
             validate::ttl(ttl)?;
-            let sent = SentAt::now();
+            let sent = Tick::now();
             let now = Instant::now();
             let token = uuid::Uuid::new_v4().to_string();
             let mut leases = self.shared.workers.leases();

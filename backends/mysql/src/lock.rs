@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use im_infra::lease::{LeaseBackend, PendingLease, SentAt};
+use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
@@ -159,8 +159,8 @@ impl MysqlLock {
         &self,
         pending: &mut PendingLease<Held>,
         ttl: Duration,
-    ) -> Result<(Attempt, SentAt)> {
-        let sent = SentAt::now();
+    ) -> Result<(Attempt, Tick)> {
+        let sent = Tick::now();
         pending.arm();
         let held = pending.backend();
         let attempt = self.attempt(&held.key, &held.token, ttl).await?;
@@ -175,7 +175,7 @@ impl MysqlLock {
         pending: PendingLease<Held>,
         fence: u64,
         opts: LockOptions,
-        sent: SentAt,
+        sent: Tick,
     ) -> Box<dyn LockGuard> {
         let lease = pending.start(opts.lease_options(crate::NAME, opts.ttl), sent);
         Box::new(LeasedGuard::new(key, fence, lease))

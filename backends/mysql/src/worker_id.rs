@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use im_infra::lease::{LeaseBackend, PendingLease, SentAt};
+use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
@@ -126,7 +126,7 @@ impl WorkerIdAllocator for MysqlWorkerIds {
                     let mut tried = false;
                     for id in free_ids(&taken, max_worker_id).take(4) {
                         tried = true;
-                        let sent = SentAt::now();
+                        let sent = Tick::now();
                         pending.arm();
                         if let Some(not_before) = self.take(id, &token, ttl).await? {
                             let _ = pending.backend().id.set(id);

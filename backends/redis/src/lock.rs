@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::StreamExt;
-use im_infra::lease::{LeaseBackend, PendingLease, SentAt};
+use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
@@ -196,8 +196,8 @@ impl RedisLock {
         &self,
         pending: &mut PendingLease<HeldLock>,
         ttl: Duration,
-    ) -> Result<(Attempt, SentAt)> {
-        let sent = SentAt::now();
+    ) -> Result<(Attempt, Tick)> {
+        let sent = Tick::now();
         pending.arm();
         let held = pending.backend();
         let attempt = self.attempt(&held.key, &held.token, ttl).await?;
@@ -212,7 +212,7 @@ impl RedisLock {
         pending: PendingLease<HeldLock>,
         fence: u64,
         opts: LockOptions,
-        sent: SentAt,
+        sent: Tick,
     ) -> Box<dyn LockGuard> {
         let lease = pending.start(opts.lease_options(crate::NAME, opts.ttl), sent);
         Box::new(LeasedGuard::new(key, fence, lease))

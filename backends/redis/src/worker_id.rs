@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use im_infra::lease::{LeaseBackend, PendingLease, SentAt};
+use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
@@ -75,7 +75,7 @@ impl WorkerIdAllocator for RedisWorkerIds {
                     token: token.clone(),
                     max_worker_id,
                 });
-                let sent = SentAt::now();
+                let sent = Tick::now();
                 pending.arm();
                 let (id, not_before): (i64, u64) = run(
                     &self.shared,
