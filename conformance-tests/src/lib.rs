@@ -19,6 +19,8 @@ pub mod cases;
 pub mod decoding;
 pub mod faults;
 pub mod harness;
+pub mod lock_safety;
+pub mod proxy;
 pub mod servers;
 
 pub use harness::{run_main, Case, Claims, Fixture, Hooks, SuiteKind, Target, World};
