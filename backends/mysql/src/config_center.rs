@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::db::first;
 use crate::error::{malformed, ForKey};
+use crate::shared::NOW_MICROS;
 use crate::Shared;
 
 /// Changes read by one poll of a watch.
@@ -72,10 +73,6 @@ enum Written {
     /// The compare-and-set found this version.
     Conflict(u64),
 }
-
-/// The server's clock in microseconds since 1970 (UTC: no time-zone or
-/// daylight-saving conversion can make it go back).
-const NOW_MICROS: &str = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
 
 /// The SQL of one table prefix.
 struct Statements {

@@ -15,15 +15,18 @@ use mysql_async::prelude::Queryable;
 
 use crate::db::first;
 use crate::error::ForKey;
+use crate::shared::NOW_MICROS;
 use crate::Shared;
 
 /// The lock service of a [`MysqlBackend`](crate::MysqlBackend).
 ///
 /// A lock is a row `(key, owner, fence, expires_at)`. Taking it is one
-/// `UPDATE` that succeeds only when the row has no live owner and bumps
-/// `fence` (returned through `LAST_INSERT_ID`), so the fencing token
-/// strictly increases per key; the row stays after release, keeping the
-/// counter. Release and renewal check the owner. Waiters poll with a
+/// `UPDATE` that succeeds only when the row has no live owner (or is
+/// already the caller's: an attempt whose answer was lost) and sets `fence`
+/// to the larger of `fence + 1` and the server's clock in microseconds
+/// (returned through `LAST_INSERT_ID`), so the fencing token strictly
+/// increases per key, also after the database was restored from older
+/// data; the row stays after release, keeping the counter. Release and renewal check the owner. Waiters poll with a
 /// jittered backoff, never past the holder's expiry or their deadline.
 pub struct MysqlLock {
     shared: Arc<Shared>,
@@ -50,7 +53,7 @@ impl LockSql {
         let t = shared.table("locks");
         LockSql {
             take: format!(
-                "UPDATE {t} SET owner = ?, fence = LAST_INSERT_ID(fence + 1), \
+                "UPDATE {t} SET owner = ?, fence = LAST_INSERT_ID(GREATEST(fence + 1, {NOW_MICROS})), \
                  expires_at = NOW(6) + INTERVAL ? MICROSECOND, acquired_at = NOW(6) \
                  WHERE k = ? AND (owner IS NULL OR expires_at <= NOW(6) OR owner = ?)"
             ),

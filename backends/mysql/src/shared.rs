@@ -64,3 +64,12 @@ impl Shared {
         format!("{}{name}", self.prefix)
     }
 }
+
+/// The server's clock in microseconds since 1970, as SQL (UTC: no time-zone
+/// or daylight-saving conversion can make it go back). Counters that must
+/// never go back for clients — config versions, fencing tokens — take
+/// `GREATEST(last + 1, NOW_MICROS)`, so that they stay above everything
+/// handed out before even after the database is restored from older data
+/// (as long as the server's clock does not step back across the restore).
+pub(crate) const NOW_MICROS: &str =
+    "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";

@@ -306,7 +306,7 @@ async fn a_panicking_run_releases_the_key(w: World) -> Result<()> {
         let _: Run = o
             .run_with(&k, opts, || async {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                panic!("the work panics");
+                panic!("expected: this case checks that a panicking run releases its key");
             })
             .await;
     });
