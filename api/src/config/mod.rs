@@ -29,6 +29,7 @@ mod ext;
 mod manager;
 mod path;
 pub mod watch;
+pub mod watch_driver;
 
 use async_trait::async_trait;
 use bytes::Bytes;

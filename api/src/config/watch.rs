@@ -36,6 +36,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{ConfigEvent, ConfigEventKind, Versioned};
+use crate::error::Result;
 
 /// What a watch covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +48,35 @@ pub enum WatchTarget {
 }
 
 impl WatchTarget {
+    /// A watch of `key`, checked the way every backend checks a watched key
+    /// ([`validate::key`](crate::validate::key)).
+    ///
+    /// ```
+    /// use im_infra::config::watch::WatchTarget;
+    ///
+    /// assert_eq!(WatchTarget::key("/a/b").unwrap(), WatchTarget::Key("/a/b".into()));
+    /// assert!(WatchTarget::key("").is_err());
+    /// ```
+    pub fn key(key: &str) -> Result<Self> {
+        crate::validate::key(key)?;
+        Ok(WatchTarget::Key(key.to_owned()))
+    }
+
+    /// A watch of every key starting with `prefix` (empty: every key),
+    /// checked with [`validate::prefix`](crate::validate::prefix).
+    ///
+    /// ```
+    /// use im_infra::config::watch::WatchTarget;
+    ///
+    /// assert!(WatchTarget::prefix("/a/").unwrap().matches("/a/b"));
+    /// assert!(WatchTarget::prefix("").unwrap().matches("/anything"));
+    /// assert!(WatchTarget::prefix("a\0").is_err());
+    /// ```
+    pub fn prefix(prefix: &str) -> Result<Self> {
+        crate::validate::prefix(prefix)?;
+        Ok(WatchTarget::Prefix(prefix.to_owned()))
+    }
+
     /// Whether `key` is covered.
     pub fn matches(&self, key: &str) -> bool {
         match self {
