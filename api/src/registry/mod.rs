@@ -28,6 +28,7 @@
 #[cfg(feature = "grpc")]
 pub mod grpc;
 mod keeper;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
