@@ -174,28 +174,50 @@ type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The error of every im-infra operation.
 ///
-/// Cheap to clone (the source is shared), so one failure can be handed to
-/// every waiter of a single-flight load.
-#[derive(Clone, thiserror::Error)]
-#[error("{}", self.render())]
+/// One pointer wide (errors are the cold path: every `Result` of the
+/// library stays small), and cheap to clone (the source is shared), so one
+/// failure can be handed to every waiter of a single-flight load.
+#[derive(Clone)]
 pub struct Error {
+    inner: Box<Inner>,
+}
+
+#[derive(Clone)]
+struct Inner {
     kind: ErrorKind,
     message: Cow<'static, str>,
     operation: Option<&'static str>,
     backend: Option<&'static str>,
-    #[source]
     source: Option<Source>,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.render())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl Error {
     /// A new error of `kind` with a human-readable message.
+    #[cold]
     pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
         Error {
-            kind,
-            message: message.into(),
-            operation: None,
-            backend: None,
-            source: None,
+            inner: Box::new(Inner {
+                kind,
+                message: message.into(),
+                operation: None,
+                backend: None,
+                source: None,
+            }),
         }
     }
 
@@ -228,8 +250,8 @@ impl Error {
     /// Attaches the operation (`"lock.acquire"`) if none is set yet.
     #[must_use]
     pub fn with_operation(mut self, operation: &'static str) -> Self {
-        if self.operation.is_none() {
-            self.operation = Some(operation);
+        if self.inner.operation.is_none() {
+            self.inner.operation = Some(operation);
         }
         self
     }
@@ -237,8 +259,8 @@ impl Error {
     /// Attaches the backend name (`"redis"`) if none is set yet.
     #[must_use]
     pub fn with_backend(mut self, backend: &'static str) -> Self {
-        if self.backend.is_none() {
-            self.backend = Some(backend);
+        if self.inner.backend.is_none() {
+            self.inner.backend = Some(backend);
         }
         self
     }
@@ -246,75 +268,83 @@ impl Error {
     /// Attaches the underlying error.
     #[must_use]
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.source = Some(Arc::new(source));
+        self.inner.source = Some(Arc::new(source));
         self
     }
 
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.inner.kind
     }
 
     /// The stable numeric code of the kind.
     pub fn code(&self) -> u32 {
-        self.kind.code()
+        self.inner.kind.code()
     }
 
     /// The message, without kind or context.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.inner.message
     }
 
     /// The operation that failed, when known.
     pub fn operation(&self) -> Option<&'static str> {
-        self.operation
+        self.inner.operation
     }
 
     /// The backend that failed, when known.
     pub fn backend(&self) -> Option<&'static str> {
-        self.backend
+        self.inner.backend
     }
 
     /// Whether retrying the same call later may succeed (see
     /// [`ErrorKind::is_retryable`]).
     pub fn is_retryable(&self) -> bool {
-        self.kind.is_retryable()
+        self.inner.kind.is_retryable()
     }
 
     /// `true` for [`ErrorKind::NotFound`].
     pub fn is_not_found(&self) -> bool {
-        self.kind == ErrorKind::NotFound
+        self.inner.kind == ErrorKind::NotFound
     }
 
     /// `true` for [`ErrorKind::Conflict`].
     pub fn is_conflict(&self) -> bool {
-        self.kind == ErrorKind::Conflict
+        self.inner.kind == ErrorKind::Conflict
     }
 
     /// `true` for [`ErrorKind::Timeout`].
     pub fn is_timeout(&self) -> bool {
-        self.kind == ErrorKind::Timeout
+        self.inner.kind == ErrorKind::Timeout
     }
 
     /// `true` for [`ErrorKind::Connection`] and [`ErrorKind::Unavailable`].
     pub fn is_connection(&self) -> bool {
-        matches!(self.kind, ErrorKind::Connection | ErrorKind::Unavailable)
+        matches!(
+            self.inner.kind,
+            ErrorKind::Connection | ErrorKind::Unavailable
+        )
     }
 
     /// `true` for [`ErrorKind::Unsupported`].
     pub fn is_unsupported(&self) -> bool {
-        self.kind == ErrorKind::Unsupported
+        self.inner.kind == ErrorKind::Unsupported
     }
 
     fn render(&self) -> String {
-        let mut out = format!("{} ({}): {}", self.kind, self.kind.code(), self.message);
-        match (self.operation, self.backend) {
+        let mut out = format!(
+            "{} ({}): {}",
+            self.inner.kind,
+            self.inner.kind.code(),
+            self.inner.message
+        );
+        match (self.inner.operation, self.inner.backend) {
             (Some(op), Some(be)) => out.push_str(&format!(" [op={op}, backend={be}]")),
             (Some(op), None) => out.push_str(&format!(" [op={op}]")),
             (None, Some(be)) => out.push_str(&format!(" [backend={be}]")),
             (None, None) => {}
         }
-        if let Some(source) = &self.source {
+        if let Some(source) = &self.inner.source {
             out.push_str(&format!(": {source}"));
         }
         out
@@ -324,16 +354,16 @@ impl Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
-        d.field("kind", &self.kind)
-            .field("code", &self.kind.code())
-            .field("message", &self.message);
-        if let Some(op) = self.operation {
+        d.field("kind", &self.inner.kind)
+            .field("code", &self.inner.kind.code())
+            .field("message", &self.inner.message);
+        if let Some(op) = self.inner.operation {
             d.field("operation", &op);
         }
-        if let Some(be) = self.backend {
+        if let Some(be) = self.inner.backend {
             d.field("backend", &be);
         }
-        if let Some(source) = &self.source {
+        if let Some(source) = &self.inner.source {
             d.field("source", &source.to_string());
         }
         d.finish()
@@ -355,6 +385,17 @@ impl From<tokio::time::error::Elapsed> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_is_one_pointer_so_results_stay_small() {
+        assert_eq!(std::mem::size_of::<Error>(), std::mem::size_of::<usize>());
+        assert_eq!(
+            std::mem::size_of::<Result<()>>(),
+            std::mem::size_of::<usize>()
+        );
+        let e = Error::new(ErrorKind::Timeout, "slow").with_source(std::io::Error::other("io"));
+        assert!(std::error::Error::source(&e).is_some());
+    }
     use std::collections::HashSet;
 
     #[test]

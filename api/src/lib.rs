@@ -19,6 +19,7 @@
 //! | [`once`] | [`Once`](once::Once), [`OnceExt`](once::OnceExt) | run work at most once per key |
 //! | [`mq`] | [`Producer`](mq::Producer), [`Consumer`](mq::Consumer) | messaging with consumer groups, at-least-once |
 //! | [`uid`] | [`IdGenerator`](uid::IdGenerator), [`WorkerIdAllocator`](uid::WorkerIdAllocator) | Snowflake ids on leased worker ids |
+//! | [`layer`] | `Observed…` | argument checks and telemetry around a backend's raw operations, written once |
 //! | [`backend`] | [`Backend`](backend::Backend) | one backend with every capability it offers |
 //!
 //! Every operation returns [`Result`] with one [`Error`] type whose
@@ -69,6 +70,7 @@ pub mod cache;
 pub mod config;
 pub mod coord;
 mod error;
+pub mod layer;
 pub mod lease;
 pub mod lock;
 pub mod mq;

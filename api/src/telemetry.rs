@@ -11,7 +11,10 @@
 //!
 //! Backends build one [`OpMetrics`] per operation when they are constructed,
 //! so the hot path touches pre-registered handles only. Install the recorder
-//! before building backends (as the `metrics` crate recommends).
+//! before building backends (as the `metrics` crate recommends): the
+//! handles are bound to the recorder in force then, and when that is the
+//! `metrics` crate's no-op recorder an operation reads no clock at all, so
+//! the telemetry costs nothing measurable until a recorder is installed.
 //!
 //! ```
 //! use im_infra::telemetry::OpMetrics;
@@ -54,6 +57,15 @@ pub struct OpMetrics {
     op: &'static str,
     ok: Counter,
     duration: Histogram,
+    /// A recorder was installed when the handles were registered: time the
+    /// operations.
+    timed: bool,
+}
+
+/// Whether a recorder other than the `metrics` crate's no-op one is in
+/// force (the no-op recorder is the only zero-sized one).
+fn recorder_installed() -> bool {
+    metrics::with_recorder(|r| std::mem::size_of_val(r) != 0)
 }
 
 impl std::fmt::Debug for OpMetrics {
@@ -76,6 +88,42 @@ impl OpMetrics {
             op,
             ok: metrics::counter!(OPS_TOTAL, "backend" => backend, "capability" => capability, "op" => op, "outcome" => "ok"),
             duration: metrics::histogram!(OP_DURATION_SECONDS, "backend" => backend, "capability" => capability, "op" => op),
+            timed: recorder_installed(),
+        }
+    }
+
+    /// The capability label.
+    pub fn capability(&self) -> &'static str {
+        self.capability
+    }
+
+    /// When the operation started, if it is timed.
+    #[inline]
+    pub fn start(&self) -> Option<Instant> {
+        self.timed.then(Instant::now)
+    }
+
+    /// Records one finished run that started at `start` (see
+    /// [`start`](Self::start)) inside `span`, and stamps the operation and
+    /// backend on an error.
+    #[inline]
+    pub fn finish<T>(
+        &self,
+        res: Result<T>,
+        start: Option<Instant>,
+        span: &tracing::Span,
+    ) -> Result<T> {
+        self.record(&res, start.map_or(Duration::ZERO, |s| s.elapsed()));
+        match res {
+            Ok(v) => {
+                span.record("outcome", "ok");
+                Ok(v)
+            }
+            Err(e) => {
+                span.record("outcome", e.kind().as_str());
+                tracing::debug!(parent: span, error = %e, "operation failed");
+                Err(e.with_operation(self.op).with_backend(self.backend))
+            }
         }
     }
 
@@ -100,9 +148,12 @@ impl OpMetrics {
         )
     }
 
-    /// Records one finished run.
+    /// Records one finished run (its duration only when timed).
+    #[inline]
     pub fn record<T>(&self, res: &Result<T>, elapsed: Duration) {
-        self.duration.record(elapsed.as_secs_f64());
+        if self.timed {
+            self.duration.record(elapsed.as_secs_f64());
+        }
         match res {
             Ok(_) => self.ok.increment(1),
             Err(e) => metrics::counter!(
@@ -134,13 +185,33 @@ impl OpMetrics {
     }
 
     /// Like [`run`](Self::run) for a synchronous operation.
+    #[inline]
     pub fn run_sync<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let span = self.span();
         let _entered = span.enter();
-        let start = Instant::now();
+        let start = self.start();
         let res = f();
-        self.record(&res, start.elapsed());
-        res.map_err(|e| e.with_operation(self.op).with_backend(self.backend))
+        self.finish(res, start, &span)
+    }
+
+    /// [`run`](Self::run) for a future that started at `start` (see
+    /// [`start`](Self::start)) inside `span`: an operation that began
+    /// synchronously and goes on asynchronously.
+    pub fn run_started<T, F>(
+        &self,
+        fut: F,
+        span: tracing::Span,
+        start: Option<Instant>,
+    ) -> OpFuture<'_, F>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        OpFuture {
+            inner: fut,
+            metrics: self,
+            span: Some(span),
+            start: Some(start),
+        }
     }
 }
 
@@ -152,7 +223,8 @@ pin_project! {
         inner: F,
         metrics: &'a OpMetrics,
         span: Option<tracing::Span>,
-        start: Option<Instant>,
+        // `None` until first polled; then when it started, if timed.
+        start: Option<Option<Instant>>,
     }
 }
 
@@ -166,7 +238,7 @@ where
         let this = self.project();
         let metrics = *this.metrics;
         let span = this.span.get_or_insert_with(|| metrics.span());
-        let start = *this.start.get_or_insert_with(Instant::now);
+        let start = *this.start.get_or_insert_with(|| metrics.start());
         let res = {
             let _entered = span.enter();
             match this.inner.poll(cx) {
@@ -174,18 +246,7 @@ where
                 Poll::Ready(res) => res,
             }
         };
-        metrics.record(&res, start.elapsed());
-        Poll::Ready(match res {
-            Ok(v) => {
-                span.record("outcome", "ok");
-                Ok(v)
-            }
-            Err(e) => {
-                span.record("outcome", e.kind().as_str());
-                tracing::debug!(parent: &*span, error = %e, "operation failed");
-                Err(e.with_operation(metrics.op).with_backend(metrics.backend))
-            }
-        })
+        Poll::Ready(metrics.finish(res, start, span))
     }
 }
 

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use im_infra::cache::{Cache, CacheCapabilities, KeyTtl};
 use im_infra::lease::LeaseBackend;
 use im_infra::once::{Claim, Once};
-use im_infra::ratelimit::{Decision, DecisionSource, Limiter};
+use im_infra::ratelimit::{Check, Decision, DecisionSource, Limiter};
 use im_infra::Result;
 
 /// A cache that stores nothing: every read misses.
@@ -71,10 +71,9 @@ impl Cache for NoopCache {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoopLimiter;
 
-#[async_trait]
 impl Limiter for NoopLimiter {
-    async fn check(&self, _resource: &str, _key: &str, _n: u64) -> Result<Decision> {
-        Ok(Decision {
+    fn check<'a>(&'a self, _resource: &'a str, _key: &'a str, _n: u64) -> Check<'a> {
+        Check::ready(Ok(Decision {
             allowed: true,
             limit: u64::MAX,
             remaining: u64::MAX,
@@ -82,7 +81,7 @@ impl Limiter for NoopLimiter {
             reset_after: Duration::ZERO,
             denied: None,
             source: DecisionSource::Backend,
-        })
+        }))
     }
 }
 

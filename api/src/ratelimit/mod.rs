@@ -22,19 +22,25 @@
 //! }
 //! ```
 
+mod check;
 pub mod gcra;
+mod local;
 mod policy;
 mod rule;
+mod table;
 
+use std::future::Future;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
+pub use check::Check;
+pub use local::{BucketStore, LocalLimiter};
 pub use policy::{FailurePolicy, FallbackLimiter};
 pub use rule::{LimiterConfig, Rule, Rules};
+pub use table::RuleTable;
 
 /// Why a request was denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,27 +89,60 @@ pub struct Decision {
 }
 
 /// A rate limiter.
-#[cfg_attr(feature = "mock", mockall::automock)]
-#[async_trait]
+///
+/// `check` returns a [`Check`], a future that is ready at once when the
+/// decision is taken in this process (no allocation, no await point: the
+/// in-process limiter through `Arc<dyn Limiter>` costs what its decision
+/// costs) and boxed when a server decides. Await it either way.
 pub trait Limiter: Send + Sync + 'static {
     /// Takes `n` units (n ≥ 1) for `key` under the rule of `resource`.
     ///
     /// Errors: `InvalidArgument` for an empty key or `n = 0`; `NotFound` when
     /// `resource` has no rule and there is no default rule.
-    async fn check(&self, resource: &str, key: &str, n: u64) -> Result<Decision>;
+    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a>;
+}
+
+#[cfg(feature = "mock")]
+mockall::mock! {
+    /// A mockall mock of [`Limiter`]: `expect_check()` sets what
+    /// `check` answers (its decision is ready at once).
+    pub Limiter {
+        /// What [`Limiter::check`] answers.
+        pub fn check(&self, resource: &str, key: &str, n: u64) -> Result<Decision>;
+    }
+}
+
+#[cfg(feature = "mock")]
+impl Limiter for MockLimiter {
+    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
+        Check::ready(MockLimiter::check(self, resource, key, n))
+    }
+}
+
+impl<L: Limiter + ?Sized> Limiter for std::sync::Arc<L> {
+    #[inline]
+    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
+        (**self).check(resource, key, n)
+    }
 }
 
 /// Conveniences for every [`Limiter`].
-#[async_trait]
 pub trait LimiterExt: Limiter {
     /// Takes one unit; `false` when denied. An error (bad input, no rule)
     /// is logged and counts as a denial.
-    async fn allow(&self, resource: &str, key: &str) -> bool {
-        match self.check(resource, key, 1).await {
-            Ok(d) => d.allowed,
-            Err(e) => {
-                tracing::warn!(error = %e, resource, "rate-limit check failed; denying");
-                false
+    fn allow<'a>(
+        &'a self,
+        resource: &'a str,
+        key: &'a str,
+    ) -> impl Future<Output = bool> + Send + 'a {
+        let check = self.check(resource, key, 1);
+        async move {
+            match check.await {
+                Ok(d) => d.allowed,
+                Err(e) => {
+                    tracing::warn!(error = %e, resource, "rate-limit check failed; denying");
+                    false
+                }
             }
         }
     }

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use quanta::Instant;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{validate_check, Decision, DecisionSource, DenyReason, Limiter, Rules};
+use super::{
+    validate_check, Check, Decision, DecisionSource, DenyReason, Limiter, LocalLimiter, Rules,
+};
 use crate::error::{ErrorKind, Result};
 use crate::telemetry::LIMITER_FALLBACK_TOTAL;
 
@@ -68,9 +69,22 @@ impl std::fmt::Debug for FallbackLimiter {
 }
 
 impl FallbackLimiter {
-    /// `primary` guarded by the failure policy of `rules`; `local` decides
-    /// under [`FailurePolicy::Local`].
+    /// `primary` guarded by the failure policy of `rules`; under
+    /// [`FailurePolicy::Local`] an in-process [`LocalLimiter`] on the same
+    /// rules decides.
     pub fn new(
+        backend: &'static str,
+        primary: Arc<dyn Limiter>,
+        rules: Rules,
+        probe_interval: Duration,
+    ) -> Self {
+        let local = Arc::new(LocalLimiter::new(rules.clone()));
+        FallbackLimiter::with_local(backend, primary, local, rules, probe_interval)
+    }
+
+    /// [`new`](Self::new) with another limiter deciding under
+    /// [`FailurePolicy::Local`].
+    pub fn with_local(
         backend: &'static str,
         primary: Arc<dyn Limiter>,
         local: Arc<dyn Limiter>,
@@ -138,9 +152,14 @@ fn is_unreachable(kind: ErrorKind) -> bool {
     )
 }
 
-#[async_trait]
 impl Limiter for FallbackLimiter {
-    async fn check(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
+    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
+        Check::boxed(self.decide(resource, key, n))
+    }
+}
+
+impl FallbackLimiter {
+    async fn decide(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
         validate_check(resource, key, n)?;
         if self.now_ns() < self.skip_until.load(Ordering::Relaxed) {
             return self.by_policy(resource, key, n).await;
@@ -183,10 +202,9 @@ mod tests {
         down: AtomicBool,
     }
 
-    #[async_trait]
     impl Limiter for Flaky {
-        async fn check(&self, _r: &str, _k: &str, _n: u64) -> Result<Decision> {
-            if self.down.load(Ordering::SeqCst) {
+        fn check<'a>(&'a self, _r: &'a str, _k: &'a str, _n: u64) -> Check<'a> {
+            Check::ready(if self.down.load(Ordering::SeqCst) {
                 Err(Error::new(ErrorKind::Unavailable, "down"))
             } else {
                 Ok(Decision {
@@ -198,16 +216,15 @@ mod tests {
                     denied: None,
                     source: DecisionSource::Backend,
                 })
-            }
+            })
         }
     }
 
     struct DenyAll;
 
-    #[async_trait]
     impl Limiter for DenyAll {
-        async fn check(&self, _r: &str, _k: &str, _n: u64) -> Result<Decision> {
-            Ok(Decision {
+        fn check<'a>(&'a self, _r: &'a str, _k: &'a str, _n: u64) -> Check<'a> {
+            Check::ready(Ok(Decision {
                 allowed: false,
                 limit: 1,
                 remaining: 0,
@@ -215,14 +232,14 @@ mod tests {
                 reset_after: Duration::from_secs(1),
                 denied: Some(DenyReason::RateExceeded),
                 source: DecisionSource::Backend,
-            })
+            }))
         }
     }
 
     fn limiter(policy: FailurePolicy, primary: Arc<Flaky>) -> FallbackLimiter {
         let mut cfg = LimiterConfig::with_rule("r", Rule::per_second(1));
         cfg.failure_policy = policy;
-        FallbackLimiter::new(
+        FallbackLimiter::with_local(
             "test",
             primary,
             Arc::new(DenyAll),

@@ -186,12 +186,7 @@ impl Rules {
             Rules::Fixed(c) => c.rule(resource),
             Rules::Managed(m) => m.with_current(|c| c.rule(resource)),
         };
-        found.ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no rate-limit rule for resource {resource:?} and no default rule"),
-            )
-        })
+        found.ok_or_else(|| no_rule(resource))
     }
 
     /// The failure policy in force.
@@ -201,6 +196,14 @@ impl Rules {
             Rules::Managed(m) => m.with_current(|c| c.failure_policy),
         }
     }
+}
+
+/// The error of a resource without a rule when there is no default rule.
+pub(crate) fn no_rule(resource: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("no rate-limit rule for resource {resource:?} and no default rule"),
+    )
 }
 
 impl From<Rule> for LimiterConfig {

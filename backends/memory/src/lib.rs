@@ -55,10 +55,11 @@ use im_infra::backend::{Backend, Capability};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::coord::Provider;
+use im_infra::layer::ObservedLimiter;
 use im_infra::lock::DistributedLock;
 use im_infra::mq::{Consumer, ConsumerConfig, Producer};
 use im_infra::once::Once;
-use im_infra::ratelimit::{Limiter, Rules};
+use im_infra::ratelimit::{BucketStore, Limiter, Rules};
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::{Error, ErrorKind, Result};
@@ -97,7 +98,7 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     tasks_started: OnceLock<()>,
     cache: cache::CacheStore,
-    limiter: limiter::LimiterStore,
+    limiter: Arc<BucketStore>,
     locks: lock::LockStore,
     configs: config_center::ConfigStore,
     registry: registry::RegistryStore,
@@ -245,10 +246,11 @@ impl MemoryBackend {
         MemoryCache::new(self.shared.clone())
     }
 
-    /// A limiter under `rules`.
-    pub fn memory_limiter(&self, rules: Rules) -> MemoryLimiter {
+    /// A limiter under `rules`, as [`Backend::limiter`] hands it out
+    /// (arguments checked, observed), without the `Arc<dyn Limiter>`.
+    pub fn memory_limiter(&self, rules: Rules) -> ObservedLimiter<MemoryLimiter> {
         self.start_tasks();
-        MemoryLimiter::new(self.shared.clone(), rules)
+        ObservedLimiter::new(NAME, MemoryLimiter::new(self.shared.clone(), rules))
     }
 
     /// The config center.

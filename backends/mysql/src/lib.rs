@@ -61,6 +61,7 @@ use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
+use im_infra::layer::ObservedLimiter;
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
 use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
@@ -268,13 +269,14 @@ impl Backend for MysqlBackend {
     async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
         self.check_open()?;
         let primary = Arc::new(MysqlLimiter::new(self.shared.clone(), &rules));
-        let local = Arc::new(im_infra_memory::MemoryBackend::new().memory_limiter(rules.clone()));
-        Ok(Arc::new(FallbackLimiter::new(
+        Ok(Arc::new(ObservedLimiter::new(
             NAME,
-            primary,
-            local,
-            rules,
-            self.shared.cfg().limiter_probe_interval,
+            FallbackLimiter::new(
+                NAME,
+                primary,
+                rules,
+                self.shared.cfg().limiter_probe_interval,
+            ),
         )))
     }
 

@@ -1,18 +1,13 @@
 //! `Limiter`: GCRA state per key, updated atomically by one statement on the
 //! server's clock, in one round trip.
 
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use im_infra::config::ConfigManager;
 use im_infra::ratelimit::{
-    gcra, validate_check, Decision, DecisionSource, DenyReason, Limiter, LimiterConfig, Rules,
+    gcra, Check, Decision, DecisionSource, DenyReason, Limiter, RuleTable, Rules,
 };
-use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
 use mysql_async::from_row_opt;
 
@@ -20,44 +15,6 @@ use crate::Shared;
 
 /// Microseconds: the unit of the stored arrival times.
 const TICK_NS: u64 = 1_000;
-
-struct Table {
-    version: u64,
-    rules: HashMap<String, Result<gcra::Params>>,
-    default: Option<Result<gcra::Params>>,
-}
-
-impl Table {
-    fn build(config: &LimiterConfig, version: u64) -> Table {
-        Table {
-            version,
-            rules: config
-                .rules
-                .iter()
-                .map(|(n, r)| (n.clone(), gcra::Params::new(r, TICK_NS)))
-                .collect(),
-            default: config.default_rule.map(|r| gcra::Params::new(&r, TICK_NS)),
-        }
-    }
-
-    fn lookup(&self, resource: &str) -> Result<gcra::Params> {
-        match self.rules.get(resource).or(self.default.as_ref()) {
-            Some(p) => p.clone(),
-            None => Err(Error::new(
-                ErrorKind::NotFound,
-                format!("no rate-limit rule for resource {resource:?} and no default rule"),
-            )),
-        }
-    }
-}
-
-enum Params {
-    Fixed(Table),
-    Managed {
-        manager: ConfigManager<LimiterConfig>,
-        table: ArcSwap<Table>,
-    },
-}
 
 /// The distributed limiter of a [`MysqlBackend`](crate::MysqlBackend).
 ///
@@ -68,8 +25,7 @@ enum Params {
 /// policy of its rules.
 pub struct MysqlLimiter {
     shared: Arc<Shared>,
-    params: Params,
-    op: OpMetrics,
+    table: RuleTable<()>,
 }
 
 impl std::fmt::Debug for MysqlLimiter {
@@ -95,34 +51,14 @@ fn us(v: i64) -> Duration {
 
 impl MysqlLimiter {
     pub(crate) fn new(shared: Arc<Shared>, rules: &Rules) -> Self {
-        let params = match rules {
-            Rules::Fixed(c) => Params::Fixed(Table::build(c, 0)),
-            Rules::Managed(m) => Params::Managed {
-                table: ArcSwap::from_pointee(Table::build(&m.current(), m.version())),
-                manager: m.clone(),
-            },
-        };
         MysqlLimiter {
             shared,
-            params,
-            op: OpMetrics::new(crate::NAME, "ratelimit", "ratelimit.check"),
+            table: RuleTable::new(rules.clone(), TICK_NS, |_| ()),
         }
     }
 
     fn params_of(&self, resource: &str) -> Result<gcra::Params> {
-        match &self.params {
-            Params::Fixed(t) => t.lookup(resource),
-            Params::Managed { manager, table } => {
-                let current = table.load();
-                let version = manager.version();
-                if current.version == version {
-                    return current.lookup(resource);
-                }
-                let fresh = Arc::new(Table::build(&manager.current(), version));
-                table.store(fresh.clone());
-                fresh.lookup(resource)
-            }
-        }
+        self.table.with(resource, |p, _| *p)
     }
 
     fn bucket(&self, resource: &str, key: &str) -> Vec<u8> {
@@ -131,7 +67,6 @@ impl MysqlLimiter {
     }
 
     async fn decide(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
-        validate_check(resource, key, n)?;
         let p = self.params_of(resource)?;
         let table = self.shared.table("limiter");
         let k = hex_literal(&self.bucket(resource, key));
@@ -197,10 +132,9 @@ impl MysqlLimiter {
     }
 }
 
-#[async_trait]
 impl Limiter for MysqlLimiter {
-    async fn check(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
-        self.op.run(self.decide(resource, key, n)).await
+    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
+        Check::boxed(self.decide(resource, key, n))
     }
 }
 

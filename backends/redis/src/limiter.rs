@@ -1,17 +1,12 @@
 //! `Limiter`: GCRA in one Lua script on the server's clock.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use im_infra::config::ConfigManager;
 use im_infra::ratelimit::{
-    gcra, validate_check, Decision, DecisionSource, DenyReason, Limiter, LimiterConfig, Rules,
+    gcra, Check, Decision, DecisionSource, DenyReason, Limiter, RuleTable, Rules,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::Result;
 
 use crate::Shared;
 
@@ -26,45 +21,6 @@ pub fn gcra_script() -> &'static redis::Script {
     &GCRA
 }
 
-/// Rule parameters by resource, converted once per configuration version.
-struct Table {
-    version: u64,
-    rules: HashMap<String, Result<gcra::Params>, foldhash::fast::RandomState>,
-    default: Option<Result<gcra::Params>>,
-}
-
-impl Table {
-    fn build(config: &LimiterConfig, version: u64) -> Table {
-        Table {
-            version,
-            rules: config
-                .rules
-                .iter()
-                .map(|(name, rule)| (name.clone(), gcra::Params::new(rule, TICK_NS)))
-                .collect(),
-            default: config.default_rule.map(|r| gcra::Params::new(&r, TICK_NS)),
-        }
-    }
-
-    fn lookup(&self, resource: &str) -> Result<gcra::Params> {
-        match self.rules.get(resource).or(self.default.as_ref()) {
-            Some(p) => p.clone(),
-            None => Err(Error::new(
-                ErrorKind::NotFound,
-                format!("no rate-limit rule for resource {resource:?} and no default rule"),
-            )),
-        }
-    }
-}
-
-enum Params {
-    Fixed(Table),
-    Managed {
-        manager: ConfigManager<LimiterConfig>,
-        table: ArcSwap<Table>,
-    },
-}
-
 /// The distributed limiter of a [`RedisBackend`](crate::RedisBackend). Every
 /// decision is one `EVALSHA` of a GCRA script reading the server's `TIME`,
 /// so all processes share one budget and one clock. Wrapped by the backend
@@ -72,8 +28,7 @@ enum Params {
 /// applies the failure policy while Redis is unreachable.
 pub struct RedisLimiter {
     shared: Arc<Shared>,
-    params: Params,
-    op: OpMetrics,
+    table: RuleTable<()>,
 }
 
 impl std::fmt::Debug for RedisLimiter {
@@ -88,38 +43,17 @@ fn us(v: i64) -> Duration {
 
 impl RedisLimiter {
     pub(crate) fn new(shared: Arc<Shared>, rules: &Rules) -> Self {
-        let params = match rules {
-            Rules::Fixed(c) => Params::Fixed(Table::build(c, 0)),
-            Rules::Managed(m) => Params::Managed {
-                table: ArcSwap::from_pointee(Table::build(&m.current(), m.version())),
-                manager: m.clone(),
-            },
-        };
         RedisLimiter {
             shared,
-            params,
-            op: OpMetrics::new(crate::NAME, "ratelimit", "ratelimit.check"),
+            table: RuleTable::new(rules.clone(), TICK_NS, |_| ()),
         }
     }
 
     fn params_of(&self, resource: &str) -> Result<gcra::Params> {
-        match &self.params {
-            Params::Fixed(t) => t.lookup(resource),
-            Params::Managed { manager, table } => {
-                let current = table.load();
-                let version = manager.version();
-                if current.version == version {
-                    return current.lookup(resource);
-                }
-                let fresh = Arc::new(Table::build(&manager.current(), version));
-                table.store(fresh.clone());
-                fresh.lookup(resource)
-            }
-        }
+        self.table.with(resource, |p, _| *p)
     }
 
     async fn decide(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
-        validate_check(resource, key, n)?;
         let p = self.params_of(resource)?;
         let mut inv = GCRA.prepare_invoke();
         inv.key(self.shared.keys.limiter_arg(resource, key))
@@ -150,9 +84,8 @@ impl RedisLimiter {
     }
 }
 
-#[async_trait]
 impl Limiter for RedisLimiter {
-    async fn check(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
-        self.op.run(self.decide(resource, key, n)).await
+    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
+        Check::boxed(self.decide(resource, key, n))
     }
 }

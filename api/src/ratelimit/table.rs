@@ -1,0 +1,228 @@
+//! [`RuleTable`]: the one rule table of every limiter.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use foldhash::fast::RandomState;
+
+use super::gcra::Params;
+use super::{LimiterConfig, Rules};
+use crate::error::Result;
+
+/// A handful of resources (the usual case) are scanned linearly, which
+/// beats hashing the name.
+const FEW: usize = 8;
+
+/// A resource's converted rule and what the limiter keeps beside it.
+struct Entry<T> {
+    params: Result<Params>,
+    payload: T,
+}
+
+/// One version of the rules, converted.
+struct Table<T> {
+    version: u64,
+    few: Vec<(Box<str>, Entry<T>)>,
+    many: HashMap<Box<str>, Entry<T>, RandomState>,
+    default: Option<Result<Params>>,
+}
+
+impl<T> Table<T> {
+    fn build(config: &LimiterConfig, version: u64, tick_ns: u64, make: &dyn Fn(&str) -> T) -> Self {
+        let all = config.rules.iter().map(|(name, rule)| {
+            let entry = Entry {
+                params: Params::new(rule, tick_ns),
+                payload: make(name),
+            };
+            (Box::<str>::from(name.as_str()), entry)
+        });
+        let (few, many) = if config.rules.len() <= FEW {
+            (all.collect(), HashMap::default())
+        } else {
+            (Vec::new(), all.collect())
+        };
+        Table {
+            version,
+            few,
+            many,
+            default: config.default_rule.map(|r| Params::new(&r, tick_ns)),
+        }
+    }
+
+    #[inline]
+    fn with<R>(&self, resource: &str, f: impl FnOnce(&Params, Option<&T>) -> R) -> Result<R> {
+        let entry = if self.many.is_empty() {
+            self.few
+                .iter()
+                .find(|(name, _)| same(name, resource))
+                .map(|(_, e)| e)
+        } else {
+            self.many.get(resource)
+        };
+        if let Some(e) = entry {
+            let params = e.params.as_ref().map_err(Clone::clone)?;
+            return Ok(f(params, Some(&e.payload)));
+        }
+        match &self.default {
+            Some(params) => Ok(f(params.as_ref().map_err(Clone::clone)?, None)),
+            None => Err(super::rule::no_rule(resource)),
+        }
+    }
+}
+
+/// String equality without a call into the C library for the short names
+/// resources have (a linear scan compares a few of them per decision).
+#[inline]
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    if a.len() <= 32 {
+        a.iter().zip(b).all(|(x, y)| x == y)
+    } else {
+        a == b
+    }
+}
+
+enum Current<T> {
+    Fixed(Table<T>),
+    Managed(ArcSwap<Table<T>>),
+}
+
+/// The rules of one limiter, converted to GCRA parameters (in the
+/// limiter's clock tick) once per configuration version, with a payload per
+/// named resource (the in-process limiter keeps the resource's buckets
+/// there; a server-side limiter keeps nothing). Hot-reloaded rules apply
+/// from the next decision after the configuration changed.
+///
+/// ```
+/// use im_infra::ratelimit::{Rule, Rules, RuleTable};
+///
+/// let rules = Rules::single("login", Rule::per_minute(5)).unwrap();
+/// let table = RuleTable::new(rules, 1_000, |_resource| ());
+/// let burst = table.with("login", |params, _| params.burst).unwrap();
+/// assert_eq!(burst, 5);
+/// assert!(table.with("upload", |_, _| ()).is_err(), "no rule, no default");
+/// ```
+pub struct RuleTable<T> {
+    rules: Rules,
+    tick_ns: u64,
+    make: Box<dyn Fn(&str) -> T + Send + Sync>,
+    current: Current<T>,
+}
+
+impl<T> std::fmt::Debug for RuleTable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleTable")
+            .field("rules", &self.rules)
+            .field("tick_ns", &self.tick_ns)
+            .finish()
+    }
+}
+
+impl<T: Send + Sync + 'static> RuleTable<T> {
+    /// The table of `rules` in ticks of `tick_ns` nanoseconds; `make`
+    /// builds the payload of each named resource (again at each reload).
+    pub fn new(
+        rules: Rules,
+        tick_ns: u64,
+        make: impl Fn(&str) -> T + Send + Sync + 'static,
+    ) -> Self {
+        let make: Box<dyn Fn(&str) -> T + Send + Sync> = Box::new(make);
+        let current = match &rules {
+            Rules::Fixed(c) => Current::Fixed(Table::build(c, 0, tick_ns, &*make)),
+            Rules::Managed(m) => Current::Managed(ArcSwap::from_pointee(Table::build(
+                &m.current(),
+                m.version(),
+                tick_ns,
+                &*make,
+            ))),
+        };
+        RuleTable {
+            rules,
+            tick_ns,
+            make,
+            current,
+        }
+    }
+
+    /// The rules the table follows.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Calls `f` with the parameters of `resource`'s rule and its payload
+    /// (`None` when the default rule applies). `NotFound` when there is no
+    /// rule and no default; `InvalidConfig` when the rule cannot be
+    /// converted.
+    #[inline]
+    pub fn with<R>(&self, resource: &str, f: impl FnOnce(&Params, Option<&T>) -> R) -> Result<R> {
+        match &self.current {
+            Current::Fixed(table) => table.with(resource, f),
+            Current::Managed(table) => {
+                let Rules::Managed(manager) = &self.rules else {
+                    unreachable!("a managed table follows managed rules")
+                };
+                let current = table.load();
+                let version = manager.version();
+                if current.version == version {
+                    return current.with(resource, f);
+                }
+                let fresh = Arc::new(Table::build(
+                    &manager.current(),
+                    version,
+                    self.tick_ns,
+                    &*self.make,
+                ));
+                table.store(fresh.clone());
+                fresh.with(resource, f)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::Rule;
+    use crate::ErrorKind;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn named_rules_carry_their_payload_and_the_default_none() {
+        let mut config = LimiterConfig::with_rule("a", Rule::per_second(10));
+        config.default_rule = Some(Rule::per_second(3));
+        let made = Arc::new(AtomicUsize::new(0));
+        let m = made.clone();
+        let table = RuleTable::new(Rules::fixed(config).unwrap(), 1, move |name| {
+            m.fetch_add(1, Ordering::SeqCst);
+            name.len()
+        });
+        assert_eq!(
+            table.with("a", |p, t| (p.burst, t.copied())).unwrap(),
+            (10, Some(1))
+        );
+        assert_eq!(
+            table.with("zz", |p, t| (p.burst, t.copied())).unwrap(),
+            (3, None)
+        );
+        assert_eq!(made.load(Ordering::SeqCst), 1, "payloads are built once");
+    }
+
+    #[test]
+    fn many_rules_are_found_by_hash_and_a_missing_one_is_not_found() {
+        let mut config = LimiterConfig::default();
+        for i in 0..20 {
+            config
+                .rules
+                .insert(format!("r{i}"), Rule::per_second(i + 1));
+        }
+        let table = RuleTable::new(Rules::fixed(config).unwrap(), 1, |_| ());
+        assert_eq!(table.with("r19", |p, _| p.burst).unwrap(), 20);
+        let err = table.with("nope", |_, _| ()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert!(err.message().contains("nope"));
+    }
+}
