@@ -1,12 +1,13 @@
 //! `ConfigCenter` on Redis: values in a hash, a global revision counter,
 //! and a change stream that watches read and resume from.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::config::watch::{WatchCursor, WatchTarget};
+use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory, Continuity};
 use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
     WatchStream,
@@ -15,7 +16,7 @@ use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::error::{decode, from_redis};
 use crate::Shared;
@@ -117,19 +118,15 @@ impl RedisConfigCenter {
 
     async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
         self.shared.client.check_open()?;
-        // "From now" means the revision at this call, not when the task runs.
-        let mut cursor = WatchCursor::new(target, opts.after_version.unwrap_or(0));
-        if opts.after_version.is_none() {
-            cursor.advance_to(current_revision(&self.shared).await?);
-        }
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch_task(Arc::downgrade(&self.shared), cursor, tx));
-        Ok(tokio_stream_from(rx))
+        let history = History {
+            shared: Arc::downgrade(&self.shared),
+            conn: None,
+            checked: Instant::now(),
+        };
+        let client = &self.shared.client;
+        let (retry, shutdown) = (client.cfg().retry.clone(), client.shutdown.clone());
+        spawn_watch(history, target, opts, retry, shutdown).await
     }
-}
-
-fn tokio_stream_from(mut rx: mpsc::Receiver<Result<ConfigEvent>>) -> WatchStream {
-    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
 /// Reads the current state covered by `target`, with the revision.
@@ -205,18 +202,6 @@ fn entry_link(id: &str, fields: &std::collections::HashMap<String, Value>) -> Op
     Some((version, prev))
 }
 
-/// How the history continues after a cursor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Continuity {
-    /// The next entry follows the cursor directly (or there is none yet).
-    Continuous,
-    /// Entries after the cursor were trimmed (or compacted away).
-    Trimmed,
-    /// The server lost changes up to the cursor: it came back with older
-    /// data.
-    Regressed,
-}
-
 /// Where the entry after `last` says it comes from.
 fn continuity(last: u64, link: Option<(u64, u64)>) -> Continuity {
     match link {
@@ -288,155 +273,93 @@ async fn current_revision(shared: &Shared) -> Result<u64> {
     Ok(rev.unwrap_or(0))
 }
 
-/// Re-reads the state the watch covers and sends the events that bring
-/// its consumer there: after trimmed history, or (`regressed`) after the
-/// server lost changes the watch delivered. Returns `false` when the
-/// consumer went away.
-async fn resync(
-    shared: &Shared,
-    cursor: &mut WatchCursor,
-    tx: &mpsc::Sender<Result<ConfigEvent>>,
-    regressed: bool,
-) -> Result<bool> {
-    let target = cursor.target().clone();
-    let (rev, entries) = snapshot(shared, &target).await?;
-    let events = if regressed {
-        tracing::warn!(
-            cursor = cursor.last_version(),
-            revision = rev,
-            "the config history lost changes this watch delivered (Redis came back with older \
-             data?); resynchronising from the current state"
-        );
-        cursor.resync_regressed(entries, rev)
-    } else {
-        cursor.resync(entries, rev)
-    };
-    for e in events {
-        if tx.send(Ok(e)).await.is_err() {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// Resynchronises if the history does not continue from the cursor;
-/// returns `false` when the consumer went away.
-async fn ensure_continuity(
-    shared: &Shared,
-    cursor: &mut WatchCursor,
-    tx: &mpsc::Sender<Result<ConfigEvent>>,
-    how: Continuity,
-) -> Result<bool> {
-    match how {
-        Continuity::Continuous => Ok(true),
-        Continuity::Trimmed => resync(shared, cursor, tx, false).await,
-        Continuity::Regressed => resync(shared, cursor, tx, true).await,
-    }
-}
-
 /// How often an idle watch checks that the server's revision is not behind
 /// its cursor (the server came back with older data and nothing was
 /// written since).
 const REGRESSION_CHECK: Duration = Duration::from_secs(1);
 
-/// Feeds a watch: resumes after every failure from the last delivered
-/// revision, resynchronises when the stream no longer has what it needs or
-/// the server lost what the watch delivered.
-async fn watch_task(
-    shared: std::sync::Weak<Shared>,
-    mut cursor: WatchCursor,
-    tx: mpsc::Sender<Result<ConfigEvent>>,
-) {
-    let mut delays = None;
-    loop {
-        let Some(s) = shared.upgrade() else { return };
-        let stop = s.client.shutdown.clone();
-        let outcome: Result<bool> = async {
-            let c = &mut cursor;
-            let mut conn = s
-                .client
-                .dedicated(BLOCK + s.client.cfg().response_timeout)
-                .await?;
-            // Continuity check on every (re)connection.
-            let rev = current_revision(&s).await?;
-            let how = if rev < c.last_version() {
-                Continuity::Regressed
-            } else if rev > c.last_version() {
-                match first_after(&s, c.last_version()).await? {
-                    // The revision moved on but nothing follows us: trimmed.
-                    None => Continuity::Trimmed,
-                    link => continuity(c.last_version(), link),
-                }
+/// The change stream as one watch reads it: on a connection of its own
+/// (`None` on a cluster, which polls), checking on every connection, on
+/// every read and every [`REGRESSION_CHECK`] while idle that the history
+/// continues from the cursor.
+struct History {
+    shared: Weak<Shared>,
+    conn: Option<MultiplexedConnection>,
+    /// When the idle regression check last ran.
+    checked: Instant,
+}
+
+impl History {
+    fn shared(&self) -> Result<Arc<Shared>> {
+        self.shared.upgrade().ok_or_else(|| {
+            Error::new(ErrorKind::Closed, "the redis backend was dropped").with_backend(crate::NAME)
+        })
+    }
+}
+
+#[async_trait]
+impl ConfigHistory for History {
+    async fn revision(&mut self) -> Result<u64> {
+        current_revision(&*self.shared()?).await
+    }
+
+    async fn snapshot(&mut self, target: &WatchTarget) -> Result<(u64, Vec<(String, Versioned)>)> {
+        snapshot(&*self.shared()?, target).await
+    }
+
+    async fn connect(&mut self, cursor: &WatchCursor) -> Result<Continuity> {
+        let s = self.shared()?;
+        let block = BLOCK + s.client.cfg().response_timeout;
+        self.conn = s.client.dedicated(block).await?;
+        self.checked = Instant::now();
+        let last = cursor.last_version();
+        let rev = current_revision(&s).await?;
+        Ok(match rev.cmp(&last) {
+            std::cmp::Ordering::Less => Continuity::Regressed,
+            std::cmp::Ordering::Equal => Continuity::Continuous,
+            // The revision moved on but nothing follows us: trimmed.
+            std::cmp::Ordering::Greater => match first_after(&s, last).await? {
+                None => Continuity::Trimmed,
+                link => continuity(last, link),
+            },
+        })
+    }
+
+    async fn next_batch(&mut self, cursor: &WatchCursor) -> Result<Batch> {
+        let s = self.shared()?;
+        let last = cursor.last_version();
+        let entries = read_after(&s, &mut self.conn, last).await?;
+        let Some((first_id, first_fields)) = entries.first() else {
+            if self.checked.elapsed() < REGRESSION_CHECK {
+                return Ok(Batch::idle());
+            }
+            self.checked = Instant::now();
+            let behind = current_revision(&s).await? < last;
+            return Ok(if behind {
+                Batch::Regressed
             } else {
-                Continuity::Continuous
-            };
-            if !ensure_continuity(&s, c, &tx, how).await? {
-                return Ok(false);
-            }
-            delays = None;
-            let mut checked = tokio::time::Instant::now();
-            loop {
-                if tx.is_closed() {
-                    return Ok(false);
-                }
-                let entries = read_after(&s, &mut conn, c.last_version()).await?;
-                let Some((first_id, first_fields)) = entries.first() else {
-                    if checked.elapsed() >= REGRESSION_CHECK {
-                        checked = tokio::time::Instant::now();
-                        if current_revision(&s).await? < c.last_version()
-                            && !ensure_continuity(&s, c, &tx, Continuity::Regressed).await?
-                        {
-                            return Ok(false);
-                        }
-                    }
-                    continue;
-                };
-                let how = continuity(c.last_version(), entry_link(first_id, first_fields));
-                if how != Continuity::Continuous {
-                    if !ensure_continuity(&s, c, &tx, how).await? {
-                        return Ok(false);
-                    }
-                    continue;
-                }
-                for (id, fields) in &entries {
-                    let Some(event) = parse_entry(id, fields) else {
-                        tracing::warn!(id, "unreadable config change ignored");
-                        continue;
-                    };
-                    if let Some(e) = c.accept(event) {
-                        if tx.send(Ok(e)).await.is_err() {
-                            return Ok(false);
-                        }
-                    }
-                }
-                // Entries of other keys still move the cursor.
-                if let Some((last_id, _)) = entries.last() {
-                    if let Some(v) = last_id.split('-').next().and_then(|v| v.parse().ok()) {
-                        c.advance_to(v);
-                    }
-                }
-            }
+                Batch::idle()
+            });
+        };
+        let how = continuity(last, entry_link(first_id, first_fields));
+        if how != Continuity::Continuous {
+            return Ok(Batch::from(how));
         }
-        .await;
-        drop(s);
-        match outcome {
-            Ok(_) => return,
-            Err(e) if e.kind() == ErrorKind::Closed => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "config watch interrupted; resuming");
-                let Some(s) = shared.upgrade() else { return };
-                let d = delays
-                    .get_or_insert_with(|| s.client.cfg().retry.delays_forever())
-                    .next()
-                    .unwrap_or(Duration::from_secs(1));
-                drop(s);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(d) => {}
+        let events = entries
+            .iter()
+            .filter_map(|(id, fields)| {
+                let event = parse_entry(id, fields);
+                if event.is_none() {
+                    tracing::warn!(id, "unreadable config change ignored");
                 }
-            }
-        }
+                event
+            })
+            .collect();
+        // Entries of other keys (and unreadable ones) still move the cursor.
+        let upto = entries
+            .last()
+            .and_then(|(id, _)| id.split('-').next()?.parse().ok());
+        Ok(Batch::changes(events, upto.unwrap_or(0)))
     }
 }
 
@@ -524,21 +447,13 @@ impl ConfigCenter for RedisConfigCenter {
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
         self.watch
-            .run(async {
-                validate::key(key)?;
-                self.open_watch(WatchTarget::Key(key.to_owned()), opts)
-                    .await
-            })
+            .run(async { self.open_watch(WatchTarget::key(key)?, opts).await })
             .await
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
         self.watch
-            .run(async {
-                validate::prefix(prefix)?;
-                self.open_watch(WatchTarget::Prefix(prefix.to_owned()), opts)
-                    .await
-            })
+            .run(async { self.open_watch(WatchTarget::prefix(prefix)?, opts).await })
             .await
     }
 }
