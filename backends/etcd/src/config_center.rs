@@ -1,23 +1,23 @@
 //! `ConfigCenter` on etcd keys: plain JSON values, version = mod revision,
 //! CAS by transaction, watches that resume after disconnects and
-//! resynchronise after compaction.
+//! resynchronise after compaction or a restore from an older snapshot.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions as EtcdWatchOptions,
+    WatchStream as EtcdWatchStream,
 };
 use im_infra::config::watch::{WatchCursor, WatchTarget};
+use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory, Continuity};
 use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
     WatchStream,
 };
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
-use tokio::sync::mpsc;
 
 use crate::connection::ConnectionManager;
 
@@ -30,7 +30,12 @@ use crate::connection::ConnectionManager;
 /// key must not exist). A watch follows etcd's watch from its last
 /// delivered revision: after a disconnect it starts again from there, and
 /// when that revision was compacted it re-reads the current state and
-/// continues from it.
+/// continues from it. On every reconnection it also reads etcd's revision:
+/// one behind the watch's cursor means etcd was restored from an older
+/// snapshot and lost changes the watch delivered, so the watch reports
+/// every key that may differ and continues from etcd's revision
+/// ([`WatchCursor::resync_regressed`]). The loop itself is the shared
+/// driver ([`im_infra::config::watch_driver`]).
 pub struct EtcdConfigCenter {
     conn: Arc<ConnectionManager>,
     get: OpMetrics,
@@ -75,25 +80,26 @@ impl EtcdConfigCenter {
     }
 
     async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
-        let mut cursor = WatchCursor::new(target, opts.after_version.unwrap_or(0));
-        if opts.after_version.is_none() {
-            // "From now": the current revision at this call.
-            let probe = self.full("/");
-            let r = self
-                .conn
-                .call("config.revision", |mut c| async move {
-                    c.get(probe, Some(GetOptions::new().with_count_only()))
-                        .await
-                })
-                .await?;
-            cursor.advance_to(r.header().map_or(0, |h| h.revision()) as u64);
-        }
-        let (tx, mut rx) = mpsc::channel(256);
-        tokio::spawn(watch_task(self.conn.clone(), cursor, tx));
-        Ok(Box::pin(futures::stream::poll_fn(move |cx| {
-            rx.poll_recv(cx)
-        })))
+        let history = History {
+            conn: self.conn.clone(),
+            stream: None,
+        };
+        let (retry, shutdown) = (self.conn.cfg().retry.clone(), self.conn.shutdown.clone());
+        spawn_watch(history, target, opts, retry, shutdown).await
     }
+}
+
+/// The store's current revision (a linearizable read: never behind a
+/// revision this client saw, unless etcd lost it).
+async fn current_revision(conn: &ConnectionManager) -> Result<u64> {
+    let probe = conn.cfg().key("/");
+    let r = conn
+        .call("config.revision", |mut c| async move {
+            c.get(probe, Some(GetOptions::new().with_count_only()))
+                .await
+        })
+        .await?;
+    Ok(r.header().map_or(0, |h| h.revision()) as u64)
 }
 
 /// The current state covered by the cursor's target, with the revision.
@@ -131,115 +137,104 @@ async fn snapshot(
     Ok((rev, entries))
 }
 
-async fn watch_task(
+/// etcd's watch, as one config watch reads it: a server-side watch from
+/// the cursor, opened again after a compaction or a failure.
+struct History {
     conn: Arc<ConnectionManager>,
-    mut cursor: WatchCursor,
-    tx: mpsc::Sender<Result<ConfigEvent>>,
-) {
-    let ns = conn.cfg().namespace.clone();
-    let mut delays = conn.cfg().retry.delays_forever();
-    loop {
-        let outcome: Result<bool> = async {
-            let (key, opts) = match cursor.target() {
-                WatchTarget::Key(k) => (conn.cfg().key(k), EtcdWatchOptions::new()),
-                WatchTarget::Prefix(p) => {
-                    (conn.cfg().key(p), EtcdWatchOptions::new().with_prefix())
-                }
-            };
-            let opts = opts
-                .with_start_revision(cursor.last_version() as i64 + 1)
-                .with_progress_notify();
-            let mut stream = conn
-                .call("config.watch", |mut c| async move {
-                    c.watch(key, Some(opts)).await
-                })
-                .await?;
-            delays = conn.cfg().retry.delays_forever();
-            loop {
-                let msg = tokio::select! {
-                    _ = tx.closed() => return Ok(false),
-                    _ = conn.shutdown.cancelled() => return Ok(false),
-                    m = stream.message() => m,
-                };
-                let Some(resp) = msg.map_err(crate::error::from_etcd)? else {
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        "etcd watch stream ended",
-                    ));
-                };
-                if resp.compact_revision() > 0 {
-                    // History before our position is gone: bring the consumer
-                    // to the current state, then watch on from there.
-                    let target = cursor.target().clone();
-                    let (rev, entries) = snapshot(&conn, &target).await?;
-                    for e in cursor.resync(entries, rev) {
-                        if tx.send(Ok(e)).await.is_err() {
-                            return Ok(false);
-                        }
-                    }
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        "watch resynchronised after compaction",
-                    ));
-                }
-                if resp.canceled() {
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        format!("etcd canceled the watch: {}", resp.cancel_reason()),
-                    ));
-                }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let full = String::from_utf8_lossy(kv.key());
-                    let key = full.strip_prefix(ns.as_str()).unwrap_or(&full).to_owned();
-                    let event = match ev.event_type() {
-                        EventType::Put => ConfigEvent {
-                            kind: ConfigEventKind::Put,
-                            key,
-                            value: Some(Bytes::copy_from_slice(kv.value())),
-                            version: kv.mod_revision() as u64,
-                        },
-                        EventType::Delete => ConfigEvent {
-                            kind: ConfigEventKind::Delete,
-                            key,
-                            value: None,
-                            version: kv.mod_revision() as u64,
-                        },
-                    };
-                    if let Some(e) = cursor.accept(event) {
-                        if tx.send(Ok(e)).await.is_err() {
-                            return Ok(false);
-                        }
-                    }
-                }
-                if resp.events().is_empty() && !resp.created() {
-                    // Progress notification: nothing of ours up to here.
-                    if let Some(h) = resp.header() {
-                        cursor.advance_to(h.revision() as u64);
-                    }
-                }
+    /// The server-side watch (opened by the next batch when `None`).
+    stream: Option<EtcdWatchStream>,
+}
+
+impl History {
+    async fn open(&self, target: &WatchTarget, after: u64) -> Result<EtcdWatchStream> {
+        let (key, opts) = match target {
+            WatchTarget::Key(k) => (self.conn.cfg().key(k), EtcdWatchOptions::new()),
+            WatchTarget::Prefix(p) => (
+                self.conn.cfg().key(p),
+                EtcdWatchOptions::new().with_prefix(),
+            ),
+        };
+        let opts = opts
+            .with_start_revision(after as i64 + 1)
+            .with_progress_notify();
+        self.conn
+            .call("config.watch", |mut c| async move {
+                c.watch(key, Some(opts)).await
+            })
+            .await
+    }
+
+    fn event(&self, ev: &etcd_client::Event) -> Option<ConfigEvent> {
+        let kv = ev.kv()?;
+        let full = String::from_utf8_lossy(kv.key());
+        let ns = self.conn.cfg().namespace.as_str();
+        let key = full.strip_prefix(ns).unwrap_or(&full).to_owned();
+        let (kind, value) = match ev.event_type() {
+            EventType::Put => (
+                ConfigEventKind::Put,
+                Some(Bytes::copy_from_slice(kv.value())),
+            ),
+            EventType::Delete => (ConfigEventKind::Delete, None),
+        };
+        Some(ConfigEvent {
+            kind,
+            key,
+            value,
+            version: kv.mod_revision() as u64,
+        })
+    }
+}
+
+#[async_trait]
+impl ConfigHistory for History {
+    async fn revision(&mut self) -> Result<u64> {
+        current_revision(&self.conn).await
+    }
+
+    async fn snapshot(&mut self, target: &WatchTarget) -> Result<(u64, Vec<(String, Versioned)>)> {
+        snapshot(&self.conn, target).await
+    }
+
+    /// Revisions never go back unless etcd was restored from an older
+    /// snapshot: then the changes the watch delivered are lost.
+    async fn connect(&mut self, cursor: &WatchCursor) -> Result<Continuity> {
+        self.stream = None;
+        let behind = current_revision(&self.conn).await? < cursor.last_version();
+        Ok(if behind {
+            Continuity::Regressed
+        } else {
+            Continuity::Continuous
+        })
+    }
+
+    async fn next_batch(&mut self, cursor: &WatchCursor) -> Result<Batch> {
+        let stream = match &mut self.stream {
+            Some(s) => s,
+            None => {
+                let s = self.open(cursor.target(), cursor.last_version()).await?;
+                self.stream.insert(s)
             }
+        };
+        let resp = stream.message().await.map_err(crate::error::from_etcd)?;
+        let resp =
+            resp.ok_or_else(|| Error::new(ErrorKind::Unavailable, "etcd watch stream ended"))?;
+        if resp.compact_revision() > 0 {
+            // History after the cursor is gone; etcd ended this watch.
+            self.stream = None;
+            return Ok(Batch::Trimmed);
         }
-        .await;
-        match outcome {
-            Ok(_) => return,
-            Err(e) if e.kind() == ErrorKind::Closed => return,
-            Err(e) => {
-                tracing::debug!(error = %e, after = cursor.last_version(), "config watch interrupted; resuming");
-                let d = delays.next().unwrap_or(Duration::from_secs(1));
-                // A compaction resync resumes at once; a failure backs off.
-                let d = if e.message().contains("compaction") {
-                    Duration::ZERO
-                } else {
-                    d
-                };
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = conn.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(d) => {}
-                }
-            }
+        if resp.canceled() {
+            let reason = format!("etcd canceled the watch: {}", resp.cancel_reason());
+            return Err(Error::new(ErrorKind::Unavailable, reason));
         }
+        let events: Vec<ConfigEvent> = resp.events().iter().filter_map(|e| self.event(e)).collect();
+        // A progress notification: nothing of ours up to its revision.
+        let progress = resp.events().is_empty() && !resp.created();
+        let upto = match resp.header() {
+            Some(h) if progress => h.revision() as u64,
+            _ => 0,
+        };
+        Ok(Batch::changes(events, upto))
     }
 }
 
@@ -362,21 +357,13 @@ impl ConfigCenter for EtcdConfigCenter {
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
         self.watch
-            .run(async {
-                validate::key(key)?;
-                self.open_watch(WatchTarget::Key(key.to_owned()), opts)
-                    .await
-            })
+            .run(async { self.open_watch(WatchTarget::key(key)?, opts).await })
             .await
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
         self.watch
-            .run(async {
-                validate::prefix(prefix)?;
-                self.open_watch(WatchTarget::Prefix(prefix.to_owned()), opts)
-                    .await
-            })
+            .run(async { self.open_watch(WatchTarget::prefix(prefix)?, opts).await })
             .await
     }
 }
@@ -384,14 +371,7 @@ impl ConfigCenter for EtcdConfigCenter {
 /// Compacts the history up to the current revision (fault injection and
 /// maintenance).
 pub(crate) async fn compact(conn: &ConnectionManager) -> Result<()> {
-    let probe = conn.cfg().key("/");
-    let r = conn
-        .call("config.revision", |mut c| async move {
-            c.get(probe, Some(GetOptions::new().with_count_only()))
-                .await
-        })
-        .await?;
-    let rev = r.header().map_or(0, |h| h.revision());
+    let rev = current_revision(conn).await? as i64;
     conn.call("compact", |mut c| async move { c.compact(rev, None).await })
         .await
         .map(drop)
