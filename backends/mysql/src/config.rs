@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use im_infra::config::{ConfigCenter, ConfigCenterExt};
 use im_infra::secret::{redact_url, Secret};
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result, RetryConfig};
 use serde::{Deserialize, Serialize};
 
 /// TLS to the server.
@@ -71,6 +71,8 @@ pub struct MysqlConfig {
     /// How often config watches look for changes.
     #[serde(with = "humantime_serde")]
     pub config_poll_interval: Duration,
+    /// Backoff of config watches after a failed poll.
+    pub retry: RetryConfig,
     /// Config changes kept for watches that resume from an older version.
     pub config_history: u64,
     /// How often expired rows are deleted.
@@ -101,6 +103,7 @@ impl Default for MysqlConfig {
             table_prefix: "iminfra_".into(),
             namespace: String::new(),
             config_poll_interval: Duration::from_millis(200),
+            retry: RetryConfig::default(),
             config_history: 10_000,
             purge_interval: Duration::from_secs(10),
             max_value_bytes: 4 * 1024 * 1024,
@@ -209,7 +212,7 @@ impl MysqlConfig {
                 "config_history and max_value_bytes must be positive",
             ));
         }
-        Ok(())
+        self.retry.validate()
     }
 
     /// The `mysql_async` options these settings stand for (what the

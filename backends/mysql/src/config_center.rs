@@ -2,21 +2,19 @@
 //! (id = version) that watches poll and resume from.
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::config::watch::{WatchCursor, WatchTarget};
+use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory, Continuity};
 use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
     WatchStream,
 };
 use im_infra::telemetry::OpMetrics;
-use im_infra::RetryConfig;
 use im_infra::{validate, Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Params, Value};
-use tokio::sync::mpsc;
 
 use crate::db::first;
 use crate::error::{malformed, ForKey};
@@ -40,7 +38,8 @@ const BATCH: usize = 256;
 /// as the server's clock did not step back across the restore.
 ///
 /// A watch polls the log after the last id it delivered, every
-/// `config_poll_interval`, so a lost connection loses nothing; when the ids
+/// `config_poll_interval` (after a failed poll, with the backoff of the
+/// `retry` setting), so a lost connection loses nothing; when the ids
 /// it needs were purged (the `config_floor` row says up to where) it
 /// re-reads the current state. When the database lost changes the watch
 /// delivered — the newest id is behind the cursor, or the last change it
@@ -192,16 +191,13 @@ impl MysqlConfigCenter {
                     .with_backend(crate::NAME),
             );
         }
-        // "From now" means the revision at this call, not when the task runs.
-        let mut cursor = WatchCursor::new(target, opts.after_version.unwrap_or(0));
-        if opts.after_version.is_none() {
-            cursor.advance_to(current_revision(&self.shared).await?);
-        }
-        let (tx, mut rx) = mpsc::channel(BATCH);
-        tokio::spawn(watch_task(Arc::downgrade(&self.shared), cursor, tx));
-        Ok(Box::pin(futures::stream::poll_fn(move |cx| {
-            rx.poll_recv(cx)
-        })))
+        let history = History {
+            shared: Arc::downgrade(&self.shared),
+            wait: false,
+        };
+        let retry = self.shared.cfg().retry.clone();
+        let shutdown = self.shared.shutdown.clone();
+        spawn_watch(history, target, opts, retry, shutdown).await
     }
 }
 
@@ -268,16 +264,6 @@ async fn snapshot(
     Ok((revision, entries))
 }
 
-/// How a poll ended.
-enum Step {
-    /// The batch was full: poll again at once.
-    More,
-    /// Up to date: wait for the next interval.
-    Idle,
-    /// The consumer went away.
-    Stop,
-}
-
 type LogRow = (
     u64,
     u64,
@@ -320,44 +306,10 @@ fn parse_change(
     }
 }
 
-/// Re-reads the state the watch covers and sends the events that bring
-/// its consumer there: after purged history, or (`regressed`) after the
-/// database lost changes the watch delivered.
-async fn resync(
-    shared: &Shared,
-    cursor: &mut WatchCursor,
-    tx: &mpsc::Sender<Result<ConfigEvent>>,
-    regressed: bool,
-) -> Result<Step> {
-    let (revision, entries) = snapshot(shared, cursor.target()).await?;
-    let events = if regressed {
-        tracing::warn!(
-            cursor = cursor.last_version(),
-            revision,
-            "the config log lost changes this watch delivered (the database came back with \
-             older data?); resynchronising from the current state"
-        );
-        cursor.resync_regressed(entries, revision)
-    } else {
-        cursor.resync(entries, revision)
-    };
-    for e in events {
-        if tx.send(Ok(e)).await.is_err() {
-            return Ok(Step::Stop);
-        }
-    }
-    Ok(Step::More)
-}
-
 /// One poll: the changes after the cursor, the purge floor, the newest id
-/// and whether the cursor's anchor is still logged, in one statement; a
-/// resync when the floor passed the cursor or the log lost what the watch
-/// delivered.
-async fn poll(
-    shared: &Shared,
-    cursor: &mut WatchCursor,
-    tx: &mpsc::Sender<Result<ConfigEvent>>,
-) -> Result<Step> {
+/// and whether the cursor's anchor is still logged, in one statement.
+/// Returns the batch and whether to poll again at once (a full batch).
+async fn poll(shared: &Shared, cursor: &WatchCursor) -> Result<(Batch, bool)> {
     let (filter, filter_params) = key_filter(shared, cursor.target(), "l.k");
     let sql = format!(
         "SELECT m.value, (SELECT COALESCE(MAX(id), 0) FROM {log}), \
@@ -378,77 +330,72 @@ async fn poll(
         );
     };
     if floor > last {
-        return resync(shared, cursor, tx, false).await;
+        return Ok((Batch::Trimmed, true));
     }
     // Ids are never reused and rows go only by a purge up to the floor: a
     // revision behind the cursor, or a delivered change missing above the
     // floor, means the database came back with older data.
     if floor.max(top) < last || (anchor > floor && !anchor_logged) {
-        return resync(shared, cursor, tx, true).await;
+        return Ok((Batch::Regressed, true));
     }
     let full = rows.len() >= BATCH;
+    let mut newest = 0;
+    let mut events = Vec::with_capacity(rows.len());
     for (_, _, _, id, k, kind, v) in rows {
-        let (Some(id), Some(k)) = (id, k) else {
-            continue;
-        };
-        match parse_change(shared, id, k, kind, v) {
-            Some(event) => {
-                if let Some(e) = cursor.accept(event) {
-                    if tx.send(Ok(e)).await.is_err() {
-                        return Ok(Step::Stop);
-                    }
-                }
-            }
-            None => cursor.advance_to(id),
+        if let (Some(id), Some(k)) = (id, k) {
+            newest = id;
+            events.extend(parse_change(shared, id, k, kind, v));
         }
-    }
-    if full {
-        return Ok(Step::More);
     }
     // Writers commit in id order, so nothing at or below `top` can appear
-    // later: skip past the other keys' changes.
-    cursor.advance_to(top);
-    Ok(Step::Idle)
+    // later: a batch that is not full skips past the other keys' changes.
+    Ok((
+        Batch::changes(events, if full { newest } else { top }),
+        full,
+    ))
 }
 
-/// Feeds a watch until its consumer goes away or the backend closes;
-/// failures are retried with backoff from the last delivered version.
-async fn watch_task(
+/// The change log as one watch polls it, every `config_poll_interval`
+/// while it is up to date.
+struct History {
     shared: Weak<Shared>,
-    mut cursor: WatchCursor,
-    tx: mpsc::Sender<Result<ConfigEvent>>,
-) {
-    let mut delays: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
-    loop {
-        let Some(s) = shared.upgrade() else { return };
-        let stop = s.shutdown.clone();
-        let interval = s.cfg().config_poll_interval;
-        let outcome = poll(&s, &mut cursor, &tx).await;
-        drop(s);
-        let pause = match outcome {
-            Ok(Step::Stop) => return,
-            Ok(Step::More) => {
-                delays = None;
-                continue;
-            }
-            Ok(Step::Idle) => {
-                delays = None;
-                interval
-            }
-            Err(e) if e.kind() == ErrorKind::Closed => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "config watch poll failed; retrying");
-                delays
-                    .get_or_insert_with(|| Box::new(RetryConfig::default().delays_forever()))
-                    .next()
-                    .unwrap_or(Duration::from_secs(1))
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tx.closed() => return,
-            _ = tokio::time::sleep(pause) => {}
+    /// Whether the last poll found the watch up to date.
+    wait: bool,
+}
+
+impl History {
+    fn shared(&self) -> Result<Arc<Shared>> {
+        self.shared.upgrade().ok_or_else(|| {
+            Error::new(ErrorKind::Closed, "the mysql backend was dropped").with_backend(crate::NAME)
+        })
+    }
+}
+
+#[async_trait]
+impl ConfigHistory for History {
+    async fn revision(&mut self) -> Result<u64> {
+        current_revision(&*self.shared()?).await
+    }
+
+    async fn snapshot(&mut self, target: &WatchTarget) -> Result<(u64, Vec<(String, Versioned)>)> {
+        snapshot(&*self.shared()?, target).await
+    }
+
+    /// Every poll checks the continuity itself; after a failure the first
+    /// poll runs at once.
+    async fn connect(&mut self, _: &WatchCursor) -> Result<Continuity> {
+        self.wait = false;
+        Ok(Continuity::Continuous)
+    }
+
+    async fn next_batch(&mut self, cursor: &WatchCursor) -> Result<Batch> {
+        if self.wait {
+            let interval = self.shared()?.cfg().config_poll_interval;
+            tokio::time::sleep(interval).await;
         }
+        let (batch, more) = poll(&*self.shared()?, cursor).await?;
+        self.wait = !more;
+        Ok(batch)
     }
 }
 
@@ -588,21 +535,13 @@ impl ConfigCenter for MysqlConfigCenter {
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
         self.watch
-            .run(async {
-                validate::key(key)?;
-                self.open_watch(WatchTarget::Key(key.to_owned()), opts)
-                    .await
-            })
+            .run(async { self.open_watch(WatchTarget::key(key)?, opts).await })
             .await
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
         self.watch
-            .run(async {
-                validate::prefix(prefix)?;
-                self.open_watch(WatchTarget::Prefix(prefix.to_owned()), opts)
-                    .await
-            })
+            .run(async { self.open_watch(WatchTarget::prefix(prefix)?, opts).await })
             .await
     }
 }
