@@ -1,22 +1,21 @@
 //! Service registry and discovery on etcd: one key per instance on a lease,
 //! kept alive, registered again after a lost lease, watched by prefix.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use im_infra::lease::{LeaseBackend, PendingLease};
+use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
     RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
-    ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance, ServiceRegistry,
+    ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
-use tokio::sync::mpsc;
 
 use crate::connection::ConnectionManager;
 use crate::lease::{EtcdLease, LeaseManager};
@@ -297,143 +296,74 @@ impl EtcdDiscovery {
     }
 }
 
-async fn diff(
-    known: &mut BTreeMap<String, ServiceInstance>,
-    now: Vec<ServiceInstance>,
-    tx: &mpsc::Sender<Result<ServiceEvent>>,
-) -> bool {
-    let now: BTreeMap<String, ServiceInstance> =
-        now.into_iter().map(|i| (i.id.clone(), i)).collect();
-    let mut events = Vec::new();
-    for (id, old) in known.iter() {
-        if !now.contains_key(id) {
-            events.push(ServiceEvent {
-                kind: ServiceEventKind::Delete,
-                instance: old.clone(),
-            });
-        }
-    }
-    for (id, inst) in &now {
-        match known.get(id) {
-            None => events.push(ServiceEvent {
-                kind: ServiceEventKind::Add,
-                instance: inst.clone(),
-            }),
-            Some(old) if old != inst => events.push(ServiceEvent {
-                kind: ServiceEventKind::Update,
-                instance: inst.clone(),
-            }),
-            _ => {}
-        }
-    }
-    *known = now;
-    for e in events {
-        if tx.send(Ok(e)).await.is_err() {
-            return false;
-        }
-    }
-    true
-}
-
-async fn watch_task(
+/// A service's prefix as one watch reads it: a server-side watch from the
+/// revision of the last listing.
+struct Instances {
     conn: Arc<ConnectionManager>,
     service: String,
-    first: (i64, Vec<ServiceInstance>),
-    tx: mpsc::Sender<Result<ServiceEvent>>,
-) {
-    let dir = service_dir(&conn, &service);
-    let mut known = BTreeMap::new();
-    let mut first = Some(first);
-    let mut delays = conn.cfg().retry.delays_forever();
-    loop {
-        let outcome: Result<bool> = async {
-            let (mut rev, now) = match first.take() {
-                Some(s) => s,
-                None => read(&conn, &service).await?,
-            };
-            if !diff(&mut known, now, &tx).await {
-                return Ok(false);
-            }
-            let key = dir.clone();
-            let opts = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(rev + 1);
-            let mut stream = conn
-                .call("discovery.watch", |mut c| async move {
-                    c.watch(key, Some(opts)).await
-                })
-                .await?;
-            delays = conn.cfg().retry.delays_forever();
-            loop {
-                let msg = tokio::select! {
-                    _ = tx.closed() => return Ok(false),
-                    _ = conn.shutdown.cancelled() => return Ok(false),
-                    m = stream.message() => m,
-                };
-                let Some(resp) = msg.map_err(crate::error::from_etcd)? else {
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        "etcd watch stream ended",
-                    ));
-                };
-                if resp.canceled() || resp.compact_revision() > 0 {
-                    // Start over from a fresh read (diffed against what we reported).
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        "registry watch restarted",
-                    ));
-                }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    rev = rev.max(kv.mod_revision());
-                    let k = String::from_utf8_lossy(kv.key());
-                    let Some(id) = k.strip_prefix(dir.as_str()).map(str::to_owned) else {
-                        continue;
-                    };
-                    let event = match ev.event_type() {
-                        EventType::Put => match parse(kv.value()) {
-                            Ok(inst) => {
-                                let kind = match known.get(&id) {
-                                    None => ServiceEventKind::Add,
-                                    Some(old) if *old == inst => continue,
-                                    Some(_) => ServiceEventKind::Update,
-                                };
-                                known.insert(id, inst.clone());
-                                ServiceEvent {
-                                    kind,
-                                    instance: inst,
-                                }
-                            }
-                            Err(_) => continue,
-                        },
-                        EventType::Delete => match known.remove(&id) {
-                            Some(inst) => ServiceEvent {
-                                kind: ServiceEventKind::Delete,
-                                instance: inst,
-                            },
-                            None => continue,
-                        },
-                    };
-                    if tx.send(Ok(event)).await.is_err() {
-                        return Ok(false);
-                    }
-                }
-            }
+    /// `service_dir` of the service.
+    dir: String,
+    stream: Option<WatchStream>,
+}
+
+impl Instances {
+    /// The change an event records (an unreadable instance is skipped).
+    fn change(&self, ev: &etcd_client::Event) -> Option<InstanceChange> {
+        let kv = ev.kv()?;
+        let key = String::from_utf8_lossy(kv.key());
+        let id = key.strip_prefix(self.dir.as_str())?.to_owned();
+        match ev.event_type() {
+            EventType::Put => parse(kv.value()).ok().map(InstanceChange::Put),
+            EventType::Delete => Some(InstanceChange::Delete(id)),
         }
-        .await;
-        match outcome {
-            Ok(_) => return,
-            Err(e) if e.kind() == ErrorKind::Closed => return,
-            Err(e) => {
-                tracing::debug!(service, error = %e, "registry watch interrupted; resynchronising");
-                let d = delays.next().unwrap_or(Duration::from_secs(1));
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = conn.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(d) => {}
-                }
-            }
+    }
+}
+
+#[async_trait]
+impl InstanceHistory for Instances {
+    async fn list(&mut self) -> Result<(u64, Vec<ServiceInstance>)> {
+        let (rev, instances) = read(&self.conn, &self.service).await?;
+        Ok((rev as u64, instances))
+    }
+
+    async fn connect(&mut self, after: u64) -> Result<()> {
+        self.stream = None;
+        let key = self.dir.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after as i64 + 1);
+        let stream = self
+            .conn
+            .call("discovery.watch", |mut c| async move {
+                c.watch(key, Some(opts)).await
+            })
+            .await?;
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    async fn next_batch(&mut self, _after: u64) -> Result<InstanceBatch> {
+        let ended = || Error::new(ErrorKind::Unavailable, "etcd watch stream ended");
+        let stream = self.stream.as_mut().ok_or_else(ended)?;
+        let resp = stream.message().await.map_err(crate::error::from_etcd)?;
+        let resp = resp.ok_or_else(ended)?;
+        if resp.compact_revision() > 0 {
+            return Ok(InstanceBatch::Gap);
         }
+        if resp.canceled() {
+            let reason = format!("etcd canceled the watch: {}", resp.cancel_reason());
+            return Err(Error::new(ErrorKind::Unavailable, reason));
+        }
+        let events = resp.events();
+        let changes = events.iter().filter_map(|e| self.change(e)).collect();
+        let upto = events
+            .iter()
+            .filter_map(|e| e.kv())
+            .map(|kv| kv.mod_revision());
+        Ok(InstanceBatch::Changes {
+            changes,
+            upto: upto.max().unwrap_or(0) as u64,
+        })
     }
 }
 
@@ -456,13 +386,14 @@ impl ServiceDiscovery for EtcdDiscovery {
         self.watch
             .run(async {
                 validate::name("service name", service)?;
-                let first = read(&self.conn, service).await?;
-                let (tx, mut rx) = mpsc::channel(256);
-                tokio::spawn(watch_task(self.conn.clone(), service.to_owned(), first, tx));
-                Ok(
-                    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
-                        as ServiceEventStream,
-                )
+                let history = Instances {
+                    conn: self.conn.clone(),
+                    service: service.to_owned(),
+                    dir: service_dir(&self.conn, service),
+                    stream: None,
+                };
+                let (retry, shutdown) = (self.conn.cfg().retry.clone(), self.conn.shutdown.clone());
+                spawn_watch(history, retry, shutdown).await
             })
             .await
     }

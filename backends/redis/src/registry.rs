@@ -1,20 +1,21 @@
 //! Service registry and discovery on Redis: instances with server-clock
 //! expiries, keep-alive, re-registration, and a change stream for watches.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::lease::LeaseBackend;
+use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
     RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
-    ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance, ServiceRegistry,
+    ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
 use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamId, StreamReadReply};
 use redis::Value;
-use tokio::sync::mpsc;
 
 use crate::error::{decode, from_redis};
 use crate::Shared;
@@ -253,179 +254,93 @@ impl RedisDiscovery {
     }
 }
 
-/// Emits the changes that turn `known` into `now`.
-async fn diff(
-    known: &mut BTreeMap<String, ServiceInstance>,
-    now: Vec<ServiceInstance>,
-    tx: &mpsc::Sender<Result<ServiceEvent>>,
-) -> bool {
-    let now: BTreeMap<String, ServiceInstance> =
-        now.into_iter().map(|i| (i.id.clone(), i)).collect();
-    let mut events = Vec::new();
-    for (id, old) in known.iter() {
-        if !now.contains_key(id) {
-            events.push(ServiceEvent {
-                kind: ServiceEventKind::Delete,
-                instance: old.clone(),
-            });
-        }
-    }
-    for (id, inst) in &now {
-        match known.get(id) {
-            None => events.push(ServiceEvent {
-                kind: ServiceEventKind::Add,
-                instance: inst.clone(),
-            }),
-            Some(old) if old != inst => events.push(ServiceEvent {
-                kind: ServiceEventKind::Update,
-                instance: inst.clone(),
-            }),
-            _ => {}
-        }
-    }
-    *known = now;
-    for e in events {
-        if tx.send(Ok(e)).await.is_err() {
-            return false;
-        }
-    }
-    true
+/// The revision of a change-stream entry.
+fn stream_rev(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
 }
 
-async fn watch_task(
-    shared: std::sync::Weak<Shared>,
+/// The registry's change stream as one watch of one service reads it: on a
+/// connection of its own (`None` on a cluster, which polls), reaping
+/// expired instances before every read.
+struct Instances {
+    shared: Weak<Shared>,
     service: String,
-    first: (u64, Vec<ServiceInstance>),
-    tx: mpsc::Sender<Result<ServiceEvent>>,
-) {
-    let prefix = format!("{service}/");
-    let mut known: BTreeMap<String, ServiceInstance> = BTreeMap::new();
-    let mut first = Some(first);
-    let mut delays = None;
-    loop {
-        let Some(s) = shared.upgrade() else { return };
-        let stop = s.client.shutdown.clone();
-        let outcome: Result<bool> = async {
-            // (Re)synchronise from a snapshot, then follow the stream.
-            let (mut rev, now) = match first.take() {
-                Some(snapshot) => snapshot,
-                None => list(&s, &prefix).await?,
-            };
-            if !diff(&mut known, now, &tx).await {
-                return Ok(false);
-            }
-            let mut conn = s
-                .client
-                .dedicated(BLOCK + s.client.cfg().response_timeout)
-                .await?;
-            delays = None;
-            loop {
-                if tx.is_closed() {
-                    return Ok(false);
-                }
-                op::<i64>(&s, &["reap"]).await?;
-                let mut cmd = redis::cmd("XREAD");
-                if conn.is_some() {
-                    cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
-                }
-                cmd.arg("COUNT")
-                    .arg(512)
-                    .arg("STREAMS")
-                    .arg(s.keys.reg("log"))
-                    .arg(format!("{rev}-1"));
-                let reply: Option<redis::streams::StreamReadReply> = match &mut conn {
-                    Some(c) => cmd.query_async(c).await.map_err(from_redis)?,
-                    None => {
-                        let r = s.client.query(&cmd).await?;
-                        tokio::time::sleep(BLOCK).await;
-                        r
-                    }
-                };
-                let entries: Vec<redis::streams::StreamId> = reply
-                    .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-                    .unwrap_or_default();
-                let Some(first) = entries.first() else {
-                    continue;
-                };
-                let first_rev: u64 = first
-                    .id
-                    .split('-')
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                if first_rev > rev + 1 {
-                    // Trimmed past us: start over from a snapshot.
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        "registry change stream trimmed",
-                    ));
-                }
-                for e in &entries {
-                    rev =
-                        e.id.split('-')
-                            .next()
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(rev);
-                    let kind: Option<String> = e.get("t");
-                    let json: Option<Vec<u8>> = e.get("i");
-                    let (Some(kind), Some(json)) = (kind, json) else {
-                        continue;
-                    };
-                    let Ok(inst) = parse(&json) else { continue };
-                    if inst.service != service {
-                        continue;
-                    }
-                    let kind = match kind.as_str() {
-                        "a" | "u" if known.contains_key(&inst.id) => {
-                            if known.get(&inst.id) == Some(&inst) {
-                                continue;
-                            }
-                            ServiceEventKind::Update
-                        }
-                        "a" | "u" => ServiceEventKind::Add,
-                        _ => {
-                            if known.remove(&inst.id).is_none() {
-                                continue;
-                            }
-                            ServiceEventKind::Delete
-                        }
-                    };
-                    if kind != ServiceEventKind::Delete {
-                        known.insert(inst.id.clone(), inst.clone());
-                    }
-                    if tx
-                        .send(Ok(ServiceEvent {
-                            kind,
-                            instance: inst,
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return Ok(false);
-                    }
-                }
-            }
+    conn: Option<MultiplexedConnection>,
+}
+
+impl Instances {
+    fn shared(&self) -> Result<Arc<Shared>> {
+        self.shared.upgrade().ok_or_else(|| {
+            Error::new(ErrorKind::Closed, "the redis backend was dropped").with_backend(crate::NAME)
+        })
+    }
+
+    /// The entries after `after` (blocking up to [`BLOCK`], or a plain
+    /// read and a pause on a cluster).
+    async fn read(&mut self, shared: &Shared, after: u64) -> Result<Vec<StreamId>> {
+        let mut cmd = redis::cmd("XREAD");
+        if self.conn.is_some() {
+            cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
         }
-        .await;
-        drop(s);
-        match outcome {
-            Ok(_) => return,
-            Err(e) if e.kind() == ErrorKind::Closed => return,
-            Err(e) => {
-                tracing::debug!(service, error = %e, "registry watch interrupted; resynchronising");
-                let Some(s) = shared.upgrade() else { return };
-                let d = delays
-                    .get_or_insert_with(|| s.client.cfg().retry.delays_forever())
-                    .next()
-                    .unwrap_or(Duration::from_secs(1));
-                drop(s);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(d) => {}
-                }
+        cmd.arg("COUNT")
+            .arg(512)
+            .arg("STREAMS")
+            .arg(shared.keys.reg("log"))
+            .arg(format!("{after}-1"));
+        let reply: Option<StreamReadReply> = match &mut self.conn {
+            Some(c) => cmd.query_async(c).await.map_err(from_redis)?,
+            None => {
+                let r = shared.client.query(&cmd).await?;
+                tokio::time::sleep(BLOCK).await;
+                r
             }
+        };
+        Ok(reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default())
+    }
+
+    /// The change an entry records, if it is one of the watched service's.
+    fn change(&self, entry: &StreamId) -> Option<InstanceChange> {
+        let kind: String = entry.get("t")?;
+        let json: Vec<u8> = entry.get("i")?;
+        let instance = parse(&json).ok().filter(|i| i.service == self.service)?;
+        Some(match kind.as_str() {
+            "a" | "u" => InstanceChange::Put(instance),
+            _ => InstanceChange::Delete(instance.id),
+        })
+    }
+}
+
+#[async_trait]
+impl InstanceHistory for Instances {
+    async fn list(&mut self) -> Result<(u64, Vec<ServiceInstance>)> {
+        list(&*self.shared()?, &format!("{}/", self.service)).await
+    }
+
+    async fn connect(&mut self, _after: u64) -> Result<()> {
+        let s = self.shared()?;
+        self.conn = s
+            .client
+            .dedicated(BLOCK + s.client.cfg().response_timeout)
+            .await?;
+        Ok(())
+    }
+
+    async fn next_batch(&mut self, after: u64) -> Result<InstanceBatch> {
+        let s = self.shared()?;
+        op::<i64>(&s, &["reap"]).await?;
+        let entries = self.read(&s, after).await?;
+        // Revisions are consecutive: a first entry beyond the next one
+        // means the stream was trimmed past us.
+        let first = entries.first().and_then(|e| stream_rev(&e.id));
+        if first.is_some_and(|rev| rev > after + 1) {
+            return Ok(InstanceBatch::Gap);
         }
+        let changes = entries.iter().filter_map(|e| self.change(e)).collect();
+        // Entries of other services still move the cursor.
+        let upto = entries.last().and_then(|e| stream_rev(&e.id)).unwrap_or(0);
+        Ok(InstanceBatch::Changes { changes, upto })
     }
 }
 
@@ -449,19 +364,13 @@ impl ServiceDiscovery for RedisDiscovery {
             .run(async {
                 validate::name("service name", service)?;
                 self.shared.client.check_open()?;
-                // The first snapshot is taken now, so the stream starts from this call.
-                let first = list(&self.shared, &format!("{service}/")).await?;
-                let (tx, mut rx) = mpsc::channel(256);
-                tokio::spawn(watch_task(
-                    Arc::downgrade(&self.shared),
-                    service.to_owned(),
-                    first,
-                    tx,
-                ));
-                Ok(
-                    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
-                        as ServiceEventStream,
-                )
+                let history = Instances {
+                    shared: Arc::downgrade(&self.shared),
+                    service: service.to_owned(),
+                    conn: None,
+                };
+                let client = &self.shared.client;
+                spawn_watch(history, client.cfg().retry.clone(), client.shutdown.clone()).await
             })
             .await
     }
