@@ -30,6 +30,38 @@
 //! `Arc<dyn Limiter>` costs what its decision costs (see the limiter
 //! benchmark).
 
-mod limiter;
+/// One [`OpMetrics`](crate::telemetry::OpMetrics) per operation of a
+/// capability, registered once when the layer is built.
+macro_rules! ops {
+    ($name:ident, $capability:literal { $($field:ident => $op:literal),* $(,)? }) => {
+        struct $name {
+            $($field: crate::telemetry::OpMetrics,)*
+        }
 
+        impl $name {
+            fn new(backend: &'static str) -> Self {
+                $name {
+                    $($field: crate::telemetry::OpMetrics::new(backend, $capability, $op),)*
+                }
+            }
+        }
+    };
+}
+
+mod cache;
+mod config;
+mod limiter;
+mod lock;
+mod mq;
+mod once;
+mod registry;
+mod uid;
+
+pub use cache::ObservedCache;
+pub use config::ObservedConfigCenter;
 pub use limiter::ObservedLimiter;
+pub use lock::ObservedLock;
+pub use mq::{ObservedConsumer, ObservedProducer};
+pub use once::ObservedOnce;
+pub use registry::{ObservedDiscovery, ObservedRegistry};
+pub use uid::ObservedWorkerIds;
