@@ -267,16 +267,14 @@ impl ConfigCenter for MemoryConfigCenter {
     }
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.ops.watch.run_sync(|| {
-            validate::key(key)?;
-            self.open_watch(WatchTarget::Key(key.to_owned()), opts)
-        })
+        self.ops
+            .watch
+            .run_sync(|| self.open_watch(WatchTarget::key(key)?, opts))
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.ops.watch.run_sync(|| {
-            validate::prefix(prefix)?;
-            self.open_watch(WatchTarget::Prefix(prefix.to_owned()), opts)
-        })
+        self.ops
+            .watch
+            .run_sync(|| self.open_watch(WatchTarget::prefix(prefix)?, opts))
     }
 }
