@@ -552,6 +552,17 @@ mod tests {
         log.lock().unwrap().iter().map(|(c, _)| *c).collect()
     }
 
+    /// The time between consecutive `call`s, in milliseconds.
+    fn pauses_before(log: &Log, call: Call) -> Vec<u128> {
+        let log = log.lock().unwrap();
+        let at: Vec<Instant> = log
+            .iter()
+            .filter(|(c, _)| *c == call)
+            .map(|(_, t)| *t)
+            .collect();
+        at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect()
+    }
+
     async fn ended(mut dropped: mpsc::Receiver<()>) {
         tokio::time::timeout(Duration::from_secs(10), dropped.recv())
             .await
@@ -670,24 +681,15 @@ mod tests {
             ]
         );
         nothing_more(&mut events).await;
-        let log = log.lock().unwrap().clone();
-        let lists: Vec<Instant> = log
-            .iter()
-            .filter(|(c, _)| *c == Call::List)
-            .map(|(_, at)| *at)
-            .collect();
-        let pauses: Vec<u128> = lists
-            .windows(2)
-            .map(|w| (w[1] - w[0]).as_millis())
-            .collect();
         // 100 ms, 200 ms (no batch in between), then 100 ms again.
+        let pauses = pauses_before(&log, Call::List);
         let want = [100, 200, 100];
         assert!(
             pauses.len() == 3 && pauses.iter().zip(want).all(|(p, w)| p.abs_diff(w) <= 1),
             "pauses {pauses:?}"
         );
         assert_eq!(
-            log.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+            calls(&log),
             vec![
                 Call::List,
                 Call::Connect(10),
