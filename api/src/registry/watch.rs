@@ -79,6 +79,13 @@ impl InstanceCursor {
     }
 
     /// Moves the cursor past `revision` (never back).
+    ///
+    /// ```
+    /// let mut cursor = im_infra::registry::watch::InstanceCursor::new();
+    /// cursor.advance_to(9);
+    /// cursor.advance_to(4);
+    /// assert_eq!(cursor.revision(), 9);
+    /// ```
     pub fn advance_to(&mut self, revision: u64) {
         self.revision = self.revision.max(revision);
     }
@@ -87,6 +94,19 @@ impl InstanceCursor {
     /// turn what was reported into that: a `Delete` for every instance gone,
     /// then an `Add` or `Update` for every new or changed one, each in id
     /// order. The cursor moves to `revision` (back, if the listing is older).
+    ///
+    /// ```
+    /// use im_infra::registry::watch::InstanceCursor;
+    /// use im_infra::registry::{ServiceEventKind, ServiceInstance};
+    ///
+    /// let mut cursor = InstanceCursor::new();
+    /// cursor.resync(20, vec![ServiceInstance::new("svc", "a", "10.0.0.1:80")]);
+    /// // Listed again, at an older revision (the server came back older).
+    /// let events = cursor.resync(12, vec![ServiceInstance::new("svc", "b", "10.0.0.2:80")]);
+    /// let kinds: Vec<_> = events.iter().map(|e| (e.kind, e.instance.id.as_str())).collect();
+    /// assert_eq!(kinds, [(ServiceEventKind::Delete, "a"), (ServiceEventKind::Add, "b")]);
+    /// assert_eq!((cursor.revision(), cursor.known().len()), (12, 1));
+    /// ```
     pub fn resync(&mut self, revision: u64, now: Vec<ServiceInstance>) -> Vec<ServiceEvent> {
         let now: BTreeMap<String, ServiceInstance> =
             now.into_iter().map(|i| (i.id.clone(), i)).collect();
