@@ -35,7 +35,7 @@ use std::time::SystemTime;
 pub use snowflake::{Clock, Layout, Snowflake, SystemClock};
 #[cfg(feature = "mock")]
 pub use worker::MockWorkerIdAllocator;
-pub use worker::{WorkerIdAllocator, WorkerLease};
+pub use worker::{last_timestamp_bound, WorkerIdAllocator, WorkerLease, CLOCK_TOLERANCE};
 
 use crate::error::Result;
 

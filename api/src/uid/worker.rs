@@ -116,6 +116,32 @@ impl WorkerLease {
     }
 }
 
+/// How far a generator's clock ([`SystemClock`](super::SystemClock), the
+/// wall clock read through the lease clock and re-synchronised every
+/// second) may run ahead of [`SystemTime::now`](std::time::SystemTime::now).
+pub const CLOCK_TOLERANCE: Duration = Duration::from_millis(20);
+
+/// The last timestamp (Unix ms) a generator on this host may put in an id
+/// while its worker lease lasts `ahead` from now: what a backend records
+/// with the lease on every renewal (`ahead` = the TTL) and at release
+/// (`ahead` = 0), for the id's next holder to start after.
+///
+/// ```
+/// use std::time::{Duration, SystemTime, UNIX_EPOCH};
+/// use im_infra::uid::last_timestamp_bound;
+///
+/// let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+/// assert!(last_timestamp_bound(Duration::from_secs(10)) >= now + 10_000);
+/// ```
+pub fn last_timestamp_bound(ahead: Duration) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.saturating_add(crate::validate::ttl_millis(
+        ahead.saturating_add(CLOCK_TOLERANCE),
+    ))
+}
+
 /// Hands out worker ids that are unique among live processes.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]

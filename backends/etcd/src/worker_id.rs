@@ -2,13 +2,13 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use im_infra::lease::{Lease, LeaseBackend, PendingLease, Tick};
 use im_infra::telemetry::OpMetrics;
-use im_infra::uid::{WorkerIdAllocator, WorkerLease};
+use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
 
 use crate::connection::ConnectionManager;
@@ -22,12 +22,6 @@ fn dir(conn: &ConnectionManager) -> String {
 /// outlive the holder).
 fn last_dir(conn: &ConnectionManager) -> String {
     conn.cfg().key("/workers-last/")
-}
-
-fn wall_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The worker-id allocator of an [`EtcdBackend`](crate::EtcdBackend): the id
@@ -96,7 +90,7 @@ impl WorkerIdAllocator for EtcdWorkerIds {
                 for id in (0..=max_worker_id).filter(|id| !taken.contains(id)) {
                     let key = format!("{d}{id}");
                     let last_key = format!("{last_dir}{id}");
-                    let last = wall_millis().saturating_add(validate::ttl_millis(granted));
+                    let last = last_timestamp_bound(granted);
                     let txn = Txn::new()
                         .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                         .and_then([
@@ -178,7 +172,7 @@ impl LeaseBackend for HeldWorkerId {
     }
 
     async fn extend(&self, _ttl: Duration) -> Result<bool> {
-        let last = wall_millis().saturating_add(validate::ttl_millis(self.ttl));
+        let last = last_timestamp_bound(self.ttl);
         Ok(self.lease.keep_alive().await? && self.record_last(last).await?)
     }
 
@@ -186,7 +180,7 @@ impl LeaseBackend for HeldWorkerId {
     /// lease (deleting the id's key).
     async fn release(&self) -> Result<bool> {
         // Without the record, the next holder waits for the last renewal's.
-        if let Err(e) = self.record_last(wall_millis()).await {
+        if let Err(e) = self.record_last(last_timestamp_bound(Duration::ZERO)).await {
             tracing::debug!(key = %self.key, error = %e, "could not record the release time");
         }
         self.lease.revoke().await

@@ -2,21 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_infra::lease::{Lease, LeaseBackend, Tick};
 use im_infra::telemetry::OpMetrics;
-use im_infra::uid::{WorkerIdAllocator, WorkerLease};
+use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
 
 use crate::Shared;
-
-fn wall_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 #[derive(Debug, Default)]
 struct Leases {
@@ -43,7 +37,7 @@ impl WorkerStore {
         match leases.held.get_mut(&id) {
             Some((t, exp)) if t == token && *exp > now => {
                 *exp = now + ttl;
-                let last = wall_millis().saturating_add(validate::ttl_millis(ttl));
+                let last = last_timestamp_bound(ttl);
                 let e = leases.last_millis.entry(id).or_default();
                 *e = (*e).max(last);
                 true
@@ -57,7 +51,9 @@ impl WorkerStore {
         if leases.held.get(&id).is_some_and(|(t, _)| t == token) {
             leases.held.remove(&id);
             // Its holder stops issuing ids now.
-            leases.last_millis.insert(id, wall_millis());
+            leases
+                .last_millis
+                .insert(id, last_timestamp_bound(Duration::ZERO));
             true
         } else {
             false
@@ -115,7 +111,7 @@ impl WorkerIdAllocator for MemoryWorkerIds {
                 })?;
             leases.held.insert(id, (token.clone(), now + ttl));
             let not_before = leases.last_millis.get(&id).copied().unwrap_or(0);
-            let last = wall_millis().saturating_add(validate::ttl_millis(ttl));
+            let last = last_timestamp_bound(ttl);
             leases.last_millis.insert(id, not_before.max(last));
             drop(leases);
             let lease = Lease::start(

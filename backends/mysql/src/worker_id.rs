@@ -2,12 +2,12 @@
 //! an expiry on the server's clock.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::telemetry::OpMetrics;
-use im_infra::uid::{WorkerIdAllocator, WorkerLease};
+use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
 
 use crate::Shared;
@@ -38,12 +38,6 @@ fn micros(d: Duration) -> u64 {
     validate::ttl_millis(d) * 1000
 }
 
-fn wall_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl MysqlWorkerIds {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MysqlWorkerIds {
@@ -67,7 +61,7 @@ impl MysqlWorkerIds {
                last_ms = IF(expires_at <= NOW(6), GREATEST(last_ms, VALUES(last_ms)), last_ms), \
                expires_at = IF(expires_at <= NOW(6), VALUES(expires_at), expires_at)"
         );
-        let last = wall_millis().saturating_add(validate::ttl_millis(ttl));
+        let last = last_timestamp_bound(ttl);
         let n = self
             .shared
             .db
@@ -175,7 +169,7 @@ impl LeaseBackend for HeldWorkerId {
              WHERE ns = ? AND id = ? AND token = ? AND expires_at > NOW(6)",
             shared.table("workers")
         );
-        let last = wall_millis().saturating_add(validate::ttl_millis(ttl));
+        let last = last_timestamp_bound(ttl);
         let params = (last, micros(ttl), shared.ns(), id, self.token.as_str());
         Ok(shared.db.exec(&sql, params).await? == 1)
     }
@@ -189,7 +183,11 @@ impl LeaseBackend for HeldWorkerId {
              WHERE ns = ? AND token = ? AND expires_at > NOW(6)",
             shared.table("workers")
         );
-        let params = (wall_millis(), shared.ns(), self.token.as_str());
+        let params = (
+            last_timestamp_bound(Duration::ZERO),
+            shared.ns(),
+            self.token.as_str(),
+        );
         Ok(shared.db.exec(&sql, params).await? >= 1)
     }
 }

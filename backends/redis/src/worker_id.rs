@@ -1,12 +1,12 @@
 //! Worker-id leases on Redis keys with expiries.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::telemetry::OpMetrics;
-use im_infra::uid::{WorkerIdAllocator, WorkerLease};
+use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
 
 use crate::Shared;
@@ -23,13 +23,6 @@ async fn run<T: redis::FromRedisValue>(shared: &Shared, args: &[String]) -> Resu
         inv.arg(a);
     }
     shared.client.script(inv).await
-}
-
-fn wall_millis() -> String {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-        .to_string()
 }
 
 /// The worker-id allocator of a [`RedisBackend`](crate::RedisBackend): one
@@ -84,7 +77,7 @@ impl WorkerIdAllocator for RedisWorkerIds {
                         max_worker_id.to_string(),
                         token,
                         ttl_ms.to_string(),
-                        wall_millis(),
+                        last_timestamp_bound(Duration::ZERO).to_string(),
                     ],
                 )
                 .await?;
@@ -132,7 +125,7 @@ impl LeaseBackend for HeldWorkerId {
             id.to_string(),
             self.token.clone(),
             validate::ttl_millis(ttl).to_string(),
-            wall_millis(),
+            last_timestamp_bound(Duration::ZERO).to_string(),
         ];
         Ok(run::<i64>(&self.shared, &args).await? == 1)
     }
@@ -143,7 +136,12 @@ impl LeaseBackend for HeldWorkerId {
             None => ["forget".to_string(), self.max_worker_id.to_string()],
         };
         let [op, which] = args;
-        let args = [op, which, self.token.clone(), wall_millis()];
+        let args = [
+            op,
+            which,
+            self.token.clone(),
+            last_timestamp_bound(Duration::ZERO).to_string(),
+        ];
         Ok(run::<i64>(&self.shared, &args).await? == 1)
     }
 }
