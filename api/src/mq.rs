@@ -370,6 +370,23 @@ impl ConsumerCapabilities {
     }
 }
 
+/// A shared producer is a producer.
+#[async_trait]
+impl<P: Producer + ?Sized> Producer for Arc<P> {
+    async fn produce(&self, message: Message) -> Result<Delivery> {
+        (**self).produce(message).await
+    }
+    async fn produce_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<Delivery>>> {
+        (**self).produce_batch(messages).await
+    }
+    async fn flush(&self, timeout: Duration) -> Result<()> {
+        (**self).flush(timeout).await
+    }
+    async fn close(&self) -> Result<()> {
+        (**self).close().await
+    }
+}
+
 /// One member of a consumer group.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
@@ -391,6 +408,26 @@ pub trait Consumer: Send + Sync + 'static {
 
     /// Resumes fetching.
     async fn resume(&self) -> Result<()>;
+}
+
+/// A shared consumer is a consumer.
+#[async_trait]
+impl<C: Consumer + ?Sized> Consumer for Arc<C> {
+    fn capabilities(&self) -> ConsumerCapabilities {
+        (**self).capabilities()
+    }
+    async fn run(&self, handler: Arc<dyn Handler>) -> Result<()> {
+        (**self).run(handler).await
+    }
+    async fn shutdown(&self) -> Result<()> {
+        (**self).shutdown().await
+    }
+    async fn pause(&self) -> Result<()> {
+        (**self).pause().await
+    }
+    async fn resume(&self) -> Result<()> {
+        (**self).resume().await
+    }
 }
 
 /// Names of the headers added to a dead-lettered message.

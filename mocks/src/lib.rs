@@ -27,7 +27,6 @@
 pub use im_infra::backend::MockBackend;
 pub use im_infra::cache::MockCache;
 pub use im_infra::config::{MockConfigCenter, MockHotReloadable};
-pub use im_infra::coord::MockProvider;
 pub use im_infra::lock::{MockDistributedLock, MockLockGuard};
 pub use im_infra::mq::{MockConsumer, MockHandler, MockProducer};
 pub use im_infra::once::MockOnce;

@@ -42,7 +42,6 @@ use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
-use im_infra::coord::Provider;
 use im_infra::lock::DistributedLock;
 use im_infra::mq::{Consumer, ConsumerConfig, Producer};
 use im_infra::once::Once;
@@ -132,37 +131,6 @@ impl Backend for NoopBackend {
 
     async fn health_check(&self) -> Result<()> {
         Ok(())
-    }
-
-    async fn close(&self) -> Result<()> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Provider for NoopBackend {
-    fn lock(&self) -> Arc<dyn DistributedLock> {
-        Arc::new(NoopLock::default())
-    }
-
-    fn registry(&self) -> Arc<dyn ServiceRegistry> {
-        Arc::new(NoopRegistry)
-    }
-
-    fn discovery(&self) -> Arc<dyn ServiceDiscovery> {
-        Arc::new(NoopDiscovery)
-    }
-
-    fn config(&self) -> Arc<dyn ConfigCenter> {
-        Arc::new(NoopConfigCenter)
-    }
-
-    async fn health_check(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn is_ready(&self) -> bool {
-        true
     }
 
     async fn close(&self) -> Result<()> {

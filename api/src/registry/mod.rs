@@ -163,6 +163,24 @@ pub trait ServiceRegistry: Send + Sync + 'static {
     async fn list_services(&self) -> Result<Vec<String>>;
 }
 
+/// A shared registry is a registry (a backend keeps one handle to close it
+/// and hands out the other).
+#[async_trait]
+impl<R: ServiceRegistry + ?Sized> ServiceRegistry for std::sync::Arc<R> {
+    async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+        (**self).register(instance, ttl).await
+    }
+    async fn deregister(&self, service: &str, id: &str) -> Result<()> {
+        (**self).deregister(service, id).await
+    }
+    async fn update(&self, instance: &ServiceInstance) -> Result<()> {
+        (**self).update(instance).await
+    }
+    async fn list_services(&self) -> Result<Vec<String>> {
+        (**self).list_services().await
+    }
+}
+
 /// Finds live instances.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]

@@ -8,7 +8,6 @@
 //! | `ConfigCenter` | plain JSON keys (`etcdctl`-readable), version = mod revision, CAS by transaction, watches that resume after disconnects and resynchronise after compaction |
 //! | `ServiceRegistry` / `ServiceDiscovery` | lease-backed instances, re-registered forever after a lost lease, prefix watches |
 //! | `Once`, `WorkerIdAllocator` | transactions on lease-backed keys |
-//! | [`coord::Provider`](im_infra::coord::Provider) | lock, registry, discovery, config, health check |
 //!
 //! and the etcd-specific surface of the original component:
 //! [`EtcdBackendBuilder`] (endpoints, dial timeout, auth, TLS, default TTL,
@@ -19,8 +18,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use im_infra::coord::Provider;
-//! use im_infra::lock::LockExt;
+//! //! use im_infra::lock::LockExt;
 //! use im_infra_etcd::EtcdBackend;
 //!
 //! # async fn demo() -> im_infra::Result<()> {
@@ -30,10 +28,10 @@
 //!     .service_prefix("/prod/services")
 //!     .build()
 //!     .await?;
-//! let guard = etcd.lock().lock("jobs/nightly", Duration::from_secs(30)).await?;
+//! let guard = etcd.lock().await?.lock("jobs/nightly", Duration::from_secs(30)).await?;
 //! println!("fencing token {}", guard.fencing_token());
 //! guard.release().await?;
-//! Provider::close(&etcd).await
+//! etcd.close().await
 //! # }
 //! ```
 #![deny(missing_docs)]
@@ -56,7 +54,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability};
 use im_infra::config::ConfigCenter;
-use im_infra::coord::Provider;
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
@@ -444,38 +441,5 @@ impl Backend for EtcdBackend {
         }
         self.conn.close();
         Ok(())
-    }
-}
-
-#[async_trait]
-impl Provider for EtcdBackend {
-    fn lock(&self) -> Arc<dyn DistributedLock> {
-        Arc::new(EtcdLock::new(self.conn.clone()))
-    }
-
-    fn registry(&self) -> Arc<dyn ServiceRegistry> {
-        self.provider_registry
-            .get_or_init(|| Arc::new(EtcdRegistry::new(self.conn.clone())))
-            .clone()
-    }
-
-    fn discovery(&self) -> Arc<dyn ServiceDiscovery> {
-        Arc::new(EtcdDiscovery::new(self.conn.clone()))
-    }
-
-    fn config(&self) -> Arc<dyn ConfigCenter> {
-        Arc::new(EtcdConfigCenter::new(self.conn.clone()))
-    }
-
-    async fn health_check(&self) -> Result<()> {
-        self.conn.health_check().await
-    }
-
-    fn is_ready(&self) -> bool {
-        !self.conn.is_closed() && self.conn.is_connected()
-    }
-
-    async fn close(&self) -> Result<()> {
-        Backend::close(self).await
     }
 }

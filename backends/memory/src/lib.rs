@@ -54,7 +54,6 @@ use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
-use im_infra::coord::Provider;
 use im_infra::layer::ObservedLimiter;
 use im_infra::lock::DistributedLock;
 use im_infra::mq::{Consumer, ConsumerConfig, Producer};
@@ -181,7 +180,6 @@ impl MemoryBackendBuilder {
                 mq: Default::default(),
                 workers: Default::default(),
             }),
-            registry: Arc::new(OnceLock::new()),
         })
     }
 }
@@ -190,9 +188,6 @@ impl MemoryBackendBuilder {
 #[derive(Clone)]
 pub struct MemoryBackend {
     shared: Arc<Shared>,
-    /// The registry handed out by [`Provider::registry`] (one per backend,
-    /// so that `close` can deregister what it registered).
-    registry: Arc<OnceLock<Arc<MemoryRegistry>>>,
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -279,13 +274,6 @@ impl MemoryBackend {
     /// Fault injection: revokes a worker-id lease as if it had expired.
     pub fn revoke_worker_id(&self, id: u64) -> bool {
         self.shared.workers.revoke(id)
-    }
-
-    fn provider_registry(&self) -> Arc<MemoryRegistry> {
-        self.start_tasks();
-        self.registry
-            .get_or_init(|| Arc::new(MemoryRegistry::new(self.shared.clone())))
-            .clone()
     }
 }
 
@@ -374,44 +362,8 @@ impl Backend for MemoryBackend {
     }
 
     async fn close(&self) -> Result<()> {
-        if let Some(reg) = self.registry.get() {
-            reg.close().await;
-        }
         self.shared.closed.store(true, Ordering::Release);
         self.shared.shutdown.cancel();
         Ok(())
-    }
-}
-
-#[async_trait]
-impl Provider for MemoryBackend {
-    fn lock(&self) -> Arc<dyn DistributedLock> {
-        self.start_tasks();
-        Arc::new(MemoryLock::new(self.shared.clone()))
-    }
-
-    fn registry(&self) -> Arc<dyn ServiceRegistry> {
-        self.provider_registry()
-    }
-
-    fn discovery(&self) -> Arc<dyn ServiceDiscovery> {
-        self.start_tasks();
-        Arc::new(MemoryDiscovery::new(self.shared.clone()))
-    }
-
-    fn config(&self) -> Arc<dyn ConfigCenter> {
-        Arc::new(MemoryConfigCenter::new(self.shared.clone()))
-    }
-
-    async fn health_check(&self) -> Result<()> {
-        self.shared.check_open()
-    }
-
-    fn is_ready(&self) -> bool {
-        !self.shared.is_closed()
-    }
-
-    async fn close(&self) -> Result<()> {
-        Backend::close(self).await
     }
 }

@@ -91,7 +91,6 @@ use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
-use im_infra::coord::Provider;
 use im_infra::layer::ObservedLimiter;
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
@@ -412,38 +411,5 @@ impl Backend for RedisBackend {
         }
         self.shared.client.close();
         Ok(())
-    }
-}
-
-#[async_trait]
-impl Provider for RedisBackend {
-    fn lock(&self) -> Arc<dyn DistributedLock> {
-        Arc::new(RedisLock::new(self.shared.clone()))
-    }
-
-    fn registry(&self) -> Arc<dyn ServiceRegistry> {
-        self.provider_registry
-            .get_or_init(|| Arc::new(RedisRegistry::new(self.shared.clone())))
-            .clone()
-    }
-
-    fn discovery(&self) -> Arc<dyn ServiceDiscovery> {
-        Arc::new(RedisDiscovery::new(self.shared.clone()))
-    }
-
-    fn config(&self) -> Arc<dyn ConfigCenter> {
-        Arc::new(RedisConfigCenter::new(self.shared.clone()))
-    }
-
-    async fn health_check(&self) -> Result<()> {
-        Backend::health_check(self).await
-    }
-
-    fn is_ready(&self) -> bool {
-        !self.shared.client.is_closed()
-    }
-
-    async fn close(&self) -> Result<()> {
-        Backend::close(self).await
     }
 }

@@ -20,6 +20,8 @@
 //! }
 //! ```
 
+mod handed_out;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -89,6 +91,8 @@ impl std::fmt::Display for Capability {
         f.write_str(self.as_str())
     }
 }
+
+pub use handed_out::{Closable, HandedOut};
 
 /// A backend (memory, etcd, Redis, MySQL, Kafka, noop) seen as a whole.
 ///
@@ -164,6 +168,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Checks that the backend answers.
     async fn health_check(&self) -> Result<()>;
 
-    /// Stops background work and disconnects. Idempotent.
+    /// Closes everything the backend handed out (registered instances are
+    /// deregistered, consumers shut down, producers flushed: see
+    /// [`HandedOut`]), stops background work and disconnects. Idempotent.
     async fn close(&self) -> Result<()>;
 }

@@ -1,0 +1,137 @@
+//! [`HandedOut`]: what a backend handed out that it must close with itself.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+
+/// Something a backend handed out that holds resources beyond the
+/// backend's own connections: a registry's registrations (deregistered),
+/// a consumer (shut down, offsets committed), a producer (flushed).
+#[async_trait]
+pub trait Closable: Send + Sync {
+    /// Releases what it holds. Called once, when its backend closes.
+    async fn close(&self) -> Result<()>;
+}
+
+/// The handles a backend handed out, closed together by
+/// [`close_all`](HandedOut::close_all) — the one close path every backend's
+/// [`Backend::close`](super::Backend::close) takes. Handles are held
+/// weakly: one dropped by its user is simply gone.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use async_trait::async_trait;
+/// use im_infra::backend::{Closable, HandedOut};
+///
+/// struct Consumer(AtomicBool);
+///
+/// #[async_trait]
+/// impl Closable for Consumer {
+///     async fn close(&self) -> im_infra::Result<()> {
+///         self.0.store(true, Ordering::SeqCst);
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
+/// let handed_out = HandedOut::default();
+/// let consumer = Arc::new(Consumer(AtomicBool::new(false)));
+/// handed_out.track(&consumer);
+/// handed_out.close_all().await?;
+/// assert!(consumer.0.load(Ordering::SeqCst));
+/// # Ok(()) }
+/// ```
+#[derive(Default)]
+pub struct HandedOut {
+    items: Mutex<Vec<Weak<dyn Closable>>>,
+}
+
+impl std::fmt::Debug for HandedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandedOut")
+            .field("live", &self.live().len())
+            .finish()
+    }
+}
+
+impl HandedOut {
+    fn items(&self) -> std::sync::MutexGuard<'_, Vec<Weak<dyn Closable>>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers `item`, to close it with the backend.
+    pub fn track<T: Closable + 'static>(&self, item: &Arc<T>) {
+        let weak: Weak<dyn Closable> = Arc::downgrade(item) as Weak<dyn Closable>;
+        let mut items = self.items();
+        items.retain(|w| w.strong_count() > 0);
+        items.push(weak);
+    }
+
+    fn live(&self) -> Vec<Arc<dyn Closable>> {
+        self.items().iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Closes every handle still alive, each once; a failure is logged and
+    /// the first one returned after all were tried.
+    pub async fn close_all(&self) -> Result<()> {
+        let live: Vec<Arc<dyn Closable>> = std::mem::take(&mut *self.items())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut first = None;
+        for item in live {
+            if let Err(e) = item.close().await {
+                tracing::warn!(error = %e, "closing a handle of the backend failed");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::{Error, ErrorKind};
+
+    struct Counted(Arc<AtomicUsize>, bool);
+
+    #[async_trait]
+    impl Closable for Counted {
+        async fn close(&self) -> Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            if self.1 {
+                Err(Error::new(ErrorKind::Unavailable, "down"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_live_handle_is_closed_once_and_a_failure_does_not_stop_the_rest() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let h = HandedOut::default();
+        let a = Arc::new(Counted(n.clone(), true));
+        let b = Arc::new(Counted(n.clone(), false));
+        let dropped = Arc::new(Counted(n.clone(), false));
+        h.track(&a);
+        h.track(&b);
+        h.track(&dropped);
+        drop(dropped);
+        let err = h.close_all().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            2,
+            "the two live ones, the dropped one not"
+        );
+        h.close_all().await.unwrap();
+        assert_eq!(n.load(Ordering::SeqCst), 2, "each once");
+    }
+}
