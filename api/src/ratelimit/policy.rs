@@ -40,12 +40,13 @@ impl FailurePolicy {
 
 /// Wraps a distributed limiter with the [`FailurePolicy`] of its rules.
 ///
-/// When the primary fails with a connection, unavailability, timeout or
-/// closed error, the policy decides instead and the primary is left alone
+/// When the primary fails with a connection, unavailability or timeout
+/// error, the policy decides instead and the primary is left alone
 /// for `probe_interval` (so callers do not each wait for a timeout); then the
 /// next call probes it again and, if it answers, decisions switch back.
 /// Every policy decision increments `im_infra_limiter_fallback_total{backend,
-/// policy}`.
+/// policy}`. A `Closed` error (the backend was closed) is not an outage: it
+/// is returned, as are bad arguments and unknown resources.
 pub struct FallbackLimiter {
     primary: Arc<dyn Limiter>,
     local: Arc<dyn Limiter>,
@@ -145,10 +146,12 @@ impl FallbackLimiter {
     }
 }
 
+/// Whether an error of the primary means it cannot be reached now. Not
+/// `Closed`: a closed backend answers `Closed`, whatever the policy.
 fn is_unreachable(kind: ErrorKind) -> bool {
     matches!(
         kind,
-        ErrorKind::Connection | ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::Closed
+        ErrorKind::Connection | ErrorKind::Unavailable | ErrorKind::Timeout
     )
 }
 
@@ -267,6 +270,35 @@ mod tests {
             let d = l.check("r", "k", 1).await.unwrap();
             assert_eq!(d.source, DecisionSource::Backend);
             assert!(!l.is_degraded());
+        }
+    }
+
+    struct Closed;
+
+    impl Limiter for Closed {
+        fn check<'a>(&'a self, _r: &'a str, _k: &'a str, _n: u64) -> Check<'a> {
+            Check::ready(Err(Error::new(ErrorKind::Closed, "closed")))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_backend_is_not_decided_by_the_policy() {
+        for policy in [
+            FailurePolicy::FailOpen,
+            FailurePolicy::FailClosed,
+            FailurePolicy::Local,
+        ] {
+            let mut cfg = LimiterConfig::with_rule("r", Rule::per_second(1));
+            cfg.failure_policy = policy;
+            let l = FallbackLimiter::new(
+                "test",
+                Arc::new(Closed),
+                Rules::fixed(cfg).unwrap(),
+                Duration::from_millis(20),
+            );
+            let e = l.check("r", "k", 1).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Closed, "{policy:?}");
+            assert!(!l.is_degraded(), "{policy:?}");
         }
     }
 
