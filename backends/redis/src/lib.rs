@@ -97,6 +97,7 @@ use im_infra::once::Once;
 use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
 use im_infra::secret::Secret;
+use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::Result;
 
@@ -128,6 +129,29 @@ pub(crate) struct Shared {
     client: client::Client,
     keys: keys::Keys,
     notifier: lock::ReleaseNotifier,
+    ops: BackendOps,
+}
+
+/// The operations of the backend itself (capability `backend`).
+struct BackendOps {
+    health_check: OpMetrics,
+    purge_namespace: OpMetrics,
+    compact_config_history: OpMetrics,
+    revoke_registration: OpMetrics,
+    revoke_worker_id: OpMetrics,
+}
+
+impl BackendOps {
+    fn new() -> Self {
+        let m = |op| OpMetrics::new(NAME, "backend", op);
+        BackendOps {
+            health_check: m("backend.health_check"),
+            purge_namespace: m("backend.purge_namespace"),
+            compact_config_history: m("backend.compact_config_history"),
+            revoke_registration: m("backend.revoke_registration"),
+            revoke_worker_id: m("backend.revoke_worker_id"),
+        }
+    }
 }
 
 /// Builds a [`RedisBackend`].
@@ -198,6 +222,7 @@ impl RedisBackendBuilder {
                 client,
                 keys,
                 notifier: lock::ReleaseNotifier::default(),
+                ops: BackendOps::new(),
             }),
             registries: Arc::new(Mutex::new(Vec::new())),
             provider_registry: Arc::new(std::sync::OnceLock::new()),
@@ -249,76 +274,86 @@ impl RedisBackend {
     /// Fault injection: removes a registered instance as if its lease had
     /// expired. Its registry notices and registers it again.
     pub async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
-        registry::revoke(&self.shared, service, id).await
+        let ops = &self.shared.ops;
+        ops.revoke_registration
+            .run(registry::revoke(&self.shared, service, id))
+            .await
     }
 
     /// Fault injection: deletes a worker-id lease as if it had expired.
     pub async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
-        worker_id::revoke(&self.shared, id).await
+        let ops = &self.shared.ops;
+        ops.revoke_worker_id
+            .run(worker_id::revoke(&self.shared, id))
+            .await
     }
 
     /// Trims the config change stream to nothing, so that watches resuming
     /// from an older version must resynchronise from the current state.
     pub async fn compact_config_history(&self) -> Result<()> {
-        self.shared
-            .client
-            .query::<i64>(
-                redis::cmd("XTRIM")
-                    .arg(self.shared.keys.cfg("log"))
-                    .arg("MAXLEN")
-                    .arg(0),
-            )
+        let shared = &self.shared;
+        let mut xtrim = redis::cmd("XTRIM");
+        xtrim.arg(shared.keys.cfg("log")).arg("MAXLEN").arg(0);
+        shared
+            .ops
+            .compact_config_history
+            .run(shared.client.query::<i64>(&xtrim))
             .await
             .map(drop)
     }
 
     /// Deletes every key of the namespace (for tests and tear-down tools).
     pub async fn purge_namespace(&self) -> Result<u64> {
-        if self.shared.client.cfg().is_cluster() {
+        let ops = &self.shared.ops;
+        ops.purge_namespace.run(self.purge()).await
+    }
+
+    async fn purge(&self) -> Result<u64> {
+        let (client, all) = (&self.shared.client, self.shared.keys.all());
+        if client.cfg().is_cluster() {
             // SCAN walks one node; KEYS is sent to every primary and the
             // answers combined (a tear-down tool, not a hot path).
-            let keys: Vec<String> = self
-                .shared
-                .client
-                .query(redis::cmd("KEYS").arg(self.shared.keys.all()))
-                .await?;
+            let keys: Vec<String> = client.query(redis::cmd("KEYS").arg(&all)).await?;
             for chunk in keys.chunks(500) {
                 // Split by slot by the client.
-                let _: u64 = self
-                    .shared
-                    .client
-                    .query(redis::cmd("UNLINK").arg(chunk))
-                    .await?;
+                let _: u64 = client.query(redis::cmd("UNLINK").arg(chunk)).await?;
             }
             return Ok(keys.len() as u64);
         }
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .shared
-                .client
-                .query(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(self.shared.keys.all())
-                        .arg("COUNT")
-                        .arg(500),
-                )
-                .await?;
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&all)
+                .arg("COUNT")
+                .arg(500);
+            let (next, keys): (u64, Vec<String>) = client.query(&scan).await?;
             if !keys.is_empty() {
                 let mut p = redis::pipe();
                 for k in &keys {
                     p.cmd("UNLINK").arg(k).ignore();
                 }
-                self.shared.client.pipe::<()>(&p).await?;
+                client.pipe::<()>(&p).await?;
                 deleted += keys.len() as u64;
             }
             if next == 0 {
                 return Ok(deleted);
             }
             cursor = next;
+        }
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let pong: String = self.shared.client.query(&redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(im_infra::Error::new(
+                im_infra::ErrorKind::Internal,
+                format!("PING answered {pong:?}"),
+            ))
         }
     }
 }
@@ -383,15 +418,7 @@ impl Backend for RedisBackend {
     }
 
     async fn health_check(&self) -> Result<()> {
-        let pong: String = self.shared.client.query(&redis::cmd("PING")).await?;
-        if pong == "PONG" {
-            Ok(())
-        } else {
-            Err(im_infra::Error::new(
-                im_infra::ErrorKind::Internal,
-                format!("PING answered {pong:?}"),
-            ))
-        }
+        self.shared.ops.health_check.run(self.ping()).await
     }
 
     async fn close(&self) -> Result<()> {
