@@ -84,11 +84,11 @@ mod once;
 mod registry;
 mod worker_id;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability};
+use im_infra::backend::{Backend, Capability, HandedOut};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::layer::ObservedLimiter;
@@ -129,6 +129,10 @@ pub(crate) struct Shared {
     client: client::Client,
     keys: keys::Keys,
     notifier: lock::ReleaseNotifier,
+    /// What was handed out that closes with the backend (registries).
+    handed_out: HandedOut,
+    /// Set by the first `close`; later (and concurrent) calls wait for it.
+    closed: tokio::sync::OnceCell<Result<()>>,
     ops: BackendOps,
 }
 
@@ -222,10 +226,10 @@ impl RedisBackendBuilder {
                 client,
                 keys,
                 notifier: lock::ReleaseNotifier::default(),
+                handed_out: HandedOut::default(),
+                closed: tokio::sync::OnceCell::new(),
                 ops: BackendOps::new(),
             }),
-            registries: Arc::new(Mutex::new(Vec::new())),
-            provider_registry: Arc::new(std::sync::OnceLock::new()),
         })
     }
 }
@@ -234,9 +238,6 @@ impl RedisBackendBuilder {
 #[derive(Clone)]
 pub struct RedisBackend {
     shared: Arc<Shared>,
-    /// Registries handed out, deregistered on close.
-    registries: Arc<Mutex<Vec<std::sync::Weak<RedisRegistry>>>>,
-    provider_registry: Arc<std::sync::OnceLock<Arc<RedisRegistry>>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -261,14 +262,6 @@ impl RedisBackend {
     /// The distributed limiter without the failure policy.
     pub fn redis_limiter(&self, rules: &Rules) -> RedisLimiter {
         RedisLimiter::new(self.shared.clone(), rules)
-    }
-
-    fn new_registry(&self) -> Arc<RedisRegistry> {
-        let reg = Arc::new(RedisRegistry::new(self.shared.clone()));
-        let mut all = self.registries.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|w| w.strong_count() > 0);
-        all.push(Arc::downgrade(&reg));
-        reg
     }
 
     /// Fault injection: removes a registered instance as if its lease had
@@ -376,14 +369,11 @@ impl Backend for RedisBackend {
     async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
         self.shared.client.check_open()?;
         let primary = Arc::new(RedisLimiter::new(self.shared.clone(), &rules));
+        let probe = self.shared.client.cfg().limiter_probe_interval;
+        let fallback = FallbackLimiter::new(NAME, primary, rules, probe);
         Ok(Arc::new(ObservedLimiter::new(
             NAME,
-            FallbackLimiter::new(
-                NAME,
-                primary,
-                rules,
-                self.shared.client.cfg().limiter_probe_interval,
-            ),
+            limiter::UntilClosed::new(self.shared.clone(), fallback),
         )))
     }
 
@@ -399,7 +389,9 @@ impl Backend for RedisBackend {
 
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.shared.client.check_open()?;
-        Ok(self.new_registry())
+        let raw = Arc::new(RedisRegistry::new(self.shared.clone()));
+        self.shared.handed_out.track(&raw);
+        Ok(raw)
     }
 
     async fn discovery(&self) -> Result<Arc<dyn ServiceDiscovery>> {
@@ -421,22 +413,19 @@ impl Backend for RedisBackend {
         self.shared.ops.health_check.run(self.ping()).await
     }
 
+    /// Deregisters what every registry handed out registered, then closes
+    /// the connection and stops background work. Concurrent and later
+    /// calls wait for the first and answer what it answered.
     async fn close(&self) -> Result<()> {
-        if self.shared.client.is_closed() {
-            return Ok(());
-        }
-        let regs: Vec<Arc<RedisRegistry>> = self
-            .registries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .chain(self.provider_registry.get().cloned())
-            .collect();
-        for r in regs {
-            r.close().await;
-        }
-        self.shared.client.close();
-        Ok(())
+        let shared = &self.shared;
+        shared
+            .closed
+            .get_or_init(|| async {
+                let handed_out = shared.handed_out.close_all().await;
+                shared.client.close();
+                handed_out
+            })
+            .await
+            .clone()
     }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use im_infra::backend::Closable;
 use im_infra::lease::LeaseBackend;
 use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
@@ -74,7 +75,7 @@ async fn list(shared: &Shared, prefix: &str) -> Result<(u64, Vec<ServiceInstance
 /// (expired during a partition, removed), it is registered again with a new
 /// lease, retrying forever with backoff ([`Registrations`]). Dropping the
 /// handle stops the renewals (the instances then expire, as when a process
-/// dies); `close` deregisters them.
+/// dies); closing the backend deregisters them ([`Closable`]).
 pub struct RedisRegistry {
     registrations: Registrations,
     register: OpMetrics,
@@ -107,10 +108,15 @@ impl RedisRegistry {
             shared,
         }
     }
+}
 
-    /// Deregisters every instance registered through this handle.
-    pub async fn close(&self) {
+#[async_trait]
+impl Closable for RedisRegistry {
+    /// Deregisters every instance registered through this handle (a
+    /// failure is logged: that instance expires on the server).
+    async fn close(&self) -> Result<()> {
         self.registrations.close().await;
+        Ok(())
     }
 }
 
