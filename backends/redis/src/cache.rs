@@ -6,31 +6,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::cache::{Cache, CacheCapabilities, KeyTtl};
-use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, Result};
 
 use crate::keys::CacheKey;
 use crate::Shared;
 
-struct Ops {
-    get: OpMetrics,
-    set: OpMetrics,
-    set_nx: OpMetrics,
-    delete: OpMetrics,
-    exists: OpMetrics,
-    expire: OpMetrics,
-    ttl: OpMetrics,
-    incr_by: OpMetrics,
-    get_many: OpMetrics,
-    set_many: OpMetrics,
-}
-
 /// The cache of a [`RedisBackend`](crate::RedisBackend): one Redis string
 /// per key under `<namespace>:c:`, TTLs with millisecond precision
-/// (`PX`), `get_many` by `MGET` and `set_many` by one pipeline.
-pub struct RedisCache {
+/// (`PX`), `get_many` by `MGET` and `set_many` by one pipeline. Handed
+/// out inside [`ObservedCache`](im_infra::layer::ObservedCache), which
+/// checks keys, TTLs and value sizes.
+pub(crate) struct RedisCache {
     shared: Arc<Shared>,
-    ops: Ops,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -45,31 +32,11 @@ fn bytes_of(v: Option<Vec<u8>>) -> Option<Bytes> {
 
 impl RedisCache {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "cache", op);
-        RedisCache {
-            shared,
-            ops: Ops {
-                get: m("cache.get"),
-                set: m("cache.set"),
-                set_nx: m("cache.set_nx"),
-                delete: m("cache.delete"),
-                exists: m("cache.exists"),
-                expire: m("cache.expire"),
-                ttl: m("cache.ttl"),
-                incr_by: m("cache.incr_by"),
-                get_many: m("cache.get_many"),
-                set_many: m("cache.set_many"),
-            },
-        }
+        RedisCache { shared }
     }
 
-    fn key<'a>(&'a self, key: &'a str) -> Result<CacheKey<'a>> {
-        validate::key(key)?;
-        Ok(self.shared.keys.cache_arg(key))
-    }
-
-    fn check_value(&self, v: &Bytes) -> Result<()> {
-        validate::value(v.len(), self.shared.client.cfg().max_value_bytes)
+    fn key<'a>(&'a self, key: &'a str) -> CacheKey<'a> {
+        self.shared.keys.cache_arg(key)
     }
 
     fn set_cmd(key: CacheKey<'_>, value: &Bytes, ttl: Option<Duration>, nx: bool) -> redis::Cmd {
@@ -92,142 +59,83 @@ impl Cache for RedisCache {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        self.ops
-            .get
-            .run(async {
-                let k = self.key(key)?;
-                let v: Option<Vec<u8>> = self.shared.client.query(redis::cmd("GET").arg(k)).await?;
-                Ok(bytes_of(v))
-            })
-            .await
+        let v: Option<Vec<u8>> = self
+            .shared
+            .client
+            .query(redis::cmd("GET").arg(self.key(key)))
+            .await?;
+        Ok(bytes_of(v))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
-        self.ops
-            .set
-            .run(async {
-                let k = self.key(key)?;
-                validate::opt_ttl(ttl)?;
-                self.check_value(&value)?;
-                self.shared
-                    .client
-                    .query::<()>(&Self::set_cmd(k, &value, ttl, false))
-                    .await
-            })
-            .await
+        let set = Self::set_cmd(self.key(key), &value, ttl, false);
+        self.shared.client.query::<()>(&set).await
     }
 
     async fn set_nx(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
-        self.ops
-            .set_nx
-            .run(async {
-                let k = self.key(key)?;
-                validate::opt_ttl(ttl)?;
-                self.check_value(&value)?;
-                let r: Option<String> = self
-                    .shared
-                    .client
-                    .query(&Self::set_cmd(k, &value, ttl, true))
-                    .await?;
-                Ok(r.is_some())
-            })
-            .await
+        let set = Self::set_cmd(self.key(key), &value, ttl, true);
+        let r: Option<String> = self.shared.client.query(&set).await?;
+        Ok(r.is_some())
     }
 
     async fn delete<'k>(&self, keys: &[&'k str]) -> Result<u64> {
-        self.ops
-            .delete
-            .run(async {
-                validate::keys(keys)?;
-                // On a cluster the client splits a multi-key DEL by slot
-                // and sums the counts.
-                let mut cmd = redis::cmd("DEL");
-                for k in keys {
-                    cmd.arg(self.shared.keys.cache_arg(k));
-                }
-                self.shared.client.query(&cmd).await
-            })
-            .await
+        // On a cluster the client splits a multi-key DEL by slot and sums
+        // the counts.
+        let mut cmd = redis::cmd("DEL");
+        for k in keys {
+            cmd.arg(self.key(k));
+        }
+        self.shared.client.query(&cmd).await
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
-        self.ops
-            .exists
-            .run(async {
-                let k = self.key(key)?;
-                let n: u64 = self
-                    .shared
-                    .client
-                    .query(redis::cmd("EXISTS").arg(k))
-                    .await?;
-                Ok(n > 0)
-            })
-            .await
+        let n: u64 = self
+            .shared
+            .client
+            .query(redis::cmd("EXISTS").arg(self.key(key)))
+            .await?;
+        Ok(n > 0)
     }
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.ops
-            .expire
-            .run(async {
-                let k = self.key(key)?;
-                validate::ttl(ttl)?;
-                let n: u64 = self
-                    .shared
-                    .client
-                    .query(redis::cmd("PEXPIRE").arg(k).arg(validate::ttl_millis(ttl)))
-                    .await?;
-                Ok(n == 1)
-            })
-            .await
+        let mut cmd = redis::cmd("PEXPIRE");
+        cmd.arg(self.key(key)).arg(validate::ttl_millis(ttl));
+        let n: u64 = self.shared.client.query(&cmd).await?;
+        Ok(n == 1)
     }
 
     async fn ttl(&self, key: &str) -> Result<KeyTtl> {
-        self.ops
-            .ttl
-            .run(async {
-                let k = self.key(key)?;
-                let ms: i64 = self.shared.client.query(redis::cmd("PTTL").arg(k)).await?;
-                Ok(match ms {
-                    -2 => KeyTtl::Missing,
-                    -1 => KeyTtl::Persistent,
-                    ms if ms >= 0 => KeyTtl::Expires(Duration::from_millis(ms as u64)),
-                    other => {
-                        return Err(Error::new(
-                            im_infra::ErrorKind::Internal,
-                            format!("PTTL answered {other}"),
-                        ))
-                    }
-                })
-            })
-            .await
+        let ms: i64 = self
+            .shared
+            .client
+            .query(redis::cmd("PTTL").arg(self.key(key)))
+            .await?;
+        Ok(match ms {
+            -2 => KeyTtl::Missing,
+            -1 => KeyTtl::Persistent,
+            ms if ms >= 0 => KeyTtl::Expires(Duration::from_millis(ms as u64)),
+            other => {
+                return Err(Error::new(
+                    im_infra::ErrorKind::Internal,
+                    format!("PTTL answered {other}"),
+                ))
+            }
+        })
     }
 
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
-        self.ops
-            .incr_by
-            .run(async {
-                let k = self.key(key)?;
-                self.shared
-                    .client
-                    .query(redis::cmd("INCRBY").arg(k).arg(delta))
-                    .await
-            })
-            .await
+        let mut cmd = redis::cmd("INCRBY");
+        cmd.arg(self.key(key)).arg(delta);
+        self.shared.client.query(&cmd).await
     }
 
     async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>> {
-        self.ops
-            .get_many
-            .run(async {
-                validate::keys(keys)?;
-                let mut cmd = redis::cmd("MGET");
-                for k in keys {
-                    cmd.arg(self.shared.keys.cache_arg(k));
-                }
-                let vals: Vec<Option<Vec<u8>>> = self.shared.client.query(&cmd).await?;
-                Ok(vals.into_iter().map(bytes_of).collect())
-            })
-            .await
+        let mut cmd = redis::cmd("MGET");
+        for k in keys {
+            cmd.arg(self.key(k));
+        }
+        let vals: Vec<Option<Vec<u8>>> = self.shared.client.query(&cmd).await?;
+        Ok(vals.into_iter().map(bytes_of).collect())
     }
 
     async fn set_many<'k>(
@@ -235,34 +143,23 @@ impl Cache for RedisCache {
         entries: &[(&'k str, Bytes)],
         ttl: Option<Duration>,
     ) -> Result<()> {
-        self.ops
-            .set_many
-            .run(async {
-                if entries.is_empty() {
-                    return Err(Error::invalid_argument("at least one entry is required"));
-                }
-                validate::opt_ttl(ttl)?;
-                let mut cmds = Vec::with_capacity(entries.len());
-                for (k, v) in entries {
-                    validate::key(k)?;
-                    self.check_value(v)?;
-                    cmds.push(Self::set_cmd(self.shared.keys.cache_arg(k), v, ttl, false));
-                }
-                if self.shared.client.cfg().is_cluster() {
-                    // A cluster pipeline must stay in one slot: the SETs go
-                    // out together on the multiplexed connections instead.
-                    let client = &self.shared.client;
-                    futures::future::try_join_all(cmds.iter().map(|c| client.query::<()>(c)))
-                        .await
-                        .map(drop)
-                } else {
-                    let mut p = redis::pipe();
-                    for c in cmds {
-                        p.add_command(c).ignore();
-                    }
-                    self.shared.client.pipe::<()>(&p).await
-                }
-            })
-            .await
+        let cmds = entries
+            .iter()
+            .map(|(k, v)| Self::set_cmd(self.key(k), v, ttl, false));
+        if self.shared.client.cfg().is_cluster() {
+            // A cluster pipeline must stay in one slot: the SETs go out
+            // together on the multiplexed connections instead.
+            let client = &self.shared.client;
+            let cmds: Vec<redis::Cmd> = cmds.collect();
+            futures::future::try_join_all(cmds.iter().map(|c| client.query::<()>(c)))
+                .await
+                .map(drop)
+        } else {
+            let mut p = redis::pipe();
+            for c in cmds {
+                p.add_command(c).ignore();
+            }
+            self.shared.client.pipe::<()>(&p).await
+        }
     }
 }

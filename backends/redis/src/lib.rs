@@ -91,7 +91,9 @@ use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability, HandedOut};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
-use im_infra::layer::ObservedLimiter;
+use im_infra::layer::{
+    ObservedCache, ObservedLimiter, ObservedLock, ObservedOnce, ObservedWorkerIds,
+};
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
 use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
@@ -101,14 +103,15 @@ use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::Result;
 
-pub use cache::RedisCache;
+use cache::RedisCache;
+use lock::RedisLock;
+use once::RedisOnce;
+use worker_id::RedisWorkerIds;
+
 pub use config::{RedisConfig, RedisTls};
 pub use config_center::RedisConfigCenter;
 pub use limiter::{gcra_script, RedisLimiter};
-pub use lock::RedisLock;
-pub use once::RedisOnce;
 pub use registry::{RedisDiscovery, RedisRegistry};
-pub use worker_id::RedisWorkerIds;
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "redis";
@@ -259,7 +262,9 @@ impl RedisBackend {
         self.shared.client.cfg()
     }
 
-    /// The distributed limiter without the failure policy.
+    /// The distributed limiter without the failure policy and without the
+    /// layer (no argument checks, no telemetry): what the benchmarks
+    /// compare with the raw script. Hand out [`Backend::limiter`] instead.
     pub fn redis_limiter(&self, rules: &Rules) -> RedisLimiter {
         RedisLimiter::new(self.shared.clone(), rules)
     }
@@ -363,7 +368,8 @@ impl Backend for RedisBackend {
 
     async fn cache(&self) -> Result<Arc<dyn Cache>> {
         self.shared.client.check_open()?;
-        Ok(Arc::new(RedisCache::new(self.shared.clone())))
+        let raw = RedisCache::new(self.shared.clone());
+        Ok(Arc::new(ObservedCache::new(NAME, raw)))
     }
 
     async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
@@ -379,7 +385,8 @@ impl Backend for RedisBackend {
 
     async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
         self.shared.client.check_open()?;
-        Ok(Arc::new(RedisLock::new(self.shared.clone())))
+        let raw = RedisLock::new(self.shared.clone());
+        Ok(Arc::new(ObservedLock::new(NAME, raw)))
     }
 
     async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
@@ -401,12 +408,14 @@ impl Backend for RedisBackend {
 
     async fn once(&self) -> Result<Arc<dyn Once>> {
         self.shared.client.check_open()?;
-        Ok(Arc::new(RedisOnce::new(self.shared.clone())))
+        let raw = RedisOnce::new(self.shared.clone());
+        Ok(Arc::new(ObservedOnce::new(NAME, raw)))
     }
 
     async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
         self.shared.client.check_open()?;
-        Ok(Arc::new(RedisWorkerIds::new(self.shared.clone())))
+        let raw = RedisWorkerIds::new(self.shared.clone());
+        Ok(Arc::new(ObservedWorkerIds::new(NAME, raw)))
     }
 
     async fn health_check(&self) -> Result<()> {

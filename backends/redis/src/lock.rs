@@ -12,7 +12,6 @@ use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
-use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use tokio::sync::Notify;
 
@@ -133,13 +132,10 @@ async fn subscriber(shared: std::sync::Weak<Shared>) {
 /// expire the key. An attempt that fails or is dropped releases what it may
 /// have taken. Waiters sleep until a release is announced on a pub/sub
 /// channel, or a jittered fallback delay bounded by the holder's remaining
-/// TTL.
-pub struct RedisLock {
+/// TTL. Handed out inside [`ObservedLock`](im_infra::layer::ObservedLock),
+/// which checks keys and [`LockOptions`].
+pub(crate) struct RedisLock {
     shared: Arc<Shared>,
-    acquire: OpMetrics,
-    try_acquire: OpMetrics,
-    is_locked: OpMetrics,
-    info: OpMetrics,
 }
 
 impl std::fmt::Debug for RedisLock {
@@ -155,14 +151,7 @@ enum Attempt {
 
 impl RedisLock {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "lock", op);
-        RedisLock {
-            shared,
-            acquire: m("lock.acquire"),
-            try_acquire: m("lock.try_acquire"),
-            is_locked: m("lock.is_locked"),
-            info: m("lock.info"),
-        }
+        RedisLock { shared }
     }
 
     async fn attempt(&self, key: &str, token: &str, ttl: Duration) -> Result<Attempt> {
@@ -217,11 +206,17 @@ impl RedisLock {
         let lease = pending.start(opts.lease_options(crate::NAME, opts.ttl), sent);
         Box::new(LeasedGuard::new(key, fence, lease))
     }
+}
 
-    async fn acquire_inner(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
+#[async_trait]
+impl DistributedLock for RedisLock {
+    fn capabilities(&self) -> LockCapabilities {
+        LockCapabilities::new(false, true, true)
+    }
+
+    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
+        // Before the release subscriber may be started.
         self.shared.client.check_open()?;
-        validate::key(key)?;
-        opts.validate()?;
         let token = uuid::Uuid::new_v4().to_string();
         let deadline = opts.wait_deadline(Instant::now());
         let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
@@ -277,81 +272,52 @@ impl RedisLock {
             }
         }
     }
-}
-
-#[async_trait]
-impl DistributedLock for RedisLock {
-    fn capabilities(&self) -> LockCapabilities {
-        LockCapabilities::new(false, true, true)
-    }
-
-    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
-        self.acquire.run(self.acquire_inner(key, opts)).await
-    }
 
     async fn try_acquire(
         &self,
         key: &str,
         opts: LockOptions,
     ) -> Result<Option<Box<dyn LockGuard>>> {
-        self.try_acquire
-            .run(async {
-                validate::key(key)?;
-                opts.validate()?;
-                let token = uuid::Uuid::new_v4().to_string();
-                let mut pending = self.pending(key, &token);
-                Ok(match self.attempt_with(&mut pending, opts.ttl).await? {
-                    (Attempt::Acquired(fence), sent) => {
-                        Some(Self::guard(key, pending, fence, opts, sent))
-                    }
-                    (Attempt::Held(_), _) => None,
-                })
-            })
-            .await
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut pending = self.pending(key, &token);
+        Ok(match self.attempt_with(&mut pending, opts.ttl).await? {
+            (Attempt::Acquired(fence), sent) => Some(Self::guard(key, pending, fence, opts, sent)),
+            (Attempt::Held(_), _) => None,
+        })
     }
 
     async fn is_locked(&self, key: &str) -> Result<bool> {
-        self.is_locked
-            .run(async {
-                validate::key(key)?;
-                let n: u64 = self
-                    .shared
-                    .client
-                    .query(redis::cmd("EXISTS").arg(self.shared.keys.lock(key)))
-                    .await?;
-                Ok(n == 1)
-            })
-            .await
+        let n: u64 = self
+            .shared
+            .client
+            .query(redis::cmd("EXISTS").arg(self.shared.keys.lock(key)))
+            .await?;
+        Ok(n == 1)
     }
 
     async fn info(&self, key: &str) -> Result<Option<LockInfo>> {
-        self.info
-            .run(async {
-                validate::key(key)?;
-                let k = self.shared.keys.lock(key);
-                let mut p = redis::pipe();
-                p.atomic()
-                    .cmd("HMGET")
-                    .arg(&k)
-                    .arg("owner")
-                    .arg("fence")
-                    .arg("at")
-                    .cmd("PTTL")
-                    .arg(&k);
-                let ((owner, fence, at), pttl): ((Option<String>, Option<u64>, Option<u64>), i64) =
-                    self.shared.client.pipe(&p).await?;
-                let (Some(owner), Some(fence)) = (owner, fence) else {
-                    return Ok(None);
-                };
-                Ok(Some(LockInfo {
-                    key: key.to_owned(),
-                    owner,
-                    fencing_token: fence,
-                    ttl: (pttl >= 0).then(|| Duration::from_millis(pttl as u64)),
-                    acquired_at: at.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
-                }))
-            })
-            .await
+        let k = self.shared.keys.lock(key);
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("HMGET")
+            .arg(&k)
+            .arg("owner")
+            .arg("fence")
+            .arg("at")
+            .cmd("PTTL")
+            .arg(&k);
+        let ((owner, fence, at), pttl): ((Option<String>, Option<u64>, Option<u64>), i64) =
+            self.shared.client.pipe(&p).await?;
+        let (Some(owner), Some(fence)) = (owner, fence) else {
+            return Ok(None);
+        };
+        Ok(Some(LockInfo {
+            key: key.to_owned(),
+            owner,
+            fencing_token: fence,
+            ttl: (pttl >= 0).then(|| Duration::from_millis(pttl as u64)),
+            acquired_at: at.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        }))
     }
 }
 

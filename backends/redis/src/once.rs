@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::lease::LeaseBackend;
 use im_infra::once::{Claim, Once, OnceCapabilities};
-use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 
 use crate::Shared;
@@ -19,14 +18,11 @@ static FINISH: std::sync::LazyLock<redis::Script> =
 
 /// Idempotency on a [`RedisBackend`](crate::RedisBackend): a hash
 /// `{state, token, outcome}` per key with a `PX` expiry; claim, complete
-/// and abandon are Lua scripts that check the claim's owner.
-pub struct RedisOnce {
+/// and abandon are Lua scripts that check the claim's owner. Handed out
+/// inside [`ObservedOnce`](im_infra::layer::ObservedOnce), which checks
+/// keys, TTLs and outcome sizes.
+pub(crate) struct RedisOnce {
     shared: Arc<Shared>,
-    claim: OpMetrics,
-    complete: OpMetrics,
-    abandon: OpMetrics,
-    outcome: OpMetrics,
-    reset: OpMetrics,
 }
 
 impl std::fmt::Debug for RedisOnce {
@@ -37,15 +33,7 @@ impl std::fmt::Debug for RedisOnce {
 
 impl RedisOnce {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "once", op);
-        RedisOnce {
-            shared,
-            claim: m("once.claim"),
-            complete: m("once.complete"),
-            abandon: m("once.abandon"),
-            outcome: m("once.outcome"),
-            reset: m("once.reset"),
-        }
+        RedisOnce { shared }
     }
 
     async fn finish(
@@ -56,7 +44,6 @@ impl RedisOnce {
         outcome: &[u8],
         ttl: Duration,
     ) -> Result<()> {
-        validate::key(key)?;
         if finish(&self.shared, key, token, action, outcome, ttl).await? {
             Ok(())
         } else {
@@ -125,74 +112,47 @@ impl Once for RedisOnce {
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
-        self.claim
-            .run(async {
-                validate::key(key)?;
-                validate::ttl(ttl)?;
-                let token = uuid::Uuid::new_v4().to_string();
-                let mut inv = CLAIM.prepare_invoke();
-                inv.key(self.shared.keys.once(key))
-                    .arg(&token)
-                    .arg(validate::ttl_millis(ttl));
-                let (state, outcome): (i64, Vec<u8>) = self.shared.client.script(inv).await?;
-                Ok(match state {
-                    0 => Claim::Acquired { token },
-                    1 => Claim::InProgress,
-                    _ => Claim::Done(Bytes::from(outcome)),
-                })
-            })
-            .await
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut inv = CLAIM.prepare_invoke();
+        inv.key(self.shared.keys.once(key))
+            .arg(&token)
+            .arg(validate::ttl_millis(ttl));
+        let (state, outcome): (i64, Vec<u8>) = self.shared.client.script(inv).await?;
+        Ok(match state {
+            0 => Claim::Acquired { token },
+            1 => Claim::InProgress,
+            _ => Claim::Done(Bytes::from(outcome)),
+        })
     }
 
     async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
-        self.complete
-            .run(async {
-                validate::ttl(ttl)?;
-                validate::value(outcome.len(), self.shared.client.cfg().max_value_bytes)?;
-                self.finish(key, token, "complete", &outcome, ttl).await
-            })
-            .await
+        self.finish(key, token, "complete", &outcome, ttl).await
     }
 
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {
-        self.abandon
-            .run(self.finish(key, token, "abandon", b"", Duration::from_millis(1)))
+        self.finish(key, token, "abandon", b"", Duration::from_millis(1))
             .await
     }
 
     async fn outcome(&self, key: &str) -> Result<Option<Bytes>> {
-        self.outcome
-            .run(async {
-                validate::key(key)?;
-                let (state, outcome): (Option<String>, Option<Vec<u8>>) = self
-                    .shared
-                    .client
-                    .query(
-                        redis::cmd("HMGET")
-                            .arg(self.shared.keys.once(key))
-                            .arg("state")
-                            .arg("outcome"),
-                    )
-                    .await?;
-                Ok(match (state.as_deref(), outcome) {
-                    (Some("done"), Some(o)) => Some(Bytes::from(o)),
-                    _ => None,
-                })
-            })
-            .await
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.shared.keys.once(key))
+            .arg("state")
+            .arg("outcome");
+        let (state, outcome): (Option<String>, Option<Vec<u8>>) =
+            self.shared.client.query(&cmd).await?;
+        Ok(match (state.as_deref(), outcome) {
+            (Some("done"), Some(o)) => Some(Bytes::from(o)),
+            _ => None,
+        })
     }
 
     async fn reset(&self, key: &str) -> Result<bool> {
-        self.reset
-            .run(async {
-                validate::key(key)?;
-                let n: u64 = self
-                    .shared
-                    .client
-                    .query(redis::cmd("DEL").arg(self.shared.keys.once(key)))
-                    .await?;
-                Ok(n == 1)
-            })
-            .await
+        let n: u64 = self
+            .shared
+            .client
+            .query(redis::cmd("DEL").arg(self.shared.keys.once(key)))
+            .await?;
+        Ok(n == 1)
     }
 }

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::lease::{LeaseBackend, PendingLease, Tick};
-use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
 
@@ -28,10 +27,11 @@ async fn run<T: redis::FromRedisValue>(shared: &Shared, args: &[String]) -> Resu
 /// The worker-id allocator of a [`RedisBackend`](crate::RedisBackend): one
 /// key per id holding the owner's token with a `PX` expiry; the lowest free
 /// id is taken in one script and kept by a [`Lease`]; a hash keeps each
-/// id's last possible timestamp for its next holder.
-pub struct RedisWorkerIds {
+/// id's last possible timestamp for its next holder. Handed out inside
+/// [`ObservedWorkerIds`](im_infra::layer::ObservedWorkerIds), which checks
+/// the TTL.
+pub(crate) struct RedisWorkerIds {
     shared: Arc<Shared>,
-    allocate: OpMetrics,
 }
 
 impl std::fmt::Debug for RedisWorkerIds {
@@ -42,58 +42,51 @@ impl std::fmt::Debug for RedisWorkerIds {
 
 impl RedisWorkerIds {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        RedisWorkerIds {
-            shared,
-            allocate: OpMetrics::new(crate::NAME, "uid", "uid.allocate"),
-        }
+        RedisWorkerIds { shared }
     }
 }
 
 #[async_trait]
 impl WorkerIdAllocator for RedisWorkerIds {
     async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
-        self.allocate
-            .run(async {
-                validate::ttl(ttl)?;
-                if max_worker_id > 65_535 {
-                    return Err(Error::invalid_argument(
-                        "max_worker_id above 65535 is not supported",
-                    ));
-                }
-                let token = uuid::Uuid::new_v4().to_string();
-                let ttl_ms = validate::ttl_millis(ttl);
-                let mut pending = PendingLease::new(HeldWorkerId {
-                    shared: self.shared.clone(),
-                    id: OnceLock::new(),
-                    token: token.clone(),
-                    max_worker_id,
-                });
-                let sent = Tick::now();
-                pending.arm();
-                let (id, not_before): (i64, u64) = run(
-                    &self.shared,
-                    &[
-                        "allocate".into(),
-                        max_worker_id.to_string(),
-                        token,
-                        ttl_ms.to_string(),
-                        last_timestamp_bound(Duration::ZERO).to_string(),
-                    ],
-                )
-                .await?;
-                if id < 0 {
-                    pending.disarm();
-                    return Err(Error::new(
-                        ErrorKind::ResourceExhausted,
-                        format!("all {} worker ids are leased", max_worker_id + 1),
-                    ));
-                }
-                let id = id as u64;
-                let _ = pending.backend().id.set(id);
-                let lease = pending.start(WorkerLease::lease_options(crate::NAME, ttl), sent);
-                Ok(WorkerLease::new(id, lease).with_not_before(not_before))
-            })
-            .await
+        // The script scans every id in one slot.
+        if max_worker_id > 65_535 {
+            return Err(Error::invalid_argument(
+                "max_worker_id above 65535 is not supported",
+            ));
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        let ttl_ms = validate::ttl_millis(ttl);
+        let mut pending = PendingLease::new(HeldWorkerId {
+            shared: self.shared.clone(),
+            id: OnceLock::new(),
+            token: token.clone(),
+            max_worker_id,
+        });
+        let sent = Tick::now();
+        pending.arm();
+        let (id, not_before): (i64, u64) = run(
+            &self.shared,
+            &[
+                "allocate".into(),
+                max_worker_id.to_string(),
+                token,
+                ttl_ms.to_string(),
+                last_timestamp_bound(Duration::ZERO).to_string(),
+            ],
+        )
+        .await?;
+        if id < 0 {
+            pending.disarm();
+            return Err(Error::new(
+                ErrorKind::ResourceExhausted,
+                format!("all {} worker ids are leased", max_worker_id + 1),
+            ));
+        }
+        let id = id as u64;
+        let _ = pending.backend().id.set(id);
+        let lease = pending.start(WorkerLease::lease_options(crate::NAME, ttl), sent);
+        Ok(WorkerLease::new(id, lease).with_not_before(not_before))
     }
 }
 
