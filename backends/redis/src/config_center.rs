@@ -12,8 +12,7 @@ use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
     WatchStream,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::time::Instant;
@@ -51,14 +50,12 @@ const BLOCK: Duration = Duration::from_millis(1000);
 /// state, reports every key that may differ from what it delivered, and
 /// continues from the server's revision
 /// ([`WatchCursor::resync_regressed`]).
-pub struct RedisConfigCenter {
+///
+/// Handed out inside
+/// [`ObservedConfigCenter`](im_infra::layer::ObservedConfigCenter), which
+/// checks keys, prefixes and value sizes.
+pub(crate) struct RedisConfigCenter {
     shared: Arc<Shared>,
-    get: OpMetrics,
-    set: OpMetrics,
-    delete: OpMetrics,
-    list: OpMetrics,
-    cas: OpMetrics,
-    watch: OpMetrics,
 }
 
 impl std::fmt::Debug for RedisConfigCenter {
@@ -80,16 +77,7 @@ fn internal(msg: &str) -> Error {
 
 impl RedisConfigCenter {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "config", op);
-        RedisConfigCenter {
-            shared,
-            get: m("config.get"),
-            set: m("config.set"),
-            delete: m("config.delete"),
-            list: m("config.list"),
-            cas: m("config.compare_and_set"),
-            watch: m("config.watch"),
-        }
+        RedisConfigCenter { shared }
     }
 
     async fn write(
@@ -98,10 +86,6 @@ impl RedisConfigCenter {
         value: Option<&Bytes>,
         expected: Option<u64>,
     ) -> Result<(i64, i64)> {
-        validate::key(key)?;
-        if let Some(v) = value {
-            validate::value(v.len(), self.shared.client.cfg().max_value_bytes)?;
-        }
         let k = &self.shared.keys;
         let mut inv = WRITE.prepare_invoke();
         inv.key(k.cfg("rev"))
@@ -117,6 +101,7 @@ impl RedisConfigCenter {
     }
 
     async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
+        // A watch from a given version reads nothing before its task runs.
         self.shared.client.check_open()?;
         let history = History {
             shared: Arc::downgrade(&self.shared),
@@ -370,90 +355,60 @@ impl ConfigCenter for RedisConfigCenter {
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
-        self.get
-            .run(async {
-                validate::key(key)?;
-                let (value, version): (Option<Vec<u8>>, Option<u64>) = self
-                    .shared
-                    .client
-                    .query(
-                        redis::cmd("HMGET")
-                            .arg(self.shared.keys.cfg("data"))
-                            .arg(format!("v:{key}"))
-                            .arg(format!("r:{key}")),
-                    )
-                    .await?;
-                Ok(match (value, version) {
-                    (Some(v), Some(version)) => Some(Versioned {
-                        value: Bytes::from(v),
-                        version,
-                    }),
-                    _ => None,
-                })
-            })
-            .await
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.shared.keys.cfg("data"))
+            .arg(format!("v:{key}"))
+            .arg(format!("r:{key}"));
+        let (value, version): (Option<Vec<u8>>, Option<u64>) =
+            self.shared.client.query(&cmd).await?;
+        Ok(match (value, version) {
+            (Some(v), Some(version)) => Some(Versioned {
+                value: Bytes::from(v),
+                version,
+            }),
+            _ => None,
+        })
     }
 
     async fn set(&self, key: &str, value: Bytes) -> Result<u64> {
-        self.set
-            .run(async {
-                let (_, rev) = self.write(key, Some(&value), None).await?;
-                u64::try_from(rev).map_err(|_| internal("negative revision"))
-            })
-            .await
+        let (_, rev) = self.write(key, Some(&value), None).await?;
+        u64::try_from(rev).map_err(|_| internal("negative revision"))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.delete
-            .run(async {
-                let (status, _) = self.write(key, None, None).await?;
-                Ok(status == 1)
-            })
-            .await
+        let (status, _) = self.write(key, None, None).await?;
+        Ok(status == 1)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        self.list
-            .run(async {
-                validate::prefix(prefix)?;
-                let mut cmd = redis::cmd("ZRANGEBYLEX");
-                cmd.arg(self.shared.keys.cfg("index"));
-                if prefix.is_empty() {
-                    cmd.arg("-").arg("+");
-                } else {
-                    let mut end = format!("[{prefix}").into_bytes();
-                    end.push(0xff);
-                    cmd.arg(format!("[{prefix}")).arg(end);
-                }
-                let keys: Vec<String> = self.shared.client.query(&cmd).await?;
-                Ok(keys.into_iter().filter(|k| k.starts_with(prefix)).collect())
-            })
-            .await
+        let mut cmd = redis::cmd("ZRANGEBYLEX");
+        cmd.arg(self.shared.keys.cfg("index"));
+        if prefix.is_empty() {
+            cmd.arg("-").arg("+");
+        } else {
+            let mut end = format!("[{prefix}").into_bytes();
+            end.push(0xff);
+            cmd.arg(format!("[{prefix}")).arg(end);
+        }
+        let keys: Vec<String> = self.shared.client.query(&cmd).await?;
+        Ok(keys.into_iter().filter(|k| k.starts_with(prefix)).collect())
     }
 
     async fn compare_and_set(&self, key: &str, value: Bytes, expected_version: u64) -> Result<u64> {
-        self.cas
-            .run(async {
-                let (status, n) = self
-                    .write(key, Some(&value), Some(expected_version))
-                    .await?;
-                if status == -1 {
-                    return Err(conflict(key, n, expected_version));
-                }
-                u64::try_from(n).map_err(|_| internal("negative revision"))
-            })
-            .await
+        let (status, n) = self
+            .write(key, Some(&value), Some(expected_version))
+            .await?;
+        if status == -1 {
+            return Err(conflict(key, n, expected_version));
+        }
+        u64::try_from(n).map_err(|_| internal("negative revision"))
     }
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.watch
-            .run(async { self.open_watch(WatchTarget::key(key)?, opts).await })
-            .await
+        self.open_watch(WatchTarget::key(key)?, opts).await
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.watch
-            .run(async { self.open_watch(WatchTarget::prefix(prefix)?, opts).await })
-            .await
+        self.open_watch(WatchTarget::prefix(prefix)?, opts).await
     }
 }

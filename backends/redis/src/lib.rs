@@ -92,7 +92,8 @@ use im_infra::backend::{Backend, Capability, HandedOut};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
-    ObservedCache, ObservedLimiter, ObservedLock, ObservedOnce, ObservedWorkerIds,
+    ObservedCache, ObservedConfigCenter, ObservedDiscovery, ObservedLimiter, ObservedLock,
+    ObservedOnce, ObservedRegistry, ObservedWorkerIds,
 };
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
@@ -104,14 +105,14 @@ use im_infra::uid::WorkerIdAllocator;
 use im_infra::Result;
 
 use cache::RedisCache;
+use config_center::RedisConfigCenter;
 use lock::RedisLock;
 use once::RedisOnce;
+use registry::{RedisDiscovery, RedisRegistry};
 use worker_id::RedisWorkerIds;
 
 pub use config::{RedisConfig, RedisTls};
-pub use config_center::RedisConfigCenter;
 pub use limiter::{gcra_script, RedisLimiter};
-pub use registry::{RedisDiscovery, RedisRegistry};
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "redis";
@@ -391,19 +392,21 @@ impl Backend for RedisBackend {
 
     async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
         self.shared.client.check_open()?;
-        Ok(Arc::new(RedisConfigCenter::new(self.shared.clone())))
+        let raw = RedisConfigCenter::new(self.shared.clone());
+        Ok(Arc::new(ObservedConfigCenter::new(NAME, raw)))
     }
 
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.shared.client.check_open()?;
         let raw = Arc::new(RedisRegistry::new(self.shared.clone()));
         self.shared.handed_out.track(&raw);
-        Ok(raw)
+        Ok(Arc::new(ObservedRegistry::new(NAME, raw)))
     }
 
     async fn discovery(&self) -> Result<Arc<dyn ServiceDiscovery>> {
         self.shared.client.check_open()?;
-        Ok(Arc::new(RedisDiscovery::new(self.shared.clone())))
+        let raw = RedisDiscovery::new(self.shared.clone());
+        Ok(Arc::new(ObservedDiscovery::new(NAME, raw)))
     }
 
     async fn once(&self) -> Result<Arc<dyn Once>> {

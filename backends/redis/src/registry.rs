@@ -12,7 +12,6 @@ use im_infra::registry::{
     RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
     ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
-use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
@@ -75,13 +74,11 @@ async fn list(shared: &Shared, prefix: &str) -> Result<(u64, Vec<ServiceInstance
 /// (expired during a partition, removed), it is registered again with a new
 /// lease, retrying forever with backoff ([`Registrations`]). Dropping the
 /// handle stops the renewals (the instances then expire, as when a process
-/// dies); closing the backend deregisters them ([`Closable`]).
-pub struct RedisRegistry {
+/// dies); closing the backend deregisters them ([`Closable`]). Handed out
+/// inside [`ObservedRegistry`](im_infra::layer::ObservedRegistry), which
+/// checks instances, TTLs and names.
+pub(crate) struct RedisRegistry {
     registrations: Registrations,
-    register: OpMetrics,
-    deregister: OpMetrics,
-    update: OpMetrics,
-    list: OpMetrics,
     shared: Arc<Shared>,
 }
 
@@ -93,18 +90,11 @@ impl std::fmt::Debug for RedisRegistry {
 
 impl RedisRegistry {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "registry", op);
+        let server = Arc::new(Server {
+            shared: shared.clone(),
+        });
         RedisRegistry {
-            registrations: Registrations::new(
-                Arc::new(Server {
-                    shared: shared.clone(),
-                }),
-                shared.client.cfg().retry.clone(),
-            ),
-            register: m("registry.register"),
-            deregister: m("registry.deregister"),
-            update: m("registry.update"),
-            list: m("registry.list_services"),
+            registrations: Registrations::new(server, shared.client.cfg().retry.clone()),
             shared,
         }
     }
@@ -194,53 +184,42 @@ impl RegistrationLease for Registered {
 #[async_trait]
 impl ServiceRegistry for RedisRegistry {
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
-        self.register
-            .run(async {
-                self.shared.client.check_open()?;
-                validate::ttl(ttl)?;
-                if ttl < Duration::from_millis(100) {
-                    return Err(Error::invalid_argument(
-                        "registration ttl must be at least 100 ms",
-                    ));
-                }
-                self.registrations.register(instance, ttl).await
-            })
-            .await
+        // Keep-alives every ttl / 3 need some room.
+        if ttl < Duration::from_millis(100) {
+            return Err(Error::invalid_argument(
+                "registration ttl must be at least 100 ms",
+            ));
+        }
+        self.registrations.register(instance, ttl).await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        self.deregister
-            .run(self.registrations.deregister(service, id))
-            .await
+        self.registrations.deregister(service, id).await
     }
 
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {
-        self.update.run(self.registrations.update(instance)).await
+        self.registrations.update(instance).await
     }
 
     async fn list_services(&self) -> Result<Vec<String>> {
-        self.list
-            .run(async {
-                let sids: Vec<String> = op(&self.shared, &["names"]).await?;
-                let mut names: Vec<String> = sids
-                    .iter()
-                    .filter_map(|s| s.split_once('/').map(|(svc, _)| svc.to_owned()))
-                    .collect();
-                names.sort();
-                names.dedup();
-                Ok(names)
-            })
-            .await
+        let sids: Vec<String> = op(&self.shared, &["names"]).await?;
+        let mut names: Vec<String> = sids
+            .iter()
+            .filter_map(|s| s.split_once('/').map(|(svc, _)| svc.to_owned()))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 }
 
 /// Discovery on a [`RedisBackend`](crate::RedisBackend). A watch reaps
 /// expired instances while it waits, so expiries become `Delete` events
-/// within about a quarter of a second.
-pub struct RedisDiscovery {
+/// within about a quarter of a second. Handed out inside
+/// [`ObservedDiscovery`](im_infra::layer::ObservedDiscovery), which checks
+/// service names.
+pub(crate) struct RedisDiscovery {
     shared: Arc<Shared>,
-    instances: OpMetrics,
-    watch: OpMetrics,
 }
 
 impl std::fmt::Debug for RedisDiscovery {
@@ -251,12 +230,7 @@ impl std::fmt::Debug for RedisDiscovery {
 
 impl RedisDiscovery {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "registry", op);
-        RedisDiscovery {
-            shared,
-            instances: m("discovery.instances"),
-            watch: m("discovery.watch"),
-        }
+        RedisDiscovery { shared }
     }
 }
 
@@ -357,28 +331,17 @@ impl ServiceDiscovery for RedisDiscovery {
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {
-        self.instances
-            .run(async {
-                validate::name("service name", service)?;
-                Ok(list(&self.shared, &format!("{service}/")).await?.1)
-            })
-            .await
+        Ok(list(&self.shared, &format!("{service}/")).await?.1)
     }
 
     async fn watch(&self, service: &str) -> Result<ServiceEventStream> {
-        self.watch
-            .run(async {
-                validate::name("service name", service)?;
-                self.shared.client.check_open()?;
-                let history = Instances {
-                    shared: Arc::downgrade(&self.shared),
-                    service: service.to_owned(),
-                    conn: None,
-                };
-                let client = &self.shared.client;
-                spawn_watch(history, client.cfg().retry.clone(), client.shutdown.clone()).await
-            })
-            .await
+        let history = Instances {
+            shared: Arc::downgrade(&self.shared),
+            service: service.to_owned(),
+            conn: None,
+        };
+        let client = &self.shared.client;
+        spawn_watch(history, client.cfg().retry.clone(), client.shutdown.clone()).await
     }
 }
 
