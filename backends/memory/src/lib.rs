@@ -408,3 +408,57 @@ impl Backend for MemoryBackend {
         handed_out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use im_infra::mq::{handler_fn, ConsumerConfig};
+    use im_infra::registry::ServiceInstance;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn close_deregisters_and_shuts_consumers_down_once() {
+        let backend = MemoryBackend::new();
+        let registry = backend.registry().await.unwrap();
+        let ttl = Duration::from_secs(60);
+        for id in ["a", "b"] {
+            let instance = ServiceInstance::new("svc", id, "127.0.0.1:1");
+            registry.register(&instance, ttl).await.unwrap();
+        }
+        let consumer = backend
+            .consumer(ConsumerConfig::new("g", ["t"]))
+            .await
+            .unwrap();
+        let run = tokio::spawn({
+            let consumer = consumer.clone();
+            async move { consumer.run(handler_fn(|_| async { Ok(()) })).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(backend.shared.registry.live("svc").len(), 2);
+
+        backend.close().await.unwrap();
+        assert!(
+            backend.shared.registry.live("svc").is_empty(),
+            "deregistered, not left to expire"
+        );
+        assert!(
+            run.is_finished(),
+            "the consumer left its group before close returned"
+        );
+        run.await.unwrap().unwrap();
+        backend.close().await.unwrap();
+        let err = consumer
+            .run(handler_fn(|_| async { Ok(()) }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed);
+        assert_eq!(err.operation(), Some("mq.run"));
+        let err = backend.health_check().await.unwrap_err();
+        assert_eq!(
+            (err.kind(), err.operation()),
+            (ErrorKind::Closed, Some("backend.health_check"))
+        );
+    }
+}
