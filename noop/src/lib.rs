@@ -16,6 +16,12 @@
 //! | `Producer` / `Consumer` | messages are dropped (offset -1); the consumer never delivers and returns on shutdown |
 //! | `WorkerIdAllocator` | always the same fixed id |
 //!
+//! Unlike every other backend, [`NoopBackend`] hands out its handles bare,
+//! not inside the [`im_infra::layer`] layers: a call checks no argument,
+//! opens no span, updates no metric and reads no clock, so it costs next to
+//! nothing. `health_check` and `close` do nothing either (the noop handles
+//! hold nothing to close).
+//!
 //! ```
 //! use bytes::Bytes;
 //! use im_infra::prelude::*;

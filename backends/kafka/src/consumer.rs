@@ -16,10 +16,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::FutureExt;
+use im_infra::backend::Closable;
 use im_infra::mq::{
     Consumer, ConsumerCapabilities, ConsumerConfig, Handler, Producer, ReceivedMessage,
 };
-use im_infra::telemetry::OpMetrics;
+use im_infra::telemetry::{with_timeout, OpMetrics};
 use im_infra::{Error, ErrorKind, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -161,13 +162,20 @@ struct State {
     /// `true` while `run` is active.
     active: watch::Sender<bool>,
     paused: watch::Sender<bool>,
+    /// How long closing the backend waits for this member to leave.
+    close_timeout: Duration,
     handle_op: OpMetrics,
     dead_letter_op: OpMetrics,
 }
 
-/// One member of a Kafka consumer group (see the [module](self) docs for
-/// the delivery guarantee). Build it with
-/// [`KafkaBackend::consumer`](im_infra::backend::Backend::consumer).
+/// One member of a Kafka consumer group, with at-least-once delivery (see
+/// the [crate](crate) docs). Build it with
+/// [`KafkaBackend::consumer`](im_infra::backend::Backend::consumer), which
+/// hands it out inside an [`ObservedConsumer`](im_infra::layer::ObservedConsumer)
+/// (`mq.run`, `mq.shutdown`, ...); each handler attempt is one `mq.handle`
+/// operation and each dead-lettering one `mq.dead_letter`. Closing the
+/// backend shuts it down (it commits and leaves its group) within
+/// `consumer.session_timeout`.
 pub struct KafkaConsumer {
     state: Arc<State>,
 }
@@ -240,6 +248,7 @@ impl KafkaConsumer {
         config: ConsumerConfig,
         dead_letters: KafkaProducer,
         stop: CancellationToken,
+        close_timeout: Duration,
     ) -> Result<Self> {
         config.validate()?;
         Ok(KafkaConsumer {
@@ -252,6 +261,7 @@ impl KafkaConsumer {
                 running: AtomicBool::new(false),
                 active: watch::channel(false).0,
                 paused: watch::channel(false).0,
+                close_timeout,
                 handle_op: OpMetrics::new(BACKEND, "mq", "mq.handle"),
                 dead_letter_op: OpMetrics::new(BACKEND, "mq", "mq.dead_letter"),
             }),
@@ -491,6 +501,18 @@ impl Consumer for KafkaConsumer {
     async fn resume(&self) -> Result<()> {
         self.state.paused.send_replace(false);
         Ok(())
+    }
+}
+
+/// Closed with the backend: shut down (offsets committed, group left)
+/// within `consumer.session_timeout`, after which the group would drop the
+/// member anyway.
+#[async_trait]
+impl Closable for KafkaConsumer {
+    async fn close(&self) -> Result<()> {
+        with_timeout(self.state.close_timeout, "mq.shutdown", self.shutdown())
+            .await
+            .map_err(|e| e.with_backend(BACKEND))
     }
 }
 

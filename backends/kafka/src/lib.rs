@@ -72,8 +72,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability};
+use im_infra::backend::{Backend, Capability, HandedOut};
+use im_infra::layer::{ObservedConsumer, ObservedProducer};
 use im_infra::mq::{Consumer, ConsumerConfig, Producer};
+use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
@@ -191,6 +193,8 @@ impl KafkaBackendBuilder {
                 admin,
                 producer,
                 shutdown: CancellationToken::new(),
+                handed_out: HandedOut::default(),
+                health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
             }),
         })
     }
@@ -199,8 +203,14 @@ impl KafkaBackendBuilder {
 struct Inner {
     config: KafkaConfig,
     admin: Arc<admin::Admin>,
+    /// The shared client; every producer handle and the consumers'
+    /// dead-letter producers are handles on it.
     producer: KafkaProducer,
+    /// Cancelled on close: refuses new work and stops every consumer.
     shutdown: CancellationToken,
+    /// The consumers handed out, shut down on close.
+    handed_out: HandedOut,
+    health_check: OpMetrics,
 }
 
 /// The Kafka backend: messaging on a Kafka-protocol cluster.
@@ -262,10 +272,12 @@ impl KafkaBackend {
         Ok(created.first().copied().unwrap_or(false))
     }
 
-    /// The producer as its concrete type (for [`KafkaProducer::client`]).
-    pub fn kafka_producer(&self) -> Result<KafkaProducer> {
+    /// A producer as [`Backend::producer`] hands it out (observed), without
+    /// the `Arc<dyn Producer>`; [`ObservedProducer::inner`] is the concrete
+    /// [`KafkaProducer`] (for [`KafkaProducer::client`]).
+    pub fn kafka_producer(&self) -> Result<ObservedProducer<KafkaProducer>> {
         self.check_open()?;
-        Ok(self.inner.producer.handle())
+        Ok(ObservedProducer::new(NAME, self.inner.producer.handle()))
     }
 }
 
@@ -279,6 +291,9 @@ impl Backend for KafkaBackend {
         CAPABILITIES
     }
 
+    /// A handle on the shared producer client. Not tracked: it holds only
+    /// the backend's client, which [`close`](Backend::close) flushes and
+    /// closes once its consumers are gone.
     async fn producer(&self) -> Result<Arc<dyn Producer>> {
         Ok(Arc::new(self.kafka_producer()?))
     }
@@ -291,25 +306,41 @@ impl Backend for KafkaBackend {
             .config
             .consumer_config(&names.group(&config.group), config.start);
         // KafkaConsumer::new validates `config`.
-        Ok(Arc::new(KafkaConsumer::new(
+        let consumer = Arc::new(KafkaConsumer::new(
             client_config,
             names,
             config,
             self.inner.producer.handle(),
             self.inner.shutdown.child_token(),
-        )?))
+            self.inner.config.consumer.session_timeout,
+        )?);
+        self.inner.handed_out.track(&consumer);
+        Ok(Arc::new(ObservedConsumer::new(NAME, consumer)))
     }
 
     async fn health_check(&self) -> Result<()> {
-        self.check_open()?;
-        self.inner.admin.ping().await
+        self.inner
+            .health_check
+            .run(async {
+                self.check_open()?;
+                self.inner.admin.ping().await
+            })
+            .await
     }
 
+    /// Refuses new work and stops every consumer; waits for each to commit
+    /// its offsets and leave its group (each within
+    /// `consumer.session_timeout`); then flushes the shared producer client
+    /// (within `producer.delivery_timeout`) and closes it. Idempotent.
     async fn close(&self) -> Result<()> {
         if self.inner.shutdown.is_cancelled() {
             return Ok(());
         }
+        // Every consumer's stop is a child of this token: they all start
+        // leaving now, and the handles below wait for each one.
         self.inner.shutdown.cancel();
-        self.inner.producer.close_client().await
+        let handed_out = self.inner.handed_out.close_all().await;
+        let client = self.inner.producer.close_client().await;
+        handed_out.and(client)
     }
 }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_infra::mq::{Delivery, Message, Producer};
-use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -21,13 +20,6 @@ use crate::names::Names;
 /// How long a produce that found the queue full sleeps before trying again.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(2);
 
-struct Ops {
-    produce: OpMetrics,
-    produce_batch: OpMetrics,
-    flush: OpMetrics,
-    close: OpMetrics,
-}
-
 struct Inner {
     client: FutureProducer<TracingContext>,
     names: Names,
@@ -36,7 +28,6 @@ struct Inner {
     queue_max_messages: usize,
     enqueue_timeout: Duration,
     delivery_timeout: Duration,
-    ops: Ops,
 }
 
 /// The Kafka [`Producer`]: messages are batched by librdkafka (`linger`),
@@ -47,7 +38,11 @@ struct Inner {
 /// Every producer of one [`KafkaBackend`](crate::KafkaBackend) shares one
 /// librdkafka client (one connection per broker); `close` flushes and
 /// closes this handle, [`KafkaBackend::close`](crate::KafkaBackend) the
-/// client.
+/// client (after its consumers, which dead-letter through it, left their
+/// groups). Each message is checked against `producer.max_message_bytes`
+/// and the namespace's topic-name limit. The backend hands it out inside an
+/// [`ObservedProducer`](im_infra::layer::ObservedProducer), which does the
+/// telemetry (`mq.produce`, ...).
 #[derive(Clone)]
 pub struct KafkaProducer {
     inner: Arc<Inner>,
@@ -87,7 +82,6 @@ impl KafkaProducer {
             .producer_config()
             .create_with_context(TracingContext)
             .map_err(|e| map(e, "creating the producer"))?;
-        let op = |name| OpMetrics::new(BACKEND, "mq", name);
         Ok(KafkaProducer {
             inner: Arc::new(Inner {
                 client,
@@ -97,12 +91,6 @@ impl KafkaProducer {
                 queue_max_messages: cfg.producer.queue_max_messages,
                 enqueue_timeout: cfg.producer.enqueue_timeout,
                 delivery_timeout: cfg.producer.delivery_timeout,
-                ops: Ops {
-                    produce: op("mq.produce"),
-                    produce_batch: op("mq.produce_batch"),
-                    flush: op("mq.flush"),
-                    close: op("mq.close"),
-                },
             }),
             closed: Arc::new(AtomicBool::new(false)),
         })
@@ -196,65 +184,39 @@ impl KafkaProducer {
 #[async_trait]
 impl Producer for KafkaProducer {
     async fn produce(&self, message: Message) -> Result<Delivery> {
-        self.inner
-            .ops
-            .produce
-            .run(async {
-                self.check_open()?;
-                let f = self.enqueue(&message).await?;
-                Self::delivered(f).await
-            })
-            .await
+        self.check_open()?;
+        let f = self.enqueue(&message).await?;
+        Self::delivered(f).await
     }
 
     async fn produce_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<Delivery>>> {
-        self.inner
-            .ops
-            .produce_batch
-            .run(async {
-                self.check_open()?;
-                // Everything is queued first, so librdkafka batches it into
-                // as few requests as the partitions allow; then the reports
-                // are awaited in order.
-                let mut pending = Vec::with_capacity(messages.len());
-                for m in &messages {
-                    pending.push(self.enqueue(m).await);
-                }
-                let mut out = Vec::with_capacity(pending.len());
-                for p in pending {
-                    out.push(match p {
-                        Ok(f) => Self::delivered(f).await,
-                        Err(e) => Err(e),
-                    });
-                }
-                Ok(out)
-            })
-            .await
+        self.check_open()?;
+        // Everything is queued first, so librdkafka batches it into as few
+        // requests as the partitions allow; then the reports are awaited in
+        // order.
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in &messages {
+            pending.push(self.enqueue(m).await);
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Ok(f) => Self::delivered(f).await,
+                Err(e) => Err(e),
+            });
+        }
+        Ok(out)
     }
 
     async fn flush(&self, timeout: Duration) -> Result<()> {
-        self.inner
-            .ops
-            .flush
-            .run(async {
-                self.check_open()?;
-                self.flush_within(timeout).await
-            })
-            .await
+        self.check_open()?;
+        self.flush_within(timeout).await
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner
-            .ops
-            .close
-            .run(async {
-                if self.closed.swap(true, Ordering::AcqRel)
-                    || self.inner.closed.load(Ordering::Acquire)
-                {
-                    return Ok(());
-                }
-                self.flush_within(self.inner.delivery_timeout).await
-            })
-            .await
+        if self.closed.swap(true, Ordering::AcqRel) || self.inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.flush_within(self.inner.delivery_timeout).await
     }
 }

@@ -12,8 +12,7 @@ use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
     WatchStream,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 use tokio::sync::Notify;
 
 use crate::Shared;
@@ -90,20 +89,13 @@ impl ConfigStore {
     }
 }
 
-struct Ops {
-    get: OpMetrics,
-    set: OpMetrics,
-    delete: OpMetrics,
-    list: OpMetrics,
-    cas: OpMetrics,
-    watch: OpMetrics,
-}
-
 /// A config-center handle. Handles of one
-/// [`MemoryBackend`](crate::MemoryBackend) see the same entries.
+/// [`MemoryBackend`](crate::MemoryBackend) see the same entries. The
+/// backend hands it out inside an
+/// [`ObservedConfigCenter`](im_infra::layer::ObservedConfigCenter), which
+/// checks the arguments and does the telemetry.
 pub struct MemoryConfigCenter {
     shared: Arc<Shared>,
-    ops: Ops,
 }
 
 impl std::fmt::Debug for MemoryConfigCenter {
@@ -114,18 +106,7 @@ impl std::fmt::Debug for MemoryConfigCenter {
 
 impl MemoryConfigCenter {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "config", op);
-        MemoryConfigCenter {
-            shared,
-            ops: Ops {
-                get: m("config.get"),
-                set: m("config.set"),
-                delete: m("config.delete"),
-                list: m("config.list"),
-                cas: m("config.compare_and_set"),
-                watch: m("config.watch"),
-            },
-        }
+        MemoryConfigCenter { shared }
     }
 
     fn store(&self) -> &ConfigStore {
@@ -134,8 +115,6 @@ impl MemoryConfigCenter {
 
     fn write(&self, key: &str, value: Bytes, expected: Option<u64>) -> Result<u64> {
         self.shared.check_open()?;
-        validate::key(key)?;
-        validate::value(value.len(), self.shared.config.max_value_bytes)?;
         let store = self.store();
         let mut state = store.state();
         if let Some(expected) = expected {
@@ -210,71 +189,56 @@ impl ConfigCenter for MemoryConfigCenter {
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
-        self.ops.get.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            Ok(self.store().state().entries.get(key).cloned())
-        })
+        self.shared.check_open()?;
+        Ok(self.store().state().entries.get(key).cloned())
     }
 
     async fn set(&self, key: &str, value: Bytes) -> Result<u64> {
-        self.ops.set.run_sync(|| self.write(key, value, None))
+        self.write(key, value, None)
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.ops.delete.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            let store = self.store();
-            let mut state = store.state();
-            if state.entries.remove(key).is_none() {
-                return Ok(false);
-            }
-            state.revision += 1;
-            let version = state.revision;
-            store.record(
-                &mut state,
-                self.shared.config.config_history,
-                ConfigEvent {
-                    kind: ConfigEventKind::Delete,
-                    key: key.to_owned(),
-                    value: None,
-                    version,
-                },
-            );
-            Ok(true)
-        })
+        self.shared.check_open()?;
+        let store = self.store();
+        let mut state = store.state();
+        if state.entries.remove(key).is_none() {
+            return Ok(false);
+        }
+        state.revision += 1;
+        let version = state.revision;
+        store.record(
+            &mut state,
+            self.shared.config.config_history,
+            ConfigEvent {
+                kind: ConfigEventKind::Delete,
+                key: key.to_owned(),
+                value: None,
+                version,
+            },
+        );
+        Ok(true)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        self.ops.list.run_sync(|| {
-            self.shared.check_open()?;
-            validate::prefix(prefix)?;
-            let state = self.store().state();
-            Ok(state
-                .entries
-                .range(prefix.to_owned()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, _)| k.clone())
-                .collect())
-        })
+        self.shared.check_open()?;
+        let state = self.store().state();
+        Ok(state
+            .entries
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect())
     }
 
     async fn compare_and_set(&self, key: &str, value: Bytes, expected_version: u64) -> Result<u64> {
-        self.ops
-            .cas
-            .run_sync(|| self.write(key, value, Some(expected_version)))
+        self.write(key, value, Some(expected_version))
     }
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.ops
-            .watch
-            .run_sync(|| self.open_watch(WatchTarget::key(key)?, opts))
+        self.open_watch(WatchTarget::key(key)?, opts)
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.ops
-            .watch
-            .run_sync(|| self.open_watch(WatchTarget::prefix(prefix)?, opts))
+        self.open_watch(WatchTarget::prefix(prefix)?, opts)
     }
 }

@@ -51,15 +51,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability};
+use im_infra::backend::{Backend, Capability, HandedOut};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
-use im_infra::layer::ObservedLimiter;
+use im_infra::layer::{
+    ObservedCache, ObservedConfigCenter, ObservedConsumer, ObservedDiscovery, ObservedLimiter,
+    ObservedLock, ObservedOnce, ObservedProducer, ObservedRegistry, ObservedWorkerIds,
+};
 use im_infra::lock::DistributedLock;
 use im_infra::mq::{Consumer, ConsumerConfig, Producer};
 use im_infra::once::Once;
 use im_infra::ratelimit::{BucketStore, Limiter, Rules};
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
+use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
@@ -95,6 +99,9 @@ pub(crate) struct Shared {
     config: MemoryConfig,
     closed: AtomicBool,
     shutdown: CancellationToken,
+    /// Registries and consumers handed out, closed with the backend.
+    handed_out: HandedOut,
+    health_check: OpMetrics,
     tasks_started: OnceLock<()>,
     cache: cache::CacheStore,
     limiter: Arc<BucketStore>,
@@ -170,6 +177,8 @@ impl MemoryBackendBuilder {
                 config: self.config,
                 closed: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
+                handed_out: HandedOut::default(),
+                health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
                 tasks_started: OnceLock::new(),
                 cache: Default::default(),
                 limiter: Default::default(),
@@ -235,10 +244,11 @@ impl MemoryBackend {
         });
     }
 
-    /// The cache.
-    pub fn memory_cache(&self) -> MemoryCache {
+    /// The cache, as [`Backend::cache`] hands it out (arguments checked,
+    /// observed), without the `Arc<dyn Cache>`.
+    pub fn memory_cache(&self) -> ObservedCache<MemoryCache> {
         self.start_tasks();
-        MemoryCache::new(self.shared.clone())
+        ObservedCache::new(NAME, MemoryCache::new(self.shared.clone()))
     }
 
     /// A limiter under `rules`, as [`Backend::limiter`] hands it out
@@ -248,9 +258,10 @@ impl MemoryBackend {
         ObservedLimiter::new(NAME, MemoryLimiter::new(self.shared.clone(), rules))
     }
 
-    /// The config center.
-    pub fn memory_config_center(&self) -> MemoryConfigCenter {
-        MemoryConfigCenter::new(self.shared.clone())
+    /// The config center, as [`Backend::config`] hands it out (arguments
+    /// checked, observed), without the `Arc<dyn ConfigCenter>`.
+    pub fn memory_config_center(&self) -> ObservedConfigCenter<MemoryConfigCenter> {
+        ObservedConfigCenter::new(NAME, MemoryConfigCenter::new(self.shared.clone()))
     }
 
     /// Creates a topic with an explicit partition count (topics are
@@ -316,54 +327,138 @@ impl Backend for MemoryBackend {
     async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
         self.shared.check_open()?;
         self.start_tasks();
-        Ok(Arc::new(MemoryLock::new(self.shared.clone())))
+        Ok(Arc::new(ObservedLock::new(
+            NAME,
+            MemoryLock::new(self.shared.clone()),
+        )))
     }
 
     async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
         self.shared.check_open()?;
-        Ok(Arc::new(MemoryConfigCenter::new(self.shared.clone())))
+        Ok(Arc::new(self.memory_config_center()))
     }
 
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.shared.check_open()?;
         self.start_tasks();
-        Ok(Arc::new(MemoryRegistry::new(self.shared.clone())))
+        let registry = Arc::new(MemoryRegistry::new(self.shared.clone()));
+        self.shared.handed_out.track(&registry);
+        Ok(Arc::new(ObservedRegistry::new(NAME, registry)))
     }
 
     async fn discovery(&self) -> Result<Arc<dyn ServiceDiscovery>> {
         self.shared.check_open()?;
         self.start_tasks();
-        Ok(Arc::new(MemoryDiscovery::new(self.shared.clone())))
+        Ok(Arc::new(ObservedDiscovery::new(
+            NAME,
+            MemoryDiscovery::new(self.shared.clone()),
+        )))
     }
 
     async fn once(&self) -> Result<Arc<dyn Once>> {
         self.shared.check_open()?;
         self.start_tasks();
-        Ok(Arc::new(MemoryOnce::new(self.shared.clone())))
+        Ok(Arc::new(ObservedOnce::new(
+            NAME,
+            MemoryOnce::new(self.shared.clone()),
+        )))
     }
 
     async fn producer(&self) -> Result<Arc<dyn Producer>> {
         self.shared.check_open()?;
-        Ok(Arc::new(MemoryProducer::new(self.shared.clone())))
+        // Holds nothing beyond the backend's state: not tracked.
+        Ok(Arc::new(ObservedProducer::new(
+            NAME,
+            MemoryProducer::new(self.shared.clone()),
+        )))
     }
 
     async fn consumer(&self, config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
         self.shared.check_open()?;
-        Ok(Arc::new(MemoryConsumer::new(self.shared.clone(), config)?))
+        let consumer = Arc::new(MemoryConsumer::new(self.shared.clone(), config)?);
+        self.shared.handed_out.track(&consumer);
+        Ok(Arc::new(ObservedConsumer::new(NAME, consumer)))
     }
 
     async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
         self.shared.check_open()?;
-        Ok(Arc::new(MemoryWorkerIds::new(self.shared.clone())))
+        Ok(Arc::new(ObservedWorkerIds::new(
+            NAME,
+            MemoryWorkerIds::new(self.shared.clone()),
+        )))
     }
 
     async fn health_check(&self) -> Result<()> {
-        self.shared.check_open()
+        self.shared
+            .health_check
+            .run_sync(|| self.shared.check_open())
     }
 
+    /// Refuses new work (every handle answers `Closed` from now on), closes
+    /// what the backend handed out (registries deregister their instances;
+    /// consumers finish their in-flight message and leave their group, each
+    /// within 10 s), then stops the background tasks and ends the watches.
+    /// Idempotent.
     async fn close(&self) -> Result<()> {
-        self.shared.closed.store(true, Ordering::Release);
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let handed_out = self.shared.handed_out.close_all().await;
         self.shared.shutdown.cancel();
-        Ok(())
+        handed_out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use im_infra::mq::{handler_fn, ConsumerConfig};
+    use im_infra::registry::ServiceInstance;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn close_deregisters_and_shuts_consumers_down_once() {
+        let backend = MemoryBackend::new();
+        let registry = backend.registry().await.unwrap();
+        let ttl = Duration::from_secs(60);
+        for id in ["a", "b"] {
+            let instance = ServiceInstance::new("svc", id, "127.0.0.1:1");
+            registry.register(&instance, ttl).await.unwrap();
+        }
+        let consumer = backend
+            .consumer(ConsumerConfig::new("g", ["t"]))
+            .await
+            .unwrap();
+        let run = tokio::spawn({
+            let consumer = consumer.clone();
+            async move { consumer.run(handler_fn(|_| async { Ok(()) })).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(backend.shared.registry.live("svc").len(), 2);
+
+        backend.close().await.unwrap();
+        assert!(
+            backend.shared.registry.live("svc").is_empty(),
+            "deregistered, not left to expire"
+        );
+        assert!(
+            run.is_finished(),
+            "the consumer left its group before close returned"
+        );
+        run.await.unwrap().unwrap();
+        backend.close().await.unwrap();
+        let err = consumer
+            .run(handler_fn(|_| async { Ok(()) }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed);
+        assert_eq!(err.operation(), Some("mq.run"));
+        let err = backend.health_check().await.unwrap_err();
+        assert_eq!(
+            (err.kind(), err.operation()),
+            (ErrorKind::Closed, Some("backend.health_check"))
+        );
     }
 }

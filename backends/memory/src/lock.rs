@@ -10,8 +10,7 @@ use im_infra::lease::{Lease, LeaseBackend, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 use tokio::sync::Notify;
 
 use crate::Shared;
@@ -168,13 +167,11 @@ impl Drop for QueueTicket<'_> {
 }
 
 /// The lock service of a [`MemoryBackend`](crate::MemoryBackend). Fair:
-/// waiters acquire in arrival order.
+/// waiters acquire in arrival order. The backend hands it out inside an
+/// [`ObservedLock`](im_infra::layer::ObservedLock), which checks the
+/// arguments and does the telemetry.
 pub struct MemoryLock {
     shared: Arc<Shared>,
-    acquire: OpMetrics,
-    try_acquire: OpMetrics,
-    is_locked: OpMetrics,
-    info: OpMetrics,
 }
 
 impl std::fmt::Debug for MemoryLock {
@@ -185,14 +182,7 @@ impl std::fmt::Debug for MemoryLock {
 
 impl MemoryLock {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "lock", op);
-        MemoryLock {
-            shared,
-            acquire: m("lock.acquire"),
-            try_acquire: m("lock.try_acquire"),
-            is_locked: m("lock.is_locked"),
-            info: m("lock.info"),
-        }
+        MemoryLock { shared }
     }
 
     fn store(&self) -> &LockStore {
@@ -218,11 +208,16 @@ impl MemoryLock {
         );
         Box::new(LeasedGuard::new(key, holder.fencing, lease))
     }
+}
 
-    async fn acquire_inner(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
+#[async_trait]
+impl DistributedLock for MemoryLock {
+    fn capabilities(&self) -> LockCapabilities {
+        LockCapabilities::new(true, true, true)
+    }
+
+    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
         self.shared.check_open()?;
-        validate::key(key)?;
-        opts.validate()?;
         let token = uuid::Uuid::new_v4().to_string();
         let store = self.store();
         let deadline = opts
@@ -279,56 +274,35 @@ impl MemoryLock {
             }
         }
     }
-}
-
-#[async_trait]
-impl DistributedLock for MemoryLock {
-    fn capabilities(&self) -> LockCapabilities {
-        LockCapabilities::new(true, true, true)
-    }
-
-    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
-        self.acquire.run(self.acquire_inner(key, opts)).await
-    }
 
     async fn try_acquire(
         &self,
         key: &str,
         opts: LockOptions,
     ) -> Result<Option<Box<dyn LockGuard>>> {
-        self.try_acquire.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            opts.validate()?;
-            let token = uuid::Uuid::new_v4().to_string();
-            let sent = Tick::now();
-            Ok(self
-                .store()
-                .take(key, &token, opts.ttl, None)
-                .map(|h| self.guard(key, token, h, opts, sent)))
-        })
+        self.shared.check_open()?;
+        let token = uuid::Uuid::new_v4().to_string();
+        let sent = Tick::now();
+        Ok(self
+            .store()
+            .take(key, &token, opts.ttl, None)
+            .map(|h| self.guard(key, token, h, opts, sent)))
     }
 
     async fn is_locked(&self, key: &str) -> Result<bool> {
-        self.is_locked.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            Ok(self.store().holder(key).is_some())
-        })
+        self.shared.check_open()?;
+        Ok(self.store().holder(key).is_some())
     }
 
     async fn info(&self, key: &str) -> Result<Option<LockInfo>> {
-        self.info.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            Ok(self.store().holder(key).map(|h| LockInfo {
-                key: key.to_owned(),
-                owner: h.token,
-                fencing_token: h.fencing,
-                ttl: Some(h.expires_at.saturating_duration_since(Instant::now())),
-                acquired_at: Some(h.acquired_at),
-            }))
-        })
+        self.shared.check_open()?;
+        Ok(self.store().holder(key).map(|h| LockInfo {
+            key: key.to_owned(),
+            owner: h.token,
+            fencing_token: h.fencing,
+            ttl: Some(h.expires_at.saturating_duration_since(Instant::now())),
+            acquired_at: Some(h.acquired_at),
+        }))
     }
 }
 

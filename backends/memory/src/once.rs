@@ -8,8 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::lease::LeaseBackend;
 use im_infra::once::{Claim, Once, OnceCapabilities};
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 
 use crate::Shared;
 
@@ -82,13 +81,11 @@ impl OnceStore {
 }
 
 /// The idempotency handle of a [`MemoryBackend`](crate::MemoryBackend).
+/// The backend hands it out inside an
+/// [`ObservedOnce`](im_infra::layer::ObservedOnce), which checks the
+/// arguments and does the telemetry.
 pub struct MemoryOnce {
     shared: Arc<Shared>,
-    claim: OpMetrics,
-    complete: OpMetrics,
-    abandon: OpMetrics,
-    outcome: OpMetrics,
-    reset: OpMetrics,
 }
 
 impl std::fmt::Debug for MemoryOnce {
@@ -99,15 +96,7 @@ impl std::fmt::Debug for MemoryOnce {
 
 impl MemoryOnce {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "once", op);
-        MemoryOnce {
-            shared,
-            claim: m("once.claim"),
-            complete: m("once.complete"),
-            abandon: m("once.abandon"),
-            outcome: m("once.outcome"),
-            reset: m("once.reset"),
-        }
+        MemoryOnce { shared }
     }
 
     /// Whether `token` holds a live claim on `key`.
@@ -161,103 +150,85 @@ impl Once for MemoryOnce {
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
-        self.claim.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            validate::ttl(ttl)?;
-            let now = Instant::now();
-            let mut records = self.shared.once.records();
-            match records.get(key) {
-                Some(Record::Done {
-                    outcome,
-                    expires_at,
-                    ..
-                }) if *expires_at > now => {
-                    return Ok(Claim::Done(outcome.clone()));
-                }
-                Some(Record::Claimed { expires_at, .. }) if *expires_at > now => {
-                    return Ok(Claim::InProgress)
-                }
-                _ => {}
+        self.shared.check_open()?;
+        let now = Instant::now();
+        let mut records = self.shared.once.records();
+        match records.get(key) {
+            Some(Record::Done {
+                outcome,
+                expires_at,
+                ..
+            }) if *expires_at > now => {
+                return Ok(Claim::Done(outcome.clone()));
             }
-            let token = uuid::Uuid::new_v4().to_string();
-            records.insert(
-                key.to_owned(),
-                Record::Claimed {
-                    token: token.clone(),
-                    expires_at: now + ttl,
-                },
-            );
-            Ok(Claim::Acquired { token })
-        })
+            Some(Record::Claimed { expires_at, .. }) if *expires_at > now => {
+                return Ok(Claim::InProgress)
+            }
+            _ => {}
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        records.insert(
+            key.to_owned(),
+            Record::Claimed {
+                token: token.clone(),
+                expires_at: now + ttl,
+            },
+        );
+        Ok(Claim::Acquired { token })
     }
 
     async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
-        self.complete.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            validate::ttl(ttl)?;
-            validate::value(outcome.len(), self.shared.config.max_value_bytes)?;
-            let now = Instant::now();
-            let mut records = self.shared.once.records();
-            if let Some(Record::Done { token: t, .. }) = records.get(key) {
-                if t == token {
-                    return Ok(()); // completed by this caller already
-                }
+        self.shared.check_open()?;
+        let now = Instant::now();
+        let mut records = self.shared.once.records();
+        if let Some(Record::Done { token: t, .. }) = records.get(key) {
+            if t == token {
+                return Ok(()); // completed by this caller already
             }
-            if !Self::holds(&records, key, token, now) {
-                return Err(Self::not_held(key));
-            }
-            records.insert(
-                key.to_owned(),
-                Record::Done {
-                    token: token.to_owned(),
-                    outcome,
-                    expires_at: now + ttl,
-                },
-            );
-            Ok(())
-        })
+        }
+        if !Self::holds(&records, key, token, now) {
+            return Err(Self::not_held(key));
+        }
+        records.insert(
+            key.to_owned(),
+            Record::Done {
+                token: token.to_owned(),
+                outcome,
+                expires_at: now + ttl,
+            },
+        );
+        Ok(())
     }
 
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {
-        self.abandon.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            if !self.shared.once.abandon(key, token) {
-                return Err(Self::not_held(key));
-            }
-            Ok(())
-        })
+        self.shared.check_open()?;
+        if !self.shared.once.abandon(key, token) {
+            return Err(Self::not_held(key));
+        }
+        Ok(())
     }
 
     async fn outcome(&self, key: &str) -> Result<Option<Bytes>> {
-        self.outcome.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            let now = Instant::now();
-            Ok(match self.shared.once.records().get(key) {
-                Some(Record::Done {
-                    outcome,
-                    expires_at,
-                    ..
-                }) if *expires_at > now => Some(outcome.clone()),
-                _ => None,
-            })
+        self.shared.check_open()?;
+        let now = Instant::now();
+        Ok(match self.shared.once.records().get(key) {
+            Some(Record::Done {
+                outcome,
+                expires_at,
+                ..
+            }) if *expires_at > now => Some(outcome.clone()),
+            _ => None,
         })
     }
 
     async fn reset(&self, key: &str) -> Result<bool> {
-        self.reset.run_sync(|| {
-            self.shared.check_open()?;
-            validate::key(key)?;
-            let now = Instant::now();
-            Ok(self
-                .shared
-                .once
-                .records()
-                .remove(key)
-                .is_some_and(|r| r.live(now)))
-        })
+        self.shared.check_open()?;
+        let now = Instant::now();
+        Ok(self
+            .shared
+            .once
+            .records()
+            .remove(key)
+            .is_some_and(|r| r.live(now)))
     }
 }

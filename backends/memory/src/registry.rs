@@ -8,17 +8,20 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use im_infra::backend::Closable;
 use im_infra::lease::LeaseBackend;
 use im_infra::registry::{
     RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
     ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, Result, RetryConfig};
+use im_infra::{Error, Result, RetryConfig};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::Shared;
+
+/// The shortest registration TTL the in-process registry accepts.
+const MIN_TTL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -175,7 +178,7 @@ impl RegistryStore {
         }
     }
 
-    fn live(&self, service: &str) -> Vec<ServiceInstance> {
+    pub(crate) fn live(&self, service: &str) -> Vec<ServiceInstance> {
         let now = Instant::now();
         let state = self.state();
         state
@@ -192,14 +195,13 @@ impl RegistryStore {
 /// registrations stay alive while it lives (each a lease, registered again
 /// after it is lost); dropping it stops the keep-alive (instances then
 /// expire, as when a process dies), and [`close`](Self::close) deregisters
-/// them.
+/// them, as does [`Backend::close`](im_infra::backend::Backend::close). The
+/// backend hands it out inside an
+/// [`ObservedRegistry`](im_infra::layer::ObservedRegistry), which checks the
+/// arguments and does the telemetry.
 pub struct MemoryRegistry {
     shared: Arc<Shared>,
     registrations: Registrations,
-    register: OpMetrics,
-    deregister: OpMetrics,
-    update: OpMetrics,
-    list: OpMetrics,
 }
 
 impl std::fmt::Debug for MemoryRegistry {
@@ -210,7 +212,6 @@ impl std::fmt::Debug for MemoryRegistry {
 
 impl MemoryRegistry {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "registry", op);
         let retry = RetryConfig {
             max_retries: u32::MAX,
             initial_interval: Duration::from_millis(20),
@@ -226,16 +227,21 @@ impl MemoryRegistry {
                 retry,
             ),
             shared,
-            register: m("registry.register"),
-            deregister: m("registry.deregister"),
-            update: m("registry.update"),
-            list: m("registry.list_services"),
         }
     }
 
     /// Deregisters every instance registered through this handle.
     pub async fn close(&self) {
         self.registrations.close().await;
+    }
+}
+
+/// Closed with the backend: its instances are deregistered.
+#[async_trait]
+impl Closable for MemoryRegistry {
+    async fn close(&self) -> Result<()> {
+        MemoryRegistry::close(self).await;
+        Ok(())
     }
 }
 
@@ -310,60 +316,46 @@ impl RegistrationLease for Registered {
 #[async_trait]
 impl ServiceRegistry for MemoryRegistry {
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
-        self.register
-            .run(async {
-                self.shared.check_open()?;
-                validate::ttl(ttl)?;
-                if ttl < Duration::from_millis(10) {
-                    return Err(Error::invalid_argument(
-                        "registration ttl must be at least 10 ms",
-                    ));
-                }
-                self.registrations.register(instance, ttl).await
-            })
-            .await
+        self.shared.check_open()?;
+        if ttl < MIN_TTL {
+            return Err(Error::invalid_argument(
+                "registration ttl must be at least 10 ms",
+            ));
+        }
+        self.registrations.register(instance, ttl).await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        self.deregister
-            .run(async {
-                self.shared.check_open()?;
-                self.registrations.deregister(service, id).await
-            })
-            .await
+        self.shared.check_open()?;
+        self.registrations.deregister(service, id).await
     }
 
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {
-        self.update
-            .run(async {
-                self.shared.check_open()?;
-                self.registrations.update(instance).await
-            })
-            .await
+        self.shared.check_open()?;
+        self.registrations.update(instance).await
     }
 
     async fn list_services(&self) -> Result<Vec<String>> {
-        self.list.run_sync(|| {
-            self.shared.check_open()?;
-            let now = Instant::now();
-            let state = self.shared.registry.state();
-            let mut names: Vec<String> = state
-                .instances
-                .iter()
-                .filter(|(_, e)| e.expires_at > now)
-                .map(|((s, _), _)| s.clone())
-                .collect();
-            names.dedup();
-            Ok(names)
-        })
+        self.shared.check_open()?;
+        let now = Instant::now();
+        let state = self.shared.registry.state();
+        let mut names: Vec<String> = state
+            .instances
+            .iter()
+            .filter(|(_, e)| e.expires_at > now)
+            .map(|((s, _), _)| s.clone())
+            .collect();
+        names.dedup();
+        Ok(names)
     }
 }
 
-/// The discovery handle of a [`MemoryBackend`](crate::MemoryBackend).
+/// The discovery handle of a [`MemoryBackend`](crate::MemoryBackend). The
+/// backend hands it out inside an
+/// [`ObservedDiscovery`](im_infra::layer::ObservedDiscovery), which checks
+/// the service names and does the telemetry.
 pub struct MemoryDiscovery {
     shared: Arc<Shared>,
-    instances: OpMetrics,
-    watch: OpMetrics,
 }
 
 impl std::fmt::Debug for MemoryDiscovery {
@@ -374,12 +366,7 @@ impl std::fmt::Debug for MemoryDiscovery {
 
 impl MemoryDiscovery {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "registry", op);
-        MemoryDiscovery {
-            shared,
-            instances: m("discovery.instances"),
-            watch: m("discovery.watch"),
-        }
+        MemoryDiscovery { shared }
     }
 }
 
@@ -390,33 +377,27 @@ impl ServiceDiscovery for MemoryDiscovery {
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {
-        self.instances.run_sync(|| {
-            self.shared.check_open()?;
-            validate::name("service name", service)?;
-            Ok(self.shared.registry.live(service))
-        })
+        self.shared.check_open()?;
+        Ok(self.shared.registry.live(service))
     }
 
     async fn watch(&self, service: &str) -> Result<ServiceEventStream> {
-        self.watch.run_sync(|| {
-            self.shared.check_open()?;
-            validate::name("service name", service)?;
-            let (tx, rx) = mpsc::unbounded_channel();
-            let now = Instant::now();
-            let mut state = self.shared.registry.state();
-            for ((s, _), e) in state.instances.iter() {
-                if s == service && e.expires_at > now {
-                    let _ = tx.send(Ok(ServiceEvent {
-                        kind: ServiceEventKind::Add,
-                        instance: e.instance.clone(),
-                    }));
-                }
+        self.shared.check_open()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let mut state = self.shared.registry.state();
+        for ((s, _), e) in state.instances.iter() {
+            if s == service && e.expires_at > now {
+                let _ = tx.send(Ok(ServiceEvent {
+                    kind: ServiceEventKind::Add,
+                    instance: e.instance.clone(),
+                }));
             }
-            state.watchers.push((service.to_owned(), tx));
-            let stop = self.shared.shutdown.clone();
-            Ok(UnboundedReceiverStream::new(rx)
-                .take_until(async move { stop.cancelled().await })
-                .boxed())
-        })
+        }
+        state.watchers.push((service.to_owned(), tx));
+        let stop = self.shared.shutdown.clone();
+        Ok(UnboundedReceiverStream::new(rx)
+            .take_until(async move { stop.cancelled().await })
+            .boxed())
     }
 }

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_infra::lease::{Lease, LeaseBackend, Tick};
-use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 
 use crate::Shared;
 
@@ -67,9 +66,11 @@ impl WorkerStore {
 }
 
 /// The worker-id allocator of a [`MemoryBackend`](crate::MemoryBackend).
+/// The backend hands it out inside an
+/// [`ObservedWorkerIds`](im_infra::layer::ObservedWorkerIds), which checks
+/// the TTL and does the telemetry.
 pub struct MemoryWorkerIds {
     shared: Arc<Shared>,
-    allocate: OpMetrics,
 }
 
 impl std::fmt::Debug for MemoryWorkerIds {
@@ -80,51 +81,45 @@ impl std::fmt::Debug for MemoryWorkerIds {
 
 impl MemoryWorkerIds {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        MemoryWorkerIds {
-            shared,
-            allocate: OpMetrics::new(crate::NAME, "uid", "uid.allocate"),
-        }
+        MemoryWorkerIds { shared }
     }
 }
 
 #[async_trait]
 impl WorkerIdAllocator for MemoryWorkerIds {
     async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
-        self.allocate.run_sync(|| {
-            self.shared.check_open()?;
-            validate::ttl(ttl)?;
-            let sent = Tick::now();
-            let now = Instant::now();
-            let token = uuid::Uuid::new_v4().to_string();
-            let mut leases = self.shared.workers.leases();
-            leases.held.retain(|_, (_, exp)| *exp > now);
-            let id = (0..=max_worker_id)
-                .find(|id| !leases.held.contains_key(id))
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::ResourceExhausted,
-                        format!(
-                            "all {} worker ids are leased",
-                            max_worker_id.saturating_add(1)
-                        ),
-                    )
-                })?;
-            leases.held.insert(id, (token.clone(), now + ttl));
-            let not_before = leases.last_millis.get(&id).copied().unwrap_or(0);
-            let last = last_timestamp_bound(ttl);
-            leases.last_millis.insert(id, not_before.max(last));
-            drop(leases);
-            let lease = Lease::start(
-                HeldWorkerId {
-                    shared: self.shared.clone(),
-                    id,
-                    token,
-                },
-                WorkerLease::lease_options(crate::NAME, ttl),
-                sent,
-            );
-            Ok(WorkerLease::new(id, lease).with_not_before(not_before))
-        })
+        self.shared.check_open()?;
+        let sent = Tick::now();
+        let now = Instant::now();
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut leases = self.shared.workers.leases();
+        leases.held.retain(|_, (_, exp)| *exp > now);
+        let id = (0..=max_worker_id)
+            .find(|id| !leases.held.contains_key(id))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::ResourceExhausted,
+                    format!(
+                        "all {} worker ids are leased",
+                        max_worker_id.saturating_add(1)
+                    ),
+                )
+            })?;
+        leases.held.insert(id, (token.clone(), now + ttl));
+        let not_before = leases.last_millis.get(&id).copied().unwrap_or(0);
+        let last = last_timestamp_bound(ttl);
+        leases.last_millis.insert(id, not_before.max(last));
+        drop(leases);
+        let lease = Lease::start(
+            HeldWorkerId {
+                shared: self.shared.clone(),
+                id,
+                token,
+            },
+            WorkerLease::lease_options(crate::NAME, ttl),
+            sent,
+        );
+        Ok(WorkerLease::new(id, lease).with_not_before(not_before))
     }
 }
 

@@ -5,14 +5,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use im_infra::backend::Closable;
 use im_infra::mq::{Consumer, ConsumerCapabilities, ConsumerConfig, Handler, ReceivedMessage};
+use im_infra::telemetry::{with_timeout, OpMetrics};
 use im_infra::{Error, ErrorKind, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
+/// How long [`Backend::close`](im_infra::backend::Backend::close) waits for
+/// a running consumer to finish its in-flight message and leave the group.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One member of a consumer group on a [`MemoryBackend`](crate::MemoryBackend).
+/// Each handler attempt is one `mq.handle` operation and each dead-lettered
+/// message one `mq.dead_letter` operation (span and metrics); the backend
+/// hands it out inside an [`ObservedConsumer`](im_infra::layer::ObservedConsumer)
+/// (`mq.run`, `mq.shutdown`, ...) and shuts it down when it closes.
 pub struct MemoryConsumer {
     shared: Arc<Shared>,
     config: ConsumerConfig,
@@ -22,6 +32,8 @@ pub struct MemoryConsumer {
     running: AtomicBool,
     /// `true` while `run` is active.
     active: watch::Sender<bool>,
+    handle_op: OpMetrics,
+    dead_letter_op: OpMetrics,
 }
 
 impl std::fmt::Debug for MemoryConsumer {
@@ -68,6 +80,8 @@ impl MemoryConsumer {
             stop: CancellationToken::new(),
             running: AtomicBool::new(false),
             active: watch::channel(false).0,
+            handle_op: OpMetrics::new(crate::NAME, "mq", "mq.handle"),
+            dead_letter_op: OpMetrics::new(crate::NAME, "mq", "mq.dead_letter"),
         })
     }
 
@@ -76,7 +90,7 @@ impl MemoryConsumer {
         let mut finite = retry.delays();
         let mut forever = retry.delays_forever();
         loop {
-            let err = match handler.handle(&msg).await {
+            let err = match self.handle_op.run(handler.handle(&msg)).await {
                 Ok(()) => return Handled::Commit,
                 Err(e) => e,
             };
@@ -86,7 +100,10 @@ impl MemoryConsumer {
                 Some(forever.next().unwrap_or(retry.max_interval))
             };
             let Some(delay) = delay else {
-                return match self.dead_letter(&msg, &err) {
+                return match self
+                    .dead_letter_op
+                    .run_sync(|| self.dead_letter(&msg, &err))
+                {
                     Ok(()) => Handled::Commit,
                     Err(e) => {
                         tracing::error!(error = %e, "dead-lettering failed; the message stays uncommitted");
@@ -197,6 +214,16 @@ impl Consumer for MemoryConsumer {
     async fn resume(&self) -> Result<()> {
         self.paused.send_replace(false);
         Ok(())
+    }
+}
+
+/// Closed with the backend: shut down, within 10 s.
+#[async_trait]
+impl Closable for MemoryConsumer {
+    async fn close(&self) -> Result<()> {
+        with_timeout(CLOSE_TIMEOUT, "mq.shutdown", self.shutdown())
+            .await
+            .map_err(|e| e.with_backend(crate::NAME))
     }
 }
 

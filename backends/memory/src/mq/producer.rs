@@ -6,18 +6,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::mq::{Delivery, Message, Producer};
-use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
 
 use crate::Shared;
 
 /// A producer on a [`MemoryBackend`](crate::MemoryBackend). Topics are
-/// created on first use with the backend's default partition count.
+/// created on first use with the backend's default partition count. Each
+/// message is checked against the backend's `max_message_bytes`. The
+/// backend hands it out inside an
+/// [`ObservedProducer`](im_infra::layer::ObservedProducer), which does the
+/// telemetry.
 pub struct MemoryProducer {
     shared: Arc<Shared>,
     closed: AtomicBool,
-    produce: OpMetrics,
-    batch: OpMetrics,
 }
 
 impl std::fmt::Debug for MemoryProducer {
@@ -28,12 +29,9 @@ impl std::fmt::Debug for MemoryProducer {
 
 impl MemoryProducer {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "mq", op);
         MemoryProducer {
             shared,
             closed: AtomicBool::new(false),
-            produce: m("mq.produce"),
-            batch: m("mq.produce_batch"),
         }
     }
 
@@ -53,12 +51,11 @@ impl MemoryProducer {
 #[async_trait]
 impl Producer for MemoryProducer {
     async fn produce(&self, message: Message) -> Result<Delivery> {
-        self.produce.run_sync(|| self.send(message))
+        self.send(message)
     }
 
     async fn produce_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<Delivery>>> {
-        self.batch
-            .run_sync(|| Ok(messages.into_iter().map(|m| self.send(m)).collect()))
+        Ok(messages.into_iter().map(|m| self.send(m)).collect())
     }
 
     async fn flush(&self, _timeout: Duration) -> Result<()> {
