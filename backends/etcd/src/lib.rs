@@ -18,7 +18,8 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! //! use im_infra::lock::LockExt;
+//! use im_infra::backend::Backend;
+//! use im_infra::lock::LockExt;
 //! use im_infra_etcd::EtcdBackend;
 //!
 //! # async fn demo() -> im_infra::Result<()> {
