@@ -16,8 +16,7 @@ use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
     WatchStream,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 
 use crate::connection::ConnectionManager;
 
@@ -36,14 +35,12 @@ use crate::connection::ConnectionManager;
 /// every key that may differ and continues from etcd's revision
 /// ([`WatchCursor::resync_regressed`]). The loop itself is the shared
 /// driver ([`im_infra::config::watch_driver`]).
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedConfigCenter`](im_infra::layer::ObservedConfigCenter):
+/// argument checks, value sizes, telemetry).
 pub struct EtcdConfigCenter {
     conn: Arc<ConnectionManager>,
-    get: OpMetrics,
-    set: OpMetrics,
-    delete: OpMetrics,
-    list: OpMetrics,
-    cas: OpMetrics,
-    watch: OpMetrics,
 }
 
 impl std::fmt::Debug for EtcdConfigCenter {
@@ -54,16 +51,7 @@ impl std::fmt::Debug for EtcdConfigCenter {
 
 impl EtcdConfigCenter {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "config", op);
-        EtcdConfigCenter {
-            conn,
-            get: m("config.get"),
-            set: m("config.set"),
-            delete: m("config.delete"),
-            list: m("config.list"),
-            cas: m("config.compare_and_set"),
-            watch: m("config.watch"),
-        }
+        EtcdConfigCenter { conn }
     }
 
     fn full(&self, key: &str) -> String {
@@ -73,10 +61,6 @@ impl EtcdConfigCenter {
     fn strip<'a>(&self, full: &'a str) -> &'a str {
         full.strip_prefix(self.conn.cfg().namespace.as_str())
             .unwrap_or(full)
-    }
-
-    fn check_value(&self, v: &Bytes) -> Result<()> {
-        validate::value(v.len(), self.conn.cfg().max_value_bytes)
     }
 
     async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
@@ -252,119 +236,87 @@ impl ConfigCenter for EtcdConfigCenter {
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
-        self.get
-            .run(async {
-                validate::key(key)?;
-                let full = self.full(key);
-                let r = self
-                    .conn
-                    .call("config.get", |mut c| async move { c.get(full, None).await })
-                    .await?;
-                Ok(r.kvs().first().map(|kv| Versioned {
-                    value: Bytes::copy_from_slice(kv.value()),
-                    version: kv.mod_revision() as u64,
-                }))
-            })
-            .await
+        let full = self.full(key);
+        let r = self
+            .conn
+            .call("config.get", |mut c| async move { c.get(full, None).await })
+            .await?;
+        Ok(r.kvs().first().map(|kv| Versioned {
+            value: Bytes::copy_from_slice(kv.value()),
+            version: kv.mod_revision() as u64,
+        }))
     }
 
     async fn set(&self, key: &str, value: Bytes) -> Result<u64> {
-        self.set
-            .run(async {
-                validate::key(key)?;
-                self.check_value(&value)?;
-                let full = self.full(key);
-                let r = self
-                    .conn
-                    .call("config.set", |mut c| async move {
-                        c.put(full, value.to_vec(), None).await
-                    })
-                    .await?;
-                Ok(r.header().map_or(0, |h| h.revision()) as u64)
+        let full = self.full(key);
+        let r = self
+            .conn
+            .call("config.set", |mut c| async move {
+                c.put(full, value.to_vec(), None).await
             })
-            .await
+            .await?;
+        Ok(r.header().map_or(0, |h| h.revision()) as u64)
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.delete
-            .run(async {
-                validate::key(key)?;
-                let full = self.full(key);
-                let r = self
-                    .conn
-                    .call("config.delete", |mut c| async move {
-                        c.delete(full, None).await
-                    })
-                    .await?;
-                Ok(r.deleted() > 0)
+        let full = self.full(key);
+        let r = self
+            .conn
+            .call("config.delete", |mut c| async move {
+                c.delete(full, None).await
             })
-            .await
+            .await?;
+        Ok(r.deleted() > 0)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        self.list
-            .run(async {
-                validate::prefix(prefix)?;
-                let full = self.full(prefix);
-                let opts = GetOptions::new().with_prefix().with_keys_only();
-                let opts = if full.is_empty() {
-                    GetOptions::new().with_all_keys().with_keys_only()
-                } else {
-                    opts
-                };
-                let r = self
-                    .conn
-                    .call("config.list", |mut c| async move {
-                        c.get(full, Some(opts)).await
-                    })
-                    .await?;
-                let mut keys: Vec<String> = r
-                    .kvs()
-                    .iter()
-                    .map(|kv| self.strip(&String::from_utf8_lossy(kv.key())).to_owned())
-                    .collect();
-                keys.sort();
-                Ok(keys)
+        let full = self.full(prefix);
+        let opts = if full.is_empty() {
+            GetOptions::new().with_all_keys().with_keys_only()
+        } else {
+            GetOptions::new().with_prefix().with_keys_only()
+        };
+        let r = self
+            .conn
+            .call("config.list", |mut c| async move {
+                c.get(full, Some(opts)).await
             })
-            .await
+            .await?;
+        let mut keys: Vec<String> = r
+            .kvs()
+            .iter()
+            .map(|kv| self.strip(&String::from_utf8_lossy(kv.key())).to_owned())
+            .collect();
+        keys.sort();
+        Ok(keys)
     }
 
     async fn compare_and_set(&self, key: &str, value: Bytes, expected_version: u64) -> Result<u64> {
-        self.cas
-            .run(async {
-                validate::key(key)?;
-                self.check_value(&value)?;
-                let full = self.full(key);
-                let cmp = if expected_version == 0 {
-                    Compare::create_revision(full.clone(), CompareOp::Equal, 0)
-                } else {
-                    Compare::mod_revision(full.clone(), CompareOp::Equal, expected_version as i64)
-                };
-                let txn = Txn::new()
-                    .when([cmp])
-                    .and_then([TxnOp::put(full, value.to_vec(), None)]);
-                let r = self
-                    .conn
-                    .call("config.cas", |mut c| async move { c.txn(txn).await })
-                    .await?;
-                if !r.succeeded() {
-                    return Err(conflict(key, expected_version));
-                }
-                Ok(r.header().map_or(0, |h| h.revision()) as u64)
-            })
-            .await
+        let full = self.full(key);
+        let cmp = if expected_version == 0 {
+            Compare::create_revision(full.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(full.clone(), CompareOp::Equal, expected_version as i64)
+        };
+        let txn = Txn::new()
+            .when([cmp])
+            .and_then([TxnOp::put(full, value.to_vec(), None)]);
+        let r = self
+            .conn
+            .call("config.cas", |mut c| async move { c.txn(txn).await })
+            .await?;
+        if !r.succeeded() {
+            return Err(conflict(key, expected_version));
+        }
+        Ok(r.header().map_or(0, |h| h.revision()) as u64)
     }
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.watch
-            .run(async { self.open_watch(WatchTarget::key(key)?, opts).await })
-            .await
+        self.open_watch(WatchTarget::key(key)?, opts).await
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.watch
-            .run(async { self.open_watch(WatchTarget::prefix(prefix)?, opts).await })
-            .await
+        self.open_watch(WatchTarget::prefix(prefix)?, opts).await
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use etcd_client::{Client, ConnectOptions, GetOptions};
+use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,12 @@ pub struct ConnectionStatus {
 /// The underlying gRPC channel reconnects by itself when a member comes
 /// back; [`reconnect`](Self::reconnect) builds a new client explicitly (for
 /// changed credentials, or a stuck channel).
+///
+/// [`connect`](Self::connect), [`disconnect`](Self::disconnect),
+/// [`reconnect`](Self::reconnect) and [`health_check`](Self::health_check)
+/// are operations (`connection.connect`, ...: one span, counted in
+/// `im_infra_ops_total{backend="etcd",capability="connection"}`); the
+/// background health checker's own checks are not counted.
 pub struct ConnectionManager {
     cfg: EtcdConfig,
     client: ArcSwapOption<Client>,
@@ -40,6 +47,14 @@ pub struct ConnectionManager {
     closed: AtomicBool,
     /// Cancelled on close: stops keep-alives, watches and the health checker.
     pub(crate) shutdown: CancellationToken,
+    ops: ConnectionOps,
+}
+
+struct ConnectionOps {
+    connect: OpMetrics,
+    disconnect: OpMetrics,
+    reconnect: OpMetrics,
+    health_check: OpMetrics,
 }
 
 impl std::fmt::Debug for ConnectionManager {
@@ -53,6 +68,7 @@ impl std::fmt::Debug for ConnectionManager {
 impl ConnectionManager {
     pub(crate) fn new(cfg: EtcdConfig) -> Self {
         let endpoint = cfg.endpoints.join(",");
+        let m = |op| OpMetrics::new(crate::NAME, "connection", op);
         ConnectionManager {
             cfg,
             client: ArcSwapOption::empty(),
@@ -62,6 +78,12 @@ impl ConnectionManager {
             }),
             closed: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
+            ops: ConnectionOps {
+                connect: m("connection.connect"),
+                disconnect: m("connection.disconnect"),
+                reconnect: m("connection.reconnect"),
+                health_check: m("connection.health_check"),
+            },
         }
     }
 
@@ -115,6 +137,10 @@ impl ConnectionManager {
     /// Connects (replacing any previous client) and checks that etcd
     /// answers, within the dial timeout.
     pub async fn connect(&self) -> Result<()> {
+        self.ops.connect.run(self.connect_raw()).await
+    }
+
+    async fn connect_raw(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(self.closed_error());
         }
@@ -126,11 +152,18 @@ impl ConnectionManager {
             Err(_) => return Err(self.failed(self.timeout("connect", self.cfg.dial_timeout))),
         };
         self.client.store(Some(Arc::new(client)));
-        self.health_check().await
+        self.check().await
     }
 
     /// Drops the client; requests fail with `Closed` until `connect`.
     pub fn disconnect(&self) {
+        let _ = self.ops.disconnect.run_sync(|| {
+            self.drop_client();
+            Ok(())
+        });
+    }
+
+    fn drop_client(&self) {
         self.client.store(None);
         let mut s = self.status_mut();
         s.connected = false;
@@ -144,6 +177,12 @@ impl ConnectionManager {
     /// A linearizable read (needs a leader), bounded by the health-check
     /// timeout; updates the status.
     pub async fn health_check(&self) -> Result<()> {
+        self.ops.health_check.run(self.check()).await
+    }
+
+    /// [`health_check`](Self::health_check) outside any operation: for the
+    /// background checker, connecting, and the backend's own health check.
+    pub(crate) async fn check(&self) -> Result<()> {
         let key = format!("{}/im-infra/health", self.cfg.namespace);
         let timeout = self.cfg.health_check_timeout;
         let res = self
@@ -169,8 +208,13 @@ impl ConnectionManager {
 
     /// Builds a new client and checks it.
     pub async fn reconnect(&self) -> Result<()> {
-        self.disconnect();
-        self.connect().await
+        self.ops
+            .reconnect
+            .run(async {
+                self.drop_client();
+                self.connect_raw().await
+            })
+            .await
     }
 
     /// The connection status.
@@ -188,13 +232,20 @@ impl ConnectionManager {
         })
     }
 
-    pub(crate) fn close(&self) {
+    /// Closes the connection for good: watches, keep-alives and the
+    /// health checker stop, and every request fails with `Closed` from now
+    /// on (`connect` too). [`Backend::close`](im_infra::backend::Backend::close)
+    /// of the backend does this after closing what it handed out
+    /// (deregistering instances); closing only the connection leaves
+    /// registrations to expire on etcd. Idempotent.
+    pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.shutdown.cancel();
-        self.disconnect();
+        self.drop_client();
     }
 
-    pub(crate) fn is_closed(&self) -> bool {
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
@@ -250,7 +301,7 @@ impl ConnectionManager {
         loop {
             let Some(me) = this.upgrade() else { return };
             let (interval, stop) = (me.cfg.health_check_interval, me.shutdown.clone());
-            if let Err(e) = me.health_check().await {
+            if let Err(e) = me.check().await {
                 tracing::warn!(error = %e, "etcd health check failed");
             }
             drop(me);

@@ -2,12 +2,14 @@
 //! keep-alive every lease-backed capability uses.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, LeaseTimeToLiveOptions};
+use im_infra::backend::{Closable, HandedOut};
 use im_infra::lease::{Lease, LeaseBackend, LeaseOptions, Tick};
+use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +40,9 @@ pub struct LeaseInfo {
     pub keys: Vec<String>,
 }
 
-/// Creates, keeps alive, inspects and revokes leases.
+/// Creates, keeps alive, inspects and revokes leases. Each method is one
+/// operation (`lease.create`, `lease.keep_alive`, ...: one span, counted in
+/// `im_infra_ops_total{backend="etcd",capability="lease"}`).
 ///
 /// ```no_run
 /// # async fn demo(backend: im_infra_etcd::EtcdBackend) -> im_infra::Result<()> {
@@ -54,6 +58,18 @@ pub struct LeaseInfo {
 #[derive(Clone)]
 pub struct LeaseManager {
     conn: Arc<ConnectionManager>,
+    /// Where keep-alives are tracked, to stop with the backend.
+    handed_out: Arc<HandedOut>,
+    ops: Arc<LeaseOps>,
+}
+
+struct LeaseOps {
+    create: OpMetrics,
+    keep_alive: OpMetrics,
+    revoke: OpMetrics,
+    info: OpMetrics,
+    list: OpMetrics,
+    refresh: OpMetrics,
 }
 
 impl std::fmt::Debug for LeaseManager {
@@ -70,126 +86,209 @@ fn lost(id: i64) -> Error {
     .with_backend(crate::NAME)
 }
 
+/// Revokes the lease (its keys are deleted); `LeaseLost` when it is gone.
+/// The backend's own revocations take this path, outside any `lease.*`
+/// operation.
+pub(crate) async fn revoke(conn: &ConnectionManager, id: i64) -> Result<()> {
+    conn.call(
+        "lease.revoke",
+        |mut c| async move { c.lease_revoke(id).await },
+    )
+    .await
+    .map(drop)
+    .map_err(|e| {
+        if e.kind() == ErrorKind::LeaseLost {
+            lost(id)
+        } else {
+            e
+        }
+    })
+}
+
+/// What etcd knows of the lease; `LeaseLost` when it is gone.
+pub(crate) async fn info(conn: &ConnectionManager, id: i64) -> Result<LeaseInfo> {
+    let r = conn
+        .call("lease.time_to_live", |mut c| async move {
+            c.lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys()))
+                .await
+        })
+        .await?;
+    if r.ttl() < 0 {
+        return Err(lost(id));
+    }
+    Ok(LeaseInfo {
+        id,
+        ttl: Duration::from_secs(r.ttl() as u64),
+        granted_ttl: Duration::from_secs(r.granted_ttl().max(0) as u64),
+        keys: r
+            .keys()
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect(),
+    })
+}
+
 impl LeaseManager {
-    pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
-        LeaseManager { conn }
+    pub(crate) fn new(conn: Arc<ConnectionManager>, handed_out: Arc<HandedOut>) -> Self {
+        let m = |op| OpMetrics::new(crate::NAME, "lease", op);
+        LeaseManager {
+            conn,
+            handed_out,
+            ops: Arc::new(LeaseOps {
+                create: m("lease.create"),
+                keep_alive: m("lease.keep_alive"),
+                revoke: m("lease.revoke"),
+                info: m("lease.info"),
+                list: m("lease.list"),
+                refresh: m("lease.refresh"),
+            }),
+        }
     }
 
     /// Grants a lease of `ttl` (whole seconds, at least [`MIN_TTL`]).
     pub async fn create(&self, ttl: Duration) -> Result<i64> {
-        im_infra::validate::ttl(ttl)?;
-        let secs = lease_secs(ttl);
-        let r = self
-            .conn
-            .call("lease.grant", |mut c| async move {
-                c.lease_grant(secs, None).await
+        self.ops
+            .create
+            .run(async {
+                im_infra::validate::ttl(ttl)?;
+                let secs = lease_secs(ttl);
+                let r = self
+                    .conn
+                    .call("lease.grant", |mut c| async move {
+                        c.lease_grant(secs, None).await
+                    })
+                    .await?;
+                Ok(r.id())
             })
-            .await?;
-        Ok(r.id())
+            .await
     }
 
     /// Renews the lease in the background until the returned handle is
-    /// dropped; the handle's `lost` token fires if the lease is lost.
+    /// dropped or the backend closes; the handle's `lost` token fires if
+    /// the lease is lost (or the renewals stop).
     pub async fn keep_alive(&self, id: i64) -> Result<KeepAlive> {
-        let sent = Tick::now();
-        let info = self.info(id).await?;
-        // Until the first renewal, the deadline counts from what etcd
-        // reported as left (whole seconds, rounded down).
-        let lease = Lease::start(
-            EtcdLease::new(self.conn.clone(), id),
-            LeaseOptions::new(info.ttl.max(Duration::from_millis(1))).labels(crate::NAME, "lease"),
-            sent,
-        );
-        // Renew at once: from then on a full TTL, renewed every third of it.
-        if let Err(e) = lease
-            .refresh(info.granted_ttl.max(Duration::from_secs(1)))
+        self.ops
+            .keep_alive
+            .run(async {
+                let sent = Tick::now();
+                let info = info(&self.conn, id).await?;
+                // Until the first renewal, the deadline counts from what etcd
+                // reported as left (whole seconds, rounded down).
+                let lease = Lease::start(
+                    EtcdLease::new(self.conn.clone(), id),
+                    LeaseOptions::new(info.ttl.max(Duration::from_millis(1)))
+                        .labels(crate::NAME, "lease"),
+                    sent,
+                );
+                // Renew at once: from then on a full TTL, renewed every third of it.
+                if let Err(e) = lease
+                    .refresh(info.granted_ttl.max(Duration::from_secs(1)))
+                    .await
+                {
+                    tracing::debug!(lease = format!("{id:x}"), error = %e, "first keep-alive failed; the keeper retries");
+                }
+                let lost = lease.lost();
+                let kept = Arc::new(Kept(Mutex::new(Some(lease))));
+                self.handed_out.track(&kept);
+                Ok(KeepAlive { id, lost, kept })
+            })
             .await
-        {
-            tracing::debug!(lease = format!("{id:x}"), error = %e, "first keep-alive failed; the keeper retries");
-        }
-        Ok(KeepAlive {
-            id,
-            lease: Some(lease),
-        })
     }
 
     /// Revokes the lease (its keys are deleted).
     pub async fn revoke(&self, id: i64) -> Result<()> {
-        self.conn
-            .call(
-                "lease.revoke",
-                |mut c| async move { c.lease_revoke(id).await },
-            )
-            .await
-            .map(drop)
-            .map_err(|e| {
-                if e.kind() == ErrorKind::LeaseLost {
-                    lost(id)
-                } else {
-                    e
-                }
-            })
+        self.ops.revoke.run(revoke(&self.conn, id)).await
     }
 
     /// What etcd knows of the lease; `LeaseLost` when it is gone.
     pub async fn info(&self, id: i64) -> Result<LeaseInfo> {
-        let r = self
-            .conn
-            .call("lease.time_to_live", |mut c| async move {
-                c.lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys()))
-                    .await
-            })
-            .await?;
-        if r.ttl() < 0 {
-            return Err(lost(id));
-        }
-        Ok(LeaseInfo {
-            id,
-            ttl: Duration::from_secs(r.ttl() as u64),
-            granted_ttl: Duration::from_secs(r.granted_ttl().max(0) as u64),
-            keys: r
-                .keys()
-                .iter()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-                .collect(),
-        })
+        self.ops.info.run(info(&self.conn, id)).await
     }
 
     /// Ids of every lease of the cluster.
     pub async fn list(&self) -> Result<Vec<i64>> {
-        let r = self
-            .conn
-            .call("lease.leases", |mut c| async move { c.leases().await })
-            .await?;
-        Ok(r.leases().iter().map(|l| l.id()).collect())
+        self.ops
+            .list
+            .run(async {
+                let r = self
+                    .conn
+                    .call("lease.leases", |mut c| async move { c.leases().await })
+                    .await?;
+                Ok(r.leases().iter().map(|l| l.id()).collect())
+            })
+            .await
     }
 
     /// Renews the lease once; returns its TTL afterwards.
     pub async fn refresh(&self, id: i64) -> Result<Duration> {
-        let ttl = self
-            .conn
-            .call("lease.keep_alive", |mut c| async move {
-                let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
-                keeper.keep_alive().await?;
-                Ok(stream.message().await?.map_or(0, |r| r.ttl()))
+        self.ops
+            .refresh
+            .run(async {
+                let ttl = self
+                    .conn
+                    .call("lease.keep_alive", |mut c| async move {
+                        let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                        keeper.keep_alive().await?;
+                        Ok(stream.message().await?.map_or(0, |r| r.ttl()))
+                    })
+                    .await?;
+                if ttl <= 0 {
+                    return Err(lost(id));
+                }
+                Ok(Duration::from_secs(ttl as u64))
             })
-            .await?;
-        if ttl <= 0 {
-            return Err(lost(id));
+            .await
+    }
+}
+
+/// The renewals behind a [`KeepAlive`], stopped by the handle or by the
+/// backend's close (the lease then expires on etcd after its TTL).
+struct Kept(Mutex<Option<Lease>>);
+
+impl Kept {
+    fn stop(&self) {
+        let lease = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(lease) = lease {
+            lease.detach();
         }
-        Ok(Duration::from_secs(ttl as u64))
+    }
+
+    fn is_held(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(Lease::is_held)
+    }
+}
+
+#[async_trait]
+impl Closable for Kept {
+    async fn close(&self) -> Result<()> {
+        self.stop();
+        Ok(())
     }
 }
 
 /// A lease renewed in the background by the lease core
 /// ([`im_infra::lease::Lease`]): every third of its TTL, with a local
 /// deadline, and [`lost`](KeepAlive::lost) fired when etcd reports the lease
-/// gone or the deadline passes without a successful renewal. Dropping it
-/// stops the renewals (the lease then expires after its TTL unless revoked).
-#[derive(Debug)]
+/// gone or the deadline passes without a successful renewal. Dropping it,
+/// or closing the backend, stops the renewals (the lease then expires after
+/// its TTL unless revoked).
 pub struct KeepAlive {
     id: i64,
-    lease: Option<Lease>,
+    lost: CancellationToken,
+    kept: Arc<Kept>,
+}
+
+impl std::fmt::Debug for KeepAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeepAlive")
+            .field("id", &format_args!("{:x}", self.id))
+            .field("held", &self.is_held())
+            .finish()
+    }
 }
 
 impl KeepAlive {
@@ -198,22 +297,21 @@ impl KeepAlive {
         self.id
     }
 
-    /// Cancelled when the lease is found expired or revoked, or cannot be
-    /// renewed before its local deadline.
+    /// Cancelled when the lease is found expired or revoked, cannot be
+    /// renewed before its local deadline, or the renewals stop (the handle
+    /// stopped, the backend closed).
     pub fn lost(&self) -> CancellationToken {
-        self.lease.as_ref().map(Lease::lost).unwrap_or_default()
+        self.lost.clone()
     }
 
     /// Whether the lease is held (before its local deadline, not lost).
     pub fn is_held(&self) -> bool {
-        self.lease.as_ref().is_some_and(Lease::is_held)
+        self.kept.is_held()
     }
 
     /// Stops renewing (the lease expires on etcd after its TTL).
     pub fn stop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.detach();
-        }
+        self.kept.stop();
     }
 }
 
@@ -321,7 +419,7 @@ impl EtcdLease {
     /// Revokes the lease (its keys are deleted). `Ok(false)` when it was
     /// already gone.
     pub(crate) async fn revoke(&self) -> Result<bool> {
-        match LeaseManager::new(self.conn.clone()).revoke(self.id()).await {
+        match revoke(&self.conn, self.id()).await {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::LeaseLost => Ok(false),
             Err(e) => Err(e),
@@ -330,9 +428,9 @@ impl EtcdLease {
 
     /// Revokes in the background (best effort).
     pub(crate) fn revoke_later(conn: &Arc<ConnectionManager>, id: i64) {
-        let leases = LeaseManager::new(conn.clone());
+        let conn = conn.clone();
         tokio::spawn(async move {
-            let _ = leases.revoke(id).await;
+            let _ = revoke(&conn, id).await;
         });
     }
 }

@@ -18,7 +18,8 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! //! use im_infra::lock::LockExt;
+//! use im_infra::backend::Backend;
+//! use im_infra::lock::LockExt;
 //! use im_infra_etcd::EtcdBackend;
 //!
 //! # async fn demo() -> im_infra::Result<()> {
@@ -48,16 +49,21 @@ mod registry;
 mod worker_id;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability};
+use im_infra::backend::{Backend, Capability, HandedOut};
 use im_infra::config::ConfigCenter;
+use im_infra::layer::{
+    ObservedConfigCenter, ObservedDiscovery, ObservedLock, ObservedOnce, ObservedRegistry,
+    ObservedWorkerIds,
+};
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
 use im_infra::secret::Secret;
+use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::{Result, RetryConfig};
 
@@ -245,20 +251,29 @@ impl EtcdBackendBuilder {
         let conn = Arc::new(ConnectionManager::new(cfg));
         conn.connect().await?;
         tokio::spawn(ConnectionManager::health_loop(Arc::downgrade(&conn)));
+        let handed_out = Arc::new(HandedOut::default());
         Ok(EtcdBackend {
+            leases: LeaseManager::new(conn.clone(), handed_out.clone()),
             conn,
-            registries: Arc::new(Mutex::new(Vec::new())),
-            provider_registry: Arc::new(std::sync::OnceLock::new()),
+            handed_out,
+            health: OpMetrics::new(NAME, "backend", "backend.health_check"),
         })
     }
 }
 
 /// The etcd backend (the original `EtcdManager`). Cheap to clone.
+///
+/// Its accessors hand out the raw capabilities wrapped in the layers of
+/// [`im_infra::layer`] (argument checks, one span and the operation
+/// metrics per call). Registries and lease keep-alives it handed out are
+/// closed with it ([`HandedOut`]).
 #[derive(Clone)]
 pub struct EtcdBackend {
     conn: Arc<ConnectionManager>,
-    registries: Arc<Mutex<Vec<std::sync::Weak<EtcdRegistry>>>>,
-    provider_registry: Arc<std::sync::OnceLock<Arc<EtcdRegistry>>>,
+    /// Registries (deregistered on close) and keep-alives (stopped).
+    handed_out: Arc<HandedOut>,
+    leases: LeaseManager,
+    health: OpMetrics,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -326,22 +341,14 @@ impl EtcdBackend {
         &self.conn
     }
 
-    /// The lease manager.
+    /// The lease manager. Its keep-alives stop when the backend closes.
     pub fn leases(&self) -> LeaseManager {
-        LeaseManager::new(self.conn.clone())
+        self.leases.clone()
     }
 
     /// The raw `etcd-client` client.
     pub fn client(&self) -> Result<etcd_client::Client> {
         self.conn.client()
-    }
-
-    fn new_registry(&self) -> Arc<EtcdRegistry> {
-        let reg = Arc::new(EtcdRegistry::new(self.conn.clone()));
-        let mut all = self.registries.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|w| w.strong_count() > 0);
-        all.push(Arc::downgrade(&reg));
-        reg
     }
 
     /// Fault injection: revokes the lease of a registered instance; its
@@ -392,54 +399,54 @@ impl Backend for EtcdBackend {
 
     async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
         self.conn.client()?;
-        Ok(Arc::new(EtcdLock::new(self.conn.clone())))
+        let raw = EtcdLock::new(self.conn.clone());
+        Ok(Arc::new(ObservedLock::new(NAME, raw)))
     }
 
     async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
         self.conn.client()?;
-        Ok(Arc::new(EtcdConfigCenter::new(self.conn.clone())))
+        let raw = EtcdConfigCenter::new(self.conn.clone());
+        Ok(Arc::new(ObservedConfigCenter::new(NAME, raw)))
     }
 
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.conn.client()?;
-        Ok(self.new_registry())
+        let raw = Arc::new(EtcdRegistry::new(self.conn.clone()));
+        self.handed_out.track(&raw);
+        Ok(Arc::new(ObservedRegistry::new(NAME, raw)))
     }
 
     async fn discovery(&self) -> Result<Arc<dyn ServiceDiscovery>> {
         self.conn.client()?;
-        Ok(Arc::new(EtcdDiscovery::new(self.conn.clone())))
+        let raw = EtcdDiscovery::new(self.conn.clone());
+        Ok(Arc::new(ObservedDiscovery::new(NAME, raw)))
     }
 
     async fn once(&self) -> Result<Arc<dyn Once>> {
         self.conn.client()?;
-        Ok(Arc::new(EtcdOnce::new(self.conn.clone())))
+        let raw = EtcdOnce::new(self.conn.clone());
+        Ok(Arc::new(ObservedOnce::new(NAME, raw)))
     }
 
     async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
         self.conn.client()?;
-        Ok(Arc::new(EtcdWorkerIds::new(self.conn.clone())))
+        let raw = EtcdWorkerIds::new(self.conn.clone());
+        Ok(Arc::new(ObservedWorkerIds::new(NAME, raw)))
     }
 
     async fn health_check(&self) -> Result<()> {
-        self.conn.health_check().await
+        self.health.run(self.conn.check()).await
     }
 
+    /// Deregisters what the registries handed out registered and stops the
+    /// lease keep-alives ([`HandedOut::close_all`]), then closes the
+    /// connection (watches and the health checker stop). Idempotent.
     async fn close(&self) -> Result<()> {
         if self.conn.is_closed() {
             return Ok(());
         }
-        let regs: Vec<Arc<EtcdRegistry>> = self
-            .registries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .chain(self.provider_registry.get().cloned())
-            .collect();
-        for r in regs {
-            r.close().await;
-        }
+        let handed_out = self.handed_out.close_all().await;
         self.conn.close();
-        Ok(())
+        handed_out
     }
 }

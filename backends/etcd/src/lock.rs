@@ -15,12 +15,11 @@ use im_infra::lease::{Lease, LeaseBackend, PendingLease, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::connection::ConnectionManager;
-use crate::lease::{lease_secs, EtcdLease, LeaseManager, MIN_TTL};
+use crate::lease::{lease_secs, EtcdLease, MIN_TTL};
 
 /// The value of a waiter key: who and since when.
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,12 +57,12 @@ fn now_ms() -> u64 {
 /// Each renewal also checks that the waiter key is still there. After the
 /// wait, the acquisition checks that its own key and lease survived it (as
 /// Go's `concurrency.Mutex` does).
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedLock`](im_infra::layer::ObservedLock): argument checks and
+/// telemetry).
 pub struct EtcdLock {
     conn: Arc<ConnectionManager>,
-    acquire: OpMetrics,
-    try_acquire: OpMetrics,
-    is_locked: OpMetrics,
-    info: OpMetrics,
 }
 
 impl std::fmt::Debug for EtcdLock {
@@ -232,6 +231,11 @@ impl LeaseBackend for WaiterKey {
                     }
                 }
             }
+            if self.conn().is_closed() {
+                // Nothing to watch with: the keeper ends the lease at its
+                // next renewal (`Closed`).
+                return std::future::pending().await;
+            }
             // The watch broke: look at the key, then watch again.
             if matches!(self.key_is_ours().await, Ok(false)) {
                 return;
@@ -262,14 +266,7 @@ fn deadline_error(name: &str, wait: Duration) -> Error {
 
 impl EtcdLock {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "lock", op);
-        EtcdLock {
-            conn,
-            acquire: m("lock.acquire"),
-            try_acquire: m("lock.try_acquire"),
-            is_locked: m("lock.is_locked"),
-            info: m("lock.info"),
-        }
+        EtcdLock { conn }
     }
 
     /// Grants the lease and puts the waiter key; returns the waiter key's
@@ -474,21 +471,6 @@ impl EtcdLock {
         }
         Ok(Box::new(LeasedGuard::new(name, my_rev as u64, lease)))
     }
-
-    async fn acquire_inner(&self, name: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
-        validate::key(name)?;
-        opts.validate()?;
-        let began = Instant::now();
-        let deadline = opts.wait_deadline(began);
-        let (lease, my_rev, owned) = self.enqueue(name, &opts).await?;
-        if !owned {
-            // Dropping the lease (an error, a timeout, a dropped future)
-            // removes the waiter key.
-            self.wait_for_predecessors(name, &lease, my_rev, deadline, opts.wait_timeout)
-                .await?;
-        }
-        self.guard(name, lease, my_rev, opts, !owned).await
-    }
 }
 
 fn waiter_lost() -> Error {
@@ -504,8 +486,17 @@ impl DistributedLock for EtcdLock {
         LockCapabilities::new(true, true, true).with_min_ttl(MIN_TTL)
     }
 
-    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
-        self.acquire.run(self.acquire_inner(key, opts)).await
+    async fn acquire(&self, name: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
+        let began = Instant::now();
+        let deadline = opts.wait_deadline(began);
+        let (lease, my_rev, owned) = self.enqueue(name, &opts).await?;
+        if !owned {
+            // Dropping the lease (an error, a timeout, a dropped future)
+            // removes the waiter key.
+            self.wait_for_predecessors(name, &lease, my_rev, deadline, opts.wait_timeout)
+                .await?;
+        }
+        self.guard(name, lease, my_rev, opts, !owned).await
     }
 
     async fn try_acquire(
@@ -513,84 +504,66 @@ impl DistributedLock for EtcdLock {
         key: &str,
         opts: LockOptions,
     ) -> Result<Option<Box<dyn LockGuard>>> {
-        self.try_acquire
-            .run(async {
-                validate::key(key)?;
-                opts.validate()?;
-                let (lease, my_rev, owned) = self.enqueue(key, &opts).await?;
-                if !owned {
-                    // Releasing the lease removes the waiter key.
-                    let _ = lease.release().await;
-                    return Ok(None);
-                }
-                Ok(Some(self.guard(key, lease, my_rev, opts, false).await?))
-            })
-            .await
+        let (lease, my_rev, owned) = self.enqueue(key, &opts).await?;
+        if !owned {
+            // Releasing the lease removes the waiter key.
+            let _ = lease.release().await;
+            return Ok(None);
+        }
+        Ok(Some(self.guard(key, lease, my_rev, opts, false).await?))
     }
 
     async fn is_locked(&self, key: &str) -> Result<bool> {
-        self.is_locked
-            .run(async {
-                validate::key(key)?;
-                let prefix = lock_prefix(&self.conn, key);
-                let r = self
-                    .conn
-                    .call("lock.is_locked", |mut c| async move {
-                        c.get(
-                            prefix,
-                            Some(GetOptions::new().with_prefix().with_count_only()),
-                        )
-                        .await
-                    })
-                    .await?;
-                Ok(r.count() > 0)
+        let prefix = lock_prefix(&self.conn, key);
+        let r = self
+            .conn
+            .call("lock.is_locked", |mut c| async move {
+                c.get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
             })
-            .await
+            .await?;
+        Ok(r.count() > 0)
     }
 
     async fn info(&self, key: &str) -> Result<Option<LockInfo>> {
-        self.info
-            .run(async {
-                validate::key(key)?;
-                let prefix = lock_prefix(&self.conn, key);
-                let r = self
-                    .conn
-                    .call("lock.info", |mut c| async move {
-                        c.get(
-                            prefix,
-                            Some(
-                                GetOptions::new()
-                                    .with_prefix()
-                                    .with_sort(SortTarget::Create, SortOrder::Ascend)
-                                    .with_limit(1),
-                            ),
-                        )
-                        .await
-                    })
-                    .await?;
-                let Some(kv) = r.kvs().first() else {
-                    return Ok(None);
-                };
-                let holder: Option<Holder> = serde_json::from_slice(kv.value()).ok();
-                let ttl = LeaseManager::new(self.conn.clone())
-                    .info(kv.lease())
-                    .await
-                    .ok()
-                    .map(|i| i.ttl);
-                Ok(Some(LockInfo {
-                    key: key.to_owned(),
-                    // A holder written by another client (etcdctl, Go) has
-                    // no JSON value: its waiter key names it.
-                    owner: holder
-                        .as_ref()
-                        .map(|h| h.owner.clone())
-                        .unwrap_or_else(|| String::from_utf8_lossy(kv.key()).into_owned()),
-                    fencing_token: kv.create_revision() as u64,
-                    ttl,
-                    acquired_at: holder
-                        .map(|h| UNIX_EPOCH + Duration::from_millis(h.acquired_at_ms)),
-                }))
+        let prefix = lock_prefix(&self.conn, key);
+        let r = self
+            .conn
+            .call("lock.info", |mut c| async move {
+                c.get(
+                    prefix,
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_sort(SortTarget::Create, SortOrder::Ascend)
+                            .with_limit(1),
+                    ),
+                )
+                .await
             })
+            .await?;
+        let Some(kv) = r.kvs().first() else {
+            return Ok(None);
+        };
+        let holder: Option<Holder> = serde_json::from_slice(kv.value()).ok();
+        let ttl = crate::lease::info(&self.conn, kv.lease())
             .await
+            .ok()
+            .map(|i| i.ttl);
+        Ok(Some(LockInfo {
+            key: key.to_owned(),
+            // A holder written by another client (etcdctl, Go) has
+            // no JSON value: its waiter key names it.
+            owner: holder
+                .as_ref()
+                .map(|h| h.owner.clone())
+                .unwrap_or_else(|| String::from_utf8_lossy(kv.key()).into_owned()),
+            fencing_token: kv.create_revision() as u64,
+            ttl,
+            acquired_at: holder.map(|h| UNIX_EPOCH + Duration::from_millis(h.acquired_at_ms)),
+        }))
     }
 }

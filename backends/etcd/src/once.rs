@@ -9,11 +9,10 @@ use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use im_infra::lease::LeaseBackend;
 use im_infra::once::{Claim, Once, OnceCapabilities};
-use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 
 use crate::connection::ConnectionManager;
-use crate::lease::{lease_secs, EtcdLease, LeaseManager, MIN_TTL};
+use crate::lease::{lease_secs, EtcdLease, MIN_TTL};
 
 const CLAIMED: &[u8] = b"c:";
 /// `d:<outcome>`: done (written by earlier versions, without the token).
@@ -36,13 +35,12 @@ fn done(value: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
 /// `D:<token>\n<outcome>` when done (on a lease of the outcome's TTL);
 /// TTLs are whole seconds, at least 2 s. Claim, complete and abandon are
 /// transactions comparing the value.
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedOnce`](im_infra::layer::ObservedOnce): argument checks,
+/// outcome sizes, telemetry).
 pub struct EtcdOnce {
     conn: Arc<ConnectionManager>,
-    claim: OpMetrics,
-    complete: OpMetrics,
-    abandon: OpMetrics,
-    outcome: OpMetrics,
-    reset: OpMetrics,
 }
 
 impl std::fmt::Debug for EtcdOnce {
@@ -62,23 +60,11 @@ fn lease_of(token: &str) -> Option<i64> {
 
 impl EtcdOnce {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "once", op);
-        EtcdOnce {
-            conn,
-            claim: m("once.claim"),
-            complete: m("once.complete"),
-            abandon: m("once.abandon"),
-            outcome: m("once.outcome"),
-            reset: m("once.reset"),
-        }
+        EtcdOnce { conn }
     }
 
     fn key(&self, key: &str) -> String {
         self.conn.cfg().key(&format!("/once/{key}"))
-    }
-
-    fn leases(&self) -> LeaseManager {
-        LeaseManager::new(self.conn.clone())
     }
 
     fn not_held(key: &str) -> Error {
@@ -107,7 +93,7 @@ async fn abandon(conn: &Arc<ConnectionManager>, k: &str, token: &str) -> Result<
         .call("once.abandon", |mut c| async move { c.txn(txn).await })
         .await?;
     if let Some(old) = lease_of(token) {
-        let _ = LeaseManager::new(conn.clone()).revoke(old).await;
+        let _ = crate::lease::revoke(conn, old).await;
     }
     Ok(r.succeeded())
 }
@@ -163,139 +149,112 @@ impl Once for EtcdOnce {
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
-        self.claim
-            .run(async {
-                validate::key(key)?;
-                validate::ttl(ttl)?;
-                let k = self.key(key);
-                let secs = lease_secs(ttl);
-                let lease = self
-                    .conn
-                    .call("once.lease", |mut c| async move {
-                        c.lease_grant(secs, None).await
-                    })
-                    .await?
-                    .id();
-                let token = format!("{}.{lease:x}", uuid::Uuid::new_v4().simple());
-                let txn = Txn::new()
-                    .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(
-                        k.clone(),
-                        claimed(&token),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )])
-                    .or_else([TxnOp::get(k, None)]);
-                let r = self
-                    .conn
-                    .call("once.claim", |mut c| async move { c.txn(txn).await })
-                    .await?;
-                if r.succeeded() {
-                    return Ok(Claim::Acquired { token });
-                }
-                let _ = self.leases().revoke(lease).await;
-                let value = match r.op_responses().first() {
-                    Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
-                    _ => None,
-                };
-                Ok(match value.as_deref().and_then(done) {
-                    Some((_, outcome)) => Claim::Done(Bytes::copy_from_slice(outcome)),
-                    // Claimed, or gone between the two steps: report in progress.
-                    _ => Claim::InProgress,
-                })
+        let k = self.key(key);
+        let secs = lease_secs(ttl);
+        let lease = self
+            .conn
+            .call("once.lease", |mut c| async move {
+                c.lease_grant(secs, None).await
             })
-            .await
+            .await?
+            .id();
+        let token = format!("{}.{lease:x}", uuid::Uuid::new_v4().simple());
+        let txn = Txn::new()
+            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                k.clone(),
+                claimed(&token),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(k, None)]);
+        let r = self
+            .conn
+            .call("once.claim", |mut c| async move { c.txn(txn).await })
+            .await?;
+        if r.succeeded() {
+            return Ok(Claim::Acquired { token });
+        }
+        let _ = crate::lease::revoke(&self.conn, lease).await;
+        let value = match r.op_responses().first() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        };
+        Ok(match value.as_deref().and_then(done) {
+            Some((_, outcome)) => Claim::Done(Bytes::copy_from_slice(outcome)),
+            // Claimed, or gone between the two steps: report in progress.
+            _ => Claim::InProgress,
+        })
     }
 
     async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
-        self.complete
-            .run(async {
-                validate::key(key)?;
-                validate::ttl(ttl)?;
-                let value = [DONE_BY, token.as_bytes(), b"\n", &outcome].concat();
-                validate::value(value.len(), self.conn.cfg().max_value_bytes)?;
-                let old = lease_of(token).ok_or_else(|| Self::not_held(key))?;
-                let k = self.key(key);
-                let secs = lease_secs(ttl);
-                let lease = self
-                    .conn
-                    .call("once.lease", |mut c| async move {
-                        c.lease_grant(secs, None).await
-                    })
-                    .await?
-                    .id();
-                let txn = Txn::new()
-                    .when([Compare::value(k.clone(), CompareOp::Equal, claimed(token))])
-                    .and_then([TxnOp::put(
-                        k.clone(),
-                        value,
-                        Some(PutOptions::new().with_lease(lease)),
-                    )])
-                    .or_else([TxnOp::get(k, None)]);
-                let r = self
-                    .conn
-                    .call("once.complete", |mut c| async move { c.txn(txn).await })
-                    .await?;
-                if !r.succeeded() {
-                    let _ = self.leases().revoke(lease).await;
-                    // Completed by this token already (a retry after a lost answer)?
-                    let current = match r.op_responses().first() {
-                        Some(TxnOpResponse::Get(g)) => {
-                            g.kvs().first().map(|kv| kv.value().to_vec())
-                        }
-                        _ => None,
-                    };
-                    if done_by(current.as_deref(), token) {
-                        return Ok(());
-                    }
-                    return Err(Self::not_held(key));
-                }
-                let _ = self.leases().revoke(old).await;
-                Ok(())
+        let value = [DONE_BY, token.as_bytes(), b"\n", &outcome].concat();
+        // The layer checked the outcome against `max_outcome`, which
+        // leaves room for a well-formed token: this bounds the record.
+        validate::value(value.len(), self.conn.cfg().max_value_bytes)?;
+        let old = lease_of(token).ok_or_else(|| Self::not_held(key))?;
+        let k = self.key(key);
+        let secs = lease_secs(ttl);
+        let lease = self
+            .conn
+            .call("once.lease", |mut c| async move {
+                c.lease_grant(secs, None).await
             })
-            .await
+            .await?
+            .id();
+        let txn = Txn::new()
+            .when([Compare::value(k.clone(), CompareOp::Equal, claimed(token))])
+            .and_then([TxnOp::put(
+                k.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(k, None)]);
+        let r = self
+            .conn
+            .call("once.complete", |mut c| async move { c.txn(txn).await })
+            .await?;
+        if !r.succeeded() {
+            let _ = crate::lease::revoke(&self.conn, lease).await;
+            // Completed by this token already (a retry after a lost answer)?
+            let current = match r.op_responses().first() {
+                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            };
+            if done_by(current.as_deref(), token) {
+                return Ok(());
+            }
+            return Err(Self::not_held(key));
+        }
+        let _ = crate::lease::revoke(&self.conn, old).await;
+        Ok(())
     }
 
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {
-        self.abandon
-            .run(async {
-                validate::key(key)?;
-                if abandon(&self.conn, &self.key(key), token).await? {
-                    Ok(())
-                } else {
-                    Err(Self::not_held(key))
-                }
-            })
-            .await
+        if abandon(&self.conn, &self.key(key), token).await? {
+            Ok(())
+        } else {
+            Err(Self::not_held(key))
+        }
     }
 
     async fn outcome(&self, key: &str) -> Result<Option<Bytes>> {
-        self.outcome
-            .run(async {
-                validate::key(key)?;
-                let k = self.key(key);
-                let r = self
-                    .conn
-                    .call("once.get", |mut c| async move { c.get(k, None).await })
-                    .await?;
-                Ok(r.kvs()
-                    .first()
-                    .and_then(|kv| done(kv.value()))
-                    .map(|(_, outcome)| Bytes::copy_from_slice(outcome)))
-            })
-            .await
+        let k = self.key(key);
+        let r = self
+            .conn
+            .call("once.get", |mut c| async move { c.get(k, None).await })
+            .await?;
+        Ok(r.kvs()
+            .first()
+            .and_then(|kv| done(kv.value()))
+            .map(|(_, outcome)| Bytes::copy_from_slice(outcome)))
     }
 
     async fn reset(&self, key: &str) -> Result<bool> {
-        self.reset
-            .run(async {
-                validate::key(key)?;
-                let k = self.key(key);
-                let r = self
-                    .conn
-                    .call("once.reset", |mut c| async move { c.delete(k, None).await })
-                    .await?;
-                Ok(r.deleted() > 0)
-            })
-            .await
+        let k = self.key(key);
+        let r = self
+            .conn
+            .call("once.reset", |mut c| async move { c.delete(k, None).await })
+            .await?;
+        Ok(r.deleted() > 0)
     }
 }

@@ -8,17 +8,17 @@ use async_trait::async_trait;
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
+use im_infra::backend::Closable;
 use im_infra::lease::{LeaseBackend, PendingLease};
 use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
     RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
     ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 
 use crate::connection::ConnectionManager;
-use crate::lease::{EtcdLease, LeaseManager};
+use crate::lease::EtcdLease;
 
 /// `<namespace><service_prefix>/<service>/`.
 fn service_dir(conn: &ConnectionManager, service: &str) -> String {
@@ -64,14 +64,14 @@ async fn read(conn: &ConnectionManager, service: &str) -> Result<(i64, Vec<Servi
 /// is lost (expired during a partition, revoked), the instance is
 /// registered again on a new lease, retrying forever with backoff, until
 /// deregistered ([`Registrations`]). Dropping the handle stops the
-/// keep-alive (the instance expires); `close` deregisters.
+/// keep-alive (the instance expires); `close` (also the backend's close)
+/// deregisters.
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedRegistry`](im_infra::layer::ObservedRegistry)).
 pub struct EtcdRegistry {
     conn: Arc<ConnectionManager>,
     registrations: Registrations,
-    register: OpMetrics,
-    deregister: OpMetrics,
-    update: OpMetrics,
-    list: OpMetrics,
 }
 
 impl std::fmt::Debug for EtcdRegistry {
@@ -80,25 +80,25 @@ impl std::fmt::Debug for EtcdRegistry {
     }
 }
 
+#[async_trait]
+impl Closable for EtcdRegistry {
+    /// Deregisters everything registered through this handle (failures are
+    /// logged: those instances expire on etcd).
+    async fn close(&self) -> Result<()> {
+        self.registrations.close().await;
+        Ok(())
+    }
+}
+
 impl EtcdRegistry {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "registry", op);
         EtcdRegistry {
             registrations: Registrations::new(
                 Arc::new(Server { conn: conn.clone() }),
                 conn.cfg().retry.clone(),
             ),
             conn,
-            register: m("registry.register"),
-            deregister: m("registry.deregister"),
-            update: m("registry.update"),
-            list: m("registry.list_services"),
         }
-    }
-
-    /// Deregisters everything registered through this handle.
-    pub async fn close(&self) {
-        self.registrations.close().await;
     }
 
     fn with_defaults(&self, instance: &ServiceInstance) -> ServiceInstance {
@@ -211,72 +211,58 @@ impl RegistrationLease for Registered {
 #[async_trait]
 impl ServiceRegistry for EtcdRegistry {
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
-        self.register
-            .run(async {
-                validate::ttl(ttl)?;
-                let instance = self.with_defaults(instance);
-                self.registrations.register(&instance, ttl).await
-            })
-            .await
+        let instance = self.with_defaults(instance);
+        self.registrations.register(&instance, ttl).await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        self.deregister
-            .run(self.registrations.deregister(service, id))
-            .await
+        self.registrations.deregister(service, id).await
     }
 
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {
-        self.update
-            .run(async {
-                let instance = self.with_defaults(instance);
-                self.registrations.update(&instance).await
-            })
-            .await
+        let instance = self.with_defaults(instance);
+        self.registrations.update(&instance).await
     }
 
     async fn list_services(&self) -> Result<Vec<String>> {
-        self.list
-            .run(async {
-                let root = self
-                    .conn
-                    .cfg()
-                    .key(&format!("{}/", self.conn.cfg().service_prefix));
-                let opts = GetOptions::new().with_prefix().with_keys_only();
-                let prefix = root.clone();
-                let r = self
-                    .conn
-                    .call("registry.list", |mut c| async move {
-                        c.get(prefix, Some(opts)).await
-                    })
-                    .await?;
-                let mut names: Vec<String> = r
-                    .kvs()
-                    .iter()
-                    .filter_map(|kv| {
-                        let k = String::from_utf8_lossy(kv.key());
-                        k.strip_prefix(root.as_str())?
-                            .split('/')
-                            .next()
-                            .map(str::to_owned)
-                    })
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                names.sort();
-                names.dedup();
-                Ok(names)
+        let root = self
+            .conn
+            .cfg()
+            .key(&format!("{}/", self.conn.cfg().service_prefix));
+        let opts = GetOptions::new().with_prefix().with_keys_only();
+        let prefix = root.clone();
+        let r = self
+            .conn
+            .call("registry.list", |mut c| async move {
+                c.get(prefix, Some(opts)).await
             })
-            .await
+            .await?;
+        let mut names: Vec<String> = r
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let k = String::from_utf8_lossy(kv.key());
+                k.strip_prefix(root.as_str())?
+                    .split('/')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 }
 
 /// Discovery on an [`EtcdBackend`](crate::EtcdBackend): a read of the
 /// service's prefix, and a watch that starts with the instances of that read
 /// and follows the prefix from its revision (resuming after disconnects).
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedDiscovery`](im_infra::layer::ObservedDiscovery)).
 pub struct EtcdDiscovery {
     conn: Arc<ConnectionManager>,
-    instances: OpMetrics,
-    watch: OpMetrics,
 }
 
 impl std::fmt::Debug for EtcdDiscovery {
@@ -287,12 +273,7 @@ impl std::fmt::Debug for EtcdDiscovery {
 
 impl EtcdDiscovery {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "registry", op);
-        EtcdDiscovery {
-            conn,
-            instances: m("discovery.instances"),
-            watch: m("discovery.watch"),
-        }
+        EtcdDiscovery { conn }
     }
 }
 
@@ -374,28 +355,18 @@ impl ServiceDiscovery for EtcdDiscovery {
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {
-        self.instances
-            .run(async {
-                validate::name("service name", service)?;
-                Ok(read(&self.conn, service).await?.1)
-            })
-            .await
+        Ok(read(&self.conn, service).await?.1)
     }
 
     async fn watch(&self, service: &str) -> Result<ServiceEventStream> {
-        self.watch
-            .run(async {
-                validate::name("service name", service)?;
-                let history = Instances {
-                    conn: self.conn.clone(),
-                    service: service.to_owned(),
-                    dir: service_dir(&self.conn, service),
-                    stream: None,
-                };
-                let (retry, shutdown) = (self.conn.cfg().retry.clone(), self.conn.shutdown.clone());
-                spawn_watch(history, retry, shutdown).await
-            })
-            .await
+        let history = Instances {
+            conn: self.conn.clone(),
+            service: service.to_owned(),
+            dir: service_dir(&self.conn, service),
+            stream: None,
+        };
+        let (retry, shutdown) = (self.conn.cfg().retry.clone(), self.conn.shutdown.clone());
+        spawn_watch(history, retry, shutdown).await
     }
 }
 
@@ -411,6 +382,6 @@ pub(crate) async fn revoke(conn: &Arc<ConnectionManager>, service: &str, id: &st
     let Some(kv) = r.kvs().first() else {
         return Ok(false);
     };
-    LeaseManager::new(conn.clone()).revoke(kv.lease()).await?;
+    crate::lease::revoke(conn, kv.lease()).await?;
     Ok(true)
 }

@@ -7,12 +7,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use im_infra::lease::{Lease, LeaseBackend, PendingLease, Tick};
-use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 
 use crate::connection::ConnectionManager;
-use crate::lease::{EtcdLease, LeaseManager};
+use crate::lease::EtcdLease;
 
 fn dir(conn: &ConnectionManager) -> String {
     conn.cfg().key("/workers/")
@@ -30,9 +29,11 @@ fn last_dir(conn: &ConnectionManager) -> String {
 /// transaction. `<namespace>/workers-last/<n>` keeps the last timestamp the
 /// id's latest holder may have used (written by every renewal, only while
 /// the id is still that holder's), which the next holder starts after.
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedWorkerIds`](im_infra::layer::ObservedWorkerIds)).
 pub struct EtcdWorkerIds {
     conn: Arc<ConnectionManager>,
-    allocate: OpMetrics,
 }
 
 impl std::fmt::Debug for EtcdWorkerIds {
@@ -43,98 +44,90 @@ impl std::fmt::Debug for EtcdWorkerIds {
 
 impl EtcdWorkerIds {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
-        EtcdWorkerIds {
-            conn,
-            allocate: OpMetrics::new(crate::NAME, "uid", "uid.allocate"),
-        }
+        EtcdWorkerIds { conn }
     }
 }
 
 #[async_trait]
 impl WorkerIdAllocator for EtcdWorkerIds {
     async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
-        self.allocate
-            .run(async {
-                validate::ttl(ttl)?;
-                let d = dir(&self.conn);
-                let prefix = d.clone();
-                let r = self
-                    .conn
-                    .call("uid.list", |mut c| async move {
-                        c.get(
-                            prefix,
-                            Some(GetOptions::new().with_prefix().with_keys_only()),
-                        )
-                        .await
-                    })
-                    .await?;
-                let taken: HashSet<u64> = r
-                    .kvs()
-                    .iter()
-                    .filter_map(|kv| {
-                        String::from_utf8_lossy(kv.key())
-                            .strip_prefix(d.as_str())?
-                            .parse()
-                            .ok()
-                    })
-                    .collect();
-                let sent = Tick::now();
-                let (lease, granted) = EtcdLease::grant(&self.conn, "uid.lease", ttl).await?;
-                let lease_id = lease.id();
-                // Whatever happens from here, the lease goes (and the key it
-                // may hold with it) unless the allocation completes.
-                let mut pending = PendingLease::new(lease);
-                pending.arm();
-                let token = uuid::Uuid::new_v4().to_string();
-                let last_dir = last_dir(&self.conn);
-                for id in (0..=max_worker_id).filter(|id| !taken.contains(id)) {
-                    let key = format!("{d}{id}");
-                    let last_key = format!("{last_dir}{id}");
-                    let last = last_timestamp_bound(granted);
-                    let txn = Txn::new()
-                        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                        .and_then([
-                            TxnOp::get(last_key.clone(), None),
-                            TxnOp::put(
-                                key.clone(),
-                                token.clone(),
-                                Some(PutOptions::new().with_lease(lease_id)),
-                            ),
-                            TxnOp::put(last_key.clone(), last.to_string(), None),
-                        ]);
-                    let r = self
-                        .conn
-                        .call("uid.claim", |mut c| async move { c.txn(txn).await })
-                        .await?;
-                    if r.succeeded() {
-                        let not_before = match r.op_responses().first() {
-                            Some(TxnOpResponse::Get(g)) => g
-                                .kvs()
-                                .first()
-                                .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
-                                .unwrap_or(0),
-                            _ => 0,
-                        };
-                        let held = HeldWorkerId {
-                            lease: pending.into_backend(),
-                            key,
-                            last_key,
-                            ttl: granted,
-                        };
-                        let opts = WorkerLease::lease_options(crate::NAME, granted);
-                        let lease = Lease::start(held, opts, sent);
-                        return Ok(WorkerLease::new(id, lease).with_not_before(not_before));
-                    }
-                }
-                Err(Error::new(
-                    ErrorKind::ResourceExhausted,
-                    format!(
-                        "all {} worker ids are leased",
-                        max_worker_id.saturating_add(1)
-                    ),
-                ))
+        let d = dir(&self.conn);
+        let prefix = d.clone();
+        let r = self
+            .conn
+            .call("uid.list", |mut c| async move {
+                c.get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
             })
-            .await
+            .await?;
+        let taken: HashSet<u64> = r
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                String::from_utf8_lossy(kv.key())
+                    .strip_prefix(d.as_str())?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let sent = Tick::now();
+        let (lease, granted) = EtcdLease::grant(&self.conn, "uid.lease", ttl).await?;
+        let lease_id = lease.id();
+        // Whatever happens from here, the lease goes (and the key it
+        // may hold with it) unless the allocation completes.
+        let mut pending = PendingLease::new(lease);
+        pending.arm();
+        let token = uuid::Uuid::new_v4().to_string();
+        let last_dir = last_dir(&self.conn);
+        for id in (0..=max_worker_id).filter(|id| !taken.contains(id)) {
+            let key = format!("{d}{id}");
+            let last_key = format!("{last_dir}{id}");
+            let last = last_timestamp_bound(granted);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::get(last_key.clone(), None),
+                    TxnOp::put(
+                        key.clone(),
+                        token.clone(),
+                        Some(PutOptions::new().with_lease(lease_id)),
+                    ),
+                    TxnOp::put(last_key.clone(), last.to_string(), None),
+                ]);
+            let r = self
+                .conn
+                .call("uid.claim", |mut c| async move { c.txn(txn).await })
+                .await?;
+            if r.succeeded() {
+                let not_before = match r.op_responses().first() {
+                    Some(TxnOpResponse::Get(g)) => g
+                        .kvs()
+                        .first()
+                        .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
+                        .unwrap_or(0),
+                    _ => 0,
+                };
+                let held = HeldWorkerId {
+                    lease: pending.into_backend(),
+                    key,
+                    last_key,
+                    ttl: granted,
+                };
+                let opts = WorkerLease::lease_options(crate::NAME, granted);
+                let lease = Lease::start(held, opts, sent);
+                return Ok(WorkerLease::new(id, lease).with_not_before(not_before));
+            }
+        }
+        Err(Error::new(
+            ErrorKind::ResourceExhausted,
+            format!(
+                "all {} worker ids are leased",
+                max_worker_id.saturating_add(1)
+            ),
+        ))
     }
 }
 
@@ -196,6 +189,6 @@ pub(crate) async fn revoke(conn: &Arc<ConnectionManager>, id: u64) -> Result<boo
     let Some(kv) = r.kvs().first() else {
         return Ok(false);
     };
-    LeaseManager::new(conn.clone()).revoke(kv.lease()).await?;
+    crate::lease::revoke(conn, kv.lease()).await?;
     Ok(true)
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::cache::{Cache, CacheCapabilities, KeyTtl};
-use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Params, Value};
@@ -19,25 +18,15 @@ use crate::Shared;
 /// The condition of a live row.
 const LIVE: &str = "(expires_at IS NULL OR expires_at > NOW(6))";
 
-struct Ops {
-    get: OpMetrics,
-    set: OpMetrics,
-    set_nx: OpMetrics,
-    delete: OpMetrics,
-    exists: OpMetrics,
-    expire: OpMetrics,
-    ttl: OpMetrics,
-    incr_by: OpMetrics,
-    get_many: OpMetrics,
-    set_many: OpMetrics,
-}
-
 /// The cache of a [`MysqlBackend`](crate::MysqlBackend): one row per key in
 /// `<prefix>cache`, expiring by the server's `NOW(6)`; expired rows are
 /// never returned and are deleted in the background.
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedCache`](im_infra::layer::ObservedCache): argument checks,
+/// value sizes, telemetry).
 pub struct MysqlCache {
     shared: Arc<Shared>,
-    ops: Ops,
 }
 
 impl std::fmt::Debug for MysqlCache {
@@ -56,35 +45,15 @@ fn placeholders(n: usize) -> String {
 
 impl MysqlCache {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "cache", op);
-        MysqlCache {
-            shared,
-            ops: Ops {
-                get: m("cache.get"),
-                set: m("cache.set"),
-                set_nx: m("cache.set_nx"),
-                delete: m("cache.delete"),
-                exists: m("cache.exists"),
-                expire: m("cache.expire"),
-                ttl: m("cache.ttl"),
-                incr_by: m("cache.incr_by"),
-                get_many: m("cache.get_many"),
-                set_many: m("cache.set_many"),
-            },
-        }
+        MysqlCache { shared }
     }
 
-    fn key(&self, key: &str) -> Result<Vec<u8>> {
-        validate::key(key)?;
-        Ok(self.shared.key(key))
+    fn key(&self, key: &str) -> Vec<u8> {
+        self.shared.key(key)
     }
 
     fn table(&self) -> String {
         self.shared.table("cache")
-    }
-
-    fn check_value(&self, v: &Bytes) -> Result<()> {
-        validate::value(v.len(), self.shared.cfg().max_value_bytes)
     }
 
     /// `INSERT ... ON DUPLICATE KEY UPDATE` of one or more rows; with
@@ -116,181 +85,138 @@ impl Cache for MysqlCache {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        self.ops
-            .get
-            .run(async {
-                let k = self.key(key)?;
-                let sql = format!("SELECT v FROM {} WHERE k = ? AND {LIVE}", self.table());
-                let v: Option<Vec<u8>> =
-                    self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
-                Ok(v.map(Bytes::from))
-            })
-            .await
+        let k = self.key(key);
+        let sql = format!("SELECT v FROM {} WHERE k = ? AND {LIVE}", self.table());
+        let v: Option<Vec<u8>> = self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
+        Ok(v.map(Bytes::from))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
-        self.ops
-            .set
-            .run(async {
-                let k = self.key(key)?;
-                validate::opt_ttl(ttl)?;
-                self.check_value(&value)?;
-                let params = Params::Positional(row_params(k, &value, micros(ttl)).to_vec());
-                self.shared
-                    .db
-                    .exec(&self.upsert_sql(1, false), params)
-                    .await
-                    .map(drop)
-            })
+        let k = self.key(key);
+        let params = Params::Positional(row_params(k, &value, micros(ttl)).to_vec());
+        self.shared
+            .db
+            .exec(&self.upsert_sql(1, false), params)
             .await
+            .map(drop)
     }
 
     async fn set_nx(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
-        self.ops
-            .set_nx
-            .run(async {
-                let k = self.key(key)?;
-                validate::opt_ttl(ttl)?;
-                self.check_value(&value)?;
-                let params = Params::Positional(row_params(k, &value, micros(ttl)).to_vec());
-                // Affected rows: 1 inserted, 2 replaced an expired row, 0 left a live one.
-                Ok(self
-                    .shared
-                    .db
-                    .exec(&self.upsert_sql(1, true), params)
-                    .await?
-                    > 0)
-            })
-            .await
+        let k = self.key(key);
+        let params = Params::Positional(row_params(k, &value, micros(ttl)).to_vec());
+        // Affected rows: 1 inserted, 2 replaced an expired row, 0 left a live one.
+        Ok(self
+            .shared
+            .db
+            .exec(&self.upsert_sql(1, true), params)
+            .await?
+            > 0)
     }
 
     async fn delete<'k>(&self, keys: &[&'k str]) -> Result<u64> {
-        self.ops
-            .delete
-            .run(async {
-                validate::keys(keys)?;
-                let ks: Vec<Value> = keys.iter().map(|k| self.shared.key(k).into()).collect();
-                let sql = format!(
-                    "DELETE FROM {} WHERE k IN ({}) AND {LIVE}",
-                    self.table(),
-                    placeholders(keys.len())
-                );
-                self.shared.db.exec(&sql, Params::Positional(ks)).await
-            })
-            .await
+        let ks: Vec<Value> = keys.iter().map(|k| self.shared.key(k).into()).collect();
+        let sql = format!(
+            "DELETE FROM {} WHERE k IN ({}) AND {LIVE}",
+            self.table(),
+            placeholders(keys.len())
+        );
+        self.shared.db.exec(&sql, Params::Positional(ks)).await
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
-        self.ops
-            .exists
-            .run(async {
-                let k = self.key(key)?;
-                let sql = format!("SELECT 1 FROM {} WHERE k = ? AND {LIVE}", self.table());
-                let v: Option<i64> = self.shared.db.query_first(&sql, (k,)).await?;
-                Ok(v.is_some())
-            })
-            .await
+        let k = self.key(key);
+        let sql = format!("SELECT 1 FROM {} WHERE k = ? AND {LIVE}", self.table());
+        let v: Option<i64> = self.shared.db.query_first(&sql, (k,)).await?;
+        Ok(v.is_some())
     }
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.ops
-            .expire
-            .run(async {
-                let k = self.key(key)?;
-                validate::ttl(ttl)?;
-                let sql = format!(
-                    "UPDATE {} SET expires_at = NOW(6) + INTERVAL ? MICROSECOND WHERE k = ? AND {LIVE}",
-                    self.table()
-                );
-                Ok(self.shared.db.exec(&sql, (micros(Some(ttl)), k)).await? > 0)
-            })
-            .await
+        let k = self.key(key);
+        let sql = format!(
+            "UPDATE {} SET expires_at = NOW(6) + INTERVAL ? MICROSECOND WHERE k = ? AND {LIVE}",
+            self.table()
+        );
+        Ok(self.shared.db.exec(&sql, (micros(Some(ttl)), k)).await? > 0)
     }
 
     async fn ttl(&self, key: &str) -> Result<KeyTtl> {
-        self.ops
-            .ttl
-            .run(async {
-                let k = self.key(key)?;
-                let sql = format!(
-                    "SELECT TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) FROM {} WHERE k = ? AND {LIVE}",
-                    self.table()
-                );
-                let row: Option<(Option<i64>,)> = self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
-                Ok(match row {
-                    None => KeyTtl::Missing,
-                    Some((None,)) => KeyTtl::Persistent,
-                    Some((Some(us),)) => KeyTtl::Expires(Duration::from_micros(us.max(0) as u64)),
-                })
-            })
-            .await
+        let k = self.key(key);
+        let sql = format!(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) FROM {} WHERE k = ? AND {LIVE}",
+            self.table()
+        );
+        let row: Option<(Option<i64>,)> =
+            self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
+        Ok(match row {
+            None => KeyTtl::Missing,
+            Some((None,)) => KeyTtl::Persistent,
+            Some((Some(us),)) => KeyTtl::Expires(Duration::from_micros(us.max(0) as u64)),
+        })
     }
 
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
-        self.ops
-            .incr_by
-            .run(async {
-                let k = self.key(key)?;
-                let table = self.table();
-                // Make sure a row exists, so that the transaction locks a row
-                // (not a gap: concurrent first increments would deadlock).
-                let seed = format!("INSERT IGNORE INTO {table} (k, v, expires_at) VALUES (?, '0', NULL)");
-                self.shared.db.exec(&seed, (k.clone(),)).await?;
-                let select = format!("SELECT v, {LIVE} FROM {table} WHERE k = ? FOR UPDATE");
-                let update = format!(
-                    "UPDATE {table} SET v = ?, expires_at = IF({LIVE}, expires_at, NULL) WHERE k = ?"
-                );
-                let key_name = key.to_owned();
-                let outcome = self
-                    .shared
-                    .db
-                    .transaction(move |tx| {
-                        Box::pin(async move {
-                            let row: Option<(Vec<u8>, i64)> = first(&mut *tx, &select, (k.clone(),)).await?;
-                            let current = match row {
-                                Some((v, 1)) => match std::str::from_utf8(&v).ok().and_then(|s| s.parse::<i64>().ok()) {
-                                    Some(n) => n,
-                                    None => return Ok(Err(format!("value of {key_name:?} is not a decimal integer"))),
-                                },
-                                _ => 0,
-                            };
-                            let Some(next) = current.checked_add(delta) else {
-                                return Ok(Err(format!("incrementing {key_name:?} overflows i64")));
-                            };
-                            tx.exec_drop(update, (next.to_string().into_bytes(), k)).await?;
-                            Ok(Ok(next))
-                        })
-                    })
-                    .await?;
-                outcome.map_err(|msg| Error::new(ErrorKind::InvalidState, msg))
+        let k = self.key(key);
+        let table = self.table();
+        // Make sure a row exists, so that the transaction locks a row
+        // (not a gap: concurrent first increments would deadlock).
+        let seed = format!("INSERT IGNORE INTO {table} (k, v, expires_at) VALUES (?, '0', NULL)");
+        self.shared.db.exec(&seed, (k.clone(),)).await?;
+        let select = format!("SELECT v, {LIVE} FROM {table} WHERE k = ? FOR UPDATE");
+        let update = format!(
+            "UPDATE {table} SET v = ?, expires_at = IF({LIVE}, expires_at, NULL) WHERE k = ?"
+        );
+        let key_name = key.to_owned();
+        let outcome = self
+            .shared
+            .db
+            .transaction(move |tx| {
+                Box::pin(async move {
+                    let row: Option<(Vec<u8>, i64)> =
+                        first(&mut *tx, &select, (k.clone(),)).await?;
+                    let current = match row {
+                        Some((v, 1)) => match std::str::from_utf8(&v)
+                            .ok()
+                            .and_then(|s| s.parse::<i64>().ok())
+                        {
+                            Some(n) => n,
+                            None => {
+                                return Ok(Err(format!(
+                                    "value of {key_name:?} is not a decimal integer"
+                                )))
+                            }
+                        },
+                        _ => 0,
+                    };
+                    let Some(next) = current.checked_add(delta) else {
+                        return Ok(Err(format!("incrementing {key_name:?} overflows i64")));
+                    };
+                    tx.exec_drop(update, (next.to_string().into_bytes(), k))
+                        .await?;
+                    Ok(Ok(next))
+                })
             })
-            .await
+            .await?;
+        outcome.map_err(|msg| Error::new(ErrorKind::InvalidState, msg))
     }
 
     async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>> {
-        self.ops
-            .get_many
-            .run(async {
-                validate::keys(keys)?;
-                let ks: Vec<Vec<u8>> = keys.iter().map(|k| self.shared.key(k)).collect();
-                let sql = format!(
-                    "SELECT k, v FROM {} WHERE k IN ({}) AND {LIVE}",
-                    self.table(),
-                    placeholders(keys.len())
-                );
-                let params: Vec<Value> = ks.iter().cloned().map(Value::from).collect();
-                let rows: Vec<(Vec<u8>, Vec<u8>)> = self
-                    .shared
-                    .db
-                    .query(&sql, Params::Positional(params))
-                    .await?;
-                let found: HashMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
-                Ok(ks
-                    .iter()
-                    .map(|k| found.get(k).cloned().map(Bytes::from))
-                    .collect())
-            })
-            .await
+        let ks: Vec<Vec<u8>> = keys.iter().map(|k| self.shared.key(k)).collect();
+        let sql = format!(
+            "SELECT k, v FROM {} WHERE k IN ({}) AND {LIVE}",
+            self.table(),
+            placeholders(keys.len())
+        );
+        let params: Vec<Value> = ks.iter().cloned().map(Value::from).collect();
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = self
+            .shared
+            .db
+            .query(&sql, Params::Positional(params))
+            .await?;
+        let found: HashMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
+        Ok(ks
+            .iter()
+            .map(|k| found.get(k).cloned().map(Bytes::from))
+            .collect())
     }
 
     async fn set_many<'k>(
@@ -298,28 +224,17 @@ impl Cache for MysqlCache {
         entries: &[(&'k str, Bytes)],
         ttl: Option<Duration>,
     ) -> Result<()> {
-        self.ops
-            .set_many
-            .run(async {
-                if entries.is_empty() {
-                    return Err(Error::invalid_argument("at least one entry is required"));
-                }
-                validate::opt_ttl(ttl)?;
-                let mut params = Vec::with_capacity(entries.len() * 4);
-                for (k, v) in entries {
-                    validate::key(k)?;
-                    self.check_value(v)?;
-                    params.extend(row_params(self.shared.key(k), v, micros(ttl)));
-                }
-                self.shared
-                    .db
-                    .exec(
-                        &self.upsert_sql(entries.len(), false),
-                        Params::Positional(params),
-                    )
-                    .await
-                    .map(drop)
-            })
+        let mut params = Vec::with_capacity(entries.len() * 4);
+        for (k, v) in entries {
+            params.extend(row_params(self.shared.key(k), v, micros(ttl)));
+        }
+        self.shared
+            .db
+            .exec(
+                &self.upsert_sql(entries.len(), false),
+                Params::Positional(params),
+            )
             .await
+            .map(drop)
     }
 }

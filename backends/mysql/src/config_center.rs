@@ -11,8 +11,7 @@ use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
     WatchStream,
 };
-use im_infra::telemetry::OpMetrics;
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Params, Value};
 
@@ -47,14 +46,12 @@ const BATCH: usize = 256;
 /// current state, reports every key that may differ from what it delivered
 /// and continues from the database's revision
 /// ([`WatchCursor::resync_regressed`]).
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedConfigCenter`](im_infra::layer::ObservedConfigCenter):
+/// argument checks, value sizes, telemetry).
 pub struct MysqlConfigCenter {
     shared: Arc<Shared>,
-    get: OpMetrics,
-    set: OpMetrics,
-    delete: OpMetrics,
-    list: OpMetrics,
-    cas: OpMetrics,
-    watch: OpMetrics,
 }
 
 impl std::fmt::Debug for MysqlConfigCenter {
@@ -114,16 +111,7 @@ impl Statements {
 
 impl MysqlConfigCenter {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "config", op);
-        MysqlConfigCenter {
-            shared,
-            get: m("config.get"),
-            set: m("config.set"),
-            delete: m("config.delete"),
-            list: m("config.list"),
-            cas: m("config.compare_and_set"),
-            watch: m("config.watch"),
-        }
+        MysqlConfigCenter { shared }
     }
 
     async fn write(
@@ -132,10 +120,6 @@ impl MysqlConfigCenter {
         value: Option<Bytes>,
         expected: Option<u64>,
     ) -> Result<Written> {
-        validate::key(key)?;
-        if let Some(v) = &value {
-            validate::value(v.len(), self.shared.cfg().max_value_bytes)?;
-        }
         let sql = Statements::new(&self.shared);
         let k = self.shared.key(key);
         self.shared
@@ -453,95 +437,71 @@ impl ConfigCenter for MysqlConfigCenter {
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
-        self.get
-            .run(async {
-                validate::key(key)?;
-                let sql = format!(
-                    "SELECT v, version FROM {} WHERE k = ?",
-                    self.shared.table("config")
-                );
-                let row: Option<(Vec<u8>, u64)> = self
-                    .shared
-                    .db
-                    .query_first(&sql, (self.shared.key(key),))
-                    .await
-                    .for_key(key)?;
-                Ok(row.map(|(v, version)| Versioned {
-                    value: Bytes::from(v),
-                    version,
-                }))
-            })
+        let sql = format!(
+            "SELECT v, version FROM {} WHERE k = ?",
+            self.shared.table("config")
+        );
+        let row: Option<(Vec<u8>, u64)> = self
+            .shared
+            .db
+            .query_first(&sql, (self.shared.key(key),))
             .await
+            .for_key(key)?;
+        Ok(row.map(|(v, version)| Versioned {
+            value: Bytes::from(v),
+            version,
+        }))
     }
 
     async fn set(&self, key: &str, value: Bytes) -> Result<u64> {
-        self.set
-            .run(async {
-                match self.write(key, Some(value), None).await? {
-                    Written::At(v) => Ok(v),
-                    _ => Err(Error::new(
-                        ErrorKind::Internal,
-                        "an unconditional write did not happen",
-                    )),
-                }
-            })
-            .await
+        match self.write(key, Some(value), None).await? {
+            Written::At(v) => Ok(v),
+            _ => Err(Error::new(
+                ErrorKind::Internal,
+                "an unconditional write did not happen",
+            )),
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.delete
-            .run(async { Ok(matches!(self.write(key, None, None).await?, Written::At(_))) })
-            .await
+        Ok(matches!(self.write(key, None, None).await?, Written::At(_)))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        self.list
-            .run(async {
-                validate::prefix(prefix)?;
-                let (low, high) = self.shared.key_range(prefix);
-                let sql = format!(
-                    "SELECT k FROM {} WHERE k >= ? AND k < ? ORDER BY k",
-                    self.shared.table("config")
-                );
-                let keys: Vec<Vec<u8>> = self.shared.db.query(&sql, (low, high)).await?;
-                keys.into_iter()
-                    .map(|k| {
-                        self.shared.user_key(&k).ok_or_else(|| {
-                            malformed(&String::from_utf8_lossy(&k), "the key is not UTF-8")
-                        })
-                    })
-                    .collect()
+        let (low, high) = self.shared.key_range(prefix);
+        let sql = format!(
+            "SELECT k FROM {} WHERE k >= ? AND k < ? ORDER BY k",
+            self.shared.table("config")
+        );
+        let keys: Vec<Vec<u8>> = self.shared.db.query(&sql, (low, high)).await?;
+        keys.into_iter()
+            .map(|k| {
+                self.shared
+                    .user_key(&k)
+                    .ok_or_else(|| malformed(&String::from_utf8_lossy(&k), "the key is not UTF-8"))
             })
-            .await
+            .collect()
     }
 
     async fn compare_and_set(&self, key: &str, value: Bytes, expected_version: u64) -> Result<u64> {
-        self.cas
-            .run(async {
-                match self.write(key, Some(value), Some(expected_version)).await? {
-                    Written::At(v) => Ok(v),
-                    Written::Conflict(found) => Err(Error::new(
-                        ErrorKind::Conflict,
-                        format!("{key:?} is at version {found}, not {expected_version}"),
-                    )),
-                    Written::Missing => Err(Error::new(
-                        ErrorKind::Internal,
-                        "a compare-and-set did not happen",
-                    )),
-                }
-            })
-            .await
+        match self.write(key, Some(value), Some(expected_version)).await? {
+            Written::At(v) => Ok(v),
+            Written::Conflict(found) => Err(Error::new(
+                ErrorKind::Conflict,
+                format!("{key:?} is at version {found}, not {expected_version}"),
+            )),
+            Written::Missing => Err(Error::new(
+                ErrorKind::Internal,
+                "a compare-and-set did not happen",
+            )),
+        }
     }
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.watch
-            .run(async { self.open_watch(WatchTarget::key(key)?, opts).await })
-            .await
+        self.open_watch(WatchTarget::key(key)?, opts).await
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.watch
-            .run(async { self.open_watch(WatchTarget::prefix(prefix)?, opts).await })
-            .await
+        self.open_watch(WatchTarget::prefix(prefix)?, opts).await
     }
 }

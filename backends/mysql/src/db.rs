@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -47,6 +48,12 @@ where
 /// query timeout (the time to get a connection included), is one `tracing`
 /// span, and counts in `im_infra_ops_total{backend="mysql",capability="db"}`.
 ///
+/// The [`MysqlBackend`](crate::MysqlBackend)'s own queries run on an
+/// untimed view of the same pool: each of them is part of one of the
+/// backend's operations (`cache.get`, `lock.acquire`, ...), which is the
+/// one span and the one count. [`MysqlBackend::db`](crate::MysqlBackend::db)
+/// hands out the timed view.
+///
 /// ```no_run
 /// use im_infra_mysql::{Db, MysqlConfig};
 ///
@@ -61,8 +68,21 @@ where
 pub struct Db {
     pool: Pool,
     cfg: MysqlConfig,
-    ops: Ops,
-    closed: AtomicBool,
+    /// `None` on the backend's internal, untimed view.
+    ops: Option<Arc<Ops>>,
+    /// Shared by the views of one pool.
+    closed: Arc<AtomicBool>,
+}
+
+fn ops() -> Arc<Ops> {
+    let m = |op| OpMetrics::new(crate::NAME, "db", op);
+    Arc::new(Ops {
+        exec: m("db.exec"),
+        query: m("db.query"),
+        text: m("db.text"),
+        conn: m("db.conn"),
+        health: m("db.health_check"),
+    })
 }
 
 impl std::fmt::Debug for Db {
@@ -76,20 +96,18 @@ impl std::fmt::Debug for Db {
 impl Db {
     /// Opens the pool and checks the server answers.
     pub async fn connect(cfg: MysqlConfig) -> Result<Db> {
+        Db::open(cfg, true).await
+    }
+
+    /// [`connect`](Self::connect); without telemetry unless `timed`.
+    pub(crate) async fn open(cfg: MysqlConfig, timed: bool) -> Result<Db> {
         cfg.validate()?;
         let pool = Pool::new(cfg.opts()?);
-        let m = |op| OpMetrics::new(crate::NAME, "db", op);
         let db = Db {
             pool,
-            ops: Ops {
-                exec: m("db.exec"),
-                query: m("db.query"),
-                text: m("db.text"),
-                conn: m("db.conn"),
-                health: m("db.health_check"),
-            },
+            ops: timed.then(ops),
             cfg,
-            closed: AtomicBool::new(false),
+            closed: Arc::new(AtomicBool::new(false)),
         };
         let bound = db.cfg.connect_timeout;
         match tokio::time::timeout(bound, db.health_check()).await {
@@ -103,6 +121,29 @@ impl Db {
             }
         }
         Ok(db)
+    }
+
+    /// The same pool with the `db.*` telemetry (closing either closes both).
+    pub(crate) fn timed(&self) -> Db {
+        Db {
+            pool: self.pool.clone(),
+            cfg: self.cfg.clone(),
+            ops: Some(self.ops.clone().unwrap_or_else(ops)),
+            closed: self.closed.clone(),
+        }
+    }
+
+    /// Runs `fut` as the operation `op` picks, or as it is on the
+    /// untimed view.
+    async fn op<T>(
+        &self,
+        op: fn(&Ops) -> &OpMetrics,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match &self.ops {
+            Some(ops) => op(ops).run(fut).await,
+            None => fut.await,
+        }
     }
 
     /// The settings in force.
@@ -153,26 +194,28 @@ impl Db {
 
     /// `SELECT 1`.
     pub async fn health_check(&self) -> Result<()> {
-        self.ops
-            .health
-            .run(self.bounded(async {
+        self.op(
+            |o| &o.health,
+            self.bounded(async {
                 let mut c = self.pool.get_conn().await?;
                 c.query_drop("SELECT 1").await
-            }))
-            .await
+            }),
+        )
+        .await
     }
 
     /// Runs a statement; returns the number of affected rows.
     pub async fn exec(&self, sql: &str, params: impl Into<Params> + Send) -> Result<u64> {
         let params = params.into();
-        self.ops
-            .exec
-            .run(self.bounded(async {
+        self.op(
+            |o| &o.exec,
+            self.bounded(async {
                 let mut c = self.pool.get_conn().await?;
                 c.exec_drop(sql, params).await?;
                 Ok(c.affected_rows())
-            }))
-            .await
+            }),
+        )
+        .await
     }
 
     /// Runs a query; returns every row. A row that does not convert to `T`
@@ -182,14 +225,15 @@ impl Db {
         T: FromRow + Send + 'static,
     {
         let params = params.into();
-        self.ops
-            .query
-            .run(self.bounded(async {
+        self.op(
+            |o| &o.query,
+            self.bounded(async {
                 let mut c = self.pool.get_conn().await?;
                 let rows: Vec<Row> = c.exec(sql, params).await?;
                 rows.into_iter().map(convert).collect()
-            }))
-            .await
+            }),
+        )
+        .await
     }
 
     /// Runs a query; returns the first row (converted as by
@@ -203,22 +247,23 @@ impl Db {
         T: FromRow + Send + 'static,
     {
         let params = params.into();
-        self.ops
-            .query
-            .run(self.bounded(async {
+        self.op(
+            |o| &o.query,
+            self.bounded(async {
                 let mut c = self.pool.get_conn().await?;
                 first(&mut c, sql, params).await
-            }))
-            .await
+            }),
+        )
+        .await
     }
 
     /// Runs statements separated by `;` over the text protocol in one round
     /// trip; returns the rows of the last result set. Only for SQL built
     /// from trusted parts: nothing is escaped here.
     pub async fn text(&self, sql: &str) -> Result<Vec<Row>> {
-        self.ops
-            .text
-            .run(self.bounded(async {
+        self.op(
+            |o| &o.text,
+            self.bounded(async {
                 let mut c = self.pool.get_conn().await?;
                 let mut result = c.query_iter(sql).await?;
                 let mut last = Vec::new();
@@ -229,8 +274,9 @@ impl Db {
                     }
                 }
                 Ok(last)
-            }))
-            .await
+            }),
+        )
+        .await
     }
 
     /// Runs `f` on one pooled connection, within the query timeout.
@@ -255,13 +301,14 @@ impl Db {
             ) -> BoxFuture<'c, std::result::Result<T, mysql_async::Error>>
             + Send,
     {
-        self.ops
-            .conn
-            .run(self.bounded_by(bound, async {
+        self.op(
+            |o| &o.conn,
+            self.bounded_by(bound, async {
                 let mut c = self.pool.get_conn().await?;
                 f(&mut c).await
-            }))
-            .await
+            }),
+        )
+        .await
     }
 
     /// Runs `f` in a transaction that commits when `f` succeeds and rolls
@@ -275,9 +322,9 @@ impl Db {
             ) -> BoxFuture<'c, std::result::Result<T, mysql_async::Error>>
             + Send,
     {
-        self.ops
-            .conn
-            .run(self.bounded(async {
+        self.op(
+            |o| &o.conn,
+            self.bounded(async {
                 let mut c = self.pool.get_conn().await?;
                 let mut tx = c.start_transaction(TxOpts::default()).await?;
                 let out = f(&mut tx).await;
@@ -291,8 +338,9 @@ impl Db {
                         Err(e)
                     }
                 }
-            }))
-            .await
+            }),
+        )
+        .await
     }
 
     /// Closes the pool (waiting for connections in use to come back).

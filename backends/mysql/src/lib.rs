@@ -61,10 +61,14 @@ use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
-use im_infra::layer::ObservedLimiter;
+use im_infra::layer::{
+    ObservedCache, ObservedConfigCenter, ObservedLimiter, ObservedLock, ObservedOnce,
+    ObservedWorkerIds,
+};
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
 use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
+use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::{Error, ErrorKind, Result};
 
@@ -165,7 +169,8 @@ impl MysqlBackendBuilder {
     /// purge. `InvalidConfig` for bad settings or credentials,
     /// `Unavailable`/`Timeout` when the server cannot be reached.
     pub async fn build(self) -> Result<MysqlBackend> {
-        let db = Db::connect(self.config).await?;
+        // The backend's own queries are untimed: the layers count them.
+        let db = Db::open(self.config, false).await?;
         let prefix = db.config().table_prefix.clone();
         if let Err(e) = schema::migrate(&db, &prefix).await {
             let _ = db.close().await;
@@ -173,14 +178,25 @@ impl MysqlBackendBuilder {
         }
         let shared = Arc::new(Shared::new(db));
         tokio::spawn(purge::run(Arc::downgrade(&shared)));
-        Ok(MysqlBackend { shared })
+        Ok(MysqlBackend {
+            db: Arc::new(shared.db.timed()),
+            shared,
+            health: OpMetrics::new(NAME, "backend", "backend.health_check"),
+        })
     }
 }
 
 /// The MySQL backend. Cheap to clone; clones share the pool.
+///
+/// Its accessors hand out the raw capabilities wrapped in the layers of
+/// [`im_infra::layer`] (argument checks, one span and the operation
+/// metrics per call).
 #[derive(Clone)]
 pub struct MysqlBackend {
     shared: Arc<Shared>,
+    /// The pool with the `db.*` telemetry, for the service's own queries.
+    db: Arc<Db>,
+    health: OpMetrics,
 }
 
 impl std::fmt::Debug for MysqlBackend {
@@ -202,14 +218,16 @@ impl MysqlBackend {
         self.shared.cfg()
     }
 
-    /// The pooled connection, for the service's own queries.
+    /// The pooled connection, for the service's own queries (each one
+    /// span and counted as `db.*`).
     pub fn db(&self) -> &Db {
-        &self.shared.db
+        &self.db
     }
 
-    /// The distributed limiter without the failure policy.
-    pub fn mysql_limiter(&self, rules: &Rules) -> MysqlLimiter {
-        MysqlLimiter::new(self.shared.clone(), rules)
+    /// The distributed limiter without the failure policy (layered: argument
+    /// checks and `ratelimit.check` telemetry).
+    pub fn mysql_limiter(&self, rules: &Rules) -> ObservedLimiter<MysqlLimiter> {
+        ObservedLimiter::new(NAME, MysqlLimiter::new(self.shared.clone(), rules))
     }
 
     fn check_open(&self) -> Result<()> {
@@ -263,7 +281,8 @@ impl Backend for MysqlBackend {
 
     async fn cache(&self) -> Result<Arc<dyn Cache>> {
         self.check_open()?;
-        Ok(Arc::new(MysqlCache::new(self.shared.clone())))
+        let raw = MysqlCache::new(self.shared.clone());
+        Ok(Arc::new(ObservedCache::new(NAME, raw)))
     }
 
     async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
@@ -282,28 +301,37 @@ impl Backend for MysqlBackend {
 
     async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
         self.check_open()?;
-        Ok(Arc::new(MysqlLock::new(self.shared.clone())))
+        let raw = MysqlLock::new(self.shared.clone());
+        Ok(Arc::new(ObservedLock::new(NAME, raw)))
     }
 
     async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
         self.check_open()?;
-        Ok(Arc::new(MysqlConfigCenter::new(self.shared.clone())))
+        let raw = MysqlConfigCenter::new(self.shared.clone());
+        Ok(Arc::new(ObservedConfigCenter::new(NAME, raw)))
     }
 
     async fn once(&self) -> Result<Arc<dyn Once>> {
         self.check_open()?;
-        Ok(Arc::new(MysqlOnce::new(self.shared.clone())))
+        let raw = MysqlOnce::new(self.shared.clone());
+        Ok(Arc::new(ObservedOnce::new(NAME, raw)))
     }
 
     async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
         self.check_open()?;
-        Ok(Arc::new(MysqlWorkerIds::new(self.shared.clone())))
+        let raw = MysqlWorkerIds::new(self.shared.clone());
+        Ok(Arc::new(ObservedWorkerIds::new(NAME, raw)))
     }
 
     async fn health_check(&self) -> Result<()> {
-        self.shared.db.health_check().await
+        self.health.run(self.shared.db.health_check()).await
     }
 
+    /// Stops the background work (purge, config watches, lock waits),
+    /// then closes the pool. Nothing it hands out needs closing first: it
+    /// has no registry, and the leases of held locks, once claims and
+    /// worker ids end at their next renewal (`Closed`), their rows
+    /// expiring on the server's clock. Idempotent.
     async fn close(&self) -> Result<()> {
         if self.shared.shutdown.is_cancelled() {
             return Ok(());

@@ -9,7 +9,6 @@ use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
-use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
 
@@ -28,13 +27,13 @@ use crate::Shared;
 /// increases per key, also after the database was restored from older
 /// data; the row stays after release, keeping the counter. Release and renewal check the owner. Waiters poll with a
 /// jittered backoff, never past the holder's expiry or their deadline.
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedLock`](im_infra::layer::ObservedLock): argument checks and
+/// telemetry).
 pub struct MysqlLock {
     shared: Arc<Shared>,
     sql: Arc<LockSql>,
-    acquire: OpMetrics,
-    try_acquire: OpMetrics,
-    is_locked: OpMetrics,
-    info: OpMetrics,
 }
 
 /// The statements of one table prefix, built once per lock service.
@@ -106,14 +105,9 @@ fn micros(d: Duration) -> u64 {
 
 impl MysqlLock {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "lock", op);
         MysqlLock {
             sql: Arc::new(LockSql::new(&shared)),
             shared,
-            acquire: m("lock.acquire"),
-            try_acquire: m("lock.try_acquire"),
-            is_locked: m("lock.is_locked"),
-            info: m("lock.info"),
         }
     }
 
@@ -183,10 +177,15 @@ impl MysqlLock {
         let lease = pending.start(opts.lease_options(crate::NAME, opts.ttl), sent);
         Box::new(LeasedGuard::new(key, fence, lease))
     }
+}
 
-    async fn acquire_inner(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
-        validate::key(key)?;
-        opts.validate()?;
+#[async_trait]
+impl DistributedLock for MysqlLock {
+    fn capabilities(&self) -> LockCapabilities {
+        LockCapabilities::new(false, true, true)
+    }
+
+    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
         let deadline = opts.wait_deadline(Instant::now());
         let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
         let mut pending = self.pending(key);
@@ -219,71 +218,42 @@ impl MysqlLock {
             }
         }
     }
-}
-
-#[async_trait]
-impl DistributedLock for MysqlLock {
-    fn capabilities(&self) -> LockCapabilities {
-        LockCapabilities::new(false, true, true)
-    }
-
-    async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
-        self.acquire.run(self.acquire_inner(key, opts)).await
-    }
 
     async fn try_acquire(
         &self,
         key: &str,
         opts: LockOptions,
     ) -> Result<Option<Box<dyn LockGuard>>> {
-        self.try_acquire
-            .run(async {
-                validate::key(key)?;
-                opts.validate()?;
-                let mut pending = self.pending(key);
-                Ok(match self.attempt_with(&mut pending, opts.ttl).await? {
-                    (Attempt::Acquired(fence), sent) => {
-                        Some(Self::guard(key, pending, fence, opts, sent))
-                    }
-                    (Attempt::Held(_), _) => None,
-                })
-            })
-            .await
+        let mut pending = self.pending(key);
+        Ok(match self.attempt_with(&mut pending, opts.ttl).await? {
+            (Attempt::Acquired(fence), sent) => Some(Self::guard(key, pending, fence, opts, sent)),
+            (Attempt::Held(_), _) => None,
+        })
     }
 
     async fn is_locked(&self, key: &str) -> Result<bool> {
-        self.is_locked
-            .run(async {
-                validate::key(key)?;
-                let v: Option<i64> = self
-                    .shared
-                    .db
-                    .query_first(&self.sql.is_locked, (self.shared.key(key),))
-                    .await?;
-                Ok(v.is_some())
-            })
-            .await
+        let v: Option<i64> = self
+            .shared
+            .db
+            .query_first(&self.sql.is_locked, (self.shared.key(key),))
+            .await?;
+        Ok(v.is_some())
     }
 
     async fn info(&self, key: &str) -> Result<Option<LockInfo>> {
-        self.info
-            .run(async {
-                validate::key(key)?;
-                let row: Option<(String, u64, i64, Option<i64>)> = self
-                    .shared
-                    .db
-                    .query_first(&self.sql.info, (self.shared.key(key),))
-                    .await
-                    .for_key(key)?;
-                Ok(row.map(|(owner, fence, left, at)| LockInfo {
-                    key: key.to_owned(),
-                    owner,
-                    fencing_token: fence,
-                    ttl: Some(Duration::from_micros(left.max(0) as u64)),
-                    acquired_at: at.map(|us| UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)),
-                }))
-            })
+        let row: Option<(String, u64, i64, Option<i64>)> = self
+            .shared
+            .db
+            .query_first(&self.sql.info, (self.shared.key(key),))
             .await
+            .for_key(key)?;
+        Ok(row.map(|(owner, fence, left, at)| LockInfo {
+            key: key.to_owned(),
+            owner,
+            fencing_token: fence,
+            ttl: Some(Duration::from_micros(left.max(0) as u64)),
+            acquired_at: at.map(|us| UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)),
+        }))
     }
 }
 

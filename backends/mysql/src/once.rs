@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::lease::LeaseBackend;
 use im_infra::once::{Claim, Once, OnceCapabilities};
-use im_infra::telemetry::OpMetrics;
 use im_infra::{validate, Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
 
@@ -18,13 +17,12 @@ use crate::Shared;
 /// Idempotency on a [`MysqlBackend`](crate::MysqlBackend): a row
 /// `(key, state, token, outcome, expires_at)` per key, expiring by the
 /// server's clock. A claim is an upsert that only takes an expired row.
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedOnce`](im_infra::layer::ObservedOnce): argument checks,
+/// outcome sizes, telemetry).
 pub struct MysqlOnce {
     shared: Arc<Shared>,
-    claim: OpMetrics,
-    complete: OpMetrics,
-    abandon: OpMetrics,
-    outcome: OpMetrics,
-    reset: OpMetrics,
 }
 
 impl std::fmt::Debug for MysqlOnce {
@@ -39,15 +37,7 @@ fn micros(d: Duration) -> u64 {
 
 impl MysqlOnce {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let m = |op| OpMetrics::new(crate::NAME, "once", op);
-        MysqlOnce {
-            shared,
-            claim: m("once.claim"),
-            complete: m("once.complete"),
-            abandon: m("once.abandon"),
-            outcome: m("once.outcome"),
-            reset: m("once.reset"),
-        }
+        MysqlOnce { shared }
     }
 
     fn not_held(key: &str) -> Error {
@@ -125,133 +115,108 @@ impl Once for MysqlOnce {
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
-        self.claim
-            .run(async {
-                validate::key(key)?;
-                validate::ttl(ttl)?;
-                let table = self.shared.table("once");
-                let k = self.shared.key(key);
-                let token = uuid::Uuid::new_v4().simple().to_string();
-                // `expires_at` is assigned last, so every condition reads the old row.
-                let upsert = format!(
-                    "INSERT INTO {table} (k, state, token, outcome, expires_at) \
-                     VALUES (?, 'c', ?, NULL, NOW(6) + INTERVAL ? MICROSECOND) \
-                     ON DUPLICATE KEY UPDATE \
-                       state = IF(expires_at <= NOW(6), 'c', state), \
-                       token = IF(expires_at <= NOW(6), VALUES(token), token), \
-                       outcome = IF(expires_at <= NOW(6), NULL, outcome), \
-                       expires_at = IF(expires_at <= NOW(6), VALUES(expires_at), expires_at)"
-                );
-                let read = format!("SELECT state, token, outcome FROM {table} WHERE k = ?");
-                let mine = token.clone();
-                let row: Option<(String, Option<String>, Option<Vec<u8>>)> = self
-                    .shared
-                    .db
-                    .with_conn(move |c| {
-                        Box::pin(async move {
-                            c.exec_drop(upsert, (k.as_slice(), mine.as_str(), micros(ttl)))
-                                .await?;
-                            first(c, &read, (k.as_slice(),)).await
-                        })
-                    })
-                    .await?;
-                match row {
-                    Some((state, _, Some(outcome))) if state == "d" => {
-                        Ok(Claim::Done(Bytes::from(outcome)))
-                    }
-                    Some((state, Some(t), _)) if state == "c" && t == token => {
-                        Ok(Claim::Acquired { token })
-                    }
-                    Some((state, Some(_), _)) if state == "c" => Ok(Claim::InProgress),
-                    // Just deleted by an abandon or a reset: someone else's business.
-                    None => Ok(Claim::InProgress),
-                    Some((state, t, outcome)) => Err(malformed(
-                        key,
-                        format_args!(
-                            "state {state:?}, token {}, outcome {}",
-                            if t.is_some() { "set" } else { "missing" },
-                            if outcome.is_some() { "set" } else { "missing" }
-                        ),
-                    )),
-                }
+        let table = self.shared.table("once");
+        let k = self.shared.key(key);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        // `expires_at` is assigned last, so every condition reads the old row.
+        let upsert = format!(
+            "INSERT INTO {table} (k, state, token, outcome, expires_at) \
+             VALUES (?, 'c', ?, NULL, NOW(6) + INTERVAL ? MICROSECOND) \
+             ON DUPLICATE KEY UPDATE \
+               state = IF(expires_at <= NOW(6), 'c', state), \
+               token = IF(expires_at <= NOW(6), VALUES(token), token), \
+               outcome = IF(expires_at <= NOW(6), NULL, outcome), \
+               expires_at = IF(expires_at <= NOW(6), VALUES(expires_at), expires_at)"
+        );
+        let read = format!("SELECT state, token, outcome FROM {table} WHERE k = ?");
+        let mine = token.clone();
+        let row: Option<(String, Option<String>, Option<Vec<u8>>)> = self
+            .shared
+            .db
+            .with_conn(move |c| {
+                Box::pin(async move {
+                    c.exec_drop(upsert, (k.as_slice(), mine.as_str(), micros(ttl)))
+                        .await?;
+                    first(c, &read, (k.as_slice(),)).await
+                })
             })
-            .await
+            .await?;
+        match row {
+            Some((state, _, Some(outcome))) if state == "d" => {
+                Ok(Claim::Done(Bytes::from(outcome)))
+            }
+            Some((state, Some(t), _)) if state == "c" && t == token => {
+                Ok(Claim::Acquired { token })
+            }
+            Some((state, Some(_), _)) if state == "c" => Ok(Claim::InProgress),
+            // Just deleted by an abandon or a reset: someone else's business.
+            None => Ok(Claim::InProgress),
+            Some((state, t, outcome)) => Err(malformed(
+                key,
+                format_args!(
+                    "state {state:?}, token {}, outcome {}",
+                    if t.is_some() { "set" } else { "missing" },
+                    if outcome.is_some() { "set" } else { "missing" }
+                ),
+            )),
+        }
     }
 
     async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
-        self.complete
-            .run(async {
-                validate::key(key)?;
-                validate::ttl(ttl)?;
-                validate::value(outcome.len(), self.shared.cfg().max_value_bytes)?;
-                // The token stays on the done row: completing again (a retry
-                // after a lost answer) is recognised as this caller's.
-                let sql = format!(
-                    "UPDATE {} SET state = 'd', outcome = ?, expires_at = NOW(6) + INTERVAL ? MICROSECOND \
-                     WHERE k = ? AND token = ? AND (state = 'd' OR expires_at > NOW(6))",
-                    self.shared.table("once")
-                );
-                let n = self
-                    .shared
-                    .db
-                    .exec(&sql, (outcome.to_vec(), micros(ttl), self.shared.key(key), token))
-                    .await?;
-                if n == 1 {
-                    Ok(())
-                } else {
-                    Err(Self::not_held(key))
-                }
-            })
-            .await
+        // The token stays on the done row: completing again (a retry
+        // after a lost answer) is recognised as this caller's.
+        let sql = format!(
+            "UPDATE {} SET state = 'd', outcome = ?, expires_at = NOW(6) + INTERVAL ? MICROSECOND \
+             WHERE k = ? AND token = ? AND (state = 'd' OR expires_at > NOW(6))",
+            self.shared.table("once")
+        );
+        let n = self
+            .shared
+            .db
+            .exec(
+                &sql,
+                (outcome.to_vec(), micros(ttl), self.shared.key(key), token),
+            )
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(Self::not_held(key))
+        }
     }
 
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {
-        self.abandon
-            .run(async {
-                validate::key(key)?;
-                if abandon(&self.shared, key, token).await? {
-                    Ok(())
-                } else {
-                    Err(Self::not_held(key))
-                }
-            })
-            .await
+        if abandon(&self.shared, key, token).await? {
+            Ok(())
+        } else {
+            Err(Self::not_held(key))
+        }
     }
 
     async fn outcome(&self, key: &str) -> Result<Option<Bytes>> {
-        self.outcome
-            .run(async {
-                validate::key(key)?;
-                let sql = format!(
-                    "SELECT outcome FROM {} WHERE k = ? AND state = 'd' AND expires_at > NOW(6)",
-                    self.shared.table("once")
-                );
-                let v: Option<Option<Vec<u8>>> = self
-                    .shared
-                    .db
-                    .query_first(&sql, (self.shared.key(key),))
-                    .await
-                    .for_key(key)?;
-                match v {
-                    None => Ok(None),
-                    Some(Some(outcome)) => Ok(Some(Bytes::from(outcome))),
-                    Some(None) => Err(malformed(key, "a completed key without an outcome")),
-                }
-            })
+        let sql = format!(
+            "SELECT outcome FROM {} WHERE k = ? AND state = 'd' AND expires_at > NOW(6)",
+            self.shared.table("once")
+        );
+        let v: Option<Option<Vec<u8>>> = self
+            .shared
+            .db
+            .query_first(&sql, (self.shared.key(key),))
             .await
+            .for_key(key)?;
+        match v {
+            None => Ok(None),
+            Some(Some(outcome)) => Ok(Some(Bytes::from(outcome))),
+            Some(None) => Err(malformed(key, "a completed key without an outcome")),
+        }
     }
 
     async fn reset(&self, key: &str) -> Result<bool> {
-        self.reset
-            .run(async {
-                validate::key(key)?;
-                let table = self.shared.table("once");
-                let live = format!("DELETE FROM {table} WHERE k = ? AND expires_at > NOW(6)");
-                let n = self.shared.db.exec(&live, (self.shared.key(key),)).await?;
-                let rest = format!("DELETE FROM {table} WHERE k = ?");
-                self.shared.db.exec(&rest, (self.shared.key(key),)).await?;
-                Ok(n > 0)
-            })
-            .await
+        let table = self.shared.table("once");
+        let live = format!("DELETE FROM {table} WHERE k = ? AND expires_at > NOW(6)");
+        let n = self.shared.db.exec(&live, (self.shared.key(key),)).await?;
+        let rest = format!("DELETE FROM {table} WHERE k = ?");
+        self.shared.db.exec(&rest, (self.shared.key(key),)).await?;
+        Ok(n > 0)
     }
 }

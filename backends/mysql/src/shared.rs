@@ -7,6 +7,8 @@ use crate::db::Db;
 
 /// The pool, the key namespace, the table names and the shutdown signal.
 pub(crate) struct Shared {
+    /// The backend's own queries: untimed (each is part of an operation
+    /// that the layers count).
     pub(crate) db: Db,
     ns: Vec<u8>,
     prefix: String,

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::lease::{LeaseBackend, PendingLease, Tick};
-use im_infra::telemetry::OpMetrics;
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Error, ErrorKind, Result};
 
@@ -23,9 +22,12 @@ const MAX_WORKER_ID: u64 = 65_535;
 /// next candidate. The lease is kept by a [`Lease`](im_infra::lease::Lease).
 /// Released ids keep their row (expired), with the last timestamp their
 /// holder may have used, which the next holder starts after.
+///
+/// Raw operations: the backend hands it out layered
+/// ([`ObservedWorkerIds`](im_infra::layer::ObservedWorkerIds)); the bound
+/// on `max_worker_id` is this backend's own.
 pub struct MysqlWorkerIds {
     shared: Arc<Shared>,
-    allocate: OpMetrics,
 }
 
 impl std::fmt::Debug for MysqlWorkerIds {
@@ -40,10 +42,7 @@ fn micros(d: Duration) -> u64 {
 
 impl MysqlWorkerIds {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        MysqlWorkerIds {
-            shared,
-            allocate: OpMetrics::new(crate::NAME, "uid", "uid.allocate"),
-        }
+        MysqlWorkerIds { shared }
     }
 
     /// Takes `id` for `token` unless a live lease holds it; on success
@@ -99,47 +98,41 @@ fn free_ids(taken: &[u64], max: u64) -> impl Iterator<Item = u64> + '_ {
 #[async_trait]
 impl WorkerIdAllocator for MysqlWorkerIds {
     async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
-        self.allocate
-            .run(async {
-                validate::ttl(ttl)?;
-                if max_worker_id > MAX_WORKER_ID {
-                    return Err(Error::invalid_argument(format!(
-                        "max_worker_id above {MAX_WORKER_ID} is not supported"
-                    )));
+        if max_worker_id > MAX_WORKER_ID {
+            return Err(Error::invalid_argument(format!(
+                "max_worker_id above {MAX_WORKER_ID} is not supported"
+            )));
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        // Until an id is known, releasing looks for the token.
+        let mut pending = PendingLease::new(HeldWorkerId {
+            shared: self.shared.clone(),
+            id: OnceLock::new(),
+            token: token.clone(),
+        });
+        // A few rounds: another allocator may take our candidates.
+        for _ in 0..8 {
+            let taken = self.live_ids(max_worker_id).await?;
+            let mut tried = false;
+            for id in free_ids(&taken, max_worker_id).take(4) {
+                tried = true;
+                let sent = Tick::now();
+                pending.arm();
+                if let Some(not_before) = self.take(id, &token, ttl).await? {
+                    let _ = pending.backend().id.set(id);
+                    let lease = pending.start(WorkerLease::lease_options(crate::NAME, ttl), sent);
+                    return Ok(WorkerLease::new(id, lease).with_not_before(not_before));
                 }
-                let token = uuid::Uuid::new_v4().simple().to_string();
-                // Until an id is known, releasing looks for the token.
-                let mut pending = PendingLease::new(HeldWorkerId {
-                    shared: self.shared.clone(),
-                    id: OnceLock::new(),
-                    token: token.clone(),
-                });
-                // A few rounds: another allocator may take our candidates.
-                for _ in 0..8 {
-                    let taken = self.live_ids(max_worker_id).await?;
-                    let mut tried = false;
-                    for id in free_ids(&taken, max_worker_id).take(4) {
-                        tried = true;
-                        let sent = Tick::now();
-                        pending.arm();
-                        if let Some(not_before) = self.take(id, &token, ttl).await? {
-                            let _ = pending.backend().id.set(id);
-                            let lease =
-                                pending.start(WorkerLease::lease_options(crate::NAME, ttl), sent);
-                            return Ok(WorkerLease::new(id, lease).with_not_before(not_before));
-                        }
-                        pending.disarm();
-                    }
-                    if !tried {
-                        break;
-                    }
-                }
-                Err(Error::new(
-                    ErrorKind::ResourceExhausted,
-                    format!("all {} worker ids are leased", max_worker_id + 1),
-                ))
-            })
-            .await
+                pending.disarm();
+            }
+            if !tried {
+                break;
+            }
+        }
+        Err(Error::new(
+            ErrorKind::ResourceExhausted,
+            format!("all {} worker ids are leased", max_worker_id + 1),
+        ))
     }
 }
 
