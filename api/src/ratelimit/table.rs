@@ -55,7 +55,7 @@ impl<T> Table<T> {
         let entry = if self.many.is_empty() {
             self.few
                 .iter()
-                .find(|(name, _)| same(name, resource))
+                .find(|(name, _)| **name == *resource)
                 .map(|(_, e)| e)
         } else {
             self.many.get(resource)
@@ -68,21 +68,6 @@ impl<T> Table<T> {
             Some(params) => Ok(f(params.as_ref().map_err(Clone::clone)?, None)),
             None => Err(super::rule::no_rule(resource)),
         }
-    }
-}
-
-/// String equality without a call into the C library for the short names
-/// resources have (a linear scan compares a few of them per decision).
-#[inline]
-fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    if a.len() <= 32 {
-        a.iter().zip(b).all(|(x, y)| x == y)
-    } else {
-        a == b
     }
 }
 
