@@ -116,9 +116,10 @@ fn main() {
             }
         });
         let take: Arc<str> = format!(
-            "UPDATE {prefix}locks SET owner = ?, fence = LAST_INSERT_ID(fence + 1), \
+            "UPDATE {prefix}locks SET owner = ?, \
+             fence = LAST_INSERT_ID(GREATEST(fence + 1, TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)))), \
              expires_at = NOW(6) + INTERVAL ? MICROSECOND, acquired_at = NOW(6) \
-             WHERE k = ? AND (owner IS NULL OR expires_at <= NOW(6))"
+             WHERE k = ? AND (owner IS NULL OR expires_at <= NOW(6) OR owner = ?)"
         )
         .into();
         let seed = format!("INSERT IGNORE INTO {prefix}locks (k, owner, fence, expires_at) VALUES (?, NULL, 0, NOW(6))");
@@ -140,7 +141,8 @@ fn main() {
                 let key = format!("{NS}rawlock{}", i % rounds.tasks);
                 let owner = format!("raw-{i}");
                 let Ok(mut c) = p.get_conn().await else { return false };
-                if c.exec_drop(&*take, (owner.as_str(), 10_000_000u64, key.as_bytes())).await.is_err()
+                let params = (owner.as_str(), 10_000_000u64, key.as_bytes(), owner.as_str());
+                if c.exec_drop(&*take, params).await.is_err()
                     || c.affected_rows() != 1
                 {
                     return false;
