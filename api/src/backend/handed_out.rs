@@ -74,19 +74,19 @@ impl HandedOut {
         self.items().iter().filter_map(Weak::upgrade).collect()
     }
 
-    /// Closes every handle still alive, each once; a failure is logged and
-    /// the first one returned after all were tried.
+    /// Closes every handle still alive, each once and all at the same
+    /// time (so the slowest, not the sum, bounds the close); a failure is
+    /// logged and the first one returned after all were tried.
     pub async fn close_all(&self) -> Result<()> {
         let live: Vec<Arc<dyn Closable>> = std::mem::take(&mut *self.items())
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
+        let results = futures::future::join_all(live.iter().map(|item| item.close())).await;
         let mut first = None;
-        for item in live {
-            if let Err(e) = item.close().await {
-                tracing::warn!(error = %e, "closing a handle of the backend failed");
-                first.get_or_insert(e);
-            }
+        for e in results.into_iter().filter_map(|r| r.err()) {
+            tracing::warn!(error = %e, "closing a handle of the backend failed");
+            first.get_or_insert(e);
         }
         first.map_or(Ok(()), Err)
     }
