@@ -6,7 +6,7 @@
 # fail. Exits with the tests' status. Extra arguments go to `cargo test`.
 #
 #   scripts/test.sh
-#   scripts/test.sh -p im-infra-conformance -- redis::
+#   scripts/test.sh -p im-infra-redis --test conformance -- redis::lock::
 #
 # Servers that were already running (scripts/services.sh up) are left running.
 set -uo pipefail

@@ -23,7 +23,7 @@
 //! | [`backend`] | [`Backend`](backend::Backend) | one backend with every capability it offers |
 //!
 //! Every operation returns [`Result`] with one [`Error`] type whose
-//! [`ErrorKind`] is part of the contract; [`RetryConfig`] retries the
+//! [`ErrorKind`] is part of the contract; [`RetrySettings`] retries the
 //! retryable ones. Observability goes through [`tracing`] and the
 //! [`metrics`] facade ([`telemetry`]): silent until the application installs
 //! a subscriber or recorder.
@@ -84,7 +84,7 @@ pub mod uid;
 pub mod validate;
 
 pub use error::{Error, ErrorKind, Result};
-pub use retry::RetryConfig;
+pub use retry::RetrySettings;
 
 /// Re-exports for implementors and users.
 pub mod prelude {
@@ -97,7 +97,7 @@ pub mod prelude {
     pub use crate::ratelimit::{Limiter, LimiterExt, Rule, Rules};
     pub use crate::registry::{ServiceDiscovery, ServiceDiscoveryExt, ServiceRegistry};
     pub use crate::uid::{IdGenerator, WorkerIdAllocator};
-    pub use crate::{Error, ErrorKind, Result, RetryConfig};
+    pub use crate::{Error, ErrorKind, Result, RetrySettings};
 }
 
 // Keep the dependency used by doc examples visible to rustdoc.

@@ -44,7 +44,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::retry::RetryConfig;
+use crate::retry::RetrySettings;
 
 /// A message to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,7 +245,7 @@ pub enum StartPosition {
 /// Configuration of one consumer-group member.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConsumerConfig {
+pub struct ConsumerSettings {
     /// The consumer group.
     pub group: String,
     /// Topics to consume.
@@ -257,7 +257,7 @@ pub struct ConsumerConfig {
     /// message goes to `dead_letter_topic`; without one it is retried until
     /// the handler succeeds.
     #[serde(default = "default_handler_retry")]
-    pub handler_retry: RetryConfig,
+    pub handler_retry: RetrySettings,
     /// Where messages go whose handler kept failing (headers added:
     /// `x-original-topic`, `x-original-partition`, `x-original-offset`,
     /// `x-error`).
@@ -265,8 +265,8 @@ pub struct ConsumerConfig {
     pub dead_letter_topic: Option<String>,
 }
 
-fn default_handler_retry() -> RetryConfig {
-    RetryConfig {
+fn default_handler_retry() -> RetrySettings {
+    RetrySettings {
         max_retries: 3,
         initial_interval: Duration::from_millis(100),
         max_interval: Duration::from_secs(5),
@@ -275,13 +275,13 @@ fn default_handler_retry() -> RetryConfig {
     }
 }
 
-impl ConsumerConfig {
+impl ConsumerSettings {
     /// A member of `group` reading `topics` from the earliest message.
     pub fn new<S: Into<String>>(
         group: impl Into<String>,
         topics: impl IntoIterator<Item = S>,
     ) -> Self {
-        ConsumerConfig {
+        ConsumerSettings {
             group: group.into(),
             topics: topics.into_iter().map(Into::into).collect(),
             start: StartPosition::Earliest,
@@ -306,7 +306,7 @@ impl ConsumerConfig {
 
     /// Sets the handler retry policy.
     #[must_use]
-    pub fn handler_retry(mut self, retry: RetryConfig) -> Self {
+    pub fn handler_retry(mut self, retry: RetrySettings) -> Self {
         self.handler_retry = retry;
         self
     }
@@ -363,10 +363,26 @@ pub struct ConsumerCapabilities {
     pub pause_resume: bool,
 }
 
+/// Nothing beyond the required operations.
+impl Default for ConsumerCapabilities {
+    fn default() -> Self {
+        ConsumerCapabilities {
+            pause_resume: false,
+        }
+    }
+}
+
 impl ConsumerCapabilities {
-    /// Builds the capability set.
-    pub fn new(pause_resume: bool) -> Self {
-        ConsumerCapabilities { pause_resume }
+    /// `pause` and `resume` are supported.
+    ///
+    /// ```
+    /// use im_infra::mq::ConsumerCapabilities;
+    /// assert!(ConsumerCapabilities::default().with_pause_resume().pause_resume);
+    /// ```
+    #[must_use]
+    pub fn with_pause_resume(mut self) -> Self {
+        self.pause_resume = true;
+        self
     }
 }
 

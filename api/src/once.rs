@@ -81,11 +81,10 @@ impl Default for OnceCapabilities {
 
 impl OnceCapabilities {
     /// TTLs honoured down to `min_ttl`.
-    pub fn with_min_ttl(min_ttl: Duration) -> Self {
-        OnceCapabilities {
-            min_ttl,
-            ..OnceCapabilities::default()
-        }
+    #[must_use]
+    pub fn with_min_ttl(mut self, min_ttl: Duration) -> Self {
+        self.min_ttl = min_ttl;
+        self
     }
 
     /// Outcomes stored up to `bytes`.

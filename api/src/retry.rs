@@ -1,6 +1,6 @@
 //! Retrying retryable failures with jittered exponential backoff.
 //!
-//! One [`RetryConfig`] (the original system's `RetryConfig`) serves every
+//! One [`RetrySettings`] (the original system's `RetrySettings`) serves every
 //! backend: reconnect loops, re-registration after a lost lease, handler
 //! retries of a consumer. Only errors whose [`Error::is_retryable`] is true
 //! are retried; any other error is returned at once.
@@ -8,14 +8,14 @@
 //! ```
 //! use std::sync::atomic::{AtomicU32, Ordering};
 //! use std::time::Duration;
-//! use im_infra::{Error, ErrorKind, RetryConfig};
+//! use im_infra::{Error, ErrorKind, RetrySettings};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let retry = RetryConfig {
+//! let retry = RetrySettings {
 //!     max_retries: 5,
 //!     initial_interval: Duration::from_millis(1),
 //!     max_interval: Duration::from_millis(4),
-//!     ..RetryConfig::default()
+//!     ..RetrySettings::default()
 //! };
 //! let calls = AtomicU32::new(0);
 //! let value = retry
@@ -43,7 +43,7 @@ use crate::error::{Error, Result};
 /// Backoff policy for retryable errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct RetryConfig {
+pub struct RetrySettings {
     /// How many times a failed call is retried (0 = never).
     pub max_retries: u32,
     /// Delay before the first retry.
@@ -59,9 +59,9 @@ pub struct RetryConfig {
     pub jitter: bool,
 }
 
-impl Default for RetryConfig {
+impl Default for RetrySettings {
     fn default() -> Self {
-        RetryConfig {
+        RetrySettings {
             max_retries: 3,
             initial_interval: Duration::from_millis(100),
             max_interval: Duration::from_secs(5),
@@ -71,7 +71,7 @@ impl Default for RetryConfig {
     }
 }
 
-impl RetryConfig {
+impl RetrySettings {
     /// Checks the values: a positive initial interval not above the maximum,
     /// and a finite multiplier of at least 1.
     pub fn validate(&self) -> Result<()> {
@@ -149,8 +149,8 @@ mod tests {
     use crate::ErrorKind;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    fn quick() -> RetryConfig {
-        RetryConfig {
+    fn quick() -> RetrySettings {
+        RetrySettings {
             max_retries: 3,
             initial_interval: Duration::from_millis(1),
             max_interval: Duration::from_millis(2),
@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn delays_grow_and_are_capped() {
-        let cfg = RetryConfig {
+        let cfg = RetrySettings {
             max_retries: 5,
             initial_interval: Duration::from_millis(10),
             max_interval: Duration::from_millis(40),
@@ -219,7 +219,7 @@ mod tests {
 
     #[test]
     fn deserialises_human_durations() {
-        let c: RetryConfig = serde_json::from_str(
+        let c: RetrySettings = serde_json::from_str(
             r#"{"max_retries":5,"initial_interval":"200ms","max_interval":"5s","multiplier":2.0}"#,
         )
         .unwrap();

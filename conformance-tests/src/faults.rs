@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, ensure, Result};
 use futures::StreamExt;
 use im_infra::config::{ConfigCenter, ConfigCenterExt, ConfigEvent, WatchStream};
 use im_infra::ratelimit::{
-    DecisionSource, DenyReason, FailurePolicy, Limiter, LimiterConfig, Rule, Rules,
+    DecisionSource, DenyReason, FailurePolicy, Limiter, LimiterSettings, Rule, Rules,
 };
 
 /// Polls `f` every 100 ms until it answers `true`; fails after `within`.
@@ -43,7 +43,7 @@ pub fn expect_retryable<T: std::fmt::Debug>(what: &str, result: im_infra::Result
 
 /// One rule, `api` at 1000/s, under `policy`.
 pub fn limiter_rules(policy: FailurePolicy) -> Result<Rules> {
-    let mut cfg = LimiterConfig::with_rule("api", Rule::per_second(1000));
+    let mut cfg = LimiterSettings::with_rule("api", Rule::per_second(1000));
     cfg.failure_policy = policy;
     Ok(Rules::fixed(cfg)?)
 }

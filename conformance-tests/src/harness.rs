@@ -16,7 +16,7 @@ use im_infra::backend::{Backend, Capability};
 use im_infra::cache::CacheCapabilities;
 use im_infra::config::ConfigCapabilities;
 use im_infra::lock::LockCapabilities;
-use im_infra::mq::{ConsumerCapabilities, ConsumerConfig};
+use im_infra::mq::{ConsumerCapabilities, ConsumerSettings};
 use im_infra::registry::RegistryCapabilities;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -128,7 +128,7 @@ impl Claims {
             None
         };
         let consumer = if has(Capability::Messaging) {
-            let cfg = ConsumerConfig::new("conformance-probe", ["conformance-probe"]);
+            let cfg = ConsumerSettings::new("conformance-probe", ["conformance-probe"]);
             Some(backend.consumer(cfg).await?.capabilities())
         } else {
             None

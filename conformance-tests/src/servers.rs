@@ -177,25 +177,6 @@ pub fn server_or_skip(backend: &str, var: &str) -> Option<String> {
     }
 }
 
-/// Runs `scripts/services.sh` with `args` (to stop, kill or start a server
-/// in a fault test).
-pub fn services(args: &[&str]) -> Result<()> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "scripts/services.sh {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,10 +12,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use im_infra::config::{ConfigManager, WatchOptions};
 use im_infra::lock::LockOptions;
-use im_infra::mq::{handler_fn, ConsumerConfig, Message};
+use im_infra::mq::{handler_fn, ConsumerSettings, Message};
 use im_infra::once::Outcome;
 use im_infra::prelude::*;
-use im_infra::ratelimit::LimiterConfig;
+use im_infra::ratelimit::LimiterSettings;
 use im_infra::registry::ServiceInstance;
 use im_infra::uid::{Layout, Snowflake};
 use im_infra_memory::MemoryBackend;
@@ -159,7 +159,7 @@ async fn main() -> Result<()> {
         );
     }
     let consumer = backend
-        .consumer(ConsumerConfig::new("quickstart", ["chat.events"]))
+        .consumer(ConsumerSettings::new("quickstart", ["chat.events"]))
         .await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let runner = consumer.clone();
@@ -191,11 +191,11 @@ async fn main() -> Result<()> {
     println!("uid: {id} -> {:?}", ids.decompose(id));
 
     // Per-resource rules hot-reloaded from the config center.
-    let rules = ConfigManager::<LimiterConfig>::builder(center, "im-gateway", "ratelimit")
+    let rules = ConfigManager::<LimiterSettings>::builder(center, "im-gateway", "ratelimit")
         .env("dev")
         .build()?;
     rules
-        .publish(&LimiterConfig::with_rule("login", Rule::per_minute(10)))
+        .publish(&LimiterSettings::with_rule("login", Rule::per_minute(10)))
         .await?;
     rules.start().await;
     let managed = backend.limiter(Rules::Managed(rules.clone())).await?;

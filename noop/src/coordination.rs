@@ -40,7 +40,7 @@ impl NoopLock {
 #[async_trait]
 impl DistributedLock for NoopLock {
     fn capabilities(&self) -> LockCapabilities {
-        LockCapabilities::new(false, false, false)
+        LockCapabilities::default()
     }
 
     async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
@@ -193,7 +193,7 @@ pub struct NoopDiscovery;
 #[async_trait]
 impl ServiceDiscovery for NoopDiscovery {
     fn capabilities(&self) -> RegistryCapabilities {
-        RegistryCapabilities::new(true)
+        RegistryCapabilities::default().with_watch()
     }
 
     async fn instances(&self, _service: &str) -> Result<Vec<ServiceInstance>> {

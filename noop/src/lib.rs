@@ -41,6 +41,8 @@
 mod coordination;
 mod data;
 mod messaging;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::sync::Arc;
 
@@ -49,7 +51,7 @@ use im_infra::backend::{Backend, Capability};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::lock::DistributedLock;
-use im_infra::mq::{Consumer, ConsumerConfig, Producer};
+use im_infra::mq::{Consumer, ConsumerSettings, Producer};
 use im_infra::once::Once;
 use im_infra::ratelimit::{Limiter, Rules};
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
@@ -127,7 +129,7 @@ impl Backend for NoopBackend {
         Ok(Arc::new(NoopProducer))
     }
 
-    async fn consumer(&self, _config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
+    async fn consumer(&self, _config: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         Ok(Arc::new(NoopConsumer::default()))
     }
 

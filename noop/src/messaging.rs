@@ -45,7 +45,7 @@ pub struct NoopConsumer {
 #[async_trait]
 impl Consumer for NoopConsumer {
     fn capabilities(&self) -> ConsumerCapabilities {
-        ConsumerCapabilities::new(true)
+        ConsumerCapabilities::default().with_pause_resume()
     }
 
     async fn run(&self, _handler: Arc<dyn Handler>) -> Result<()> {

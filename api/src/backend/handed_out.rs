@@ -1,6 +1,8 @@
 //! [`HandedOut`]: what a backend handed out that it must close with itself.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 
@@ -58,8 +60,8 @@ impl std::fmt::Debug for HandedOut {
 }
 
 impl HandedOut {
-    fn items(&self) -> std::sync::MutexGuard<'_, Vec<Weak<dyn Closable>>> {
-        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    fn items(&self) -> parking_lot::MutexGuard<'_, Vec<Weak<dyn Closable>>> {
+        self.items.lock()
     }
 
     /// Remembers `item`, to close it with the backend.

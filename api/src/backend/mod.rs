@@ -30,7 +30,7 @@ use crate::cache::Cache;
 use crate::config::ConfigCenter;
 use crate::error::{Error, Result};
 use crate::lock::DistributedLock;
-use crate::mq::{Consumer, ConsumerConfig, Producer};
+use crate::mq::{Consumer, ConsumerSettings, Producer};
 use crate::once::Once;
 use crate::ratelimit::{Limiter, Rules};
 use crate::registry::{ServiceDiscovery, ServiceRegistry};
@@ -155,7 +155,7 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// A consumer-group member.
-    async fn consumer(&self, config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
+    async fn consumer(&self, config: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         let _ = config;
         Err(Error::unsupported("backend.consumer").with_backend(self.name()))
     }

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{LazyLock, Mutex};
+use std::sync::LazyLock;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -23,9 +25,7 @@ struct LeaderGuard {
 
 impl Drop for LeaderGuard {
     fn drop(&mut self) {
-        if let Ok(mut map) = IN_FLIGHT.lock() {
-            map.remove(&self.id);
-        }
+        IN_FLIGHT.lock().remove(&self.id);
     }
 }
 
@@ -40,7 +40,7 @@ where
     let id = (instance, key.to_owned());
     loop {
         let role = {
-            let mut map = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = IN_FLIGHT.lock();
             match map.get(&id) {
                 Some(rx) => Role::Follower(rx.clone()),
                 None => {
@@ -78,10 +78,7 @@ enum Role {
 /// Whether a load is in flight for `(instance, key)` (for tests).
 #[cfg(test)]
 pub(crate) fn in_flight(instance: usize, key: &str) -> bool {
-    IN_FLIGHT
-        .lock()
-        .map(|m| m.contains_key(&(instance, key.to_owned())))
-        .unwrap_or(false)
+    IN_FLIGHT.lock().contains_key(&(instance, key.to_owned()))
 }
 
 #[cfg(test)]

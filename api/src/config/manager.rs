@@ -2,7 +2,9 @@
 //! defaults, validates, and hot-reloads.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{app_env, config_path_in, ConfigCenter, ConfigEventKind, WatchOptions};
 use crate::error::{Error, ErrorKind, Result};
-use crate::retry::RetryConfig;
+use crate::retry::RetrySettings;
 
 /// A component that applies a new configuration while running.
 #[cfg_attr(feature = "mock", mockall::automock)]
@@ -42,16 +44,14 @@ struct Inner<T> {
     listeners: Vec<Listener<T>>,
     reloadables: Vec<Arc<dyn HotReloadable<T>>>,
     load_timeout: Duration,
-    retry: RetryConfig,
+    retry: RetrySettings,
     task: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
 }
 
 impl<T> Drop for Inner<T> {
     fn drop(&mut self) {
-        if let Ok(mut task) = self.task.lock() {
-            if let Some((stop, _)) = task.take() {
-                stop.cancel();
-            }
+        if let Some((stop, _)) = self.task.lock().take() {
+            stop.cancel();
         }
     }
 }
@@ -112,7 +112,7 @@ pub struct ConfigManagerBuilder<T> {
     listeners: Vec<Listener<T>>,
     reloadables: Vec<Arc<dyn HotReloadable<T>>>,
     load_timeout: Duration,
-    retry: RetryConfig,
+    retry: RetrySettings,
 }
 
 impl<T> ConfigManagerBuilder<T>
@@ -174,7 +174,7 @@ where
 
     /// Backoff between reconnection attempts of the watch.
     #[must_use]
-    pub fn retry(mut self, retry: RetryConfig) -> Self {
+    pub fn retry(mut self, retry: RetrySettings) -> Self {
         self.retry = retry;
         self
     }
@@ -243,7 +243,7 @@ where
             listeners: Vec::new(),
             reloadables: Vec::new(),
             load_timeout: Duration::from_secs(3),
-            retry: RetryConfig {
+            retry: RetrySettings {
                 max_retries: u32::MAX,
                 initial_interval: Duration::from_millis(100),
                 max_interval: Duration::from_secs(5),
@@ -288,7 +288,7 @@ where
             inner.retry.clone(),
             stop.clone(),
         ));
-        let mut task = inner.task.lock().unwrap_or_else(|p| p.into_inner());
+        let mut task = inner.task.lock();
         if let Some((old_stop, _)) = task.replace((stop, handle)) {
             old_stop.cancel();
         }
@@ -296,12 +296,7 @@ where
 
     /// Stops watching; the current value stays readable.
     pub async fn stop(&self) {
-        let task = self
-            .inner
-            .task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let task = self.inner.task.lock().take();
         if let Some((stop, handle)) = task {
             stop.cancel();
             let _ = handle.await;
@@ -310,7 +305,7 @@ where
 
     /// Whether the watch is running.
     pub fn is_started(&self) -> bool {
-        self.inner.task.lock().map(|t| t.is_some()).unwrap_or(false)
+        self.inner.task.lock().is_some()
     }
 
     /// The value in force.
@@ -414,7 +409,7 @@ async fn watch_loop<T>(
     inner: Weak<Inner<T>>,
     center: Arc<dyn ConfigCenter>,
     path: String,
-    retry: RetryConfig,
+    retry: RetrySettings,
     stop: CancellationToken,
 ) where
     T: DeserializeOwned + Send + Sync + 'static,
@@ -554,7 +549,7 @@ mod tests {
             .env("test")
             .default_value(Settings { workers: 3 })
             .load_timeout(Duration::from_millis(200))
-            .retry(RetryConfig {
+            .retry(RetrySettings {
                 max_retries: u32::MAX,
                 initial_interval: Duration::from_millis(10),
                 max_interval: Duration::from_millis(20),

@@ -9,7 +9,7 @@
 //!
 //! - it (re)connects the history before the first read and after every
 //!   failure ([`ConfigHistory::connect`]), backing off with the backend's
-//!   [`RetryConfig`] (the delays start again after a successful batch), so
+//!   [`RetrySettings`] (the delays start again after a successful batch), so
 //!   a watch resumes after a connection loss from the last version it
 //!   delivered;
 //! - it drops duplicates and changes outside the target, and moves the
@@ -32,7 +32,7 @@
 //! use im_infra::config::watch::{WatchCursor, WatchTarget};
 //! use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory};
 //! use im_infra::config::{ConfigEvent, ConfigEventKind, Versioned, WatchOptions};
-//! use im_infra::{Result, RetryConfig};
+//! use im_infra::{Result, RetrySettings};
 //! use tokio_util::sync::CancellationToken;
 //!
 //! /// A store whose history is a fixed list of changes.
@@ -69,7 +69,7 @@
 //!     history,
 //!     WatchTarget::prefix("/app/")?,
 //!     WatchOptions::after(0),
-//!     RetryConfig::default(),
+//!     RetrySettings::default(),
 //!     CancellationToken::new(),
 //! )
 //! .await?;
@@ -87,7 +87,7 @@ use tokio_util::sync::CancellationToken;
 use super::watch::{WatchCursor, WatchTarget};
 use super::{ConfigEvent, Versioned, WatchOptions, WatchStream};
 use crate::error::{ErrorKind, Result};
-use crate::RetryConfig;
+use crate::RetrySettings;
 
 /// Events buffered between the driver and a slow consumer.
 const BUFFER: usize = 256;
@@ -253,7 +253,7 @@ pub trait ConfigHistory: Send + 'static {
 /// # use im_infra::config::watch::{WatchCursor, WatchTarget};
 /// # use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory};
 /// # use im_infra::config::{Versioned, WatchOptions};
-/// # use im_infra::{Result, RetryConfig};
+/// # use im_infra::{Result, RetrySettings};
 /// # use futures::StreamExt;
 /// # use tokio_util::sync::CancellationToken;
 /// # struct Still;
@@ -271,7 +271,7 @@ pub trait ConfigHistory: Send + 'static {
 ///     Still,
 ///     WatchTarget::key("/config/dev/web/flags")?,
 ///     WatchOptions::default(),
-///     RetryConfig::default(),
+///     RetrySettings::default(),
 ///     shutdown.clone(),
 /// )
 /// .await?;
@@ -283,7 +283,7 @@ pub async fn spawn_watch<H: ConfigHistory>(
     mut history: H,
     target: WatchTarget,
     opts: WatchOptions,
-    retry: RetryConfig,
+    retry: RetrySettings,
     shutdown: CancellationToken,
 ) -> Result<WatchStream> {
     let mut cursor = WatchCursor::new(target, opts.after_version.unwrap_or(0));
@@ -313,7 +313,7 @@ struct Driver<H> {
 impl<H: ConfigHistory> Driver<H> {
     /// Connects, reads batch after batch and resynchronises, backing off
     /// after failures, until the watch ends.
-    async fn run(mut self, retry: RetryConfig, shutdown: CancellationToken) {
+    async fn run(mut self, retry: RetrySettings, shutdown: CancellationToken) {
         let tx = self.tx.clone();
         let mut delays = None;
         let mut connected = false;
@@ -501,8 +501,8 @@ mod tests {
         Error::new(ErrorKind::Unavailable, "connection lost")
     }
 
-    fn quick_retry() -> RetryConfig {
-        RetryConfig {
+    fn quick_retry() -> RetrySettings {
+        RetrySettings {
             max_retries: 0,
             initial_interval: Duration::from_millis(100),
             max_interval: Duration::from_secs(1),
@@ -753,7 +753,7 @@ mod tests {
                 script,
                 WatchTarget::key("/k").unwrap(),
                 WatchOptions::after(0),
-                RetryConfig {
+                RetrySettings {
                     initial_interval: Duration::from_secs(3600),
                     max_interval: Duration::from_secs(3600),
                     ..quick_retry()

@@ -154,15 +154,45 @@ pub struct LockCapabilities {
     pub min_ttl: Duration,
 }
 
-impl LockCapabilities {
-    /// Builds the capability set (TTLs honoured to the millisecond).
-    pub fn new(fair: bool, info: bool, fencing: bool) -> Self {
+/// Nothing beyond the required operations; TTLs honoured to the
+/// millisecond.
+impl Default for LockCapabilities {
+    fn default() -> Self {
         LockCapabilities {
-            fair,
-            info,
-            fencing,
+            fair: false,
+            info: false,
+            fencing: false,
             min_ttl: Duration::from_millis(1),
         }
+    }
+}
+
+impl LockCapabilities {
+    /// Waiters acquire in the order they started waiting.
+    ///
+    /// ```
+    /// use im_infra::lock::LockCapabilities;
+    /// let caps = LockCapabilities::default().with_fair().with_info().with_fencing();
+    /// assert!(caps.fair && caps.info && caps.fencing);
+    /// ```
+    #[must_use]
+    pub fn with_fair(mut self) -> Self {
+        self.fair = true;
+        self
+    }
+
+    /// [`DistributedLock::info`] is supported.
+    #[must_use]
+    pub fn with_info(mut self) -> Self {
+        self.info = true;
+        self
+    }
+
+    /// Fencing tokens strictly increase per key.
+    #[must_use]
+    pub fn with_fencing(mut self) -> Self {
+        self.fencing = true;
+        self
     }
 
     /// Sets the shortest TTL honoured.

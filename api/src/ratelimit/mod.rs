@@ -39,7 +39,7 @@ use crate::error::Result;
 pub use check::Check;
 pub use local::{BucketStore, LocalLimiter};
 pub use policy::{FailurePolicy, FallbackLimiter};
-pub use rule::{LimiterConfig, Rule, Rules};
+pub use rule::{LimiterSettings, Rule, Rules};
 pub use table::RuleTable;
 
 /// Why a request was denied.

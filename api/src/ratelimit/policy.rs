@@ -197,7 +197,7 @@ impl FallbackLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::{LimiterConfig, Rule};
+    use crate::ratelimit::{LimiterSettings, Rule};
     use crate::Error;
     use std::sync::atomic::AtomicBool;
 
@@ -240,7 +240,7 @@ mod tests {
     }
 
     fn limiter(policy: FailurePolicy, primary: Arc<Flaky>) -> FallbackLimiter {
-        let mut cfg = LimiterConfig::with_rule("r", Rule::per_second(1));
+        let mut cfg = LimiterSettings::with_rule("r", Rule::per_second(1));
         cfg.failure_policy = policy;
         FallbackLimiter::with_local(
             "test",
@@ -288,7 +288,7 @@ mod tests {
             FailurePolicy::FailClosed,
             FailurePolicy::Local,
         ] {
-            let mut cfg = LimiterConfig::with_rule("r", Rule::per_second(1));
+            let mut cfg = LimiterSettings::with_rule("r", Rule::per_second(1));
             cfg.failure_policy = policy;
             let l = FallbackLimiter::new(
                 "test",

@@ -87,9 +87,9 @@ impl Rule {
 /// `/config/{env}/{service}/ratelimit`.
 ///
 /// ```
-/// use im_infra::ratelimit::{FailurePolicy, LimiterConfig};
+/// use im_infra::ratelimit::{FailurePolicy, LimiterSettings};
 ///
-/// let cfg: LimiterConfig = serde_json::from_str(r#"{
+/// let cfg: LimiterSettings = serde_json::from_str(r#"{
 ///     "rules": { "send_message": { "rate": 10, "period": "1s", "burst": 20 } },
 ///     "default_rule": { "rate": 100, "period": "1m" },
 ///     "failure_policy": "local"
@@ -101,7 +101,7 @@ impl Rule {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct LimiterConfig {
+pub struct LimiterSettings {
     /// Rules by resource name.
     pub rules: HashMap<String, Rule>,
     /// Rule of resources without their own; `None` makes them an error.
@@ -110,10 +110,10 @@ pub struct LimiterConfig {
     pub failure_policy: FailurePolicy,
 }
 
-impl LimiterConfig {
+impl LimiterSettings {
     /// A configuration with one rule.
     pub fn with_rule(resource: impl Into<String>, rule: Rule) -> Self {
-        let mut cfg = LimiterConfig::default();
+        let mut cfg = LimiterSettings::default();
         cfg.rules.insert(resource.into(), rule);
         cfg
     }
@@ -146,9 +146,9 @@ impl LimiterConfig {
 #[derive(Clone)]
 pub enum Rules {
     /// Rules that never change.
-    Fixed(Arc<LimiterConfig>),
+    Fixed(Arc<LimiterSettings>),
     /// Rules reloaded whenever the configuration changes.
-    Managed(ConfigManager<LimiterConfig>),
+    Managed(ConfigManager<LimiterSettings>),
 }
 
 impl std::fmt::Debug for Rules {
@@ -162,18 +162,18 @@ impl std::fmt::Debug for Rules {
 
 impl Rules {
     /// Fixed rules (validated).
-    pub fn fixed(config: LimiterConfig) -> Result<Rules> {
+    pub fn fixed(config: LimiterSettings) -> Result<Rules> {
         config.validate()?;
         Ok(Rules::Fixed(Arc::new(config)))
     }
 
     /// One fixed rule for one resource.
     pub fn single(resource: &str, rule: Rule) -> Result<Rules> {
-        Rules::fixed(LimiterConfig::with_rule(resource, rule))
+        Rules::fixed(LimiterSettings::with_rule(resource, rule))
     }
 
     /// The current configuration.
-    pub fn current(&self) -> Arc<LimiterConfig> {
+    pub fn current(&self) -> Arc<LimiterSettings> {
         match self {
             Rules::Fixed(c) => c.clone(),
             Rules::Managed(m) => m.current(),
@@ -206,11 +206,11 @@ pub(crate) fn no_rule(resource: &str) -> Error {
     )
 }
 
-impl From<Rule> for LimiterConfig {
+impl From<Rule> for LimiterSettings {
     fn from(rule: Rule) -> Self {
-        LimiterConfig {
+        LimiterSettings {
             default_rule: Some(rule),
-            ..LimiterConfig::default()
+            ..LimiterSettings::default()
         }
     }
 }
@@ -225,7 +225,7 @@ mod tests {
         assert!(Rule::new(1, Duration::ZERO).validate().is_err());
         assert!(Rule::per_second(5).with_burst(0).validate().is_err());
         assert!(Rules::single("", Rule::per_second(1)).is_err());
-        let bad: std::result::Result<LimiterConfig, _> =
+        let bad: std::result::Result<LimiterSettings, _> =
             serde_json::from_str(r#"{"rules":{"a":{"rate":1}}}"#);
         assert!(bad.is_err(), "period is required");
     }

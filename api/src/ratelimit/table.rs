@@ -7,7 +7,7 @@ use arc_swap::ArcSwap;
 use foldhash::fast::RandomState;
 
 use super::gcra::Params;
-use super::{LimiterConfig, Rules};
+use super::{LimiterSettings, Rules};
 use crate::error::Result;
 
 /// A handful of resources (the usual case) are scanned linearly, which
@@ -29,7 +29,12 @@ struct Table<T> {
 }
 
 impl<T> Table<T> {
-    fn build(config: &LimiterConfig, version: u64, tick_ns: u64, make: &dyn Fn(&str) -> T) -> Self {
+    fn build(
+        config: &LimiterSettings,
+        version: u64,
+        tick_ns: u64,
+        make: &dyn Fn(&str) -> T,
+    ) -> Self {
         let all = config.rules.iter().map(|(name, rule)| {
             let entry = Entry {
                 params: Params::new(rule, tick_ns),
@@ -177,7 +182,7 @@ mod tests {
 
     #[test]
     fn named_rules_carry_their_payload_and_the_default_none() {
-        let mut config = LimiterConfig::with_rule("a", Rule::per_second(10));
+        let mut config = LimiterSettings::with_rule("a", Rule::per_second(10));
         config.default_rule = Some(Rule::per_second(3));
         let made = Arc::new(AtomicUsize::new(0));
         let m = made.clone();
@@ -198,7 +203,7 @@ mod tests {
 
     #[test]
     fn many_rules_are_found_by_hash_and_a_missing_one_is_not_found() {
-        let mut config = LimiterConfig::default();
+        let mut config = LimiterSettings::default();
         for i in 0..20 {
             config
                 .rules

@@ -2,7 +2,9 @@
 //! by a [`Lease`] and registered again, forever, after it is lost.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::ServiceInstance;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{Lease, LeaseBackend, LeaseOptions, Tick};
-use crate::retry::RetryConfig;
+use crate::retry::RetrySettings;
 
 /// One registration on a backend's server: kept alive by `extend`,
 /// deregistered by `release` (both only while it is this registration's:
@@ -89,7 +91,7 @@ struct Registration {
 /// `register`, `deregister` and `update` here.
 pub struct Registrations {
     backend: Arc<dyn RegistrationBackend>,
-    retry: RetryConfig,
+    retry: RetrySettings,
     mine: Mutex<HashMap<(String, String), Registration>>,
 }
 
@@ -111,7 +113,7 @@ fn not_registered(service: &str, id: &str) -> Error {
 
 impl Registrations {
     /// Registrations on `backend`, re-registered with `retry`'s backoff.
-    pub fn new(backend: Arc<dyn RegistrationBackend>, retry: RetryConfig) -> Self {
+    pub fn new(backend: Arc<dyn RegistrationBackend>, retry: RetrySettings) -> Self {
         Registrations {
             backend,
             retry,
@@ -120,7 +122,7 @@ impl Registrations {
     }
 
     fn mine(&self) -> MutexGuard<'_, HashMap<(String, String), Registration>> {
-        self.mine.lock().unwrap_or_else(|p| p.into_inner())
+        self.mine.lock()
     }
 
     /// Registers `instance` for `ttl` and keeps it registered. Registering
@@ -257,7 +259,7 @@ impl Drop for Registrations {
 /// with backoff, forever, until stopped.
 async fn keep(
     backend: Arc<dyn RegistrationBackend>,
-    retry: RetryConfig,
+    retry: RetrySettings,
     slot: Arc<tokio::sync::Mutex<Slot>>,
     stop: CancellationToken,
     ttl: Duration,

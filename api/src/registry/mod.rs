@@ -135,10 +135,24 @@ pub struct RegistryCapabilities {
     pub watch: bool,
 }
 
+/// Nothing beyond the required operations.
+impl Default for RegistryCapabilities {
+    fn default() -> Self {
+        RegistryCapabilities { watch: false }
+    }
+}
+
 impl RegistryCapabilities {
-    /// Builds the capability set.
-    pub fn new(watch: bool) -> Self {
-        RegistryCapabilities { watch }
+    /// [`ServiceDiscovery::watch`] delivers changes.
+    ///
+    /// ```
+    /// use im_infra::registry::RegistryCapabilities;
+    /// assert!(RegistryCapabilities::default().with_watch().watch);
+    /// ```
+    #[must_use]
+    pub fn with_watch(mut self) -> Self {
+        self.watch = true;
+        self
     }
 }
 

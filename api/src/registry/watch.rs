@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance};
 use crate::error::{ErrorKind, Result};
-use crate::RetryConfig;
+use crate::RetrySettings;
 
 /// Events buffered between the driver and a slow consumer.
 const BUFFER: usize = 256;
@@ -260,7 +260,7 @@ pub trait InstanceHistory: Send + 'static {
 /// # use async_trait::async_trait;
 /// # use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceHistory};
 /// # use im_infra::registry::{ServiceEventKind, ServiceInstance};
-/// # use im_infra::{Result, RetryConfig};
+/// # use im_infra::{Result, RetrySettings};
 /// # use futures::StreamExt;
 /// # use tokio_util::sync::CancellationToken;
 /// # struct Fixed;
@@ -275,7 +275,7 @@ pub trait InstanceHistory: Send + 'static {
 /// # }
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<()> {
 /// let shutdown = CancellationToken::new();
-/// let mut events = spawn_watch(Fixed, RetryConfig::default(), shutdown.clone()).await?;
+/// let mut events = spawn_watch(Fixed, RetrySettings::default(), shutdown.clone()).await?;
 /// let first = events.next().await.unwrap()?;
 /// assert_eq!((first.kind, first.instance.id.as_str()), (ServiceEventKind::Add, "a"));
 /// shutdown.cancel();
@@ -284,7 +284,7 @@ pub trait InstanceHistory: Send + 'static {
 /// ```
 pub async fn spawn_watch<H: InstanceHistory>(
     mut history: H,
-    retry: RetryConfig,
+    retry: RetrySettings,
     shutdown: CancellationToken,
 ) -> Result<ServiceEventStream> {
     // The first listing is read now, so the stream starts from this call.
@@ -314,7 +314,7 @@ impl<H: InstanceHistory> Driver<H> {
     async fn run(
         mut self,
         first: (u64, Vec<ServiceInstance>),
-        retry: RetryConfig,
+        retry: RetrySettings,
         shutdown: CancellationToken,
     ) {
         let tx = self.tx.clone();
@@ -534,8 +534,8 @@ mod tests {
         Error::new(ErrorKind::Unavailable, "connection lost")
     }
 
-    fn retry() -> RetryConfig {
-        RetryConfig {
+    fn retry() -> RetrySettings {
+        RetrySettings {
             max_retries: 0,
             initial_interval: Duration::from_millis(100),
             max_interval: Duration::from_secs(1),

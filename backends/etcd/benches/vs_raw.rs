@@ -20,7 +20,7 @@ use im_infra::backend::Backend;
 use im_infra::config::ConfigCenterExt;
 use im_infra::lock::LockOptions;
 use im_infra_bench_support::{compare_throughput, latency_ms, server_env, Rounds};
-use im_infra_etcd::{EtcdBackend, EtcdConfig};
+use im_infra_etcd::{EtcdBackend, EtcdSettings};
 
 fn main() {
     let Some(eps) = server_env("IMINFRA_ETCD_ENDPOINTS") else {
@@ -28,9 +28,9 @@ fn main() {
     };
     im_infra_bench_support::runtime().block_on(async move {
         let endpoints: Vec<String> = eps.split(',').map(str::to_owned).collect();
-        let mut cfg = EtcdConfig::with_endpoints(endpoints.clone());
+        let mut cfg = EtcdSettings::with_endpoints(endpoints.clone());
         cfg.namespace = "/bench".into();
-        let etcd = EtcdBackend::builder().config(cfg).build().await.expect("connect");
+        let etcd = EtcdBackend::builder().settings(cfg).build().await.expect("connect");
         // The raw client gets the same options as the backend's.
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))

@@ -55,11 +55,11 @@ impl EtcdConfigCenter {
     }
 
     fn full(&self, key: &str) -> String {
-        self.conn.cfg().key(key)
+        self.conn.settings().key(key)
     }
 
     fn strip<'a>(&self, full: &'a str) -> &'a str {
-        full.strip_prefix(self.conn.cfg().namespace.as_str())
+        full.strip_prefix(self.conn.settings().namespace.as_str())
             .unwrap_or(full)
     }
 
@@ -68,7 +68,10 @@ impl EtcdConfigCenter {
             conn: self.conn.clone(),
             stream: None,
         };
-        let (retry, shutdown) = (self.conn.cfg().retry.clone(), self.conn.shutdown.clone());
+        let (retry, shutdown) = (
+            self.conn.settings().retry.clone(),
+            self.conn.shutdown.clone(),
+        );
         spawn_watch(history, target, opts, retry, shutdown).await
     }
 }
@@ -76,7 +79,7 @@ impl EtcdConfigCenter {
 /// The store's current revision (a linearizable read: never behind a
 /// revision this client saw, unless etcd lost it).
 async fn current_revision(conn: &ConnectionManager) -> Result<u64> {
-    let probe = conn.cfg().key("/");
+    let probe = conn.settings().key("/");
     let r = conn
         .call("config.revision", |mut c| async move {
             c.get(probe, Some(GetOptions::new().with_count_only()))
@@ -91,10 +94,13 @@ async fn snapshot(
     conn: &ConnectionManager,
     target: &WatchTarget,
 ) -> Result<(u64, Vec<(String, Versioned)>)> {
-    let ns = conn.cfg().namespace.clone();
+    let ns = conn.settings().namespace.clone();
     let (key, opts) = match target {
-        WatchTarget::Key(k) => (conn.cfg().key(k), None),
-        WatchTarget::Prefix(p) => (conn.cfg().key(p), Some(GetOptions::new().with_prefix())),
+        WatchTarget::Key(k) => (conn.settings().key(k), None),
+        WatchTarget::Prefix(p) => (
+            conn.settings().key(p),
+            Some(GetOptions::new().with_prefix()),
+        ),
     };
     let r = conn
         .call(
@@ -132,9 +138,9 @@ struct History {
 impl History {
     async fn open(&self, target: &WatchTarget, after: u64) -> Result<EtcdWatchStream> {
         let (key, opts) = match target {
-            WatchTarget::Key(k) => (self.conn.cfg().key(k), EtcdWatchOptions::new()),
+            WatchTarget::Key(k) => (self.conn.settings().key(k), EtcdWatchOptions::new()),
             WatchTarget::Prefix(p) => (
-                self.conn.cfg().key(p),
+                self.conn.settings().key(p),
                 EtcdWatchOptions::new().with_prefix(),
             ),
         };
@@ -151,7 +157,7 @@ impl History {
     fn event(&self, ev: &etcd_client::Event) -> Option<ConfigEvent> {
         let kv = ev.kv()?;
         let full = String::from_utf8_lossy(kv.key());
-        let ns = self.conn.cfg().namespace.as_str();
+        let ns = self.conn.settings().namespace.as_str();
         let key = full.strip_prefix(ns).unwrap_or(&full).to_owned();
         let (kind, value) = match ev.event_type() {
             EventType::Put => (
@@ -232,7 +238,7 @@ fn conflict(key: &str, expected: u64) -> Error {
 #[async_trait]
 impl ConfigCenter for EtcdConfigCenter {
     fn capabilities(&self) -> ConfigCapabilities {
-        ConfigCapabilities::full(self.conn.cfg().max_value_bytes)
+        ConfigCapabilities::full(self.conn.settings().max_value_bytes)
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {

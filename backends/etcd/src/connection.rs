@@ -3,7 +3,9 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -13,8 +15,8 @@ use im_infra::{Error, ErrorKind, Result};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::EtcdConfig;
 use crate::error::from_etcd;
+use crate::settings::EtcdSettings;
 
 /// The state of the connection, as last observed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -41,7 +43,7 @@ pub struct ConnectionStatus {
 /// `im_infra_ops_total{backend="etcd",capability="connection"}`); the
 /// background health checker's own checks are not counted.
 pub struct ConnectionManager {
-    cfg: EtcdConfig,
+    cfg: EtcdSettings,
     client: ArcSwapOption<Client>,
     status: Mutex<ConnectionStatus>,
     closed: AtomicBool,
@@ -66,7 +68,7 @@ impl std::fmt::Debug for ConnectionManager {
 }
 
 impl ConnectionManager {
-    pub(crate) fn new(cfg: EtcdConfig) -> Self {
+    pub(crate) fn new(cfg: EtcdSettings) -> Self {
         let endpoint = cfg.endpoints.join(",");
         let m = |op| OpMetrics::new(crate::NAME, "connection", op);
         ConnectionManager {
@@ -88,10 +90,10 @@ impl ConnectionManager {
     }
 
     fn status_mut(&self) -> MutexGuard<'_, ConnectionStatus> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+        self.status.lock()
     }
 
-    pub(crate) fn cfg(&self) -> &EtcdConfig {
+    pub(crate) fn settings(&self) -> &EtcdSettings {
         &self.cfg
     }
 
@@ -273,7 +275,7 @@ impl ConnectionManager {
     /// Runs one request. The client bounds every request by the request
     /// timeout (set on its channel, so no second timer runs here); failures
     /// come back as they are, retryable ones marked so: the caller decides
-    /// whether to retry, e.g. with [`RetryConfig::retry`](im_infra::RetryConfig::retry).
+    /// whether to retry, e.g. with [`RetrySettings::retry`](im_infra::RetrySettings::retry).
     pub(crate) async fn call<T, F, Fut>(&self, _what: &'static str, f: F) -> Result<T>
     where
         F: FnOnce(Client) -> Fut,

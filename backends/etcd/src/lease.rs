@@ -2,7 +2,9 @@
 //! keep-alive every lease-backed capability uses.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -247,18 +249,14 @@ struct Kept(Mutex<Option<Lease>>);
 
 impl Kept {
     fn stop(&self) {
-        let lease = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let lease = self.0.lock().take();
         if let Some(lease) = lease {
             lease.detach();
         }
     }
 
     fn is_held(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(Lease::is_held)
+        self.0.lock().as_ref().is_some_and(Lease::is_held)
     }
 }
 
@@ -387,7 +385,7 @@ impl EtcdLease {
         let Some((keeper, responses)) = slot.as_mut() else {
             return Err(Error::new(ErrorKind::Internal, "no keep-alive stream"));
         };
-        let timeout = self.conn.cfg().request_timeout;
+        let timeout = self.conn.settings().request_timeout;
         let once = async {
             keeper.keep_alive().await?;
             responses.message().await

@@ -13,7 +13,7 @@
 //! [`EtcdBackendBuilder`] (endpoints, dial timeout, auth, TLS, default TTL,
 //! prefixes, health checks, retry), presets ([`EtcdBackend::quick_start`],
 //! [`EtcdBackend::development`], ...), configuration loaded with priority
-//! arguments > file > environment > defaults ([`EtcdConfig::load`]), the
+//! arguments > file > environment > defaults ([`EtcdSettings::load`]), the
 //! [`LeaseManager`] and the [`ConnectionManager`].
 //!
 //! ```no_run
@@ -38,7 +38,6 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod config;
 mod config_center;
 mod connection;
 mod error;
@@ -46,6 +45,9 @@ mod lease;
 mod lock;
 mod once;
 mod registry;
+mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod worker_id;
 
 use std::path::Path;
@@ -65,9 +67,8 @@ use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
 use im_infra::secret::Secret;
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
-use im_infra::{Result, RetryConfig};
+use im_infra::{Result, RetrySettings};
 
-pub use config::{EtcdConfig, TlsFiles, CONFIG_FILES};
 pub use config_center::EtcdConfigCenter;
 pub use connection::{ConnectionManager, ConnectionStatus};
 pub use error::ErrorCategory;
@@ -75,6 +76,7 @@ pub use lease::{KeepAlive, LeaseInfo, LeaseManager, MIN_TTL};
 pub use lock::EtcdLock;
 pub use once::EtcdOnce;
 pub use registry::{EtcdDiscovery, EtcdRegistry};
+pub use settings::{EtcdSettings, TlsFiles, SETTINGS_FILES};
 pub use worker_id::EtcdWorkerIds;
 
 /// The backend name used in metrics, spans and errors.
@@ -92,7 +94,7 @@ pub const CAPABILITIES: &[Capability] = &[
 /// Builds an [`EtcdBackend`]: the original `ManagerBuilder`.
 #[derive(Debug, Clone, Default)]
 pub struct EtcdBackendBuilder {
-    config: Option<EtcdConfig>,
+    settings: Option<EtcdSettings>,
     file: Option<std::path::PathBuf>,
     endpoints: Option<Vec<String>>,
     dial_timeout: Option<Duration>,
@@ -104,20 +106,20 @@ pub struct EtcdBackendBuilder {
     lock_prefix: Option<String>,
     namespace: Option<String>,
     health: Option<(Duration, Duration)>,
-    retry: Option<RetryConfig>,
+    retry: Option<RetrySettings>,
 }
 
 impl EtcdBackendBuilder {
-    /// Starts from `config` instead of loading file and environment.
+    /// Starts from `settings` instead of loading file and environment.
     #[must_use]
-    pub fn config(mut self, config: EtcdConfig) -> Self {
-        self.config = Some(config);
+    pub fn settings(mut self, settings: EtcdSettings) -> Self {
+        self.settings = Some(settings);
         self
     }
 
     /// Loads this file (JSON or YAML) instead of looking for one.
     #[must_use]
-    pub fn config_file(mut self, path: impl AsRef<Path>) -> Self {
+    pub fn settings_file(mut self, path: impl AsRef<Path>) -> Self {
         self.file = Some(path.as_ref().to_path_buf());
         self
     }
@@ -194,17 +196,17 @@ impl EtcdBackendBuilder {
 
     /// Backoff of reconnections and re-registrations.
     #[must_use]
-    pub fn retry(mut self, retry: RetryConfig) -> Self {
+    pub fn retry(mut self, retry: RetrySettings) -> Self {
         self.retry = Some(retry);
         self
     }
 
     /// The effective configuration: the given one (or defaults, environment
     /// and file, in rising priority), then this builder's arguments.
-    pub fn resolve(&self) -> Result<EtcdConfig> {
-        let mut cfg = match &self.config {
+    pub fn resolve(&self) -> Result<EtcdSettings> {
+        let mut cfg = match &self.settings {
             Some(c) => c.clone(),
-            None => EtcdConfig::load(self.file.as_deref())?,
+            None => EtcdSettings::load(self.file.as_deref())?,
         };
         if let Some(v) = &self.endpoints {
             cfg.endpoints = v.clone();
@@ -279,7 +281,7 @@ pub struct EtcdBackend {
 impl std::fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdBackend")
-            .field("config", self.conn.cfg())
+            .field("config", self.conn.settings())
             .finish()
     }
 }
@@ -302,38 +304,38 @@ impl EtcdBackend {
             .await
     }
 
-    /// The development preset ([`EtcdConfig::development`]).
+    /// The development preset ([`EtcdSettings::development`]).
     pub async fn development() -> Result<EtcdBackend> {
         EtcdBackend::builder()
-            .config(EtcdConfig::development())
+            .settings(EtcdSettings::development())
             .build()
             .await
     }
 
-    /// The production preset ([`EtcdConfig::production`]).
+    /// The production preset ([`EtcdSettings::production`]).
     pub async fn production<S: Into<String>>(
         endpoints: impl IntoIterator<Item = S>,
     ) -> Result<EtcdBackend> {
         EtcdBackend::builder()
-            .config(EtcdConfig::production(endpoints))
+            .settings(EtcdSettings::production(endpoints))
             .build()
             .await
     }
 
-    /// The test preset ([`EtcdConfig::test`]) on `endpoints`.
+    /// The test preset ([`EtcdSettings::test`]) on `endpoints`.
     pub async fn testing<S: Into<String>>(
         endpoints: impl IntoIterator<Item = S>,
     ) -> Result<EtcdBackend> {
         EtcdBackend::builder()
-            .config(EtcdConfig::test())
+            .settings(EtcdSettings::test())
             .endpoints(endpoints)
             .build()
             .await
     }
 
     /// The settings in force.
-    pub fn settings(&self) -> &EtcdConfig {
-        self.conn.cfg()
+    pub fn settings(&self) -> &EtcdSettings {
+        self.conn.settings()
     }
 
     /// The connection manager.
@@ -364,13 +366,13 @@ impl EtcdBackend {
 
     /// Compacts etcd's history up to now (watches resuming from older
     /// revisions then resynchronise).
-    pub async fn compact(&self) -> Result<()> {
+    pub async fn compact_config_history(&self) -> Result<()> {
         config_center::compact(&self.conn).await
     }
 
     /// Deletes every key under the namespace (refuses an empty namespace).
-    pub async fn purge_namespace(&self) -> Result<i64> {
-        let ns = self.conn.cfg().namespace.clone();
+    pub async fn purge_namespace(&self) -> Result<u64> {
+        let ns = self.conn.settings().namespace.clone();
         if ns.is_empty() {
             return Err(im_infra::Error::invalid_argument(
                 "refusing to purge without a namespace",
@@ -383,7 +385,7 @@ impl EtcdBackend {
                     .await
             })
             .await?;
-        Ok(r.deleted())
+        Ok(u64::try_from(r.deleted()).unwrap_or(0))
     }
 }
 

@@ -32,8 +32,8 @@ struct Holder {
 /// lock `a` never sees the waiters of lock `a/b`.
 pub(crate) fn lock_prefix(conn: &ConnectionManager, name: &str) -> String {
     let escaped = name.replace('%', "%25").replace('/', "%2F");
-    conn.cfg()
-        .key(&format!("{}{escaped}/", conn.cfg().lock_prefix))
+    conn.settings()
+        .key(&format!("{}{escaped}/", conn.settings().lock_prefix))
 }
 
 fn now_ms() -> u64 {
@@ -483,7 +483,11 @@ fn waiter_lost() -> Error {
 #[async_trait]
 impl DistributedLock for EtcdLock {
     fn capabilities(&self) -> LockCapabilities {
-        LockCapabilities::new(true, true, true).with_min_ttl(MIN_TTL)
+        LockCapabilities::default()
+            .with_fair()
+            .with_info()
+            .with_fencing()
+            .with_min_ttl(MIN_TTL)
     }
 
     async fn acquire(&self, name: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {

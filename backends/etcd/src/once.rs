@@ -64,7 +64,7 @@ impl EtcdOnce {
     }
 
     fn key(&self, key: &str) -> String {
-        self.conn.cfg().key(&format!("/once/{key}"))
+        self.conn.settings().key(&format!("/once/{key}"))
     }
 
     fn not_held(key: &str) -> Error {
@@ -136,8 +136,14 @@ impl Once for EtcdOnce {
     fn capabilities(&self) -> OnceCapabilities {
         // The done record carries the token and a separator beside the outcome.
         let overhead = DONE_BY.len() + 2 + 64;
-        OnceCapabilities::with_min_ttl(MIN_TTL)
-            .with_max_outcome(self.conn.cfg().max_value_bytes.saturating_sub(overhead))
+        OnceCapabilities::default()
+            .with_min_ttl(MIN_TTL)
+            .with_max_outcome(
+                self.conn
+                    .settings()
+                    .max_value_bytes
+                    .saturating_sub(overhead),
+            )
     }
 
     fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
@@ -190,7 +196,7 @@ impl Once for EtcdOnce {
         let value = [DONE_BY, token.as_bytes(), b"\n", &outcome].concat();
         // The layer checked the outcome against `max_outcome`, which
         // leaves room for a well-formed token: this bounds the record.
-        validate::value(value.len(), self.conn.cfg().max_value_bytes)?;
+        validate::value(value.len(), self.conn.settings().max_value_bytes)?;
         let old = lease_of(token).ok_or_else(|| Self::not_held(key))?;
         let k = self.key(key);
         let secs = lease_secs(ttl);

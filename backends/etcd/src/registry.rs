@@ -22,8 +22,8 @@ use crate::lease::EtcdLease;
 
 /// `<namespace><service_prefix>/<service>/`.
 fn service_dir(conn: &ConnectionManager, service: &str) -> String {
-    conn.cfg()
-        .key(&format!("{}/{service}/", conn.cfg().service_prefix))
+    conn.settings()
+        .key(&format!("{}/{service}/", conn.settings().service_prefix))
 }
 
 fn instance_key(conn: &ConnectionManager, service: &str, id: &str) -> String {
@@ -95,7 +95,7 @@ impl EtcdRegistry {
         EtcdRegistry {
             registrations: Registrations::new(
                 Arc::new(Server { conn: conn.clone() }),
-                conn.cfg().retry.clone(),
+                conn.settings().retry.clone(),
             ),
             conn,
         }
@@ -103,7 +103,7 @@ impl EtcdRegistry {
 
     fn with_defaults(&self, instance: &ServiceInstance) -> ServiceInstance {
         let mut i = instance.clone();
-        for (k, v) in &self.conn.cfg().default_metadata {
+        for (k, v) in &self.conn.settings().default_metadata {
             i.metadata.entry(k.clone()).or_insert_with(|| v.clone());
         }
         i
@@ -227,8 +227,8 @@ impl ServiceRegistry for EtcdRegistry {
     async fn list_services(&self) -> Result<Vec<String>> {
         let root = self
             .conn
-            .cfg()
-            .key(&format!("{}/", self.conn.cfg().service_prefix));
+            .settings()
+            .key(&format!("{}/", self.conn.settings().service_prefix));
         let opts = GetOptions::new().with_prefix().with_keys_only();
         let prefix = root.clone();
         let r = self
@@ -351,7 +351,7 @@ impl InstanceHistory for Instances {
 #[async_trait]
 impl ServiceDiscovery for EtcdDiscovery {
     fn capabilities(&self) -> RegistryCapabilities {
-        RegistryCapabilities::new(true)
+        RegistryCapabilities::default().with_watch()
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {
@@ -365,7 +365,10 @@ impl ServiceDiscovery for EtcdDiscovery {
             dir: service_dir(&self.conn, service),
             stream: None,
         };
-        let (retry, shutdown) = (self.conn.cfg().retry.clone(), self.conn.shutdown.clone());
+        let (retry, shutdown) = (
+            self.conn.settings().retry.clone(),
+            self.conn.shutdown.clone(),
+        );
         spawn_watch(history, retry, shutdown).await
     }
 }

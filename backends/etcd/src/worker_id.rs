@@ -14,13 +14,13 @@ use crate::connection::ConnectionManager;
 use crate::lease::EtcdLease;
 
 fn dir(conn: &ConnectionManager) -> String {
-    conn.cfg().key("/workers/")
+    conn.settings().key("/workers/")
 }
 
 /// Where each id's last possible timestamp is kept (no lease: it must
 /// outlive the holder).
 fn last_dir(conn: &ConnectionManager) -> String {
-    conn.cfg().key("/workers-last/")
+    conn.settings().key("/workers-last/")
 }
 
 /// The worker-id allocator of an [`EtcdBackend`](crate::EtcdBackend): the id

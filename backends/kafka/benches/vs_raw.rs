@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Both sides use clients built from the same librdkafka properties
-//! ([`KafkaConfig::producer_config`], [`KafkaConfig::consumer_config`]).
+//! ([`KafkaSettings::producer_config`], [`KafkaSettings::consumer_settings`]).
 //!
 //! - produce: 64 tasks each produce 1 KiB messages and await the broker's
 //!   acknowledgement; rounds of 1.5 s alternate raw and im-infra (7 pairs).
@@ -21,12 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use im_infra::backend::Backend;
-use im_infra::mq::{handler_fn, ConsumerConfig, Message, StartPosition};
+use im_infra::mq::{handler_fn, ConsumerSettings, Message, StartPosition};
 use im_infra_bench_support::{compare_throughput, median, server_env, Rounds};
 use im_infra_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
 use im_infra_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use im_infra_kafka::rdkafka::util::Timeout;
-use im_infra_kafka::{KafkaBackend, KafkaConfig};
+use im_infra_kafka::{KafkaBackend, KafkaSettings};
 
 const PAYLOAD: usize = 1024;
 const CONSUME_MESSAGES: u64 = 50_000;
@@ -35,7 +35,7 @@ fn unique(what: &str) -> String {
     format!("{what}-{}", std::process::id())
 }
 
-async fn consume_raw(cfg: &KafkaConfig, topic: &str, group: &str) -> f64 {
+async fn consume_raw(cfg: &KafkaSettings, topic: &str, group: &str) -> f64 {
     let consumer: StreamConsumer = cfg
         .consumer_config(group, StartPosition::Earliest)
         .create()
@@ -65,7 +65,7 @@ async fn consume_raw(cfg: &KafkaConfig, topic: &str, group: &str) -> f64 {
 
 async fn consume_ours(backend: &KafkaBackend, topic: &str, group: &str) -> f64 {
     let consumer = backend
-        .consumer(ConsumerConfig::new(group, [topic]))
+        .consumer(ConsumerSettings::new(group, [topic]))
         .await
         .expect("consumer");
     let count = Arc::new(AtomicU64::new(0));

@@ -8,10 +8,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
-use crate::config::{KafkaConfig, TopicSpec};
 use crate::error::{kind_of_code, map, BACKEND};
 use crate::logging::TracingContext;
 use crate::names::Names;
+use crate::settings::{KafkaSettings, TopicSpec};
 
 /// The admin client of a backend.
 pub(crate) struct Admin {
@@ -21,7 +21,7 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    pub(crate) fn new(cfg: &KafkaConfig) -> Result<Self> {
+    pub(crate) fn new(cfg: &KafkaSettings) -> Result<Self> {
         let client = cfg
             .admin_config()
             .create_with_context(TracingContext)

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use im_infra::backend::Closable;
 use im_infra::mq::{
-    Consumer, ConsumerCapabilities, ConsumerConfig, Handler, Producer, ReceivedMessage,
+    Consumer, ConsumerCapabilities, ConsumerSettings, Handler, Producer, ReceivedMessage,
 };
 use im_infra::telemetry::{with_timeout, OpMetrics};
 use im_infra::{Error, ErrorKind, Result};
@@ -155,7 +155,7 @@ enum Handled {
 struct State {
     client_config: ClientConfig,
     names: Names,
-    config: ConsumerConfig,
+    config: ConsumerSettings,
     dead_letters: KafkaProducer,
     stop: CancellationToken,
     running: AtomicBool,
@@ -245,7 +245,7 @@ impl KafkaConsumer {
     pub(crate) fn new(
         client_config: ClientConfig,
         names: Names,
-        config: ConsumerConfig,
+        config: ConsumerSettings,
         dead_letters: KafkaProducer,
         stop: CancellationToken,
         close_timeout: Duration,
@@ -383,7 +383,7 @@ impl KafkaConsumer {
 #[async_trait]
 impl Consumer for KafkaConsumer {
     fn capabilities(&self) -> ConsumerCapabilities {
-        ConsumerCapabilities::new(true)
+        ConsumerCapabilities::default().with_pause_resume()
     }
 
     async fn run(&self, handler: Arc<dyn Handler>) -> Result<()> {

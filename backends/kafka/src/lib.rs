@@ -10,18 +10,18 @@
 //! | `Consumer` | a group member handling one message at a time; the offset is stored after the handler succeeded and committed in the background, on partition revoke and on shutdown; failed handlers retried with backoff, then dead-lettered; pause/resume |
 //!
 //! Every topic and consumer group on the brokers carries the configured
-//! [`namespace`](KafkaConfig::namespace) as a prefix; handlers see the
-//! names without it. [`KafkaConfig::from_center`] reads the settings from the
+//! [`namespace`](KafkaSettings::namespace) as a prefix; handlers see the
+//! names without it. [`KafkaSettings::from_center`] reads the settings from the
 //! config center (`/config/{env}/{service}/kafka`).
 //!
 //! Every other capability answers `Unsupported`. Topics listed in
-//! [`KafkaConfig::topics`] are created at start-up through the admin
+//! [`KafkaSettings::topics`] are created at start-up through the admin
 //! client; [`KafkaBackend::create_topic`] creates one later.
 //!
 //! ```no_run
 //! use std::sync::Arc;
 //! use im_infra::prelude::*;
-//! use im_infra::mq::{handler_fn, ConsumerConfig, Message};
+//! use im_infra::mq::{handler_fn, ConsumerSettings, Message};
 //! use im_infra_kafka::KafkaBackend;
 //!
 //! # async fn demo() -> im_infra::Result<()> {
@@ -38,7 +38,7 @@
 //! println!("partition {} offset {}", d.partition, d.offset);
 //!
 //! let consumer = backend
-//!     .consumer(ConsumerConfig::new("chat-indexer", ["chat.events"]).dead_letter("chat.events.dlq"))
+//!     .consumer(ConsumerSettings::new("chat-indexer", ["chat.events"]).dead_letter("chat.events.dlq"))
 //!     .await?;
 //! let worker = tokio::spawn({
 //!     let consumer = consumer.clone();
@@ -61,12 +61,14 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod config;
 mod consumer;
 mod error;
 mod logging;
 mod names;
 mod producer;
+mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +76,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability, HandedOut};
 use im_infra::layer::{ObservedConsumer, ObservedProducer};
-use im_infra::mq::{Consumer, ConsumerConfig, Producer};
+use im_infra::mq::{Consumer, ConsumerSettings, Producer};
 use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
@@ -82,12 +84,12 @@ use tokio_util::sync::CancellationToken;
 /// The client library, for what the traits do not cover.
 pub use rdkafka;
 
-pub use config::{
-    Acks, Compression, ConsumerTuning, KafkaConfig, ProducerTuning, Sasl, SaslMechanism, Security,
-    SecurityProtocol, Tls, TopicSpec,
-};
 pub use consumer::KafkaConsumer;
 pub use producer::KafkaProducer;
+pub use settings::{
+    Acks, Compression, ConsumerTuning, KafkaSettings, ProducerTuning, Sasl, SaslMechanism,
+    Security, SecurityProtocol, Tls, TopicSpec,
+};
 
 /// The backend's name.
 pub const NAME: &str = "kafka";
@@ -98,43 +100,43 @@ pub const CAPABILITIES: &[Capability] = &[Capability::Messaging];
 /// Builds a [`KafkaBackend`].
 #[derive(Debug, Clone, Default)]
 pub struct KafkaBackendBuilder {
-    config: KafkaConfig,
+    settings: KafkaSettings,
 }
 
 impl KafkaBackendBuilder {
-    /// Replaces the whole configuration.
+    /// Replaces the whole settings.
     #[must_use]
-    pub fn config(mut self, config: KafkaConfig) -> Self {
-        self.config = config;
+    pub fn settings(mut self, settings: KafkaSettings) -> Self {
+        self.settings = settings;
         self
     }
 
     /// The bootstrap brokers (`host:port`).
     #[must_use]
     pub fn brokers<S: Into<String>>(mut self, brokers: impl IntoIterator<Item = S>) -> Self {
-        self.config.brokers = brokers.into_iter().map(Into::into).collect();
+        self.settings.brokers = brokers.into_iter().map(Into::into).collect();
         self
     }
 
     /// The client id.
     #[must_use]
     pub fn client_id(mut self, id: impl Into<String>) -> Self {
-        self.config.client_id = id.into();
+        self.settings.client_id = id.into();
         self
     }
 
     /// The namespace: a prefix of every topic and group on the brokers.
     #[must_use]
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        self.config.namespace = namespace.into();
+        self.settings.namespace = namespace.into();
         self
     }
 
     /// A topic to create at start-up if it does not exist (replication
-    /// factor 1; use [`config`](Self::config) for more).
+    /// factor 1; use [`settings`](Self::settings) for more).
     #[must_use]
     pub fn topic(mut self, name: impl Into<String>, partitions: u32) -> Self {
-        self.config.topics.push(TopicSpec {
+        self.settings.topics.push(TopicSpec {
             name: name.into(),
             partitions,
             replication_factor: 1,
@@ -145,35 +147,35 @@ impl KafkaBackendBuilder {
     /// Producer settings.
     #[must_use]
     pub fn producer(mut self, tuning: ProducerTuning) -> Self {
-        self.config.producer = tuning;
+        self.settings.producer = tuning;
         self
     }
 
     /// Consumer-group settings.
     #[must_use]
     pub fn consumer(mut self, tuning: ConsumerTuning) -> Self {
-        self.config.consumer = tuning;
+        self.settings.consumer = tuning;
         self
     }
 
     /// Transport security and authentication.
     #[must_use]
     pub fn security(mut self, security: Security) -> Self {
-        self.config.security = security;
+        self.settings.security = security;
         self
     }
 
     /// Deadline of admin and metadata requests.
     #[must_use]
     pub fn request_timeout(mut self, d: Duration) -> Self {
-        self.config.request_timeout = d;
+        self.settings.request_timeout = d;
         self
     }
 
     /// Sets a raw librdkafka property (applied last).
     #[must_use]
     pub fn property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.config.extra.insert(key.into(), value.into());
+        self.settings.extra.insert(key.into(), value.into());
         self
     }
 
@@ -181,15 +183,15 @@ impl KafkaBackendBuilder {
     /// topics. The brokers need not be reachable for the clients to be
     /// created; topic creation, when asked, needs them.
     pub async fn build(self) -> Result<KafkaBackend> {
-        self.config.validate()?;
-        let admin = Arc::new(admin::Admin::new(&self.config)?);
-        if !self.config.topics.is_empty() {
-            admin.create_topics(&self.config.topics).await?;
+        self.settings.validate()?;
+        let admin = Arc::new(admin::Admin::new(&self.settings)?);
+        if !self.settings.topics.is_empty() {
+            admin.create_topics(&self.settings.topics).await?;
         }
-        let producer = KafkaProducer::new(&self.config)?;
+        let producer = KafkaProducer::new(&self.settings)?;
         Ok(KafkaBackend {
-            inner: Arc::new(Inner {
-                config: self.config,
+            shared: Arc::new(Shared {
+                settings: self.settings,
                 admin,
                 producer,
                 shutdown: CancellationToken::new(),
@@ -200,8 +202,8 @@ impl KafkaBackendBuilder {
     }
 }
 
-struct Inner {
-    config: KafkaConfig,
+struct Shared {
+    settings: KafkaSettings,
     admin: Arc<admin::Admin>,
     /// The shared client; every producer handle and the consumers'
     /// dead-letter producers are handles on it.
@@ -218,30 +220,30 @@ struct Inner {
 /// Cheap to clone; clones share the clients.
 #[derive(Clone)]
 pub struct KafkaBackend {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for KafkaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaBackend")
-            .field("config", &self.inner.config)
+            .field("settings", &self.shared.settings)
             .finish()
     }
 }
 
 impl KafkaBackend {
-    /// A builder with the default configuration.
+    /// A builder with the default settings.
     pub fn builder() -> KafkaBackendBuilder {
         KafkaBackendBuilder::default()
     }
 
-    /// The configuration in use.
-    pub fn settings(&self) -> &KafkaConfig {
-        &self.inner.config
+    /// The settings in use.
+    pub fn settings(&self) -> &KafkaSettings {
+        &self.shared.settings
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.inner.shutdown.is_cancelled() {
+        if self.shared.shutdown.is_cancelled() {
             Err(Error::new(ErrorKind::Closed, "the kafka backend was closed").with_backend(NAME))
         } else {
             Ok(())
@@ -268,7 +270,7 @@ impl KafkaBackend {
             partitions,
             replication_factor,
         };
-        let created = self.inner.admin.create_topics(&[spec]).await?;
+        let created = self.shared.admin.create_topics(&[spec]).await?;
         Ok(created.first().copied().unwrap_or(false))
     }
 
@@ -277,7 +279,7 @@ impl KafkaBackend {
     /// [`KafkaProducer`] (for [`KafkaProducer::client`]).
     pub fn kafka_producer(&self) -> Result<ObservedProducer<KafkaProducer>> {
         self.check_open()?;
-        Ok(ObservedProducer::new(NAME, self.inner.producer.handle()))
+        Ok(ObservedProducer::new(NAME, self.shared.producer.handle()))
     }
 }
 
@@ -298,32 +300,32 @@ impl Backend for KafkaBackend {
         Ok(Arc::new(self.kafka_producer()?))
     }
 
-    async fn consumer(&self, config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
+    async fn consumer(&self, config: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         self.check_open()?;
-        let names = names::Names::new(&self.inner.config.namespace)?;
+        let names = names::Names::new(&self.shared.settings.namespace)?;
         let client_config = self
-            .inner
-            .config
+            .shared
+            .settings
             .consumer_config(&names.group(&config.group), config.start);
         // KafkaConsumer::new validates `config`.
         let consumer = Arc::new(KafkaConsumer::new(
             client_config,
             names,
             config,
-            self.inner.producer.handle(),
-            self.inner.shutdown.child_token(),
-            self.inner.config.consumer.session_timeout,
+            self.shared.producer.handle(),
+            self.shared.shutdown.child_token(),
+            self.shared.settings.consumer.session_timeout,
         )?);
-        self.inner.handed_out.track(&consumer);
+        self.shared.handed_out.track(&consumer);
         Ok(Arc::new(ObservedConsumer::new(NAME, consumer)))
     }
 
     async fn health_check(&self) -> Result<()> {
-        self.inner
+        self.shared
             .health_check
             .run(async {
                 self.check_open()?;
-                self.inner.admin.ping().await
+                self.shared.admin.ping().await
             })
             .await
     }
@@ -333,14 +335,14 @@ impl Backend for KafkaBackend {
     /// `consumer.session_timeout`); then flushes the shared producer client
     /// (within `producer.delivery_timeout`) and closes it. Idempotent.
     async fn close(&self) -> Result<()> {
-        if self.inner.shutdown.is_cancelled() {
+        if self.shared.shutdown.is_cancelled() {
             return Ok(());
         }
         // Every consumer's stop is a child of this token: they all start
         // leaving now, and the handles below wait for each one.
-        self.inner.shutdown.cancel();
-        let handed_out = self.inner.handed_out.close_all().await;
-        let client = self.inner.producer.close_client().await;
+        self.shared.shutdown.cancel();
+        let handed_out = self.shared.handed_out.close_all().await;
+        let client = self.shared.producer.close_client().await;
         handed_out.and(client)
     }
 }

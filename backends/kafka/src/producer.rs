@@ -12,10 +12,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 
-use crate::config::KafkaConfig;
 use crate::error::{map, BACKEND};
 use crate::logging::TracingContext;
 use crate::names::Names;
+use crate::settings::KafkaSettings;
 
 /// How long a produce that found the queue full sleeps before trying again.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(2);
@@ -77,7 +77,7 @@ fn record<'a>(m: &'a Message, topic: &'a str) -> FutureRecord<'a, [u8], [u8]> {
 }
 
 impl KafkaProducer {
-    pub(crate) fn new(cfg: &KafkaConfig) -> Result<Self> {
+    pub(crate) fn new(cfg: &KafkaSettings) -> Result<Self> {
         let client: FutureProducer<TracingContext> = cfg
             .producer_config()
             .create_with_context(TracingContext)

@@ -83,7 +83,7 @@ impl MemoryCache {
 #[async_trait]
 impl Cache for MemoryCache {
     fn capabilities(&self) -> CacheCapabilities {
-        CacheCapabilities::storing(self.shared.config.max_value_bytes)
+        CacheCapabilities::storing(self.shared.settings.max_value_bytes)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {

@@ -2,7 +2,9 @@
 //! history and ordered, resumable watches.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -44,7 +46,7 @@ pub(crate) struct ConfigStore {
 
 impl ConfigStore {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     fn record(&self, state: &mut State, limit: usize, event: ConfigEvent) {
@@ -137,7 +139,7 @@ impl MemoryConfigCenter {
         );
         store.record(
             &mut state,
-            self.shared.config.config_history,
+            self.shared.settings.config_history,
             ConfigEvent {
                 kind: ConfigEventKind::Put,
                 key: key.to_owned(),
@@ -185,7 +187,7 @@ impl MemoryConfigCenter {
 #[async_trait]
 impl ConfigCenter for MemoryConfigCenter {
     fn capabilities(&self) -> ConfigCapabilities {
-        ConfigCapabilities::full(self.shared.config.max_value_bytes)
+        ConfigCapabilities::full(self.shared.settings.max_value_bytes)
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
@@ -208,7 +210,7 @@ impl ConfigCenter for MemoryConfigCenter {
         let version = state.revision;
         store.record(
             &mut state,
-            self.shared.config.config_history,
+            self.shared.settings.config_history,
             ConfigEvent {
                 kind: ConfigEventKind::Delete,
                 key: key.to_owned(),

@@ -38,13 +38,15 @@
 #![forbid(unsafe_code)]
 
 mod cache;
-mod config;
 mod config_center;
 mod limiter;
 mod lock;
 mod mq;
 mod once;
 mod registry;
+mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod worker_id;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,7 +61,7 @@ use im_infra::layer::{
     ObservedLock, ObservedOnce, ObservedProducer, ObservedRegistry, ObservedWorkerIds,
 };
 use im_infra::lock::DistributedLock;
-use im_infra::mq::{Consumer, ConsumerConfig, Producer};
+use im_infra::mq::{Consumer, ConsumerSettings, Producer};
 use im_infra::once::Once;
 use im_infra::ratelimit::{BucketStore, Limiter, Rules};
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
@@ -69,13 +71,13 @@ use im_infra::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
 pub use cache::MemoryCache;
-pub use config::MemoryConfig;
 pub use config_center::MemoryConfigCenter;
 pub use limiter::MemoryLimiter;
 pub use lock::MemoryLock;
 pub use mq::{MemoryConsumer, MemoryProducer};
 pub use once::MemoryOnce;
 pub use registry::{MemoryDiscovery, MemoryRegistry};
+pub use settings::MemorySettings;
 pub use worker_id::MemoryWorkerIds;
 
 /// The backend name used in metrics, spans and errors.
@@ -96,7 +98,7 @@ pub const CAPABILITIES: &[Capability] = &[
 /// State shared by every handle of one backend.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    config: MemoryConfig,
+    settings: MemorySettings,
     closed: AtomicBool,
     shutdown: CancellationToken,
     /// Registries and consumers handed out, closed with the backend.
@@ -137,44 +139,44 @@ impl Drop for Shared {
 /// Builds a [`MemoryBackend`].
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBackendBuilder {
-    config: MemoryConfig,
+    settings: MemorySettings,
 }
 
 impl MemoryBackendBuilder {
     /// Uses `config`.
     #[must_use]
-    pub fn config(mut self, config: MemoryConfig) -> Self {
-        self.config = config;
+    pub fn settings(mut self, settings: MemorySettings) -> Self {
+        self.settings = settings;
         self
     }
 
     /// Largest cache or config value, in bytes.
     #[must_use]
     pub fn max_value_bytes(mut self, n: usize) -> Self {
-        self.config.max_value_bytes = n;
+        self.settings.max_value_bytes = n;
         self
     }
 
     /// How many config changes are kept for resuming watches.
     #[must_use]
     pub fn config_history(mut self, n: usize) -> Self {
-        self.config.config_history = n;
+        self.settings.config_history = n;
         self
     }
 
     /// Partitions of a topic created on first use.
     #[must_use]
     pub fn default_partitions(mut self, n: u32) -> Self {
-        self.config.default_partitions = n;
+        self.settings.default_partitions = n;
         self
     }
 
     /// Builds the backend; `InvalidConfig` for bad settings.
     pub fn build(self) -> Result<MemoryBackend> {
-        self.config.validate()?;
+        self.settings.validate()?;
         Ok(MemoryBackend {
             shared: Arc::new(Shared {
-                config: self.config,
+                settings: self.settings,
                 closed: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
                 handed_out: HandedOut::default(),
@@ -202,7 +204,7 @@ pub struct MemoryBackend {
 impl std::fmt::Debug for MemoryBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryBackend")
-            .field("config", &self.shared.config)
+            .field("settings", &self.shared.settings)
             .field("closed", &self.shared.is_closed())
             .finish()
     }
@@ -228,8 +230,8 @@ impl MemoryBackend {
     }
 
     /// The settings in force.
-    pub fn settings(&self) -> &MemoryConfig {
-        &self.shared.config
+    pub fn settings(&self) -> &MemorySettings {
+        &self.shared.settings
     }
 
     /// Starts the purge and expiry tasks once, on the current Tokio runtime.
@@ -246,28 +248,28 @@ impl MemoryBackend {
 
     /// The cache, as [`Backend::cache`] hands it out (arguments checked,
     /// observed), without the `Arc<dyn Cache>`.
-    pub fn memory_cache(&self) -> ObservedCache<MemoryCache> {
+    fn observed_cache(&self) -> ObservedCache<MemoryCache> {
         self.start_tasks();
         ObservedCache::new(NAME, MemoryCache::new(self.shared.clone()))
     }
 
     /// A limiter under `rules`, as [`Backend::limiter`] hands it out
     /// (arguments checked, observed), without the `Arc<dyn Limiter>`.
-    pub fn memory_limiter(&self, rules: Rules) -> ObservedLimiter<MemoryLimiter> {
+    fn observed_limiter(&self, rules: Rules) -> ObservedLimiter<MemoryLimiter> {
         self.start_tasks();
         ObservedLimiter::new(NAME, MemoryLimiter::new(self.shared.clone(), rules))
     }
 
     /// The config center, as [`Backend::config`] hands it out (arguments
     /// checked, observed), without the `Arc<dyn ConfigCenter>`.
-    pub fn memory_config_center(&self) -> ObservedConfigCenter<MemoryConfigCenter> {
+    fn observed_config_center(&self) -> ObservedConfigCenter<MemoryConfigCenter> {
         ObservedConfigCenter::new(NAME, MemoryConfigCenter::new(self.shared.clone()))
     }
 
     /// Creates a topic with an explicit partition count (topics are
-    /// otherwise created on first use). `AlreadyExists` when it exists with
-    /// another count.
-    pub fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+    /// otherwise created on first use); `Ok(false)` if it already existed
+    /// with that count, `AlreadyExists` if it exists with another.
+    pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
         self.shared.mq.create_topic(topic, partitions)
     }
 
@@ -278,20 +280,20 @@ impl MemoryBackend {
 
     /// Fault injection: removes a registered instance as if its lease had
     /// expired. Its registry notices and registers it again.
-    pub fn revoke_registration(&self, service: &str, id: &str) -> bool {
-        self.shared.registry.remove(service, id, None)
+    pub async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
+        Ok(self.shared.registry.remove(service, id, None))
     }
 
     /// Fault injection: revokes a worker-id lease as if it had expired.
-    pub fn revoke_worker_id(&self, id: u64) -> bool {
-        self.shared.workers.revoke(id)
+    pub async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
+        Ok(self.shared.workers.revoke(id))
     }
 }
 
 async fn purge_loop(shared: Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
-        let interval = s.config.purge_interval;
+        let interval = s.settings.purge_interval;
         let stop = s.shutdown.clone();
         s.cache.purge();
         s.limiter.purge();
@@ -316,12 +318,12 @@ impl Backend for MemoryBackend {
 
     async fn cache(&self) -> Result<Arc<dyn Cache>> {
         self.shared.check_open()?;
-        Ok(Arc::new(self.memory_cache()))
+        Ok(Arc::new(self.observed_cache()))
     }
 
     async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
         self.shared.check_open()?;
-        Ok(Arc::new(self.memory_limiter(rules)))
+        Ok(Arc::new(self.observed_limiter(rules)))
     }
 
     async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
@@ -335,7 +337,7 @@ impl Backend for MemoryBackend {
 
     async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
         self.shared.check_open()?;
-        Ok(Arc::new(self.memory_config_center()))
+        Ok(Arc::new(self.observed_config_center()))
     }
 
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
@@ -373,7 +375,7 @@ impl Backend for MemoryBackend {
         )))
     }
 
-    async fn consumer(&self, config: ConsumerConfig) -> Result<Arc<dyn Consumer>> {
+    async fn consumer(&self, config: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         self.shared.check_open()?;
         let consumer = Arc::new(MemoryConsumer::new(self.shared.clone(), config)?);
         self.shared.handed_out.track(&consumer);
@@ -413,7 +415,7 @@ impl Backend for MemoryBackend {
 mod tests {
     use std::time::Duration;
 
-    use im_infra::mq::{handler_fn, ConsumerConfig};
+    use im_infra::mq::{handler_fn, ConsumerSettings};
     use im_infra::registry::ServiceInstance;
 
     use super::*;
@@ -428,7 +430,7 @@ mod tests {
             registry.register(&instance, ttl).await.unwrap();
         }
         let consumer = backend
-            .consumer(ConsumerConfig::new("g", ["t"]))
+            .consumer(ConsumerSettings::new("g", ["t"]))
             .await
             .unwrap();
         let run = tokio::spawn({

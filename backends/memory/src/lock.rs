@@ -2,7 +2,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -52,7 +54,7 @@ pub(crate) struct LockStore {
 
 impl LockStore {
     fn keys(&self) -> MutexGuard<'_, HashMap<String, KeyState>> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+        self.keys.lock()
     }
 
     /// Takes the lock for `token` if it is free and nobody waits ahead.
@@ -213,7 +215,10 @@ impl MemoryLock {
 #[async_trait]
 impl DistributedLock for MemoryLock {
     fn capabilities(&self) -> LockCapabilities {
-        LockCapabilities::new(true, true, true)
+        LockCapabilities::default()
+            .with_fair()
+            .with_info()
+            .with_fencing()
     }
 
     async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {

@@ -1,7 +1,9 @@
 //! In-process idempotency records.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -43,7 +45,7 @@ pub(crate) struct OnceStore {
 
 impl OnceStore {
     fn records(&self) -> MutexGuard<'_, HashMap<String, Record>> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner())
+        self.records.lock()
     }
 
     /// Extends `token`'s live claim on `key`; true also when `token`
@@ -138,7 +140,7 @@ impl LeaseBackend for HeldClaim {
 #[async_trait]
 impl Once for MemoryOnce {
     fn capabilities(&self) -> OnceCapabilities {
-        OnceCapabilities::default().with_max_outcome(self.shared.config.max_value_bytes)
+        OnceCapabilities::default().with_max_outcome(self.shared.settings.max_value_bytes)
     }
 
     fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -14,7 +16,7 @@ use im_infra::registry::{
     RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
     ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance, ServiceRegistry,
 };
-use im_infra::{Error, Result, RetryConfig};
+use im_infra::{Error, Result, RetrySettings};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -63,7 +65,7 @@ pub(crate) struct RegistryStore {
 
 impl RegistryStore {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     /// Puts an instance under a new lease; returns the lease id.
@@ -212,7 +214,7 @@ impl std::fmt::Debug for MemoryRegistry {
 
 impl MemoryRegistry {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let retry = RetryConfig {
+        let retry = RetrySettings {
             max_retries: u32::MAX,
             initial_interval: Duration::from_millis(20),
             max_interval: Duration::from_secs(2),
@@ -373,7 +375,7 @@ impl MemoryDiscovery {
 #[async_trait]
 impl ServiceDiscovery for MemoryDiscovery {
     fn capabilities(&self) -> RegistryCapabilities {
-        RegistryCapabilities::new(true)
+        RegistryCapabilities::default().with_watch()
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {

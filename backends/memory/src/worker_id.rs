@@ -1,7 +1,9 @@
 //! In-process worker-id leases.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -27,7 +29,7 @@ pub(crate) struct WorkerStore {
 
 impl WorkerStore {
     fn leases(&self) -> MutexGuard<'_, Leases> {
-        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+        self.leases.lock()
     }
 
     fn renew(&self, id: u64, token: &str, ttl: Duration) -> bool {

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Both sides use a pool built from the same options
-//! ([`MysqlConfig::opts`]: no connection reset on return) and run the same
+//! ([`MysqlSettings::opts`]: no connection reset on return) and run the same
 //! SQL on the same tables (`RAW_DEFAULT_POOL=1`: the raw side uses
 //! `mysql_async`'s default pool options instead): what differs is the backend's validation,
 //! key building, deadline, span and metrics, and, for locks, its token,
@@ -23,12 +23,12 @@ use im_infra::lock::LockOptions;
 use im_infra_bench_support::{compare_throughput, server_env, Rounds};
 use im_infra_mysql::mysql_async::prelude::Queryable;
 use im_infra_mysql::mysql_async::{Opts, Pool};
-use im_infra_mysql::{MysqlBackend, MysqlConfig};
+use im_infra_mysql::{MysqlBackend, MysqlSettings};
 
 const KEYS: usize = 1000;
 const NS: &str = "bench/";
 
-fn raw_pool(url: &str, cfg: &MysqlConfig) -> Pool {
+fn raw_pool(url: &str, cfg: &MysqlSettings) -> Pool {
     if std::env::var_os("RAW_DEFAULT_POOL").is_some() {
         // mysql_async's defaults, for comparison.
         return Pool::new(Opts::from_url(url).expect("url"));

@@ -81,7 +81,7 @@ fn row_params(k: Vec<u8>, v: &Bytes, ttl: Option<u64>) -> [Value; 4] {
 #[async_trait]
 impl Cache for MysqlCache {
     fn capabilities(&self) -> CacheCapabilities {
-        CacheCapabilities::storing(self.shared.cfg().max_value_bytes)
+        CacheCapabilities::storing(self.shared.settings().max_value_bytes)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {

@@ -179,7 +179,7 @@ impl MysqlConfigCenter {
             shared: Arc::downgrade(&self.shared),
             wait: false,
         };
-        let retry = self.shared.cfg().retry.clone();
+        let retry = self.shared.settings().retry.clone();
         let shutdown = self.shared.shutdown.clone();
         spawn_watch(history, target, opts, retry, shutdown).await
     }
@@ -374,7 +374,7 @@ impl ConfigHistory for History {
 
     async fn next_batch(&mut self, cursor: &WatchCursor) -> Result<Batch> {
         if self.wait {
-            let interval = self.shared()?.cfg().config_poll_interval;
+            let interval = self.shared()?.settings().config_poll_interval;
             tokio::time::sleep(interval).await;
         }
         let (batch, more) = poll(&*self.shared()?, cursor).await?;
@@ -414,7 +414,7 @@ pub(crate) async fn trim_log(shared: &Shared) -> Result<u64> {
             &format!(
                 "SELECT id FROM {} ORDER BY id DESC LIMIT 1 OFFSET {}",
                 shared.table("config_log"),
-                shared.cfg().config_history
+                shared.settings().config_history
             ),
             (),
         )
@@ -433,7 +433,7 @@ pub(crate) async fn compact(shared: &Shared) -> Result<u64> {
 #[async_trait]
 impl ConfigCenter for MysqlConfigCenter {
     fn capabilities(&self) -> ConfigCapabilities {
-        ConfigCapabilities::full(self.shared.cfg().max_value_bytes)
+        ConfigCapabilities::full(self.shared.settings().max_value_bytes)
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {

@@ -12,8 +12,8 @@ use im_infra::{Error, ErrorKind, Result};
 use mysql_async::prelude::{FromRow, Queryable};
 use mysql_async::{Conn, DriverError, Params, Pool, Row, TxOpts};
 
-use crate::config::MysqlConfig;
 use crate::error::from_mysql;
+use crate::settings::MysqlSettings;
 
 struct Ops {
     exec: OpMetrics,
@@ -55,10 +55,10 @@ where
 /// hands out the timed view.
 ///
 /// ```no_run
-/// use im_infra_mysql::{Db, MysqlConfig};
+/// use im_infra_mysql::{Db, MysqlSettings};
 ///
 /// # async fn demo() -> im_infra::Result<()> {
-/// let db = Db::connect(MysqlConfig::new("mysql://app:pw@127.0.0.1:3306/im")).await?;
+/// let db = Db::connect(MysqlSettings::new("mysql://app:pw@127.0.0.1:3306/im")).await?;
 /// db.exec("INSERT INTO users (id, name) VALUES (?, ?)", (7, "alice")).await?;
 /// let names: Vec<String> = db.query("SELECT name FROM users WHERE id = ?", (7,)).await?;
 /// assert_eq!(names, ["alice"]);
@@ -67,7 +67,7 @@ where
 /// ```
 pub struct Db {
     pool: Pool,
-    cfg: MysqlConfig,
+    cfg: MysqlSettings,
     /// `None` on the backend's internal, untimed view.
     ops: Option<Arc<Ops>>,
     /// Shared by the views of one pool.
@@ -95,12 +95,12 @@ impl std::fmt::Debug for Db {
 
 impl Db {
     /// Opens the pool and checks the server answers.
-    pub async fn connect(cfg: MysqlConfig) -> Result<Db> {
+    pub async fn connect(cfg: MysqlSettings) -> Result<Db> {
         Db::open(cfg, true).await
     }
 
     /// [`connect`](Self::connect); without telemetry unless `timed`.
-    pub(crate) async fn open(cfg: MysqlConfig, timed: bool) -> Result<Db> {
+    pub(crate) async fn open(cfg: MysqlSettings, timed: bool) -> Result<Db> {
         cfg.validate()?;
         let pool = Pool::new(cfg.opts()?);
         let db = Db {
@@ -147,7 +147,7 @@ impl Db {
     }
 
     /// The settings in force.
-    pub fn config(&self) -> &MysqlConfig {
+    pub fn settings(&self) -> &MysqlSettings {
         &self.cfg
     }
 

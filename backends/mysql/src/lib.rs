@@ -42,7 +42,6 @@
 #![forbid(unsafe_code)]
 
 mod cache;
-mod config;
 mod config_center;
 mod db;
 mod error;
@@ -51,7 +50,10 @@ mod lock;
 mod once;
 mod purge;
 mod schema;
+mod settings;
 mod shared;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod worker_id;
 
 use std::sync::Arc;
@@ -77,13 +79,13 @@ use im_infra::{Error, ErrorKind, Result};
 pub use mysql_async;
 
 pub use cache::MysqlCache;
-pub use config::{MysqlConfig, MysqlTls};
 pub use config_center::MysqlConfigCenter;
 pub use db::Db;
 pub use limiter::MysqlLimiter;
 pub use lock::MysqlLock;
 pub use once::MysqlOnce;
 pub use schema::SCHEMA_VERSION;
+pub use settings::{MysqlSettings, MysqlTls};
 pub use worker_id::MysqlWorkerIds;
 
 pub(crate) use shared::Shared;
@@ -104,64 +106,64 @@ pub const CAPABILITIES: &[Capability] = &[
 /// Builds a [`MysqlBackend`].
 #[derive(Debug, Clone, Default)]
 pub struct MysqlBackendBuilder {
-    config: MysqlConfig,
+    settings: MysqlSettings,
 }
 
 impl MysqlBackendBuilder {
     /// Uses `config` (replacing what was set before).
     #[must_use]
-    pub fn config(mut self, config: MysqlConfig) -> Self {
-        self.config = config;
+    pub fn settings(mut self, settings: MysqlSettings) -> Self {
+        self.settings = settings;
         self
     }
 
     /// The server, as `mysql://user:password@host:port/database`.
     #[must_use]
     pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.config.url = Some(url.into());
+        self.settings.url = Some(url.into());
         self
     }
 
     /// The prefix of every stored key.
     #[must_use]
     pub fn namespace(mut self, ns: impl Into<String>) -> Self {
-        self.config.namespace = ns.into();
+        self.settings.namespace = ns.into();
         self
     }
 
     /// The prefix of the backend's tables (default `iminfra_`).
     #[must_use]
     pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.config.table_prefix = prefix.into();
+        self.settings.table_prefix = prefix.into();
         self
     }
 
     /// Bound of every query.
     #[must_use]
     pub fn query_timeout(mut self, d: Duration) -> Self {
-        self.config.query_timeout = d;
+        self.settings.query_timeout = d;
         self
     }
 
     /// Bound of establishing a connection.
     #[must_use]
     pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.config.connect_timeout = d;
+        self.settings.connect_timeout = d;
         self
     }
 
     /// Connections kept open and the most open at once.
     #[must_use]
     pub fn pool(mut self, min: usize, max: usize) -> Self {
-        self.config.pool_min = min;
-        self.config.pool_max = max;
+        self.settings.pool_min = min;
+        self.settings.pool_max = max;
         self
     }
 
     /// How often config watches look for changes.
     #[must_use]
     pub fn config_poll_interval(mut self, d: Duration) -> Self {
-        self.config.config_poll_interval = d;
+        self.settings.config_poll_interval = d;
         self
     }
 
@@ -170,8 +172,8 @@ impl MysqlBackendBuilder {
     /// `Unavailable`/`Timeout` when the server cannot be reached.
     pub async fn build(self) -> Result<MysqlBackend> {
         // The backend's own queries are untimed: the layers count them.
-        let db = Db::open(self.config, false).await?;
-        let prefix = db.config().table_prefix.clone();
+        let db = Db::open(self.settings, false).await?;
+        let prefix = db.settings().table_prefix.clone();
         if let Err(e) = schema::migrate(&db, &prefix).await {
             let _ = db.close().await;
             return Err(e);
@@ -202,7 +204,7 @@ pub struct MysqlBackend {
 impl std::fmt::Debug for MysqlBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MysqlBackend")
-            .field("config", self.shared.cfg())
+            .field("config", self.shared.settings())
             .finish()
     }
 }
@@ -214,20 +216,14 @@ impl MysqlBackend {
     }
 
     /// The settings in force.
-    pub fn settings(&self) -> &MysqlConfig {
-        self.shared.cfg()
+    pub fn settings(&self) -> &MysqlSettings {
+        self.shared.settings()
     }
 
     /// The pooled connection, for the service's own queries (each one
     /// span and counted as `db.*`).
     pub fn db(&self) -> &Db {
         &self.db
-    }
-
-    /// The distributed limiter without the failure policy (layered: argument
-    /// checks and `ratelimit.check` telemetry).
-    pub fn mysql_limiter(&self, rules: &Rules) -> ObservedLimiter<MysqlLimiter> {
-        ObservedLimiter::new(NAME, MysqlLimiter::new(self.shared.clone(), rules))
     }
 
     fn check_open(&self) -> Result<()> {
@@ -294,7 +290,7 @@ impl Backend for MysqlBackend {
                 NAME,
                 primary,
                 rules,
-                self.shared.cfg().limiter_probe_interval,
+                self.shared.settings().limiter_probe_interval,
             ),
         )))
     }

@@ -182,7 +182,7 @@ impl MysqlLock {
 #[async_trait]
 impl DistributedLock for MysqlLock {
     fn capabilities(&self) -> LockCapabilities {
-        LockCapabilities::new(false, true, true)
+        LockCapabilities::default().with_info().with_fencing()
     }
 
     async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {

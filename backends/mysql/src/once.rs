@@ -103,7 +103,7 @@ impl LeaseBackend for HeldClaim {
 #[async_trait]
 impl Once for MysqlOnce {
     fn capabilities(&self) -> OnceCapabilities {
-        OnceCapabilities::default().with_max_outcome(self.shared.cfg().max_value_bytes)
+        OnceCapabilities::default().with_max_outcome(self.shared.settings().max_value_bytes)
     }
 
     fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {

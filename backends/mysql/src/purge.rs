@@ -41,7 +41,7 @@ pub(crate) async fn run(shared: Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
         let stop = s.shutdown.clone();
-        let interval = s.cfg().purge_interval;
+        let interval = s.settings().purge_interval;
         drop(s);
         let pause = interval.mul_f64(0.75 + fastrand::f64() / 2.0);
         tokio::select! {

@@ -2,8 +2,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MysqlConfig;
 use crate::db::Db;
+use crate::settings::MysqlSettings;
 
 /// The pool, the key namespace, the table names and the shutdown signal.
 pub(crate) struct Shared {
@@ -17,8 +17,8 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(db: Db) -> Self {
-        let ns = db.config().namespace.as_bytes().to_vec();
-        let prefix = db.config().table_prefix.clone();
+        let ns = db.settings().namespace.as_bytes().to_vec();
+        let prefix = db.settings().table_prefix.clone();
         Shared {
             db,
             ns,
@@ -28,8 +28,8 @@ impl Shared {
     }
 
     /// The settings in force.
-    pub(crate) fn cfg(&self) -> &MysqlConfig {
-        self.db.config()
+    pub(crate) fn settings(&self) -> &MysqlSettings {
+        self.db.settings()
     }
 
     /// The namespace bytes.

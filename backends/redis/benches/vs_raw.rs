@@ -138,7 +138,8 @@ fn main() {
             }
         });
         compare("limiter check (EVALSHA)", rawf.clone(), ours).await;
-        let direct = Arc::new(backend.redis_limiter(&Rules::single("api", rule).expect("rule")));
+        let direct =
+            Arc::new(backend.limiter_without_policy(&Rules::single("api", rule).expect("rule")));
         let (l, k) = (direct.clone(), keys.clone());
         let ours = Arc::new(move |i: usize| {
             let (l, k) = (l.clone(), k.clone());

@@ -55,7 +55,7 @@ impl RedisCache {
 #[async_trait]
 impl Cache for RedisCache {
     fn capabilities(&self) -> CacheCapabilities {
-        CacheCapabilities::storing(self.shared.client.cfg().max_value_bytes)
+        CacheCapabilities::storing(self.shared.client.settings().max_value_bytes)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
@@ -146,7 +146,7 @@ impl Cache for RedisCache {
         let cmds = entries
             .iter()
             .map(|(k, v)| Self::set_cmd(self.key(k), v, ttl, false));
-        if self.shared.client.cfg().is_cluster() {
+        if self.shared.client.settings().is_cluster() {
             // A cluster pipeline must stay in one slot: the SETs go out
             // together on the multiplexed connections instead.
             let client = &self.shared.client;

@@ -15,8 +15,8 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RedisConfig;
 use crate::error::from_redis;
+use crate::settings::RedisSettings;
 
 /// A multiplexed connection: a reconnecting manager to one node, or a
 /// cluster connection.
@@ -58,14 +58,14 @@ impl ConnectionLike for Conn {
 pub(crate) struct Client {
     conn: Conn,
     single: Option<redis::Client>,
-    cfg: RedisConfig,
+    cfg: RedisSettings,
     closed: AtomicBool,
     /// Cancelled on close: stops keep-alives, renewals and watches.
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Client {
-    pub(crate) async fn connect(cfg: RedisConfig) -> Result<Client> {
+    pub(crate) async fn connect(cfg: RedisSettings) -> Result<Client> {
         cfg.validate()?;
         let certs = cfg.tls.as_ref().map(|t| t.certificates()).transpose()?;
         let connect = async {
@@ -150,7 +150,7 @@ impl Client {
         })
     }
 
-    pub(crate) fn cfg(&self) -> &RedisConfig {
+    pub(crate) fn settings(&self) -> &RedisSettings {
         &self.cfg
     }
 
@@ -187,7 +187,7 @@ impl Client {
     }
 
     // Every request is bounded by the connection's response timeout
-    // (`RedisConfig::response_timeout`), set on the connection manager and
+    // (`RedisSettings::response_timeout`), set on the connection manager and
     // the cluster client alike; a timeout surfaces as `Timeout`.
 
     /// Runs one command.

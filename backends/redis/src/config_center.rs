@@ -96,7 +96,7 @@ impl RedisConfigCenter {
             .arg(if value.is_some() { "p" } else { "d" })
             .arg(value.map(|v| v.as_ref()).unwrap_or_default())
             .arg(expected.map(|e| e.to_string()).unwrap_or_default())
-            .arg(self.shared.client.cfg().config_history);
+            .arg(self.shared.client.settings().config_history);
         self.shared.client.script(inv).await
     }
 
@@ -109,7 +109,7 @@ impl RedisConfigCenter {
             checked: Instant::now(),
         };
         let client = &self.shared.client;
-        let (retry, shutdown) = (client.cfg().retry.clone(), client.shutdown.clone());
+        let (retry, shutdown) = (client.settings().retry.clone(), client.shutdown.clone());
         spawn_watch(history, target, opts, retry, shutdown).await
     }
 }
@@ -294,7 +294,7 @@ impl ConfigHistory for History {
 
     async fn connect(&mut self, cursor: &WatchCursor) -> Result<Continuity> {
         let s = self.shared()?;
-        let block = BLOCK + s.client.cfg().response_timeout;
+        let block = BLOCK + s.client.settings().response_timeout;
         self.conn = s.client.dedicated(block).await?;
         self.checked = Instant::now();
         let last = cursor.last_version();
@@ -351,7 +351,7 @@ impl ConfigHistory for History {
 #[async_trait]
 impl ConfigCenter for RedisConfigCenter {
     fn capabilities(&self) -> ConfigCapabilities {
-        ConfigCapabilities::full(self.shared.client.cfg().max_value_bytes)
+        ConfigCapabilities::full(self.shared.client.settings().max_value_bytes)
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {

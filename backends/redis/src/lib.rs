@@ -74,7 +74,6 @@
 
 mod cache;
 mod client;
-mod config;
 mod config_center;
 mod error;
 mod keys;
@@ -82,6 +81,9 @@ mod limiter;
 mod lock;
 mod once;
 mod registry;
+mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod worker_id;
 
 use std::sync::Arc;
@@ -111,8 +113,8 @@ use once::RedisOnce;
 use registry::{RedisDiscovery, RedisRegistry};
 use worker_id::RedisWorkerIds;
 
-pub use config::{RedisConfig, RedisTls};
 pub use limiter::{gcra_script, RedisLimiter};
+pub use settings::{RedisSettings, RedisTls};
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "redis";
@@ -165,65 +167,65 @@ impl BackendOps {
 /// Builds a [`RedisBackend`].
 #[derive(Debug, Clone, Default)]
 pub struct RedisBackendBuilder {
-    config: RedisConfig,
+    settings: RedisSettings,
 }
 
 impl RedisBackendBuilder {
     /// Uses `config` (replacing what was set before).
     #[must_use]
-    pub fn config(mut self, config: RedisConfig) -> Self {
-        self.config = config;
+    pub fn settings(mut self, settings: RedisSettings) -> Self {
+        self.settings = settings;
         self
     }
 
     /// One server URL (`redis://` or `rediss://`).
     #[must_use]
     pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.config.urls = vec![url.into()];
+        self.settings.urls = vec![url.into()];
         self
     }
 
     /// Several cluster seed URLs.
     #[must_use]
     pub fn cluster<S: Into<String>>(mut self, urls: impl IntoIterator<Item = S>) -> Self {
-        self.config.urls = urls.into_iter().map(Into::into).collect();
-        self.config.cluster = true;
+        self.settings.urls = urls.into_iter().map(Into::into).collect();
+        self.settings.cluster = true;
         self
     }
 
     /// ACL user and password.
     #[must_use]
     pub fn auth(mut self, username: impl Into<String>, password: impl Into<Secret>) -> Self {
-        self.config.username = Some(username.into());
-        self.config.password = Some(password.into());
+        self.settings.username = Some(username.into());
+        self.settings.password = Some(password.into());
         self
     }
 
     /// The key prefix.
     #[must_use]
     pub fn namespace(mut self, ns: impl Into<String>) -> Self {
-        self.config.namespace = ns.into();
+        self.settings.namespace = ns.into();
         self
     }
 
     /// Bound of every command.
     #[must_use]
     pub fn response_timeout(mut self, d: Duration) -> Self {
-        self.config.response_timeout = d;
+        self.settings.response_timeout = d;
         self
     }
 
     /// Bound of establishing a connection.
     #[must_use]
     pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.config.connect_timeout = d;
+        self.settings.connect_timeout = d;
         self
     }
 
     /// Connects; `InvalidConfig` for bad settings, `Connection`/`Timeout`
     /// when Redis cannot be reached.
     pub async fn build(self) -> Result<RedisBackend> {
-        let client = client::Client::connect(self.config).await?;
+        let client = client::Client::connect(self.settings).await?;
         let keys = keys::Keys::new(client.ns());
         Ok(RedisBackend {
             shared: Arc::new(Shared {
@@ -247,7 +249,7 @@ pub struct RedisBackend {
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("config", self.shared.client.cfg())
+            .field("config", self.shared.client.settings())
             .finish()
     }
 }
@@ -259,14 +261,14 @@ impl RedisBackend {
     }
 
     /// The settings in force.
-    pub fn settings(&self) -> &RedisConfig {
-        self.shared.client.cfg()
+    pub fn settings(&self) -> &RedisSettings {
+        self.shared.client.settings()
     }
 
     /// The distributed limiter without the failure policy and without the
     /// layer (no argument checks, no telemetry): what the benchmarks
     /// compare with the raw script. Hand out [`Backend::limiter`] instead.
-    pub fn redis_limiter(&self, rules: &Rules) -> RedisLimiter {
+    pub fn limiter_without_policy(&self, rules: &Rules) -> RedisLimiter {
         RedisLimiter::new(self.shared.clone(), rules)
     }
 
@@ -309,7 +311,7 @@ impl RedisBackend {
 
     async fn purge(&self) -> Result<u64> {
         let (client, all) = (&self.shared.client, self.shared.keys.all());
-        if client.cfg().is_cluster() {
+        if client.settings().is_cluster() {
             // SCAN walks one node; KEYS is sent to every primary and the
             // answers combined (a tear-down tool, not a hot path).
             let keys: Vec<String> = client.query(redis::cmd("KEYS").arg(&all)).await?;
@@ -376,7 +378,7 @@ impl Backend for RedisBackend {
     async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
         self.shared.client.check_open()?;
         let primary = Arc::new(RedisLimiter::new(self.shared.clone(), &rules));
-        let probe = self.shared.client.cfg().limiter_probe_interval;
+        let probe = self.shared.client.settings().limiter_probe_interval;
         let fallback = FallbackLimiter::new(NAME, primary, rules, probe);
         Ok(Arc::new(ObservedLimiter::new(
             NAME,

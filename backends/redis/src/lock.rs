@@ -63,7 +63,7 @@ impl ReleaseNotifier {
     /// Starts the subscriber once (single node only; a cluster relies on
     /// the jittered retry).
     fn ensure_started(&self, shared: &Arc<Shared>) {
-        if shared.client.cfg().is_cluster() {
+        if shared.client.settings().is_cluster() {
             return;
         }
         self.started.get_or_init(|| {
@@ -81,7 +81,7 @@ async fn subscriber(shared: std::sync::Weak<Shared>) {
         let stop = s.client.shutdown.clone();
         let channel = s.keys.lock_channel();
         let pubsub = s.client.pubsub().await;
-        let delays_iter = delays.get_or_insert_with(|| s.client.cfg().retry.delays_forever());
+        let delays_iter = delays.get_or_insert_with(|| s.client.settings().retry.delays_forever());
         let mut pubsub = match pubsub {
             Ok(Some(p)) => p,
             Ok(None) => return,
@@ -211,7 +211,7 @@ impl RedisLock {
 #[async_trait]
 impl DistributedLock for RedisLock {
     fn capabilities(&self) -> LockCapabilities {
-        LockCapabilities::new(false, true, true)
+        LockCapabilities::default().with_info().with_fencing()
     }
 
     async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {

@@ -100,7 +100,7 @@ impl LeaseBackend for HeldClaim {
 #[async_trait]
 impl Once for RedisOnce {
     fn capabilities(&self) -> OnceCapabilities {
-        OnceCapabilities::default().with_max_outcome(self.shared.client.cfg().max_value_bytes)
+        OnceCapabilities::default().with_max_outcome(self.shared.client.settings().max_value_bytes)
     }
 
     fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {

@@ -42,7 +42,8 @@ async fn op<T: redis::FromRedisValue>(shared: &Shared, args: &[&str]) -> Result<
     for part in ["inst", "lease", "exp", "names", "rev", "log"] {
         inv.key(k.reg(part));
     }
-    inv.arg(args[0]).arg(shared.client.cfg().config_history);
+    inv.arg(args[0])
+        .arg(shared.client.settings().config_history);
     for a in &args[1..] {
         inv.arg(*a);
     }
@@ -94,7 +95,7 @@ impl RedisRegistry {
             shared: shared.clone(),
         });
         RedisRegistry {
-            registrations: Registrations::new(server, shared.client.cfg().retry.clone()),
+            registrations: Registrations::new(server, shared.client.settings().retry.clone()),
             shared,
         }
     }
@@ -302,7 +303,7 @@ impl InstanceHistory for Instances {
         let s = self.shared()?;
         self.conn = s
             .client
-            .dedicated(BLOCK + s.client.cfg().response_timeout)
+            .dedicated(BLOCK + s.client.settings().response_timeout)
             .await?;
         Ok(())
     }
@@ -327,7 +328,7 @@ impl InstanceHistory for Instances {
 #[async_trait]
 impl ServiceDiscovery for RedisDiscovery {
     fn capabilities(&self) -> RegistryCapabilities {
-        RegistryCapabilities::new(true)
+        RegistryCapabilities::default().with_watch()
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {
@@ -341,7 +342,12 @@ impl ServiceDiscovery for RedisDiscovery {
             conn: None,
         };
         let client = &self.shared.client;
-        spawn_watch(history, client.cfg().retry.clone(), client.shutdown.clone()).await
+        spawn_watch(
+            history,
+            client.settings().retry.clone(),
+            client.shutdown.clone(),
+        )
+        .await
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use im_infra::backend::Backend;
-use im_infra::ratelimit::{FailurePolicy, LimiterConfig, Rule, Rules};
+use im_infra::ratelimit::{FailurePolicy, LimiterSettings, Rule, Rules};
 use im_infra::registry::ServiceInstance;
 use im_infra::ErrorKind;
 use im_infra_redis::RedisBackend;
@@ -61,7 +61,7 @@ async fn close_deregisters_what_was_registered_and_then_everything_answers_close
     let discovery = peer.discovery().await.unwrap();
     assert_eq!(discovery.instances("svc").await.unwrap().len(), 1);
 
-    let mut cfg = LimiterConfig::with_rule("api", Rule::per_second(100));
+    let mut cfg = LimiterSettings::with_rule("api", Rule::per_second(100));
     cfg.failure_policy = FailurePolicy::FailOpen;
     let limiter = backend.limiter(Rules::fixed(cfg).unwrap()).await.unwrap();
     assert!(limiter.check("api", "k", 1).await.unwrap().allowed);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use im_infra::backend::{Backend, Capability};
-use im_infra::mq::ConsumerConfig;
+use im_infra::mq::ConsumerSettings;
 use im_infra::ratelimit::{Rule, Rules};
 use im_infra::ErrorKind;
 
@@ -29,7 +29,7 @@ async fn accessor(b: &Arc<dyn Backend>, c: Capability) -> im_infra::Result<()> {
         Capability::Once => b.once().await.map(drop),
         Capability::Messaging => {
             b.producer().await?;
-            b.consumer(ConsumerConfig::new("gating", ["gating"]))
+            b.consumer(ConsumerSettings::new("gating", ["gating"]))
                 .await
                 .map(drop)
         }
@@ -101,7 +101,10 @@ async fn config_watch_unsupported(w: World) -> Result<()> {
 }
 
 async fn consumer_pause_unsupported(w: World) -> Result<()> {
-    let consumer = w.backend.consumer(ConsumerConfig::new("g", ["t"])).await?;
+    let consumer = w
+        .backend
+        .consumer(ConsumerSettings::new("g", ["t"]))
+        .await?;
     expect_kind(
         consumer.pause().await,
         ErrorKind::Unsupported,

@@ -8,10 +8,10 @@ use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use im_infra::backend::Capability;
 use im_infra::mq::{
-    dead_letter_headers as dlh, handler_fn, Consumer, ConsumerConfig, Handler, Message, Producer,
+    dead_letter_headers as dlh, handler_fn, Consumer, ConsumerSettings, Handler, Message, Producer,
     ReceivedMessage, StartPosition,
 };
-use im_infra::{Error, ErrorKind, RetryConfig};
+use im_infra::{Error, ErrorKind, RetrySettings};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -82,7 +82,7 @@ impl Running {
     }
 }
 
-async fn start(w: &World, cfg: ConsumerConfig, handler: Arc<dyn Handler>) -> Result<Running> {
+async fn start(w: &World, cfg: ConsumerSettings, handler: Arc<dyn Handler>) -> Result<Running> {
     let consumer = w.backend.consumer(cfg).await?;
     let c = consumer.clone();
     let task = tokio::spawn(async move { c.run(handler).await });
@@ -99,8 +99,8 @@ async fn producer(w: &World) -> Result<Arc<dyn Producer>> {
     Ok(w.backend.producer().await?)
 }
 
-fn quick_retry(max_retries: u32) -> RetryConfig {
-    RetryConfig {
+fn quick_retry(max_retries: u32) -> RetrySettings {
+    RetrySettings {
         max_retries,
         initial_interval: Duration::from_millis(20),
         max_interval: Duration::from_millis(100),
@@ -124,7 +124,7 @@ async fn produce_and_consume_roundtrip(w: World) -> Result<()> {
     let seen = Seen::default();
     let run = start(
         &w,
-        ConsumerConfig::new(unique("group"), [&t]),
+        ConsumerSettings::new(unique("group"), [&t]),
         seen.handler(),
     )
     .await?;
@@ -153,7 +153,7 @@ async fn messages_of_one_key_keep_their_order(w: World) -> Result<()> {
     let seen = Seen::default();
     let run = start(
         &w,
-        ConsumerConfig::new(unique("group"), [&t]),
+        ConsumerSettings::new(unique("group"), [&t]),
         seen.handler(),
     )
     .await?;
@@ -216,7 +216,7 @@ async fn failed_handler_is_retried_before_commit(w: World) -> Result<()> {
             }
         })
     };
-    let cfg = ConsumerConfig::new(unique("group"), [&t]).handler_retry(quick_retry(5));
+    let cfg = ConsumerSettings::new(unique("group"), [&t]).handler_retry(quick_retry(5));
     let run = start(&w, cfg, handler).await?;
     seen.wait_for(5, "a, flaky x3, b").await?;
     run.stop().await?;
@@ -234,8 +234,8 @@ async fn two_members_split_partitions_without_duplicates(w: World) -> Result<()>
     let t = topic(&w, 4).await?;
     let group = unique("group");
     let (seen_a, seen_b) = (Seen::default(), Seen::default());
-    let a = start(&w, ConsumerConfig::new(&group, [&t]), seen_a.handler()).await?;
-    let b = start(&w, ConsumerConfig::new(&group, [&t]), seen_b.handler()).await?;
+    let a = start(&w, ConsumerSettings::new(&group, [&t]), seen_a.handler()).await?;
+    let b = start(&w, ConsumerSettings::new(&group, [&t]), seen_b.handler()).await?;
     let p = producer(&w).await?;
     // Members join at their own pace (a Kafka rebalance takes seconds): keep
     // producing in waves until both have handled something.
@@ -322,7 +322,7 @@ async fn consumer_dropped_without_commit_gets_messages_redelivered(w: World) -> 
             }
         })
     };
-    let first = start(&w, ConsumerConfig::new(&group, [&t]), stuck).await?;
+    let first = start(&w, ConsumerSettings::new(&group, [&t]), stuck).await?;
     tokio::time::timeout(Duration::from_secs(30), entered.notified())
         .await
         .context("the first member never got a message")?;
@@ -331,7 +331,7 @@ async fn consumer_dropped_without_commit_gets_messages_redelivered(w: World) -> 
     let _ = first.task.await;
     drop(first.consumer);
     let seen = Seen::default();
-    let second = start(&w, ConsumerConfig::new(&group, [&t]), seen.handler()).await?;
+    let second = start(&w, ConsumerSettings::new(&group, [&t]), seen.handler()).await?;
     seen.wait_for(3, "every message again").await?;
     second.stop().await?;
     ensure!(
@@ -367,7 +367,7 @@ async fn poison_message_goes_to_the_dead_letter_topic(w: World) -> Result<()> {
             }
         })
     };
-    let cfg = ConsumerConfig::new(unique("group"), [&t])
+    let cfg = ConsumerSettings::new(unique("group"), [&t])
         .handler_retry(quick_retry(2))
         .dead_letter(&dlq);
     let run = start(&w, cfg, handler).await?;
@@ -377,7 +377,7 @@ async fn poison_message_goes_to_the_dead_letter_topic(w: World) -> Result<()> {
     let dead = Seen::default();
     let reader = start(
         &w,
-        ConsumerConfig::new(unique("dlq-reader"), [&dlq]),
+        ConsumerSettings::new(unique("dlq-reader"), [&dlq]),
         dead.handler(),
     )
     .await?;
@@ -401,7 +401,7 @@ async fn new_group_starts_from_the_configured_position(w: World) -> Result<()> {
     let earliest = Seen::default();
     let e = start(
         &w,
-        ConsumerConfig::new(unique("early"), [&t]),
+        ConsumerSettings::new(unique("early"), [&t]),
         earliest.handler(),
     )
     .await?;
@@ -411,7 +411,7 @@ async fn new_group_starts_from_the_configured_position(w: World) -> Result<()> {
     ensure!(earliest.payloads() == ["old"]);
     e.stop().await?;
     let latest = Seen::default();
-    let cfg = ConsumerConfig::new(unique("late"), [&t]).start(StartPosition::Latest);
+    let cfg = ConsumerSettings::new(unique("late"), [&t]).start(StartPosition::Latest);
     let l = start(&w, cfg, latest.handler()).await?;
     // Joining takes a backend-specific time: produce until one arrives.
     let mut i = 0;
@@ -443,14 +443,14 @@ async fn shutdown_commits_and_the_group_resumes_after(w: World) -> Result<()> {
         p.produce(Message::new(&t, format!("a{i}"))).await?;
     }
     let first = Seen::default();
-    let run = start(&w, ConsumerConfig::new(&group, [&t]), first.handler()).await?;
+    let run = start(&w, ConsumerSettings::new(&group, [&t]), first.handler()).await?;
     first.wait_for(5, "first batch").await?;
     run.stop().await?;
     for i in 0..3 {
         p.produce(Message::new(&t, format!("b{i}"))).await?;
     }
     let second = Seen::default();
-    let run = start(&w, ConsumerConfig::new(&group, [&t]), second.handler()).await?;
+    let run = start(&w, ConsumerSettings::new(&group, [&t]), second.handler()).await?;
     second.wait_for(3, "second batch").await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     run.stop().await?;
@@ -486,7 +486,7 @@ async fn shutdown_finishes_the_in_flight_message_and_commits_it(w: World) -> Res
             }
         })
     };
-    let run = start(&w, ConsumerConfig::new(&group, [&t]), handler).await?;
+    let run = start(&w, ConsumerSettings::new(&group, [&t]), handler).await?;
     tokio::time::timeout(Duration::from_secs(30), entered.notified())
         .await
         .context("the slow message never reached the handler")?;
@@ -498,7 +498,7 @@ async fn shutdown_finishes_the_in_flight_message_and_commits_it(w: World) -> Res
     // The next member of the group starts after what the first one finished.
     p.produce(Message::new(&t, "after")).await?;
     let second = Seen::default();
-    let run = start(&w, ConsumerConfig::new(&group, [&t]), second.handler()).await?;
+    let run = start(&w, ConsumerSettings::new(&group, [&t]), second.handler()).await?;
     second.wait_for(1, "a message for the next member").await?;
     eventually(
         Duration::from_secs(30),
@@ -529,7 +529,7 @@ async fn pause_stops_delivery_until_resume(w: World) -> Result<()> {
     let seen = Seen::default();
     let run = start(
         &w,
-        ConsumerConfig::new(unique("group"), [&t]),
+        ConsumerSettings::new(unique("group"), [&t]),
         seen.handler(),
     )
     .await?;
@@ -554,7 +554,7 @@ async fn run_twice_and_after_shutdown_fail_clearly(w: World) -> Result<()> {
     let seen = Seen::default();
     let run = start(
         &w,
-        ConsumerConfig::new(unique("group"), [&t]),
+        ConsumerSettings::new(unique("group"), [&t]),
         seen.handler(),
     )
     .await?;
@@ -591,14 +591,14 @@ async fn bad_input_is_invalid_argument(w: World) -> Result<()> {
         ErrorKind::InvalidArgument,
         "64 MiB message",
     )?;
-    match w.backend.consumer(ConsumerConfig::new("", [&t])).await {
+    match w.backend.consumer(ConsumerSettings::new("", [&t])).await {
         Err(e) if e.kind() == ErrorKind::InvalidArgument => {}
         Err(e) => bail!("empty group: {e}"),
         Ok(_) => bail!("empty group accepted"),
     }
     match w
         .backend
-        .consumer(ConsumerConfig::new("g", Vec::<String>::new()))
+        .consumer(ConsumerSettings::new("g", Vec::<String>::new()))
         .await
     {
         Err(e) if e.kind() == ErrorKind::InvalidArgument => Ok(()),

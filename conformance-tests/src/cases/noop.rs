@@ -9,7 +9,7 @@ use futures::StreamExt;
 use im_infra::backend::Capability;
 use im_infra::cache::KeyTtl;
 use im_infra::lock::LockOptions;
-use im_infra::mq::{handler_fn, ConsumerConfig, Message};
+use im_infra::mq::{handler_fn, ConsumerSettings, Message};
 use im_infra::once::{OnceExt, Outcome, RunError};
 use im_infra::ratelimit::{LimiterExt, Rule, Rules};
 use im_infra::registry::ServiceInstance;
@@ -141,7 +141,10 @@ async fn messages_are_dropped_and_never_delivered(w: World) -> Result<()> {
     let p = w.backend.producer().await?;
     let d = p.produce(Message::new("t", "x")).await?;
     ensure!(d.offset == -1, "dropped messages have offset -1");
-    let c = w.backend.consumer(ConsumerConfig::new("g", ["t"])).await?;
+    let c = w
+        .backend
+        .consumer(ConsumerSettings::new("g", ["t"]))
+        .await?;
     let delivered = std::sync::Arc::new(AtomicUsize::new(0));
     let counter = delivered.clone();
     let runner = c.clone();

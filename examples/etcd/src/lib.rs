@@ -19,7 +19,7 @@ use anyhow::{ensure, Context, Result};
 use im_infra::backend::Backend;
 use im_infra::registry::grpc::{BalancePolicy, BalancedChannel, GrpcOptions};
 use im_infra::registry::{ServiceInstance, ServiceRegistry};
-use im_infra_etcd::{EtcdBackend, EtcdConfig};
+use im_infra_etcd::{EtcdBackend, EtcdSettings};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
@@ -119,9 +119,9 @@ pub async fn failover(endpoints: &[String]) -> Result<FailoverReport> {
         "/example-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let mut cfg = EtcdConfig::with_endpoints(endpoints.iter().cloned());
+    let mut cfg = EtcdSettings::with_endpoints(endpoints.iter().cloned());
     cfg.namespace = ns;
-    let etcd = EtcdBackend::builder().config(cfg).build().await?;
+    let etcd = EtcdBackend::builder().settings(cfg).build().await?;
 
     let (addr_a, mut server_a) = serve("a").await?;
     let (addr_b, mut server_b) = serve("b").await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::backend::Closable;
-use im_infra::mq::{Consumer, ConsumerCapabilities, ConsumerConfig, Handler, ReceivedMessage};
+use im_infra::mq::{Consumer, ConsumerCapabilities, ConsumerSettings, Handler, ReceivedMessage};
 use im_infra::telemetry::{with_timeout, OpMetrics};
 use im_infra::{Error, ErrorKind, Result};
 use tokio::sync::watch;
@@ -25,7 +25,7 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`mq.run`, `mq.shutdown`, ...) and shuts it down when it closes.
 pub struct MemoryConsumer {
     shared: Arc<Shared>,
-    config: ConsumerConfig,
+    config: ConsumerSettings,
     member: u64,
     paused: watch::Sender<bool>,
     stop: CancellationToken,
@@ -69,7 +69,7 @@ enum Handled {
 }
 
 impl MemoryConsumer {
-    pub(crate) fn new(shared: Arc<Shared>, config: ConsumerConfig) -> Result<Self> {
+    pub(crate) fn new(shared: Arc<Shared>, config: ConsumerSettings) -> Result<Self> {
         config.validate()?;
         let member = shared.mq.member_ids.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(MemoryConsumer {
@@ -127,7 +127,7 @@ impl MemoryConsumer {
         let m = msg.dead_letter(dlq, err);
         self.shared
             .mq
-            .append(m, self.shared.config.default_partitions);
+            .append(m, self.shared.settings.default_partitions);
         tracing::warn!(topic = %msg.topic, offset = msg.offset, dead_letter_topic = %dlq, "message dead-lettered");
         Ok(())
     }
@@ -136,7 +136,7 @@ impl MemoryConsumer {
 #[async_trait]
 impl Consumer for MemoryConsumer {
     fn capabilities(&self) -> ConsumerCapabilities {
-        ConsumerCapabilities::new(true)
+        ConsumerCapabilities::default().with_pause_resume()
     }
 
     async fn run(&self, handler: Arc<dyn Handler>) -> Result<()> {
@@ -158,7 +158,7 @@ impl Consumer for MemoryConsumer {
             self.member,
             &cfg.topics,
             cfg.start,
-            self.shared.config.default_partitions,
+            self.shared.settings.default_partitions,
         );
         let _membership = Membership { consumer: self };
         let mut cursor = 0usize;

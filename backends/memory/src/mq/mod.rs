@@ -11,7 +11,8 @@ mod producer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Mutex, MutexGuard};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -81,12 +82,12 @@ fn partition_of(key: &[u8], partitions: usize) -> usize {
 
 impl MqStore {
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
-    /// Creates `topic` with `partitions` partitions; `AlreadyExists` when it
-    /// exists with another partition count.
-    pub(crate) fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+    /// Creates `topic` with `partitions` partitions (`Ok(false)` when it
+    /// exists with that count); `AlreadyExists` when it exists with another.
+    pub(crate) fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
         im_infra::mq::validate_topic(topic)?;
         if partitions == 0 {
             return Err(Error::invalid_argument(
@@ -95,7 +96,7 @@ impl MqStore {
         }
         let mut inner = self.inner();
         match inner.topics.get(topic) {
-            Some(t) if t.partitions.len() == partitions as usize => Ok(()),
+            Some(t) if t.partitions.len() == partitions as usize => Ok(false),
             Some(t) => Err(Error::new(
                 ErrorKind::AlreadyExists,
                 format!(
@@ -110,7 +111,7 @@ impl MqStore {
                         partitions: vec![Vec::new(); partitions as usize],
                     },
                 );
-                Ok(())
+                Ok(true)
             }
         }
     }

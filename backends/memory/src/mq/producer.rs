@@ -40,11 +40,11 @@ impl MemoryProducer {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorKind::Closed, "the producer was closed"));
         }
-        message.validate(self.shared.config.max_message_bytes)?;
+        message.validate(self.shared.settings.max_message_bytes)?;
         Ok(self
             .shared
             .mq
-            .append(message, self.shared.config.default_partitions))
+            .append(message, self.shared.settings.default_partitions))
     }
 }
 

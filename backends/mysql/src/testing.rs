@@ -1,0 +1,92 @@
+//! The conformance fixture of the MySQL backend (feature `testing`): every
+//! world is a fresh namespace in test tables on the server named by
+//! `IMINFRA_MYSQL_URL`, purged afterwards.
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     im_infra_conformance::run_main(im_infra_mysql::testing::target())
+//! }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use async_trait::async_trait;
+use im_infra::backend::Backend;
+use im_infra_conformance::cases::unique;
+use im_infra_conformance::servers::MYSQL_ENV;
+use im_infra_conformance::{Fixture, Hooks, SuiteKind, Target, World};
+
+use crate::MysqlBackend;
+
+/// The tables of test runs; every world has a namespace of its own in them.
+const TABLE_PREFIX: &str = "iminfra_test_";
+
+/// The conformance runner's target for this backend.
+pub fn target() -> Target {
+    Target {
+        backend: "mysql",
+        env_var: Some(MYSQL_ENV),
+        fixture: Some(|url| {
+            Ok(Arc::new(MysqlFixture {
+                url: url.to_owned(),
+            }))
+        }),
+        suite: SuiteKind::Contract,
+    }
+}
+
+struct MysqlFixture {
+    url: String,
+}
+
+struct MysqlHooks {
+    backend: MysqlBackend,
+    peer: MysqlBackend,
+}
+
+async fn connect(url: &str, ns: &str) -> Result<MysqlBackend> {
+    Ok(MysqlBackend::builder()
+        .url(url)
+        .namespace(ns)
+        .table_prefix(TABLE_PREFIX)
+        .query_timeout(Duration::from_secs(10))
+        .config_poll_interval(Duration::from_millis(50))
+        .build()
+        .await?)
+}
+
+#[async_trait]
+impl Hooks for MysqlHooks {
+    async fn revoke_worker_id(&self, id: u64) -> Result<()> {
+        let revoked = self.backend.revoke_worker_id(id).await?;
+        ensure!(revoked, "worker id {id} was not leased");
+        Ok(())
+    }
+
+    async fn compact_config_history(&self) -> Result<()> {
+        Ok(self.backend.compact_config_history().await?)
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        self.peer.close().await?;
+        self.backend.purge_namespace().await?;
+        self.backend.close().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Fixture for MysqlFixture {
+    async fn world(&self) -> Result<World> {
+        let ns = format!("{}/", unique("t"));
+        let backend = connect(&self.url, &ns).await?;
+        let peer = connect(&self.url, &ns).await?;
+        Ok(World {
+            backend: Arc::new(backend.clone()),
+            peer: Arc::new(peer.clone()),
+            hooks: Arc::new(MysqlHooks { backend, peer }),
+        })
+    }
+}

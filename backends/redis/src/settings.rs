@@ -1,0 +1,247 @@
+//! Settings of the Redis backend.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use im_infra::secret::{redact_url, Secret};
+use im_infra::{Error, ErrorKind, Result, RetrySettings};
+use serde::{Deserialize, Serialize};
+
+/// Settings of a [`RedisBackend`](crate::RedisBackend); deserialises from
+/// the config center (`/config/{env}/{service}/redis`).
+///
+/// ```
+/// let cfg: im_infra_redis::RedisSettings = serde_json::from_str(r#"{
+///     "urls": ["redis://10.0.0.5:6379/0"],
+///     "username": "app",
+///     "password": "s3cret",
+///     "namespace": "im-logic",
+///     "response_timeout": "500ms"
+/// }"#).unwrap();
+/// cfg.validate().unwrap();
+/// assert!(!format!("{cfg:?}").contains("s3cret"));
+/// ```
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` or `rediss://` (TLS). Several URLs, or
+    /// `cluster: true`, connect to a Redis Cluster.
+    pub urls: Vec<String>,
+    /// Connect to a Redis Cluster even with one seed URL.
+    pub cluster: bool,
+    /// ACL user name (overrides the URL's).
+    pub username: Option<String>,
+    /// Password (overrides the URL's). Never printed.
+    pub password: Option<Secret>,
+    /// TLS files for `rediss://` URLs: a private CA, and a client
+    /// certificate for mutual TLS. Without them `rediss://` trusts the
+    /// system's roots.
+    pub tls: Option<RedisTls>,
+    /// Prefix of every key (letters, digits, `.`, `_`, `-`).
+    pub namespace: String,
+    /// Bound of establishing a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bound of every command.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Backoff of reconnection attempts.
+    pub retry: RetrySettings,
+    /// Largest cache or config value, in bytes.
+    pub max_value_bytes: usize,
+    /// Changes kept in the config change stream for resuming watches.
+    pub config_history: usize,
+    /// While Redis is unreachable, how long the limiter decides by its
+    /// failure policy before asking Redis again.
+    #[serde(with = "humantime_serde")]
+    pub limiter_probe_interval: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            urls: vec!["redis://127.0.0.1:6379/0".into()],
+            cluster: false,
+            username: None,
+            password: None,
+            tls: None,
+            namespace: "im-infra".into(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            retry: RetrySettings {
+                max_retries: 6,
+                initial_interval: Duration::from_millis(50),
+                max_interval: Duration::from_secs(2),
+                multiplier: 2.0,
+                jitter: true,
+            },
+            max_value_bytes: 16 * 1024 * 1024,
+            config_history: 10_000,
+            limiter_probe_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisSettings")
+            .field("urls", &urls)
+            .field("cluster", &self.cluster)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("tls", &self.tls)
+            .field("namespace", &self.namespace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("config_history", &self.config_history)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS files (PEM) for `rediss://` connections.
+///
+/// ```
+/// let cfg: im_infra_redis::RedisSettings = serde_json::from_str(r#"{
+///     "urls": ["rediss://redis.internal:6380/0"],
+///     "tls": { "ca_file": "/etc/ssl/internal-ca.pem" }
+/// }"#).unwrap();
+/// cfg.validate().unwrap();
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTls {
+    /// CA certificate(s) that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate, for mutual TLS (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// Client private key, for mutual TLS (with `cert_file`).
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    /// Reads the files; `InvalidConfig` names one that cannot be read.
+    pub(crate) fn certificates(&self) -> Result<redis::TlsCertificates> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| invalid(format!("reading {}: {e}", p.display())))
+        };
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read(c)?,
+                client_key: read(k)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "tls.cert_file and tls.key_file go together (mutual TLS)",
+                ))
+            }
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert: self.ca_file.as_ref().map(read).transpose()?,
+        })
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidConfig, msg.into()).with_backend(crate::NAME)
+}
+
+impl RedisSettings {
+    /// A configuration for one server URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisSettings {
+            urls: vec![url.into()],
+            ..RedisSettings::default()
+        }
+    }
+
+    /// Checks the values; `InvalidConfig` names the problem.
+    pub fn validate(&self) -> Result<()> {
+        if self.urls.is_empty() {
+            return Err(invalid("at least one Redis URL is required"));
+        }
+        for url in &self.urls {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(format!(
+                    "{} is not a redis:// or rediss:// URL",
+                    redact_url(url)
+                )));
+            }
+        }
+        let ns = &self.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(invalid(format!(
+                "namespace {ns:?} must be 1-64 letters, digits, '.', '_' or '-'"
+            )));
+        }
+        if let Some(tls) = &self.tls {
+            if self.urls.iter().any(|u| !u.starts_with("rediss://")) {
+                return Err(invalid("tls files are set but a URL is not rediss://"));
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err(invalid(
+                    "tls.cert_file and tls.key_file go together (mutual TLS)",
+                ));
+            }
+        }
+        if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
+            return Err(invalid("timeouts must be positive"));
+        }
+        if self.max_value_bytes == 0 || self.config_history == 0 {
+            return Err(invalid(
+                "max_value_bytes and config_history must be positive",
+            ));
+        }
+        if self.limiter_probe_interval.is_zero() {
+            return Err(invalid("limiter_probe_interval must be positive"));
+        }
+        self.retry.validate()
+    }
+
+    /// Whether to connect to a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster || self.urls.len() > 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(RedisSettings::default().validate().is_ok());
+        let mut c = RedisSettings::new("http://x");
+        assert_eq!(c.validate().unwrap_err().kind(), ErrorKind::InvalidConfig);
+        c = RedisSettings::default();
+        c.namespace = "a:b".into();
+        assert!(c.validate().is_err());
+        c = RedisSettings::default();
+        c.urls.clear();
+        assert!(c.validate().is_err());
+        c = RedisSettings::default();
+        c.response_timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
+        let bad: std::result::Result<RedisSettings, _> = serde_json::from_str(r#"{"unknown": 1}"#);
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn debug_redacts_passwords() {
+        let mut c = RedisSettings::new("redis://u:topsecret@h:1/0");
+        c.password = Some(Secret::new("other-secret"));
+        let d = format!("{c:?}");
+        assert!(
+            !d.contains("topsecret") && !d.contains("other-secret"),
+            "{d}"
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! The conformance fixture of the Redis backend (feature `testing`), for a
+//! single server (`IMINFRA_REDIS_URL`) and for a Redis Cluster
+//! (`IMINFRA_REDIS_CLUSTER_URLS`): every world is a fresh namespace, purged
+//! afterwards.
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     im_infra_conformance::run_main(im_infra_redis::testing::target())
+//! }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use async_trait::async_trait;
+use im_infra::backend::Backend;
+use im_infra_conformance::cases::unique;
+use im_infra_conformance::servers::{REDIS_CLUSTER_ENV, REDIS_ENV};
+use im_infra_conformance::{Fixture, Hooks, SuiteKind, Target, World};
+
+use crate::{RedisBackend, RedisSettings};
+
+/// The conformance runner's target for a single server.
+pub fn target() -> Target {
+    Target {
+        backend: "redis",
+        env_var: Some(REDIS_ENV),
+        fixture: Some(fixture),
+        suite: SuiteKind::Contract,
+    }
+}
+
+/// The conformance runner's target for a Redis Cluster.
+pub fn cluster_target() -> Target {
+    Target {
+        backend: "redis-cluster",
+        env_var: Some(REDIS_CLUSTER_ENV),
+        fixture: Some(fixture),
+        suite: SuiteKind::Contract,
+    }
+}
+
+/// The fixture for the server(s) at `urls` (comma-separated: a cluster).
+fn fixture(urls: &str) -> Result<Arc<dyn Fixture>> {
+    Ok(Arc::new(RedisFixture {
+        url: urls.to_owned(),
+    }))
+}
+
+struct RedisFixture {
+    url: String,
+}
+
+struct RedisHooks {
+    url: String,
+    ns: String,
+    backend: RedisBackend,
+    peer: RedisBackend,
+}
+
+/// One URL, or several separated by commas (a Redis Cluster).
+async fn connect(urls: &str, ns: &str) -> Result<RedisBackend> {
+    let mut settings = RedisSettings::new(urls);
+    settings.urls = urls.split(',').map(str::to_owned).collect();
+    settings.namespace = ns.to_owned();
+    settings.response_timeout = Duration::from_secs(5);
+    Ok(RedisBackend::builder().settings(settings).build().await?)
+}
+
+#[async_trait]
+impl Hooks for RedisHooks {
+    async fn revoke_registration(&self, service: &str, id: &str) -> Result<()> {
+        let revoked = self.backend.revoke_registration(service, id).await?;
+        ensure!(revoked, "{service}/{id} was not registered");
+        Ok(())
+    }
+
+    async fn revoke_worker_id(&self, id: u64) -> Result<()> {
+        let revoked = self.backend.revoke_worker_id(id).await?;
+        ensure!(revoked, "worker id {id} was not leased");
+        Ok(())
+    }
+
+    async fn compact_config_history(&self) -> Result<()> {
+        Ok(self.backend.compact_config_history().await?)
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        self.peer.close().await?;
+        self.backend.close().await?;
+        let sweeper = connect(&self.url, &self.ns).await?;
+        sweeper.purge_namespace().await?;
+        sweeper.close().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Fixture for RedisFixture {
+    async fn world(&self) -> Result<World> {
+        let ns = unique("t");
+        let backend = connect(&self.url, &ns).await?;
+        let peer = connect(&self.url, &ns).await?;
+        Ok(World {
+            backend: Arc::new(backend.clone()),
+            peer: Arc::new(peer.clone()),
+            hooks: Arc::new(RedisHooks {
+                url: self.url.clone(),
+                ns,
+                backend,
+                peer,
+            }),
+        })
+    }
+}

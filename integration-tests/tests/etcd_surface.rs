@@ -1,0 +1,161 @@
+//! The etcd-specific surface against real etcd: the lease manager, the
+//! connection manager, and interoperation with `etcdctl lock`.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use im_infra::backend::Backend;
+use im_infra::lock::LockOptions;
+use im_infra::ErrorKind;
+use im_infra_conformance::servers::{server_or_skip, ETCD_ENV};
+use im_infra_etcd::{EtcdBackend, EtcdSettings};
+
+async fn backend(endpoints: &str) -> Result<(EtcdBackend, String)> {
+    let ns = format!(
+        "/surface-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut cfg = EtcdSettings::with_endpoints(endpoints.split(',').map(str::to_owned));
+    cfg.namespace = ns.clone();
+    Ok((EtcdBackend::builder().settings(cfg).build().await?, ns))
+}
+
+#[tokio::test]
+async fn lease_manager_creates_keeps_inspects_and_revokes() -> Result<()> {
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let (etcd, _) = backend(&eps).await?;
+    let leases = etcd.leases();
+    let id = leases.create(Duration::from_secs(3)).await?;
+    ensure!(leases.list().await?.contains(&id), "a new lease is listed");
+    let info = leases.info(id).await?;
+    ensure!(
+        info.granted_ttl == Duration::from_secs(3) && info.ttl <= info.granted_ttl,
+        "{info:?}"
+    );
+    let kept = leases.keep_alive(id).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ensure!(!kept.lost().is_cancelled(), "kept alive past its TTL");
+    ensure!(leases.refresh(id).await? > Duration::ZERO);
+    leases.revoke(id).await?;
+    let lost = kept.lost();
+    tokio::time::timeout(Duration::from_secs(5), lost.cancelled())
+        .await
+        .context("the keep-alive notices the revocation")?;
+    let err = leases
+        .info(id)
+        .await
+        .expect_err("a revoked lease has no info");
+    ensure!(err.kind() == ErrorKind::LeaseLost, "{err}");
+    etcd.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn connection_manager_reports_and_recovers() -> Result<()> {
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let (etcd, _) = backend(&eps).await?;
+    let conn = etcd.connection();
+    ensure!(conn.is_connected());
+    conn.health_check().await?;
+    let status = conn.status();
+    ensure!(
+        status.connected && status.last_ping.is_some() && status.error.is_none(),
+        "{status:?}"
+    );
+    conn.disconnect();
+    ensure!(!conn.is_connected());
+    let center = etcd.config().await;
+    ensure!(
+        center.err().map(|e| e.kind()) == Some(ErrorKind::Closed),
+        "requests fail while disconnected"
+    );
+    conn.reconnect().await?;
+    ensure!(conn.is_connected());
+    etcd.config().await?.get_with_version("/k").await?;
+    etcd.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_fails_within_the_dial_timeout() {
+    let started = Instant::now();
+    let err = EtcdBackend::builder()
+        .settings(EtcdSettings::with_endpoints(["http://127.0.0.1:1"]))
+        .dial_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn etcdctl_lock_and_ours_exclude_each_other() -> Result<()> {
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let (etcd, ns) = backend(&eps).await?;
+    let locks = etcd.lock().await?;
+    // etcd's own mutex under the same prefix our lock "shared-job" uses.
+    let name = format!("{ns}/locks/shared-job");
+    let mut etcdctl = Command::new("etcdctl")
+        .arg(format!("--endpoints={eps}"))
+        .args(["lock", &name, "sleep", "3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("etcdctl (installed by scripts/services.sh)")?;
+    // Wait until etcdctl holds it.
+    let started = Instant::now();
+    while !locks.is_locked("shared-job").await? {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "etcdctl never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let opts = LockOptions::new(Duration::from_secs(10)).wait(Duration::from_secs(15));
+    ensure!(
+        locks.try_acquire("shared-job", opts).await?.is_none(),
+        "etcdctl's lock excludes ours"
+    );
+    let guard = locks.acquire("shared-job", opts).await?;
+    ensure!(etcdctl.wait()?.success(), "etcdctl finished");
+    ensure!(
+        started.elapsed() >= Duration::from_secs(2),
+        "ours waited for etcdctl's release"
+    );
+    // And ours excludes etcdctl: its lock waits while we hold ours.
+    let mut second = Command::new("etcdctl")
+        .arg(format!("--endpoints={eps}"))
+        .args(["lock", &name, "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    ensure!(
+        second.try_wait()?.is_none(),
+        "etcdctl must wait while we hold the lock"
+    );
+    guard.release().await?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while second.try_wait()?.is_none() {
+        ensure!(
+            Instant::now() < until,
+            "etcdctl never got the lock after our release"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    etcd.purge_namespace().await?;
+    etcd.close().await?;
+    Ok(())
+}
