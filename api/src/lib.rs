@@ -15,7 +15,7 @@
 //! | [`config`] | [`ConfigCenter`](config::ConfigCenter), [`ConfigManager`](config::ConfigManager) | versioned configuration, CAS, watches, hot reload |
 //! | [`registry`] | [`ServiceRegistry`](registry::ServiceRegistry), [`ServiceDiscovery`](registry::ServiceDiscovery) | service instances with leases, discovery, watches |
 //! | [`lease`] | [`Lease`](lease::Lease), [`LeaseBackend`](lease::LeaseBackend) | the one lease keeper under locks, worker ids, registrations and once-claims |
-//! | [`coord`] | [`Provider`](coord::Provider) | the coordinator facade (lock, registry, discovery, config) |
+//! | [`coord`] | [`Coordinator`](coord::Coordinator) | the coordinator facade (lock, registry, discovery, config) |
 //! | [`once`] | [`Once`](once::Once), [`OnceExt`](once::OnceExt) | run work at most once per key |
 //! | [`mq`] | [`Producer`](mq::Producer), [`Consumer`](mq::Consumer) | messaging with consumer groups, at-least-once |
 //! | [`uid`] | [`IdGenerator`](uid::IdGenerator), [`WorkerIdAllocator`](uid::WorkerIdAllocator) | Snowflake ids on leased worker ids |

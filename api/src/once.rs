@@ -8,7 +8,7 @@
 //!
 //! While the work runs, the key is held by a short *claim* (its own TTL,
 //! [`OnceOptions::claim_ttl`], 10 s by default) kept by a
-//! [`Lease`](crate::lease::Lease): renewed in the background, ended at its
+//! [`Lease`]: renewed in the background, ended at its
 //! local deadline if the backend cannot be reached. A crashed caller blocks
 //! the key for one claim TTL, not for the outcome's TTL. If the claim was
 //! lost while the work ran (the backend unreachable past the deadline),

@@ -37,6 +37,7 @@
 //! }
 //! ```
 
+pub mod attempts;
 mod leased;
 
 use std::future::Future;

@@ -39,7 +39,7 @@ use crate::connection::ConnectionManager;
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedConfigCenter`](im_infra::layer::ObservedConfigCenter):
 /// argument checks, value sizes, telemetry).
-pub struct EtcdConfigCenter {
+pub(crate) struct EtcdConfigCenter {
     conn: Arc<ConnectionManager>,
 }
 

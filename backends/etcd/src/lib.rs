@@ -69,15 +69,15 @@ use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::{Result, RetrySettings};
 
-pub use config_center::EtcdConfigCenter;
+use config_center::EtcdConfigCenter;
 pub use connection::{ConnectionManager, ConnectionStatus};
 pub use error::ErrorCategory;
 pub use lease::{KeepAlive, LeaseInfo, LeaseManager, MIN_TTL};
-pub use lock::EtcdLock;
-pub use once::EtcdOnce;
-pub use registry::{EtcdDiscovery, EtcdRegistry};
+use lock::EtcdLock;
+use once::EtcdOnce;
+use registry::{EtcdDiscovery, EtcdRegistry};
 pub use settings::{EtcdSettings, TlsFiles, SETTINGS_FILES};
-pub use worker_id::EtcdWorkerIds;
+use worker_id::EtcdWorkerIds;
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "etcd";

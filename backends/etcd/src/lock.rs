@@ -61,7 +61,7 @@ fn now_ms() -> u64 {
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedLock`](im_infra::layer::ObservedLock): argument checks and
 /// telemetry).
-pub struct EtcdLock {
+pub(crate) struct EtcdLock {
     conn: Arc<ConnectionManager>,
 }
 

@@ -39,7 +39,7 @@ fn done(value: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedOnce`](im_infra::layer::ObservedOnce): argument checks,
 /// outcome sizes, telemetry).
-pub struct EtcdOnce {
+pub(crate) struct EtcdOnce {
     conn: Arc<ConnectionManager>,
 }
 

@@ -69,7 +69,7 @@ async fn read(conn: &ConnectionManager, service: &str) -> Result<(i64, Vec<Servi
 ///
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedRegistry`](im_infra::layer::ObservedRegistry)).
-pub struct EtcdRegistry {
+pub(crate) struct EtcdRegistry {
     conn: Arc<ConnectionManager>,
     registrations: Registrations,
 }
@@ -261,7 +261,7 @@ impl ServiceRegistry for EtcdRegistry {
 ///
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedDiscovery`](im_infra::layer::ObservedDiscovery)).
-pub struct EtcdDiscovery {
+pub(crate) struct EtcdDiscovery {
     conn: Arc<ConnectionManager>,
 }
 

@@ -32,7 +32,7 @@ fn last_dir(conn: &ConnectionManager) -> String {
 ///
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedWorkerIds`](im_infra::layer::ObservedWorkerIds)).
-pub struct EtcdWorkerIds {
+pub(crate) struct EtcdWorkerIds {
     conn: Arc<ConnectionManager>,
 }
 

@@ -43,7 +43,7 @@ impl CacheStore {
 /// backend hands it out inside an
 /// [`ObservedCache`](im_infra::layer::ObservedCache), which checks the
 /// arguments and does the telemetry.
-pub struct MemoryCache {
+pub(crate) struct MemoryCache {
     shared: Arc<Shared>,
 }
 

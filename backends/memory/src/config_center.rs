@@ -96,7 +96,7 @@ impl ConfigStore {
 /// backend hands it out inside an
 /// [`ObservedConfigCenter`](im_infra::layer::ObservedConfigCenter), which
 /// checks the arguments and does the telemetry.
-pub struct MemoryConfigCenter {
+pub(crate) struct MemoryConfigCenter {
     shared: Arc<Shared>,
 }
 

@@ -70,15 +70,15 @@ use im_infra::uid::WorkerIdAllocator;
 use im_infra::{Error, ErrorKind, Result};
 use tokio_util::sync::CancellationToken;
 
-pub use cache::MemoryCache;
-pub use config_center::MemoryConfigCenter;
-pub use limiter::MemoryLimiter;
-pub use lock::MemoryLock;
-pub use mq::{MemoryConsumer, MemoryProducer};
-pub use once::MemoryOnce;
-pub use registry::{MemoryDiscovery, MemoryRegistry};
+use cache::MemoryCache;
+use config_center::MemoryConfigCenter;
+use limiter::MemoryLimiter;
+use lock::MemoryLock;
+use mq::{MemoryConsumer, MemoryProducer};
+use once::MemoryOnce;
+use registry::{MemoryDiscovery, MemoryRegistry};
 pub use settings::MemorySettings;
-pub use worker_id::MemoryWorkerIds;
+use worker_id::MemoryWorkerIds;
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "memory";

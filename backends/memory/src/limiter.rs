@@ -13,7 +13,7 @@ use crate::Shared;
 /// rule applies from the next decision. The backend hands it out inside an
 /// [`ObservedLimiter`](im_infra::layer::ObservedLimiter), which checks the
 /// arguments and does the telemetry.
-pub struct MemoryLimiter {
+pub(crate) struct MemoryLimiter {
     shared: Arc<Shared>,
     local: LocalLimiter,
 }

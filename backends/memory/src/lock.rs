@@ -172,7 +172,7 @@ impl Drop for QueueTicket<'_> {
 /// waiters acquire in arrival order. The backend hands it out inside an
 /// [`ObservedLock`](im_infra::layer::ObservedLock), which checks the
 /// arguments and does the telemetry.
-pub struct MemoryLock {
+pub(crate) struct MemoryLock {
     shared: Arc<Shared>,
 }
 

@@ -86,7 +86,7 @@ impl OnceStore {
 /// The backend hands it out inside an
 /// [`ObservedOnce`](im_infra::layer::ObservedOnce), which checks the
 /// arguments and does the telemetry.
-pub struct MemoryOnce {
+pub(crate) struct MemoryOnce {
     shared: Arc<Shared>,
 }
 

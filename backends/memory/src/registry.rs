@@ -201,7 +201,7 @@ impl RegistryStore {
 /// backend hands it out inside an
 /// [`ObservedRegistry`](im_infra::layer::ObservedRegistry), which checks the
 /// arguments and does the telemetry.
-pub struct MemoryRegistry {
+pub(crate) struct MemoryRegistry {
     shared: Arc<Shared>,
     registrations: Registrations,
 }
@@ -356,7 +356,7 @@ impl ServiceRegistry for MemoryRegistry {
 /// backend hands it out inside an
 /// [`ObservedDiscovery`](im_infra::layer::ObservedDiscovery), which checks
 /// the service names and does the telemetry.
-pub struct MemoryDiscovery {
+pub(crate) struct MemoryDiscovery {
     shared: Arc<Shared>,
 }
 

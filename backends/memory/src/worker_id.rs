@@ -71,7 +71,7 @@ impl WorkerStore {
 /// The backend hands it out inside an
 /// [`ObservedWorkerIds`](im_infra::layer::ObservedWorkerIds), which checks
 /// the TTL and does the telemetry.
-pub struct MemoryWorkerIds {
+pub(crate) struct MemoryWorkerIds {
     shared: Arc<Shared>,
 }
 

@@ -25,7 +25,7 @@ const LIVE: &str = "(expires_at IS NULL OR expires_at > NOW(6))";
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedCache`](im_infra::layer::ObservedCache): argument checks,
 /// value sizes, telemetry).
-pub struct MysqlCache {
+pub(crate) struct MysqlCache {
     shared: Arc<Shared>,
 }
 

@@ -50,7 +50,7 @@ const BATCH: usize = 256;
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedConfigCenter`](im_infra::layer::ObservedConfigCenter):
 /// argument checks, value sizes, telemetry).
-pub struct MysqlConfigCenter {
+pub(crate) struct MysqlConfigCenter {
     shared: Arc<Shared>,
 }
 

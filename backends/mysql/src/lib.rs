@@ -78,15 +78,15 @@ use im_infra::{Error, ErrorKind, Result};
 /// closures and anything else the wrapper does not offer.
 pub use mysql_async;
 
-pub use cache::MysqlCache;
-pub use config_center::MysqlConfigCenter;
+use cache::MysqlCache;
+use config_center::MysqlConfigCenter;
 pub use db::Db;
-pub use limiter::MysqlLimiter;
-pub use lock::MysqlLock;
-pub use once::MysqlOnce;
+use limiter::MysqlLimiter;
+use lock::MysqlLock;
+use once::MysqlOnce;
 pub use schema::SCHEMA_VERSION;
 pub use settings::{MysqlSettings, MysqlTls};
-pub use worker_id::MysqlWorkerIds;
+use worker_id::MysqlWorkerIds;
 
 pub(crate) use shared::Shared;
 

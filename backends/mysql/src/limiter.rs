@@ -23,7 +23,7 @@ const TICK_NS: u64 = 1_000;
 /// `NOW(6)` and runs one `INSERT ... ON DUPLICATE KEY UPDATE` whose row lock
 /// makes the read-modify-write atomic. The backend wraps it in the failure
 /// policy of its rules.
-pub struct MysqlLimiter {
+pub(crate) struct MysqlLimiter {
     shared: Arc<Shared>,
     table: RuleTable<()>,
 }

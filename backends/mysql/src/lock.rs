@@ -2,15 +2,15 @@
 //! and a fencing counter that only grows.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use im_infra::lease::{LeaseBackend, PendingLease, Tick};
-use im_infra::lock::{
-    DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
-};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::lease::LeaseBackend;
+use im_infra::lock::attempts::{self, Attempt, TokenLock};
+use im_infra::lock::{DistributedLock, LockCapabilities, LockGuard, LockInfo, LockOptions};
+use im_infra::{validate, Result};
 use mysql_async::prelude::Queryable;
+use tokio_util::sync::CancellationToken;
 
 use crate::db::first;
 use crate::error::ForKey;
@@ -25,13 +25,15 @@ use crate::Shared;
 /// to the larger of `fence + 1` and the server's clock in microseconds
 /// (returned through `LAST_INSERT_ID`), so the fencing token strictly
 /// increases per key, also after the database was restored from older
-/// data; the row stays after release, keeping the counter. Release and renewal check the owner. Waiters poll with a
-/// jittered backoff, never past the holder's expiry or their deadline.
+/// data; the row stays after release, keeping the counter. Release and
+/// renewal check the owner. Waiters poll with the shared acquisition loop
+/// ([`attempts`]): a jittered backoff, never past the holder's expiry or
+/// their deadline.
 ///
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedLock`](im_infra::layer::ObservedLock): argument checks and
 /// telemetry).
-pub struct MysqlLock {
+pub(crate) struct MysqlLock {
     shared: Arc<Shared>,
     sql: Arc<LockSql>,
 }
@@ -93,12 +95,6 @@ impl std::fmt::Debug for MysqlLock {
     }
 }
 
-enum Attempt {
-    Acquired(u64),
-    /// Held; time left on the holder's lease.
-    Held(Duration),
-}
-
 fn micros(d: Duration) -> u64 {
     validate::ttl_millis(d) * 1000
 }
@@ -110,11 +106,29 @@ impl MysqlLock {
             shared,
         }
     }
+}
 
-    async fn attempt(&self, key: &str, token: &str, ttl: Duration) -> Result<Attempt> {
-        let k = self.shared.key(key);
+#[async_trait]
+impl TokenLock for MysqlLock {
+    type Held = Held;
+
+    fn backend(&self) -> &'static str {
+        crate::NAME
+    }
+
+    fn holder(&self, key: &str) -> Held {
+        Held {
+            shared: self.shared.clone(),
+            sql: self.sql.clone(),
+            key: key.to_owned(),
+            token: new_token(),
+        }
+    }
+
+    async fn attempt(&self, held: &Held, ttl: Duration) -> Result<Attempt> {
+        let k = self.shared.key(&held.key);
         let sql = self.sql.clone();
-        let token = token.to_owned();
+        let token = held.token.clone();
         let ttl_us = micros(ttl);
         self.shared
             .db
@@ -141,41 +155,8 @@ impl MysqlLock {
             .await
     }
 
-    fn pending(&self, key: &str) -> PendingLease<Held> {
-        PendingLease::new(Held {
-            shared: self.shared.clone(),
-            sql: self.sql.clone(),
-            key: key.to_owned(),
-            token: new_token(),
-        })
-    }
-
-    /// One attempt with `pending`'s token; an attempt whose answer is lost
-    /// leaves `pending` armed (see [`PendingLease`]).
-    async fn attempt_with(
-        &self,
-        pending: &mut PendingLease<Held>,
-        ttl: Duration,
-    ) -> Result<(Attempt, Tick)> {
-        let sent = Tick::now();
-        pending.arm();
-        let held = pending.backend();
-        let attempt = self.attempt(&held.key, &held.token, ttl).await?;
-        if let Attempt::Held(_) = attempt {
-            pending.disarm();
-        }
-        Ok((attempt, sent))
-    }
-
-    fn guard(
-        key: &str,
-        pending: PendingLease<Held>,
-        fence: u64,
-        opts: LockOptions,
-        sent: Tick,
-    ) -> Box<dyn LockGuard> {
-        let lease = pending.start(opts.lease_options(crate::NAME, opts.ttl), sent);
-        Box::new(LeasedGuard::new(key, fence, lease))
+    fn closed(&self) -> &CancellationToken {
+        &self.shared.shutdown
     }
 }
 
@@ -186,37 +167,7 @@ impl DistributedLock for MysqlLock {
     }
 
     async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
-        let deadline = opts.wait_deadline(Instant::now());
-        let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
-        let mut pending = self.pending(key);
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let left = match self.attempt_with(&mut pending, opts.ttl).await {
-                Ok((Attempt::Acquired(fence), sent)) => {
-                    return Ok(Self::guard(key, pending, fence, opts, sent))
-                }
-                Ok((Attempt::Held(left), _)) => left,
-                // Retried with the same token: an attempt the server applied
-                // is found ours.
-                Err(e) if e.is_retryable() && !past_deadline() => backoff,
-                Err(e) => return Err(e),
-            };
-            if past_deadline() {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("lock {key:?} not acquired within {:?}", opts.wait_timeout),
-                ));
-            }
-            let mut wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0).min(left);
-            if let Some(d) = deadline {
-                wait = wait.min(d.saturating_duration_since(Instant::now()));
-            }
-            backoff = (backoff * 2).min(Duration::from_millis(250));
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.shared.shutdown.cancelled() => return Err(Error::new(ErrorKind::Closed, "the mysql backend was closed")),
-            }
-        }
+        attempts::acquire(self, key, opts).await
     }
 
     async fn try_acquire(
@@ -224,11 +175,7 @@ impl DistributedLock for MysqlLock {
         key: &str,
         opts: LockOptions,
     ) -> Result<Option<Box<dyn LockGuard>>> {
-        let mut pending = self.pending(key);
-        Ok(match self.attempt_with(&mut pending, opts.ttl).await? {
-            (Attempt::Acquired(fence), sent) => Some(Self::guard(key, pending, fence, opts, sent)),
-            (Attempt::Held(_), _) => None,
-        })
+        attempts::try_acquire(self, key, opts).await
     }
 
     async fn is_locked(&self, key: &str) -> Result<bool> {
@@ -258,7 +205,7 @@ impl DistributedLock for MysqlLock {
 }
 
 /// One holding of a lock (key and owner token), as the lease core sees it.
-struct Held {
+pub(crate) struct Held {
     shared: Arc<Shared>,
     sql: Arc<LockSql>,
     key: String,

@@ -21,7 +21,7 @@ use crate::Shared;
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedOnce`](im_infra::layer::ObservedOnce): argument checks,
 /// outcome sizes, telemetry).
-pub struct MysqlOnce {
+pub(crate) struct MysqlOnce {
     shared: Arc<Shared>,
 }
 

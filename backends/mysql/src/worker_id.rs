@@ -26,7 +26,7 @@ const MAX_WORKER_ID: u64 = 65_535;
 /// Raw operations: the backend hands it out layered
 /// ([`ObservedWorkerIds`](im_infra::layer::ObservedWorkerIds)); the bound
 /// on `max_worker_id` is this backend's own.
-pub struct MysqlWorkerIds {
+pub(crate) struct MysqlWorkerIds {
     shared: Arc<Shared>,
 }
 

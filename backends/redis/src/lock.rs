@@ -3,17 +3,17 @@
 //! notifications (pub/sub) with a jittered fallback.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::StreamExt;
-use im_infra::lease::{LeaseBackend, PendingLease, Tick};
-use im_infra::lock::{
-    DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
-};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::lease::LeaseBackend;
+use im_infra::lock::attempts::{self, Attempt, ReleaseWatch, TokenLock};
+use im_infra::lock::{DistributedLock, LockCapabilities, LockGuard, LockInfo, LockOptions};
+use im_infra::{validate, Result};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
@@ -144,22 +144,34 @@ impl std::fmt::Debug for RedisLock {
     }
 }
 
-enum Attempt {
-    Acquired(u64),
-    Held(Duration),
-}
-
 impl RedisLock {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         RedisLock { shared }
     }
+}
 
-    async fn attempt(&self, key: &str, token: &str, ttl: Duration) -> Result<Attempt> {
+#[async_trait]
+impl TokenLock for RedisLock {
+    type Held = HeldLock;
+
+    fn backend(&self) -> &'static str {
+        crate::NAME
+    }
+
+    fn holder(&self, key: &str) -> HeldLock {
+        HeldLock {
+            shared: self.shared.clone(),
+            key: key.to_owned(),
+            token: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    async fn attempt(&self, held: &HeldLock, ttl: Duration) -> Result<Attempt> {
         let keys = &self.shared.keys;
         let mut inv = ACQUIRE.prepare_invoke();
-        inv.key(keys.lock(key))
-            .key(keys.lock_fence(key))
-            .arg(token)
+        inv.key(keys.lock(&held.key))
+            .key(keys.lock_fence(&held.key))
+            .arg(&held.token)
             .arg(validate::ttl_millis(ttl));
         let (ok, n): (i64, i64) = self.shared.client.script(inv).await?;
         Ok(if ok == 1 {
@@ -169,42 +181,23 @@ impl RedisLock {
         })
     }
 
-    fn pending(&self, key: &str, token: &str) -> PendingLease<HeldLock> {
-        PendingLease::new(HeldLock {
-            shared: self.shared.clone(),
-            key: key.to_owned(),
-            token: token.to_owned(),
-        })
+    fn closed(&self) -> &CancellationToken {
+        &self.shared.client.shutdown
     }
 
-    /// One acquisition attempt with `pending`'s token. An attempt whose
-    /// answer is lost (an error, a dropped future) leaves `pending` armed,
-    /// so what it may have taken is released unless a retry with the same
-    /// token finds the lock its own.
-    async fn attempt_with(
-        &self,
-        pending: &mut PendingLease<HeldLock>,
-        ttl: Duration,
-    ) -> Result<(Attempt, Tick)> {
-        let sent = Tick::now();
-        pending.arm();
-        let held = pending.backend();
-        let attempt = self.attempt(&held.key, &held.token, ttl).await?;
-        if let Attempt::Held(_) = attempt {
-            pending.disarm();
+    fn releases(&self, key: &str) -> Option<ReleaseWatch> {
+        self.shared.notifier.ensure_started(&self.shared);
+        let notify = self.shared.notifier.register(key);
+        struct Unregister(Arc<Shared>, String);
+        impl Drop for Unregister {
+            fn drop(&mut self) {
+                self.0.notifier.unregister(&self.1);
+            }
         }
-        Ok((attempt, sent))
-    }
-
-    fn guard(
-        key: &str,
-        pending: PendingLease<HeldLock>,
-        fence: u64,
-        opts: LockOptions,
-        sent: Tick,
-    ) -> Box<dyn LockGuard> {
-        let lease = pending.start(opts.lease_options(crate::NAME, opts.ttl), sent);
-        Box::new(LeasedGuard::new(key, fence, lease))
+        Some(ReleaseWatch::new(
+            notify,
+            Unregister(self.shared.clone(), key.to_owned()),
+        ))
     }
 }
 
@@ -217,60 +210,7 @@ impl DistributedLock for RedisLock {
     async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>> {
         // Before the release subscriber may be started.
         self.shared.client.check_open()?;
-        let token = uuid::Uuid::new_v4().to_string();
-        let deadline = opts.wait_deadline(Instant::now());
-        let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
-        self.shared.notifier.ensure_started(&self.shared);
-        let notify = self.shared.notifier.register(key);
-        struct Unregister<'a>(&'a Shared, &'a str);
-        impl Drop for Unregister<'_> {
-            fn drop(&mut self) {
-                self.0.notifier.unregister(self.1);
-            }
-        }
-        let _unregister = Unregister(&self.shared, key);
-        let mut pending = self.pending(key, &token);
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            let released = notify.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            let remaining = match self.attempt_with(&mut pending, opts.ttl).await {
-                Ok((Attempt::Acquired(fence), sent)) => {
-                    return Ok(Self::guard(key, pending, fence, opts, sent))
-                }
-                Ok((Attempt::Held(ttl), _)) => ttl,
-                // A transient failure: keep trying (with the same token, so
-                // an attempt the server applied is found ours) until the
-                // deadline.
-                Err(e) if e.is_retryable() => {
-                    if past_deadline() {
-                        return Err(e);
-                    }
-                    backoff
-                }
-                Err(e) => return Err(e),
-            };
-            if past_deadline() {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("lock {key:?} not acquired within {:?}", opts.wait_timeout),
-                ));
-            }
-            // Fallback when no release is announced: jittered, never past
-            // the holder's expiry or the deadline.
-            let jittered = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
-            let mut wait = jittered.min(remaining);
-            if let Some(d) = deadline {
-                wait = wait.min(d.saturating_duration_since(Instant::now()));
-            }
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-            tokio::select! {
-                _ = &mut released => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.shared.client.shutdown.cancelled() => return Err(Error::new(ErrorKind::Closed, "the redis backend was closed")),
-            }
-        }
+        attempts::acquire(self, key, opts).await
     }
 
     async fn try_acquire(
@@ -278,12 +218,7 @@ impl DistributedLock for RedisLock {
         key: &str,
         opts: LockOptions,
     ) -> Result<Option<Box<dyn LockGuard>>> {
-        let token = uuid::Uuid::new_v4().to_string();
-        let mut pending = self.pending(key, &token);
-        Ok(match self.attempt_with(&mut pending, opts.ttl).await? {
-            (Attempt::Acquired(fence), sent) => Some(Self::guard(key, pending, fence, opts, sent)),
-            (Attempt::Held(_), _) => None,
-        })
+        attempts::try_acquire(self, key, opts).await
     }
 
     async fn is_locked(&self, key: &str) -> Result<bool> {
@@ -323,7 +258,7 @@ impl DistributedLock for RedisLock {
 
 /// A lock held on Redis, as the lease core sees it: extended and released
 /// by owner-checking scripts.
-struct HeldLock {
+pub(crate) struct HeldLock {
     shared: Arc<Shared>,
     key: String,
     token: String,

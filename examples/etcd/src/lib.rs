@@ -1,7 +1,7 @@
 //! Programs on the etcd backend.
 //!
 //! [`failover`]: two gRPC servers register in etcd; a client calls through
-//! a [`BalancedChannel`](im_infra::registry::grpc::BalancedChannel) that
+//! a [`BalancedChannel`] that
 //! follows the registrations; one server is killed and the calls move to
 //! the other. Run it with
 //!

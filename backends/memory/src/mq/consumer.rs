@@ -23,7 +23,7 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// message one `mq.dead_letter` operation (span and metrics); the backend
 /// hands it out inside an [`ObservedConsumer`](im_infra::layer::ObservedConsumer)
 /// (`mq.run`, `mq.shutdown`, ...) and shuts it down when it closes.
-pub struct MemoryConsumer {
+pub(crate) struct MemoryConsumer {
     shared: Arc<Shared>,
     config: ConsumerSettings,
     member: u64,

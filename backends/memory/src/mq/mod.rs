@@ -20,8 +20,8 @@ use im_infra::mq::{Delivery, Message, ReceivedMessage, StartPosition};
 use im_infra::{Error, ErrorKind, Result};
 use tokio::sync::Notify;
 
-pub use consumer::MemoryConsumer;
-pub use producer::MemoryProducer;
+pub(crate) use consumer::MemoryConsumer;
+pub(crate) use producer::MemoryProducer;
 
 #[derive(Debug, Clone)]
 struct Stored {

@@ -16,7 +16,7 @@ use crate::Shared;
 /// backend hands it out inside an
 /// [`ObservedProducer`](im_infra::layer::ObservedProducer), which does the
 /// telemetry.
-pub struct MemoryProducer {
+pub(crate) struct MemoryProducer {
     shared: Arc<Shared>,
     closed: AtomicBool,
 }
