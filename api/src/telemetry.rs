@@ -127,6 +127,22 @@ impl OpMetrics {
         }
     }
 
+    /// Whether nothing observes this operation: no metrics recorder was
+    /// installed when its handles were registered and no subscriber is
+    /// interested in its (debug) span. A layer may then skip the span and
+    /// the counters, and only stamp errors (see [`stamp`](Self::stamp)).
+    #[inline]
+    pub fn quiet(&self) -> bool {
+        !self.timed && !tracing::level_enabled!(tracing::Level::DEBUG)
+    }
+
+    /// Stamps the operation and backend on an error, as
+    /// [`finish`](Self::finish) does.
+    #[cold]
+    pub fn stamp(&self, e: crate::Error) -> crate::Error {
+        e.with_operation(self.op).with_backend(self.backend)
+    }
+
     /// The operation name.
     pub fn op(&self) -> &'static str {
         self.op

@@ -55,6 +55,18 @@ impl<'a> Check<'a> {
         Check(State::Boxed(Box::pin(future)))
     }
 
+    /// Applies `f` to the error of a decision taken already; anything else
+    /// is left as it is (in place: nothing is moved on the way of a
+    /// decision).
+    #[inline]
+    pub fn map_ready_err(&mut self, f: impl FnOnce(crate::Error) -> crate::Error) {
+        if matches!(self.0, State::Ready(Err(_))) {
+            if let State::Ready(Err(e)) = std::mem::replace(&mut self.0, State::Done) {
+                self.0 = State::Ready(Err(f(e)));
+            }
+        }
+    }
+
     /// Whether the decision was taken already (polling it will not wait).
     pub fn is_ready(&self) -> bool {
         matches!(self.0, State::Ready(_))
