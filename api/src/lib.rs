@@ -79,6 +79,7 @@ pub mod ratelimit;
 pub mod registry;
 mod retry;
 pub mod secret;
+pub mod settings;
 pub mod telemetry;
 pub mod uid;
 pub mod validate;

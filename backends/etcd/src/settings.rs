@@ -333,6 +333,30 @@ impl EtcdSettings {
     }
 }
 
+/// Read from the config center at `/config/{APP_ENV}/{service}/etcd`
+/// with [`im_infra::settings::from_center`]:
+///
+/// ```
+/// # async fn demo() -> im_infra::Result<()> {
+/// use im_infra::backend::Backend;
+/// use im_infra::config::ConfigCenterExt;
+///
+/// let center = im_infra_memory::MemoryBackend::new().config().await?;
+/// let path = im_infra::config::config_path("chat", "etcd")?;
+/// center.set_json(&path, &serde_json::json!({ "endpoints": ["http://10.0.0.3:2379"], "namespace": "/chat" })).await?;
+/// let settings: im_infra_etcd::EtcdSettings = im_infra::settings::from_center(&*center, "chat").await?.unwrap();
+/// assert_eq!(settings.namespace, "/chat");
+/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+/// ```
+impl im_infra::settings::Settings for EtcdSettings {
+    const COMPONENT: &'static str = "etcd";
+
+    fn validate(&self) -> im_infra::Result<()> {
+        EtcdSettings::validate(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@
 //!
 //! Every topic and consumer group on the brokers carries the configured
 //! [`namespace`](KafkaSettings::namespace) as a prefix; handlers see the
-//! names without it. [`KafkaSettings::from_center`] reads the settings from the
+//! names without it. [`im_infra::settings::from_center`] reads the settings from the
 //! config center (`/config/{env}/{service}/kafka`).
 //!
 //! Every other capability answers `Unsupported`. Topics listed in

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use im_infra::config::{ConfigCenter, ConfigCenterExt};
 use im_infra::secret::Secret;
 use im_infra::{Error, ErrorKind, Result};
 use rdkafka::ClientConfig;
@@ -330,39 +329,6 @@ fn positive(name: &str, d: Duration) -> Result<()> {
 }
 
 impl KafkaSettings {
-    /// The settings stored in the config center at
-    /// `/config/{APP_ENV}/{service}/kafka` (JSON), validated; `None` when the
-    /// key does not exist, `Serialization` naming the key when it does not
-    /// parse.
-    ///
-    /// ```
-    /// # async fn demo() -> im_infra::Result<()> {
-    /// use im_infra::backend::Backend;
-    /// use im_infra::config::ConfigCenterExt;
-    ///
-    /// let center = im_infra_memory::MemoryBackend::new().config().await?;
-    /// let path = im_infra::config::config_path_in("dev", "chat", "kafka")?;
-    /// center
-    ///     .set_json(&path, &serde_json::json!({ "brokers": ["10.0.0.1:9092"], "namespace": "dev." }))
-    ///     .await?;
-    /// std::env::set_var("APP_ENV", "dev");
-    /// let cfg = im_infra_kafka::KafkaSettings::from_center(&*center, "chat").await?.unwrap();
-    /// assert_eq!(cfg.namespace, "dev.");
-    /// # Ok(()) }
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
-    /// ```
-    pub async fn from_center(
-        center: &dyn ConfigCenter,
-        service: &str,
-    ) -> Result<Option<KafkaSettings>> {
-        let path = im_infra::config::config_path(service, "kafka")?;
-        let cfg: Option<KafkaSettings> = center.get_json(&path).await?;
-        if let Some(c) = &cfg {
-            c.validate()?;
-        }
-        Ok(cfg)
-    }
-
     /// Checks the configuration; the error names the field at fault.
     pub fn validate(&self) -> Result<()> {
         if self.brokers.is_empty() {
@@ -612,6 +578,30 @@ impl KafkaSettings {
             .set("enable.partition.eof", "false")
             .set("topic.metadata.refresh.interval.ms", "5000");
         self.finish(c)
+    }
+}
+
+/// Read from the config center at `/config/{APP_ENV}/{service}/kafka`
+/// with [`im_infra::settings::from_center`]:
+///
+/// ```
+/// # async fn demo() -> im_infra::Result<()> {
+/// use im_infra::backend::Backend;
+/// use im_infra::config::ConfigCenterExt;
+///
+/// let center = im_infra_memory::MemoryBackend::new().config().await?;
+/// let path = im_infra::config::config_path("chat", "kafka")?;
+/// center.set_json(&path, &serde_json::json!({ "brokers": ["10.0.0.1:9092"], "namespace": "dev." })).await?;
+/// let settings: im_infra_kafka::KafkaSettings = im_infra::settings::from_center(&*center, "chat").await?.unwrap();
+/// assert_eq!(settings.namespace, "dev.");
+/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+/// ```
+impl im_infra::settings::Settings for KafkaSettings {
+    const COMPONENT: &'static str = "kafka";
+
+    fn validate(&self) -> Result<()> {
+        KafkaSettings::validate(self)
     }
 }
 

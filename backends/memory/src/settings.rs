@@ -72,3 +72,27 @@ impl MemorySettings {
         Ok(())
     }
 }
+
+/// Read from the config center at `/config/{APP_ENV}/{service}/memory`
+/// with [`im_infra::settings::from_center`]:
+///
+/// ```
+/// # async fn demo() -> im_infra::Result<()> {
+/// use im_infra::backend::Backend;
+/// use im_infra::config::ConfigCenterExt;
+///
+/// let center = im_infra_memory::MemoryBackend::new().config().await?;
+/// let path = im_infra::config::config_path("chat", "memory")?;
+/// center.set_json(&path, &serde_json::json!({ "max_value_bytes": 4096 })).await?;
+/// let settings: im_infra_memory::MemorySettings = im_infra::settings::from_center(&*center, "chat").await?.unwrap();
+/// assert_eq!(settings.max_value_bytes, 4096);
+/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+/// ```
+impl im_infra::settings::Settings for MemorySettings {
+    const COMPONENT: &'static str = "memory";
+
+    fn validate(&self) -> im_infra::Result<()> {
+        MemorySettings::validate(self)
+    }
+}

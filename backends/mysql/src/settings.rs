@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use im_infra::config::{ConfigCenter, ConfigCenterExt};
 use im_infra::secret::{redact_url, Secret};
 use im_infra::{Error, ErrorKind, Result, RetrySettings};
 use serde::{Deserialize, Serialize};
@@ -144,37 +143,6 @@ impl MysqlSettings {
         }
     }
 
-    /// The settings stored in the config center at
-    /// `/config/{APP_ENV}/{service}/db` (JSON), validated; `None` when the
-    /// key does not exist, `Serialization` naming the key when it does not
-    /// parse.
-    ///
-    /// ```
-    /// # async fn demo() -> im_infra::Result<()> {
-    /// use im_infra::backend::Backend;
-    /// use im_infra::config::ConfigCenterExt;
-    ///
-    /// let center = im_infra_memory::MemoryBackend::new().config().await?;
-    /// let path = im_infra::config::config_path_in("dev", "im-logic", "db")?;
-    /// center.set_json(&path, &serde_json::json!({ "url": "mysql://app:pw@db:3306/im", "pool_max": 8 })).await?;
-    /// std::env::set_var("APP_ENV", "dev");
-    /// let cfg = im_infra_mysql::MysqlSettings::from_center(&*center, "im-logic").await?.unwrap();
-    /// assert_eq!(cfg.pool_max, 8);
-    /// # Ok(()) }
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
-    /// ```
-    pub async fn from_center(
-        center: &dyn ConfigCenter,
-        service: &str,
-    ) -> Result<Option<MysqlSettings>> {
-        let path = im_infra::config::config_path(service, "db")?;
-        let cfg: Option<MysqlSettings> = center.get_json(&path).await?;
-        if let Some(c) = &cfg {
-            c.validate()?;
-        }
-        Ok(cfg)
-    }
-
     /// Checks the values; `InvalidConfig` names the problem.
     pub fn validate(&self) -> Result<()> {
         if self.url.is_none() && self.host.is_none() {
@@ -276,6 +244,30 @@ impl MysqlSettings {
             b = b.ssl_opts(Some(ssl));
         }
         Ok(b.into())
+    }
+}
+
+/// Read from the config center at `/config/{APP_ENV}/{service}/db`
+/// with [`im_infra::settings::from_center`]:
+///
+/// ```
+/// # async fn demo() -> im_infra::Result<()> {
+/// use im_infra::backend::Backend;
+/// use im_infra::config::ConfigCenterExt;
+///
+/// let center = im_infra_memory::MemoryBackend::new().config().await?;
+/// let path = im_infra::config::config_path("im-logic", "db")?;
+/// center.set_json(&path, &serde_json::json!({ "url": "mysql://app:pw@db:3306/im", "pool_max": 8 })).await?;
+/// let settings: im_infra_mysql::MysqlSettings = im_infra::settings::from_center(&*center, "im-logic").await?.unwrap();
+/// assert_eq!(settings.pool_max, 8);
+/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+/// ```
+impl im_infra::settings::Settings for MysqlSettings {
+    const COMPONENT: &'static str = "db";
+
+    fn validate(&self) -> Result<()> {
+        MysqlSettings::validate(self)
     }
 }
 

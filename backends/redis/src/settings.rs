@@ -212,6 +212,30 @@ impl RedisSettings {
     }
 }
 
+/// Read from the config center at `/config/{APP_ENV}/{service}/redis`
+/// with [`im_infra::settings::from_center`]:
+///
+/// ```
+/// # async fn demo() -> im_infra::Result<()> {
+/// use im_infra::backend::Backend;
+/// use im_infra::config::ConfigCenterExt;
+///
+/// let center = im_infra_memory::MemoryBackend::new().config().await?;
+/// let path = im_infra::config::config_path("chat", "redis")?;
+/// center.set_json(&path, &serde_json::json!({ "urls": ["redis://10.0.0.2:6379/0"], "namespace": "chat" })).await?;
+/// let settings: im_infra_redis::RedisSettings = im_infra::settings::from_center(&*center, "chat").await?.unwrap();
+/// assert_eq!(settings.namespace, "chat");
+/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+/// ```
+impl im_infra::settings::Settings for RedisSettings {
+    const COMPONENT: &'static str = "redis";
+
+    fn validate(&self) -> im_infra::Result<()> {
+        RedisSettings::validate(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

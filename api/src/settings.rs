@@ -1,0 +1,215 @@
+//! Settings: a backend's own configuration, and the one convention by which
+//! every backend reads it from the config center.
+//!
+//! A settings type names its component (`"redis"`, `"db"`, ...) and checks
+//! itself; [`from_center`] reads it from
+//! `/config/{APP_ENV}/{service}/{component}` and [`from_center_or`] falls
+//! back, with a warning naming the path and the reason, to the settings the
+//! caller already has (from a file, the environment, or the defaults).
+//!
+//! ```
+//! use im_infra::settings::Settings;
+//!
+//! #[derive(Debug, Default, serde::Deserialize)]
+//! struct Mine { url: String }
+//!
+//! impl Settings for Mine {
+//!     const COMPONENT: &'static str = "mine";
+//!     fn validate(&self) -> im_infra::Result<()> {
+//!         if self.url.is_empty() {
+//!             let e = im_infra::Error::new(im_infra::ErrorKind::InvalidConfig, "mine: url is empty");
+//!             return Err(e);
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//! # let _ = Mine::default();
+//! ```
+
+use serde::de::DeserializeOwned;
+
+use crate::config::{config_path, ConfigCenter, ConfigCenterExt};
+use crate::error::Result;
+
+/// A backend's settings type.
+pub trait Settings: DeserializeOwned + Send + Sync + Sized {
+    /// The component segment of its config-center path
+    /// (`/config/{env}/{service}/{COMPONENT}`).
+    const COMPONENT: &'static str;
+
+    /// Checks the values; `InvalidConfig` names the field at fault.
+    fn validate(&self) -> Result<()>;
+}
+
+/// The settings stored at `/config/{APP_ENV}/{service}/{T::COMPONENT}`
+/// (JSON), validated; `None` when the key does not exist, `Serialization`
+/// naming the key when it does not parse.
+///
+/// ```
+/// # async fn demo(center: &dyn im_infra::config::ConfigCenter) -> im_infra::Result<()> {
+/// # #[derive(Debug, serde::Deserialize)] struct Mine { url: String }
+/// # impl im_infra::settings::Settings for Mine {
+/// #     const COMPONENT: &'static str = "mine";
+/// #     fn validate(&self) -> im_infra::Result<()> { Ok(()) }
+/// # }
+/// let mine: Option<Mine> = im_infra::settings::from_center(center, "im-logic").await?;
+/// # Ok(()) }
+/// ```
+pub async fn from_center<T: Settings>(
+    center: &dyn ConfigCenter,
+    service: &str,
+) -> Result<Option<T>> {
+    let path = config_path(service, T::COMPONENT)?;
+    let settings: Option<T> = center.get_json(&path).await?;
+    if let Some(s) = &settings {
+        s.validate()?;
+    }
+    Ok(settings)
+}
+
+/// [`from_center`], or `fallback` with a warning naming the path and why:
+/// nothing stored there, the center unreachable, or stored settings that do
+/// not parse or validate. Never fails.
+pub async fn from_center_or<T: Settings>(
+    center: &dyn ConfigCenter,
+    service: &str,
+    fallback: T,
+) -> T {
+    let path = config_path(service, T::COMPONENT).unwrap_or_else(|e| e.to_string());
+    match from_center(center, service).await {
+        Ok(Some(settings)) => settings,
+        Ok(None) => {
+            tracing::warn!(
+                path,
+                "no settings in the config center; using the local ones"
+            );
+            fallback
+        }
+        Err(error) => {
+            tracing::warn!(path, %error, "settings from the config center unusable; using the local ones");
+            fallback
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::{ConfigCapabilities, Versioned, WatchOptions, WatchStream};
+    use crate::{Error, ErrorKind};
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Mine {
+        url: String,
+    }
+
+    impl Settings for Mine {
+        const COMPONENT: &'static str = "mine";
+        fn validate(&self) -> Result<()> {
+            if self.url.is_empty() {
+                return Err(Error::new(ErrorKind::InvalidConfig, "mine: url is empty"));
+            }
+            Ok(())
+        }
+    }
+
+    /// A center of fixed values; `None` answers `Unavailable`.
+    #[derive(Default)]
+    struct Center(parking_lot::Mutex<Option<HashMap<String, Bytes>>>);
+
+    #[async_trait]
+    impl ConfigCenter for Center {
+        fn capabilities(&self) -> ConfigCapabilities {
+            ConfigCapabilities::full(1024)
+        }
+        async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
+            let values = self.0.lock();
+            let values = values
+                .as_ref()
+                .ok_or_else(|| Error::new(ErrorKind::Unavailable, "down"))?;
+            Ok(values.get(key).map(|v| Versioned {
+                value: v.clone(),
+                version: 1,
+            }))
+        }
+        async fn set(&self, _: &str, _: Bytes) -> Result<u64> {
+            Err(Error::unsupported("set"))
+        }
+        async fn delete(&self, _: &str) -> Result<bool> {
+            Err(Error::unsupported("delete"))
+        }
+        async fn list(&self, _: &str) -> Result<Vec<String>> {
+            Err(Error::unsupported("list"))
+        }
+        async fn compare_and_set(&self, _: &str, _: Bytes, _: u64) -> Result<u64> {
+            Err(Error::unsupported("cas"))
+        }
+        async fn watch(&self, _: &str, _: WatchOptions) -> Result<WatchStream> {
+            Err(Error::unsupported("watch"))
+        }
+        async fn watch_prefix(&self, _: &str, _: WatchOptions) -> Result<WatchStream> {
+            Err(Error::unsupported("watch_prefix"))
+        }
+    }
+
+    impl Center {
+        fn put(&self, value: &'static str) {
+            let path = config_path("svc", "mine").unwrap();
+            let mut values = self.0.lock();
+            values
+                .get_or_insert_with(HashMap::new)
+                .insert(path, Bytes::from_static(value.as_bytes()));
+        }
+    }
+
+    fn local() -> Mine {
+        Mine {
+            url: "local".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn stored_settings_are_read_validated_or_fall_back() {
+        let center = Center::default();
+        assert_eq!(
+            from_center_or(&center, "svc", local()).await,
+            local(),
+            "unreachable"
+        );
+        center.put(r#"{"url": "from-center"}"#);
+        let read = from_center::<Mine>(&center, "svc").await.unwrap();
+        assert_eq!(read.map(|m| m.url).as_deref(), Some("from-center"));
+        assert_eq!(
+            from_center_or(&center, "svc", local()).await.url,
+            "from-center"
+        );
+
+        center.put(r#"{"url": ""}"#);
+        let bad = from_center::<Mine>(&center, "svc").await.unwrap_err();
+        assert_eq!(bad.kind(), ErrorKind::InvalidConfig);
+        assert_eq!(
+            from_center_or(&center, "svc", local()).await,
+            local(),
+            "invalid"
+        );
+
+        center.put(r#"{"url": "x", "nope": 1}"#);
+        let unknown = from_center::<Mine>(&center, "svc").await.unwrap_err();
+        assert_eq!(unknown.kind(), ErrorKind::Serialization);
+        assert!(from_center::<Mine>(&center, "other")
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            from_center_or(&center, "other", local()).await,
+            local(),
+            "absent"
+        );
+    }
+}
