@@ -262,3 +262,60 @@ async fn the_purge_deletes_expired_rows_and_trims_the_config_log() -> Result<()>
     backend.close().await?;
     result
 }
+
+/// A rule of 1 per day with a burst so large that period × burst leaves
+/// 64-bit arithmetic is refused as `InvalidConfig`, never computed wrapped;
+/// a large rule that fits still decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_rules_beyond_64_bit_arithmetic_are_refused() -> Result<()> {
+    use im_infra::ratelimit::{Rule, Rules};
+    let Some(url) = server_or_skip("mysql", MYSQL_ENV) else {
+        return Ok(());
+    };
+    let backend = MysqlBackend::builder()
+        .url(&url)
+        .namespace(unique("ovf"))
+        .table_prefix("iminfra_test_")
+        .build()
+        .await?;
+    let result = async {
+        let day = Duration::from_secs(86_400);
+        // 1 per day × 2^27 = 1.16e19 µs: fits u64, not the signed BIGINT
+        // of the statement.
+        let huge = Rule::new(1, day).with_burst(1 << 27);
+        let refused = backend
+            .limiter(Rules::single("api", huge)?)
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("a rule beyond 64-bit arithmetic was accepted"))?;
+        ensure!(refused.kind() == ErrorKind::InvalidConfig, "{refused}");
+        ensure!(
+            refused.to_string().contains("api"),
+            "names the rule: {refused}"
+        );
+
+        // Beyond u64 altogether: refused at the decision, like everywhere.
+        let beyond = Rule::new(1, day).with_burst(1 << 40);
+        let limiter = backend.limiter(Rules::single("api", beyond)?).await?;
+        let refused = limiter.check("api", "k", 1).await.unwrap_err();
+        ensure!(refused.kind() == ErrorKind::InvalidConfig, "{refused}");
+
+        let large = Rule::new(1, day).with_burst(1 << 20);
+        let limiter = backend.limiter(Rules::single("api", large)?).await?;
+        let d = limiter.check("api", "k", 1 << 20).await?;
+        ensure!(
+            d.allowed && d.limit == 1 << 20,
+            "the whole burst at once: {d:?}"
+        );
+        let d = limiter.check("api", "k", 1).await?;
+        ensure!(
+            !d.allowed && d.retry_after > Duration::from_secs(86_000),
+            "then a day to wait: {d:?}"
+        );
+        Ok(())
+    }
+    .await;
+    backend.purge_namespace().await?;
+    backend.close().await?;
+    result
+}

@@ -283,7 +283,7 @@ impl Backend for MysqlBackend {
 
     async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
         self.check_open()?;
-        let primary = Arc::new(MysqlLimiter::new(self.shared.clone(), &rules));
+        let primary = Arc::new(MysqlLimiter::new(self.shared.clone(), &rules)?);
         Ok(Arc::new(ObservedLimiter::new(
             NAME,
             FallbackLimiter::new(

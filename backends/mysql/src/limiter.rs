@@ -16,6 +16,27 @@ use crate::Shared;
 /// Microseconds: the unit of the stored arrival times.
 const TICK_NS: u64 = 1_000;
 
+/// The largest period × burst (in µs) the statement computes with: the
+/// server's clock in µs plus twice this stays within a signed 64-bit
+/// `BIGINT`, and a bucket's expiry (now + this) within `DATETIME`'s last
+/// year, 9999 (2^57 µs is about 4,500 years).
+const MAX_TOLERANCE_US: u64 = 1 << 57;
+
+/// Refuses parameters whose arithmetic would leave `BIGINT` on the server
+/// (instead of wrapping into wrong decisions).
+fn computable(resource: &str, p: &gcra::Params) -> Result<()> {
+    if p.tolerance > MAX_TOLERANCE_US {
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            format!(
+                "limiter rule {resource:?}: period × burst is {} µs, more than the MySQL limiter computes with ({MAX_TOLERANCE_US} µs, about 4,500 years)",
+                p.tolerance
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The distributed limiter of a [`MysqlBackend`](crate::MysqlBackend).
 ///
 /// A bucket is a row `(key, theoretical arrival time in µs)`. A decision is
@@ -50,15 +71,30 @@ fn us(v: i64) -> Duration {
 }
 
 impl MysqlLimiter {
-    pub(crate) fn new(shared: Arc<Shared>, rules: &Rules) -> Self {
-        MysqlLimiter {
+    /// `InvalidConfig` for a rule in force now whose period × burst the
+    /// statement cannot compute with (a hot-reloaded one is refused at its
+    /// first decision).
+    pub(crate) fn new(shared: Arc<Shared>, rules: &Rules) -> Result<Self> {
+        let settings = rules.current();
+        let named = settings
+            .rules
+            .iter()
+            .map(|(name, rule)| (name.as_str(), rule));
+        for (name, rule) in named.chain(settings.default_rule.iter().map(|r| ("*", r))) {
+            if let Ok(p) = gcra::Params::new(rule, TICK_NS) {
+                computable(name, &p)?;
+            }
+        }
+        Ok(MysqlLimiter {
             shared,
             table: RuleTable::new(rules.clone(), TICK_NS, |_| ()),
-        }
+        })
     }
 
     fn params_of(&self, resource: &str) -> Result<gcra::Params> {
-        self.table.with(resource, |p, _| *p)
+        let p = self.table.with(resource, |p, _| *p)?;
+        computable(resource, &p)?;
+        Ok(p)
     }
 
     fn bucket(&self, resource: &str, key: &str) -> Vec<u8> {
@@ -95,10 +131,10 @@ impl MysqlLimiter {
         let cost = em * n as i64;
         let sql = format!(
             "SET @now = {now_us}, @ok = 1, @t = 0; \
-             INSERT INTO {table} (k, tat, expires_at) VALUES ({k}, (@t := @now + {cost}), FROM_UNIXTIME((@now + {cost}) / 1000000)) \
+             INSERT INTO {table} (k, tat, expires_at) VALUES ({k}, (@t := @now + {cost}), NOW(6) + INTERVAL {cost} + 1000000 MICROSECOND) \
              ON DUPLICATE KEY UPDATE \
                expires_at = IF((@ok := (GREATEST(tat, @now) + {cost} - {tol} <= @now)), \
-                               FROM_UNIXTIME((GREATEST(tat, @now) + {cost}) / 1000000), expires_at), \
+                               NOW(6) + INTERVAL GREATEST(tat, @now) + {cost} - @now + 1000000 MICROSECOND, expires_at), \
                tat = IF(@ok, (@t := GREATEST(tat, @now) + {cost}), (@t := GREATEST(tat, @now)) - GREATEST(tat, @now) + tat); \
              SELECT @now, @t, @ok"
         );
