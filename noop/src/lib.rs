@@ -68,9 +68,20 @@ pub use messaging::{NoopConsumer, NoopProducer};
 pub const NAME: &str = "noop";
 
 /// The null backend: every capability, none of them doing anything.
-#[derive(Debug, Clone, Copy, Default)]
+///
+/// Constructing one logs a warning: its locks grant every caller at once and
+/// its `Once` runs the work every time, so nothing that relies on mutual
+/// exclusion or idempotency is safe on it.
+#[derive(Debug, Clone, Copy)]
 pub struct NoopBackend {
     worker_id: u64,
+}
+
+/// [`NoopBackend::new`].
+impl Default for NoopBackend {
+    fn default() -> Self {
+        NoopBackend::with_worker_id(0)
+    }
 }
 
 impl NoopBackend {
@@ -81,6 +92,10 @@ impl NoopBackend {
 
     /// A null backend whose worker-id allocator hands out `worker_id`.
     pub fn with_worker_id(worker_id: u64) -> Self {
+        tracing::warn!(
+            backend = NAME,
+            "the noop backend provides neither mutual exclusion (every lock is granted to every caller) nor idempotency (Once runs the work every time)"
+        );
         NoopBackend { worker_id }
     }
 }
@@ -143,5 +158,42 @@ impl Backend for NoopBackend {
 
     async fn close(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn construction_warns_once_that_nothing_is_exclusive_or_idempotent() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let backend = tracing::subscriber::with_default(subscriber, NoopBackend::new);
+        let _copy = backend;
+        let log = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(log.matches("WARN").count(), 1, "{log}");
+        assert!(log.contains("neither mutual exclusion"), "{log}");
+        assert!(log.contains("nor idempotency"), "{log}");
     }
 }
