@@ -81,6 +81,23 @@ async fn connection_manager_reports_and_recovers() -> Result<()> {
     Ok(())
 }
 
+/// With a dead endpoint configured beside the live one, the status names
+/// the endpoint that answered, not the configured list.
+#[tokio::test]
+async fn connection_status_names_the_endpoint_in_use() -> Result<()> {
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let live = eps.split(',').next().unwrap_or_default().trim().to_owned();
+    let (etcd, _) = backend(&format!("http://127.0.0.1:1,{live}")).await?;
+    let conn = etcd.connection();
+    conn.health_check().await?;
+    let status = conn.status();
+    ensure!(status.endpoint == live, "{status:?} should name {live}");
+    etcd.close().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_unreachable_etcd_fails_within_the_dial_timeout() {
     let started = Instant::now();

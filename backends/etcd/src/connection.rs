@@ -23,7 +23,10 @@ use crate::settings::EtcdSettings;
 pub struct ConnectionStatus {
     /// Whether the last check (or request) reached etcd.
     pub connected: bool,
-    /// The configured endpoints.
+    /// The endpoint of the member that answered the last check (one of the
+    /// configured endpoints when it advertises it, else the first client
+    /// URL it advertises); before any answer, the configured endpoints
+    /// joined by commas.
     pub endpoint: String,
     /// When etcd last answered a health check.
     pub last_ping: Option<SystemTime>,
@@ -46,6 +49,8 @@ pub struct ConnectionManager {
     cfg: EtcdSettings,
     client: ArcSwapOption<Client>,
     status: Mutex<ConnectionStatus>,
+    /// Member id → the endpoint to report for it (see [`ConnectionStatus::endpoint`]).
+    members: Mutex<std::collections::HashMap<u64, String>>,
     closed: AtomicBool,
     /// Cancelled on close: stops keep-alives, watches and the health checker.
     pub(crate) shutdown: CancellationToken,
@@ -78,6 +83,7 @@ impl ConnectionManager {
                 endpoint,
                 ..ConnectionStatus::default()
             }),
+            members: Mutex::new(std::collections::HashMap::new()),
             closed: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             ops: ConnectionOps {
@@ -192,9 +198,19 @@ impl ConnectionManager {
                 c.get(key, Some(GetOptions::new().with_count_only())).await
             })
             .await;
+        let member = match &res {
+            Ok(r) => match r.header().map(|h| h.member_id()) {
+                Some(id) => self.endpoint_of(id).await,
+                None => None,
+            },
+            Err(_) => None,
+        };
         match &res {
             Ok(_) => {
                 let mut s = self.status_mut();
+                if let Some(endpoint) = member {
+                    s.endpoint = endpoint;
+                }
                 s.connected = true;
                 s.last_ping = Some(SystemTime::now());
                 s.error = None;
@@ -206,6 +222,31 @@ impl ConnectionManager {
             }
         }
         res.map(drop)
+    }
+
+    /// The endpoint to report for member `id`: looked up in the member list
+    /// (read again when `id` is new to it).
+    async fn endpoint_of(&self, id: u64) -> Option<String> {
+        if let Some(e) = self.members.lock().get(&id) {
+            return Some(e.clone());
+        }
+        let timeout = self.cfg.health_check_timeout;
+        let list = self
+            .call_with(timeout, "member_list", |mut c| async move {
+                c.member_list().await
+            })
+            .await
+            .ok()?;
+        let mut members = self.members.lock();
+        members.clear();
+        for m in list.members() {
+            let urls = m.client_urls();
+            let configured = urls.iter().find(|u| self.cfg.endpoints.contains(u));
+            if let Some(url) = configured.or_else(|| urls.first()) {
+                members.insert(m.id(), url.clone());
+            }
+        }
+        members.get(&id).cloned()
     }
 
     /// Builds a new client and checks it.
