@@ -88,7 +88,7 @@ pub use consumer::KafkaConsumer;
 pub use producer::KafkaProducer;
 pub use settings::{
     Acks, Compression, ConsumerTuning, KafkaSettings, ProducerTuning, Sasl, SaslMechanism,
-    Security, SecurityProtocol, Tls, TopicSpec,
+    Security, SecurityProtocol, Tls, TopicSpec, RESERVED_PROPERTIES,
 };
 
 /// The backend's name.

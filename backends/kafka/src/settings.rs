@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 /// cfg.validate().unwrap();
 /// assert!(!format!("{cfg:?}").contains("s3cret"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaSettings {
     /// Bootstrap brokers, `host:port`.
@@ -57,8 +57,69 @@ pub struct KafkaSettings {
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Further librdkafka properties, set last (they override the ones this
-    /// configuration derives). For what the typed fields do not cover.
+    /// configuration derives). For what the typed fields do not cover: the
+    /// properties the delivery guarantees rest on (see
+    /// [`RESERVED_PROPERTIES`]) are refused. Values of properties whose name
+    /// suggests a secret are never printed.
     pub extra: BTreeMap<String, String>,
+}
+
+/// librdkafka properties that `extra` may not set, because the consumer's
+/// commit-after-handling and the producer's delivery guarantees rest on
+/// their values: offsets are stored and committed by the backend after the
+/// handler, never by librdkafka on its own; acknowledgements and
+/// idempotence have typed fields that are validated together.
+pub const RESERVED_PROPERTIES: &[&str] = &[
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+];
+
+/// Whether an `extra` property's value must not be printed.
+fn is_secret(property: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "token",
+        "jaas",
+        "key",
+        "credential",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| property.contains(s))
+}
+
+/// Prints everything but secrets: the SASL password is a [`Secret`], and the
+/// values of secret-looking `extra` properties print as `<redacted>`.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: BTreeMap<&str, &str> = self
+            .extra
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("namespace", &self.namespace)
+            .field("security", &self.security)
+            .field("producer", &self.producer)
+            .field("consumer", &self.consumer)
+            .field("topics", &self.topics)
+            .field("request_timeout", &self.request_timeout)
+            .field("extra", &extra)
+            .finish()
+    }
 }
 
 impl Default for KafkaSettings {
@@ -376,6 +437,20 @@ impl KafkaSettings {
             return Err(invalid(format!(
                 "kafka: {field} must not contain a NUL character"
             )));
+        }
+        for (property, value) in &self.extra {
+            if RESERVED_PROPERTIES.contains(&property.as_str()) {
+                return Err(invalid(format!(
+                    "kafka: extra property {property:?} would override the delivery guarantees; it is set by the backend"
+                )));
+            }
+            // The consumer commits on revoke under the eager protocol; the
+            // incremental (cooperative) one is not handled end to end.
+            if property == "partition.assignment.strategy" && value.contains("cooperative") {
+                return Err(invalid(format!(
+                    "kafka: extra property {property:?} = {value:?}: cooperative assignment is not supported"
+                )));
+            }
         }
         let sec = &self.security;
         if sec.protocol.uses_sasl() {
@@ -703,6 +778,48 @@ mod tests {
     fn unknown_fields_are_rejected() {
         let err = serde_json::from_str::<KafkaSettings>(r#"{"brokerz": []}"#).unwrap_err();
         assert!(err.to_string().contains("brokerz"), "{err}");
+    }
+
+    #[test]
+    fn extra_may_not_override_the_delivery_guarantees() {
+        for (property, value) in [
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "true"),
+            ("acks", "1"),
+            ("enable.idempotence", "false"),
+            ("partition.assignment.strategy", "cooperative-sticky"),
+        ] {
+            let mut cfg = KafkaSettings::default();
+            cfg.extra.insert(property.into(), value.into());
+            let err = cfg.validate().unwrap_err();
+            assert_eq!(err.kind(), im_infra::ErrorKind::InvalidConfig, "{property}");
+            assert!(err.to_string().contains(property), "{err}");
+        }
+        let mut cfg = KafkaSettings::default();
+        cfg.extra
+            .insert("partition.assignment.strategy".into(), "range".into());
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_in_extra_are_never_printed() {
+        let mut cfg = KafkaSettings::default();
+        cfg.extra.insert("sasl.password".into(), "hunter2".into());
+        cfg.extra
+            .insert("ssl.key.password".into(), "hunter3".into());
+        cfg.extra.insert(
+            "sasl.oauthbearer.config".into(),
+            "principal=x secret=hunter4".into(),
+        );
+        cfg.extra.insert("linger.ms".into(), "42".into());
+        let printed = format!("{cfg:?}");
+        for secret in ["hunter2", "hunter3", "hunter4"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(
+            printed.contains("linger.ms") && printed.contains("42"),
+            "{printed}"
+        );
     }
 
     #[test]
