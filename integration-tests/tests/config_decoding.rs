@@ -20,6 +20,9 @@ const SEEDS: &[&str] = &[
     r#"{"urls": ["rediss://u:p@h:6380/0", "rediss://h2:6380"], "cluster": true, "username": "app", "password": "s", "namespace": "ns", "tls": {"ca_file": "/ca.pem"}, "connect_timeout": "1s", "response_timeout": "500ms"}"#,
     r#"{"endpoints": ["http://127.0.0.1:2379"], "dial_timeout": "5s", "username": "root", "password": "pw", "default_ttl": "30s", "service_prefix": "/services", "lock_prefix": "/locks", "tls": {"ca_file": "/ca.pem", "server_name": "etcd"}}"#,
     "endpoints:\n  - http://127.0.0.1:2379\ndial_timeout: 5s\nusername: root\n",
+    // The seed's own sample files of the etcd library.
+    r#"{"endpoints": ["localhost:23791", "localhost:23792", "localhost:23793"], "dial_timeout": "5s", "log_level": "info"}"#,
+    "endpoints:\n  - localhost:23791\n  - localhost:23792\n  - localhost:23793\ndial_timeout: 5s\nlog_level: info\n",
     r#"{"url": "mysql://app:pw@db:3306/im?prefer_socket=false", "pool_min": 1, "pool_max": 8, "query_timeout": "2s", "table_prefix": "im_", "namespace": "svc/", "tls": {"ca_file": "/ca.pem", "accept_invalid_certs": true}}"#,
     r#"{"brokers": ["k1:9092", "k2:9092"], "client_id": "c", "namespace": "dev.", "security": {"protocol": "sasl_ssl", "sasl": {"mechanism": "scram_sha512", "username": "u", "password": "p"}, "tls": {"ca_file": "/ca.pem"}}, "producer": {"acks": "leader", "linger": "5ms", "compression": "lz4"}, "consumer": {"session_timeout": "10s"}, "topics": [{"name": "t", "partitions": 3}], "extra": {"debug": "all"}}"#,
     "/config/dev/im-logic/db",

@@ -79,7 +79,14 @@ pub struct EtcdSettings {
     pub retry: RetrySettings,
     /// Largest value written, in bytes (etcd refuses requests above 1.5 MiB).
     pub max_value_bytes: usize,
+    /// The seed's `log_level` (`trace`, `debug`, `info`, `warn` or
+    /// `error`): checked here and left to the service's logger to apply
+    /// (the backend installs no logger of its own).
+    pub log_level: Option<String>,
 }
+
+/// The levels `log_level` accepts.
+const LOG_LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
 
 impl Default for EtcdSettings {
     fn default() -> Self {
@@ -105,6 +112,7 @@ impl Default for EtcdSettings {
                 jitter: true,
             },
             max_value_bytes: 1024 * 1024,
+            log_level: None,
         }
     }
 }
@@ -123,6 +131,7 @@ impl std::fmt::Debug for EtcdSettings {
             .field("default_ttl", &self.default_ttl)
             .field("service_prefix", &self.service_prefix)
             .field("lock_prefix", &self.lock_prefix)
+            .field("log_level", &self.log_level)
             .finish_non_exhaustive()
     }
 }
@@ -224,6 +233,14 @@ impl EtcdSettings {
         }
         if self.max_value_bytes == 0 {
             return Err(invalid("max_value_bytes must be positive"));
+        }
+        if let Some(level) = &self.log_level {
+            if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+                return Err(invalid(format!(
+                    "log_level {level:?} is not one of {}",
+                    LOG_LEVELS.join(", ")
+                )));
+            }
         }
         self.retry.validate()
     }
@@ -360,6 +377,45 @@ impl im_infra::settings::Settings for EtcdSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sample files of the seed's etcd library (JSON and YAML) load, with
+    /// its `log_level`; a field it does not define is still refused, by name.
+    #[test]
+    fn the_seed_sample_files_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("etcd-config.json");
+        std::fs::write(
+            &json,
+            r#"{
+  "endpoints": ["localhost:23791", "localhost:23792", "localhost:23793"],
+  "dial_timeout": "5s",
+  "log_level": "info"
+}"#,
+        )
+        .unwrap();
+        let yaml = dir.path().join("etcd-config.yaml");
+        std::fs::write(
+            &yaml,
+            "endpoints:\n  - localhost:23791\n  - localhost:23792\n  - localhost:23793\ndial_timeout: 5s\nlog_level: info\n",
+        )
+        .unwrap();
+        for file in [&json, &yaml] {
+            let s = EtcdSettings::load(Some(file)).unwrap();
+            s.validate().unwrap();
+            assert_eq!(s.endpoints.len(), 3, "{file:?}");
+            assert_eq!(s.dial_timeout, Duration::from_secs(5));
+            assert_eq!(s.log_level.as_deref(), Some("info"));
+        }
+        std::fs::write(&json, r#"{"endpoints": ["h:1"], "log_levl": "info"}"#).unwrap();
+        let err = EtcdSettings::load(Some(&json)).unwrap_err();
+        assert!(err.to_string().contains("log_levl"), "{err}");
+        std::fs::write(&json, r#"{"endpoints": ["h:1"], "log_level": "loud"}"#).unwrap();
+        let err = EtcdSettings::load(Some(&json))
+            .and_then(|s| s.validate())
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.to_string().contains("loud"), "{err}");
+    }
 
     #[test]
     fn bad_values_are_rejected() {
