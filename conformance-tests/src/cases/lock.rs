@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use im_infra::backend::Capability;
@@ -302,7 +302,9 @@ async fn info_names_the_holder(w: World) -> Result<()> {
     let l = locks(&w).await?;
     let key = unique("lock");
     ensure!(l.info(&key).await?.is_none(), "no info for a free lock");
+    let before = SystemTime::now();
     let g = l.acquire(&key, ttl(10_000)).await?;
+    let after = SystemTime::now();
     let info = w
         .peer
         .lock()
@@ -317,9 +319,25 @@ async fn info_names_the_holder(w: World) -> Result<()> {
         info.fencing_token,
         g.fencing_token()
     );
-    if let Some(t) = info.ttl {
-        ensure!(t <= Duration::from_secs(10), "ttl {t:?}");
-    }
+    // The remaining TTL and the acquisition time (the seed's `TTL(ctx)`
+    // and holder details), on the server's clock: within a second of ours.
+    let t = info.ttl.context("info gives the remaining TTL")?;
+    ensure!(
+        t > Duration::ZERO && t <= Duration::from_secs(10),
+        "ttl {t:?}"
+    );
+    let at = info
+        .acquired_at
+        .context("info gives the acquisition time")?;
+    let skew = Duration::from_secs(1);
+    ensure!(
+        at + skew >= before && at <= after + skew,
+        "acquired at {at:?}, between {before:?} and {after:?}"
+    );
+    let left = g
+        .remaining()
+        .context("the guard gives its remaining time")?;
+    ensure!(left <= Duration::from_secs(10), "remaining {left:?}");
     g.release().await?;
     Ok(())
 }
