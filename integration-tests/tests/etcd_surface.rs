@@ -77,6 +77,11 @@ async fn connection_manager_reports_and_recovers() -> Result<()> {
     conn.reconnect().await?;
     ensure!(conn.is_connected());
     etcd.config().await?.get_with_version("/k").await?;
+    // Closing the connection manager itself ends the backend's requests.
+    conn.close();
+    ensure!(conn.is_closed() && !conn.is_connected());
+    let after = conn.health_check().await.expect_err("closed");
+    ensure!(after.kind() == ErrorKind::Closed, "{after}");
     etcd.close().await?;
     Ok(())
 }
