@@ -12,9 +12,8 @@
 //! failover the sentinels name no usable primary for a while: commands fail
 //! retryably until they do.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -39,14 +38,15 @@ pub(crate) struct SentinelConn {
     master_name: String,
     sentinel: tokio::sync::Mutex<SentinelClient>,
     current: ArcSwapOption<Primary>,
-    /// Resolutions finished so far, and the error of the last one if it
-    /// failed: callers that waited for a resolution that failed share its
-    /// error instead of asking the sentinels once each.
-    resolved: AtomicU64,
-    last_failure: ArcSwapOption<RedisError>,
+    /// When the last lookup failed, and why: for `pause` after it, callers
+    /// get its error instead of asking the sentinels again (also those
+    /// that waited for it).
+    last_failure: ArcSwapOption<(Instant, RedisError)>,
+    pause: Duration,
     connection: redis::AsyncConnectionConfig,
-    /// Bound of one resolution (asking the sentinels, checking the role,
-    /// connecting).
+    /// Bound of one lookup (asking the sentinels, checking the role of the
+    /// node they name, connecting to it): a node that vanished does not
+    /// answer a connection attempt at all.
     bound: Duration,
     db: i64,
 }
@@ -150,12 +150,12 @@ impl SentinelConn {
             master_name,
             sentinel: tokio::sync::Mutex::new(b.build()?),
             current: ArcSwapOption::empty(),
-            resolved: AtomicU64::new(0),
             last_failure: ArcSwapOption::empty(),
+            pause: cfg.retry.initial_interval,
             connection: redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(cfg.connect_timeout))
                 .set_response_timeout(Some(cfg.response_timeout)),
-            bound: cfg.connect_timeout * 2 + cfg.response_timeout,
+            bound: cfg.connect_timeout,
             db,
         };
         this.primary().await?;
@@ -166,22 +166,19 @@ impl SentinelConn {
         self.db
     }
 
-    /// The primary in use, asking the sentinels for it if there is none.
+    /// The primary in use, asking the sentinels for it if there is none
+    /// (one lookup at a time, within the connect timeout; not again within
+    /// `retry.initial_interval` of a failed one).
     pub(crate) async fn primary(&self) -> RedisResult<Arc<Primary>> {
         if let Some(p) = self.current.load_full() {
             return Ok(p);
         }
-        let seen = self.resolved.load(Ordering::Acquire);
+        self.recent_failure()?;
         let mut sentinel = self.sentinel.lock().await;
         if let Some(p) = self.current.load_full() {
             return Ok(p);
         }
-        if self.resolved.load(Ordering::Acquire) != seen {
-            // A resolution finished while we waited, and found nothing.
-            if let Some(e) = self.last_failure.load_full() {
-                return Err((*e).clone());
-            }
-        }
+        self.recent_failure()?;
         let found = tokio::time::timeout(self.bound, self.resolve(&mut sentinel)).await;
         let found = found.unwrap_or_else(|_| {
             Err(RedisError::from(std::io::Error::new(
@@ -192,12 +189,27 @@ impl SentinelConn {
                 ),
             )))
         });
-        self.last_failure
-            .store(found.as_ref().err().map(|e| Arc::new(e.clone())));
-        self.resolved.fetch_add(1, Ordering::AcqRel);
-        let primary = Arc::new(found?);
-        self.current.store(Some(primary.clone()));
-        Ok(primary)
+        match found {
+            Ok(p) => {
+                let primary = Arc::new(p);
+                self.current.store(Some(primary.clone()));
+                self.last_failure.store(None);
+                Ok(primary)
+            }
+            Err(e) => {
+                self.last_failure
+                    .store(Some(Arc::new((Instant::now(), e.clone()))));
+                Err(e)
+            }
+        }
+    }
+
+    /// The error of a lookup that failed less than `pause` ago.
+    fn recent_failure(&self) -> RedisResult<()> {
+        match self.last_failure.load().as_deref() {
+            Some((at, e)) if at.elapsed() < self.pause => Err(e.clone()),
+            _ => Ok(()),
+        }
     }
 
     async fn resolve(&self, sentinel: &mut SentinelClient) -> RedisResult<Primary> {

@@ -69,13 +69,15 @@ pub struct RedisSettings {
     pub tls: Option<RedisTls>,
     /// Prefix of every key (letters, digits, `.`, `_`, `-`).
     pub namespace: String,
-    /// Bound of establishing a connection.
+    /// Bound of establishing a connection (with Sentinel: of asking the
+    /// sentinels for the primary, checking its role and connecting to it).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Bound of every command.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
-    /// Backoff of reconnection attempts.
+    /// Backoff of reconnection attempts (with Sentinel, a failed lookup of
+    /// the primary is not repeated within `initial_interval`).
     pub retry: RetrySettings,
     /// Largest cache or config value, in bytes.
     pub max_value_bytes: usize,
