@@ -364,8 +364,7 @@ async fn remove_orphans() {
     let dead = |line: &str| -> Option<String> {
         let (id, pid) = line.split_once(' ')?;
         let pid: u32 = pid.trim().parse().ok()?;
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        (!alive).then(|| id.to_owned())
+        (!alive(pid)).then(|| id.to_owned())
     };
     if let Ok(out) = docker(&["ps", "-a", "--filter", &filter, "--format", &format]).await {
         let ids: Vec<String> = out.lines().filter_map(dead).collect();
@@ -380,5 +379,18 @@ async fn remove_orphans() {
         for id in out.lines().filter_map(dead) {
             let _ = docker(&["network", "rm", &id]).await;
         }
+    }
+}
+
+/// Whether process `pid` runs (a zombie, killed but not yet reaped, does
+/// not).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command name "(...)".
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
