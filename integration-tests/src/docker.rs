@@ -74,7 +74,7 @@ fn docker_blocking(args: &[&str]) -> Result<String> {
 /// missing), or `None` when they can.
 pub async fn missing(images: &[&str]) -> Option<String> {
     if let Err(e) = docker(&["version", "--format", "{{.Server.Version}}"]).await {
-        return Some(format!("no Docker engine answers ({e})"));
+        return Some(format!("no Docker engine answers ({e:#})"));
     }
     for image in images {
         if docker(&["image", "inspect", "--format", "{{.Id}}", image])
