@@ -7,10 +7,10 @@
 //! it is a primary), and one multiplexed connection to it is opened. A
 //! command that finds the primary gone (connection refused or dropped, an
 //! I/O error, no answer within the response timeout) or demoted (`READONLY`,
-//! `MASTERDOWN`, `NOREPLICAS`) drops that connection and fails with its
-//! (retryable) error; the next command asks the sentinels again. During a
-//! failover the sentinels name no usable primary for a while: commands fail
-//! retryably until they do.
+//! `MASTERDOWN`, `NOREPLICAS`) drops that connection and fails with that
+//! error; the next command asks the sentinels again. During a failover the
+//! sentinels name no usable primary for a while: commands fail retryably
+//! (`Unavailable`, `Connection`, `Timeout`) until they do.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,7 +57,7 @@ fn invalid(msg: &'static str) -> RedisError {
 
 /// Whether `e` means the connection's node is gone or no longer the
 /// primary, so that the sentinels must be asked again.
-pub(crate) fn primary_lost(e: &RedisError) -> bool {
+fn primary_lost(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
