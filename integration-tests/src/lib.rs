@@ -3,14 +3,17 @@
 //! The tests beyond the contract, run against the project's own servers
 //! (`scripts/services.sh`): fault tests that stop, kill and restart a
 //! server; partitions through a freezing proxy; servers that come back with
-//! older data; TLS; the telemetry of every backend; settings decoding; and
-//! the lock-safety check across OS processes. The contract itself lives in
-//! `im-infra-conformance` and runs from each backend's own crate.
+//! older data; TLS; the telemetry of every backend; settings decoding; the
+//! lock-safety check across OS processes; and cluster faults on private
+//! Docker networks (an etcd member cut off, a Redis Sentinel failover). The
+//! contract itself lives in `im-infra-conformance` and runs from each
+//! backend's own crate.
 #![deny(missing_docs)]
 
 use anyhow::{bail, Context, Result};
 
 pub mod decoding;
+pub mod docker;
 pub mod lock_safety;
 
 /// Runs `scripts/services.sh` with `args` (to stop, kill or start a server

@@ -1,7 +1,8 @@
-//! The connection to Redis (one node or a cluster), with a deadline and
-//! error mapping on every command.
+//! The connection to Redis (one node, the primary Redis Sentinel names, or
+//! a cluster), with a deadline and error mapping on every command.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use im_infra::{Error, ErrorKind, Result};
@@ -16,13 +17,16 @@ use redis::{
 use tokio_util::sync::CancellationToken;
 
 use crate::error::from_redis;
+use crate::sentinel::SentinelConn;
 use crate::settings::RedisSettings;
 
-/// A multiplexed connection: a reconnecting manager to one node, or a
-/// cluster connection.
+/// A multiplexed connection: a reconnecting manager to one node, the
+/// primary the sentinels name (asked again after a failure), or a cluster
+/// connection.
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(ConnectionManager),
+    Sentinel(Arc<SentinelConn>),
     Cluster(ClusterConnection),
 }
 
@@ -30,6 +34,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => Box::pin(s.command(cmd)),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -42,6 +47,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Sentinel(s) => Box::pin(s.commands(cmd, offset, count)),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
@@ -49,6 +55,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
+            Conn::Sentinel(s) => s.db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -86,6 +93,9 @@ impl Client {
                 let client = b.build()?;
                 let conn = client.get_async_connection().await?;
                 Ok::<_, redis::RedisError>((Conn::Cluster(conn), None))
+            } else if cfg.is_sentinel() {
+                let sentinel = SentinelConn::connect(&cfg, certs.clone()).await?;
+                Ok((Conn::Sentinel(Arc::new(sentinel)), None))
             } else {
                 let mut info = cfg.urls[0].as_str().into_connection_info()?;
                 let mut settings = info.redis_settings().clone();
@@ -211,6 +221,18 @@ impl Client {
         inv.invoke_async(&mut c).await.map_err(from_redis)
     }
 
+    /// The client of the one node connections of their own go to: the
+    /// server, or the primary the sentinels name now; `None` on a cluster.
+    async fn node(&self) -> Result<Option<redis::Client>> {
+        match &self.conn {
+            Conn::Sentinel(s) => match s.primary().await {
+                Ok(p) => Ok(Some(p.client.clone())),
+                Err(e) => Err(from_redis(e)),
+            },
+            _ => Ok(self.single.clone()),
+        }
+    }
+
     /// A connection of its own, for blocking reads (watch streams) and
     /// pub/sub; `None` on a cluster (those poll instead).
     pub(crate) async fn dedicated(
@@ -218,7 +240,7 @@ impl Client {
         response_timeout: Duration,
     ) -> Result<Option<MultiplexedConnection>> {
         self.check_open()?;
-        let Some(client) = &self.single else {
+        let Some(client) = self.node().await? else {
             return Ok(None);
         };
         let cfg = redis::AsyncConnectionConfig::new()
@@ -234,7 +256,7 @@ impl Client {
     /// A pub/sub connection (single node only).
     pub(crate) async fn pubsub(&self) -> Result<Option<redis::aio::PubSub>> {
         self.check_open()?;
-        let Some(client) = &self.single else {
+        let Some(client) = self.node().await? else {
             return Ok(None);
         };
         match tokio::time::timeout(self.cfg.connect_timeout, client.get_async_pubsub()).await {

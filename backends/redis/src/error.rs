@@ -20,6 +20,10 @@ pub(crate) fn kind_of(e: &RedisError) -> ErrorKind {
             SK::BusyLoading | SK::TryAgain | SK::ClusterDown | SK::MasterDown | SK::ReadOnly,
         ) => ErrorKind::Unavailable,
         RK::ClusterConnectionNotFound => ErrorKind::Unavailable,
+        // Sentinel names no usable primary (yet): a failover under way.
+        RK::MasterNameNotFoundBySentinel | RK::NoValidReplicasFoundBySentinel => {
+            ErrorKind::Unavailable
+        }
         RK::Server(SK::NoPerm) => ErrorKind::InvalidConfig,
         RK::Parse | RK::UnexpectedReturnType => ErrorKind::Internal,
         _ => {

@@ -16,6 +16,12 @@
 //! Every key starts with the configured namespace; keys a script touches
 //! together share a Redis Cluster hash tag.
 //!
+//! The server is one node, a Redis Cluster, or the primary that Redis
+//! Sentinel names ([`RedisSettings::sentinels`]): the sentinels are asked
+//! again whenever the primary fails or refuses writes, so the backend
+//! follows a failover to a promoted replica without a restart; commands
+//! fail retryably while the sentinels name no primary.
+//!
 //! ## When Redis loses acknowledged writes
 //!
 //! Redis acknowledges a write before it is on disk or on a replica: a
@@ -81,6 +87,7 @@ mod limiter;
 mod lock;
 mod once;
 mod registry;
+mod sentinel;
 mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -190,6 +197,21 @@ impl RedisBackendBuilder {
     pub fn cluster<S: Into<String>>(mut self, urls: impl IntoIterator<Item = S>) -> Self {
         self.settings.urls = urls.into_iter().map(Into::into).collect();
         self.settings.cluster = true;
+        self
+    }
+
+    /// Redis Sentinel: the sentinels' URLs and the name they monitor the
+    /// primary under. The backend connects to the primary they name and
+    /// asks them again when it fails, following a failover without a
+    /// restart ([`RedisSettings::sentinels`]).
+    #[must_use]
+    pub fn sentinel<S: Into<String>>(
+        mut self,
+        sentinels: impl IntoIterator<Item = S>,
+        master_name: impl Into<String>,
+    ) -> Self {
+        self.settings.sentinels = sentinels.into_iter().map(Into::into).collect();
+        self.settings.master_name = Some(master_name.into());
         self
     }
 

@@ -21,12 +21,42 @@ use serde::{Deserialize, Serialize};
 /// cfg.validate().unwrap();
 /// assert!(!format!("{cfg:?}").contains("s3cret"));
 /// ```
+///
+/// With Redis Sentinel, name the sentinels and the master name they
+/// monitor; the backend asks them for the current primary, and again
+/// whenever the primary stops answering or refuses writes (a failover), so
+/// it follows a promoted replica without a restart. The first of `urls`
+/// then gives only the database, the credentials and the scheme of the
+/// connections to the primary (its host and port are not used):
+///
+/// ```
+/// let cfg: im_infra_redis::RedisSettings = serde_json::from_str(r#"{
+///     "sentinels": ["redis://10.0.0.7:26379", "redis://10.0.0.8:26379", "redis://10.0.0.9:26379"],
+///     "master_name": "mymaster",
+///     "urls": ["redis://primary/2"],
+///     "password": "s3cret"
+/// }"#).unwrap();
+/// cfg.validate().unwrap();
+/// assert!(cfg.is_sentinel());
+/// ```
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
     /// `redis://host:port/db` or `rediss://` (TLS). Several URLs, or
-    /// `cluster: true`, connect to a Redis Cluster.
+    /// `cluster: true`, connect to a Redis Cluster. With `sentinels`, one
+    /// URL whose database, credentials and scheme apply to the primary the
+    /// sentinels name (its host and port are ignored).
     pub urls: Vec<String>,
+    /// URLs of the Redis Sentinels to ask for the primary
+    /// (`redis://host:26379`, or `rediss://`: the same scheme for all;
+    /// a user and password in the URLs are the sentinels' own, the same for
+    /// all). Set together with `master_name`; not with a cluster.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under
+    /// (`sentinel monitor <name> ...`). Set together with `sentinels`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_name: Option<String>,
     /// Connect to a Redis Cluster even with one seed URL.
     pub cluster: bool,
     /// ACL user name (overrides the URL's).
@@ -39,13 +69,15 @@ pub struct RedisSettings {
     pub tls: Option<RedisTls>,
     /// Prefix of every key (letters, digits, `.`, `_`, `-`).
     pub namespace: String,
-    /// Bound of establishing a connection.
+    /// Bound of establishing a connection (with Sentinel: of asking the
+    /// sentinels for the primary, checking its role and connecting to it).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Bound of every command.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
-    /// Backoff of reconnection attempts.
+    /// Backoff of reconnection attempts (with Sentinel, a failed lookup of
+    /// the primary is not repeated within `initial_interval`).
     pub retry: RetrySettings,
     /// Largest cache or config value, in bytes.
     pub max_value_bytes: usize,
@@ -61,6 +93,8 @@ impl Default for RedisSettings {
     fn default() -> Self {
         RedisSettings {
             urls: vec!["redis://127.0.0.1:6379/0".into()],
+            sentinels: Vec::new(),
+            master_name: None,
             cluster: false,
             username: None,
             password: None,
@@ -85,8 +119,11 @@ impl Default for RedisSettings {
 impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        let sentinels: Vec<String> = self.sentinels.iter().map(|u| redact_url(u)).collect();
         f.debug_struct("RedisSettings")
             .field("urls", &urls)
+            .field("sentinels", &sentinels)
+            .field("master_name", &self.master_name)
             .field("cluster", &self.cluster)
             .field("username", &self.username)
             .field("password", &self.password)
@@ -182,6 +219,7 @@ impl RedisSettings {
                 "namespace {ns:?} must be 1-64 letters, digits, '.', '_' or '-'"
             )));
         }
+        self.validate_sentinel()?;
         if let Some(tls) = &self.tls {
             if self.urls.iter().any(|u| !u.starts_with("rediss://")) {
                 return Err(invalid("tls files are set but a URL is not rediss://"));
@@ -209,6 +247,53 @@ impl RedisSettings {
     /// Whether to connect to a cluster.
     pub fn is_cluster(&self) -> bool {
         self.cluster || self.urls.len() > 1
+    }
+
+    /// Whether the primary is found through Redis Sentinel.
+    pub fn is_sentinel(&self) -> bool {
+        !self.sentinels.is_empty() || self.master_name.is_some()
+    }
+
+    /// The Sentinel settings: both or neither, no cluster, one scheme.
+    fn validate_sentinel(&self) -> Result<()> {
+        if !self.is_sentinel() {
+            return Ok(());
+        }
+        let Some(name) = &self.master_name else {
+            return Err(invalid("sentinels are set without master_name"));
+        };
+        if self.sentinels.is_empty() {
+            return Err(invalid("master_name is set without sentinels"));
+        }
+        if name.is_empty()
+            || name
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(invalid(format!(
+                "master_name {name:?} must be non-empty, without spaces"
+            )));
+        }
+        if self.is_cluster() {
+            return Err(invalid(
+                "sentinels cannot be combined with a cluster (cluster: true or several urls)",
+            ));
+        }
+        for url in &self.sentinels {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(format!(
+                    "sentinel {} is not a redis:// or rediss:// URL",
+                    redact_url(url)
+                )));
+            }
+        }
+        let tls = |u: &String| u.starts_with("rediss://");
+        if self.sentinels.iter().any(tls) && !self.sentinels.iter().all(tls) {
+            return Err(invalid(
+                "the sentinels' URLs must all be redis:// or all be rediss://",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -256,6 +341,57 @@ mod tests {
         assert!(c.validate().is_err());
         let bad: std::result::Result<RedisSettings, _> = serde_json::from_str(r#"{"unknown": 1}"#);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn sentinel_settings_are_validated() {
+        let sentinel = |sentinels: &[&str], name: Option<&str>| RedisSettings {
+            sentinels: sentinels.iter().map(|s| s.to_string()).collect(),
+            master_name: name.map(str::to_owned),
+            ..RedisSettings::default()
+        };
+        let ok = sentinel(&["redis://s1:26379", "redis://s2:26379"], Some("mymaster"));
+        ok.validate().unwrap();
+        assert!(ok.is_sentinel() && !ok.is_cluster());
+        assert!(!RedisSettings::default().is_sentinel());
+        let fails = |c: RedisSettings, needle: &str| {
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+            assert!(e.to_string().contains(needle), "{e} (wanted {needle:?})");
+        };
+        fails(sentinel(&["redis://s1:26379"], None), "without master_name");
+        fails(sentinel(&[], Some("mymaster")), "without sentinels");
+        fails(sentinel(&["redis://s1:26379"], Some("")), "master_name");
+        fails(
+            sentinel(&["redis://s1:26379"], Some("my master")),
+            "master_name",
+        );
+        fails(
+            sentinel(&["http://s1:26379"], Some("m")),
+            "is not a redis://",
+        );
+        fails(
+            sentinel(&["redis://s1:26379", "rediss://s2:26379"], Some("m")),
+            "all be",
+        );
+        let mut c = ok.clone();
+        c.cluster = true;
+        fails(c, "cluster");
+        let mut c = ok.clone();
+        c.urls.push("redis://other:6379".into());
+        fails(c, "cluster");
+        // Sentinel fields are not written when unused: settings without
+        // them serialise as before.
+        let json = serde_json::to_value(RedisSettings::default()).unwrap();
+        assert!(json.get("sentinels").is_none() && json.get("master_name").is_none());
+        let back: RedisSettings =
+            serde_json::from_value(serde_json::to_value(&ok).unwrap()).unwrap();
+        assert_eq!(back, ok);
+        let d = format!(
+            "{:?}",
+            sentinel(&["redis://u:topsecret@s1:26379"], Some("m"))
+        );
+        assert!(!d.contains("topsecret"), "{d}");
     }
 
     #[test]
