@@ -38,9 +38,16 @@ async fn redis_killed_mid_run_fails_retryably_and_the_same_instance_recovers() -
     cache.set("k", Bytes::from_static(b"before"), None).await?;
     config.set_json("/cfg/k", &1).await?;
     limiters.expect_backend().await?;
+    // Readiness asks the server (a PING), not a flag.
+    let coordinator = im_infra::coord::Coordinator::new(std::sync::Arc::new(backend.clone()));
+    ensure!(coordinator.is_ready().await, "ready while Redis answers");
 
     services(&["kill", "redis"])?;
     let result = async {
+        ensure!(
+            !coordinator.is_ready().await,
+            "not ready while Redis is down"
+        );
         // Every operation fails with a retryable error; nothing panics.
         for _ in 0..5 {
             expect_retryable("cache.get", cache.get("k").await)?;
