@@ -27,7 +27,9 @@
 //! Docker engines older than the API version testcontainers speaks (Debian
 //! 12's `docker.io` 20.10 answers API 1.41 only) are reached through a
 //! relay on a Unix socket of this process that rewrites the version in each
-//! request path; see [`Servers::start`].
+//! request path; see [`Servers::start`]. Its socket file
+//! (`$TMPDIR/im-infra-docker-relay-PID.sock`, open to its owner only)
+//! outlives the process and is removed by the next run.
 //!
 //! [`ServerSource::Containers`]: crate::servers::ServerSource::Containers
 
@@ -251,7 +253,9 @@ impl Servers {
     /// `scripts/images.sh build`). The engine is the one testcontainers
     /// finds (`DOCKER_HOST`, else `/var/run/docker.sock`); when it answers
     /// an older API version than testcontainers speaks, `DOCKER_HOST` is
-    /// pointed, for this process, at a relay that rewrites the version.
+    /// pointed, for this process, at a relay that rewrites the version: make
+    /// the first call before other threads that read the environment run
+    /// (the harness calls it before it starts any).
     ///
     /// ```no_run
     /// use im_infra_conformance::containers::Servers;
@@ -356,7 +360,6 @@ impl Drop for Servers {
                 engine.remove_labelled(RUN_LABEL, &run).await;
             }
         });
-        engine::release();
         eprintln!(
             "[containers] {}: removed {n} container(s) in {:.1} s",
             self.backend,
@@ -606,11 +609,12 @@ mod engine {
         /// The engine's Unix socket (`None` for a `DOCKER_HOST` of another
         /// kind: then only testcontainers talks to it).
         socket: Option<PathBuf>,
-        /// The relay's socket, if one runs.
-        relay: Option<PathBuf>,
     }
 
     static ENGINE: OnceLock<std::result::Result<Engine, String>> = OnceLock::new();
+
+    /// The relay's socket is `$TMPDIR/im-infra-docker-relay-PID.sock`.
+    const RELAY_PREFIX: &str = "im-infra-docker-relay-";
 
     /// Finds the engine and, if it is older than testcontainers, starts the
     /// relay and points `DOCKER_HOST` at it. Done once, on the first
@@ -622,14 +626,29 @@ mod engine {
             .map_err(|e| anyhow!("{e}"))
     }
 
-    /// Removes the relay's socket file (the relay serves no one after the
-    /// runner's servers are gone).
-    pub(super) fn release() {
-        if let Some(Ok(Engine {
-            relay: Some(path), ..
-        })) = ENGINE.get()
-        {
-            let _ = std::fs::remove_file(path);
+    /// The relay sockets of runner processes that are gone (a socket file
+    /// outlives its process; each run removes those of earlier ones).
+    fn remove_stale_relays(dir: &Path) {
+        // Whether a process lives is read from /proc: without it, nothing
+        // is removed.
+        if !Path::new("/proc/self").exists() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(RELAY_PREFIX))
+                .and_then(|n| n.strip_suffix(".sock"))
+            else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
 
@@ -662,10 +681,7 @@ mod engine {
 
     fn find() -> Result<Engine> {
         let Some(socket) = socket_path()? else {
-            return Ok(Engine {
-                socket: None,
-                relay: None,
-            });
+            return Ok(Engine { socket: None });
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -693,13 +709,13 @@ mod engine {
         if theirs >= ours {
             return Ok(Engine {
                 socket: Some(socket),
-                relay: None,
             });
         }
         let from = format!("/v{}.{}/", ours.0, ours.1);
         let to = format!("/v{engine_api}/");
-        let relay =
-            std::env::temp_dir().join(format!("im-infra-docker-relay-{}.sock", std::process::id()));
+        let dir = std::env::temp_dir();
+        remove_stale_relays(&dir);
+        let relay = dir.join(format!("{RELAY_PREFIX}{}.sock", std::process::id()));
         let listener = bind_relay(&relay)?;
         // Set before any other thread of the runner exists (the relay's
         // starts below): nothing reads the environment concurrently.
@@ -714,7 +730,6 @@ mod engine {
         );
         Ok(Engine {
             socket: Some(socket),
-            relay: Some(relay),
         })
     }
 
