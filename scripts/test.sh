@@ -39,19 +39,22 @@ secs_since() { local d=$(( $(now_us) - $1 )); printf '%d.%d' $(( d / 1000000 )) 
 # which backend it runs; prints each runner's wall time (its containers'
 # start and removal included) at the end.
 runner_times() {
-    local line name="" start="" summary=""
+    # A runner is named by its backend, from its first trial or container
+    # line; by its test binary when it printed neither (every case filtered
+    # out).
+    local line name="" bin="" start="" summary=""
     while IFS= read -r line; do
         printf '%s\n' "$line"
         case "$line" in
             *"Running tests/"*)
-                [ -z "$start" ] || summary+=$(printf '  %-14s %s s' "${name:-?}" "$(secs_since "$start")")$'\n'
-                start=$(now_us) name=""
+                [ -z "$start" ] || summary+=$(printf '  %-14s %s s' "${name:-$bin}" "$(secs_since "$start")")$'\n'
+                start=$(now_us) name="" bin=${line##*/} bin=${bin%)}
                 ;;
             "[containers] "*": "*" ready at "*) [ -n "$name" ] || { name=${line#\[containers\] }; name=${name%%:*}; } ;;
             "test "*"::"*) [ -n "$name" ] || { name=${line#test }; name=${name%%::*}; } ;;
         esac
     done
-    [ -z "$start" ] || summary+=$(printf '  %-14s %s s' "${name:-?}" "$(secs_since "$start")")$'\n'
+    [ -z "$start" ] || summary+=$(printf '  %-14s %s s' "${name:-$bin}" "$(secs_since "$start")")$'\n'
     printf '[test] containers pass, wall time per runner (its containers started and removed):\n%s' "$summary" >&2
     printf '[test] containers pass: %s s in all (images and build included)\n' "$(secs_since "$CONTAINERS_T0")" >&2
 }
