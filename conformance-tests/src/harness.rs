@@ -4,6 +4,14 @@
 //! runs one case on its own Tokio runtime with a deadline, and cleans up.
 //! Names read `<backend>::<capability>::<case>` and can be filtered and
 //! listed like any `cargo test` (`-- --list`, `-- redis::lock`).
+//!
+//! A server backend's runner gets its server from its endpoint variable
+//! (`IMINFRA_REDIS_URL`, ...), or with `IMINFRA_SERVERS=containers` from a
+//! container of its own (feature `containers`, see
+//! [`ServerSource`]), removed when the trials
+//! are done. The trials and their names are the same on both paths; a
+//! server that cannot be had is a loud skip, or a failure of
+//! `<backend>::server::reachable` under `IMINFRA_REQUIRE_BACKENDS`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,7 +29,16 @@ use im_infra::registry::RegistryCapabilities;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 use crate::cases;
-use crate::servers;
+use crate::servers::{self, ServerSource};
+
+/// What keeps a runner's servers alive until its trials are done: the
+/// containers it started (removed when dropped), or nothing.
+#[cfg(feature = "containers")]
+type Provided = crate::containers::Servers;
+/// What keeps a runner's servers alive until its trials are done: nothing
+/// without the `containers` feature.
+#[cfg(not(feature = "containers"))]
+enum Provided {}
 
 /// Everything a case gets: a backend on a fresh namespace, a second backend
 /// instance on the same namespace (another "process"), and fault hooks.
@@ -274,35 +291,50 @@ pub fn run_main(target: Target) -> ExitCode {
             .try_init();
     }
     let args = Arguments::from_args();
-    let trials = match build_trials(&target) {
+    let (trials, provided) = match build_trials(&target) {
         Ok(t) => t,
-        Err(e) => vec![Trial::test(
-            format!("{}::harness::setup", target.backend),
-            move || Err(failed(e)),
-        )],
+        Err(e) => (
+            vec![Trial::test(
+                format!("{}::harness::setup", target.backend),
+                move || Err(failed(e)),
+            )],
+            None,
+        ),
     };
-    libtest_mimic::run(&args, trials).exit_code()
+    let conclusion = {
+        // Held until every trial is done, passed or failed: the containers
+        // go at the end of this block.
+        let _servers = provided;
+        libtest_mimic::run(&args, trials)
+    };
+    conclusion.exit_code()
 }
 
-fn build_trials(target: &Target) -> Result<Vec<Trial>> {
+fn build_trials(target: &Target) -> Result<(Vec<Trial>, Option<Provided>)> {
     let backend = target.backend;
     let reachable = format!("{backend}::server::reachable");
     let Some(var) = target.env_var else {
-        return in_process_trials(target);
+        return Ok((in_process_trials(target)?, None));
     };
     let required = servers::required(backend);
-    let Some(address) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) else {
-        let reason = format!("{var} is not set (start the servers with scripts/services.sh up)");
-        return Ok(vec![skipped_or_failed(
-            backend, &reachable, required, reason,
-        )]);
+    // Before any runtime of the harness exists: starting containers may
+    // set DOCKER_HOST for this process (see `containers`).
+    let (address, provided) = match server(backend, var) {
+        Ok(found) => found,
+        Err(reason) => {
+            return Ok((
+                vec![skipped_or_failed(backend, &reachable, required, reason)],
+                None,
+            ))
+        }
     };
     let rt = runtime()?;
     if let Err(e) = rt.block_on(servers::probe(backend, &address)) {
         let reason = format!("{backend} at {address} is not reachable: {e:#}");
-        return Ok(vec![skipped_or_failed(
-            backend, &reachable, required, reason,
-        )]);
+        return Ok((
+            vec![skipped_or_failed(backend, &reachable, required, reason)],
+            provided,
+        ));
     }
     let mut trials = vec![{
         let address = address.clone();
@@ -316,7 +348,40 @@ fn build_trials(target: &Target) -> Result<Vec<Trial>> {
         let fixture = make(&address)?;
         trials.extend(contract_trials(backend, fixture, target.suite, &rt)?);
     }
-    Ok(trials)
+    Ok((trials, provided))
+}
+
+/// The address of `backend`'s server, and what keeps it alive; or why
+/// there is none.
+fn server(backend: &str, var: &str) -> Result<(String, Option<Provided>), String> {
+    match ServerSource::from_env().map_err(|e| format!("{e:#}"))? {
+        ServerSource::Environment => match std::env::var(var).ok().filter(|v| !v.trim().is_empty())
+        {
+            Some(address) => Ok((address, None)),
+            None => Err(format!(
+                "{var} is not set (start the servers with scripts/services.sh up, \
+                 or set {}=containers)",
+                servers::SERVERS_ENV
+            )),
+        },
+        ServerSource::Containers => container_server(backend),
+    }
+}
+
+#[cfg(feature = "containers")]
+fn container_server(backend: &str) -> Result<(String, Option<Provided>), String> {
+    let servers = crate::containers::Servers::start(backend)
+        .map_err(|e| format!("its server could not be started in a container: {e:#}"))?;
+    Ok((servers.address().to_owned(), Some(servers)))
+}
+
+#[cfg(not(feature = "containers"))]
+fn container_server(_backend: &str) -> Result<(String, Option<Provided>), String> {
+    Err(format!(
+        "{}=containers, but this runner was built without the `containers` feature of \
+         im-infra-conformance",
+        servers::SERVERS_ENV
+    ))
 }
 
 fn skipped_or_failed(backend: &'static str, name: &str, required: bool, reason: String) -> Trial {

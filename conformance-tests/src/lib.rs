@@ -41,12 +41,18 @@
 //!
 //! A backend that needs a server reads its address from the environment
 //! (see [`servers`]); without it the backend is reported as skipped, loudly,
-//! unless `IMINFRA_REQUIRE_BACKENDS=all` makes that a failure. [`faults`]
+//! unless `IMINFRA_REQUIRE_BACKENDS=all` makes that a failure. With
+//! `IMINFRA_SERVERS=containers` the runner starts its server instead from a
+//! local image with testcontainers and removes it at the end (module
+//! `containers`, feature `containers`, which the project's server
+//! backends' `testing` features turn on); the trials are the same. [`faults`]
 //! and [`proxy`] help with tests beyond the contract: polling, retryable
 //! errors, and a TCP proxy that freezes a connection like a partition.
 #![deny(missing_docs)]
 
 pub mod cases;
+#[cfg(feature = "containers")]
+pub mod containers;
 pub mod faults;
 pub mod harness;
 pub mod proxy;

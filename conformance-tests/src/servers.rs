@@ -2,7 +2,10 @@
 //!
 //! The servers come from the environment (written by
 //! `scripts/services.sh up`): `IMINFRA_ETCD_ENDPOINTS`, `IMINFRA_REDIS_URL`,
-//! `IMINFRA_MYSQL_URL`, `IMINFRA_KAFKA_BROKERS`, `IMINFRA_REDIS_CLUSTER_URLS`.
+//! `IMINFRA_MYSQL_URL`, `IMINFRA_KAFKA_BROKERS`, `IMINFRA_REDIS_CLUSTER_URLS`;
+//! or, with `IMINFRA_SERVERS=containers` ([`ServerSource`]), each
+//! conformance runner starts its own from a local image (feature
+//! `containers`, module `containers`).
 //! Each probe speaks the
 //! server's own protocol (an etcd `/health` request, a Redis `PING`, the
 //! MySQL handshake greeting, a Kafka `ApiVersions` request), so "reachable"
@@ -27,6 +30,67 @@ pub const MYSQL_ENV: &str = "IMINFRA_MYSQL_URL";
 pub const KAFKA_ENV: &str = "IMINFRA_KAFKA_BROKERS";
 /// `all`, or a comma-separated list of backends that must be tested.
 pub const REQUIRE_ENV: &str = "IMINFRA_REQUIRE_BACKENDS";
+/// Where a conformance runner gets its server: unset (or `env`) for the
+/// endpoint variables above, `containers` for a container of its own.
+pub const SERVERS_ENV: &str = "IMINFRA_SERVERS";
+
+/// Where a conformance runner gets its server from, as `IMINFRA_SERVERS`
+/// says.
+///
+/// ```
+/// use im_infra_conformance::servers::ServerSource;
+///
+/// assert_eq!(ServerSource::parse(None).unwrap(), ServerSource::Environment);
+/// assert_eq!(ServerSource::parse(Some("")).unwrap(), ServerSource::Environment);
+/// assert_eq!(ServerSource::parse(Some("env")).unwrap(), ServerSource::Environment);
+/// assert_eq!(ServerSource::parse(Some("containers")).unwrap(), ServerSource::Containers);
+/// assert!(ServerSource::parse(Some("docker")).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerSource {
+    /// The server named by the backend's endpoint variable
+    /// (`IMINFRA_REDIS_URL`, ...), as `scripts/services.sh up` writes them.
+    Environment,
+    /// A server started for the runner from a local image with
+    /// testcontainers, removed when the runner ends. Endpoint variables are
+    /// then ignored.
+    Containers,
+}
+
+impl ServerSource {
+    /// Reads `IMINFRA_SERVERS`.
+    ///
+    /// ```
+    /// use im_infra_conformance::servers::ServerSource;
+    ///
+    /// // Unset in a plain `cargo test`: the endpoint variables.
+    /// let source = ServerSource::from_env().unwrap();
+    /// # let _ = source;
+    /// ```
+    pub fn from_env() -> Result<ServerSource> {
+        ServerSource::parse(std::env::var(SERVERS_ENV).ok().as_deref())
+    }
+
+    /// Parses a value of `IMINFRA_SERVERS` (`None` when it is unset):
+    /// empty or `env` for [`ServerSource::Environment`], `containers` for
+    /// [`ServerSource::Containers`], case and surrounding space ignored.
+    ///
+    /// ```
+    /// use im_infra_conformance::servers::ServerSource;
+    ///
+    /// assert_eq!(ServerSource::parse(Some(" Containers ")).unwrap(), ServerSource::Containers);
+    /// ```
+    pub fn parse(value: Option<&str>) -> Result<ServerSource> {
+        let value = value.map(str::trim).unwrap_or_default();
+        if value.is_empty() || value.eq_ignore_ascii_case("env") {
+            Ok(ServerSource::Environment)
+        } else if value.eq_ignore_ascii_case("containers") {
+            Ok(ServerSource::Containers)
+        } else {
+            bail!("{SERVERS_ENV}={value:?} is not understood: leave it unset (or 'env') for the endpoint variables, or set it to 'containers'")
+        }
+    }
+}
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -197,5 +261,32 @@ mod tests {
         );
         assert_eq!(host_port("127.0.0.1:9092").unwrap(), "127.0.0.1:9092");
         assert!(host_port("redis://nohost").is_err());
+    }
+
+    #[test]
+    fn server_source_values() {
+        assert_eq!(
+            ServerSource::parse(None).unwrap(),
+            ServerSource::Environment
+        );
+        assert_eq!(
+            ServerSource::parse(Some("  ")).unwrap(),
+            ServerSource::Environment
+        );
+        assert_eq!(
+            ServerSource::parse(Some("ENV")).unwrap(),
+            ServerSource::Environment
+        );
+        assert_eq!(
+            ServerSource::parse(Some("containers")).unwrap(),
+            ServerSource::Containers
+        );
+        let err = ServerSource::parse(Some("container"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("IMINFRA_SERVERS") && err.contains("containers"),
+            "{err}"
+        );
     }
 }
