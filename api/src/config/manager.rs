@@ -31,13 +31,18 @@ pub trait HotReloadable<T: Send + Sync + 'static>: Send + Sync {
 type Validator<T> = Arc<dyn Fn(&T) -> std::result::Result<(), String> + Send + Sync>;
 type Listener<T> = Arc<dyn Fn(&T) + Send + Sync>;
 
+/// The value in force and its version (0: the default), swapped together
+/// so that no reader sees one without the other.
+struct Applied<T> {
+    value: Arc<T>,
+    version: u64,
+}
+
 struct Inner<T> {
     center: Arc<dyn ConfigCenter>,
     path: String,
     default: Arc<T>,
-    current: ArcSwap<T>,
-    /// Version of the value in `current` (0: the default).
-    version: AtomicU64,
+    current: ArcSwap<Applied<T>>,
     /// Highest version processed (values and deletes).
     seen: AtomicU64,
     validator: Option<Validator<T>>,
@@ -207,9 +212,11 @@ where
             inner: Arc::new(Inner {
                 center: self.center,
                 path,
-                current: ArcSwap::new(default.clone()),
+                current: ArcSwap::from_pointee(Applied {
+                    value: default.clone(),
+                    version: 0,
+                }),
                 default,
-                version: AtomicU64::new(0),
                 seen: AtomicU64::new(0),
                 validator: self.validator,
                 listeners: self.listeners,
@@ -310,17 +317,25 @@ where
 
     /// The value in force.
     pub fn current(&self) -> Arc<T> {
-        self.inner.current.load_full()
+        self.inner.current.load().value.clone()
+    }
+
+    /// The value in force and its version, read together (a reload between
+    /// two calls of [`current`](Self::current) and
+    /// [`version`](Self::version) cannot mix them).
+    pub fn current_with_version(&self) -> (Arc<T>, u64) {
+        let applied = self.inner.current.load();
+        (applied.value.clone(), applied.version)
     }
 
     /// Runs `f` on the value in force without cloning the `Arc`.
     pub fn with_current<R>(&self, f: impl FnOnce(&T) -> R) -> R {
-        f(&self.inner.current.load())
+        f(&self.inner.current.load().value)
     }
 
     /// The version of the value in force (0 while the default is in force).
     pub fn version(&self) -> u64 {
-        self.inner.version.load(Ordering::Acquire)
+        self.inner.current.load().version
     }
 
     /// The key this manager reads.
@@ -383,7 +398,7 @@ where
             return;
         }
         this.seen.fetch_max(version, Ordering::AcqRel);
-        if this.version.load(Ordering::Acquire) == 0 {
+        if this.current.load().version == 0 {
             return;
         }
         tracing::info!(path = %this.path, version, "configuration deleted; reverting to the default");
@@ -391,8 +406,10 @@ where
     }
 
     async fn swap(this: &Arc<Self>, value: Arc<T>, version: u64) {
-        this.current.store(value.clone());
-        this.version.store(version, Ordering::Release);
+        this.current.store(Arc::new(Applied {
+            value: value.clone(),
+            version,
+        }));
         tracing::info!(path = %this.path, version, "configuration applied");
         for listener in &this.listeners {
             listener(&value);

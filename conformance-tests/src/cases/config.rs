@@ -419,7 +419,12 @@ async fn manager_loads_validates_and_hot_reloads(w: World) -> Result<()> {
         )
         .await?;
     reload("third").await?;
-    ensure!(m.version() == marker, "version of the applied value");
+    let (applied, version) = m.current_with_version();
+    ensure!(
+        applied.name == "third" && version == marker,
+        "the applied value with its version: {} at {version}, want third at {marker}",
+        applied.name
+    );
     ensure!(
         updates.load(Ordering::SeqCst) == 3,
         "callbacks for initial, second, third only"
