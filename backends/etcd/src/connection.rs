@@ -160,7 +160,18 @@ impl ConnectionManager {
             Err(_) => return Err(self.failed(self.timeout("connect", self.cfg.dial_timeout))),
         };
         self.client.store(Some(Arc::new(client)));
-        self.check().await
+        // The first requests may go to a configured member that is down
+        // before the channel has learnt it is: a retryable failure is tried
+        // again (on the next member) until the dial timeout.
+        let deadline = tokio::time::Instant::now() + self.cfg.dial_timeout;
+        loop {
+            match self.check().await {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                res => return res,
+            }
+        }
     }
 
     /// Drops the client; requests fail with `Closed` until `connect`.
