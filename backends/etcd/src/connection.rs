@@ -143,7 +143,11 @@ impl ConnectionManager {
     }
 
     /// Connects (replacing any previous client) and checks that etcd
-    /// answers, within the dial timeout.
+    /// answers. Building the client is bounded by the dial timeout; the
+    /// first check (each bounded by the health-check timeout) is tried
+    /// again on a retryable failure, such as a configured member that is
+    /// down, until the dial timeout has passed once more, so a connect
+    /// takes at most twice the dial timeout plus one health-check timeout.
     pub async fn connect(&self) -> Result<()> {
         self.ops.connect.run(self.connect_raw()).await
     }
