@@ -222,7 +222,17 @@ async fn a_three_member_cluster_keeps_working_when_its_leader_stops() -> Result<
         }
     };
     let center = etcd.config().await?;
-    center.set_json("/k", &0).await?;
+    // A member that is still starting refuses connections: the cluster is
+    // ready once a write goes through.
+    loop {
+        match center.set_json("/k", &0).await {
+            Ok(_) => break,
+            Err(e) if e.is_retryable() && started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => bail!("the cluster took no write: {e}"),
+        }
+    }
 
     // Find the leader: ask each member for its status.
     let mut leader = None;
