@@ -39,23 +39,43 @@ pub enum ErrorKind {
     Timeout,
     /// The client or backend instance was closed (code 1004).
     Closed,
-    /// The thing to create already exists (code 2001).
+    /// The thing to create already exists, such as a registration
+    /// (code 2001).
     AlreadyExists,
+    /// The registry does not hold this instance: it was never registered
+    /// through this registry, was deregistered, or its registration was lost
+    /// (code 2002).
+    NotRegistered,
     /// The thing asked for does not exist (code 3001).
     NotFound,
     /// A service has no live instance matching the request (code 3002).
     NoInstances,
+    /// A waiting acquisition gave up: another holder kept the lock for the
+    /// whole wait bound (code 4001).
+    LockNotAcquired,
     /// The operation needs a lock this caller does not hold, or no longer
     /// holds (code 4002).
     LockNotHeld,
-    /// Another caller is running the same work right now (code 4003).
-    InProgress,
+    /// The lock is held by another holder right now and the caller asked
+    /// not to wait (code 4003).
+    LockAlreadyHeld,
     /// A compare-and-set found another version than expected (code 4004).
     Conflict,
-    /// A lease expired or was revoked (code 5003).
+    /// Another caller is running the same once-only work right now
+    /// (code 4005).
+    InProgress,
+    /// The server refused to create a lease (code 5001). A lease that could
+    /// not be asked for (connection, timeout) keeps that kind.
+    LeaseNotCreated,
+    /// A lease named by its id does not exist (never granted, expired or
+    /// revoked) (code 5002).
+    LeaseNotFound,
+    /// A lease this process held expired or was revoked (code 5003).
     LeaseLost,
     /// A configuration value is invalid (code 6001).
     InvalidConfig,
+    /// The settings name no server to connect to (code 6002).
+    MissingEndpoints,
     /// An argument is invalid: empty or oversized key or value, zero TTL, ...
     /// (code 6003).
     InvalidArgument,
@@ -74,19 +94,25 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in code order (for documentation and tests).
-    pub const ALL: [ErrorKind; 18] = [
+    pub const ALL: [ErrorKind; 24] = [
         ErrorKind::Connection,
         ErrorKind::Unavailable,
         ErrorKind::Timeout,
         ErrorKind::Closed,
         ErrorKind::AlreadyExists,
+        ErrorKind::NotRegistered,
         ErrorKind::NotFound,
         ErrorKind::NoInstances,
+        ErrorKind::LockNotAcquired,
         ErrorKind::LockNotHeld,
-        ErrorKind::InProgress,
+        ErrorKind::LockAlreadyHeld,
         ErrorKind::Conflict,
+        ErrorKind::InProgress,
+        ErrorKind::LeaseNotCreated,
+        ErrorKind::LeaseNotFound,
         ErrorKind::LeaseLost,
         ErrorKind::InvalidConfig,
+        ErrorKind::MissingEndpoints,
         ErrorKind::InvalidArgument,
         ErrorKind::Serialization,
         ErrorKind::InvalidState,
@@ -100,7 +126,16 @@ impl ErrorKind {
     /// Codes follow the families of the original system: 1xxx connection,
     /// 2xxx registration, 3xxx discovery, 4xxx locking and concurrency,
     /// 5xxx leases, 6xxx configuration and input, 7xxx capacity, 9xxx internal.
-    /// A code never changes meaning once published.
+    /// Every code the original system defined (1001-1004, 2001, 2002, 3001,
+    /// 3002, 4001-4003, 5001-5003, 6001, 6002) keeps its meaning there; the
+    /// others are additions in free places of their family.
+    ///
+    /// ```
+    /// use im_infra::ErrorKind;
+    /// assert_eq!(ErrorKind::NotRegistered.code(), 2002);
+    /// assert_eq!(ErrorKind::LockAlreadyHeld.code(), 4003);
+    /// assert_eq!(ErrorKind::from_code(5002), Some(ErrorKind::LeaseNotFound));
+    /// ```
     pub const fn code(self) -> u32 {
         match self {
             ErrorKind::Connection => 1001,
@@ -108,13 +143,19 @@ impl ErrorKind {
             ErrorKind::Timeout => 1003,
             ErrorKind::Closed => 1004,
             ErrorKind::AlreadyExists => 2001,
+            ErrorKind::NotRegistered => 2002,
             ErrorKind::NotFound => 3001,
             ErrorKind::NoInstances => 3002,
+            ErrorKind::LockNotAcquired => 4001,
             ErrorKind::LockNotHeld => 4002,
-            ErrorKind::InProgress => 4003,
+            ErrorKind::LockAlreadyHeld => 4003,
             ErrorKind::Conflict => 4004,
+            ErrorKind::InProgress => 4005,
+            ErrorKind::LeaseNotCreated => 5001,
+            ErrorKind::LeaseNotFound => 5002,
             ErrorKind::LeaseLost => 5003,
             ErrorKind::InvalidConfig => 6001,
+            ErrorKind::MissingEndpoints => 6002,
             ErrorKind::InvalidArgument => 6003,
             ErrorKind::Serialization => 6004,
             ErrorKind::InvalidState => 6005,
@@ -122,6 +163,11 @@ impl ErrorKind {
             ErrorKind::ResourceExhausted => 7001,
             ErrorKind::Internal => 9001,
         }
+    }
+
+    /// The kind of a code (`None` for a code no kind has).
+    pub fn from_code(code: u32) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.code() == code)
     }
 
     /// Whether an operation that failed with this kind may succeed if retried
@@ -133,6 +179,8 @@ impl ErrorKind {
             ErrorKind::Connection
                 | ErrorKind::Unavailable
                 | ErrorKind::Timeout
+                | ErrorKind::LockNotAcquired
+                | ErrorKind::LockAlreadyHeld
                 | ErrorKind::InProgress
                 | ErrorKind::NoInstances
                 | ErrorKind::ResourceExhausted
@@ -147,13 +195,19 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Closed => "closed",
             ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::NotRegistered => "not_registered",
             ErrorKind::NotFound => "not_found",
             ErrorKind::NoInstances => "no_instances",
+            ErrorKind::LockNotAcquired => "lock_not_acquired",
             ErrorKind::LockNotHeld => "lock_not_held",
-            ErrorKind::InProgress => "in_progress",
+            ErrorKind::LockAlreadyHeld => "lock_already_held",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::InProgress => "in_progress",
+            ErrorKind::LeaseNotCreated => "lease_not_created",
+            ErrorKind::LeaseNotFound => "lease_not_found",
             ErrorKind::LeaseLost => "lease_lost",
             ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::MissingEndpoints => "missing_endpoints",
             ErrorKind::InvalidArgument => "invalid_argument",
             ErrorKind::Serialization => "serialization",
             ErrorKind::InvalidState => "invalid_state",
@@ -402,11 +456,40 @@ mod tests {
     fn codes_are_unique_and_in_their_family() {
         let codes: HashSet<u32> = ErrorKind::ALL.iter().map(|k| k.code()).collect();
         assert_eq!(codes.len(), ErrorKind::ALL.len());
-        assert_eq!(ErrorKind::Connection.code(), 1001);
-        assert_eq!(ErrorKind::InvalidConfig.code(), 6001);
         assert!(ErrorKind::ALL
             .iter()
             .all(|k| (1000..10000).contains(&k.code())));
+        let names: HashSet<&str> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), ErrorKind::ALL.len());
+        assert!(ErrorKind::ALL.windows(2).all(|w| w[0].code() < w[1].code()));
+    }
+
+    /// Every code of the original system, with the kind that carries it.
+    #[test]
+    fn every_code_of_the_original_system_has_its_kind() {
+        let original = [
+            (1001, ErrorKind::Connection),
+            (1002, ErrorKind::Unavailable),
+            (1003, ErrorKind::Timeout),
+            (1004, ErrorKind::Closed),
+            (2001, ErrorKind::AlreadyExists),
+            (2002, ErrorKind::NotRegistered),
+            (3001, ErrorKind::NotFound),
+            (3002, ErrorKind::NoInstances),
+            (4001, ErrorKind::LockNotAcquired),
+            (4002, ErrorKind::LockNotHeld),
+            (4003, ErrorKind::LockAlreadyHeld),
+            (5001, ErrorKind::LeaseNotCreated),
+            (5002, ErrorKind::LeaseNotFound),
+            (5003, ErrorKind::LeaseLost),
+            (6001, ErrorKind::InvalidConfig),
+            (6002, ErrorKind::MissingEndpoints),
+        ];
+        for (code, kind) in original {
+            assert_eq!(kind.code(), code, "{kind}");
+            assert_eq!(ErrorKind::from_code(code), Some(kind), "{code}");
+        }
+        assert_eq!(ErrorKind::from_code(4242), None);
     }
 
     #[test]

@@ -29,7 +29,25 @@
 use serde::de::DeserializeOwned;
 
 use crate::config::{config_path, ConfigCenter, ConfigCenterExt};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
+
+/// The error of settings that name no server to connect to:
+/// `MissingEndpoints` (code 6002), naming the backend and the field.
+///
+/// ```
+/// use im_infra::{settings::missing_endpoints, ErrorKind};
+/// let e = missing_endpoints("etcd", "endpoints");
+/// assert_eq!(e.kind(), ErrorKind::MissingEndpoints);
+/// assert_eq!(e.code(), 6002);
+/// assert_eq!(e.backend(), Some("etcd"));
+/// ```
+pub fn missing_endpoints(backend: &'static str, field: &str) -> Error {
+    Error::new(
+        ErrorKind::MissingEndpoints,
+        format!("{backend}: no server to connect to ({field} is empty)"),
+    )
+    .with_backend(backend)
+}
 
 /// A backend's settings type.
 pub trait Settings: DeserializeOwned + Send + Sync + Sized {

@@ -44,11 +44,32 @@ async fn lease_manager_creates_keeps_inspects_and_revokes() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(5), lost.cancelled())
         .await
         .context("the keep-alive notices the revocation")?;
+    // A lease named by an id etcd does not know: LeaseNotFound (5002) on
+    // every operation that takes an id.
     let err = leases
         .info(id)
         .await
         .expect_err("a revoked lease has no info");
-    ensure!(err.kind() == ErrorKind::LeaseLost, "{err}");
+    ensure!(
+        err.kind() == ErrorKind::LeaseNotFound && err.code() == 5002,
+        "{err}"
+    );
+    let err = leases
+        .refresh(id)
+        .await
+        .expect_err("a revoked lease is not renewed");
+    ensure!(err.kind() == ErrorKind::LeaseNotFound, "refresh: {err}");
+    let err = leases
+        .revoke(id)
+        .await
+        .expect_err("a revoked lease is not revoked twice");
+    ensure!(err.kind() == ErrorKind::LeaseNotFound, "revoke: {err}");
+    let err = leases
+        .keep_alive(id)
+        .await
+        .err()
+        .context("a revoked lease is not kept alive")?;
+    ensure!(err.kind() == ErrorKind::LeaseNotFound, "keep_alive: {err}");
     etcd.close().await?;
     Ok(())
 }

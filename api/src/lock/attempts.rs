@@ -14,7 +14,7 @@
 //! - a retryable failure is retried until the wait deadline, then returned;
 //!   a held lock is waited for until a release is announced or a jittered
 //!   backoff (10 ms doubling to 250 ms) passes, never past the holder's
-//!   remaining TTL or the deadline, after which the answer is `Timeout`;
+//!   remaining TTL or the deadline, after which the answer is `LockNotAcquired`;
 //! - a backend closed while waiting ends the wait with `Closed`.
 
 use std::sync::Arc;
@@ -174,10 +174,7 @@ where
             Err(e) => return Err(e),
         };
         if past_deadline() {
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                format!("lock {key:?} not acquired within {:?}", opts.wait_timeout),
-            ));
+            return Err(super::not_acquired(key, opts.wait_timeout));
         }
         let mut wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0).min(left);
         if let Some(d) = deadline {
@@ -321,7 +318,7 @@ mod tests {
         let Err(err) = acquire(&lock, "k", opts(Duration::from_millis(100))).await else {
             panic!("acquired a held lock");
         };
-        assert_eq!(err.kind(), ErrorKind::Timeout);
+        assert_eq!(err.kind(), ErrorKind::LockNotAcquired);
         assert!(start.elapsed() < Duration::from_millis(400));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(lock.released.load(Ordering::SeqCst), 0, "never taken");

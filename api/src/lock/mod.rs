@@ -57,7 +57,7 @@ pub struct LockOptions {
     /// How long the lock lives without renewal.
     pub ttl: Duration,
     /// How long [`DistributedLock::acquire`] waits before failing with
-    /// `Timeout` (ignored by `try_acquire`). `Duration::MAX` (or any wait too
+    /// `LockNotAcquired` (ignored by `try_acquire`). `Duration::MAX` (or any wait too
     /// long to be represented as an instant) waits without limit.
     pub wait_timeout: Duration,
     /// Renew the lock in the background (every `ttl / 3`) while the guard
@@ -255,8 +255,8 @@ pub trait DistributedLock: Send + Sync + 'static {
     /// What this backend offers.
     fn capabilities(&self) -> LockCapabilities;
 
-    /// Waits until `key` is acquired, or fails with `Timeout` after
-    /// `opts.wait_timeout`.
+    /// Waits until `key` is acquired, or fails with `LockNotAcquired`
+    /// (code 4001, see [`not_acquired`]) after `opts.wait_timeout`.
     async fn acquire(&self, key: &str, opts: LockOptions) -> Result<Box<dyn LockGuard>>;
 
     /// Acquires `key` if free; `Ok(None)` when another holder has it.
@@ -300,6 +300,54 @@ pub trait LockExt: DistributedLock {
     async fn lock(&self, key: &str, ttl: Duration) -> Result<Box<dyn LockGuard>> {
         self.acquire(key, LockOptions::new(ttl)).await
     }
+
+    /// [`try_acquire`](DistributedLock::try_acquire) with default options
+    /// and `ttl`, for callers that treat a held lock as an error:
+    /// `LockAlreadyHeld` (code 4003, retryable) when another holder has it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use im_infra::lock::{DistributedLock, LockExt};
+    /// use im_infra::ErrorKind;
+    ///
+    /// async fn once_per_cluster(locks: &dyn DistributedLock) -> im_infra::Result<()> {
+    ///     match locks.try_lock("nightly-report", Duration::from_secs(60)).await {
+    ///         Ok(guard) => guard.release().await,
+    ///         Err(e) if e.kind() == ErrorKind::LockAlreadyHeld => Ok(()), // another node runs it
+    ///         Err(e) => Err(e),
+    ///     }
+    /// }
+    /// ```
+    async fn try_lock(&self, key: &str, ttl: Duration) -> Result<Box<dyn LockGuard>> {
+        self.try_acquire(key, LockOptions::new(ttl))
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::LockAlreadyHeld,
+                    format!("lock {key:?} is held by another holder"),
+                )
+                .with_operation("lock.try_lock")
+            })
+    }
+}
+
+/// The error of an acquisition that waited its whole bound:
+/// `LockNotAcquired` (code 4001, retryable), naming the key and the bound.
+/// Every backend's `acquire` gives up with it.
+///
+/// ```
+/// use std::time::Duration;
+/// use im_infra::{lock::not_acquired, ErrorKind};
+/// let e = not_acquired("ledger:7", Duration::from_millis(300));
+/// assert_eq!(e.kind(), ErrorKind::LockNotAcquired);
+/// assert_eq!(e.code(), 4001);
+/// assert!(e.is_retryable());
+/// ```
+pub fn not_acquired(key: &str, wait: Duration) -> Error {
+    Error::new(
+        ErrorKind::LockNotAcquired,
+        format!("lock {key:?} not acquired within {wait:?}"),
+    )
 }
 
 impl<L: DistributedLock + ?Sized> LockExt for L {}

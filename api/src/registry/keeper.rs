@@ -106,7 +106,7 @@ impl std::fmt::Debug for Registrations {
 
 fn not_registered(service: &str, id: &str) -> Error {
     Error::new(
-        ErrorKind::NotFound,
+        ErrorKind::NotRegistered,
         format!("{service}/{id} is not registered by this registry"),
     )
 }
@@ -163,7 +163,7 @@ impl Registrations {
         Ok(())
     }
 
-    /// Deregisters an instance registered here. `NotFound` if it is not.
+    /// Deregisters an instance registered here. `NotRegistered` if it is not.
     pub async fn deregister(&self, service: &str, id: &str) -> Result<()> {
         let reg = self
             .mine()
@@ -182,7 +182,7 @@ impl Registrations {
     }
 
     /// Changes the address or metadata of an instance registered here.
-    /// `NotFound` if it is not registered here; `LeaseLost` if its
+    /// `NotRegistered` if it is not registered here; `LeaseLost` if its
     /// registration was lost (it is being registered again, with the new
     /// value).
     pub async fn update(&self, instance: &ServiceInstance) -> Result<()> {

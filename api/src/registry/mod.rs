@@ -166,11 +166,13 @@ pub trait ServiceRegistry: Send + Sync + 'static {
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()>;
 
     /// Removes an instance registered by this registry and stops keeping it
-    /// alive. `NotFound` if it is not registered here.
+    /// alive. `NotRegistered` (code 2002) if it is not registered here.
     async fn deregister(&self, service: &str, id: &str) -> Result<()>;
 
     /// Changes the address or metadata of an instance registered here.
-    /// `NotFound` if it is not registered here.
+    /// `NotRegistered` (code 2002) if it is not registered here; `LeaseLost`
+    /// if its registration was lost (it is being registered again, with the
+    /// new value).
     async fn update(&self, instance: &ServiceInstance) -> Result<()>;
 
     /// Names of the services with at least one live instance, sorted.

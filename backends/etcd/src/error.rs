@@ -12,6 +12,8 @@ pub(crate) fn kind_of(e: &etcd_client::Error) -> ErrorKind {
             ErrorKind::InvalidArgument
         }
         E::TransportError(_) | E::EndpointError(_) => ErrorKind::Connection,
+        // The client reports a keep-alive answer with TTL 0 so: the lease is gone.
+        E::LeaseKeepAliveError(m) if m == "lease not found" => ErrorKind::LeaseLost,
         E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => ErrorKind::Unavailable,
         E::GRpcStatus(s) => {
             let msg = s.message();
@@ -81,7 +83,12 @@ pub enum ErrorCategory {
 }
 
 impl ErrorCategory {
-    /// The category of `e`.
+    /// The category of `e`: its code's family (1xxx connection, 2xxx
+    /// registry, 3xxx discovery, 4xxx lock, 5xxx lease, 6xxx
+    /// configuration), except that timeouts, missing things, existing
+    /// things and invalid states have categories of their own, as in the
+    /// original system; an existing or missing registration is a registry
+    /// error and a missing service a discovery error.
     ///
     /// ```
     /// use im_infra::{Error, ErrorKind};
@@ -89,22 +96,28 @@ impl ErrorCategory {
     /// let e = Error::new(ErrorKind::LeaseLost, "gone");
     /// assert_eq!(ErrorCategory::of(&e), ErrorCategory::Lease);
     /// assert_eq!(ErrorCategory::of(&e).as_str(), "LEASE_ERROR");
+    /// let e = Error::new(ErrorKind::NotRegistered, "svc/1");
+    /// assert_eq!(ErrorCategory::of(&e), ErrorCategory::Registry);
     /// ```
     pub fn of(e: &Error) -> ErrorCategory {
+        let op = e.operation().unwrap_or("");
         match e.kind() {
-            ErrorKind::Connection | ErrorKind::Unavailable | ErrorKind::Closed => {
-                ErrorCategory::Connection
-            }
             ErrorKind::Timeout => ErrorCategory::Timeout,
+            ErrorKind::InvalidState => ErrorCategory::InvalidState,
+            ErrorKind::AlreadyExists | ErrorKind::NotFound if op.starts_with("registry.") => {
+                ErrorCategory::Registry
+            }
+            ErrorKind::NotFound if op.starts_with("discovery.") => ErrorCategory::Discovery,
             ErrorKind::AlreadyExists => ErrorCategory::AlreadyExists,
             ErrorKind::NotFound => ErrorCategory::NotFound,
-            ErrorKind::NoInstances => ErrorCategory::Discovery,
-            ErrorKind::LockNotHeld | ErrorKind::InProgress | ErrorKind::Conflict => {
-                ErrorCategory::Lock
-            }
-            ErrorKind::LeaseLost => ErrorCategory::Lease,
-            ErrorKind::InvalidState => ErrorCategory::InvalidState,
-            _ => ErrorCategory::Configuration,
+            k => match k.code() / 1000 {
+                1 => ErrorCategory::Connection,
+                2 => ErrorCategory::Registry,
+                3 => ErrorCategory::Discovery,
+                4 => ErrorCategory::Lock,
+                5 => ErrorCategory::Lease,
+                _ => ErrorCategory::Configuration,
+            },
         }
     }
 
@@ -122,5 +135,53 @@ impl ErrorCategory {
             ErrorCategory::AlreadyExists => "ALREADY_EXISTS_ERROR",
             ErrorCategory::InvalidState => "INVALID_STATE_ERROR",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keep_alive_answered_with_no_ttl_is_a_lost_lease_and_a_broken_stream_is_not() {
+        let gone = etcd_client::Error::LeaseKeepAliveError("lease not found".into());
+        assert_eq!(kind_of(&gone), ErrorKind::LeaseLost);
+        let broken = etcd_client::Error::LeaseKeepAliveError("channel closed".into());
+        assert_eq!(kind_of(&broken), ErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn every_kind_has_the_category_of_the_original_system() {
+        let cases = [
+            (ErrorKind::Connection, ErrorCategory::Connection),
+            (ErrorKind::Unavailable, ErrorCategory::Connection),
+            (ErrorKind::Closed, ErrorCategory::Connection),
+            (ErrorKind::Timeout, ErrorCategory::Timeout),
+            (ErrorKind::AlreadyExists, ErrorCategory::AlreadyExists),
+            (ErrorKind::NotRegistered, ErrorCategory::Registry),
+            (ErrorKind::NotFound, ErrorCategory::NotFound),
+            (ErrorKind::NoInstances, ErrorCategory::Discovery),
+            (ErrorKind::LockNotAcquired, ErrorCategory::Lock),
+            (ErrorKind::LockNotHeld, ErrorCategory::Lock),
+            (ErrorKind::LockAlreadyHeld, ErrorCategory::Lock),
+            (ErrorKind::InProgress, ErrorCategory::Lock),
+            (ErrorKind::LeaseNotCreated, ErrorCategory::Lease),
+            (ErrorKind::LeaseNotFound, ErrorCategory::Lease),
+            (ErrorKind::LeaseLost, ErrorCategory::Lease),
+            (ErrorKind::InvalidConfig, ErrorCategory::Configuration),
+            (ErrorKind::MissingEndpoints, ErrorCategory::Configuration),
+            (ErrorKind::InvalidState, ErrorCategory::InvalidState),
+        ];
+        for (kind, category) in cases {
+            assert_eq!(
+                ErrorCategory::of(&Error::new(kind, "x")),
+                category,
+                "{kind}"
+            );
+        }
+        let exists = Error::new(ErrorKind::AlreadyExists, "x").with_operation("registry.register");
+        assert_eq!(ErrorCategory::of(&exists), ErrorCategory::Registry);
+        let missing = Error::new(ErrorKind::NotFound, "x").with_operation("discovery.instances");
+        assert_eq!(ErrorCategory::of(&missing), ErrorCategory::Discovery);
     }
 }

@@ -88,6 +88,42 @@ fn lost(id: i64) -> Error {
     .with_backend(crate::NAME)
 }
 
+/// What a public lease operation reports for a lease named by its id that
+/// etcd does not know: `LeaseNotFound` (code 5002), whether it was never
+/// granted, expired or was revoked. The backend's own leases, which it held,
+/// report `LeaseLost` instead.
+fn not_found(e: Error, id: i64) -> Error {
+    if e.kind() == ErrorKind::LeaseLost {
+        Error::new(
+            ErrorKind::LeaseNotFound,
+            format!("lease {id:x} not found: never granted, expired or revoked"),
+        )
+        .with_backend(crate::NAME)
+    } else {
+        e
+    }
+}
+
+/// What `create` reports when the grant failed: a refusal by the server is
+/// `LeaseNotCreated` (code 5001, with etcd's answer as the source); a grant
+/// that could not be asked for (connection, timeout, closed) or bad input
+/// keeps its kind, so it stays retryable or names the argument.
+fn not_created(e: Error) -> Error {
+    match e.kind() {
+        ErrorKind::Connection
+        | ErrorKind::Unavailable
+        | ErrorKind::Timeout
+        | ErrorKind::Closed
+        | ErrorKind::InvalidArgument => e,
+        _ => Error::new(
+            ErrorKind::LeaseNotCreated,
+            "etcd refused to grant the lease",
+        )
+        .with_backend(crate::NAME)
+        .with_source(e),
+    }
+}
+
 /// Revokes the lease (its keys are deleted); `LeaseLost` when it is gone.
 /// The backend's own revocations take this path, outside any `lease.*`
 /// operation.
@@ -148,6 +184,8 @@ impl LeaseManager {
     }
 
     /// Grants a lease of `ttl` (whole seconds, at least [`MIN_TTL`]).
+    /// `LeaseNotCreated` (code 5001) when etcd refuses; connection failures
+    /// and timeouts keep their (retryable) kinds.
     pub async fn create(&self, ttl: Duration) -> Result<i64> {
         self.ops
             .create
@@ -159,7 +197,8 @@ impl LeaseManager {
                     .call("lease.grant", |mut c| async move {
                         c.lease_grant(secs, None).await
                     })
-                    .await?;
+                    .await
+                    .map_err(not_created)?;
                 Ok(r.id())
             })
             .await
@@ -167,13 +206,14 @@ impl LeaseManager {
 
     /// Renews the lease in the background until the returned handle is
     /// dropped or the backend closes; the handle's `lost` token fires if
-    /// the lease is lost (or the renewals stop).
+    /// the lease is lost (or the renewals stop). `LeaseNotFound` (code 5002)
+    /// for a lease etcd does not know.
     pub async fn keep_alive(&self, id: i64) -> Result<KeepAlive> {
         self.ops
             .keep_alive
             .run(async {
                 let sent = Tick::now();
-                let info = info(&self.conn, id).await?;
+                let info = info(&self.conn, id).await.map_err(|e| not_found(e, id))?;
                 // Until the first renewal, the deadline counts from what etcd
                 // reported as left (whole seconds, rounded down).
                 let lease = Lease::start(
@@ -197,14 +237,22 @@ impl LeaseManager {
             .await
     }
 
-    /// Revokes the lease (its keys are deleted).
+    /// Revokes the lease (its keys are deleted). `LeaseNotFound`
+    /// (code 5002) for a lease etcd does not know.
     pub async fn revoke(&self, id: i64) -> Result<()> {
-        self.ops.revoke.run(revoke(&self.conn, id)).await
+        self.ops
+            .revoke
+            .run(async { revoke(&self.conn, id).await.map_err(|e| not_found(e, id)) })
+            .await
     }
 
-    /// What etcd knows of the lease; `LeaseLost` when it is gone.
+    /// What etcd knows of the lease. `LeaseNotFound` (code 5002) for a lease
+    /// etcd does not know.
     pub async fn info(&self, id: i64) -> Result<LeaseInfo> {
-        self.ops.info.run(info(&self.conn, id)).await
+        self.ops
+            .info
+            .run(async { info(&self.conn, id).await.map_err(|e| not_found(e, id)) })
+            .await
     }
 
     /// Ids of every lease of the cluster.
@@ -221,7 +269,8 @@ impl LeaseManager {
             .await
     }
 
-    /// Renews the lease once; returns its TTL afterwards.
+    /// Renews the lease once; returns its TTL afterwards. `LeaseNotFound`
+    /// (code 5002) for a lease etcd does not know.
     pub async fn refresh(&self, id: i64) -> Result<Duration> {
         self.ops
             .refresh
@@ -233,9 +282,10 @@ impl LeaseManager {
                         keeper.keep_alive().await?;
                         Ok(stream.message().await?.map_or(0, |r| r.ttl()))
                     })
-                    .await?;
+                    .await
+                    .map_err(|e| not_found(e, id))?;
                 if ttl <= 0 {
-                    return Err(lost(id));
+                    return Err(not_found(lost(id), id));
                 }
                 Ok(Duration::from_secs(ttl as u64))
             })
@@ -445,5 +495,44 @@ impl LeaseBackend for EtcdLease {
 
     async fn release(&self) -> Result<bool> {
         self.revoke().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_grant_is_lease_not_created_and_a_lost_request_keeps_its_kind() {
+        for kind in [
+            ErrorKind::ResourceExhausted,
+            ErrorKind::InvalidConfig,
+            ErrorKind::Internal,
+        ] {
+            let e = not_created(Error::new(kind, "refused"));
+            assert_eq!((e.kind(), e.code()), (ErrorKind::LeaseNotCreated, 5001));
+            assert!(
+                std::error::Error::source(&e).is_some(),
+                "etcd's answer is kept"
+            );
+        }
+        for kind in [
+            ErrorKind::Connection,
+            ErrorKind::Unavailable,
+            ErrorKind::Timeout,
+            ErrorKind::Closed,
+            ErrorKind::InvalidArgument,
+        ] {
+            assert_eq!(not_created(Error::new(kind, "x")).kind(), kind);
+        }
+    }
+
+    #[test]
+    fn an_unknown_lease_named_by_id_is_lease_not_found() {
+        let e = not_found(lost(0x2a), 0x2a);
+        assert_eq!((e.kind(), e.code()), (ErrorKind::LeaseNotFound, 5002));
+        assert!(e.message().contains("2a"), "{e}");
+        let other = not_found(Error::new(ErrorKind::Timeout, "slow"), 1);
+        assert_eq!(other.kind(), ErrorKind::Timeout);
     }
 }

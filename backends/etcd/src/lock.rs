@@ -257,13 +257,6 @@ fn holder_value(name: &str, token: &str) -> Result<Vec<u8>> {
     .map_err(|e| Error::serialization(name, e))
 }
 
-fn deadline_error(name: &str, wait: Duration) -> Error {
-    Error::new(
-        ErrorKind::Timeout,
-        format!("lock {name:?} not acquired within {wait:?}"),
-    )
-}
-
 impl EtcdLock {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
         EtcdLock { conn }
@@ -386,7 +379,7 @@ impl EtcdLock {
                 .await
             });
             if past(deadline) {
-                return Err(deadline_error(name, wait));
+                return Err(im_infra::lock::not_acquired(name, wait));
             }
             let until = async {
                 match deadline {
@@ -397,7 +390,7 @@ impl EtcdLock {
             tokio::pin!(until);
             let mut stream = tokio::select! {
                 r = watch => r?,
-                _ = &mut until => return Err(deadline_error(name, wait)),
+                _ = &mut until => return Err(im_infra::lock::not_acquired(name, wait)),
             };
             // Wait for the predecessor's deletion (or a broken stream: look again).
             let deleted = async {
@@ -420,7 +413,7 @@ impl EtcdLock {
             };
             tokio::select! {
                 _ = deleted => {}
-                _ = &mut until => return Err(deadline_error(name, wait)),
+                _ = &mut until => return Err(im_infra::lock::not_acquired(name, wait)),
                 _ = lost.cancelled() => return Err(waiter_lost()),
                 _ = self.conn.shutdown.cancelled() => return Err(Error::new(ErrorKind::Closed, "the etcd backend was closed")),
             }

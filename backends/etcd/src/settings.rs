@@ -200,11 +200,17 @@ impl EtcdSettings {
         }
     }
 
-    /// Checks the values; `InvalidConfig` names the problem (code 6002 in
-    /// the original system: missing endpoints).
+    /// Checks the values; `MissingEndpoints` (code 6002) without an
+    /// endpoint, otherwise `InvalidConfig` naming the problem.
     pub fn validate(&self) -> Result<()> {
-        if self.endpoints.is_empty() || self.endpoints.iter().any(|e| e.trim().is_empty()) {
-            return Err(invalid("missing etcd endpoints"));
+        if self.endpoints.iter().all(|e| e.trim().is_empty()) {
+            return Err(im_infra::settings::missing_endpoints(
+                crate::NAME,
+                "endpoints",
+            ));
+        }
+        if self.endpoints.iter().any(|e| e.trim().is_empty()) {
+            return Err(invalid("an etcd endpoint is empty"));
         }
         for e in &self.endpoints {
             let hostport = e.split_once("://").map_or(e.as_str(), |(_, r)| r);
@@ -423,8 +429,10 @@ mod tests {
         let mut c = EtcdSettings::default();
         c.endpoints.clear();
         let e = c.validate().unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
-        assert!(e.to_string().contains("missing etcd endpoints"));
+        assert_eq!((e.kind(), e.code()), (ErrorKind::MissingEndpoints, 6002));
+        assert!(e.to_string().contains("endpoints is empty"), "{e}");
+        c.endpoints = vec!["127.0.0.1:2379".into(), " ".into()];
+        assert_eq!(c.validate().unwrap_err().kind(), ErrorKind::InvalidConfig);
         let c = EtcdSettings {
             default_ttl: Duration::from_millis(10),
             ..EtcdSettings::default()

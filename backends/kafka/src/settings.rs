@@ -393,7 +393,10 @@ impl KafkaSettings {
     /// Checks the configuration; the error names the field at fault.
     pub fn validate(&self) -> Result<()> {
         if self.brokers.is_empty() {
-            return Err(invalid("kafka: brokers must not be empty"));
+            return Err(im_infra::settings::missing_endpoints(
+                crate::NAME,
+                "brokers",
+            ));
         }
         for b in &self.brokers {
             let ok = b
@@ -753,7 +756,12 @@ mod tests {
             let mut cfg = KafkaSettings::default();
             edit(&mut cfg);
             let err = cfg.validate().unwrap_err();
-            assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+            let kind = if field == "brokers" {
+                ErrorKind::MissingEndpoints
+            } else {
+                ErrorKind::InvalidConfig
+            };
+            assert_eq!(err.kind(), kind, "{field}");
             assert!(err.message().contains(field), "{field}: {err}");
         }
     }

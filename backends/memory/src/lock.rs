@@ -12,7 +12,7 @@ use im_infra::lease::{Lease, LeaseBackend, Tick};
 use im_infra::lock::{
     DistributedLock, LeasedGuard, LockCapabilities, LockGuard, LockInfo, LockOptions,
 };
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::Result;
 use tokio::sync::Notify;
 
 use crate::Shared;
@@ -272,10 +272,7 @@ impl DistributedLock for MemoryLock {
                     ticket.done = true;
                     return Ok(self.guard(key, token, holder, opts, sent));
                 }
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("lock {key:?} not acquired within {:?}", opts.wait_timeout),
-                ));
+                return Err(im_infra::lock::not_acquired(key, opts.wait_timeout));
             }
         }
     }

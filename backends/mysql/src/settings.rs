@@ -146,7 +146,10 @@ impl MysqlSettings {
     /// Checks the values; `InvalidConfig` names the problem.
     pub fn validate(&self) -> Result<()> {
         if self.url.is_none() && self.host.is_none() {
-            return Err(invalid("a url or a host is required"));
+            return Err(im_infra::settings::missing_endpoints(
+                crate::NAME,
+                "url and host",
+            ));
         }
         if let Some(u) = &self.url {
             mysql_async::Opts::from_url(u)
@@ -282,7 +285,7 @@ mod tests {
             .is_ok());
         assert_eq!(
             MysqlSettings::default().validate().unwrap_err().kind(),
-            ErrorKind::InvalidConfig
+            ErrorKind::MissingEndpoints
         );
         assert!(MysqlSettings::new("not a url").validate().is_err());
         let c = MysqlSettings {

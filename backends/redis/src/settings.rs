@@ -198,7 +198,7 @@ impl RedisSettings {
     /// Checks the values; `InvalidConfig` names the problem.
     pub fn validate(&self) -> Result<()> {
         if self.urls.is_empty() {
-            return Err(invalid("at least one Redis URL is required"));
+            return Err(im_infra::settings::missing_endpoints(crate::NAME, "urls"));
         }
         for url in &self.urls {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -335,7 +335,10 @@ mod tests {
         assert!(c.validate().is_err());
         c = RedisSettings::default();
         c.urls.clear();
-        assert!(c.validate().is_err());
+        assert_eq!(
+            c.validate().unwrap_err().kind(),
+            ErrorKind::MissingEndpoints
+        );
         c = RedisSettings::default();
         c.response_timeout = Duration::ZERO;
         assert!(c.validate().is_err());

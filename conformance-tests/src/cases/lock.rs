@@ -52,6 +52,31 @@ async fn try_acquire_when_held_returns_none(w: World) -> Result<()> {
     Ok(())
 }
 
+async fn try_lock_of_a_held_lock_is_lock_already_held(w: World) -> Result<()> {
+    let l = locks(&w).await?;
+    let key = unique("lock");
+    let g = l.try_lock(&key, Duration::from_secs(10)).await?;
+    let other = w.peer.lock().await?;
+    let err = expect_kind(
+        other
+            .try_lock(&key, Duration::from_secs(10))
+            .await
+            .map(|g| g.fencing_token()),
+        ErrorKind::LockAlreadyHeld,
+        "try_lock of a held lock",
+    );
+    g.release().await?;
+    err?;
+    ensure!(
+        other
+            .try_lock(&key, Duration::from_secs(10))
+            .await?
+            .is_held(),
+        "a released lock is free for try_lock"
+    );
+    Ok(())
+}
+
 async fn release_frees_the_lock(w: World) -> Result<()> {
     let l = locks(&w).await?;
     let key = unique("lock");
@@ -124,7 +149,7 @@ async fn acquire_times_out(w: World) -> Result<()> {
         .await;
     expect_kind(
         res.map(|g| g.fencing_token()),
-        ErrorKind::Timeout,
+        ErrorKind::LockNotAcquired,
         "acquire of a held lock",
     )?;
     let waited = started.elapsed();
@@ -571,7 +596,7 @@ async fn timed_out_acquire_leaves_nothing_behind(w: World) -> Result<()> {
             .await;
         match res {
             Ok(g) => g.release().await?,
-            Err(e) if e.kind() == ErrorKind::Timeout => {}
+            Err(e) if e.kind() == ErrorKind::LockNotAcquired => {}
             Err(e) => return Err(e.into()),
         }
         let g = l
@@ -613,6 +638,11 @@ fn on(c: &Claims) -> bool {
 pub fn cases() -> Vec<Case> {
     vec![
         crate::case!("lock", try_acquire_when_held_returns_none, when = on),
+        crate::case!(
+            "lock",
+            try_lock_of_a_held_lock_is_lock_already_held,
+            when = on
+        ),
         crate::case!("lock", release_frees_the_lock, when = on),
         crate::case!("lock", fencing_token_increases, when = on),
         crate::case!("lock", acquire_waits_for_release, when = on),

@@ -69,7 +69,7 @@ async fn deregister_removes_the_instance(w: World) -> Result<()> {
         .is_empty());
     expect_kind(
         reg.deregister(&service, "i-1").await,
-        ErrorKind::NotFound,
+        ErrorKind::NotRegistered,
         "second deregister",
     )?;
     Ok(())
@@ -123,11 +123,11 @@ async fn watch_starts_with_live_instances_then_follows_changes(w: World) -> Resu
     Ok(())
 }
 
-async fn update_of_an_unknown_instance_is_not_found(w: World) -> Result<()> {
+async fn update_of_an_unknown_instance_is_not_registered(w: World) -> Result<()> {
     let reg = w.backend.registry().await?;
     expect_kind(
         reg.update(&instance(&unique("svc"), "nope", 9001)).await,
-        ErrorKind::NotFound,
+        ErrorKind::NotRegistered,
         "update unknown",
     )
 }
@@ -279,7 +279,7 @@ pub fn cases() -> Vec<Case> {
         ),
         crate::case!(
             "registry",
-            update_of_an_unknown_instance_is_not_found,
+            update_of_an_unknown_instance_is_not_registered,
             when = on
         ),
         crate::case!("registry", keepalive_keeps_the_instance, when = on),
