@@ -335,6 +335,9 @@ write_env() {
         [ -s "$DIR/redis-tls.port" ] && echo "export IMINFRA_REDIS_TLS_URL=rediss://127.0.0.1:$(cat "$DIR/redis-tls.port")/0"
         [ -s "$DIR/redis-cluster-3.port" ] && echo "export IMINFRA_REDIS_CLUSTER_URLS=$(cluster_urls)"
         [ -s "$TLS_DIR/ca.pem" ] && echo "export IMINFRA_TLS_CA_FILE=$TLS_DIR/ca.pem"
+        # The server certificate is also good for client authentication.
+        [ -s "$TLS_DIR/server.pem" ] && echo "export IMINFRA_TLS_CERT_FILE=$TLS_DIR/server.pem"
+        [ -s "$TLS_DIR/server.key" ] && echo "export IMINFRA_TLS_KEY_FILE=$TLS_DIR/server.key"
     } >"$ENV_FILE"
 }
 

@@ -8,6 +8,11 @@
 //! following calls go to the others. Calls are spread round-robin, at
 //! random, or always to the first instance (by id) while it is healthy.
 //!
+//! An instance is dialled over TLS when its metadata says
+//! `scheme = "https"`, or when it says no scheme and the options carry
+//! [`GrpcTls`] (the CA to trust, optionally a client certificate for mutual
+//! TLS); `scheme = "http"` is plain text.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use im_infra::registry::grpc::{BalancePolicy, BalancedChannel, GrpcOptions};
@@ -44,6 +49,15 @@ use tower::ServiceExt;
 use super::{ServiceDiscovery, ServiceEventKind, ServiceInstance};
 use crate::error::{Error, ErrorKind, Result};
 
+mod tls;
+
+pub use tls::GrpcTls;
+
+/// The metadata key naming how an instance is dialled: `"https"` (TLS) or
+/// `"http"` (plain text). Without it, TLS is used when the options carry
+/// [`GrpcTls`].
+pub const SCHEME_KEY: &str = "scheme";
+
 /// How calls are spread over the live instances.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BalancePolicy {
@@ -73,6 +87,10 @@ pub struct GrpcOptions {
     pub eject_for: Duration,
     /// Bound of the first read of the instances.
     pub discovery_timeout: Duration,
+    /// TLS towards `https` instances (none: every instance is dialled in
+    /// plain text, and one that says `scheme = "https"` is skipped with a
+    /// warning).
+    pub tls: Option<GrpcTls>,
 }
 
 impl Default for GrpcOptions {
@@ -84,6 +102,7 @@ impl Default for GrpcOptions {
             request_timeout: None,
             eject_for: Duration::from_secs(5),
             discovery_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -93,6 +112,14 @@ impl GrpcOptions {
     #[must_use]
     pub fn policy(mut self, policy: BalancePolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Dials `https` instances with `tls` (and instances without a
+    /// [`SCHEME_KEY`] label too).
+    #[must_use]
+    pub fn tls(mut self, tls: GrpcTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -126,12 +153,32 @@ impl Shared {
     }
 
     fn target_for(&self, instance: &ServiceInstance) -> Result<Arc<Target>> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", instance.address))
+        let tls = match instance.metadata.get(SCHEME_KEY).map(String::as_str) {
+            Some("https") => Some(self.opts.tls.as_ref().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidConfig,
+                    "the instance speaks https and the channel has no GrpcTls",
+                )
+            })?),
+            Some("http") => None,
+            None => self.opts.tls.as_ref(),
+            Some(other) => {
+                return Err(Error::invalid_argument(format!(
+                    "unknown scheme {other:?} (https or http)"
+                )))
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{}", instance.address))
             .map_err(|e| {
                 Error::invalid_argument(format!("bad address {:?}", instance.address))
                     .with_source(e)
             })?
             .connect_timeout(self.opts.connect_timeout);
+        let endpoint = match tls {
+            Some(tls) => tls.apply(endpoint)?,
+            None => endpoint,
+        };
         let endpoint = match self.opts.request_timeout {
             Some(t) => endpoint.timeout(t),
             None => endpoint,
@@ -152,8 +199,13 @@ impl Shared {
         if current.iter().any(|t| t.instance == *instance) {
             return;
         }
-        let Ok(target) = self.target_for(instance) else {
-            return;
+        let target = match self.target_for(instance) {
+            Ok(target) => target,
+            Err(e) => {
+                tracing::warn!(service = %self.service, id = %instance.id, address = %instance.address, error = %e, "instance skipped: it cannot be dialled");
+                self.remove(&instance.id);
+                return;
+            }
         };
         let mut next: Vec<Arc<Target>> = current
             .iter()
@@ -238,13 +290,17 @@ impl std::fmt::Debug for BalancedChannel {
 impl BalancedChannel {
     /// Reads the live instances of `service` and follows their changes.
     /// Succeeds with no instance too (calls then fail with `NoInstances`
-    /// until one registers).
+    /// until one registers). `InvalidConfig` when the options' TLS
+    /// certificates or key do not parse.
     pub async fn connect(
         discovery: Arc<dyn ServiceDiscovery>,
         service: &str,
         opts: GrpcOptions,
     ) -> Result<Self> {
         crate::validate::name("service name", service)?;
+        if let Some(tls) = &opts.tls {
+            tls.validate()?;
+        }
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             service: service.to_owned(),

@@ -41,12 +41,13 @@ pub struct FailoverReport {
 
 /// A server process: its own runtime, so that killing it drops every
 /// connection it holds, as the end of a process would.
-struct Server {
+pub struct Server {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Server {
-    fn kill(&mut self) {
+    /// Stops the server at once, dropping its connections.
+    pub fn kill(&mut self) {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -60,8 +61,13 @@ impl Drop for Server {
 }
 
 /// One gRPC server (the standard health service) that names itself in a
-/// response header, on a free loopback port.
-async fn serve(id: &'static str) -> Result<(String, Server)> {
+/// response header, on a free loopback port; its address and handle.
+/// With `tls` it speaks only TLS (and requires client certificates when the
+/// configuration names a client CA).
+pub async fn serve(
+    id: &'static str,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<(String, Server)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -82,7 +88,17 @@ async fn serve(id: &'static str) -> Result<(String, Server)> {
             return;
         };
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let _ = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            match builder.tls_config(tls) {
+                Ok(b) => builder = b,
+                Err(e) => {
+                    eprintln!("server {id}: bad TLS configuration: {e}");
+                    return;
+                }
+            }
+        }
+        let _ = builder
             .layer(stamp)
             .add_service(health)
             .serve_with_incoming(incoming)
@@ -97,7 +113,7 @@ async fn serve(id: &'static str) -> Result<(String, Server)> {
 }
 
 /// Calls the balanced channel once; the answering server's id.
-async fn call(client: &mut HealthClient<BalancedChannel>) -> Option<String> {
+pub async fn call(client: &mut HealthClient<BalancedChannel>) -> Option<String> {
     let resp = tokio::time::timeout(
         Duration::from_secs(2),
         client.check(HealthCheckRequest {
@@ -123,8 +139,8 @@ pub async fn failover(endpoints: &[String]) -> Result<FailoverReport> {
     cfg.namespace = ns;
     let etcd = EtcdBackend::builder().settings(cfg).build().await?;
 
-    let (addr_a, mut server_a) = serve("a").await?;
-    let (addr_b, mut server_b) = serve("b").await?;
+    let (addr_a, mut server_a) = serve("a", None).await?;
+    let (addr_b, mut server_b) = serve("b", None).await?;
     // Each server registers through its own registry, as separate processes would.
     let registry_a: Arc<dyn ServiceRegistry> = etcd.registry().await?;
     let registry_b: Arc<dyn ServiceRegistry> = etcd.registry().await?;

@@ -13,3 +13,126 @@ async fn killing_one_server_moves_all_traffic_to_the_other() -> anyhow::Result<(
     println!("{report:?}");
     im_infra_examples_etcd::check(&report)
 }
+
+/// A balanced channel speaks TLS to instances registered as `https`: with
+/// the CA and a client certificate its calls reach a server that requires
+/// client certificates; without the client certificate, or trusting
+/// another CA, no call succeeds; a plain-text instance next to it
+/// (`scheme = "http"`) is reached in plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balanced_channel_speaks_mutual_tls_to_https_instances() -> anyhow::Result<()> {
+    use std::time::Duration;
+
+    use anyhow::{ensure, Context};
+    use im_infra::backend::Backend;
+    use im_infra::registry::grpc::{BalancedChannel, GrpcOptions, GrpcTls, SCHEME_KEY};
+    use im_infra::registry::ServiceInstance;
+    use im_infra_etcd::{EtcdBackend, EtcdSettings};
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    use tonic_health::pb::health_client::HealthClient;
+
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let file = |var: &str| -> anyhow::Result<String> {
+        let path = std::env::var(var)
+            .with_context(|| format!("{var} is not set (scripts/services.sh up)"))?;
+        std::fs::read_to_string(&path).with_context(|| format!("{var}={path}"))
+    };
+    let (ca, cert, key) = (
+        file("IMINFRA_TLS_CA_FILE")?,
+        file("IMINFRA_TLS_CERT_FILE")?,
+        file("IMINFRA_TLS_KEY_FILE")?,
+    );
+    let mut settings = EtcdSettings::with_endpoints(eps.split(',').map(str::to_owned));
+    settings.namespace = format!("/tls-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let etcd = EtcdBackend::builder().settings(settings).build().await?;
+
+    let server_tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&cert, &key))
+        .client_ca_root(Certificate::from_pem(&ca));
+    let (secure_addr, mut secure) =
+        im_infra_examples_etcd::serve("secure", Some(server_tls)).await?;
+    let (plain_addr, mut plain) = im_infra_examples_etcd::serve("plain", None).await?;
+    let registry = etcd.registry().await?;
+    let ttl = Duration::from_secs(10);
+    registry
+        .register(
+            &ServiceInstance::new("tls-echo", "secure", &secure_addr)
+                .with_metadata(SCHEME_KEY, "https"),
+            ttl,
+        )
+        .await?;
+    let discovery = etcd.discovery().await?;
+
+    // The CA and a client certificate: the TLS server answers.
+    let with = |tls: GrpcTls| GrpcOptions::default().tls(tls);
+    let channel = BalancedChannel::connect(
+        discovery.clone(),
+        "tls-echo",
+        with(GrpcTls::new(ca.clone()).identity(cert.clone(), key.clone())),
+    )
+    .await?;
+    let mut client = HealthClient::new(channel);
+    for _ in 0..5 {
+        let id = im_infra_examples_etcd::call(&mut client)
+            .await
+            .context("a call over mutual TLS failed")?;
+        ensure!(id == "secure", "answered by {id}");
+    }
+
+    // No client certificate: the server refuses the handshake.
+    let channel = BalancedChannel::connect(
+        discovery.clone(),
+        "tls-echo",
+        with(GrpcTls::new(ca.clone())),
+    )
+    .await?;
+    let mut client = HealthClient::new(channel);
+    ensure!(
+        im_infra_examples_etcd::call(&mut client).await.is_none(),
+        "a client without a certificate was served"
+    );
+    // Trusting another CA (the server's own certificate, which is no CA):
+    // the server's certificate is not accepted.
+    let channel = BalancedChannel::connect(
+        discovery.clone(),
+        "tls-echo",
+        with(GrpcTls::new(cert.clone()).identity(cert.clone(), key.clone())),
+    )
+    .await?;
+    let mut client = HealthClient::new(channel);
+    ensure!(
+        im_infra_examples_etcd::call(&mut client).await.is_none(),
+        "a server certificate from an untrusted CA was accepted"
+    );
+
+    // A plain-text instance beside it, labelled http: reached in plain text
+    // by the same channel.
+    registry.deregister("tls-echo", "secure").await?;
+    registry
+        .register(
+            &ServiceInstance::new("tls-echo", "plain", &plain_addr)
+                .with_metadata(SCHEME_KEY, "http"),
+            ttl,
+        )
+        .await?;
+    let channel = BalancedChannel::connect(
+        discovery,
+        "tls-echo",
+        with(GrpcTls::new(ca).identity(cert, key)),
+    )
+    .await?;
+    let mut client = HealthClient::new(channel);
+    let id = im_infra_examples_etcd::call(&mut client)
+        .await
+        .context("a call to the plain-text instance failed")?;
+    ensure!(id == "plain", "answered by {id}");
+
+    secure.kill();
+    plain.kill();
+    registry.deregister("tls-echo", "plain").await?;
+    etcd.purge_namespace().await?;
+    etcd.close().await?;
+    Ok(())
+}
