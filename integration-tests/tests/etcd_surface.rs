@@ -215,3 +215,83 @@ async fn etcdctl_lock_and_ours_exclude_each_other() -> Result<()> {
     etcd.close().await?;
     Ok(())
 }
+
+/// The lease id the instance's key is on, read with a plain etcd client.
+async fn lease_of_instance(endpoints: &str, ns: &str, service: &str, id: &str) -> Result<i64> {
+    let eps: Vec<String> = endpoints.split(',').map(str::to_owned).collect();
+    let mut c = etcd_client::Client::connect(eps, None).await?;
+    let key = format!("{ns}/services/{service}/{id}");
+    let r = c.get(key.clone(), None).await?;
+    Ok(r.kvs()
+        .first()
+        .with_context(|| format!("{key} is not in etcd"))?
+        .lease())
+}
+
+/// A registration without a TTL gets the settings' `default_ttl`; one on an
+/// existing lease (the seed's `WithLeaseID`) is put on that lease, and its
+/// deregistration leaves the lease to its owner; a lease etcd does not know
+/// is `LeaseNotFound`.
+#[tokio::test]
+async fn registrations_use_the_default_ttl_or_the_callers_lease() -> Result<()> {
+    use im_infra::registry::{RegisterOptions, ServiceInstance};
+
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let ns = format!(
+        "/surface-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut cfg = EtcdSettings::with_endpoints(eps.split(',').map(str::to_owned));
+    cfg.namespace = ns.clone();
+    cfg.default_ttl = Duration::from_secs(7);
+    let etcd = EtcdBackend::builder().settings(cfg).build().await?;
+    let reg = etcd.registry().await?;
+    let leases = etcd.leases();
+
+    reg.register_with(
+        &ServiceInstance::new("svc", "a", "127.0.0.1:1"),
+        RegisterOptions::default(),
+    )
+    .await?;
+    let lease = lease_of_instance(&eps, &ns, "svc", "a").await?;
+    let granted = leases.info(lease).await?.granted_ttl;
+    ensure!(
+        granted == Duration::from_secs(7),
+        "granted {granted:?}, default_ttl is 7 s"
+    );
+
+    let mine = leases.create(Duration::from_secs(20)).await?;
+    reg.register_with(
+        &ServiceInstance::new("svc", "b", "127.0.0.1:2"),
+        RegisterOptions::default().lease_id(mine),
+    )
+    .await?;
+    ensure!(
+        lease_of_instance(&eps, &ns, "svc", "b").await? == mine,
+        "the instance is on the caller's lease"
+    );
+    reg.deregister("svc", "b").await?;
+    ensure!(
+        lease_of_instance(&eps, &ns, "svc", "b").await.is_err(),
+        "deregistered"
+    );
+    ensure!(
+        leases.info(mine).await.is_ok(),
+        "the caller's lease outlives the registration"
+    );
+    leases.revoke(mine).await?;
+    let err = reg
+        .register_with(
+            &ServiceInstance::new("svc", "c", "127.0.0.1:3"),
+            RegisterOptions::default().lease_id(mine),
+        )
+        .await
+        .expect_err("a revoked lease takes no registration");
+    ensure!(err.kind() == ErrorKind::LeaseNotFound, "{err}");
+
+    reg.deregister("svc", "a").await?;
+    etcd.close().await?;
+    Ok(())
+}

@@ -10,7 +10,8 @@ use futures::stream::{self, StreamExt};
 use im_infra::config::{ConfigCapabilities, ConfigCenter, Versioned, WatchOptions, WatchStream};
 use im_infra::lock::{DistributedLock, LockCapabilities, LockGuard, LockInfo, LockOptions};
 use im_infra::registry::{
-    RegistryCapabilities, ServiceDiscovery, ServiceEventStream, ServiceInstance, ServiceRegistry,
+    RegisterOptions, RegistryCapabilities, ServiceDiscovery, ServiceEventStream, ServiceInfo,
+    ServiceInstance, ServiceRegistry,
 };
 use im_infra::uid::{WorkerIdAllocator, WorkerLease};
 use im_infra::{Error, ErrorKind, Result};
@@ -169,7 +170,11 @@ pub struct NoopRegistry;
 
 #[async_trait]
 impl ServiceRegistry for NoopRegistry {
-    async fn register(&self, _instance: &ServiceInstance, _ttl: Duration) -> Result<()> {
+    async fn register_with(
+        &self,
+        _instance: &ServiceInstance,
+        _opts: RegisterOptions,
+    ) -> Result<()> {
         Ok(())
     }
 
@@ -181,7 +186,7 @@ impl ServiceRegistry for NoopRegistry {
         Ok(())
     }
 
-    async fn list_services(&self) -> Result<Vec<String>> {
+    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
         Ok(Vec::new())
     }
 }

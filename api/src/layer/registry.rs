@@ -1,12 +1,11 @@
 //! The layers of [`ServiceRegistry`] and [`ServiceDiscovery`].
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::registry::{
-    RegistryCapabilities, ServiceDiscovery, ServiceEventStream, ServiceInstance, ServiceRegistry,
+    RegisterOptions, RegistryCapabilities, ServiceDiscovery, ServiceEventStream, ServiceInfo,
+    ServiceInstance, ServiceRegistry,
 };
 use crate::validate;
 
@@ -62,13 +61,13 @@ impl<R> std::fmt::Debug for ObservedRegistry<R> {
 
 #[async_trait]
 impl<R: ServiceRegistry> ServiceRegistry for ObservedRegistry<R> {
-    async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
         self.ops
             .register
             .run(async {
                 instance.validate()?;
-                validate::ttl(ttl)?;
-                self.inner.register(instance, ttl).await
+                validate::opt_ttl(opts.ttl)?;
+                self.inner.register_with(instance, opts).await
             })
             .await
     }
@@ -94,7 +93,7 @@ impl<R: ServiceRegistry> ServiceRegistry for ObservedRegistry<R> {
             .await
     }
 
-    async fn list_services(&self) -> Result<Vec<String>> {
+    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
         self.ops.list_services.run(self.inner.list_services()).await
     }
 }

@@ -31,14 +31,21 @@ pub trait RegistrationBackend: Send + Sync + 'static {
     /// The backend's name, for metrics and logs.
     fn name(&self) -> &'static str;
 
-    /// Puts `instance` on the server under a new lease of `ttl`, replacing
-    /// any earlier registration of the same service and id. Returns the
-    /// registration and the TTL the server granted (at least `ttl`).
+    /// Puts `instance` on the server under a new lease of `ttl` (or on the
+    /// existing lease `lease_id`, where the backend has such leases),
+    /// replacing any earlier registration of the same service and id.
+    /// Returns the registration and the TTL the server granted (at least
+    /// `ttl`).
     async fn put(
         &self,
         instance: &ServiceInstance,
         ttl: Duration,
+        lease_id: Option<i64>,
     ) -> Result<(Arc<dyn RegistrationLease>, Duration)>;
+
+    /// Replaces the value of a registered instance, whoever registered it,
+    /// keeping its lease. `Ok(false)`: it is not registered.
+    async fn replace(&self, instance: &ServiceInstance) -> Result<bool>;
 }
 
 /// The lease core sees the registration through this.
@@ -125,13 +132,20 @@ impl Registrations {
         self.mine.lock()
     }
 
-    /// Registers `instance` for `ttl` and keeps it registered. Registering
-    /// the same service and id again replaces the earlier registration.
-    pub async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+    /// Registers `instance` for `ttl` (on the existing lease `lease_id`,
+    /// where the backend has such leases) and keeps it registered.
+    /// Registering the same service and id again replaces the earlier
+    /// registration. After a loss it is registered again on a new lease.
+    pub async fn register(
+        &self,
+        instance: &ServiceInstance,
+        ttl: Duration,
+        lease_id: Option<i64>,
+    ) -> Result<()> {
         instance.validate()?;
         crate::validate::ttl(ttl)?;
         let sent = Tick::now();
-        let (reg, granted) = self.backend.put(instance, ttl).await?;
+        let (reg, granted) = self.backend.put(instance, ttl, lease_id).await?;
         let lease = self.lease(reg.clone(), granted, sent);
         let slot = Arc::new(tokio::sync::Mutex::new(Slot {
             instance: instance.clone(),
@@ -181,17 +195,25 @@ impl Registrations {
         Ok(())
     }
 
-    /// Changes the address or metadata of an instance registered here.
-    /// `NotRegistered` if it is not registered here; `LeaseLost` if its
-    /// registration was lost (it is being registered again, with the new
-    /// value).
+    /// Changes the address or metadata of a registered instance. Registered
+    /// here: the new value is also the one registered again after a loss;
+    /// `LeaseLost` if its registration was lost (it is being registered
+    /// again, with the new value). Registered elsewhere: the value on the
+    /// server is replaced, keeping its lease; `NotRegistered` if it is
+    /// registered nowhere.
     pub async fn update(&self, instance: &ServiceInstance) -> Result<()> {
         instance.validate()?;
         let slot = self
             .mine()
             .get(&(instance.service.clone(), instance.id.clone()))
-            .map(|r| r.slot.clone())
-            .ok_or_else(|| not_registered(&instance.service, &instance.id))?;
+            .map(|r| r.slot.clone());
+        let Some(slot) = slot else {
+            return if self.backend.replace(instance).await? {
+                Ok(())
+            } else {
+                Err(not_registered(&instance.service, &instance.id))
+            };
+        };
         let mut slot = slot.lock().await;
         slot.instance = instance.clone();
         let updated = match &slot.current {
@@ -288,7 +310,7 @@ async fn keep(
                 "registering again after the registration was lost"
             );
             let sent = Tick::now();
-            match backend.put(&s.instance, ttl).await {
+            match backend.put(&s.instance, ttl, None).await {
                 Ok((reg, granted)) => {
                     let lease = lease_of(backend.name(), reg.clone(), granted, sent);
                     // The lost lease is released where it is still its own.

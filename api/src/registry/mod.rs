@@ -156,6 +156,89 @@ impl RegistryCapabilities {
     }
 }
 
+/// How to register an instance: its TTL (the backend's default when none
+/// is given: the etcd setting `default_ttl`, [`DEFAULT_TTL`] elsewhere) and,
+/// on etcd, an existing lease to put it on.
+///
+/// ```
+/// use std::time::Duration;
+/// use im_infra::registry::RegisterOptions;
+///
+/// let opts = RegisterOptions::default().ttl(Duration::from_secs(10));
+/// assert_eq!(opts.ttl, Some(Duration::from_secs(10)));
+/// assert_eq!(RegisterOptions::default().lease_id(0x7a).lease_id, Some(0x7a));
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegisterOptions {
+    /// The registration's TTL; `None`: the backend's default.
+    pub ttl: Option<Duration>,
+    /// Put the instance on this existing lease (etcd only, the seed's
+    /// `WithLeaseID`; elsewhere `Unsupported`). The lease stays the
+    /// caller's: the registry renews it while the instance is registered
+    /// and never revokes it. If that lease ends, the instance is registered
+    /// again on a lease of the registry's own.
+    pub lease_id: Option<i64>,
+}
+
+impl RegisterOptions {
+    /// Sets the TTL.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Registers on an existing lease (etcd).
+    #[must_use]
+    pub fn lease_id(mut self, id: i64) -> Self {
+        self.lease_id = Some(id);
+        self
+    }
+}
+
+/// A service and its live instances, as [`ServiceRegistry::list_services`]
+/// returns them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    /// The service name.
+    pub name: String,
+    /// Its live instances, sorted by id, each with its address and metadata.
+    pub instances: Vec<ServiceInstance>,
+}
+
+impl ServiceInfo {
+    /// Groups instances by service: sorted by name, each service's
+    /// instances sorted by id.
+    ///
+    /// ```
+    /// use im_infra::registry::{ServiceInfo, ServiceInstance};
+    /// let all = vec![
+    ///     ServiceInstance::new("b", "2", "h:2"),
+    ///     ServiceInstance::new("a", "1", "h:1"),
+    ///     ServiceInstance::new("b", "1", "h:3"),
+    /// ];
+    /// let services = ServiceInfo::group(all);
+    /// assert_eq!(services.len(), 2);
+    /// assert_eq!(services[1].name, "b");
+    /// assert_eq!(services[1].instances[0].id, "1");
+    /// ```
+    pub fn group(instances: impl IntoIterator<Item = ServiceInstance>) -> Vec<ServiceInfo> {
+        let mut by_name: BTreeMap<String, Vec<ServiceInstance>> = BTreeMap::new();
+        for i in instances {
+            by_name.entry(i.service.clone()).or_default().push(i);
+        }
+        by_name
+            .into_iter()
+            .map(|(name, mut instances)| {
+                instances.sort_by(|a, b| a.id.cmp(&b.id));
+                instances.dedup_by(|a, b| a.id == b.id);
+                ServiceInfo { name, instances }
+            })
+            .collect()
+    }
+}
+
 /// Registers this process's instances.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
@@ -163,20 +246,31 @@ pub trait ServiceRegistry: Send + Sync + 'static {
     /// Registers `instance` with a lease of `ttl`, kept alive in the
     /// background and re-established (forever, with backoff) if lost.
     /// Registering the same service and id again replaces it.
-    async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()>;
+    async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+        self.register_with(instance, RegisterOptions::default().ttl(ttl))
+            .await
+    }
+
+    /// [`register`](Self::register) with options: the backend's default TTL
+    /// when none is given, and on etcd an existing lease.
+    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()>;
 
     /// Removes an instance registered by this registry and stops keeping it
     /// alive. `NotRegistered` (code 2002) if it is not registered here.
     async fn deregister(&self, service: &str, id: &str) -> Result<()>;
 
-    /// Changes the address or metadata of an instance registered here.
-    /// `NotRegistered` (code 2002) if it is not registered here; `LeaseLost`
-    /// if its registration was lost (it is being registered again, with the
-    /// new value).
+    /// Changes the address or metadata of a registered instance, keeping
+    /// its lease. From the handle that registered it, the new value is also
+    /// the one registered again after a loss (`LeaseLost` if its
+    /// registration was lost: it is being registered again, with the new
+    /// value). From any other handle, the value on the server is replaced
+    /// while the instance is registered; `NotRegistered` (code 2002) if it
+    /// is registered nowhere.
     async fn update(&self, instance: &ServiceInstance) -> Result<()>;
 
-    /// Names of the services with at least one live instance, sorted.
-    async fn list_services(&self) -> Result<Vec<String>>;
+    /// The services with at least one live instance, sorted by name, each
+    /// with its live instances (address and metadata).
+    async fn list_services(&self) -> Result<Vec<ServiceInfo>>;
 }
 
 /// A shared registry is a registry (a backend keeps one handle to close it
@@ -186,13 +280,16 @@ impl<R: ServiceRegistry + ?Sized> ServiceRegistry for std::sync::Arc<R> {
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
         (**self).register(instance, ttl).await
     }
+    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
+        (**self).register_with(instance, opts).await
+    }
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
         (**self).deregister(service, id).await
     }
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {
         (**self).update(instance).await
     }
-    async fn list_services(&self) -> Result<Vec<String>> {
+    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
         (**self).list_services().await
     }
 }

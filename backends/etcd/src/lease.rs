@@ -92,7 +92,7 @@ fn lost(id: i64) -> Error {
 /// etcd does not know: `LeaseNotFound` (code 5002), whether it was never
 /// granted, expired or was revoked. The backend's own leases, which it held,
 /// report `LeaseLost` instead.
-fn not_found(e: Error, id: i64) -> Error {
+pub(crate) fn not_found(e: Error, id: i64) -> Error {
     if e.kind() == ErrorKind::LeaseLost {
         Error::new(
             ErrorKind::LeaseNotFound,

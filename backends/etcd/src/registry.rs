@@ -12,8 +12,8 @@ use im_infra::backend::Closable;
 use im_infra::lease::{LeaseBackend, PendingLease};
 use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
-    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
-    ServiceEventStream, ServiceInstance, ServiceRegistry,
+    RegisterOptions, RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities,
+    ServiceDiscovery, ServiceEventStream, ServiceInfo, ServiceInstance, ServiceRegistry,
 };
 use im_infra::{Error, ErrorKind, Result};
 
@@ -121,12 +121,17 @@ impl RegistrationBackend for Server {
         crate::NAME
     }
 
-    /// Grants a lease and puts the instance on it.
+    /// Grants a lease and puts the instance on it; or puts it on the
+    /// caller's lease `lease_id` (never revoked by the registry).
     async fn put(
         &self,
         instance: &ServiceInstance,
         ttl: Duration,
+        lease_id: Option<i64>,
     ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+        if let Some(id) = lease_id {
+            return self.put_on(instance, id).await;
+        }
         let (lease, granted) = EtcdLease::grant(&self.conn, "registry.lease_grant", ttl).await?;
         let mut pending = PendingLease::new(lease);
         pending.arm();
@@ -144,6 +149,78 @@ impl RegistrationBackend for Server {
             Arc::new(Registered {
                 lease: pending.into_backend(),
                 key,
+                own_lease: true,
+            }),
+            granted,
+        ))
+    }
+
+    /// Replaces the value of a registered instance on the lease it is on,
+    /// if the key did not change in between (retried on a race).
+    async fn replace(&self, instance: &ServiceInstance) -> Result<bool> {
+        let key = instance_key(&self.conn, &instance.service, &instance.id);
+        let value = serde_json::to_vec(instance).map_err(|e| Error::serialization(&key, e))?;
+        for _ in 0..5 {
+            let k = key.clone();
+            let r = self
+                .conn
+                .call("registry.get", |mut c| async move { c.get(k, None).await })
+                .await?;
+            let Some(kv) = r.kvs().first() else {
+                return Ok(false);
+            };
+            let (rev, lease) = (kv.mod_revision(), kv.lease());
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let r = self
+                .conn
+                .call("registry.replace", |mut c| async move { c.txn(txn).await })
+                .await?;
+            if r.succeeded() {
+                return Ok(true);
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Conflict,
+            format!("{key} kept changing while it was updated"),
+        )
+        .with_backend(crate::NAME))
+    }
+}
+
+impl Server {
+    /// Puts the instance on the caller's lease `id`: renewed by the
+    /// registration while it lasts, never revoked by it.
+    async fn put_on(
+        &self,
+        instance: &ServiceInstance,
+        id: i64,
+    ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+        let granted = crate::lease::info(&self.conn, id)
+            .await
+            .map_err(|e| crate::lease::not_found(e, id))?
+            .granted_ttl
+            .max(Duration::from_secs(1));
+        let key = instance_key(&self.conn, &instance.service, &instance.id);
+        let value = serde_json::to_vec(instance).map_err(|e| Error::serialization(&key, e))?;
+        let k = key.clone();
+        self.conn
+            .call("registry.put", |mut c| async move {
+                c.put(k, value, Some(PutOptions::new().with_lease(id)))
+                    .await
+            })
+            .await
+            .map_err(|e| crate::lease::not_found(e, id))?;
+        Ok((
+            Arc::new(Registered {
+                lease: EtcdLease::new(self.conn.clone(), id),
+                key,
+                own_lease: false,
             }),
             granted,
         ))
@@ -154,6 +231,8 @@ impl RegistrationBackend for Server {
 struct Registered {
     lease: EtcdLease,
     key: String,
+    /// Granted for this registration (revoked with it), or the caller's.
+    own_lease: bool,
 }
 
 impl Registered {
@@ -185,12 +264,15 @@ impl LeaseBackend for Registered {
         self.lease.keep_alive().await
     }
 
-    /// Deletes the key if it is still on this lease, then revokes the lease.
+    /// Deletes the key if it is still on this lease, then revokes the lease
+    /// if the registration granted it.
     async fn release(&self) -> Result<bool> {
         let deleted = self
             .if_mine("registry.delete", TxnOp::delete(self.key.clone(), None))
             .await?;
-        let _ = self.lease.revoke().await;
+        if self.own_lease {
+            let _ = self.lease.revoke().await;
+        }
         Ok(deleted)
     }
 }
@@ -210,9 +292,13 @@ impl RegistrationLease for Registered {
 
 #[async_trait]
 impl ServiceRegistry for EtcdRegistry {
-    async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+    /// Without a TTL, the settings' `default_ttl`.
+    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
         let instance = self.with_defaults(instance);
-        self.registrations.register(&instance, ttl).await
+        let ttl = opts.ttl.unwrap_or(self.conn.settings().default_ttl);
+        self.registrations
+            .register(&instance, ttl, opts.lease_id)
+            .await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
@@ -224,34 +310,25 @@ impl ServiceRegistry for EtcdRegistry {
         self.registrations.update(&instance).await
     }
 
-    async fn list_services(&self) -> Result<Vec<String>> {
+    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
         let root = self
             .conn
             .settings()
             .key(&format!("{}/", self.conn.settings().service_prefix));
-        let opts = GetOptions::new().with_prefix().with_keys_only();
-        let prefix = root.clone();
         let r = self
             .conn
             .call("registry.list", |mut c| async move {
-                c.get(prefix, Some(opts)).await
+                c.get(root, Some(GetOptions::new().with_prefix())).await
             })
             .await?;
-        let mut names: Vec<String> = r
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let k = String::from_utf8_lossy(kv.key());
-                k.strip_prefix(root.as_str())?
-                    .split('/')
-                    .next()
-                    .map(str::to_owned)
-            })
-            .filter(|s| !s.is_empty())
-            .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+        let instances = r.kvs().iter().filter_map(|kv| match parse(kv.value()) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "unreadable instance ignored");
+                None
+            }
+        });
+        Ok(ServiceInfo::group(instances))
     }
 }
 

@@ -13,8 +13,9 @@ use futures::StreamExt;
 use im_infra::backend::Closable;
 use im_infra::lease::LeaseBackend;
 use im_infra::registry::{
-    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
-    ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance, ServiceRegistry,
+    RegisterOptions, RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities,
+    ServiceDiscovery, ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInfo,
+    ServiceInstance, ServiceRegistry, DEFAULT_TTL,
 };
 use im_infra::{Error, Result, RetrySettings};
 use tokio::sync::{mpsc, Notify};
@@ -109,11 +110,14 @@ impl RegistryStore {
         }
     }
 
-    fn update(&self, instance: &ServiceInstance, lease: u64) -> bool {
+    /// Replaces the instance's value if it is live under `lease` (any
+    /// lease when `None`).
+    fn update(&self, instance: &ServiceInstance, lease: Option<u64>) -> bool {
         let mut state = self.state();
         let key = (instance.service.clone(), instance.id.clone());
+        let now = Instant::now();
         match state.instances.get_mut(&key) {
-            Some(e) if e.lease == lease => {
+            Some(e) if lease.is_none_or(|l| l == e.lease) && e.expires_at > now => {
                 if e.instance != *instance {
                     e.instance = instance.clone();
                     state.emit(ServiceEventKind::Update, instance);
@@ -262,6 +266,7 @@ impl RegistrationBackend for Store {
         &self,
         instance: &ServiceInstance,
         ttl: Duration,
+        _lease_id: Option<i64>,
     ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
         self.shared.check_open()?;
         let lease = self.shared.registry.put(instance, ttl);
@@ -274,6 +279,11 @@ impl RegistrationBackend for Store {
             }),
             ttl,
         ))
+    }
+
+    async fn replace(&self, instance: &ServiceInstance) -> Result<bool> {
+        self.shared.check_open()?;
+        Ok(self.shared.registry.update(instance, None))
     }
 }
 
@@ -311,20 +321,26 @@ impl LeaseBackend for Registered {
 impl RegistrationLease for Registered {
     async fn update(&self, instance: &ServiceInstance) -> Result<bool> {
         self.shared.check_open()?;
-        Ok(self.shared.registry.update(instance, self.lease))
+        Ok(self.shared.registry.update(instance, Some(self.lease)))
     }
 }
 
 #[async_trait]
 impl ServiceRegistry for MemoryRegistry {
-    async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+    /// Without a TTL, [`DEFAULT_TTL`]; leases of the caller's are etcd's
+    /// (`Unsupported`).
+    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
         self.shared.check_open()?;
+        if opts.lease_id.is_some() {
+            return Err(Error::unsupported("registry.register on an existing lease"));
+        }
+        let ttl = opts.ttl.unwrap_or(DEFAULT_TTL);
         if ttl < MIN_TTL {
             return Err(Error::invalid_argument(
                 "registration ttl must be at least 10 ms",
             ));
         }
-        self.registrations.register(instance, ttl).await
+        self.registrations.register(instance, ttl, None).await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
@@ -337,18 +353,16 @@ impl ServiceRegistry for MemoryRegistry {
         self.registrations.update(instance).await
     }
 
-    async fn list_services(&self) -> Result<Vec<String>> {
+    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
         self.shared.check_open()?;
         let now = Instant::now();
         let state = self.shared.registry.state();
-        let mut names: Vec<String> = state
+        let live = state
             .instances
-            .iter()
-            .filter(|(_, e)| e.expires_at > now)
-            .map(|((s, _), _)| s.clone())
-            .collect();
-        names.dedup();
-        Ok(names)
+            .values()
+            .filter(|e| e.expires_at > now)
+            .map(|e| e.instance.clone());
+        Ok(ServiceInfo::group(live))
     }
 }
 

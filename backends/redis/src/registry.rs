@@ -9,8 +9,9 @@ use im_infra::backend::Closable;
 use im_infra::lease::LeaseBackend;
 use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
-    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
-    ServiceEventStream, ServiceInstance, ServiceRegistry,
+    RegisterOptions, RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities,
+    ServiceDiscovery, ServiceEventStream, ServiceInfo, ServiceInstance, ServiceRegistry,
+    DEFAULT_TTL,
 };
 use im_infra::{validate, Error, ErrorKind, Result};
 use redis::aio::MultiplexedConnection;
@@ -126,6 +127,7 @@ impl RegistrationBackend for Server {
         &self,
         instance: &ServiceInstance,
         ttl: Duration,
+        _lease_id: Option<i64>,
     ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
         let sid = sid(&instance.service, &instance.id);
         let json = serde_json::to_string(instance).map_err(|e| Error::serialization(&sid, e))?;
@@ -140,6 +142,13 @@ impl RegistrationBackend for Server {
             }),
             ttl,
         ))
+    }
+
+    async fn replace(&self, instance: &ServiceInstance) -> Result<bool> {
+        let sid = sid(&instance.service, &instance.id);
+        let json = serde_json::to_string(instance).map_err(|e| Error::serialization(&sid, e))?;
+        let replaced: i64 = op(&self.shared, &["replace", &sid, &json]).await?;
+        Ok(replaced == 1)
     }
 }
 
@@ -184,14 +193,20 @@ impl RegistrationLease for Registered {
 
 #[async_trait]
 impl ServiceRegistry for RedisRegistry {
-    async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
+    /// Without a TTL, [`DEFAULT_TTL`]; leases of the caller's are etcd's
+    /// (`Unsupported`).
+    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
+        if opts.lease_id.is_some() {
+            return Err(Error::unsupported("registry.register on an existing lease"));
+        }
+        let ttl = opts.ttl.unwrap_or(DEFAULT_TTL);
         // Keep-alives every ttl / 3 need some room.
         if ttl < Duration::from_millis(100) {
             return Err(Error::invalid_argument(
                 "registration ttl must be at least 100 ms",
             ));
         }
-        self.registrations.register(instance, ttl).await
+        self.registrations.register(instance, ttl, None).await
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
@@ -202,15 +217,9 @@ impl ServiceRegistry for RedisRegistry {
         self.registrations.update(instance).await
     }
 
-    async fn list_services(&self) -> Result<Vec<String>> {
-        let sids: Vec<String> = op(&self.shared, &["names"]).await?;
-        let mut names: Vec<String> = sids
-            .iter()
-            .filter_map(|s| s.split_once('/').map(|(svc, _)| svc.to_owned()))
-            .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
+        let (_, instances) = list(&self.shared, "").await?;
+        Ok(ServiceInfo::group(instances))
     }
 }
 

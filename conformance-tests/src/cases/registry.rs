@@ -7,7 +7,8 @@ use anyhow::{ensure, Context, Result};
 use futures::StreamExt;
 use im_infra::backend::Capability;
 use im_infra::registry::{
-    ServiceDiscoveryExt, ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInstance,
+    RegisterOptions, ServiceDiscoveryExt, ServiceEvent, ServiceEventKind, ServiceEventStream,
+    ServiceInstance,
 };
 use im_infra::ErrorKind;
 
@@ -75,19 +76,105 @@ async fn deregister_removes_the_instance(w: World) -> Result<()> {
     Ok(())
 }
 
-async fn list_services_names_live_services(w: World) -> Result<()> {
+async fn list_services_gives_each_service_with_its_instances(w: World) -> Result<()> {
     let (a, b) = (unique("alpha"), unique("beta"));
     let reg = w.backend.registry().await?;
     reg.register(&instance(&a, "1", 9001), TTL).await?;
+    reg.register(&instance(&b, "2", 9003).with_metadata("version", "2"), TTL)
+        .await?;
     reg.register(&instance(&b, "1", 9002), TTL).await?;
-    reg.register(&instance(&b, "2", 9003), TTL).await?;
-    let names = reg.list_services().await?;
-    ensure!(names.contains(&a) && names.contains(&b), "{names:?}");
+    let services = reg.list_services().await?;
     ensure!(
-        names.windows(2).all(|w| w[0] < w[1]),
-        "sorted and unique: {names:?}"
+        services.windows(2).all(|w| w[0].name < w[1].name),
+        "sorted by name and unique: {services:?}"
+    );
+    let of = |name: &str| services.iter().find(|s| s.name == name);
+    let a = of(&a).context("alpha listed")?;
+    ensure!(a.instances == vec![instance(&a.name, "1", 9001)], "{a:?}");
+    let b = of(&b).context("beta listed")?;
+    ensure!(
+        b.instances
+            == vec![
+                instance(&b.name, "1", 9002),
+                instance(&b.name, "2", 9003).with_metadata("version", "2"),
+            ],
+        "instances sorted by id, with address and metadata: {b:?}"
     );
     Ok(())
+}
+
+async fn register_without_a_ttl_uses_the_default(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register_with(&instance(&service, "i-1", 9001), RegisterOptions::default())
+        .await?;
+    let live = w.peer.discovery().await?.instances(&service).await?;
+    ensure!(live.len() == 1, "registered with the default TTL: {live:?}");
+    reg.deregister(&service, "i-1").await?;
+    Ok(())
+}
+
+async fn update_from_another_handle_changes_a_registered_instance(w: World) -> Result<()> {
+    let service = unique("svc");
+    let owner = w.backend.registry().await?;
+    owner
+        .register(&instance(&service, "i-1", 9001), TTL)
+        .await?;
+    // Another handle, of another backend instance (another process).
+    let other = w.peer.registry().await?;
+    other
+        .update(&instance(&service, "i-1", 9009).with_metadata("weight", "5"))
+        .await?;
+    let live = w.backend.discovery().await?.instances(&service).await?;
+    ensure!(
+        live.len() == 1
+            && live[0].address == "127.0.0.1:9009"
+            && live[0].metadata.get("weight").map(String::as_str) == Some("5"),
+        "the update is what discovery sees: {live:?}"
+    );
+    // The registration keeps its lease: it is still alive after its TTL.
+    tokio::time::sleep(TTL + TTL / 2).await;
+    ensure!(
+        w.backend
+            .discovery()
+            .await?
+            .instances(&service)
+            .await?
+            .len()
+            == 1,
+        "the updated instance is still kept alive by its owner"
+    );
+    owner.deregister(&service, "i-1").await?;
+    expect_kind(
+        other.update(&instance(&service, "i-1", 9001)).await,
+        ErrorKind::NotRegistered,
+        "update of a deregistered instance from another handle",
+    )
+}
+
+async fn update_of_a_lost_registration_is_never_a_silent_ok(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register(&instance(&service, "i-1", 9001), TTL).await?;
+    w.hooks.revoke_registration(&service, "i-1").await?;
+    let updated = instance(&service, "i-1", 9002);
+    // Either the registration is already back and the update reaches the
+    // server, or the update reports the loss; both end with the new value.
+    match reg.update(&updated).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::LeaseLost => {}
+        Err(e) => return Err(e.into()),
+    }
+    let disc = w.backend.discovery().await?;
+    eventually(
+        Duration::from_secs(10),
+        "registered again with the new value",
+        || {
+            let (disc, service, updated) = (disc.clone(), service.clone(), updated.clone());
+            async move { Ok(disc.instances(&service).await? == vec![updated]) }
+        },
+    )
+    .await
 }
 
 async fn watch_starts_with_live_instances_then_follows_changes(w: World) -> Result<()> {
@@ -271,7 +358,26 @@ pub fn cases() -> Vec<Case> {
     vec![
         crate::case!("registry", registered_instances_are_discovered, when = on),
         crate::case!("registry", deregister_removes_the_instance, when = on),
-        crate::case!("registry", list_services_names_live_services, when = on),
+        crate::case!(
+            "registry",
+            list_services_gives_each_service_with_its_instances,
+            when = on
+        ),
+        crate::case!(
+            "registry",
+            register_without_a_ttl_uses_the_default,
+            when = on
+        ),
+        crate::case!(
+            "registry",
+            update_from_another_handle_changes_a_registered_instance,
+            when = on
+        ),
+        crate::case!(
+            "registry",
+            update_of_a_lost_registration_is_never_a_silent_ok,
+            when = on
+        ),
         crate::case!(
             "registry",
             watch_starts_with_live_instances_then_follows_changes,

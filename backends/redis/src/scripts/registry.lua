@@ -6,10 +6,10 @@
 --   put        sid, instance JSON, lease, ttl ms   -> 1
 --   keepalive  sid, lease, ttl ms                  -> 1 kept, 0 lease lost
 --   update     sid, lease, instance JSON           -> 1 updated, 0 lease lost
+--   replace    sid, instance JSON                  -> 1 replaced (any lease), 0 not registered
 --   remove     sid, lease ('' = whoever holds it)  -> 1 removed, 0 not there
 --   reap                                           -> number of expired instances removed
 --   list       sid prefix ('' = all)               -> {revision, json1, json2, ...} of live instances
---   names                                          -> sids of live instances
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op = ARGV[1]
@@ -82,6 +82,18 @@ if op == 'update' then
   return 1
 end
 
+if op == 'replace' then
+  local sid, json = ARGV[3], ARGV[4]
+  if not live(sid) then
+    return 0
+  end
+  if redis.call('HGET', KEYS[1], sid) ~= json then
+    redis.call('HSET', KEYS[1], sid, json)
+    event('u', json)
+  end
+  return 1
+end
+
 if op == 'remove' then
   local sid, lease = ARGV[3], ARGV[4]
   local holder = redis.call('HGET', KEYS[2], sid)
@@ -108,11 +120,6 @@ if op == 'list' then
     end
   end
   return out
-end
-
-if op == 'names' then
-  reap()
-  return redis.call('ZRANGEBYLEX', KEYS[4], '-', '+')
 end
 
 return redis.error_reply('unknown registry operation ' .. tostring(op))
