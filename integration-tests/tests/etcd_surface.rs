@@ -261,6 +261,14 @@ async fn registrations_use_the_default_ttl_or_the_callers_lease() -> Result<()> 
         granted == Duration::from_secs(7),
         "granted {granted:?}, default_ttl is 7 s"
     );
+    // Discovery names the lease and the TTL.
+    let found = etcd.discovery().await?.instances("svc").await?;
+    ensure!(
+        found.len() == 1
+            && found[0].lease_id == Some(lease)
+            && found[0].ttl == Some(Duration::from_secs(7)),
+        "{found:?}"
+    );
 
     let mine = leases.create(Duration::from_secs(20)).await?;
     reg.register_with(

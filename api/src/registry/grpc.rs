@@ -196,7 +196,11 @@ impl Shared {
             return;
         }
         let current = self.targets.load();
-        if current.iter().any(|t| t.instance == *instance) {
+        // A new lease alone (etcd, after a re-registration) keeps the channel.
+        if current
+            .iter()
+            .any(|t| t.instance.registered() == instance.registered())
+        {
             return;
         }
         let target = match self.target_for(instance) {

@@ -44,7 +44,8 @@ pub trait RegistrationBackend: Send + Sync + 'static {
     ) -> Result<(Arc<dyn RegistrationLease>, Duration)>;
 
     /// Replaces the value of a registered instance, whoever registered it,
-    /// keeping its lease. `Ok(false)`: it is not registered.
+    /// keeping its lease and the TTL recorded with it. `Ok(false)`: it is
+    /// not registered.
     async fn replace(&self, instance: &ServiceInstance) -> Result<bool>;
 }
 
@@ -144,6 +145,12 @@ impl Registrations {
     ) -> Result<()> {
         instance.validate()?;
         crate::validate::ttl(ttl)?;
+        // What is stored carries the TTL; the lease id is the backend's.
+        let instance = &ServiceInstance {
+            ttl: Some(ttl),
+            lease_id: None,
+            ..instance.clone()
+        };
         let sent = Tick::now();
         let (reg, granted) = self.backend.put(instance, ttl, lease_id).await?;
         let lease = self.lease(reg.clone(), granted, sent);
@@ -208,13 +215,19 @@ impl Registrations {
             .get(&(instance.service.clone(), instance.id.clone()))
             .map(|r| r.slot.clone());
         let Some(slot) = slot else {
-            return if self.backend.replace(instance).await? {
+            // The backend keeps the TTL the instance is registered with.
+            return if self.backend.replace(&instance.registered()).await? {
                 Ok(())
             } else {
                 Err(not_registered(&instance.service, &instance.id))
             };
         };
         let mut slot = slot.lock().await;
+        let instance = &ServiceInstance {
+            ttl: slot.instance.ttl,
+            lease_id: None,
+            ..instance.clone()
+        };
         slot.instance = instance.clone();
         let updated = match &slot.current {
             Some((reg, lease)) if lease.is_held() => reg.update(instance).await?,

@@ -53,6 +53,18 @@ pub struct ServiceInstance {
     /// Free-form labels (version, region, weight, ...).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// The lease the registration is on, where the backend has leases
+    /// (etcd). Filled in by discovery; ignored when registering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<i64>,
+    /// The TTL the instance was registered with. Filled in by discovery
+    /// (every registry backend records it); ignored when registering.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub ttl: Option<Duration>,
 }
 
 impl ServiceInstance {
@@ -67,6 +79,28 @@ impl ServiceInstance {
             id: id.into(),
             address: address.into(),
             metadata: BTreeMap::new(),
+            lease_id: None,
+            ttl: None,
+        }
+    }
+
+    /// The instance without what discovery fills in (lease id and TTL): the
+    /// value as it was registered, to compare with another.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use im_infra::registry::ServiceInstance;
+    /// let registered = ServiceInstance::new("svc", "1", "10.0.0.1:80");
+    /// let mut found = registered.clone();
+    /// found.ttl = Some(Duration::from_secs(10));
+    /// assert_eq!(found.registered(), registered);
+    /// ```
+    #[must_use]
+    pub fn registered(&self) -> ServiceInstance {
+        ServiceInstance {
+            lease_id: None,
+            ttl: None,
+            ..self.clone()
         }
     }
 

@@ -30,8 +30,12 @@ fn instance_key(conn: &ConnectionManager, service: &str, id: &str) -> String {
     format!("{}{id}", service_dir(conn, service))
 }
 
-fn parse(raw: &[u8]) -> Result<ServiceInstance> {
-    serde_json::from_slice(raw).map_err(|e| Error::serialization("service instance", e))
+/// The instance stored in `kv`, with the lease it is on.
+fn parse(kv: &etcd_client::KeyValue) -> Result<ServiceInstance> {
+    let mut i: ServiceInstance = serde_json::from_slice(kv.value())
+        .map_err(|e| Error::serialization("service instance", e))?;
+    i.lease_id = Some(kv.lease()).filter(|&l| l != 0);
+    Ok(i)
 }
 
 /// Live instances of a service and the revision they were read at.
@@ -45,7 +49,7 @@ async fn read(conn: &ConnectionManager, service: &str) -> Result<(i64, Vec<Servi
     let rev = r.header().map_or(0, |h| h.revision());
     let mut out = Vec::new();
     for kv in r.kvs() {
-        match parse(kv.value()) {
+        match parse(kv) {
             Ok(i) => out.push(i),
             Err(e) => {
                 tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "unreadable instance ignored")
@@ -159,7 +163,6 @@ impl RegistrationBackend for Server {
     /// if the key did not change in between (retried on a race).
     async fn replace(&self, instance: &ServiceInstance) -> Result<bool> {
         let key = instance_key(&self.conn, &instance.service, &instance.id);
-        let value = serde_json::to_vec(instance).map_err(|e| Error::serialization(&key, e))?;
         for _ in 0..5 {
             let k = key.clone();
             let r = self
@@ -170,6 +173,12 @@ impl RegistrationBackend for Server {
                 return Ok(false);
             };
             let (rev, lease) = (kv.mod_revision(), kv.lease());
+            let ttl = parse(kv).ok().and_then(|old| old.ttl);
+            let value = serde_json::to_vec(&ServiceInstance {
+                ttl,
+                ..instance.clone()
+            })
+            .map_err(|e| Error::serialization(&key, e))?;
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                 .and_then([TxnOp::put(
@@ -321,7 +330,7 @@ impl ServiceRegistry for EtcdRegistry {
                 c.get(root, Some(GetOptions::new().with_prefix())).await
             })
             .await?;
-        let instances = r.kvs().iter().filter_map(|kv| match parse(kv.value()) {
+        let instances = r.kvs().iter().filter_map(|kv| match parse(kv) {
             Ok(i) => Some(i),
             Err(e) => {
                 tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "unreadable instance ignored");
@@ -371,7 +380,7 @@ impl Instances {
         let key = String::from_utf8_lossy(kv.key());
         let id = key.strip_prefix(self.dir.as_str())?.to_owned();
         match ev.event_type() {
-            EventType::Put => parse(kv.value()).ok().map(InstanceChange::Put),
+            EventType::Put => parse(kv).ok().map(InstanceChange::Put),
             EventType::Delete => Some(InstanceChange::Delete(id)),
         }
     }

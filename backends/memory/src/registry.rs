@@ -118,9 +118,13 @@ impl RegistryStore {
         let now = Instant::now();
         match state.instances.get_mut(&key) {
             Some(e) if lease.is_none_or(|l| l == e.lease) && e.expires_at > now => {
-                if e.instance != *instance {
+                let instance = ServiceInstance {
+                    ttl: e.instance.ttl,
+                    ..instance.clone()
+                };
+                if e.instance != instance {
                     e.instance = instance.clone();
-                    state.emit(ServiceEventKind::Update, instance);
+                    state.emit(ServiceEventKind::Update, &instance);
                 }
                 true
             }

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use im_infra::backend::Capability;
 use im_infra::registry::{
     RegisterOptions, ServiceDiscoveryExt, ServiceEvent, ServiceEventKind, ServiceEventStream,
-    ServiceInstance,
+    ServiceInfo, ServiceInstance,
 };
 use im_infra::ErrorKind;
 
@@ -89,17 +89,47 @@ async fn list_services_gives_each_service_with_its_instances(w: World) -> Result
         "sorted by name and unique: {services:?}"
     );
     let of = |name: &str| services.iter().find(|s| s.name == name);
+    let plain = |s: &ServiceInfo| -> Vec<ServiceInstance> {
+        s.instances
+            .iter()
+            .map(ServiceInstance::registered)
+            .collect()
+    };
     let a = of(&a).context("alpha listed")?;
-    ensure!(a.instances == vec![instance(&a.name, "1", 9001)], "{a:?}");
+    ensure!(plain(a) == vec![instance(&a.name, "1", 9001)], "{a:?}");
     let b = of(&b).context("beta listed")?;
     ensure!(
-        b.instances
+        plain(b)
             == vec![
                 instance(&b.name, "1", 9002),
                 instance(&b.name, "2", 9003).with_metadata("version", "2"),
             ],
         "instances sorted by id, with address and metadata: {b:?}"
     );
+    Ok(())
+}
+
+async fn discovered_instances_carry_their_ttl(w: World) -> Result<()> {
+    let service = unique("svc");
+    let reg = w.backend.registry().await?;
+    reg.register(&instance(&service, "i-1", 9001), TTL).await?;
+    let disc = w.peer.discovery().await?;
+    let live = disc.instances(&service).await?;
+    ensure!(
+        live.len() == 1 && live[0].ttl == Some(TTL),
+        "instances() gives the TTL: {live:?}"
+    );
+    let mut events = disc.watch(&service).await?;
+    let e = next_event(&mut events).await?;
+    ensure!(e.instance.ttl == Some(TTL), "a watch gives the TTL: {e:?}");
+    // An update keeps the TTL the instance was registered with.
+    reg.update(&instance(&service, "i-1", 9002)).await?;
+    let e = next_event(&mut events).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Update && e.instance.ttl == Some(TTL),
+        "{e:?}"
+    );
+    reg.deregister(&service, "i-1").await?;
     Ok(())
 }
 
@@ -171,7 +201,14 @@ async fn update_of_a_lost_registration_is_never_a_silent_ok(w: World) -> Result<
         "registered again with the new value",
         || {
             let (disc, service, updated) = (disc.clone(), service.clone(), updated.clone());
-            async move { Ok(disc.instances(&service).await? == vec![updated]) }
+            async move {
+                let live = disc.instances(&service).await?;
+                Ok(live
+                    .iter()
+                    .map(ServiceInstance::registered)
+                    .collect::<Vec<_>>()
+                    == vec![updated])
+            }
         },
     )
     .await
@@ -368,6 +405,7 @@ pub fn cases() -> Vec<Case> {
             register_without_a_ttl_uses_the_default,
             when = on
         ),
+        crate::case!("registry", discovered_instances_carry_their_ttl, when = on),
         crate::case!(
             "registry",
             update_from_another_handle_changes_a_registered_instance,
