@@ -42,9 +42,9 @@ pub enum ErrorKind {
     /// The thing to create already exists, such as a registration
     /// (code 2001).
     AlreadyExists,
-    /// The registry does not hold this instance: it was never registered
-    /// through this registry, was deregistered, or its registration was lost
-    /// (code 2002).
+    /// The instance is not registered: a deregistration through a registry
+    /// that does not hold it, or an update of an instance registered
+    /// nowhere (code 2002).
     NotRegistered,
     /// The thing asked for does not exist (code 3001).
     NotFound,

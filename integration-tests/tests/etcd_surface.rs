@@ -280,6 +280,23 @@ async fn registrations_use_the_default_ttl_or_the_callers_lease() -> Result<()> 
         lease_of_instance(&eps, &ns, "svc", "b").await? == mine,
         "the instance is on the caller's lease"
     );
+    // Registered again on the same lease: still there, with the lease's TTL.
+    reg.register_with(
+        &ServiceInstance::new("svc", "b", "127.0.0.1:4"),
+        RegisterOptions::default().lease_id(mine),
+    )
+    .await?;
+    let found = etcd.discovery().await?.instances("svc").await?;
+    let b = found
+        .iter()
+        .find(|i| i.id == "b")
+        .context("registering again on the same lease keeps the instance")?;
+    ensure!(
+        b.address == "127.0.0.1:4"
+            && b.lease_id == Some(mine)
+            && b.ttl == Some(Duration::from_secs(20)),
+        "{b:?}"
+    );
     reg.deregister("svc", "b").await?;
     ensure!(
         lease_of_instance(&eps, &ns, "svc", "b").await.is_err(),

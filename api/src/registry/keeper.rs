@@ -115,7 +115,7 @@ impl std::fmt::Debug for Registrations {
 fn not_registered(service: &str, id: &str) -> Error {
     Error::new(
         ErrorKind::NotRegistered,
-        format!("{service}/{id} is not registered by this registry"),
+        format!("{service}/{id} is not registered"),
     )
 }
 
@@ -146,13 +146,26 @@ impl Registrations {
         instance.validate()?;
         crate::validate::ttl(ttl)?;
         // What is stored carries the TTL; the lease id is the backend's.
-        let instance = &ServiceInstance {
+        let mut instance = ServiceInstance {
             ttl: Some(ttl),
             lease_id: None,
             ..instance.clone()
         };
+        let key = (instance.service.clone(), instance.id.clone());
+        if lease_id.is_some() {
+            // The earlier registration may be on the same (caller's) lease:
+            // released after the put, it would delete the new value.
+            let old = self.mine().remove(&key);
+            if let Some(old) = old {
+                retire(old).await;
+            }
+        }
         let sent = Tick::now();
-        let (reg, granted) = self.backend.put(instance, ttl, lease_id).await?;
+        let (reg, granted) = self.backend.put(&instance, ttl, lease_id).await?;
+        if lease_id.is_some() {
+            // A caller's lease has its own TTL, recorded as such.
+            instance.ttl = Some(granted);
+        }
         let lease = self.lease(reg.clone(), granted, sent);
         let slot = Arc::new(tokio::sync::Mutex::new(Slot {
             instance: instance.clone(),
@@ -167,19 +180,9 @@ impl Registrations {
             stop.clone(),
             ttl,
         ));
-        let key = (instance.service.clone(), instance.id.clone());
         let old = self.mine().insert(key, Registration { slot, stop });
         if let Some(old) = old {
-            old.stop.cancel();
-            let current = {
-                let mut slot = old.slot.lock().await;
-                slot.stopped = true;
-                slot.current.take()
-            };
-            // Releasing touches only what is still the old registration's.
-            if let Some((_, lease)) = current {
-                let _ = lease.release().await;
-            }
+            retire(old).await;
         }
         Ok(())
     }
@@ -278,6 +281,20 @@ fn lease_of(
         LeaseOptions::new(granted).labels(backend, "registry"),
         sent,
     )
+}
+
+/// Stops keeping a replaced registration and releases it; releasing
+/// touches only what is still that registration's.
+async fn retire(old: Registration) {
+    old.stop.cancel();
+    let current = {
+        let mut slot = old.slot.lock().await;
+        slot.stopped = true;
+        slot.current.take()
+    };
+    if let Some((_, lease)) = current {
+        let _ = lease.release().await;
+    }
 }
 
 impl Drop for Registrations {

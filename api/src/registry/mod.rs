@@ -298,8 +298,10 @@ pub trait ServiceRegistry: Send + Sync + 'static {
     /// the one registered again after a loss (`LeaseLost` if its
     /// registration was lost: it is being registered again, with the new
     /// value). From any other handle, the value on the server is replaced
-    /// while the instance is registered; `NotRegistered` (code 2002) if it
-    /// is registered nowhere.
+    /// while the instance is registered (keeping its lease and recorded
+    /// TTL; if the registration is later lost, its owner registers its own
+    /// last value again); `NotRegistered` (code 2002) if it is registered
+    /// nowhere.
     async fn update(&self, instance: &ServiceInstance) -> Result<()>;
 
     /// The services with at least one live instance, sorted by name, each

@@ -80,7 +80,7 @@ impl std::fmt::Debug for LeaseManager {
     }
 }
 
-fn lost(id: i64) -> Error {
+pub(crate) fn lost(id: i64) -> Error {
     Error::new(
         ErrorKind::LeaseLost,
         format!("lease {id:x} expired or was revoked"),
@@ -106,14 +106,16 @@ pub(crate) fn not_found(e: Error, id: i64) -> Error {
 
 /// What `create` reports when the grant failed: a refusal by the server is
 /// `LeaseNotCreated` (code 5001, with etcd's answer as the source); a grant
-/// that could not be asked for (connection, timeout, closed) or bad input
-/// keeps its kind, so it stays retryable or names the argument.
+/// that could not be asked for (connection, timeout, closed), one refused
+/// for overload ("too many requests": retryable) and bad input keep their
+/// kinds.
 fn not_created(e: Error) -> Error {
     match e.kind() {
         ErrorKind::Connection
         | ErrorKind::Unavailable
         | ErrorKind::Timeout
         | ErrorKind::Closed
+        | ErrorKind::ResourceExhausted
         | ErrorKind::InvalidArgument => e,
         _ => Error::new(
             ErrorKind::LeaseNotCreated,
@@ -505,7 +507,7 @@ mod tests {
     #[test]
     fn a_refused_grant_is_lease_not_created_and_a_lost_request_keeps_its_kind() {
         for kind in [
-            ErrorKind::ResourceExhausted,
+            ErrorKind::InvalidState,
             ErrorKind::InvalidConfig,
             ErrorKind::Internal,
         ] {
@@ -521,6 +523,7 @@ mod tests {
             ErrorKind::Unavailable,
             ErrorKind::Timeout,
             ErrorKind::Closed,
+            ErrorKind::ResourceExhausted,
             ErrorKind::InvalidArgument,
         ] {
             assert_eq!(not_created(Error::new(kind, "x")).kind(), kind);

@@ -183,15 +183,19 @@ impl RegistrationBackend for Server {
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                 .and_then([TxnOp::put(
                     key.clone(),
-                    value.clone(),
+                    value,
                     Some(PutOptions::new().with_lease(lease)),
                 )]);
             let r = self
                 .conn
-                .call("registry.replace", |mut c| async move { c.txn(txn).await })
-                .await?;
-            if r.succeeded() {
-                return Ok(true);
+                .call("registry.replace", |mut c| async move { c.txn(txn).await });
+            match r.await {
+                Ok(r) if r.succeeded() => return Ok(true),
+                Ok(_) => {}
+                // Its lease ended between the read and the write: the
+                // instance is registered no more.
+                Err(e) if e.kind() == ErrorKind::LeaseLost => return Ok(false),
+                Err(e) => return Err(e),
             }
         }
         Err(Error::new(
@@ -204,7 +208,11 @@ impl RegistrationBackend for Server {
 
 impl Server {
     /// Puts the instance on the caller's lease `id`: renewed by the
-    /// registration while it lasts, never revoked by it.
+    /// registration while it lasts, never revoked by it. The lease is
+    /// renewed first, so that its whole granted TTL counts from now. A put
+    /// that fails after etcd applied it (a timeout) leaves the key on the
+    /// caller's lease, until that lease ends or the instance is registered
+    /// again.
     async fn put_on(
         &self,
         instance: &ServiceInstance,
@@ -215,8 +223,20 @@ impl Server {
             .map_err(|e| crate::lease::not_found(e, id))?
             .granted_ttl
             .max(Duration::from_secs(1));
+        let lease = EtcdLease::new(self.conn.clone(), id);
+        if !lease
+            .keep_alive()
+            .await
+            .map_err(|e| crate::lease::not_found(e, id))?
+        {
+            return Err(crate::lease::not_found(crate::lease::lost(id), id));
+        }
         let key = instance_key(&self.conn, &instance.service, &instance.id);
-        let value = serde_json::to_vec(instance).map_err(|e| Error::serialization(&key, e))?;
+        let recorded = ServiceInstance {
+            ttl: Some(granted),
+            ..instance.clone()
+        };
+        let value = serde_json::to_vec(&recorded).map_err(|e| Error::serialization(&key, e))?;
         let k = key.clone();
         self.conn
             .call("registry.put", |mut c| async move {
@@ -227,7 +247,7 @@ impl Server {
             .map_err(|e| crate::lease::not_found(e, id))?;
         Ok((
             Arc::new(Registered {
-                lease: EtcdLease::new(self.conn.clone(), id),
+                lease,
                 key,
                 own_lease: false,
             }),
