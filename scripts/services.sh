@@ -81,7 +81,7 @@ install_tansu() {
     [ -n "$(tansu_bin)" ] && return 0
     command -v cargo >/dev/null 2>&1 || die "tansu is missing and cargo is not available to build it"
     local t0; t0=$(now_ms)
-    log "building tansu $TANSU_VERSION with cargo install (once per machine, about 10 minutes on 2 cores)"
+    log "building tansu $TANSU_VERSION with cargo install (once per machine, about 16 minutes on 2 cores)"
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
         >"$DIR/tansu-install.log" 2>&1 || { tail -30 "$DIR/tansu-install.log" >&2; die "cargo install tansu failed"; }
     log "built tansu in $(( ($(now_ms) - t0) / 1000 ))s"
