@@ -146,16 +146,8 @@ impl RegistrationBackend for Server {
 
     async fn replace(&self, instance: &ServiceInstance) -> Result<bool> {
         let sid = sid(&instance.service, &instance.id);
-        // The TTL recorded with the registration stays.
-        let (_, live) = list(&self.shared, &sid).await?;
-        let Some(old) = live.into_iter().find(|i| i.id == instance.id) else {
-            return Ok(false);
-        };
-        let instance = ServiceInstance {
-            ttl: old.ttl,
-            ..instance.clone()
-        };
-        let json = serde_json::to_string(&instance).map_err(|e| Error::serialization(&sid, e))?;
+        // The script keeps the TTL recorded with the registration.
+        let json = serde_json::to_string(instance).map_err(|e| Error::serialization(&sid, e))?;
         let replaced: i64 = op(&self.shared, &["replace", &sid, &json]).await?;
         Ok(replaced == 1)
     }

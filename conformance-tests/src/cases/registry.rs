@@ -162,8 +162,9 @@ async fn update_from_another_handle_changes_a_registered_instance(w: World) -> R
     ensure!(
         live.len() == 1
             && live[0].address == "127.0.0.1:9009"
-            && live[0].metadata.get("weight").map(String::as_str) == Some("5"),
-        "the update is what discovery sees: {live:?}"
+            && live[0].metadata.get("weight").map(String::as_str) == Some("5")
+            && live[0].ttl == Some(TTL),
+        "the update is what discovery sees, with the TTL it was registered with: {live:?}"
     );
     // The registration keeps its lease: it is still alive after its TTL.
     tokio::time::sleep(TTL + TTL / 2).await;

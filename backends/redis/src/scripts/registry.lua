@@ -6,7 +6,7 @@
 --   put        sid, instance JSON, lease, ttl ms   -> 1
 --   keepalive  sid, lease, ttl ms                  -> 1 kept, 0 lease lost
 --   update     sid, lease, instance JSON           -> 1 updated, 0 lease lost
---   replace    sid, instance JSON                  -> 1 replaced (any lease), 0 not registered
+--   replace    sid, instance JSON                  -> 1 replaced (any lease, recorded ttl kept), 0 not registered
 --   remove     sid, lease ('' = whoever holds it)  -> 1 removed, 0 not there
 --   reap                                           -> number of expired instances removed
 --   list       sid prefix ('' = all)               -> {revision, json1, json2, ...} of live instances
@@ -70,24 +70,27 @@ if op == 'keepalive' then
   return 0
 end
 
-if op == 'update' then
-  local sid, lease, json = ARGV[3], ARGV[4], ARGV[5]
-  if redis.call('HGET', KEYS[2], sid) ~= lease or not live(sid) then
-    return 0
+-- update: the registration of `lease` only; replace: whoever holds it,
+-- keeping the TTL recorded with it.
+if op == 'update' or op == 'replace' then
+  local sid, json
+  if op == 'update' then
+    sid, json = ARGV[3], ARGV[5]
+    if redis.call('HGET', KEYS[2], sid) ~= ARGV[4] then return 0 end
+  else
+    sid, json = ARGV[3], ARGV[4]
   end
-  if redis.call('HGET', KEYS[1], sid) ~= json then
-    redis.call('HSET', KEYS[1], sid, json)
-    event('u', json)
+  if not live(sid) then return 0 end
+  local old = redis.call('HGET', KEYS[1], sid)
+  if op == 'replace' and old then
+    local recorded = cjson.decode(old).ttl
+    local new = cjson.decode(json)
+    if new.ttl ~= recorded then
+      new.ttl = recorded
+      json = cjson.encode(new)
+    end
   end
-  return 1
-end
-
-if op == 'replace' then
-  local sid, json = ARGV[3], ARGV[4]
-  if not live(sid) then
-    return 0
-  end
-  if redis.call('HGET', KEYS[1], sid) ~= json then
+  if old ~= json then
     redis.call('HSET', KEYS[1], sid, json)
     event('u', json)
   end
