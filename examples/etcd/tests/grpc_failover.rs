@@ -88,6 +88,8 @@ async fn the_balanced_channel_speaks_mutual_tls_to_https_instances() -> anyhow::
         with(GrpcTls::new(ca.clone())),
     )
     .await?;
+    // The instance is there: a failed call is the handshake's.
+    ensure!(channel.endpoints() == vec![secure_addr.clone()]);
     let mut client = HealthClient::new(channel);
     ensure!(
         im_infra_examples_etcd::call(&mut client).await.is_none(),
@@ -101,15 +103,15 @@ async fn the_balanced_channel_speaks_mutual_tls_to_https_instances() -> anyhow::
         with(GrpcTls::new(cert.clone()).identity(cert.clone(), key.clone())),
     )
     .await?;
+    ensure!(channel.endpoints() == vec![secure_addr.clone()]);
     let mut client = HealthClient::new(channel);
     ensure!(
         im_infra_examples_etcd::call(&mut client).await.is_none(),
         "a server certificate from an untrusted CA was accepted"
     );
 
-    // A plain-text instance beside it, labelled http: reached in plain text
-    // by the same channel.
-    registry.deregister("tls-echo", "secure").await?;
+    // A plain-text instance beside it, labelled http: one channel reaches
+    // the TLS instance over TLS and this one in plain text.
     registry
         .register(
             &ServiceInstance::new("tls-echo", "plain", &plain_addr)
@@ -124,13 +126,21 @@ async fn the_balanced_channel_speaks_mutual_tls_to_https_instances() -> anyhow::
     )
     .await?;
     let mut client = HealthClient::new(channel);
-    let id = im_infra_examples_etcd::call(&mut client)
-        .await
-        .context("a call to the plain-text instance failed")?;
-    ensure!(id == "plain", "answered by {id}");
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let id = im_infra_examples_etcd::call(&mut client)
+            .await
+            .context("a call over the mixed channel failed")?;
+        answered.insert(id);
+    }
+    ensure!(
+        answered == ["plain".to_owned(), "secure".to_owned()].into(),
+        "round-robin over both schemes: {answered:?}"
+    );
 
     secure.kill();
     plain.kill();
+    registry.deregister("tls-echo", "secure").await?;
     registry.deregister("tls-echo", "plain").await?;
     etcd.purge_namespace().await?;
     etcd.close().await?;
