@@ -121,6 +121,14 @@ impl GrpcTls {
                 "grpc tls: the CA holds no PEM certificate",
             ));
         }
+        if let Some(name) = &self.domain_name {
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(Error::new(
+                    ErrorKind::InvalidConfig,
+                    format!("grpc tls: {name:?} is not a DNS name or IP address"),
+                ));
+            }
+        }
         self.apply(Endpoint::from_static("https://localhost"))
             .map(drop)
     }
@@ -131,12 +139,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ca_that_is_not_pem_is_invalid_config_and_the_key_is_never_printed() {
+    fn a_bad_ca_or_server_name_is_invalid_config_and_the_key_is_never_printed() {
         let err = GrpcTls::new("not a certificate").validate().unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig);
         let tls = GrpcTls::new("x").identity("cert", "-----BEGIN PRIVATE KEY----- secret");
         let shown = format!("{tls:?}");
         assert!(!shown.contains("secret"), "{shown}");
+        let ca = "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n";
+        for bad in ["", "has space", "a..b"] {
+            let err = GrpcTls::new(ca).domain_name(bad).validate().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{bad:?}");
+        }
         let err = GrpcTls::from_ca_file("/nonexistent/ca.pem").unwrap_err();
         assert!(err.message().contains("/nonexistent/ca.pem"), "{err}");
     }
