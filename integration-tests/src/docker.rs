@@ -34,15 +34,14 @@ const LAB_LABEL: &str = "im-infra.lab";
 /// The label holding the pid of the process that owns the lab.
 const PID_LABEL: &str = "im-infra.pid";
 
-/// Runs `docker args` and returns its standard output (trimmed); fails
-/// with its standard error.
-pub async fn docker(args: &[&str]) -> Result<String> {
-    let out = tokio::process::Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running docker")?;
+/// The bound of one `docker` command: a stuck engine fails the test (and
+/// its clean-up) instead of hanging it.
+const DOCKER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The standard output (trimmed) of a finished `docker args`; fails with
+/// its standard error.
+fn finish(args: &[&str], out: std::io::Result<std::process::Output>) -> Result<String> {
+    let out = out.context("running docker")?;
     if !out.status.success() {
         bail!(
             "docker {} failed: {}",
@@ -53,21 +52,47 @@ pub async fn docker(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// The same, blocking (for `Drop`).
-fn docker_blocking(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new("docker")
+/// Runs `docker args` (within [`DOCKER_TIMEOUT`]) and returns its standard
+/// output (trimmed); fails with its standard error.
+pub async fn docker(args: &[&str]) -> Result<String> {
+    let run = tokio::process::Command::new("docker")
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DOCKER_TIMEOUT, run)
+        .await
+        .with_context(|| {
+            format!(
+                "docker {} did not end within {DOCKER_TIMEOUT:?}",
+                args.join(" ")
+            )
+        })?;
+    finish(args, out)
+}
+
+/// The same, blocking (for `Drop`), killed after [`DOCKER_TIMEOUT`].
+fn docker_blocking(args: &[&str]) -> Result<String> {
+    let mut child = std::process::Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("running docker")?;
-    if !out.status.success() {
-        bail!(
-            "docker {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let deadline = Instant::now() + DOCKER_TIMEOUT;
+    while child.try_wait().context("waiting for docker")?.is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "docker {} did not end within {DOCKER_TIMEOUT:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    finish(args, child.wait_with_output())
 }
 
 /// Why the Docker tests cannot run here (no `docker`, no engine, an image
@@ -292,18 +317,19 @@ impl Lab {
 
     /// The container's standard output and error so far.
     pub async fn logs(&self, container: &str) -> String {
-        let out = tokio::process::Command::new("docker")
+        let run = tokio::process::Command::new("docker")
             .args(["logs", container])
             .stdin(Stdio::null())
-            .output()
-            .await;
-        match out {
-            Ok(o) => format!(
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(DOCKER_TIMEOUT, run).await {
+            Err(_) => format!("docker logs {container} did not end within {DOCKER_TIMEOUT:?}"),
+            Ok(Ok(o)) => format!(
                 "{}{}",
                 String::from_utf8_lossy(&o.stdout),
                 String::from_utf8_lossy(&o.stderr)
             ),
-            Err(e) => format!("(docker logs failed: {e})"),
+            Ok(Err(e)) => format!("(docker logs failed: {e})"),
         }
     }
 
