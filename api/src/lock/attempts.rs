@@ -269,7 +269,7 @@ mod tests {
             self.tokens.lock().push(held.token.clone());
             let n = self.attempts.fetch_add(1, Ordering::SeqCst);
             if self.lose_first && n == 0 {
-                return Err(Error::new(ErrorKind::Timeout, "answer lost"));
+                return Err(Error::new(ErrorKind::Unavailable, "answer lost"));
             }
             Ok(if n < self.held_for {
                 Attempt::Held(Duration::from_millis(5))
@@ -330,7 +330,7 @@ mod tests {
         let Err(err) = acquire(&lock, "k", opts(Duration::ZERO)).await else {
             panic!("acquired after a lost answer with no time left");
         };
-        assert_eq!(err.kind(), ErrorKind::Timeout);
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
             lock.released.load(Ordering::SeqCst),
