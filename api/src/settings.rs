@@ -28,7 +28,9 @@
 
 use serde::de::DeserializeOwned;
 
-use crate::config::{config_path, ConfigCenter, ConfigCenterExt};
+use std::time::Duration;
+
+use crate::config::{app_env, config_path_in, ConfigCenter, ConfigCenterExt};
 use crate::error::{Error, ErrorKind, Result};
 
 /// The error of settings that name no server to connect to:
@@ -77,7 +79,28 @@ pub async fn from_center<T: Settings>(
     center: &dyn ConfigCenter,
     service: &str,
 ) -> Result<Option<T>> {
-    let path = config_path(service, T::COMPONENT)?;
+    from_center_in(center, &app_env(), service).await
+}
+
+/// [`from_center`] in the environment `env` rather than `APP_ENV`'s:
+/// the settings at `/config/{env}/{service}/{T::COMPONENT}`.
+///
+/// ```
+/// # async fn demo(center: &dyn im_infra::config::ConfigCenter) -> im_infra::Result<()> {
+/// # #[derive(Debug, serde::Deserialize)] struct Mine { url: String }
+/// # impl im_infra::settings::Settings for Mine {
+/// #     const COMPONENT: &'static str = "mine";
+/// #     fn validate(&self) -> im_infra::Result<()> { Ok(()) }
+/// # }
+/// let mine: Option<Mine> = im_infra::settings::from_center_in(center, "prod", "im-logic").await?;
+/// # Ok(()) }
+/// ```
+pub async fn from_center_in<T: Settings>(
+    center: &dyn ConfigCenter,
+    env: &str,
+    service: &str,
+) -> Result<Option<T>> {
+    let path = config_path_in(env, service, T::COMPONENT)?;
     let settings: Option<T> = center.get_json(&path).await?;
     if let Some(s) = &settings {
         s.validate()?;
@@ -85,26 +108,49 @@ pub async fn from_center<T: Settings>(
     Ok(settings)
 }
 
-/// [`from_center`], or `fallback` with a warning naming the path and why:
-/// nothing stored there, the center unreachable, or stored settings that do
-/// not parse or validate. Never fails.
+/// [`from_center_in`] within `timeout`, or `fallback` with a warning naming
+/// the path and why: nothing stored there, the center unreachable or too
+/// slow, or stored settings that do not parse or validate. Never fails.
+///
+/// ```
+/// # use std::time::Duration;
+/// # #[derive(Debug, Default, serde::Deserialize)] struct Mine { url: String }
+/// # impl im_infra::settings::Settings for Mine {
+/// #     const COMPONENT: &'static str = "mine";
+/// #     fn validate(&self) -> im_infra::Result<()> { Ok(()) }
+/// # }
+/// # async fn demo(center: &dyn im_infra::config::ConfigCenter) {
+/// let local = Mine { url: "redis://127.0.0.1:6379".into() };
+/// let mine = im_infra::settings::from_center_or(center, "prod", "im-logic", local, Duration::from_secs(5)).await;
+/// # let _ = mine; }
+/// ```
 pub async fn from_center_or<T: Settings>(
     center: &dyn ConfigCenter,
+    env: &str,
     service: &str,
     fallback: T,
+    timeout: Duration,
 ) -> T {
-    let path = config_path(service, T::COMPONENT).unwrap_or_else(|e| e.to_string());
-    match from_center(center, service).await {
-        Ok(Some(settings)) => settings,
-        Ok(None) => {
+    let path = config_path_in(env, service, T::COMPONENT).unwrap_or_else(|e| e.to_string());
+    match tokio::time::timeout(timeout, from_center_in(center, env, service)).await {
+        Ok(Ok(Some(settings))) => settings,
+        Ok(Ok(None)) => {
             tracing::warn!(
                 path,
                 "no settings in the config center; using the local ones"
             );
             fallback
         }
-        Err(error) => {
+        Ok(Err(error)) => {
             tracing::warn!(path, %error, "settings from the config center unusable; using the local ones");
+            fallback
+        }
+        Err(_) => {
+            tracing::warn!(
+                path,
+                ?timeout,
+                "the config center did not answer in time; using the local settings"
+            );
             fallback
         }
     }
@@ -137,9 +183,13 @@ mod tests {
         }
     }
 
-    /// A center of fixed values; `None` answers `Unavailable`.
+    /// A center of fixed values; `None` answers `Unavailable`; `hang`
+    /// makes every read wait forever.
     #[derive(Default)]
-    struct Center(parking_lot::Mutex<Option<HashMap<String, Bytes>>>);
+    struct Center(
+        parking_lot::Mutex<Option<HashMap<String, Bytes>>>,
+        std::sync::atomic::AtomicBool,
+    );
 
     #[async_trait]
     impl ConfigCenter for Center {
@@ -147,6 +197,9 @@ mod tests {
             ConfigCapabilities::full(1024)
         }
         async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             let values = self.0.lock();
             let values = values
                 .as_ref()
@@ -178,13 +231,15 @@ mod tests {
 
     impl Center {
         fn put(&self, value: &'static str) {
-            let path = config_path("svc", "mine").unwrap();
+            let path = config_path_in("dev", "svc", "mine").unwrap();
             let mut values = self.0.lock();
             values
                 .get_or_insert_with(HashMap::new)
                 .insert(path, Bytes::from_static(value.as_bytes()));
         }
     }
+
+    const SECOND: Duration = Duration::from_secs(1);
 
     fn local() -> Mine {
         Mine {
@@ -196,38 +251,57 @@ mod tests {
     async fn stored_settings_are_read_validated_or_fall_back() {
         let center = Center::default();
         assert_eq!(
-            from_center_or(&center, "svc", local()).await,
+            from_center_or(&center, "dev", "svc", local(), SECOND).await,
             local(),
             "unreachable"
         );
         center.put(r#"{"url": "from-center"}"#);
-        let read = from_center::<Mine>(&center, "svc").await.unwrap();
+        let read = from_center_in::<Mine>(&center, "dev", "svc").await.unwrap();
         assert_eq!(read.map(|m| m.url).as_deref(), Some("from-center"));
         assert_eq!(
-            from_center_or(&center, "svc", local()).await.url,
+            from_center_or(&center, "dev", "svc", local(), SECOND)
+                .await
+                .url,
             "from-center"
         );
 
         center.put(r#"{"url": ""}"#);
-        let bad = from_center::<Mine>(&center, "svc").await.unwrap_err();
+        let bad = from_center_in::<Mine>(&center, "dev", "svc")
+            .await
+            .unwrap_err();
         assert_eq!(bad.kind(), ErrorKind::InvalidConfig);
         assert_eq!(
-            from_center_or(&center, "svc", local()).await,
+            from_center_or(&center, "dev", "svc", local(), SECOND).await,
             local(),
             "invalid"
         );
 
         center.put(r#"{"url": "x", "nope": 1}"#);
-        let unknown = from_center::<Mine>(&center, "svc").await.unwrap_err();
+        let unknown = from_center_in::<Mine>(&center, "dev", "svc")
+            .await
+            .unwrap_err();
         assert_eq!(unknown.kind(), ErrorKind::Serialization);
-        assert!(from_center::<Mine>(&center, "other")
+        assert!(from_center_in::<Mine>(&center, "dev", "other")
             .await
             .unwrap()
             .is_none());
         assert_eq!(
-            from_center_or(&center, "other", local()).await,
+            from_center_or(&center, "dev", "other", local(), SECOND).await,
             local(),
             "absent"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_center_that_does_not_answer_falls_back_at_the_timeout() {
+        let center = Center::default();
+        center.put(r#"{"url": "from-center"}"#);
+        center.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            from_center_or(&center, "dev", "svc", local(), SECOND).await,
+            local()
+        );
+        assert_eq!(started.elapsed(), SECOND);
     }
 }

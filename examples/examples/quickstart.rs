@@ -1,16 +1,17 @@
-//! Every im-infra capability on the in-process backend, in one run.
+//! Every im-infra capability, started by the runtime: in process with no
+//! configuration, on the real servers with one file.
 //!
 //! ```text
 //! cargo run --example quickstart
+//! IMINFRA_CONFIG=examples/servers.yaml cargo run --example quickstart
 //! ```
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
 use futures::StreamExt;
-use im_infra::config::{ConfigManager, WatchOptions};
+use im_infra::config::WatchOptions;
 use im_infra::lock::LockOptions;
 use im_infra::mq::{handler_fn, ConsumerSettings, Message};
 use im_infra::once::Outcome;
@@ -18,7 +19,7 @@ use im_infra::prelude::*;
 use im_infra::ratelimit::LimiterSettings;
 use im_infra::registry::ServiceInstance;
 use im_infra::uid::{Layout, Snowflake};
-use im_infra_memory::MemoryBackend;
+use im_infra_runtime::Runtime;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -28,16 +29,24 @@ struct ChatSettings {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    // The composition root picks the backend; everything below only sees traits.
-    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    // The runtime composes the backends from configuration (none: all in
+    // process), installs the log subscriber, and hands out the traits.
+    let runtime = Runtime::builder("im-logic")
+        .section(
+            "ratelimit",
+            LimiterSettings::with_rule("send", Rule::per_second(3)),
+        )
+        .start()
+        .await?;
     println!(
-        "backend: {} offers {:?}",
-        backend.name(),
-        backend.capabilities()
+        "runtime: {} in {}: {}",
+        runtime.service(),
+        runtime.env(),
+        runtime.composition()
     );
 
     // Cache.
-    let cache = backend.cache().await?;
+    let cache = runtime.cache();
     cache
         .set(
             "greeting",
@@ -53,9 +62,7 @@ async fn main() -> Result<()> {
     );
 
     // Rate limiting: 3 per second per user.
-    let limiter = backend
-        .limiter(Rules::single("send", Rule::per_second(3))?)
-        .await?;
+    let limiter = runtime.limiter();
     let mut verdicts = Vec::new();
     for _ in 0..5 {
         verdicts.push(limiter.check("send", "alice", 1).await?.allowed);
@@ -63,7 +70,7 @@ async fn main() -> Result<()> {
     println!("ratelimit: 5 sends by alice at once -> {verdicts:?}");
 
     // Distributed lock with a fencing token.
-    let locks = backend.lock().await?;
+    let locks = runtime.lock();
     let guard = locks
         .acquire("ledger", LockOptions::new(Duration::from_secs(5)))
         .await?;
@@ -75,8 +82,8 @@ async fn main() -> Result<()> {
     guard.release().await?;
 
     // Configuration: versioned values, CAS, watch, typed manager with hot reload.
-    let center = backend.config().await?;
-    let path = "/config/dev/im-logic/chat";
+    let center = runtime.config();
+    let path = &format!("/config/{}/im-logic/chat", runtime.env());
     let mut changes = center.watch(path, WatchOptions::default()).await?;
     let v1 = center
         .set_json(
@@ -100,8 +107,8 @@ async fn main() -> Result<()> {
         changes.next().await.transpose()?.map_or(0, |e| e.version),
         changes.next().await.transpose()?.map_or(0, |e| e.version)
     );
-    let settings = ConfigManager::<ChatSettings>::builder(center.clone(), "im-logic", "chat")
-        .env("dev")
+    let settings = runtime
+        .config_manager::<ChatSettings>("chat")
         .default_value(ChatSettings {
             max_message_len: 200,
         })
@@ -121,8 +128,8 @@ async fn main() -> Result<()> {
     settings.stop().await;
 
     // Registry and discovery.
-    let registry = backend.registry().await?;
-    let discovery = backend.discovery().await?;
+    let registry = runtime.registry();
+    let discovery = runtime.discovery();
     registry
         .register(
             &ServiceInstance::new("im-logic", "logic-1", "127.0.0.1:9001")
@@ -137,7 +144,7 @@ async fn main() -> Result<()> {
     registry.deregister("im-logic", "logic-1").await?;
 
     // Idempotency: the second run returns the stored outcome.
-    let once = backend.once().await?;
+    let once = runtime.once();
     for attempt in 1..=2 {
         let out: Outcome<String> = once
             .run("charge:order-42", Duration::from_secs(3600), || async {
@@ -148,7 +155,7 @@ async fn main() -> Result<()> {
     }
 
     // Messaging: produce, consume in a group, commit after the handler.
-    let producer = backend.producer().await?;
+    let producer = runtime.producer();
     for i in 0..3 {
         let d = producer
             .produce(Message::new("chat.events", format!("msg {i}")).with_key("room-1"))
@@ -158,7 +165,7 @@ async fn main() -> Result<()> {
             d.partition, d.offset
         );
     }
-    let consumer = backend
+    let consumer = runtime
         .consumer(ConsumerSettings::new("quickstart", ["chat.events"]))
         .await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -181,31 +188,32 @@ async fn main() -> Result<()> {
     task.await??;
 
     // Unique ids on a leased worker id.
-    let lease = backend
+    let lease = runtime
         .worker_ids()
-        .await?
         .allocate(1023, Duration::from_secs(30))
         .await?;
     let ids = Snowflake::with_lease(Layout::default(), lease)?;
     let id = ids.next_id()?;
     println!("uid: {id} -> {:?}", ids.decompose(id));
 
-    // Per-resource rules hot-reloaded from the config center.
-    let rules = ConfigManager::<LimiterSettings>::builder(center, "im-gateway", "ratelimit")
-        .env("dev")
-        .build()?;
-    rules
-        .publish(&LimiterSettings::with_rule("login", Rule::per_minute(10)))
+    // The limiter's rules hot-reload from /config/{env}/im-logic/ratelimit.
+    let rules_path = format!("/config/{}/im-logic/ratelimit", runtime.env());
+    center
+        .set_json(
+            &rules_path,
+            &LimiterSettings::with_rule("send", Rule::per_minute(1)),
+        )
         .await?;
-    rules.start().await;
-    let managed = backend.limiter(Rules::Managed(rules.clone())).await?;
-    println!(
-        "ratelimit: managed rule login -> {:?}",
-        managed.check("login", "bob", 1).await?
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (first, second) = (
+        limiter.check("send", "carol", 1).await?.allowed,
+        limiter.check("send", "carol", 1).await?.allowed,
     );
-    rules.stop().await;
+    println!("ratelimit: after the center's 1/min rule, carol's two sends -> {first} {second}");
+    center.delete(&rules_path).await?;
 
-    backend.close().await?;
+    // Graceful shutdown: consumers, producer, registrations, locks, backends.
+    runtime.shutdown().await?;
     println!("done");
     Ok(())
 }

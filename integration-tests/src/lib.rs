@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod decoding;
 pub mod docker;
+pub mod http;
 pub mod lock_safety;
 
 /// Runs `scripts/services.sh` with `args` (to stop, kill or start a server

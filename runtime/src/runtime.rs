@@ -1,0 +1,702 @@
+//! [`Runtime`]: two-phase start-up, the typed handles, graceful shutdown.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use im_infra::backend::Backend;
+use im_infra::cache::Cache;
+use im_infra::config::{ConfigCenter, ConfigManager, ConfigManagerBuilder};
+use im_infra::lock::DistributedLock;
+use im_infra::mq::{Consumer, ConsumerSettings, Producer};
+use im_infra::once::Once;
+use im_infra::ratelimit::{Limiter, LimiterSettings, Rules};
+use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
+use im_infra::uid::WorkerIdAllocator;
+use im_infra::{Error, ErrorKind, Result};
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::composition::{BackendKind, Composition, Role};
+use crate::connect::{connect, Lookup};
+use crate::log::{self, LogSettings};
+use crate::metrics::{Endpoint, MetricsSettings, Readiness};
+use crate::settings::{CoordinatorPolicy, RuntimeSettings};
+use crate::sources::Sources;
+use crate::tracked::{TrackedLocks, TrackedRegistry};
+
+/// How a service's `main` is started: the service name, then where its
+/// configuration comes from.
+///
+/// ```no_run
+/// # async fn demo() -> im_infra::Result<()> {
+/// let runtime = im_infra_runtime::Runtime::builder("im-logic")
+///     .config_file("im-logic.yaml")
+///     .start()
+///     .await?;
+/// # let _ = runtime; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RuntimeBuilder {
+    service: String,
+    sources: Sources,
+    logging: bool,
+}
+
+impl RuntimeBuilder {
+    /// Reads the configuration file `path` (YAML, or JSON when it ends in
+    /// `.json`) instead of the one `IMINFRA_CONFIG` names.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.sources.file = Some(path.into());
+        self
+    }
+
+    /// Sets a section in code (`"backends"`, `"redis"`, `"clog"`, …): the
+    /// base the file and the environment override.
+    ///
+    /// ```
+    /// let b = im_infra_runtime::Runtime::builder("im-logic")
+    ///     .section("backends", serde_json::json!({"cache": "redis"}))
+    ///     .section("redis", serde_json::json!({"url": "redis://127.0.0.1:6379"}));
+    /// # let _ = b;
+    /// ```
+    pub fn section(mut self, name: &str, value: impl Serialize) -> Self {
+        let value = serde_json::to_value(value).unwrap_or(Value::Null);
+        crate::sources::merge(
+            &mut self.sources.code,
+            Map::from_iter([(name.to_owned(), value)]),
+        );
+        self
+    }
+
+    /// Whether `IMINFRA_*` environment variables are read (default: yes).
+    pub fn environment(mut self, read: bool) -> Self {
+        self.sources.read_env = read;
+        self
+    }
+
+    /// Whether the runtime installs the process's subscriber (default: yes).
+    /// Without it, log settings from `clog` do not apply.
+    pub fn logging(mut self, install: bool) -> Self {
+        self.logging = install;
+        self
+    }
+
+    /// Starts the service's infrastructure in the seed's order: bootstrap
+    /// log → coordination → log reload → metrics → the other libraries.
+    /// Anything that fails closes what was already connected.
+    pub async fn start(self) -> Result<Runtime> {
+        if self.logging {
+            log::bootstrap();
+        }
+        let settings = RuntimeSettings::read(&self.service, self.sources.load()?)?;
+        let mut started = Started::default();
+        // Boxed: the start-up future is large, and callers' futures embed it.
+        match Box::pin(start(settings, self.logging, &mut started)).await {
+            Ok(runtime) => Ok(runtime),
+            Err(e) => {
+                started.close().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What start-up connected so far, closed if it fails.
+#[derive(Default)]
+struct Started {
+    backends: Vec<(BackendKind, Arc<dyn Backend>)>,
+    endpoint: Option<Endpoint>,
+    managers: Vec<Box<dyn StopManager>>,
+}
+
+impl Started {
+    async fn close(&mut self) {
+        for m in self.managers.drain(..).rev() {
+            m.stop().await;
+        }
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.stop().await;
+        }
+        for (kind, backend) in self.backends.drain(..).rev() {
+            if let Err(e) = backend.close().await {
+                tracing::warn!(backend = %kind, error = %e, "closing a backend failed");
+            }
+        }
+    }
+
+    fn backend(&self, kind: BackendKind) -> Arc<dyn Backend> {
+        self.backends
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, b)| b.clone())
+            .expect("every backend of the composition is connected")
+    }
+}
+
+#[async_trait::async_trait]
+trait StopManager: Send + Sync {
+    async fn stop(&self);
+}
+
+#[async_trait::async_trait]
+impl<T> StopManager for ConfigManager<T>
+where
+    T: DeserializeOwned + Default + Send + Sync + 'static,
+{
+    async fn stop(&self) {
+        ConfigManager::stop(self).await
+    }
+}
+
+async fn connect_coordinator(
+    settings: &RuntimeSettings,
+    lookup: &Lookup<'_>,
+) -> Result<(Composition, Arc<dyn Backend>)> {
+    let kind = settings.composition.kind(Role::Coord);
+    let connected = match connect(kind, lookup).await {
+        Ok(backend) => match backend.health_check().await {
+            Ok(()) => Ok(backend),
+            Err(e) => {
+                let _ = backend.close().await;
+                Err(e)
+            }
+        },
+        Err(e) => Err(e),
+    };
+    match (connected, settings.startup.coordinator_unreachable) {
+        (Ok(backend), _) => Ok((settings.composition, backend)),
+        (Err(e), CoordinatorPolicy::Fail) => Err(Error::new(
+            e.kind(),
+            format!("the coordinator ({kind}) is unreachable: {e}"),
+        )),
+        (Err(e), CoordinatorPolicy::Defaults) => {
+            tracing::error!(coordinator = %kind, error = %e,
+                "the coordinator is unreachable; going on with its roles in process and the local settings (startup.coordinator_unreachable: defaults)");
+            let composition = settings.composition.replacing(kind, BackendKind::Memory);
+            let backend = connect(BackendKind::Memory, lookup).await?;
+            Ok((composition, backend))
+        }
+    }
+}
+
+async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) -> Result<Runtime> {
+    let began = Instant::now();
+    let RuntimeSettings {
+        service,
+        env,
+        composition,
+        startup,
+        shutdown,
+        sections,
+    } = settings.clone();
+    tracing::info!(%service, %env, %composition, "starting");
+    let mut lookup = Lookup {
+        local: &sections,
+        center: None,
+        env: &env,
+        service: &service,
+        timeout: startup.settings_timeout,
+    };
+
+    // Coordination: its own settings can only be local.
+    let (composition, coord) = connect_coordinator(&settings, &lookup).await?;
+    started
+        .backends
+        .push((composition.kind(Role::Coord), coord.clone()));
+    let center = coord.config().await?;
+    lookup.center = Some(&*center);
+
+    // Log reload from clog.
+    if logging {
+        let clog = manager(&center, &lookup, "clog", lookup.local::<LogSettings>()?)
+            .validator(|s: &LogSettings| s.check().map_err(|e| e.message().to_owned()))
+            .on_update(|s: &LogSettings| {
+                if let Err(e) = log::apply(s) {
+                    tracing::warn!(error = %e, "clog: the new settings could not be applied");
+                }
+            })
+            .build()?;
+        clog.start().await;
+        log::apply(&clog.current())?;
+        started.managers.push(Box::new(clog));
+    }
+
+    // Metrics (and health) before the other libraries, so their connects count.
+    let metrics: MetricsSettings = lookup.resolve().await?;
+    let stopping = CancellationToken::new();
+    let readiness_backends = Arc::new(Mutex::new(Vec::new()));
+    if let Some(listen) = metrics.listen {
+        let readiness = Readiness {
+            backends: readiness_backends.clone(),
+            stopping: stopping.clone(),
+        };
+        started.endpoint = Some(Endpoint::start(listen, &service, &env, readiness).await?);
+    }
+
+    // The other libraries, each with its settings from the center first.
+    for kind in composition.backends() {
+        if started.backends.iter().any(|(k, _)| *k == kind) {
+            continue;
+        }
+        let backend = connect(kind, &lookup)
+            .await
+            .map_err(|e| Error::new(e.kind(), format!("backend {kind}: {e}")))?;
+        started.backends.push((kind, backend));
+    }
+    *readiness_backends.lock() = started.backends.iter().map(|(_, b)| b.clone()).collect();
+
+    let named = |role: Role| {
+        move |e: Error| {
+            Error::new(
+                e.kind(),
+                format!("{role} on {}: {e}", composition.kind(role)),
+            )
+        }
+    };
+    let local_rules: LimiterSettings = section_or_default(&sections, "ratelimit")?;
+    let rules = manager(&center, &lookup, "ratelimit", local_rules)
+        .validator(|s: &LimiterSettings| s.validate().map_err(|e| e.message().to_owned()))
+        .build()?;
+    rules.start().await;
+    started.managers.push(Box::new(rules.clone()));
+
+    let of = |role: Role| started.backend(composition.kind(role));
+
+    let handles = Handles {
+        config: center.clone(),
+        registry: Arc::new(TrackedRegistry::new(
+            of(Role::Registry)
+                .registry()
+                .await
+                .map_err(named(Role::Registry))?,
+        )),
+        discovery: of(Role::Registry)
+            .discovery()
+            .await
+            .map_err(named(Role::Registry))?,
+        lock: Arc::new(TrackedLocks::new(
+            of(Role::Lock).lock().await.map_err(named(Role::Lock))?,
+        )),
+        cache: of(Role::Cache).cache().await.map_err(named(Role::Cache))?,
+        limiter: of(Role::Ratelimit)
+            .limiter(Rules::Managed(rules))
+            .await
+            .map_err(named(Role::Ratelimit))?,
+        once: of(Role::Once).once().await.map_err(named(Role::Once))?,
+        producer: of(Role::Mq).producer().await.map_err(named(Role::Mq))?,
+        worker_ids: of(Role::Uid).worker_ids().await.map_err(named(Role::Uid))?,
+    };
+    tracing::info!(elapsed = ?began.elapsed(), "started");
+    Ok(Runtime {
+        service,
+        env,
+        composition,
+        settings_timeout: startup.settings_timeout,
+        shutdown_timeout: shutdown.timeout,
+        handles,
+        backends: std::mem::take(&mut started.backends),
+        managers: std::mem::take(&mut started.managers),
+        endpoint: Mutex::new(started.endpoint.take()),
+        consumers: Mutex::new(Vec::new()),
+        stopping,
+        done: tokio::sync::Mutex::new(false),
+    })
+}
+
+fn section_or_default<T: DeserializeOwned + Default>(
+    sections: &Map<String, Value>,
+    name: &str,
+) -> Result<T> {
+    match sections.get(name) {
+        None => Ok(T::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                format!("local settings {name:?}: {e}"),
+            )
+        }),
+    }
+}
+
+/// A hot-reloaded setting of the service: `component`'s value in the
+/// center, `local` until then.
+fn manager<T>(
+    center: &Arc<dyn ConfigCenter>,
+    lookup: &Lookup<'_>,
+    component: &str,
+    local: T,
+) -> ConfigManagerBuilder<T>
+where
+    T: Serialize + DeserializeOwned + Default + Send + Sync + 'static,
+{
+    ConfigManager::<T>::builder(center.clone(), lookup.service, component)
+        .env(lookup.env)
+        .default_value(local)
+        .load_timeout(lookup.timeout)
+}
+
+struct Handles {
+    config: Arc<dyn ConfigCenter>,
+    registry: Arc<TrackedRegistry>,
+    discovery: Arc<dyn ServiceDiscovery>,
+    lock: Arc<TrackedLocks>,
+    cache: Arc<dyn Cache>,
+    limiter: Arc<dyn Limiter>,
+    once: Arc<dyn Once>,
+    producer: Arc<dyn Producer>,
+    worker_ids: Arc<dyn WorkerIdAllocator>,
+}
+
+/// Why [`Runtime::run`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The business future failed (the shutdown still ran).
+    #[error("the service failed: {0}")]
+    Service(Box<dyn std::error::Error + Send + Sync>),
+    /// A shutdown step failed or missed the deadline.
+    #[error("shutdown: {0}")]
+    Shutdown(#[from] Error),
+}
+
+/// A running service's infrastructure: the handles its business code
+/// receives, and the shutdown that undoes them.
+///
+/// ```no_run
+/// use im_infra_runtime::Runtime;
+///
+/// #[tokio::main]
+/// async fn main() -> anyhow::Result<()> {
+///     let runtime = Runtime::builder("im-logic").start().await?;
+///     let cache = runtime.cache();
+///     let stop = runtime.shutdown_signal();
+///     runtime
+///         .run(async move {
+///             cache.set("up", "1".into(), None).await?;
+///             stop.cancelled().await; // serve until SIGTERM or Ctrl-C
+///             Ok::<_, im_infra::Error>(())
+///         })
+///         .await?;
+///     Ok(())
+/// }
+/// ```
+pub struct Runtime {
+    service: String,
+    env: String,
+    composition: Composition,
+    settings_timeout: Duration,
+    shutdown_timeout: Duration,
+    handles: Handles,
+    backends: Vec<(BackendKind, Arc<dyn Backend>)>,
+    managers: Vec<Box<dyn StopManager>>,
+    endpoint: Mutex<Option<Endpoint>>,
+    consumers: Mutex<Vec<Arc<dyn Consumer>>>,
+    stopping: CancellationToken,
+    done: tokio::sync::Mutex<bool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("service", &self.service)
+            .field("env", &self.env)
+            .field("composition", &self.composition.to_string())
+            .field("metrics_addr", &self.metrics_addr())
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// The builder of the service `service`.
+    pub fn builder(service: impl Into<String>) -> RuntimeBuilder {
+        RuntimeBuilder {
+            service: service.into(),
+            sources: Sources {
+                read_env: true,
+                ..Sources::default()
+            },
+            logging: true,
+        }
+    }
+
+    /// The service's name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The deployment environment.
+    pub fn env(&self) -> &str {
+        &self.env
+    }
+
+    /// Which backend plays which role (after any start-up fallback).
+    pub fn composition(&self) -> Composition {
+        self.composition
+    }
+
+    /// The backend playing `role`.
+    pub fn backend(&self, role: Role) -> Arc<dyn Backend> {
+        let kind = self.composition.kind(role);
+        self.backends
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, b)| b.clone())
+            .expect("every role's backend is connected")
+    }
+
+    /// The address of the metrics endpoint, when one listens.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.endpoint.lock().as_ref().map(|e| e.addr)
+    }
+
+    /// The config center.
+    pub fn config(&self) -> Arc<dyn ConfigCenter> {
+        self.handles.config.clone()
+    }
+
+    /// A typed configuration of this service at
+    /// `/config/{env}/{service}/{component}`, to build and start.
+    pub fn config_manager<T>(&self, component: &str) -> ConfigManagerBuilder<T>
+    where
+        T: Serialize + DeserializeOwned + Default + Send + Sync + 'static,
+    {
+        ConfigManager::<T>::builder(self.config(), &self.service, component)
+            .env(&self.env)
+            .load_timeout(self.settings_timeout)
+    }
+
+    /// The service registry; what is registered through it is deregistered
+    /// at shutdown.
+    pub fn registry(&self) -> Arc<dyn ServiceRegistry> {
+        self.handles.registry.clone()
+    }
+
+    /// Service discovery.
+    pub fn discovery(&self) -> Arc<dyn ServiceDiscovery> {
+        self.handles.discovery.clone()
+    }
+
+    /// Distributed locks; those still held at shutdown are released.
+    pub fn lock(&self) -> Arc<dyn DistributedLock> {
+        self.handles.lock.clone()
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> Arc<dyn Cache> {
+        self.handles.cache.clone()
+    }
+
+    /// The limiter, its rules hot-reloaded from
+    /// `/config/{env}/{service}/ratelimit` (the local `ratelimit` section
+    /// until then).
+    pub fn limiter(&self) -> Arc<dyn Limiter> {
+        self.handles.limiter.clone()
+    }
+
+    /// Idempotency.
+    pub fn once(&self) -> Arc<dyn Once> {
+        self.handles.once.clone()
+    }
+
+    /// The producer; flushed at shutdown.
+    pub fn producer(&self) -> Arc<dyn Producer> {
+        self.handles.producer.clone()
+    }
+
+    /// The worker-id allocator.
+    pub fn worker_ids(&self) -> Arc<dyn WorkerIdAllocator> {
+        self.handles.worker_ids.clone()
+    }
+
+    /// A consumer-group member; shut down at shutdown (the message in hand
+    /// finishes and its offset is committed).
+    pub async fn consumer(&self, settings: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
+        let consumer = self.backend(Role::Mq).consumer(settings).await?;
+        self.consumers.lock().push(consumer.clone());
+        Ok(consumer)
+    }
+
+    /// Cancelled when shutdown begins: the business stops accepting work
+    /// when it fires. Cancelling it begins shutdown, as a signal would.
+    pub fn shutdown_signal(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Begins shutdown as a signal would.
+    pub fn request_shutdown(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Runs `service` until it ends, or until SIGTERM, Ctrl-C or
+    /// [`request_shutdown`](Self::request_shutdown); then shuts down within
+    /// the deadline (`shutdown.timeout`) in reverse order:
+    ///
+    /// 1. [`shutdown_signal`](Self::shutdown_signal) fires: the business
+    ///    stops accepting; `/readyz` answers 503;
+    /// 2. consumers finish the message in hand and commit, while `service`
+    ///    winds down (awaited up to the deadline);
+    /// 3. the producer flushes;
+    /// 4. instances registered through [`registry`](Self::registry) are
+    ///    deregistered;
+    /// 5. locks still held are released;
+    /// 6. hot reloads stop, backends close (the coordinator last), the
+    ///    metrics endpoint stops.
+    ///
+    /// Every step runs even when the deadline has passed (bounded by a
+    /// short grace each), so registrations never outlive the process by
+    /// their TTL.
+    pub async fn run<F, E>(self, service: F) -> std::result::Result<(), RunError>
+    where
+        F: Future<Output = std::result::Result<(), E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut service = std::pin::pin!(service);
+        let ended = tokio::select! {
+            r = &mut service => Some(r),
+            _ = stop_requested(&self.stopping) => None,
+        };
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.stopping.cancel();
+        let result = match ended {
+            Some(r) => {
+                self.shutdown_consumers(deadline).await;
+                r
+            }
+            None => {
+                tracing::info!(deadline = ?self.shutdown_timeout, "shutting down");
+                let consumers = self.shutdown_consumers(deadline);
+                let (_, r) =
+                    tokio::join!(consumers, tokio::time::timeout_at(deadline, &mut service));
+                r.unwrap_or_else(|_| {
+                    tracing::warn!("the service did not finish before the shutdown deadline");
+                    Ok(())
+                })
+            }
+        };
+        let closed = self.finish(deadline).await;
+        result.map_err(|e| RunError::Service(e.into()))?;
+        closed.map_err(RunError::Shutdown)
+    }
+
+    /// Shuts down as [`run`](Self::run) does after a signal, without a
+    /// business future. Idempotent.
+    pub async fn shutdown(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.stopping.cancel();
+        self.shutdown_consumers(deadline).await;
+        self.finish(deadline).await
+    }
+
+    async fn shutdown_consumers(&self, deadline: tokio::time::Instant) {
+        let consumers: Vec<_> = std::mem::take(&mut *self.consumers.lock());
+        let all = futures::future::join_all(consumers.iter().map(|c| c.shutdown()));
+        match step_timeout(deadline, all).await {
+            Some(results) => {
+                for e in results.into_iter().filter_map(|r| r.err()) {
+                    tracing::warn!(error = %e, "a consumer did not shut down cleanly");
+                }
+            }
+            None => tracing::warn!("consumers did not finish before the shutdown deadline"),
+        }
+    }
+
+    async fn finish(&self, deadline: tokio::time::Instant) -> Result<()> {
+        let mut done = self.done.lock().await;
+        if *done {
+            return Ok(());
+        }
+        *done = true;
+        let mut first: Option<Error> = None;
+        let mut note = |what: &str, res: Option<Result<()>>| match res {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::warn!(step = what, error = %e, "shutdown step failed");
+                first.get_or_insert(e);
+            }
+            None => {
+                tracing::warn!(step = what, "shutdown step missed the deadline");
+                first.get_or_insert_with(|| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("shutdown: {what} missed the deadline"),
+                    )
+                });
+            }
+        };
+        let producer = &self.handles.producer;
+        let flush_for = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(GRACE);
+        note(
+            "flush the producer",
+            step_timeout(deadline, producer.flush(flush_for)).await,
+        );
+        let deregistered = step_timeout(deadline, self.handles.registry.deregister_all()).await;
+        note(
+            "deregister",
+            deregistered.map(|r| r.map(|n| tracing::info!(instances = n, "deregistered"))),
+        );
+        let released = step_timeout(deadline, self.handles.lock.release_all()).await;
+        note(
+            "release locks",
+            released.map(|n| {
+                tracing::info!(locks = n, "released");
+                Ok(())
+            }),
+        );
+        for m in self.managers.iter().rev() {
+            m.stop().await;
+        }
+        for (kind, backend) in self.backends.iter().rev() {
+            let closed = step_timeout(deadline, backend.close()).await;
+            note(kind.as_str(), closed);
+        }
+        let endpoint = self.endpoint.lock().take();
+        if let Some(endpoint) = endpoint {
+            endpoint.stop().await;
+        }
+        tracing::info!("stopped");
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// What a step gets past the deadline: deregistering and closing still
+/// happen, briefly, rather than being skipped.
+const GRACE: Duration = Duration::from_millis(500);
+
+async fn step_timeout<T>(
+    deadline: tokio::time::Instant,
+    fut: impl Future<Output = T>,
+) -> Option<T> {
+    let until = deadline.max(tokio::time::Instant::now() + GRACE);
+    tokio::time::timeout_at(until, fut).await.ok()
+}
+
+/// SIGTERM, Ctrl-C (SIGINT), or a requested shutdown.
+async fn stop_requested(requested: &CancellationToken) {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C"),
+        _ = term => tracing::info!("SIGTERM"),
+        _ = requested.cancelled() => {}
+    }
+}
