@@ -222,14 +222,14 @@ async fn shutdown_finishes_the_message_in_hand_then_deregisters_and_releases_loc
         let seen = seen.clone();
         async move {
             while let Some(Ok(e)) = events.next().await {
-                seen.lock().push((e.kind, e.instance.id));
+                seen.lock().push((e.kind, e.instance.id, Instant::now()));
             }
         }
     });
     let has = |kind: ServiceEventKind| {
         let seen = seen.clone();
         move || {
-            let found = seen.lock().iter().any(|(k, id)| *k == kind && id == "a");
+            let found = seen.lock().iter().any(|(k, id, _)| *k == kind && id == "a");
             async move { found }
         }
     };

@@ -17,7 +17,8 @@ fn log_text(dir: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_level_changed_in_the_config_center_changes_the_running_service_output() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let file = json!({"directory": dir.path(), "prefix": "svc", "rotation": "never"});
+    let dir_path = dir.path();
+    let file = json!({"directory": dir_path, "prefix": "svc", "rotation": "never"});
     let rt = Runtime::builder("svc-log")
         .environment(false)
         .section(
@@ -26,13 +27,15 @@ async fn a_level_changed_in_the_config_center_changes_the_running_service_output
         )
         .start()
         .await?;
+    // A span that stays open across every reload below.
+    let request = tracing::info_span!("request", id = 7);
 
-    tracing::info!(target: "svc_log", "info-before");
+    request.in_scope(|| tracing::info!(target: "svc_log", "info-before"));
     tracing::debug!(target: "svc_log", "debug-before");
-    let text = log_text(dir.path());
+    let text = log_text(dir_path);
     ensure!(
         text.contains("info-before"),
-        "the file's settings apply from the start:\n{text}"
+        "the local settings apply from the start:\n{text}"
     );
     ensure!(
         !text.contains("debug-before"),
@@ -43,49 +46,70 @@ async fn a_level_changed_in_the_config_center_changes_the_running_service_output
         "the caller's file and line:\n{text}"
     );
 
+    // Debug for one module, and JSON (which waits for a restart).
     let path = format!("/config/{}/svc-log/clog", rt.env());
-    rt.config()
+    let center = rt.config();
+    center
         .set_json(&path, &json!({"level": "info", "filters": {"svc_log": "debug"}, "stdout": false, "format": "json", "file": file}))
         .await?;
     let mut n = 0;
-    let dir_path = dir.path();
     until(
         Duration::from_secs(2),
         "debug events of svc_log appear",
         || {
             n += 1;
-            tracing::debug!(target: "svc_log", "debug-after-{n}");
+            request.in_scope(|| tracing::debug!(target: "svc_log", "debug-after-{n}"));
             async move { log_text(dir_path).contains("debug-after-") }
         },
     )
     .await?;
     tracing::debug!(target: "other", "debug-of-another-module");
-    let text = log_text(dir.path());
-    let last = text.lines().last().unwrap_or_default();
-    let event: serde_json::Value = serde_json::from_str(last)
-        .map_err(|e| anyhow::anyhow!("the new format is JSON: {e}: {last}"))?;
+    let text = log_text(dir_path);
+    let line = text
+        .lines()
+        .find(|l| l.contains("debug-after-"))
+        .unwrap_or_default();
     ensure!(
-        event["fields"]["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("debug-after-")),
-        "{event}"
+        line.contains("request{id=7}"),
+        "the open span is on the line: {line}"
     );
     ensure!(
-        event["line_number"].as_u64().is_some() && event["filename"].is_string(),
-        "{event}"
+        serde_json::from_str::<serde_json::Value>(line).is_err(),
+        "the format stays text until a restart: {line}"
     );
     ensure!(
         !text.contains("debug-of-another-module"),
         "only the filtered module is at debug"
     );
 
-    // A bad value is refused and the last good one stays.
-    rt.config()
-        .set_json(&path, &json!({"level": "loud"}))
+    // A value that would show trace events if it were taken is refused
+    // (`*` is no module); the next good value (warn) applies after it.
+    center
+        .set_json(
+            &path,
+            &json!({"level": "trace", "filters": {"*": "debug"}, "stdout": false, "file": file}),
+        )
         .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tracing::debug!(target: "svc_log", "still-debug");
-    ensure!(log_text(dir.path()).contains("still-debug"));
+    center
+        .set_json(
+            &path,
+            &json!({"level": "warn", "stdout": false, "file": file}),
+        )
+        .await?;
+    let mut n = 0;
+    until(Duration::from_secs(2), "the warn level applies", || {
+        n += 1;
+        tracing::trace!(target: "svc_log", "trace-while-changing-{n}");
+        tracing::warn!(target: "svc_log", "warn-{n}");
+        tracing::info!(target: "svc_log", "info-{n}");
+        let text = log_text(dir_path);
+        async move { text.contains(&format!("warn-{n}")) && !text.contains(&format!("info-{n}")) }
+    })
+    .await?;
+    ensure!(
+        !log_text(dir_path).contains("trace-while-changing"),
+        "the refused value never applied"
+    );
     rt.shutdown().await?;
     Ok(())
 }

@@ -7,6 +7,11 @@
 //! lost; file output is written synchronously. Every line carries the
 //! caller's file and line.
 //!
+//! Level, filters, stdout and the file change at run time. The format
+//! (text or JSON) is fixed by the first `clog` applied at start: a JSON
+//! output cannot format spans opened before it, so a later change of
+//! format is logged and waits for the next restart.
+//!
 //! ```yaml
 //! clog:
 //!   level: info
@@ -118,8 +123,16 @@ impl LogSettings {
         out
     }
 
-    /// Checks the level and every filter.
+    /// Checks the level, every filter, and that the directives form a
+    /// filter.
     pub fn check(&self) -> Result<()> {
+        self.check_fields()?;
+        EnvFilter::try_new(self.directives())
+            .map(drop)
+            .map_err(|e| Error::new(ErrorKind::InvalidConfig, format!("clog: {e}")))
+    }
+
+    fn check_fields(&self) -> Result<()> {
         let bad = |what: String| Error::new(ErrorKind::InvalidConfig, format!("clog: {what}"));
         if self
             .level
@@ -150,7 +163,7 @@ impl LogSettings {
     }
 
     fn filter(&self) -> Result<EnvFilter> {
-        self.check()?;
+        self.check_fields()?;
         EnvFilter::try_new(self.directives())
             .map_err(|e| Error::new(ErrorKind::InvalidConfig, format!("clog: {e}")))
     }
@@ -173,7 +186,14 @@ struct Handles {
 
 static INSTALLED: OnceLock<Option<Handles>> = OnceLock::new();
 
-fn output(settings: &LogSettings) -> Result<Output> {
+/// The format of the first settings applied; later ones keep it.
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+/// One apply at a time: an output and a filter always come from the same
+/// settings.
+static APPLYING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+fn output(settings: &LogSettings, format: LogFormat) -> Result<Output> {
     let file = match &settings.file {
         Some(f) => {
             let rotation = match f.rotation {
@@ -210,7 +230,7 @@ fn output(settings: &LogSettings) -> Result<Output> {
         .with_target(true)
         .with_ansi(ansi)
         .with_writer(writer);
-    Ok(match settings.format {
+    Ok(match format {
         LogFormat::Text => Box::new(layer),
         LogFormat::Json => Box::new(layer.json()),
     })
@@ -224,7 +244,8 @@ pub fn bootstrap() -> bool {
         .get_or_init(|| {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
             let (filter, filter_handle) = reload::Layer::new(filter);
-            let first = output(&LogSettings::default()).expect("stdout text needs no set-up");
+            let first = output(&LogSettings::default(), LogFormat::Text)
+                .expect("stdout text needs no set-up");
             let (output, output_handle) = reload::Layer::new(first);
             let subscriber = Registry::default().with(filter).with(output);
             match tracing::subscriber::set_global_default(subscriber) {
@@ -247,13 +268,20 @@ pub fn apply(settings: &LogSettings) -> Result<bool> {
     let Some(Some(handles)) = INSTALLED.get() else {
         return Ok(false);
     };
+    let _one_at_a_time = APPLYING.lock();
+    let format = FORMAT.get().copied().unwrap_or(settings.format);
+    if format != settings.format {
+        tracing::warn!(in_force = ?format, asked = ?settings.format,
+            "clog: the format changes at the next restart; level, filters and outputs apply now");
+    }
     let filter = settings.filter()?;
-    let output = output(settings)?;
+    let output = output(settings, format)?;
     let failed = |e: reload::Error| Error::new(ErrorKind::Internal, format!("clog: reload: {e}"));
     // The output first: events passing the new filter must meet the new
     // output (a file, JSON) rather than the old one.
     handles.output.reload(output).map_err(failed)?;
     handles.filter.reload(filter).map_err(failed)?;
+    FORMAT.get_or_init(|| format);
     Ok(true)
 }
 
@@ -279,6 +307,12 @@ mod tests {
         let mut bad_module = LogSettings::default();
         bad_module.filters.insert("a=b".into(), "info".into());
         assert!(bad_module.check().is_err());
+        let mut not_a_directive = LogSettings::default();
+        not_a_directive.filters.insert("*".into(), "debug".into());
+        assert!(
+            not_a_directive.check().is_err(),
+            "EnvFilter refuses it, so check does"
+        );
         let silent = LogSettings {
             stdout: false,
             ..LogSettings::default()

@@ -50,9 +50,9 @@ impl im_infra::settings::Settings for MetricsSettings {
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// The process's Prometheus recorder, installed as the global one the first
-/// time (labels `service` and `env` on every series). `None` when another
-/// recorder was installed first.
-fn recorder(service: &str, env: &str) -> Option<PrometheusHandle> {
+/// time (labels `service` and `env` of the first caller on every series).
+/// `None` when another recorder was installed first.
+pub(crate) fn install_recorder(service: &str, env: &str) -> Option<PrometheusHandle> {
     RECORDER
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
@@ -96,6 +96,9 @@ impl Readiness {
             return (false, "shutting down\n".into());
         }
         let backends = self.backends.lock().clone();
+        if backends.is_empty() {
+            return (false, "starting\n".into());
+        }
         let checks = backends.iter().map(|b| async move {
             let res = tokio::time::timeout(READY_CHECK_TIMEOUT, b.health_check()).await;
             let res = res.unwrap_or_else(|_| {
@@ -154,7 +157,18 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
 pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddr,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Endpoint {
+    /// A runtime dropped without shutdown (or a start cancelled midway)
+    /// does not leave its port bound.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 impl Endpoint {
@@ -166,7 +180,7 @@ impl Endpoint {
         readiness: Readiness,
     ) -> Result<Endpoint> {
         let shared = Shared {
-            prometheus: recorder(service, env),
+            prometheus: install_recorder(service, env),
             readiness,
         };
         let app = Router::new()
@@ -194,12 +208,23 @@ impl Endpoint {
             }
         });
         tracing::info!(%addr, "metrics endpoint: /metrics, /healthz, /readyz");
-        Ok(Endpoint { addr, stop, task })
+        Ok(Endpoint {
+            addr,
+            stop,
+            task: Some(task),
+        })
     }
 
     /// Stops serving (requests in flight finish).
-    pub(crate) async fn stop(self) {
+    pub(crate) async fn stop(mut self) {
         self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
     }
 }

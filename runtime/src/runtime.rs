@@ -115,16 +115,21 @@ struct Started {
 }
 
 impl Started {
+    /// Closes what start-up connected, each step bounded.
     async fn close(&mut self) {
-        for m in self.managers.drain(..).rev() {
-            m.stop().await;
-        }
+        stop_managers(&std::mem::take(&mut self.managers)).await;
         if let Some(endpoint) = self.endpoint.take() {
             endpoint.stop().await;
         }
         for (kind, backend) in self.backends.drain(..).rev() {
-            if let Err(e) = backend.close().await {
-                tracing::warn!(backend = %kind, error = %e, "closing a backend failed");
+            match tokio::time::timeout(CLOSE_BOUND, backend.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(backend = %kind, error = %e, "closing a backend failed")
+                }
+                Err(_) => {
+                    tracing::warn!(backend = %kind, "closing a backend did not finish in time")
+                }
             }
         }
     }
@@ -135,6 +140,24 @@ impl Started {
             .find(|(k, _)| *k == kind)
             .map(|(_, b)| b.clone())
             .expect("every backend of the composition is connected")
+    }
+}
+
+/// How long a failed start waits for one backend to close.
+const CLOSE_BOUND: Duration = Duration::from_secs(5);
+
+/// Stops the hot reloads, all at once, each bounded by [`GRACE`] (a watch
+/// blocked on an unreachable center does not hold the shutdown).
+async fn stop_managers(managers: &[Box<dyn StopManager>]) {
+    let stops = managers
+        .iter()
+        .map(|m| tokio::time::timeout(GRACE, m.stop()));
+    if futures::future::join_all(stops)
+        .await
+        .iter()
+        .any(|r| r.is_err())
+    {
+        tracing::warn!("a configuration watch did not stop in time; it ends with the process");
     }
 }
 
@@ -168,13 +191,22 @@ async fn connect_coordinator(
         },
         Err(e) => Err(e),
     };
+    // Only a server that cannot be reached falls back: a settings error
+    // (not retryable) fails the start under either policy.
     match (connected, settings.startup.coordinator_unreachable) {
         (Ok(backend), _) => Ok((settings.composition, backend)),
-        (Err(e), CoordinatorPolicy::Fail) => Err(Error::new(
-            e.kind(),
-            format!("the coordinator ({kind}) is unreachable: {e}"),
-        )),
-        (Err(e), CoordinatorPolicy::Defaults) => {
+        (Err(e), policy) if policy == CoordinatorPolicy::Fail || !e.is_retryable() => {
+            let what = if e.is_retryable() {
+                "is unreachable"
+            } else {
+                "cannot be used"
+            };
+            Err(Error::new(
+                e.kind(),
+                format!("the coordinator ({kind}) {what}: {e}"),
+            ))
+        }
+        (Err(e), _) => {
             tracing::error!(coordinator = %kind, error = %e,
                 "the coordinator is unreachable; going on with its roles in process and the local settings (startup.coordinator_unreachable: defaults)");
             let composition = settings.composition.replacing(kind, BackendKind::Memory);
@@ -203,6 +235,14 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
         timeout: startup.settings_timeout,
     };
 
+    // The recorder before the coordinator when the local settings already
+    // ask for an endpoint, so the coordinator's operations are counted too
+    // (a backend binds its metric handles when it is built).
+    let local_metrics: MetricsSettings = lookup.local()?;
+    if local_metrics.listen.is_some() {
+        crate::metrics::install_recorder(&service, &env);
+    }
+
     // Coordination: its own settings can only be local.
     let (composition, coord) = connect_coordinator(&settings, &lookup).await?;
     started
@@ -222,8 +262,17 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
             })
             .build()?;
         clog.start().await;
-        log::apply(&clog.current())?;
-        started.managers.push(Box::new(clog));
+        started.managers.push(Box::new(clog.clone()));
+        let local = lookup.local::<LogSettings>()?;
+        let configured = clog.version() > 0 || sections.contains_key("clog");
+        // Nothing configured anywhere: the bootstrap subscriber (RUST_LOG)
+        // stays until the center says otherwise.
+        if configured {
+            if let Err(e) = log::apply(&clog.current()) {
+                tracing::warn!(error = %e, "clog: the settings of the config center cannot be applied; using the local ones");
+                log::apply(&local)?;
+            }
+        }
     }
 
     // Metrics (and health) before the other libraries, so their connects count.
@@ -248,7 +297,6 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
             .map_err(|e| Error::new(e.kind(), format!("backend {kind}: {e}")))?;
         started.backends.push((kind, backend));
     }
-    *readiness_backends.lock() = started.backends.iter().map(|(_, b)| b.clone()).collect();
 
     let named = |role: Role| {
         move |e: Error| {
@@ -291,6 +339,7 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
         producer: of(Role::Mq).producer().await.map_err(named(Role::Mq))?,
         worker_ids: of(Role::Uid).worker_ids().await.map_err(named(Role::Uid))?,
     };
+    *readiness_backends.lock() = started.backends.iter().map(|(_, b)| b.clone()).collect();
     tracing::info!(elapsed = ?began.elapsed(), "started");
     Ok(Runtime {
         service,
@@ -304,7 +353,7 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
         endpoint: Mutex::new(started.endpoint.take()),
         consumers: Mutex::new(Vec::new()),
         stopping,
-        done: tokio::sync::Mutex::new(false),
+        finished: tokio::sync::OnceCell::new(),
     })
 }
 
@@ -396,7 +445,8 @@ pub struct Runtime {
     endpoint: Mutex<Option<Endpoint>>,
     consumers: Mutex<Vec<Arc<dyn Consumer>>>,
     stopping: CancellationToken,
-    done: tokio::sync::Mutex<bool>,
+    /// The outcome of the shutdown, once it has run to its end.
+    finished: tokio::sync::OnceCell<Result<()>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -554,13 +604,14 @@ impl Runtime {
         F: Future<Output = std::result::Result<(), E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut service = std::pin::pin!(service);
+        let mut service = Box::pin(service);
         let ended = tokio::select! {
             r = &mut service => Some(r),
             _ = stop_requested(&self.stopping) => None,
         };
-        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        let deadline = deadline_after(self.shutdown_timeout);
         self.stopping.cancel();
+        let mut missed = None;
         let result = match ended {
             Some(r) => {
                 self.shutdown_consumers(deadline).await;
@@ -572,20 +623,33 @@ impl Runtime {
                 let (_, r) =
                     tokio::join!(consumers, tokio::time::timeout_at(deadline, &mut service));
                 r.unwrap_or_else(|_| {
-                    tracing::warn!("the service did not finish before the shutdown deadline");
+                    tracing::warn!(
+                        "the service did not finish before the shutdown deadline; it is dropped"
+                    );
+                    missed = Some(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "the service did not finish within the shutdown deadline ({:?})",
+                            self.shutdown_timeout
+                        ),
+                    ));
                     Ok(())
                 })
             }
         };
+        // Nothing of the service runs past this point: its locks are
+        // released and its registrations removed only after it is gone.
+        drop(service);
         let closed = self.finish(deadline).await;
         result.map_err(|e| RunError::Service(e.into()))?;
-        closed.map_err(RunError::Shutdown)
+        closed.map_err(RunError::Shutdown)?;
+        missed.map_or(Ok(()), |e| Err(RunError::Shutdown(e)))
     }
 
     /// Shuts down as [`run`](Self::run) does after a signal, without a
     /// business future. Idempotent.
     pub async fn shutdown(&self) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        let deadline = deadline_after(self.shutdown_timeout);
         self.stopping.cancel();
         self.shutdown_consumers(deadline).await;
         self.finish(deadline).await
@@ -604,12 +668,17 @@ impl Runtime {
         }
     }
 
+    /// The steps after the consumers, run to their end once: a later or
+    /// concurrent call gets the same outcome; one cancelled midway leaves
+    /// them to the next.
     async fn finish(&self, deadline: tokio::time::Instant) -> Result<()> {
-        let mut done = self.done.lock().await;
-        if *done {
-            return Ok(());
-        }
-        *done = true;
+        self.finished
+            .get_or_init(|| self.finish_steps(deadline))
+            .await
+            .clone()
+    }
+
+    async fn finish_steps(&self, deadline: tokio::time::Instant) -> Result<()> {
         let mut first: Option<Error> = None;
         let mut note = |what: &str, res: Option<Result<()>>| match res {
             Some(Ok(())) => {}
@@ -648,9 +717,7 @@ impl Runtime {
                 Ok(())
             }),
         );
-        for m in self.managers.iter().rev() {
-            m.stop().await;
-        }
+        stop_managers(&self.managers).await;
         for (kind, backend) in self.backends.iter().rev() {
             let closed = step_timeout(deadline, backend.close()).await;
             note(kind.as_str(), closed);
@@ -668,11 +735,18 @@ impl Runtime {
 /// happen, briefly, rather than being skipped.
 const GRACE: Duration = Duration::from_millis(500);
 
+/// `timeout` from now, or far ahead when that is past what the clock holds.
+fn deadline_after(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+}
+
 async fn step_timeout<T>(
     deadline: tokio::time::Instant,
     fut: impl Future<Output = T>,
 ) -> Option<T> {
-    let until = deadline.max(tokio::time::Instant::now() + GRACE);
+    let until = deadline.max(deadline_after(GRACE));
     tokio::time::timeout_at(until, fut).await.ok()
 }
 

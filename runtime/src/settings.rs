@@ -63,6 +63,9 @@ impl Default for ShutdownSettings {
     }
 }
 
+/// The longest start-up or shutdown timeout accepted (one hour).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Everything the runtime reads for itself, and the components' local
 /// sections.
 #[derive(Debug, Clone)]
@@ -98,8 +101,19 @@ impl RuntimeSettings {
         im_infra::config::config_path_in(&env, &service, "clog")?;
         let names: BTreeMap<String, String> = section(&mut merged, "backends")?;
         let composition = Composition::from_names(&names)?;
-        let startup = section(&mut merged, "startup")?;
-        let shutdown = section(&mut merged, "shutdown")?;
+        let startup: StartupSettings = section(&mut merged, "startup")?;
+        let shutdown: ShutdownSettings = section(&mut merged, "shutdown")?;
+        for (what, d) in [
+            ("startup.settings_timeout", startup.settings_timeout),
+            ("shutdown.timeout", shutdown.timeout),
+        ] {
+            if d.is_zero() || d > MAX_TIMEOUT {
+                return Err(Error::new(
+                    ErrorKind::InvalidConfig,
+                    format!("{what}: {d:?} is not between 1 ns and {MAX_TIMEOUT:?}"),
+                ));
+            }
+        }
         if let Some(unknown) = merged.keys().find(|k| !COMPONENTS.contains(&k.as_str())) {
             let mut known: Vec<&str> = RUNTIME_KEYS.to_vec();
             known.extend(COMPONENTS);
@@ -168,6 +182,8 @@ mod tests {
         assert!(e.to_string().contains("startup"), "{e}");
         let e = read(json!({"shutdown": {"timeout": "soon"}})).unwrap_err();
         assert!(e.to_string().contains("shutdown"), "{e}");
+        let e = read(json!({"shutdown": {"timeout": "300000000000y"}})).unwrap_err();
+        assert!(e.to_string().contains("shutdown.timeout"), "{e}");
         let e = read(json!({"service": "a/b"})).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidConfig);
     }

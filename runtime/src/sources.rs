@@ -8,12 +8,15 @@
 //! when the config center has none.
 //!
 //! An environment variable `IMINFRA_<SECTION>__<FIELD>[__<FIELD>…]` sets one
-//! value (`IMINFRA_REDIS__URL=redis://cache:6379`,
-//! `IMINFRA_BACKENDS__CACHE=redis`); its value is read as a YAML scalar or
-//! flow collection, so `10`, `true`, `5s` and `[a, b]` have their obvious
-//! types. `IMINFRA_SERVICE`, `IMINFRA_ENV` and `IMINFRA_CONFIG` (the file)
-//! are single values. Variables naming no known section are ignored, so the
-//! prefix can be shared with other tools.
+//! value (`IMINFRA_REDIS__URLS=[redis://cache:6379]`,
+//! `IMINFRA_BACKENDS__CACHE=redis`). A value is text, except `true` and
+//! `false`, a number (`10`, `0.5`), and a YAML flow list or mapping
+//! (`[a, b]`, `{k: v}`); quote a text that looks like one of those
+//! (`IMINFRA_DB__PASSWORD='"123456"'`). Text is taken as it is: a `#` is
+//! not a comment. `IMINFRA_SERVICE`, `IMINFRA_ENV` and `IMINFRA_CONFIG` (the
+//! file) are single values. Variables naming no known section are ignored,
+//! so the prefix can be shared with other tools; a variable whose name or
+//! value is not UTF-8 is ignored too.
 
 use std::path::{Path, PathBuf};
 
@@ -82,11 +85,18 @@ pub(crate) fn merge(base: &mut Map<String, Value>, over: Map<String, Value>) {
     }
 }
 
-/// The value of an environment variable: a YAML scalar or flow collection,
-/// or the text itself when it is neither.
+/// The value of an environment variable: a bool, a number, a flow
+/// collection or a quoted text when it is written as one; the text as it
+/// is otherwise.
 fn env_value(text: &str) -> Value {
-    serde_yaml_ng::from_str::<Value>(text)
-        .ok()
+    let t = text.trim();
+    let typed = t.starts_with(['[', '{', '"', '\''])
+        || t == "true"
+        || t == "false"
+        || t.parse::<f64>().is_ok_and(f64::is_finite);
+    typed
+        .then(|| serde_yaml_ng::from_str::<Value>(t).ok())
+        .flatten()
         .filter(|v| !v.is_null())
         .unwrap_or_else(|| Value::String(text.to_owned()))
 }
@@ -150,7 +160,9 @@ impl Sources {
             merge(&mut merged, read_file(&path)?);
         }
         if self.read_env {
-            merge(&mut merged, from_env(std::env::vars()));
+            let utf8 = std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+            merge(&mut merged, from_env(utf8));
         }
         Ok(merged)
     }
@@ -176,6 +188,9 @@ mod tests {
             ("IMINFRA_ETCD__ENDPOINTS", "[http://a:2379, http://b:2379]"),
             ("IMINFRA_DB__POOL__MAX", "10"),
             ("IMINFRA_METRICS__LISTEN", "127.0.0.1:9100"),
+            ("IMINFRA_REDIS__PASSWORD", "abc #1: x"),
+            ("IMINFRA_DB__PASSWORD", "\"123456\""),
+            ("IMINFRA_KAFKA__ENABLED", "true"),
             ("IMINFRA_SERVICE", "im-logic"),
             ("IMINFRA_REDIS_URL", "ignored: no section separator"),
             ("IMINFRA_UNKNOWN__X", "ignored: no such section"),
@@ -185,10 +200,11 @@ mod tests {
         assert_eq!(
             Value::Object(got),
             json!({
-                "redis": {"url": "redis://cache:6379"},
+                "redis": {"url": "redis://cache:6379", "password": "abc #1: x"},
                 "backends": {"cache": "redis"},
                 "etcd": {"endpoints": ["http://a:2379", "http://b:2379"]},
-                "db": {"pool": {"max": 10}},
+                "db": {"pool": {"max": 10}, "password": "123456"},
+                "kafka": {"enabled": true},
                 "metrics": {"listen": "127.0.0.1:9100"},
                 "service": "im-logic",
             })

@@ -27,7 +27,8 @@ impl TrackedRegistry {
     }
 
     /// Deregisters every instance still registered through it, all at once;
-    /// the first failure is returned after all were tried.
+    /// the first failure is returned after all were tried. One found gone
+    /// already (its lease lost) counts as deregistered.
     pub(crate) async fn deregister_all(&self) -> Result<usize> {
         let live: Vec<_> = std::mem::take(&mut *self.live.lock()).into_iter().collect();
         let results = futures::future::join_all(
@@ -36,7 +37,11 @@ impl TrackedRegistry {
         )
         .await;
         let n = live.len();
-        results.into_iter().collect::<Result<Vec<()>>>().map(|_| n)
+        results
+            .into_iter()
+            .map(already_gone_is_ok)
+            .collect::<Result<Vec<()>>>()
+            .map(|_| n)
     }
 }
 
@@ -66,6 +71,14 @@ impl ServiceRegistry for TrackedRegistry {
 
     async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
         self.inner.list_services().await
+    }
+}
+
+/// `NotRegistered` means there is nothing left to deregister.
+fn already_gone_is_ok(res: Result<()>) -> Result<()> {
+    match res {
+        Err(e) if e.kind() == im_infra::ErrorKind::NotRegistered => Ok(()),
+        other => other,
     }
 }
 
