@@ -28,6 +28,8 @@ mod local;
 mod policy;
 mod rule;
 mod table;
+#[cfg(feature = "tower")]
+pub mod tower;
 
 use std::future::Future;
 use std::time::Duration;
