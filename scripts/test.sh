@@ -135,21 +135,11 @@ export IMINFRA_REQUIRE_BACKENDS=all
 cargo test --workspace --no-fail-fast "$@"
 status=$?
 if [ "$#" -eq 0 ]; then
-    # The quick start must keep working on a fresh machine.
-    if ! cargo run -q --example quickstart >/dev/null; then
-        echo "[test] cargo run --example quickstart FAILED" >&2
-        status=1
-    fi
-    # ... and on the real servers with one file (examples/servers.yaml; the
-    # addresses of this run's servers by variable).
-    if ! IMINFRA_CONFIG=examples/servers.yaml \
-        IMINFRA_ETCD__ENDPOINTS="[$IMINFRA_ETCD_ENDPOINTS]" \
-        IMINFRA_REDIS__URLS="[$IMINFRA_REDIS_URL]" \
-        IMINFRA_DB__URL="$IMINFRA_MYSQL_URL" \
-        IMINFRA_KAFKA__BROKERS="[$IMINFRA_KAFKA_BROKERS]" \
-        IMINFRA_METRICS__LISTEN=127.0.0.1:0 \
-        cargo run -q --example quickstart >/dev/null; then
-        echo "[test] IMINFRA_CONFIG=examples/servers.yaml cargo run --example quickstart FAILED" >&2
+    # Every example (the quick start and one per capability) must keep
+    # working: in process with no configuration, and on the servers with
+    # one file.
+    if ! scripts/examples.sh; then
+        echo "[test] scripts/examples.sh FAILED" >&2
         status=1
     fi
 fi
