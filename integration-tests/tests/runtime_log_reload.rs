@@ -32,7 +32,12 @@ async fn a_level_changed_in_the_config_center_changes_the_running_service_output
 
     request.in_scope(|| tracing::info!(target: "svc_log", "info-before"));
     tracing::debug!(target: "svc_log", "debug-before");
+    tracing_log::log::info!(target: "svc_log", "from-the-log-crate");
     let text = log_text(dir_path);
+    ensure!(
+        text.contains("from-the-log-crate"),
+        "records of the log crate arrive too:\n{text}"
+    );
     ensure!(
         text.contains("info-before"),
         "the local settings apply from the start:\n{text}"

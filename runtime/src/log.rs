@@ -237,7 +237,8 @@ fn output(settings: &LogSettings, format: LogFormat) -> Result<Output> {
 }
 
 /// Installs the bootstrap subscriber (text to stdout, level from `RUST_LOG`
-/// or `info`) as the process's global one, once. `false` when another
+/// or `info`) as the process's global one, once, with records of the `log`
+/// crate forwarded to it. `false` when another
 /// subscriber was installed first: that one stays, and reloads do nothing.
 pub fn bootstrap() -> bool {
     INSTALLED
@@ -249,10 +250,15 @@ pub fn bootstrap() -> bool {
             let (output, output_handle) = reload::Layer::new(first);
             let subscriber = Registry::default().with(filter).with(output);
             match tracing::subscriber::set_global_default(subscriber) {
-                Ok(()) => Some(Handles {
-                    filter: filter_handle,
-                    output: output_handle,
-                }),
+                Ok(()) => {
+                    // `log` records too (redis, rustls, ...); a logger set
+                    // before stays.
+                    let _ = tracing_log::LogTracer::init();
+                    Some(Handles {
+                        filter: filter_handle,
+                        output: output_handle,
+                    })
+                }
                 Err(_) => {
                     tracing::warn!("a global subscriber was installed before the runtime's; log settings from clog will not apply");
                     None
