@@ -107,6 +107,10 @@ async fn advanced(runtime: &Runtime, run: &str) -> Result<()> {
         changes.load(Ordering::SeqCst)
     );
     ensure!(*settings.current() == good);
+    ensure!(
+        changes.load(Ordering::SeqCst) == 1,
+        "the bad value told nobody"
+    );
     center.delete(settings.path()).await?;
     wait_for(|| settings.current().max_message_len == 200).await?;
     settings.stop().await;

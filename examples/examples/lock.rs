@@ -1,7 +1,7 @@
-//! Distributed locks. Basic: acquire, hold, release, fencing tokens that
-//! only grow. Advanced: four workers contending for one lock around a
-//! read-modify-write, each write checked against the fencing token; the
-//! lost signal; trying without waiting.
+//! Distributed locks. Basic: acquire, try without waiting, release, fencing
+//! tokens that only grow. Advanced: four workers contending for one lock
+//! around a read-modify-write (no update lost), each holder's token larger
+//! than the one before; the lost signal.
 //!
 //! ```text
 //! cargo run --example lock [basic|advanced]

@@ -11,58 +11,87 @@
 //! On Kafka the topics `examples.events`, `examples.orders` and
 //! `examples.orders.dlq` must exist (`examples/servers.yaml` creates them).
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use im_infra::mq::{handler_fn, ConsumerSettings, Message, ReceivedMessage};
+use bytes::Bytes;
+use im_infra::mq::{handler_fn, Consumer, ConsumerSettings, Message, ReceivedMessage};
 use im_infra::{Error, ErrorKind, RetrySettings};
 use im_infra_examples::{parts, run_id, start};
 use im_infra_runtime::Runtime;
 use tokio::sync::mpsc;
 
-/// Consumes as `settings` say until `n` messages of this run (their payload
-/// starts with `run`) arrived; returns those. Messages of earlier runs on
-/// the same topics (on Kafka) are read and skipped. The handler fails on
-/// the payload `fail_on`.
-async fn consume(
-    runtime: &Runtime,
-    settings: ConsumerSettings,
-    run: &str,
-    n: usize,
-    fail_on: Option<String>,
-) -> Result<Vec<ReceivedMessage>> {
-    let consumer = runtime.consumer(settings).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let handler = handler_fn(move |m: ReceivedMessage| {
-        let (tx, fail_on) = (tx.clone(), fail_on.clone());
-        async move {
-            if fail_on
-                .as_deref()
-                .is_some_and(|p| m.payload.as_ref() == p.as_bytes())
-            {
-                return Err(Error::new(ErrorKind::Internal, "cannot handle this one"));
+/// A consumer-group member that hands this run's messages (their payload
+/// starts with the run id) to the example; earlier runs' messages on the
+/// same topics (on Kafka) are read and skipped, and a redelivered message
+/// (at least once) is counted once. Its handler fails on `fail_on`.
+struct Collector {
+    consumer: Arc<dyn Consumer>,
+    task: tokio::task::JoinHandle<im_infra::Result<()>>,
+    rx: mpsc::UnboundedReceiver<ReceivedMessage>,
+    seen: HashSet<Bytes>,
+}
+
+impl Collector {
+    async fn start(
+        runtime: &Runtime,
+        settings: ConsumerSettings,
+        run: &str,
+        fail_on: Option<String>,
+    ) -> Result<Self> {
+        let consumer = runtime.consumer(settings).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let run = run.to_owned();
+        let handler = handler_fn(move |m: ReceivedMessage| {
+            let (tx, fail_on, run) = (tx.clone(), fail_on.clone(), run.clone());
+            async move {
+                if fail_on
+                    .as_deref()
+                    .is_some_and(|p| m.payload.as_ref() == p.as_bytes())
+                {
+                    return Err(Error::new(ErrorKind::Internal, "cannot handle this one"));
+                }
+                if m.payload.starts_with(run.as_bytes()) {
+                    let _ = tx.send(m);
+                }
+                Ok(())
             }
-            let _ = tx.send(m);
-            Ok(())
-        }
-    });
-    let task = tokio::spawn({
-        let consumer = consumer.clone();
-        async move { consumer.run(handler).await }
-    });
-    let mut got = Vec::new();
-    while got.len() < n {
-        let m: ReceivedMessage = tokio::time::timeout(Duration::from_secs(30), rx.recv())
-            .await
-            .context("messages arrive")?
-            .context("the consumer runs")?;
-        if m.payload.starts_with(run.as_bytes()) {
-            got.push(m);
-        }
+        });
+        let task = tokio::spawn({
+            let consumer = consumer.clone();
+            async move { consumer.run(handler).await }
+        });
+        Ok(Collector {
+            consumer,
+            task,
+            rx,
+            seen: HashSet::new(),
+        })
     }
-    consumer.shutdown().await?;
-    task.await??;
-    Ok(got)
+
+    /// The next `n` distinct messages of this run.
+    async fn take(&mut self, n: usize) -> Result<Vec<ReceivedMessage>> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let m = tokio::time::timeout(Duration::from_secs(30), self.rx.recv())
+                .await
+                .context("messages arrive within 30 s")?
+                .context("the consumer runs")?;
+            if self.seen.insert(m.payload.clone()) {
+                got.push(m);
+            }
+        }
+        Ok(got)
+    }
+
+    /// Leaves the group (the offsets of handled messages committed).
+    async fn stop(self) -> Result<()> {
+        self.consumer.shutdown().await?;
+        self.task.await??;
+        Ok(())
+    }
 }
 
 async fn basic(runtime: &Runtime, run: &str) -> Result<()> {
@@ -77,7 +106,9 @@ async fn basic(runtime: &Runtime, run: &str) -> Result<()> {
         );
     }
     let settings = ConsumerSettings::new(format!("events-{run}"), ["examples.events"]);
-    let got = consume(runtime, settings, run, 3, None).await?;
+    let mut events = Collector::start(runtime, settings, run, None).await?;
+    let got = events.take(3).await?;
+    events.stop().await?;
     println!(
         "basic: consumed {} message(s), the offsets committed after each",
         got.len()
@@ -106,7 +137,14 @@ async fn advanced(runtime: &Runtime, run: &str) -> Result<()> {
             initial_interval: Duration::from_millis(10),
             ..RetrySettings::default()
         });
-    let seen: Vec<String> = consume(runtime, settings, run, 15, Some(poison.clone()))
+    // The dead letters are read while the orders are: the poison is
+    // dead-lettered whenever its partition comes.
+    let mut orders = Collector::start(runtime, settings, run, Some(poison.clone())).await?;
+    let dlq = ConsumerSettings::new(format!("dlq-{run}"), ["examples.orders.dlq"]);
+    let mut dead_letters = Collector::start(runtime, dlq, run, None).await?;
+    let dead = dead_letters.take(1).await?;
+    let seen: Vec<String> = orders
+        .take(15)
         .await?
         .iter()
         .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
@@ -116,8 +154,8 @@ async fn advanced(runtime: &Runtime, run: &str) -> Result<()> {
         let expected: Vec<String> = (0..5).map(|i| format!("{run}:{room}:{i}")).collect();
         ensure!(order == expected, "{room} in order: {order:?}");
     }
-    let dlq = ConsumerSettings::new(format!("dlq-{run}"), ["examples.orders.dlq"]);
-    let dead = consume(runtime, dlq, run, 1, None).await?;
+    orders.stop().await?;
+    dead_letters.stop().await?;
     ensure!(dead[0].payload.as_ref() == poison.as_bytes());
     println!(
         "advanced: 15 keyed messages in order per key; dead letter: {:?}",

@@ -9,9 +9,9 @@
 //!
 //! Every example runs in process with no configuration, and on the real
 //! servers with one variable: `IMINFRA_CONFIG=examples/servers.yaml` (the
-//! servers at their default ports; `scripts/examples.sh` writes the file of
-//! the servers `scripts/services.sh` started and runs every example both
-//! ways).
+//! servers at their default ports; `scripts/examples.sh` runs every example
+//! both ways, giving the file the addresses of the servers
+//! `scripts/services.sh` started).
 #![deny(missing_docs)]
 
 use std::time::{SystemTime, UNIX_EPOCH};

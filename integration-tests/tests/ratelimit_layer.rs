@@ -77,7 +77,7 @@ async fn grpc_calls_over_the_rule_are_resource_exhausted_with_the_time_to_wait()
         limiter().await?,
         "api",
         header_key("x-user"),
-    ))
+    )?)
     .await?;
     let mut client = connect(url).await?;
     check_as(&mut client, Some("alice")).await?;
@@ -122,7 +122,7 @@ async fn http_requests_over_the_rule_are_429_with_retry_after() -> Result<()> {
             limiter().await?,
             "api",
             header_key("x-user"),
-        ));
+        )?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -159,17 +159,20 @@ async fn a_failing_limiter_lets_requests_pass_or_refuses_them_as_configured() ->
         broken.clone(),
         "api",
         header_key("x-user"),
-    ))
+    )?)
     .await?;
     let mut client = connect(url).await?;
     check_as(&mut client, Some("alice")).await?;
 
     let strict =
-        RateLimitLayer::new(broken, "api", header_key("x-user")).on_error(OnLimiterError::Reject);
+        RateLimitLayer::new(broken, "api", header_key("x-user"))?.on_error(OnLimiterError::Reject);
     let mut client = connect(grpc_server(strict).await?).await?;
     let refused = check_as(&mut client, Some("alice"))
         .await
         .expect_err("refused");
     ensure!(refused.code() == tonic::Code::Unavailable, "{refused:?}");
+    let e = RateLimitLayer::new(Arc::new(Broken), "", header_key("x-user"))
+        .expect_err("an empty resource");
+    ensure!(e.kind() == ErrorKind::InvalidArgument, "{e}");
     Ok(())
 }

@@ -11,19 +11,32 @@
 //! - HTTP: `429 Too Many Requests` with `Retry-After` (whole seconds,
 //!   rounded up, at least 1).
 //!
-//! A request without a key passes unlimited. When the limiter fails (its
-//! backend unreachable and its failure policy exhausted), the request
-//! passes by default, with a warning ([`OnLimiterError::Allow`]), or is
-//! refused with `UNAVAILABLE` / `503` ([`OnLimiterError::Reject`]).
+//! A request without a key passes unlimited; one whose key the limiter
+//! refuses (longer than [`MAX_KEY_BYTES`](crate::validate::MAX_KEY_BYTES),
+//! or with a NUL) is answered `INVALID_ARGUMENT` / `400`. When the limiter's
+//! backend is unreachable and its failure policy is fail-closed, the answer
+//! is `UNAVAILABLE` / `503` with the time to wait. When the limiter fails
+//! (an error rather than a decision: no rule for the resource, an
+//! unreachable backend without a failure policy), the request passes by
+//! default, with a warning ([`OnLimiterError::Allow`]), or is refused with
+//! `UNAVAILABLE` / `503` ([`OnLimiterError::Reject`]).
 //!
 //! ```
 //! use std::sync::Arc;
 //! use im_infra::ratelimit::tower::{header_key, RateLimitLayer};
 //! use im_infra::ratelimit::Limiter;
 //!
-//! fn layer(limiter: Arc<dyn Limiter>) -> RateLimitLayer<im_infra::ratelimit::tower::HeaderKey> {
+//! fn layer(limiter: Arc<dyn Limiter>) -> im_infra::Result<RateLimitLayer<im_infra::ratelimit::tower::HeaderKey>> {
 //!     // One rule, "send", per value of the x-user-id header.
 //!     RateLimitLayer::new(limiter, "send", header_key("x-user-id"))
+//! }
+//!
+//! // Any function of the request works as a key, e.g. for an HTTP router:
+//! fn by_path(limiter: Arc<dyn Limiter>) -> im_infra::Result<RateLimitLayer<fn(&http::Request<String>) -> Option<String>>> {
+//!     fn key(r: &http::Request<String>) -> Option<String> {
+//!         Some(r.uri().path().to_owned())
+//!     }
+//!     RateLimitLayer::new(limiter, "per_path", key as fn(&http::Request<String>) -> Option<String>)
 //! }
 //! ```
 
@@ -36,7 +49,8 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
 
-use super::{Decision, Limiter};
+use super::{Decision, DenyReason, Limiter};
+use crate::error::{ErrorKind, Result as InfraResult};
 
 /// What the layer does when the limiter itself fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,16 +82,19 @@ where
 #[derive(Debug, Clone)]
 pub struct HeaderKey(HeaderName);
 
-/// Keys requests by the value of the header `name` (`x-user-id`); a
-/// request without it, or with a value that is not visible ASCII, is not
-/// limited.
+/// Keys requests by the value of the header `name` (`x-user-id`, in any
+/// case); a request without it, or with a value that is not visible ASCII,
+/// is not limited.
 ///
 /// # Panics
 ///
-/// When `name` is not a valid header name — a programming error caught at
-/// start-up, as `http::HeaderName::from_static` does.
-pub fn header_key(name: &'static str) -> HeaderKey {
-    HeaderKey(HeaderName::from_static(name))
+/// When `name` is not a valid header name (a space, a colon): a
+/// programming error caught when the layer is built.
+pub fn header_key(name: &str) -> HeaderKey {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(name) => HeaderKey(name),
+        Err(_) => panic!("header_key: {name:?} is not a header name"),
+    }
 }
 
 impl<B> KeyExtractor<B> for HeaderKey {
@@ -107,14 +124,21 @@ impl<K: std::fmt::Debug> std::fmt::Debug for RateLimitLayer<K> {
 }
 
 impl<K> RateLimitLayer<K> {
-    /// Limits each request by `key` under the rule of `resource`.
-    pub fn new(limiter: Arc<dyn Limiter>, resource: impl Into<Arc<str>>, key: K) -> Self {
-        RateLimitLayer {
+    /// Limits each request by `key` under the rule of `resource`;
+    /// `InvalidArgument` when `resource` is not a valid name.
+    pub fn new(
+        limiter: Arc<dyn Limiter>,
+        resource: impl Into<Arc<str>>,
+        key: K,
+    ) -> InfraResult<Self> {
+        let resource = resource.into();
+        crate::validate::key(&resource)?;
+        Ok(RateLimitLayer {
             limiter,
-            resource: resource.into(),
+            resource,
             key,
             on_error: OnLimiterError::default(),
-        }
+        })
     }
 
     /// What to do when the limiter fails (default: let the request pass).
@@ -181,19 +205,22 @@ where
         );
         Box::pin(async move {
             if let Some(key) = key {
-                let grpc = is_grpc(&request);
+                let grpc = grpc_content_type(&request);
                 match limiter.check(&resource, &key, 1).await {
                     Ok(decision) if !decision.allowed => {
-                        return Ok(rejected(grpc, &resource, &decision));
+                        return Ok(rejected(grpc.as_ref(), &resource, &decision));
                     }
                     Ok(_) => {}
+                    Err(error) if error.kind() == ErrorKind::InvalidArgument => {
+                        return Ok(bad_key(grpc.as_ref()));
+                    }
                     Err(error) => match on_error {
                         OnLimiterError::Allow => {
                             tracing::warn!(%resource, %error, "rate limit unavailable; request let through");
                         }
                         OnLimiterError::Reject => {
                             tracing::warn!(%resource, %error, "rate limit unavailable; request refused");
-                            return Ok(unavailable(grpc));
+                            return Ok(unavailable(grpc.as_ref(), None));
                         }
                     },
                 }
@@ -203,17 +230,19 @@ where
     }
 }
 
-fn is_grpc<B>(request: &Request<B>) -> bool {
-    request
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+/// The content type of a gRPC request (`application/grpc`, `+proto`,
+/// `-web`, …), answered in kind; `None` for anything else.
+fn grpc_content_type<B>(request: &Request<B>) -> Option<HeaderValue> {
+    let value = request.headers().get(CONTENT_TYPE)?;
+    let text = value.to_str().ok()?;
+    let rest = text.strip_prefix("application/grpc")?;
+    (rest.is_empty() || rest.starts_with(['+', ';', '-'])).then(|| value.clone())
 }
 
 /// Whole seconds, rounded up, at least 1.
 fn retry_after_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0 || d.is_zero())
+    d.as_secs()
+        .saturating_add(u64::from(d.subsec_nanos() > 0 || d.is_zero()))
 }
 
 /// Digits and percent-encoded text always make a header value.
@@ -235,47 +264,77 @@ fn percent_encoded(text: &str) -> String {
 }
 
 /// A gRPC "trailers-only" answer: the status in the headers, no message.
-fn grpc_status<B: Default>(code: u8, message: &str) -> Response<B> {
+fn grpc_status<B: Default>(content_type: &HeaderValue, code: u8, message: &str) -> Response<B> {
     let mut response = Response::new(B::default());
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(CONTENT_TYPE, content_type.clone());
     headers.insert("grpc-status", header(code));
     headers.insert("grpc-message", header(percent_encoded(message)));
     response
 }
 
-fn rejected<B: Default>(grpc: bool, resource: &str, decision: &Decision) -> Response<B> {
+fn rejected<B: Default>(
+    grpc: Option<&HeaderValue>,
+    resource: &str,
+    decision: &Decision,
+) -> Response<B> {
+    if decision.denied == Some(DenyReason::BackendUnavailable) {
+        return unavailable(grpc, Some(decision.retry_after));
+    }
     // `Duration::MAX`: the request can never pass (it asks more than the
-    // burst); no retry time is given.
+    // burst); gRPC is told not to retry, HTTP gets no Retry-After.
     let retry = (decision.retry_after != Duration::MAX).then_some(decision.retry_after);
-    if grpc {
-        let mut response = grpc_status(8, &format!("rate limit exceeded on {resource}"));
-        if let Some(retry) = retry {
+    match grpc {
+        Some(content_type) => {
+            let message = format!("rate limit exceeded on {resource}");
+            let mut response = grpc_status(content_type, 8, &message);
             let headers = response.headers_mut();
-            headers.insert(RETRY_AFTER, header(retry_after_secs(retry)));
-            let millis = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX);
-            headers.insert("grpc-retry-pushback-ms", header(millis));
-        }
-        response
-    } else {
-        let mut response = Response::new(B::default());
-        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-        if let Some(retry) = retry {
+            match retry {
+                Some(retry) => {
+                    headers.insert(RETRY_AFTER, header(retry_after_secs(retry)));
+                    let millis = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX);
+                    headers.insert("grpc-retry-pushback-ms", header(millis));
+                }
+                None => {
+                    headers.insert("grpc-retry-pushback-ms", HeaderValue::from_static("-1"));
+                }
+            }
             response
-                .headers_mut()
-                .insert(RETRY_AFTER, header(retry_after_secs(retry)));
         }
-        response
+        None => http_status(StatusCode::TOO_MANY_REQUESTS, retry),
     }
 }
 
-fn unavailable<B: Default>(grpc: bool) -> Response<B> {
-    if grpc {
-        grpc_status(14, "rate limit unavailable")
-    } else {
-        let mut response = Response::new(B::default());
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+fn http_status<B: Default>(status: StatusCode, retry: Option<Duration>) -> Response<B> {
+    let mut response = Response::new(B::default());
+    *response.status_mut() = status;
+    if let Some(retry) = retry {
         response
+            .headers_mut()
+            .insert(RETRY_AFTER, header(retry_after_secs(retry)));
+    }
+    response
+}
+
+fn unavailable<B: Default>(grpc: Option<&HeaderValue>, retry: Option<Duration>) -> Response<B> {
+    match grpc {
+        Some(content_type) => {
+            let mut response = grpc_status(content_type, 14, "rate limit unavailable");
+            if let Some(retry) = retry {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, header(retry_after_secs(retry)));
+            }
+            response
+        }
+        None => http_status(StatusCode::SERVICE_UNAVAILABLE, retry),
+    }
+}
+
+fn bad_key<B: Default>(grpc: Option<&HeaderValue>) -> Response<B> {
+    match grpc {
+        Some(content_type) => grpc_status(content_type, 3, "the rate-limit key is not valid"),
+        None => http_status(StatusCode::BAD_REQUEST, None),
     }
 }
 
@@ -285,6 +344,7 @@ mod tests {
 
     #[test]
     fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::new(u64::MAX, 5)), u64::MAX);
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
@@ -293,7 +353,7 @@ mod tests {
 
     #[test]
     fn header_keys_ignore_missing_and_blank_values() {
-        let key = header_key("x-user-id");
+        let key = header_key("X-User-Id");
         let with = Request::builder()
             .header("x-user-id", " alice ")
             .body(())
@@ -317,16 +377,61 @@ mod tests {
     }
 
     #[test]
-    fn grpc_is_told_by_its_content_type() {
-        let grpc = Request::builder()
-            .header(CONTENT_TYPE, "application/grpc+proto")
-            .body(())
-            .unwrap();
-        let http = Request::builder()
-            .header(CONTENT_TYPE, "application/json")
-            .body(())
-            .unwrap();
-        assert!(is_grpc(&grpc));
-        assert!(!is_grpc(&http));
+    fn grpc_is_told_by_its_content_type_and_answered_in_kind() {
+        let of = |t: &str| {
+            let r = Request::builder().header(CONTENT_TYPE, t).body(()).unwrap();
+            grpc_content_type(&r).map(|v| v.to_str().unwrap().to_owned())
+        };
+        for t in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc-web+proto",
+        ] {
+            assert_eq!(of(t).as_deref(), Some(t));
+        }
+        assert_eq!(of("application/json"), None);
+        assert_eq!(of("application/grpcx"), None);
+    }
+
+    #[test]
+    fn denials_map_to_the_status_of_their_reason() {
+        let decision = |denied, retry_after| Decision {
+            allowed: false,
+            limit: 1,
+            remaining: 0,
+            retry_after,
+            reset_after: retry_after,
+            denied: Some(denied),
+            source: super::super::DecisionSource::Backend,
+        };
+        let grpc = HeaderValue::from_static("application/grpc");
+        let over: Response<()> = rejected(
+            Some(&grpc),
+            "api",
+            &decision(DenyReason::RateExceeded, Duration::from_millis(1500)),
+        );
+        assert_eq!(over.headers()["grpc-status"], "8");
+        assert_eq!(over.headers()["retry-after"], "2");
+        assert_eq!(over.headers()["grpc-retry-pushback-ms"], "1500");
+        let never: Response<()> = rejected(
+            Some(&grpc),
+            "api",
+            &decision(DenyReason::ExceedsBurst, Duration::MAX),
+        );
+        assert_eq!(never.headers()["grpc-retry-pushback-ms"], "-1");
+        let down: Response<()> = rejected(
+            None,
+            "api",
+            &decision(DenyReason::BackendUnavailable, Duration::from_secs(1)),
+        );
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(down.headers()["retry-after"], "1");
+        let http: Response<()> = rejected(
+            None,
+            "api",
+            &decision(DenyReason::RateExceeded, Duration::from_secs(3)),
+        );
+        assert_eq!(http.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(http.headers()["retry-after"], "3");
     }
 }
