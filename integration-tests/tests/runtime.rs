@@ -652,3 +652,36 @@ async fn sigterm_while_consuming_loses_no_message_and_leaves_discovery_at_once()
     kafka.close().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_ignores_the_signal_is_dropped_at_the_deadline_and_reported() -> Result<()> {
+    let rt = builder("svc-stubborn")
+        .section("shutdown", json!({"timeout": "1s"}))
+        .start()
+        .await?;
+    let guard = rt.lock().lock("stubborn", Duration::from_secs(60)).await?;
+    let stop = rt.shutdown_signal();
+    let began = Instant::now();
+    let service = async move {
+        stop.cancel(); // as SIGTERM would
+        std::future::pending::<()>().await; // never winds down
+        anyhow::Ok(())
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(10), rt.run(service)).await?;
+    let took = began.elapsed();
+    match outcome {
+        Err(im_infra_runtime::RunError::Shutdown(e)) => {
+            ensure!(e.kind() == ErrorKind::Timeout, "{e}")
+        }
+        other => bail!("a missed deadline is reported: {other:?}"),
+    }
+    ensure!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "the deadline (1 s) bounds the wait, and every step still ran: {took:?}"
+    );
+    ensure!(
+        !guard.is_held(),
+        "the lock is released once the service is dropped"
+    );
+    Ok(())
+}

@@ -54,12 +54,17 @@ impl Lookup<'_> {
     /// The config center's settings of `T`, else [`local`](Self::local).
     pub(crate) async fn resolve<T: Settings + Default>(&self) -> Result<T> {
         let local = self.local()?;
-        Ok(match self.center {
+        Ok(self.center_or(local).await)
+    }
+
+    /// The config center's settings of `T`, else `local` (read already).
+    pub(crate) async fn center_or<T: Settings>(&self, local: T) -> T {
+        match self.center {
             Some(center) => {
                 from_center_or(center, self.env, self.service, local, self.timeout).await
             }
             None => local,
-        })
+        }
     }
 }
 

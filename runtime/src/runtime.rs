@@ -253,7 +253,8 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
 
     // Log reload from clog.
     if logging {
-        let clog = manager(&center, &lookup, "clog", lookup.local::<LogSettings>()?)
+        let local = lookup.local::<LogSettings>()?;
+        let clog = manager(&center, &lookup, "clog", local.clone())
             .validator(|s: &LogSettings| s.check().map_err(|e| e.message().to_owned()))
             .on_update(|s: &LogSettings| {
                 if let Err(e) = log::apply(s) {
@@ -263,7 +264,6 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
             .build()?;
         clog.start().await;
         started.managers.push(Box::new(clog.clone()));
-        let local = lookup.local::<LogSettings>()?;
         let configured = clog.version() > 0 || sections.contains_key("clog");
         // Nothing configured anywhere: the bootstrap subscriber (RUST_LOG)
         // stays until the center says otherwise.
@@ -276,7 +276,7 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
     }
 
     // Metrics (and health) before the other libraries, so their connects count.
-    let metrics: MetricsSettings = lookup.resolve().await?;
+    let metrics = lookup.center_or(local_metrics).await;
     let stopping = CancellationToken::new();
     let readiness_backends = Arc::new(Mutex::new(Vec::new()));
     if let Some(listen) = metrics.listen {
