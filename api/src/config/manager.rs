@@ -372,10 +372,11 @@ where
 {
     /// Decodes, validates and swaps in a value; returns whether it was applied.
     async fn apply(this: &Arc<Self>, raw: Bytes, version: u64) -> bool {
-        if version <= this.seen.load(Ordering::Acquire) {
+        // One atomic step: of two callers with the same version (the load
+        // and the watch's re-read), only one goes on.
+        if version <= this.seen.fetch_max(version, Ordering::AcqRel) {
             return false;
         }
-        this.seen.fetch_max(version, Ordering::AcqRel);
         let value: T = match serde_json::from_slice(&raw) {
             Ok(v) => v,
             Err(e) => {
@@ -394,10 +395,9 @@ where
     }
 
     async fn revert_to_default(this: &Arc<Self>, version: u64) {
-        if version <= this.seen.load(Ordering::Acquire) {
+        if version <= this.seen.fetch_max(version, Ordering::AcqRel) {
             return;
         }
-        this.seen.fetch_max(version, Ordering::AcqRel);
         if this.current.load().version == 0 {
             return;
         }

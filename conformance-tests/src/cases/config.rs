@@ -427,7 +427,8 @@ async fn manager_loads_validates_and_hot_reloads(w: World) -> Result<()> {
     );
     ensure!(
         updates.load(Ordering::SeqCst) == 3,
-        "callbacks for initial, second, third only"
+        "callbacks for initial, second, third only, not {}",
+        updates.load(Ordering::SeqCst)
     );
     // Deleting the key reverts to the default.
     c.delete(&path).await?;
