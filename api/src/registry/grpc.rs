@@ -390,6 +390,22 @@ async fn follow(discovery: Arc<dyn ServiceDiscovery>, shared: std::sync::Weak<Sh
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Whether a failed call only ran out of its deadline (`grpc-timeout`):
+/// the instance answered too slowly, or the work waited on something, but
+/// it is not gone, so it is not ejected. Ejecting it would send the next
+/// calls to the other instances only, and, once every instance had been
+/// slow once, to dead instances as well.
+fn ran_out_of_time(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 impl tower::Service<http::Request<Body>> for BalancedChannel {
     type Response = http::Response<Body>;
     type Error = BoxError;
@@ -413,10 +429,43 @@ impl tower::Service<http::Request<Body>> for BalancedChannel {
             match target.channel.clone().oneshot(req).await {
                 Ok(resp) => Ok(resp),
                 Err(e) => {
-                    shared.eject(&target);
+                    if !ran_out_of_time(&e) {
+                        shared.eject(&target);
+                    }
                     Err(Box::new(e) as BoxError)
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ran_out_of_time;
+
+    #[derive(Debug)]
+    struct Wrapping(Box<dyn std::error::Error + Send + Sync>);
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn a_deadline_anywhere_in_the_chain_is_not_an_instance_failure() {
+        assert!(ran_out_of_time(&tonic::TimeoutExpired(())));
+        assert!(ran_out_of_time(&Wrapping(Box::new(tonic::TimeoutExpired(
+            ()
+        )))));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!ran_out_of_time(&refused));
+        assert!(!ran_out_of_time(&Wrapping(Box::new(refused))));
     }
 }
