@@ -13,6 +13,7 @@ use im_infra::mq::{Consumer, ConsumerSettings, Producer};
 use im_infra::once::Once;
 use im_infra::ratelimit::{Limiter, LimiterSettings, Rules};
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
+use im_infra::settings::Settings;
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::{Error, ErrorKind, Result};
 use parking_lot::Mutex;
@@ -73,6 +74,26 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Declares a section of the service's own, `name`: the file and
+    /// `IMINFRA_<NAME>__<FIELD>` variables may then set it, and
+    /// [`Runtime::settings`] reads it by the one convention (config center,
+    /// then the local section, then the defaults). Without the declaration
+    /// a section of that name is an unknown-section error.
+    ///
+    /// ```
+    /// let b = im_infra_runtime::Runtime::builder("im-logic")
+    ///     .component("chat")
+    ///     .section("chat", serde_json::json!({"topic": "chat.messages"}));
+    /// # let _ = b;
+    /// ```
+    pub fn component(mut self, name: &str) -> Self {
+        let name = name.to_ascii_lowercase();
+        if !self.sources.own.contains(&name) {
+            self.sources.own.push(name);
+        }
+        self
+    }
+
     /// Whether `IMINFRA_*` environment variables are read (default: yes).
     pub fn environment(mut self, read: bool) -> Self {
         self.sources.read_env = read;
@@ -93,7 +114,8 @@ impl RuntimeBuilder {
         if self.logging {
             log::bootstrap();
         }
-        let settings = RuntimeSettings::read(&self.service, self.sources.load()?)?;
+        let settings =
+            RuntimeSettings::read(&self.service, self.sources.load()?, &self.sources.own)?;
         let mut started = Started::default();
         // Boxed: the start-up future is large, and callers' futures embed it.
         match Box::pin(start(settings, self.logging, &mut started)).await {
@@ -347,6 +369,7 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
         composition,
         settings_timeout: startup.settings_timeout,
         shutdown_timeout: shutdown.timeout,
+        sections,
         handles,
         backends: std::mem::take(&mut started.backends),
         managers: std::mem::take(&mut started.managers),
@@ -439,6 +462,8 @@ pub struct Runtime {
     composition: Composition,
     settings_timeout: Duration,
     shutdown_timeout: Duration,
+    /// The local sections (code, file, environment), by component.
+    sections: Map<String, Value>,
     handles: Handles,
     backends: Vec<(BackendKind, Arc<dyn Backend>)>,
     managers: Vec<Box<dyn StopManager>>,
@@ -506,6 +531,38 @@ impl Runtime {
     /// The config center.
     pub fn config(&self) -> Arc<dyn ConfigCenter> {
         self.handles.config.clone()
+    }
+
+    /// The settings of the component `T` by the one convention: the config
+    /// center's `/config/{env}/{service}/{T::COMPONENT}`, else the local
+    /// section (declared with [`RuntimeBuilder::component`] when it is the
+    /// service's own), else the defaults, with a warning on each fallback.
+    /// A local section that does not parse or validate is an error naming
+    /// it. Read once: for values that change at run time use
+    /// [`config_manager`](Self::config_manager).
+    ///
+    /// ```no_run
+    /// # async fn demo(runtime: &im_infra_runtime::Runtime) -> im_infra::Result<()> {
+    /// #[derive(Debug, Default, serde::Deserialize)]
+    /// struct Store { table: String }
+    /// impl im_infra::settings::Settings for Store {
+    ///     const COMPONENT: &'static str = "store";
+    ///     fn validate(&self) -> im_infra::Result<()> { Ok(()) }
+    /// }
+    /// let store: Store = runtime.settings().await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub async fn settings<T: Settings + Default>(&self) -> Result<T> {
+        let center = self.config();
+        Lookup {
+            local: &self.sections,
+            center: Some(&*center),
+            env: &self.env,
+            service: &self.service,
+            timeout: self.settings_timeout,
+        }
+        .resolve()
+        .await
     }
 
     /// A typed configuration of this service at

@@ -90,8 +90,13 @@ fn section<T: for<'de> Deserialize<'de> + Default>(
 }
 
 impl RuntimeSettings {
-    /// Reads the merged sources; `service` is the name the code gave.
-    pub(crate) fn read(service: &str, mut merged: Map<String, Value>) -> Result<RuntimeSettings> {
+    /// Reads the merged sources; `service` is the name the code gave, `own`
+    /// the sections of the service's own components.
+    pub(crate) fn read(
+        service: &str,
+        mut merged: Map<String, Value>,
+        own: &[String],
+    ) -> Result<RuntimeSettings> {
         let service: String = section::<Option<String>>(&mut merged, "service")?
             .unwrap_or_else(|| service.to_owned());
         let env: String = section::<Option<String>>(&mut merged, "env")?
@@ -114,9 +119,11 @@ impl RuntimeSettings {
                 ));
             }
         }
-        if let Some(unknown) = merged.keys().find(|k| !COMPONENTS.contains(&k.as_str())) {
+        let is_known = |k: &str| COMPONENTS.contains(&k) || own.iter().any(|o| o == k);
+        if let Some(unknown) = merged.keys().find(|k| !is_known(k)) {
             let mut known: Vec<&str> = RUNTIME_KEYS.to_vec();
             known.extend(COMPONENTS);
+            known.extend(own.iter().map(String::as_str));
             return Err(Error::new(
                 ErrorKind::InvalidConfig,
                 format!("unknown section {unknown:?} (known: {})", known.join(", ")),
@@ -141,7 +148,7 @@ mod tests {
     use crate::composition::{BackendKind, Role};
 
     fn read(v: Value) -> Result<RuntimeSettings> {
-        RuntimeSettings::read("svc", v.as_object().cloned().unwrap())
+        RuntimeSettings::read("svc", v.as_object().cloned().unwrap(), &[])
     }
 
     #[test]
@@ -186,5 +193,15 @@ mod tests {
         assert!(e.to_string().contains("shutdown.timeout"), "{e}");
         let e = read(json!({"service": "a/b"})).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+    }
+
+    #[test]
+    fn a_section_the_service_declares_is_kept_for_it() {
+        let merged = json!({"chat": {"topic": "t"}});
+        let own = ["chat".to_owned()];
+        let s = RuntimeSettings::read("svc", merged.as_object().cloned().unwrap(), &own).unwrap();
+        assert_eq!(s.sections.get("chat"), Some(&json!({"topic": "t"})));
+        let e = read(merged).unwrap_err();
+        assert!(e.to_string().contains("\"chat\""), "{e}");
     }
 }

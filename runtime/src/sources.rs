@@ -103,22 +103,30 @@ fn env_value(text: &str) -> Value {
 
 /// The path of keys a variable sets, or `None` when it names no known
 /// section (or is the file variable).
-fn env_path(name: &str) -> Option<Vec<String>> {
+fn env_path(name: &str, own: &[String]) -> Option<Vec<String>> {
     let rest = name.strip_prefix(ENV_PREFIX)?;
     let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
     let first = path.first()?.as_str();
     let known = match path.len() {
         1 => matches!(first, "service" | "env"),
-        _ => RUNTIME_KEYS.contains(&first) || COMPONENTS.contains(&first),
+        _ => {
+            RUNTIME_KEYS.contains(&first)
+                || COMPONENTS.contains(&first)
+                || own.iter().any(|c| c == first)
+        }
     };
     (known && path.iter().all(|s| !s.is_empty())).then_some(path)
 }
 
-/// The overrides of `vars` (in the process: `std::env::vars()`).
-pub(crate) fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Map<String, Value> {
+/// The overrides of `vars` (in the process: `std::env::vars()`), for the
+/// runtime's sections and the service's `own`.
+pub(crate) fn from_env(
+    vars: impl IntoIterator<Item = (String, String)>,
+    own: &[String],
+) -> Map<String, Value> {
     let mut out = Map::new();
     for (name, text) in vars {
-        let Some(path) = env_path(&name) else {
+        let Some(path) = env_path(&name, own) else {
             continue;
         };
         let (last, parents) = path.split_last().expect("a path has a key");
@@ -143,6 +151,8 @@ pub(crate) struct Sources {
     pub(crate) code: Map<String, Value>,
     pub(crate) file: Option<PathBuf>,
     pub(crate) read_env: bool,
+    /// The sections of the service's own components.
+    pub(crate) own: Vec<String>,
 }
 
 impl Sources {
@@ -162,7 +172,7 @@ impl Sources {
         if self.read_env {
             let utf8 = std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-            merge(&mut merged, from_env(utf8));
+            merge(&mut merged, from_env(utf8, &self.own));
         }
         Ok(merged)
     }
@@ -182,21 +192,26 @@ mod tests {
 
     #[test]
     fn environment_variables_set_typed_values_at_their_path() {
-        let got = from_env(vars(&[
-            ("IMINFRA_REDIS__URL", "redis://cache:6379"),
-            ("IMINFRA_BACKENDS__CACHE", "redis"),
-            ("IMINFRA_ETCD__ENDPOINTS", "[http://a:2379, http://b:2379]"),
-            ("IMINFRA_DB__POOL__MAX", "10"),
-            ("IMINFRA_METRICS__LISTEN", "127.0.0.1:9100"),
-            ("IMINFRA_REDIS__PASSWORD", "abc #1: x"),
-            ("IMINFRA_DB__PASSWORD", "\"123456\""),
-            ("IMINFRA_KAFKA__ENABLED", "true"),
-            ("IMINFRA_SERVICE", "im-logic"),
-            ("IMINFRA_REDIS_URL", "ignored: no section separator"),
-            ("IMINFRA_UNKNOWN__X", "ignored: no such section"),
-            ("IMINFRA_CONFIG", "ignored: names the file"),
-            ("HOME", "/root"),
-        ]));
+        let got = from_env(
+            vars(&[
+                ("IMINFRA_REDIS__URL", "redis://cache:6379"),
+                ("IMINFRA_BACKENDS__CACHE", "redis"),
+                ("IMINFRA_ETCD__ENDPOINTS", "[http://a:2379, http://b:2379]"),
+                ("IMINFRA_DB__POOL__MAX", "10"),
+                ("IMINFRA_METRICS__LISTEN", "127.0.0.1:9100"),
+                ("IMINFRA_REDIS__PASSWORD", "abc #1: x"),
+                ("IMINFRA_DB__PASSWORD", "\"123456\""),
+                ("IMINFRA_KAFKA__ENABLED", "true"),
+                ("IMINFRA_SERVICE", "im-logic"),
+                ("IMINFRA_REDIS_URL", "ignored: no section separator"),
+                ("IMINFRA_UNKNOWN__X", "ignored: no such section"),
+                ("IMINFRA_CONFIG", "ignored: names the file"),
+                ("IMINFRA_CHAT__TOPIC", "chat.messages"),
+                ("IMINFRA_OTHER__TOPIC", "ignored: not declared"),
+                ("HOME", "/root"),
+            ]),
+            &["chat".to_owned()],
+        );
         assert_eq!(
             Value::Object(got),
             json!({
@@ -207,6 +222,7 @@ mod tests {
                 "kafka": {"enabled": true},
                 "metrics": {"listen": "127.0.0.1:9100"},
                 "service": "im-logic",
+                "chat": {"topic": "chat.messages"},
             })
         );
     }
@@ -267,6 +283,7 @@ mod tests {
                 .unwrap(),
             file: Some(file),
             read_env: false,
+            own: Vec::new(),
         };
         assert_eq!(
             Value::Object(sources.load().unwrap()),
