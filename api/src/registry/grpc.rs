@@ -85,6 +85,12 @@ pub struct GrpcOptions {
     /// How long an instance whose call failed at the transport level is
     /// skipped.
     pub eject_for: Duration,
+    /// HTTP/2 PINGs on every connection at this interval, idle or not; a
+    /// connection whose PING is not answered within the same interval is
+    /// closed, failing its calls, so an instance behind a frozen network
+    /// is ejected instead of holding every call until its deadline. `None`:
+    /// no PINGs.
+    pub keepalive: Option<Duration>,
     /// Bound of the first read of the instances.
     pub discovery_timeout: Duration,
     /// TLS towards `https` instances (none: every instance is dialled in
@@ -101,6 +107,7 @@ impl Default for GrpcOptions {
             connect_timeout: Duration::from_secs(2),
             request_timeout: None,
             eject_for: Duration::from_secs(5),
+            keepalive: Some(Duration::from_secs(10)),
             discovery_timeout: Duration::from_secs(5),
             tls: None,
         }
@@ -181,6 +188,13 @@ impl Shared {
         };
         let endpoint = match self.opts.request_timeout {
             Some(t) => endpoint.timeout(t),
+            None => endpoint,
+        };
+        let endpoint = match self.opts.keepalive {
+            Some(every) => endpoint
+                .http2_keep_alive_interval(every)
+                .keep_alive_timeout(every)
+                .keep_alive_while_idle(true),
             None => endpoint,
         };
         Ok(Arc::new(Target {

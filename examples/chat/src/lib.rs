@@ -6,17 +6,18 @@
 //! - **logic** (gRPC `chat.v1.Logic`, several instances): registers in
 //!   discovery; a send is limited per user by the
 //!   [`RateLimitLayer`](im_infra::ratelimit::tower::RateLimitLayer) whose
-//!   rules hot-reload from the config center; it runs once per client
-//!   message id ([`Once`](im_infra::once::Once)), takes a Snowflake id on a
-//!   leased worker id, and under the conversation's
-//!   [lock](im_infra::lock::DistributedLock) takes the next sequence number
-//!   (a cache counter) and puts the message on the queue keyed by
-//!   conversation; histories are read through the cache
+//!   rules hot-reload from the config center; under the conversation's
+//!   [lock](im_infra::lock::DistributedLock) it runs once per client message
+//!   id ([`Once`](im_infra::once::Once): a Snowflake id on a leased worker
+//!   id and the next sequence number, a cache counter, remembered) and puts
+//!   the message on the queue keyed by conversation, also when the send
+//!   repeats an earlier one; histories are read through the cache
 //!   ([`get_or_load`](im_infra::cache::CacheExt::get_or_load)).
 //! - **gateway** (gRPC `chat.v1.Gateway`): the clients' API, forwarded
 //!   through a [`BalancedChannel`](im_infra::registry::grpc::BalancedChannel)
-//!   over the logic instances; a send that could not reach its instance is
-//!   tried on another (safe: sends are idempotent).
+//!   over the logic instances; a send whose instance could not be reached,
+//!   or whose connection broke, is tried again, on another instance when
+//!   there is one (safe: sends are idempotent).
 //! - **task**: a consumer group member that stores each message (once, even
 //!   when delivered twice) and drops the conversation's cached history.
 //!

@@ -11,7 +11,7 @@ use im_infra::lock::{DistributedLock, LockOptions};
 use im_infra::mq::{Message, Producer};
 use im_infra::once::{Once, OnceExt, OnceOptions, Outcome, RunError};
 use im_infra::uid::{IdGenerator, Snowflake};
-use im_infra::{Error, Result};
+use im_infra::{Error, ErrorKind, Result};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -41,11 +41,15 @@ pub fn history_key(conversation: &str) -> String {
 
 /// What a send's first run produced, remembered under its client message
 /// id.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Accepted {
     id: u64,
     seq: u64,
     sent_at_ms: u64,
+    /// What was sent: a repeat must send the same, and is queued as the
+    /// first send was.
+    conversation: String,
+    body: String,
 }
 
 /// What the logic service uses.
@@ -121,15 +125,24 @@ impl LogicService {
             .lock
             .acquire(
                 &format!("chat:conversation:{}", req.conversation),
-                LockOptions::new(d.settings.lock_ttl).wait(d.settings.call_timeout),
+                // Half the call's deadline for the lock, half for a claim
+                // of a crashed instance to lapse: the errors reach the
+                // caller before its deadline does.
+                LockOptions::new(d.settings.lock_ttl).wait(d.settings.call_timeout / 2),
             )
             .await?;
         let work = async {
             // A retry of a send whose instance died holding it waits for
             // the claim to lapse (`claim_ttl`), then takes it.
-            let mut opts = OnceOptions::new(d.settings.dedup_ttl).wait(d.settings.call_timeout);
+            let mut opts = OnceOptions::new(d.settings.dedup_ttl).wait(d.settings.call_timeout / 2);
             opts.claim_ttl = d.settings.claim_ttl;
-            let key = format!("chat:send:{}:{}", req.user, req.client_msg_id);
+            // The user's length keeps ("a:b", "c") and ("a", "b:c") apart.
+            let key = format!(
+                "chat:send:{}:{}:{}",
+                req.user.len(),
+                req.user,
+                req.client_msg_id
+            );
             let outcome = d
                 .once
                 .run_with(&key, opts, || async {
@@ -142,6 +155,8 @@ impl LogicService {
                         id,
                         seq,
                         sent_at_ms: now_ms(),
+                        conversation: req.conversation.clone(),
+                        body: req.body.clone(),
                     })
                 })
                 .await;
@@ -150,13 +165,22 @@ impl LogicService {
                 Ok(Outcome::AlreadyDone(a)) => (a, true),
                 Err(RunError::Infra(e) | RunError::Task(e)) => return Err(e),
             };
+            if accepted.conversation != req.conversation || accepted.body != req.body {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "client message id {:?} was used for another message",
+                        req.client_msg_id
+                    ),
+                ));
+            }
             let message = ChatMessage {
                 id: accepted.id,
                 seq: accepted.seq,
-                conversation: req.conversation.clone(),
+                conversation: accepted.conversation.clone(),
                 sender: req.user.clone(),
                 client_msg_id: req.client_msg_id.clone(),
-                body: req.body.clone(),
+                body: accepted.body.clone(),
                 sent_at_ms: accepted.sent_at_ms,
             };
             d.producer

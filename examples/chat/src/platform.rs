@@ -113,6 +113,8 @@ pub struct Platform {
     gateway: Option<(TcpListener, GatewayService)>,
     consumer: Option<Arc<dyn im_infra::mq::Consumer>>,
     db: Option<Arc<Db>>,
+    /// Fires when logic's worker-id lease is lost: no id can be issued.
+    lease_lost: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -167,6 +169,7 @@ impl Platform {
             gateway: None,
             consumer: None,
             db: None,
+            lease_lost: None,
         };
         match platform.connect().await {
             Ok(()) => Ok(platform),
@@ -203,6 +206,7 @@ impl Platform {
                 .allocate(Layout::default().max_worker_id(), Duration::from_secs(30))
                 .await?;
             let instance_name = format!("logic-{}", lease.worker_id());
+            self.lease_lost = Some(lease.lost());
             let ids = Arc::new(Snowflake::with_lease(Layout::default(), lease)?);
             let service = LogicService::new(LogicDeps {
                 instance: instance_name.clone(),
@@ -299,6 +303,7 @@ impl Platform {
             consumer,
             db,
             store,
+            lease_lost,
             ..
         } = self;
         let stop = runtime.shutdown_signal();
@@ -349,13 +354,32 @@ impl Platform {
                 consumed
             };
             let serving = async {
+                let mut served = Ok(());
                 while let Some(r) = servers.join_next().await {
-                    r.context("a server task failed")?
-                        .context("a server failed")?;
+                    if let Err(e) = r
+                        .context("a server task failed")
+                        .and_then(|r| r.context("a server failed"))
+                    {
+                        // The rest of the process cannot stand in for it.
+                        tracing::error!(error = %e, "stopping");
+                        stop.cancel();
+                        served = Err(e);
+                    }
                 }
-                anyhow::Ok(())
+                served
             };
-            let (consumed, served) = tokio::join!(consuming, serving);
+            let watching = async {
+                if let Some(lost) = lease_lost {
+                    tokio::select! {
+                        _ = lost.cancelled() => {
+                            tracing::error!("the worker-id lease was lost: no message id can be issued; stopping");
+                            stop.cancel();
+                        }
+                        _ = stop.cancelled() => {}
+                    }
+                }
+            };
+            let (consumed, served, ()) = tokio::join!(consuming, serving, watching);
             if let Some(db) = db {
                 let _ = db.close().await;
             }

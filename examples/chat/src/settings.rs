@@ -53,18 +53,22 @@ pub struct ChatSettings {
     /// with the same message id is answered instead of sent again.
     #[serde(with = "humantime_serde")]
     pub dedup_ttl: Duration,
-    /// How long a crashed logic instance holds a conversation's lock (the
-    /// critical section lasts milliseconds; a live holder renews it).
+    /// How long a crashed logic instance holds a conversation's lock (a
+    /// live holder renews it). At most half of `call_timeout`, so that a
+    /// send waiting for a crashed holder still answers in time.
     #[serde(with = "humantime_serde")]
     pub lock_ttl: Duration,
-    /// How long a crashed logic instance holds a send it had claimed.
+    /// How long a crashed logic instance holds a send it had claimed. At
+    /// most half of `call_timeout`, for the same reason.
     #[serde(with = "humantime_serde")]
     pub claim_ttl: Duration,
     /// The bound of one call from the gateway to logic.
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
-    /// How many times the gateway tries a send on an instance that could
-    /// not be reached (a send is idempotent, so a retry is safe).
+    /// How many times the gateway tries a send whose instance could not be
+    /// reached or whose connection broke (a send is idempotent, so a retry
+    /// is safe); the balanced channel has ejected the failed instance, so
+    /// the retry goes to another when there is one.
     pub send_attempts: u32,
 }
 
@@ -81,7 +85,7 @@ impl Default for ChatSettings {
             history_ttl: Duration::from_secs(30),
             dedup_ttl: Duration::from_secs(24 * 3600),
             lock_ttl: Duration::from_secs(2),
-            claim_ttl: Duration::from_secs(3),
+            claim_ttl: Duration::from_secs(2),
             call_timeout: Duration::from_secs(5),
             send_attempts: 3,
         }
@@ -108,8 +112,9 @@ impl im_infra::settings::Settings for ChatSettings {
         {
             return Err(invalid("table", "1 to 64 letters, digits or '_'"));
         }
-        if self.history_limit == 0 || self.history_limit > 1000 {
-            return Err(invalid("history_limit", "between 1 and 1000"));
+        // 500 bodies of 4 KiB stay under gRPC's 4 MiB message limit.
+        if self.history_limit == 0 || self.history_limit > 500 {
+            return Err(invalid("history_limit", "between 1 and 500"));
         }
         for (field, d) in [
             ("history_ttl", self.history_ttl),
@@ -121,6 +126,12 @@ impl im_infra::settings::Settings for ChatSettings {
             if d < Duration::from_millis(1) {
                 return Err(invalid(field, "at least 1 ms"));
             }
+        }
+        if self.lock_ttl > self.call_timeout / 2 || self.claim_ttl > self.call_timeout / 2 {
+            return Err(invalid(
+                "lock_ttl",
+                "lock_ttl and claim_ttl must be at most half of call_timeout",
+            ));
         }
         if self.send_attempts == 0 || self.send_attempts > 10 {
             return Err(invalid("send_attempts", "between 1 and 10"));

@@ -17,23 +17,25 @@ pub fn of(e: &Error) -> Status {
         ErrorKind::InvalidArgument | ErrorKind::Serialization => Code::InvalidArgument,
         ErrorKind::Timeout => Code::DeadlineExceeded,
         ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
         ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         ErrorKind::InProgress | ErrorKind::LockNotAcquired | ErrorKind::Conflict => Code::Aborted,
         ErrorKind::Connection
         | ErrorKind::Unavailable
         | ErrorKind::Closed
         | ErrorKind::NoInstances
-        | ErrorKind::LeaseLost => Code::Unavailable,
+        | ErrorKind::LeaseLost
+        | ErrorKind::LockNotHeld => Code::Unavailable,
         _ => Code::Internal,
     };
     Status::new(code, e.to_string())
 }
 
 /// Whether a failed call may be tried again on another instance: the
-/// instance could not be reached or went away during the call.
+/// instance could not be reached (`UNAVAILABLE`) or its connection broke
+/// during the call (`UNKNOWN`, a transport error). A call that ran out of
+/// its deadline is not tried again: the work may still be running, and a
+/// retry would queue behind it.
 pub fn retryable(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-    )
+    matches!(s.code(), Code::Unavailable | Code::Unknown)
 }

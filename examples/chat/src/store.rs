@@ -89,7 +89,9 @@ impl MessageStore for MemoryStore {
     }
 }
 
-/// A store in a MySQL table (created when missing), through [`Db`].
+/// A store in a MySQL table (created when missing), through [`Db`]. Names
+/// compare byte for byte (`utf8mb4_bin`), as everywhere else: `M1` and
+/// `m1` are two client message ids.
 #[derive(Debug, Clone)]
 pub struct MysqlStore {
     db: Arc<Db>,
@@ -117,9 +119,9 @@ impl MysqlStore {
                 "CREATE TABLE IF NOT EXISTS `{table}` (
                     id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
                     seq BIGINT UNSIGNED NOT NULL,
-                    conversation VARCHAR(128) NOT NULL,
-                    sender VARCHAR(128) NOT NULL,
-                    client_msg_id VARCHAR(128) NOT NULL,
+                    conversation VARCHAR(128) COLLATE utf8mb4_bin NOT NULL,
+                    sender VARCHAR(128) COLLATE utf8mb4_bin NOT NULL,
+                    client_msg_id VARCHAR(128) COLLATE utf8mb4_bin NOT NULL,
                     body TEXT NOT NULL,
                     sent_at_ms BIGINT UNSIGNED NOT NULL,
                     UNIQUE KEY by_client (sender, client_msg_id),

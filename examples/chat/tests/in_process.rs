@@ -126,6 +126,12 @@ async fn the_platform_in_one_process_stores_each_send_once_in_order_and_limits_b
         "the stored ids are the ids the sends got"
     );
 
+    // A client message id used again for another message is refused.
+    let mut other = send("u0", "c0", "m0");
+    other.body = "something else".into();
+    let refused = client.send(other).await.unwrap_err();
+    ensure!(refused.code() == tonic::Code::AlreadyExists, "{refused}");
+
     // A rule written to the center limits a user within a second.
     let written = Instant::now();
     center
