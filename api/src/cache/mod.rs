@@ -22,6 +22,8 @@
 //! ```
 
 mod ext;
+#[cfg(feature = "near-cache")]
+pub mod near;
 mod single_flight;
 
 use std::time::Duration;

@@ -28,9 +28,21 @@ impl Item {
 #[derive(Debug, Default)]
 pub(crate) struct CacheStore {
     items: DashMap<String, Item>,
+    /// Near caches told of every write, before the write returns.
+    #[cfg(feature = "near-cache")]
+    pub(crate) listeners: crate::near::Listeners,
 }
 
 impl CacheStore {
+    /// Tells the near caches that `keys` changed.
+    #[inline]
+    fn changed<S: AsRef<str>>(&self, keys: &[S]) {
+        #[cfg(feature = "near-cache")]
+        self.listeners.changed(keys);
+        #[cfg(not(feature = "near-cache"))]
+        let _ = keys;
+    }
+
     /// Removes expired entries.
     pub(crate) fn purge(&self) {
         let now = Instant::now();
@@ -100,6 +112,7 @@ impl Cache for MemoryCache {
                 expires_at: expiry(ttl),
             },
         );
+        self.store().changed(&[key]);
         Ok(())
     }
 
@@ -110,20 +123,24 @@ impl Cache for MemoryCache {
             value,
             expires_at: expiry(ttl),
         };
-        match self.store().items.entry(key.to_owned()) {
+        let stored = match self.store().items.entry(key.to_owned()) {
             Entry::Occupied(mut e) => {
                 if e.get().live(now) {
-                    Ok(false)
+                    false
                 } else {
                     e.insert(item);
-                    Ok(true)
+                    true
                 }
             }
             Entry::Vacant(e) => {
                 e.insert(item);
-                Ok(true)
+                true
             }
+        };
+        if stored {
+            self.store().changed(&[key]);
         }
+        Ok(stored)
     }
 
     async fn delete<'k>(&self, keys: &[&'k str]) -> Result<u64> {
@@ -137,6 +154,7 @@ impl Cache for MemoryCache {
                 }
             }
         }
+        self.store().changed(keys);
         Ok(n)
     }
 
@@ -148,13 +166,17 @@ impl Cache for MemoryCache {
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
         self.shared.check_open()?;
         let now = Instant::now();
-        match self.store().items.get_mut(key) {
+        let found = match self.store().items.get_mut(key) {
             Some(mut item) if item.live(now) => {
                 item.expires_at = expiry(Some(ttl));
-                Ok(true)
+                true
             }
-            _ => Ok(false),
+            _ => false,
+        };
+        if found {
+            self.store().changed(&[key]);
         }
+        Ok(found)
     }
 
     async fn ttl(&self, key: &str) -> Result<KeyTtl> {
@@ -172,6 +194,41 @@ impl Cache for MemoryCache {
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
         self.shared.check_open()?;
         let now = Instant::now();
+        let next = self.add(key, delta, now)?;
+        self.store().changed(&[key]);
+        Ok(next)
+    }
+
+    async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>> {
+        self.shared.check_open()?;
+        Ok(keys.iter().map(|k| self.read(k)).collect())
+    }
+
+    async fn set_many<'k>(
+        &self,
+        entries: &[(&'k str, Bytes)],
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        self.shared.check_open()?;
+        let expires_at = expiry(ttl);
+        for (k, v) in entries {
+            self.store().items.insert(
+                (*k).to_owned(),
+                Item {
+                    value: v.clone(),
+                    expires_at,
+                },
+            );
+        }
+        let keys: Vec<&str> = entries.iter().map(|(k, _)| *k).collect();
+        self.store().changed(&keys);
+        Ok(())
+    }
+}
+
+impl MemoryCache {
+    /// `incr_by`'s step under the entry's lock.
+    fn add(&self, key: &str, delta: i64, now: Instant) -> Result<i64> {
         let mut entry = self.store().items.entry(key.to_owned()).or_insert(Item {
             value: Bytes::from_static(b"0"),
             expires_at: None,
@@ -199,29 +256,5 @@ impl Cache for MemoryCache {
         })?;
         entry.value = Bytes::from(next.to_string());
         Ok(next)
-    }
-
-    async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>> {
-        self.shared.check_open()?;
-        Ok(keys.iter().map(|k| self.read(k)).collect())
-    }
-
-    async fn set_many<'k>(
-        &self,
-        entries: &[(&'k str, Bytes)],
-        ttl: Option<Duration>,
-    ) -> Result<()> {
-        self.shared.check_open()?;
-        let expires_at = expiry(ttl);
-        for (k, v) in entries {
-            self.store().items.insert(
-                (*k).to_owned(),
-                Item {
-                    value: v.clone(),
-                    expires_at,
-                },
-            );
-        }
-        Ok(())
     }
 }

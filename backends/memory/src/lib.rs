@@ -42,6 +42,8 @@ mod config_center;
 mod limiter;
 mod lock;
 mod mq;
+#[cfg(feature = "near-cache")]
+mod near;
 mod once;
 mod registry;
 mod settings;
@@ -217,6 +219,34 @@ impl Default for MemoryBackend {
 }
 
 impl MemoryBackend {
+    /// The invalidations of this backend's cache for a
+    /// [`NearCache`](im_infra::cache::near::NearCache): every write is
+    /// reported before it returns (feature `near-cache`).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
+    /// use im_infra::backend::Backend;
+    /// use im_infra::cache::near::NearCache;
+    /// use im_infra::cache::Cache;
+    /// let memory = im_infra_memory::MemoryBackend::new();
+    /// let cache = memory.cache().await?;
+    /// let near = NearCache::builder(cache.clone())
+    ///     .invalidation(memory.invalidations())
+    ///     .build()
+    ///     .await?;
+    /// cache.set("k", "v1".into(), None).await?;
+    /// assert_eq!(near.get("k").await?.as_deref(), Some(&b"v1"[..]));
+    /// cache.set("k", "v2".into(), None).await?; // another handle's write
+    /// assert_eq!(near.get("k").await?.as_deref(), Some(&b"v2"[..]));
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "near-cache")]
+    pub fn invalidations(&self) -> Arc<dyn im_infra::cache::near::InvalidationSource> {
+        Arc::new(near::MemoryInvalidations {
+            shared: self.shared.clone(),
+        })
+    }
+
     /// A backend with default settings.
     pub fn new() -> Self {
         MemoryBackendBuilder::default()

@@ -253,6 +253,34 @@ impl Client {
             .map_err(from_redis)
     }
 
+    /// A RESP3 connection of its own whose server pushes go to `push`
+    /// (client-side caching); `None` on a cluster.
+    #[cfg(feature = "near-cache")]
+    pub(crate) async fn resp3(
+        &self,
+        push: impl redis::aio::AsyncPushSender,
+    ) -> Result<Option<MultiplexedConnection>> {
+        self.check_open()?;
+        let Some(client) = self.node().await? else {
+            return Ok(None);
+        };
+        let info = client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(from_redis)?;
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.cfg.connect_timeout))
+            .set_response_timeout(Some(self.cfg.response_timeout))
+            .set_push_sender(push);
+        client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map(Some)
+            .map_err(from_redis)
+    }
+
     /// A pub/sub connection (single node only).
     pub(crate) async fn pubsub(&self) -> Result<Option<redis::aio::PubSub>> {
         self.check_open()?;

@@ -63,6 +63,12 @@ impl Keys {
         LimiterKey(&self.ns, resource, key)
     }
 
+    /// The prefix of every cache key (`<ns>:c:`).
+    #[cfg(feature = "near-cache")]
+    pub(crate) fn cache_prefix(&self) -> String {
+        format!("{}:c:", self.ns)
+    }
+
     /// Pattern matching every key of the namespace (for clean-up tools).
     pub(crate) fn all(&self) -> String {
         format!("{}:*", self.ns)

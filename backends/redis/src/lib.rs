@@ -91,6 +91,8 @@ mod sentinel;
 mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "near-cache")]
+mod tracking;
 mod worker_id;
 
 use std::sync::Arc;
@@ -122,6 +124,8 @@ use worker_id::RedisWorkerIds;
 
 pub use limiter::{gcra_script, RedisLimiter};
 pub use settings::{RedisSettings, RedisTls};
+#[cfg(feature = "near-cache")]
+pub use tracking::TRACKING_CLIENT_NAME;
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "redis";
@@ -285,6 +289,29 @@ impl RedisBackend {
     /// The settings in force.
     pub fn settings(&self) -> &RedisSettings {
         self.shared.client.settings()
+    }
+
+    /// The invalidations of this backend's cache for a
+    /// [`NearCache`](im_infra::cache::near::NearCache): Redis's client-side
+    /// caching in broadcast mode over the namespace's cache keys, on a
+    /// RESP3 connection of its own per near cache (feature `near-cache`).
+    /// On Redis Cluster subscribing fails with `Unsupported` (tracking is
+    /// per node); the TLS of a private CA is not applied to this
+    /// connection yet.
+    ///
+    /// ```no_run
+    /// # async fn demo(redis: im_infra_redis::RedisBackend) -> im_infra::Result<()> {
+    /// use im_infra::backend::Backend;
+    /// use im_infra::cache::near::NearCache;
+    /// let near = NearCache::builder(redis.cache().await?)
+    ///     .invalidation(redis.invalidations())
+    ///     .build()
+    ///     .await?;
+    /// # let _ = near; Ok(()) }
+    /// ```
+    #[cfg(feature = "near-cache")]
+    pub fn invalidations(&self) -> Arc<dyn im_infra::cache::near::InvalidationSource> {
+        Arc::new(tracking::RedisInvalidations::new(self.shared.clone()))
     }
 
     /// The distributed limiter without the failure policy and without the

@@ -1,0 +1,387 @@
+//! A near cache: a bounded in-process copy of hot keys in front of any
+//! [`Cache`], kept no older than the server by the server's own
+//! invalidations.
+//!
+//! Reads of a key held near are answered from memory; a miss reads the
+//! server once per key at a time (single flight) and keeps the value for at
+//! most the server's remaining TTL and the near cache's own `ttl`. Writes
+//! through the near cache drop the key near before and after they reach
+//! the server.
+//!
+//! Freshness rests on an [`InvalidationSource`]: Redis's client-side
+//! caching, the in-process backend's own writes. While the source's
+//! channel is down, the near cache is empty and every read goes to the
+//! server, so no read returns a value older than a write acknowledged
+//! before the channel came back. A fill that an invalidation overtook does
+//! not store what it read. [`NearCache::sync`] waits until every write
+//! acknowledged before the call has been reported. A backend without such
+//! a channel can only be used with an explicit bound on staleness
+//! ([`NearCacheBuilder::max_staleness`]); the builder refuses otherwise.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use im_infra::cache::near::NearCache;
+//! use im_infra::cache::Cache;
+//!
+//! # async fn demo(cache: Arc<dyn Cache>) -> im_infra::Result<()> {
+//! // A backend without an invalidation channel: values at most 500 ms old.
+//! let near = NearCache::builder(cache)
+//!     .max_entries(10_000)
+//!     .max_bytes(64 << 20)
+//!     .max_staleness(Duration::from_millis(500))
+//!     .build()
+//!     .await?;
+//! let _profile = near.get("profile:42").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Metrics: `im_infra_near_cache_hits_total`, `…_misses_total`,
+//! `…_bypassed_total` (reads while the channel is down),
+//! `…_invalidations_total` and `…_evictions_total`.
+
+mod source;
+mod state;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use source::{InvalidationSink, InvalidationSource, Subscription};
+use state::{Entry, NearState};
+
+use super::{Cache, CacheCapabilities, KeyTtl};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Builds a [`NearCache`]; see the [module](self).
+pub struct NearCacheBuilder {
+    inner: Arc<dyn Cache>,
+    max_entries: u64,
+    max_bytes: u64,
+    ttl: Duration,
+    negative: bool,
+    source: Option<Arc<dyn InvalidationSource>>,
+    max_staleness: Option<Duration>,
+}
+
+impl std::fmt::Debug for NearCacheBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NearCacheBuilder")
+            .field("max_entries", &self.max_entries)
+            .field("max_bytes", &self.max_bytes)
+            .field("ttl", &self.ttl)
+            .field("negative", &self.negative)
+            .field("source", &self.source.is_some())
+            .field("max_staleness", &self.max_staleness)
+            .finish()
+    }
+}
+
+impl NearCacheBuilder {
+    /// At most `n` entries (default 10 000).
+    #[must_use]
+    pub fn max_entries(mut self, n: u64) -> Self {
+        self.max_entries = n;
+        self
+    }
+
+    /// At most `n` bytes of keys and values (default 64 MiB).
+    #[must_use]
+    pub fn max_bytes(mut self, n: u64) -> Self {
+        self.max_bytes = n;
+        self
+    }
+
+    /// The longest an entry is kept near (default 5 min), shortened to the
+    /// server's remaining TTL of the key.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Remember misses too (default: no).
+    #[must_use]
+    pub fn negative(mut self, yes: bool) -> Self {
+        self.negative = yes;
+        self
+    }
+
+    /// Keeps entries fresh with `source`'s invalidations.
+    #[must_use]
+    pub fn invalidation(mut self, source: Arc<dyn InvalidationSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Without an invalidation source: entries are kept at most `d`, so a
+    /// read may return a value up to `d` older than the server's.
+    #[must_use]
+    pub fn max_staleness(mut self, d: Duration) -> Self {
+        self.max_staleness = Some(d);
+        self
+    }
+
+    /// The near cache; subscribes to the source. `InvalidConfig` without
+    /// a source or a staleness bound, or with a zero bound.
+    pub async fn build(self) -> Result<NearCache> {
+        let invalid = |m: &str| Error::new(ErrorKind::InvalidConfig, format!("near cache: {m}"));
+        if self.max_entries == 0 || self.max_bytes == 0 {
+            return Err(invalid("max_entries and max_bytes must be positive"));
+        }
+        crate::validate::ttl(self.ttl).map_err(|e| invalid(e.message()))?;
+        if self.source.is_none() && self.max_staleness.is_none() {
+            return Err(invalid(
+                "this backend has no invalidation channel: set max_staleness to accept values that old",
+            ));
+        }
+        if let Some(d) = self.max_staleness {
+            crate::validate::ttl(d).map_err(|e| invalid(e.message()))?;
+        }
+        // Every entry weighs at least its share of the byte budget, so the
+        // byte bound also bounds the number of entries.
+        let share = (self.max_bytes / self.max_entries).max(1);
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(self.max_bytes)
+            .weigher(move |k: &String, e: &Entry| {
+                let bytes = (k.len() + e.value.as_ref().map_or(0, Bytes::len)) as u64;
+                u32::try_from(bytes.max(share)).unwrap_or(u32::MAX)
+            })
+            .eviction_listener(|_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    metrics::counter!("im_infra_near_cache_evictions_total").increment(1);
+                }
+            })
+            .build();
+        let state = Arc::new(NearState::new(entries, self.source.is_none()));
+        let subscription = match &self.source {
+            Some(source) => Some(
+                source
+                    .subscribe(InvalidationSink {
+                        state: state.clone(),
+                    })
+                    .await?,
+            ),
+            None => None,
+        };
+        let ttl = self.max_staleness.map_or(self.ttl, |d| d.min(self.ttl));
+        Ok(NearCache {
+            inner: self.inner,
+            state,
+            ttl,
+            negative: self.negative,
+            source: self.source,
+            _subscription: subscription,
+        })
+    }
+}
+
+/// A [`Cache`] with a near copy of hot keys; see the [module](self).
+pub struct NearCache {
+    inner: Arc<dyn Cache>,
+    state: Arc<NearState>,
+    ttl: Duration,
+    negative: bool,
+    source: Option<Arc<dyn InvalidationSource>>,
+    _subscription: Option<Subscription>,
+}
+
+impl std::fmt::Debug for NearCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NearCache")
+            .field("entries", &self.state.entries.entry_count())
+            .field("live", &self.state.is_live())
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+impl NearCache {
+    /// A builder over `inner`.
+    pub fn builder(inner: Arc<dyn Cache>) -> NearCacheBuilder {
+        NearCacheBuilder {
+            inner,
+            max_entries: 10_000,
+            max_bytes: 64 << 20,
+            ttl: Duration::from_secs(300),
+            negative: false,
+            source: None,
+            max_staleness: None,
+        }
+    }
+
+    /// Whether entries are kept now (the invalidation channel is up).
+    pub fn is_live(&self) -> bool {
+        self.state.is_live()
+    }
+
+    /// How many entries and bytes are held (after pending evictions).
+    pub fn size(&self) -> (u64, u64) {
+        self.state.entries.run_pending_tasks();
+        (
+            self.state.entries.entry_count(),
+            self.state.entries.weighted_size(),
+        )
+    }
+
+    /// Returns once no read can return a value older than a write
+    /// acknowledged (to any client) before the call: the source reported
+    /// every such change, or, when it cannot tell, the near cache was
+    /// emptied and reads go to the server until the channel is back.
+    /// Without a source it waits for nothing: values may be up to the
+    /// staleness bound old.
+    pub async fn sync(&self) {
+        if let Some(source) = &self.source {
+            if let Err(e) = source.sync().await {
+                tracing::warn!(error = %e, "near cache: the invalidation channel cannot confirm; bypassing it until it is back");
+                self.state.lost();
+            }
+        }
+    }
+
+    async fn fill(&self, key: &str) -> Result<Option<Bytes>> {
+        let fill = self.state.begin(key);
+        let (value, ttl) = tokio::join!(self.inner.get(key), self.inner.ttl(key));
+        let value = match value {
+            Ok(v) => v,
+            Err(e) => {
+                self.state.finish(key, fill, None);
+                return Err(e);
+            }
+        };
+        let keep = match ttl {
+            Ok(KeyTtl::Expires(left)) => Some(left.min(self.ttl)),
+            Ok(KeyTtl::Persistent) => Some(self.ttl),
+            // Gone between the two reads, or the TTL unknown: not kept.
+            Ok(KeyTtl::Missing) | Err(_) => None,
+        };
+        let entry = match (&value, keep) {
+            (Some(v), Some(keep)) => Some(Entry {
+                value: Some(v.clone()),
+                expires: Instant::now() + keep,
+            }),
+            (None, _) if self.negative => Some(Entry {
+                value: None,
+                expires: Instant::now() + self.ttl,
+            }),
+            _ => None,
+        };
+        self.state.finish(key, fill, entry);
+        Ok(value)
+    }
+
+    /// Runs a write, dropping `keys` near before and after it.
+    async fn write<T>(
+        &self,
+        keys: &[&str],
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        for k in keys {
+            self.state.invalidate(k);
+        }
+        let out = op.await;
+        for k in keys {
+            self.state.invalidate(k);
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl Cache for NearCache {
+    fn capabilities(&self) -> CacheCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        crate::validate::key(key)?;
+        if !self.state.is_live() {
+            metrics::counter!("im_infra_near_cache_bypassed_total").increment(1);
+            return self.inner.get(key).await;
+        }
+        if let Some(entry) = self.state.entries.get(key) {
+            if entry.expires > Instant::now() {
+                metrics::counter!("im_infra_near_cache_hits_total").increment(1);
+                return Ok(entry.value);
+            }
+        }
+        metrics::counter!("im_infra_near_cache_misses_total").increment(1);
+        let instance = self as *const Self as usize;
+        super::single_flight::run(instance, key, || self.fill(key)).await
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.write(&[key], self.inner.set(key, value, ttl)).await
+    }
+
+    async fn set_nx(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
+        self.write(&[key], self.inner.set_nx(key, value, ttl)).await
+    }
+
+    async fn delete<'k>(&self, keys: &[&'k str]) -> Result<u64> {
+        self.write(keys, self.inner.delete(keys)).await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool> {
+        self.inner.exists(key).await
+    }
+
+    async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.write(&[key], self.inner.expire(key, ttl)).await
+    }
+
+    async fn ttl(&self, key: &str) -> Result<KeyTtl> {
+        self.inner.ttl(key).await
+    }
+
+    async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
+        self.write(&[key], self.inner.incr_by(key, delta)).await
+    }
+
+    /// Keys held near are answered from memory; the others in one round
+    /// trip to the server (not kept near: their TTLs are not read).
+    async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>> {
+        crate::validate::keys(keys)?;
+        if !self.state.is_live() {
+            return self.inner.get_many(keys).await;
+        }
+        let now = Instant::now();
+        let mut out: Vec<Option<Option<Bytes>>> = keys
+            .iter()
+            .map(|k| {
+                self.state
+                    .entries
+                    .get(*k)
+                    .filter(|e| e.expires > now)
+                    .map(|e| e.value)
+            })
+            .collect();
+        let missing: Vec<&str> = keys
+            .iter()
+            .zip(&out)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        if !missing.is_empty() {
+            let mut fetched = self.inner.get_many(&missing).await?.into_iter();
+            for slot in out.iter_mut().filter(|s| s.is_none()) {
+                *slot = Some(fetched.next().flatten());
+            }
+        }
+        Ok(out.into_iter().map(Option::flatten).collect())
+    }
+
+    async fn set_many<'k>(
+        &self,
+        entries: &[(&'k str, Bytes)],
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let keys: Vec<&str> = entries.iter().map(|(k, _)| *k).collect();
+        self.write(&keys, self.inner.set_many(entries, ttl)).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,121 @@
+//! The near cache's entries and the rules that keep them no older than the
+//! server: a fill stores its value only if no invalidation of its key (and
+//! no loss of the invalidation channel) came in while it was reading.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+/// One cached answer: a value, or a remembered miss, until `expires`.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) value: Option<Bytes>,
+    pub(crate) expires: Instant,
+}
+
+const SHARDS: usize = 16;
+
+/// A fill in progress: its key's token and the generation it started in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fill {
+    token: u64,
+    generation: u64,
+}
+
+pub(crate) struct NearState {
+    pub(crate) entries: moka::sync::Cache<String, Entry>,
+    /// Whether invalidations are flowing (always, with a staleness bound
+    /// instead of a channel). While false every read goes to the server.
+    live: AtomicBool,
+    /// Bumped when everything is dropped at once (channel lost, flush).
+    generation: AtomicU64,
+    next_token: AtomicU64,
+    /// Fills in progress, by key: an invalidation of the key removes its
+    /// token, so the fill does not store what it read.
+    pending: [Mutex<HashMap<String, u64>>; SHARDS],
+}
+
+impl NearState {
+    pub(crate) fn new(entries: moka::sync::Cache<String, Entry>, live: bool) -> Self {
+        NearState {
+            entries,
+            live: AtomicBool::new(live),
+            generation: AtomicU64::new(0),
+            next_token: AtomicU64::new(1),
+            pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, u64>> {
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::FixedState::default().hash_one(key);
+        &self.pending[(h as usize) % SHARDS]
+    }
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Begins a fill of `key`.
+    pub(crate) fn begin(&self, key: &str) -> Fill {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        // The generation is read before the token is visible: a loss after
+        // this point is seen at `finish`.
+        let generation = self.generation.load(Ordering::Acquire);
+        self.shard(key).lock().insert(key.to_owned(), token);
+        Fill { token, generation }
+    }
+
+    /// Ends a fill: stores `entry` unless the key was invalidated, the
+    /// channel lost, or everything dropped since [`begin`](Self::begin).
+    /// Returns whether it was stored.
+    pub(crate) fn finish(&self, key: &str, fill: Fill, entry: Option<Entry>) -> bool {
+        let mut pending = self.shard(key).lock();
+        let ours = pending.get(key) == Some(&fill.token);
+        if ours {
+            pending.remove(key);
+        }
+        let store =
+            ours && self.is_live() && self.generation.load(Ordering::Acquire) == fill.generation;
+        match entry {
+            // Inserted under the shard's lock: an invalidation of this key
+            // waits for it, then removes it.
+            Some(entry) if store => {
+                self.entries.insert(key.to_owned(), entry);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops `key` and any fill of it in progress.
+    pub(crate) fn invalidate(&self, key: &str) {
+        let mut pending = self.shard(key).lock();
+        pending.remove(key);
+        self.entries.invalidate(key);
+    }
+
+    /// Drops everything, including fills in progress.
+    pub(crate) fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.invalidate_all();
+    }
+
+    /// The channel is down: drop everything and read from the server until
+    /// [`ready`](Self::ready).
+    pub(crate) fn lost(&self) {
+        self.live.store(false, Ordering::Release);
+        self.invalidate_all();
+    }
+
+    /// The channel is (back) up: entries may be kept again.
+    pub(crate) fn ready(&self) {
+        // Whatever was cached before the channel came back may have missed
+        // invalidations while it was down.
+        self.invalidate_all();
+        self.live.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,307 @@
+//! The near cache's rules, on a counting cache in a map and a source
+//! driven by hand.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::*;
+
+/// A cache in a map that counts its reads and can hold a read until told.
+#[derive(Default)]
+struct MapCache {
+    values: Mutex<HashMap<String, (Bytes, Option<Instant>)>>,
+    gets: AtomicUsize,
+    hold: Mutex<Option<Arc<tokio::sync::Notify>>>,
+}
+
+impl MapCache {
+    fn put(&self, key: &str, value: &str, ttl: Option<Duration>) {
+        self.values.lock().insert(
+            key.into(),
+            (
+                Bytes::from(value.to_owned()),
+                ttl.map(|t| Instant::now() + t),
+            ),
+        );
+    }
+}
+
+#[async_trait]
+impl Cache for MapCache {
+    fn capabilities(&self) -> CacheCapabilities {
+        CacheCapabilities::storing(1 << 20)
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        let value = self.values.lock().get(key).map(|(v, _)| v.clone());
+        let hold = self.hold.lock().clone();
+        if let Some(hold) = hold {
+            hold.notified().await;
+        }
+        Ok(value)
+    }
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.values
+            .lock()
+            .insert(key.into(), (value, ttl.map(|t| Instant::now() + t)));
+        Ok(())
+    }
+    async fn set_nx(&self, _: &str, _: Bytes, _: Option<Duration>) -> Result<bool> {
+        unimplemented!()
+    }
+    async fn delete<'k>(&self, keys: &[&'k str]) -> Result<u64> {
+        let mut v = self.values.lock();
+        Ok(keys.iter().filter(|k| v.remove(**k).is_some()).count() as u64)
+    }
+    async fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.values.lock().contains_key(key))
+    }
+    async fn expire(&self, _: &str, _: Duration) -> Result<bool> {
+        unimplemented!()
+    }
+    async fn ttl(&self, key: &str) -> Result<KeyTtl> {
+        Ok(match self.values.lock().get(key) {
+            None => KeyTtl::Missing,
+            Some((_, None)) => KeyTtl::Persistent,
+            Some((_, Some(at))) => KeyTtl::Expires(at.saturating_duration_since(Instant::now())),
+        })
+    }
+    async fn incr_by(&self, _: &str, _: i64) -> Result<i64> {
+        unimplemented!()
+    }
+    async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>> {
+        let v = self.values.lock();
+        Ok(keys
+            .iter()
+            .map(|k| v.get(*k).map(|(b, _)| b.clone()))
+            .collect())
+    }
+    async fn set_many<'k>(&self, _: &[(&'k str, Bytes)], _: Option<Duration>) -> Result<()> {
+        unimplemented!()
+    }
+}
+
+/// A source whose sink the test drives.
+#[derive(Default)]
+struct HandSource {
+    sink: Mutex<Option<InvalidationSink>>,
+}
+
+#[async_trait]
+impl InvalidationSource for HandSource {
+    async fn subscribe(&self, sink: InvalidationSink) -> Result<Subscription> {
+        sink.ready();
+        *self.sink.lock() = Some(sink);
+        Ok(Subscription::new(()))
+    }
+    async fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl HandSource {
+    fn sink(&self) -> InvalidationSink {
+        self.sink.lock().clone().expect("subscribed")
+    }
+}
+
+async fn near(inner: &Arc<MapCache>, source: &Arc<HandSource>) -> NearCache {
+    NearCache::builder(inner.clone())
+        .invalidation(source.clone())
+        .build()
+        .await
+        .unwrap()
+}
+
+fn text(v: Option<Bytes>) -> Option<String> {
+    v.map(|b| String::from_utf8(b.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn a_hot_key_is_read_from_the_server_once_until_it_is_invalidated() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = near(&inner, &source).await;
+    inner.put("k", "v1", None);
+    for _ in 0..10 {
+        assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v1"));
+    }
+    assert_eq!(inner.gets.load(Ordering::SeqCst), 1);
+    inner.put("k", "v2", None); // another client's write...
+    source.sink().invalidate(&["k"]); // ...and its invalidation
+    assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v2"));
+    assert_eq!(inner.gets.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_write_through_the_near_cache_is_read_back_at_once() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = near(&inner, &source).await;
+    near.set("k", Bytes::from_static(b"v1"), None)
+        .await
+        .unwrap();
+    assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v1"));
+    near.set("k", Bytes::from_static(b"v2"), None)
+        .await
+        .unwrap();
+    assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v2"));
+    near.delete(&["k"]).await.unwrap();
+    assert_eq!(near.get("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_fill_overtaken_by_an_invalidation_does_not_keep_what_it_read() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = Arc::new(near(&inner, &source).await);
+    inner.put("k", "old", None);
+    let hold = Arc::new(tokio::sync::Notify::new());
+    *inner.hold.lock() = Some(hold.clone());
+    let reader = {
+        let near = near.clone();
+        tokio::spawn(async move { near.get("k").await })
+    };
+    while inner.gets.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The read has the old value in hand; the write and its invalidation
+    // come in before it returns.
+    inner.put("k", "new", None);
+    source.sink().invalidate(&["k"]);
+    hold.notify_one();
+    assert_eq!(text(reader.await.unwrap().unwrap()).as_deref(), Some("old"));
+    *inner.hold.lock() = None;
+    assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("new"));
+}
+
+#[tokio::test]
+async fn while_the_channel_is_lost_every_read_goes_to_the_server() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = near(&inner, &source).await;
+    inner.put("k", "v1", None);
+    near.get("k").await.unwrap();
+    source.sink().lost();
+    assert!(!near.is_live());
+    inner.put("k", "v2", None); // a write whose invalidation is lost
+    for _ in 0..3 {
+        assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v2"));
+    }
+    assert_eq!(
+        inner.gets.load(Ordering::SeqCst),
+        4,
+        "bypassed: one read each"
+    );
+    source.sink().ready();
+    near.get("k").await.unwrap();
+    near.get("k").await.unwrap();
+    assert_eq!(
+        inner.gets.load(Ordering::SeqCst),
+        5,
+        "kept again once the channel is back"
+    );
+}
+
+#[tokio::test]
+async fn an_entry_lives_no_longer_than_the_key_on_the_server() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = near(&inner, &source).await;
+    inner.put("k", "v", Some(Duration::from_millis(50)));
+    near.get("k").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    inner.values.lock().clear(); // expired on the server
+    assert_eq!(near.get("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn misses_are_remembered_only_when_asked() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let plain = near(&inner, &source).await;
+    plain.get("absent").await.unwrap();
+    plain.get("absent").await.unwrap();
+    assert_eq!(inner.gets.load(Ordering::SeqCst), 2);
+    let negative = NearCache::builder(inner.clone())
+        .invalidation(source.clone())
+        .negative(true)
+        .build()
+        .await
+        .unwrap();
+    negative.get("absent").await.unwrap();
+    negative.get("absent").await.unwrap();
+    assert_eq!(inner.gets.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn without_a_channel_a_staleness_bound_is_required() {
+    let inner: Arc<dyn Cache> = Arc::new(MapCache::default());
+    let e = NearCache::builder(inner.clone()).build().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+    assert!(e.to_string().contains("max_staleness"), "{e}");
+    let near = NearCache::builder(inner)
+        .max_staleness(Duration::from_millis(30))
+        .build()
+        .await
+        .unwrap();
+    assert!(near.is_live());
+    assert_eq!(near.ttl, Duration::from_millis(30));
+}
+
+#[tokio::test]
+async fn the_bounds_hold_entries_and_bytes() {
+    let inner = Arc::new(MapCache::default());
+    for i in 0..2_000 {
+        inner.put(&format!("k{i}"), &"x".repeat(100), None);
+    }
+    let source = Arc::new(HandSource::default());
+    let near = NearCache::builder(inner.clone())
+        .invalidation(source)
+        .max_entries(100)
+        .max_bytes(50_000)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..2_000 {
+        near.get(&format!("k{i}")).await.unwrap();
+    }
+    let (entries, bytes) = near.size();
+    assert!(
+        entries <= 100 && bytes <= 50_000,
+        "{entries} entries, {bytes} bytes"
+    );
+    let small = NearCache::builder(inner)
+        .invalidation(Arc::new(HandSource::default()))
+        .max_entries(1_000)
+        .max_bytes(10_000)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..2_000 {
+        small.get(&format!("k{i}")).await.unwrap();
+    }
+    let (entries, bytes) = small.size();
+    assert!(
+        bytes <= 10_000 && entries <= 100,
+        "{entries} entries, {bytes} bytes"
+    );
+}

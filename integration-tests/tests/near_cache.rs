@@ -1,0 +1,250 @@
+//! The near cache on the real Redis (required under
+//! `IMINFRA_REQUIRE_BACKENDS`): invalidations from writes of other
+//! clients, the tracking connection cut, the bounds, and the refusal on a
+//! cluster.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bytes::Bytes;
+use im_infra::backend::Backend;
+use im_infra::cache::near::NearCache;
+use im_infra::cache::Cache;
+use im_infra::ErrorKind;
+use im_infra_conformance::servers::{server_or_skip, REDIS_CLUSTER_ENV, REDIS_ENV};
+use im_infra_redis::{RedisBackend, TRACKING_CLIENT_NAME};
+use redis::AsyncCommands;
+
+struct Setup {
+    backend: RedisBackend,
+    near: NearCache,
+    raw: redis::aio::MultiplexedConnection,
+    ns: String,
+}
+
+async fn setup(
+    url: &str,
+    near: impl FnOnce(
+        im_infra::cache::near::NearCacheBuilder,
+    ) -> im_infra::cache::near::NearCacheBuilder,
+) -> Result<Setup> {
+    let ns = format!("near-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let backend = RedisBackend::builder()
+        .url(url)
+        .namespace(&ns)
+        .build()
+        .await?;
+    let builder = NearCache::builder(backend.cache().await?).invalidation(backend.invalidations());
+    let near = near(builder).build().await?;
+    let raw = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    Ok(Setup {
+        backend,
+        near,
+        raw,
+        ns,
+    })
+}
+
+impl Setup {
+    /// The key `key` of the cache as other clients write it.
+    fn full(&self, key: &str) -> String {
+        format!("{}:c:{key}", self.ns)
+    }
+
+    async fn close(self) -> Result<()> {
+        self.backend.purge_namespace().await?;
+        self.backend.close().await?;
+        Ok(())
+    }
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q) as usize]
+}
+
+/// Another client writes a key the near cache holds: once the invalidation
+/// arrives the new value is read (the delay is measured), and after
+/// `sync()` it is read at once, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_by_another_client_is_not_read_stale_once_its_invalidation_arrived() -> Result<()> {
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    let mut s = setup(&url, |b| b).await?;
+    let key = s.full("profile");
+    let _: () = s.raw.set(&key, "v0").await?;
+    let mut delays = Vec::new();
+    for i in 1..=300 {
+        // Held near, and served from there.
+        let held = s.near.get("profile").await?.context("the key exists")?;
+        ensure!(s.near.get("profile").await?.as_ref() == Some(&held));
+        let value = format!("v{i}");
+        let _: () = s.raw.set(&key, &value).await?;
+        let written = Instant::now();
+        loop {
+            if s.near.get("profile").await?.as_deref() == Some(value.as_bytes()) {
+                delays.push(written.elapsed());
+                break;
+            }
+            ensure!(
+                written.elapsed() < Duration::from_secs(2),
+                "write {i} still not seen after 2 s"
+            );
+            tokio::task::yield_now().await;
+        }
+        // With sync(): never stale, not even once.
+        let value = format!("w{i}");
+        let _: () = s.raw.set(&key, &value).await?;
+        s.near.sync().await;
+        let read = s.near.get("profile").await?;
+        ensure!(
+            read.as_deref() == Some(value.as_bytes()),
+            "stale after sync: {read:?}, wrote {value}"
+        );
+    }
+    delays.sort();
+    println!(
+        "invalidation delay (write acknowledged -> near read sees it), 300 writes: p50 {:?} p99 {:?} max {:?}",
+        quantile(&delays, 0.5),
+        quantile(&delays, 0.99),
+        delays[delays.len() - 1]
+    );
+    s.close().await
+}
+
+/// The tracking connection is killed; a write lands while it is down: after
+/// `sync()` the new value is read, reads go to Redis until the channel is
+/// back, and then keys are held near again and still invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_tracking_connection_leaves_nothing_stale_behind() -> Result<()> {
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    let mut s = setup(&url, |b| b).await?;
+    let key = s.full("session");
+    let _: () = s.raw.set(&key, "before").await?;
+    ensure!(s.near.get("session").await?.as_deref() == Some(&b"before"[..]));
+    ensure!(s.near.is_live());
+
+    let name = format!("{TRACKING_CLIENT_NAME}:{}", s.ns);
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut s.raw)
+        .await?;
+    let id = list
+        .lines()
+        .find(|l| l.split(' ').any(|f| f == format!("name={name}")))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .context("the tracking connection is listed")?
+        .to_owned();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(&mut s.raw)
+        .await?;
+    ensure!(killed == 1, "CLIENT KILL ID {id} killed {killed}");
+    let _: () = s.raw.set(&key, "during").await?;
+    s.near.sync().await;
+    let read = s.near.get("session").await?;
+    ensure!(
+        read.as_deref() == Some(&b"during"[..]),
+        "stale after the cut: {read:?}"
+    );
+
+    let back = Instant::now();
+    while !s.near.is_live() {
+        ensure!(
+            back.elapsed() < Duration::from_secs(5),
+            "tracking not back within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "tracking back {:?} after the cut was noticed",
+        back.elapsed()
+    );
+    ensure!(s.near.get("session").await?.as_deref() == Some(&b"during"[..]));
+    ensure!(s.near.size().0 >= 1, "held near again");
+    let _: () = s.raw.set(&key, "after").await?;
+    s.near.sync().await;
+    ensure!(s.near.get("session").await?.as_deref() == Some(&b"after"[..]));
+    s.close().await
+}
+
+/// 2,000 values of 1 KiB through a near cache of 256 KiB: it never holds
+/// more, and every read is still right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_the_near_cache_under_its_bounds() -> Result<()> {
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    let s = setup(&url, |b| b.max_bytes(256 << 10).max_entries(1_000)).await?;
+    let value = Bytes::from(vec![b'x'; 1024]);
+    let entries: Vec<(String, Bytes)> = (0..2_000)
+        .map(|i| (format!("k{i}"), value.clone()))
+        .collect();
+    let refs: Vec<(&str, Bytes)> = entries
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    s.near.set_many(&refs, None).await?;
+    for round in 0..2 {
+        for (k, v) in &entries {
+            ensure!(
+                s.near.get(k).await?.as_ref() == Some(v),
+                "round {round}: {k}"
+            );
+        }
+    }
+    let (n, bytes) = s.near.size();
+    println!("near cache after 4,000 reads of 2,000 keys of 1 KiB: {n} entries, {bytes} bytes (bound 262144)");
+    ensure!(
+        bytes <= 256 << 10 && n <= 1_000 && n > 0,
+        "{n} entries, {bytes} bytes"
+    );
+    s.close().await
+}
+
+/// On Redis Cluster tracking is per node: subscribing is refused, naming
+/// the way out (a staleness bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_near_cache_needs_a_staleness_bound() -> Result<()> {
+    let Some(urls) = server_or_skip("redis-cluster", REDIS_CLUSTER_ENV) else {
+        return Ok(());
+    };
+    let ns = format!("near-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let backend = RedisBackend::builder()
+        .cluster(urls.split(','))
+        .namespace(&ns)
+        .build()
+        .await?;
+    let cache: Arc<dyn Cache> = backend.cache().await?;
+    let e = NearCache::builder(cache.clone())
+        .invalidation(backend.invalidations())
+        .build()
+        .await
+        .expect_err("tracking on a cluster is refused");
+    ensure!(
+        e.kind() == ErrorKind::Unsupported && e.to_string().contains("max_staleness"),
+        "{e}"
+    );
+    let near = NearCache::builder(cache.clone())
+        .max_staleness(Duration::from_millis(200))
+        .build()
+        .await?;
+    cache.set("k", "v1".into(), None).await?;
+    ensure!(near.get("k").await?.as_deref() == Some(&b"v1"[..]));
+    cache.set("k", "v2".into(), None).await?;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    ensure!(
+        near.get("k").await?.as_deref() == Some(&b"v2"[..]),
+        "older than the bound"
+    );
+    backend.purge_namespace().await?;
+    backend.close().await?;
+    Ok(())
+}
