@@ -195,3 +195,92 @@ async fn config_watch_resumes_across_a_restart_and_loses_nothing() -> Result<()>
     backend.close().await?;
     Ok(())
 }
+
+/// A near cache over a Redis that restarts: a value it held from before is
+/// not served once another client changed it after the restart (after
+/// `sync()` at once, and without it once tracking is back), and keys are
+/// held near again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_serves_nothing_stale_across_a_redis_restart() -> Result<()> {
+    use im_infra::cache::near::NearCache;
+    use im_infra::cache::Cache;
+    use redis::AsyncCommands;
+
+    let _one_at_a_time = SERVER.lock().await;
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    let ns = format!("near-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let backend = RedisBackend::builder()
+        .url(&url)
+        .namespace(&ns)
+        .response_timeout(Duration::from_secs(1))
+        .build()
+        .await?;
+    let near = NearCache::builder(backend.cache().await?)
+        .invalidation(backend.invalidations())
+        .build()
+        .await?;
+    near.set("k", Bytes::from_static(b"before"), None).await?;
+    let t0 = Instant::now();
+    while !near.is_live() {
+        ensure!(t0.elapsed() < Duration::from_secs(5), "tracking never up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ensure!(near.get("k").await?.as_deref() == Some(&b"before"[..]));
+    ensure!(near.size().0 == 1, "held near");
+
+    // A graceful restart (the append-only file keeps "before"), then
+    // another client's write.
+    services(&["restart", "redis"])?;
+    let key = format!("{ns}:c:k");
+    let mut raw = retry_for(Duration::from_secs(30), || async {
+        redis::Client::open(url.as_str())?
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(anyhow::Error::from)
+    })
+    .await?;
+    let _: () = raw.set(&key, "after").await?;
+    near.sync().await;
+    let read = retry_for(Duration::from_secs(30), || async {
+        near.get("k").await.map_err(anyhow::Error::from)
+    })
+    .await?;
+    ensure!(
+        read.as_deref() == Some(&b"after"[..]),
+        "stale after the restart: {read:?}"
+    );
+
+    let back = Instant::now();
+    while !near.is_live() {
+        ensure!(
+            back.elapsed() < Duration::from_secs(10),
+            "tracking not back within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(near.get("k").await?.as_deref() == Some(&b"after"[..]));
+    let _: () = raw.set(&key, "again").await?;
+    near.sync().await;
+    ensure!(near.get("k").await?.as_deref() == Some(&b"again"[..]));
+    backend.purge_namespace().await?;
+    backend.close().await?;
+    Ok(())
+}
+
+/// `f`'s first success within `within` (tried every 100 ms).
+async fn retry_for<T, F, Fut>(within: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let start = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() > within => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

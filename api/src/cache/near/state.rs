@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 /// One cached answer: a value, or a remembered miss, until `expires`.
 #[derive(Debug, Clone)]
@@ -18,6 +18,38 @@ pub(crate) struct Entry {
 
 const SHARDS: usize = 16;
 
+/// An entry's weight: its key and value bytes, at least `floor` (the share
+/// of the byte budget one entry may take), so the byte bound also bounds
+/// the number of entries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Weight {
+    pub(crate) floor: u64,
+}
+
+impl quick_cache::Weighter<String, Entry> for Weight {
+    fn weight(&self, key: &String, entry: &Entry) -> u64 {
+        let bytes = (key.len() + entry.value.as_ref().map_or(0, Bytes::len)) as u64;
+        bytes.max(self.floor)
+    }
+}
+
+/// Counts evictions for the size bound.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CountEvictions;
+
+impl quick_cache::Lifecycle<String, Entry> for CountEvictions {
+    type RequestState = ();
+
+    fn begin_request(&self) -> Self::RequestState {}
+
+    fn on_evict(&self, _: &mut (), _: String, _: Entry) {
+        metrics::counter!("im_infra_near_cache_evictions_total").increment(1);
+    }
+}
+
+pub(crate) type Entries =
+    quick_cache::sync::Cache<String, Entry, Weight, foldhash::fast::RandomState, CountEvictions>;
+
 /// A fill in progress: its key's token and the generation it started in.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Fill {
@@ -26,7 +58,11 @@ pub(crate) struct Fill {
 }
 
 pub(crate) struct NearState {
-    pub(crate) entries: moka::sync::Cache<String, Entry>,
+    pub(crate) entries: Entries,
+    /// Held (shared) by a fill between its last check and its insert, and
+    /// (exclusive) by dropping everything: so no fill that started before
+    /// a drop can store after it.
+    drop_all: RwLock<()>,
     /// Whether invalidations are flowing (always, with a staleness bound
     /// instead of a channel). While false every read goes to the server.
     live: AtomicBool,
@@ -39,9 +75,10 @@ pub(crate) struct NearState {
 }
 
 impl NearState {
-    pub(crate) fn new(entries: moka::sync::Cache<String, Entry>, live: bool) -> Self {
+    pub(crate) fn new(entries: Entries, live: bool) -> Self {
         NearState {
             entries,
+            drop_all: RwLock::new(()),
             live: AtomicBool::new(live),
             generation: AtomicU64::new(0),
             next_token: AtomicU64::new(1),
@@ -73,6 +110,7 @@ impl NearState {
     /// channel lost, or everything dropped since [`begin`](Self::begin).
     /// Returns whether it was stored.
     pub(crate) fn finish(&self, key: &str, fill: Fill, entry: Option<Entry>) -> bool {
+        let _no_drop_meanwhile = self.drop_all.read();
         let mut pending = self.shard(key).lock();
         let ours = pending.get(key) == Some(&fill.token);
         if ours {
@@ -95,13 +133,14 @@ impl NearState {
     pub(crate) fn invalidate(&self, key: &str) {
         let mut pending = self.shard(key).lock();
         pending.remove(key);
-        self.entries.invalidate(key);
+        self.entries.remove(key);
     }
 
     /// Drops everything, including fills in progress.
     pub(crate) fn invalidate_all(&self) {
+        let _exclusive = self.drop_all.write();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.entries.invalidate_all();
+        self.entries.clear();
     }
 
     /// The channel is down: drop everything and read from the server until
