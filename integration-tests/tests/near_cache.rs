@@ -167,6 +167,7 @@ async fn a_cut_tracking_connection_leaves_nothing_stale_behind() -> Result<()> {
         "tracking back {:?} after the cut was noticed",
         back.elapsed()
     );
+    s.near.sync().await;
     ensure!(s.near.get("session").await?.as_deref() == Some(&b"during"[..]));
     ensure!(s.near.size().0 >= 1, "held near again");
     let _: () = s.raw.set(&key, "after").await?;
@@ -247,4 +248,28 @@ async fn on_a_cluster_the_near_cache_needs_a_staleness_bound() -> Result<()> {
     backend.purge_namespace().await?;
     backend.close().await?;
     Ok(())
+}
+
+/// A Redis source feeds one near cache: a second one on it is refused
+/// (its `sync` would confirm on another cache's connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_redis_source_feeds_one_near_cache() -> Result<()> {
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    let s = setup(&url, |b| b).await?;
+    let source = s.backend.invalidations();
+    let first = NearCache::builder(s.backend.cache().await?)
+        .invalidation(source.clone())
+        .build()
+        .await?;
+    let e = NearCache::builder(s.backend.cache().await?)
+        .invalidation(source)
+        .build()
+        .await
+        .expect_err("a second near cache on one source");
+    ensure!(e.kind() == ErrorKind::InvalidState, "{e}");
+    ensure!(first.is_live());
+    drop(first);
+    s.close().await
 }

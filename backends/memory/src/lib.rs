@@ -435,6 +435,8 @@ impl Backend for MemoryBackend {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        #[cfg(feature = "near-cache")]
+        self.shared.cache.listeners.closed();
         let handed_out = self.shared.handed_out.close_all().await;
         self.shared.shutdown.cancel();
         handed_out

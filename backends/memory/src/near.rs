@@ -27,6 +27,13 @@ impl Listeners {
         }
     }
 
+    /// The backend closed: its near caches stop holding anything.
+    pub(crate) fn closed(&self) {
+        for (_, sink) in self.sinks.lock().drain(..) {
+            sink.lost();
+        }
+    }
+
     fn add(&self, sink: InvalidationSink) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.sinks.lock().push((id, sink));

@@ -294,7 +294,9 @@ impl RedisBackend {
     /// The invalidations of this backend's cache for a
     /// [`NearCache`](im_infra::cache::near::NearCache): Redis's client-side
     /// caching in broadcast mode over the namespace's cache keys, on a
-    /// RESP3 connection of its own per near cache (feature `near-cache`).
+    /// RESP3 connection of its own (feature `near-cache`). Each call gives a
+    /// new source, for one near cache; a second near cache on the same
+    /// source is refused (`InvalidState`).
     /// On Redis Cluster subscribing fails with `Unsupported` (tracking is
     /// per node); the TLS of a private CA is not applied to this
     /// connection yet.

@@ -10,6 +10,7 @@
 //! network is noticed within two heartbeats, which bounds how long a near
 //! cache can hold a value that a write during the freeze replaced.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,11 +33,19 @@ const HEARTBEAT: Duration = Duration::from_millis(500);
 pub const TRACKING_CLIENT_NAME: &str = "im-infra-near-cache";
 
 /// The invalidation source of one [`RedisBackend`](crate::RedisBackend)'s
-/// cache: see the [module](self). One sink per source.
+/// cache: see the [module](self). One near cache per source: a second
+/// `subscribe` is refused.
 #[derive(Clone)]
 pub(crate) struct RedisInvalidations {
     shared: Arc<Shared>,
+    /// The live tracking connection (for `sync`).
     current: Arc<ArcSwapOption<MultiplexedConnection>>,
+    /// Which connection is the live one: a push of an older one is ignored.
+    session: Arc<AtomicU64>,
+    /// Tells the driver to make the connection again (a `sync` that could
+    /// not confirm).
+    reset: Arc<tokio::sync::Notify>,
+    subscribed: Arc<AtomicBool>,
 }
 
 impl RedisInvalidations {
@@ -44,6 +53,9 @@ impl RedisInvalidations {
         RedisInvalidations {
             shared,
             current: Arc::new(ArcSwapOption::empty()),
+            session: Arc::new(AtomicU64::new(0)),
+            reset: Arc::new(tokio::sync::Notify::new()),
+            subscribed: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -69,10 +81,14 @@ fn invalidated(data: &[Value], prefix: &str) -> Option<Vec<String>> {
 
 /// Applies pushes as they are read, before the answer of any command sent
 /// after them: so a `PING` answered means every earlier push is applied.
+/// A connection that closes while it is the live one (`session`) reports
+/// the channel lost at once and wakes the driver.
 fn push_handler(
     sink: InvalidationSink,
     prefix: String,
     closed: Arc<tokio::sync::Notify>,
+    live: Arc<AtomicU64>,
+    session: u64,
 ) -> impl Fn(PushInfo) -> std::result::Result<(), redis::aio::SendError> + Send + Sync + 'static {
     move |push: PushInfo| {
         match push.kind {
@@ -81,12 +97,24 @@ fn push_handler(
                 None => sink.invalidate_all(),
             },
             PushKind::Disconnection => {
-                sink.lost();
+                if live.load(Ordering::Acquire) == session {
+                    sink.lost();
+                }
                 closed.notify_one();
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Reports the channel lost when the driver ends, however it ends (its
+/// task aborted with the runtime included): nothing reads pushes then.
+struct LostOnExit(InvalidationSink);
+
+impl Drop for LostOnExit {
+    fn drop(&mut self) {
+        self.0.lost();
     }
 }
 
@@ -101,15 +129,22 @@ async fn ping(conn: &mut MultiplexedConnection) -> Result<()> {
     }
 }
 
+/// One tracking connection and what tells that it closed.
+type Tracking = (MultiplexedConnection, Arc<tokio::sync::Notify>);
+
 impl RedisInvalidations {
-    /// One tracking connection, tracking: `None` on a cluster.
-    async fn connect(
-        &self,
-        sink: &InvalidationSink,
-        closed: &Arc<tokio::sync::Notify>,
-    ) -> Result<MultiplexedConnection> {
+    /// A tracking connection of the next session, tracking.
+    async fn connect(&self, sink: &InvalidationSink) -> Result<Tracking> {
         let prefix = self.shared.keys.cache_prefix();
-        let handler = push_handler(sink.clone(), prefix.clone(), closed.clone());
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let session = self.session.load(Ordering::Acquire) + 1;
+        let handler = push_handler(
+            sink.clone(),
+            prefix.clone(),
+            closed.clone(),
+            self.session.clone(),
+            session,
+        );
         let Some(mut conn) = self.shared.client.resp3(handler).await? else {
             return Err(unsupported());
         };
@@ -131,54 +166,55 @@ impl RedisInvalidations {
             .query_async::<()>(&mut conn)
             .await
             .map_err(crate::error::from_redis)?;
-        Ok(conn)
+        Ok((conn, closed))
     }
 
-    /// Keeps the channel up until `stop`: connects, reports ready, checks
-    /// it, reports it lost, and again.
-    async fn drive(
-        self,
-        sink: InvalidationSink,
-        stop: CancellationToken,
-        mut first: Option<(MultiplexedConnection, Arc<tokio::sync::Notify>)>,
-    ) {
+    /// Makes `tracking` the live connection and reports the channel up.
+    fn go_live(&self, sink: &InvalidationSink, tracking: &Tracking) {
+        self.session.fetch_add(1, Ordering::AcqRel);
+        self.current.store(Some(Arc::new(tracking.0.clone())));
+        sink.ready();
+    }
+
+    /// Keeps the channel up until `stop`: checks the live connection,
+    /// reports it lost when it fails (or a `sync` could not confirm), and
+    /// makes another with backoff.
+    async fn drive(self, sink: InvalidationSink, stop: CancellationToken, first: Tracking) {
+        let _lost_on_exit = LostOnExit(sink.clone());
+        let mut live = Some(first);
         let mut delay = Duration::from_millis(50);
         while !stop.is_cancelled() {
-            let (connected, closed) = match first.take() {
-                Some((conn, closed)) => (Ok(conn), closed),
-                None => {
-                    let closed = Arc::new(tokio::sync::Notify::new());
-                    (self.connect(&sink, &closed).await, closed)
-                }
-            };
-            match connected {
-                Ok(mut conn) => {
-                    delay = Duration::from_millis(50);
-                    self.current.store(Some(Arc::new(conn.clone())));
-                    sink.ready();
-                    loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            _ = closed.notified() => break,
-                            _ = tokio::time::sleep(HEARTBEAT) => {}
-                        }
-                        if let Err(e) = ping(&mut conn).await {
-                            tracing::warn!(error = %e, "near cache: the tracking connection failed; reads go to redis until it is back");
-                            break;
-                        }
+            if let Some((mut conn, closed)) = live.take() {
+                delay = Duration::from_millis(50);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = closed.notified() => break,
+                        _ = self.reset.notified() => break,
+                        _ = tokio::time::sleep(HEARTBEAT) => {}
                     }
-                    self.current.store(None);
-                    sink.lost();
+                    if let Err(e) = ping(&mut conn).await {
+                        tracing::warn!(error = %e, "near cache: the tracking connection failed; reads go to redis until it is back");
+                        break;
+                    }
+                }
+                self.current.store(None);
+                sink.lost();
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+            match self.connect(&sink).await {
+                Ok(tracking) => {
+                    self.go_live(&sink, &tracking);
+                    live = Some(tracking);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "near cache: no tracking connection; reads go to redis");
                 }
             }
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 }
@@ -196,27 +232,42 @@ impl InvalidationSource for RedisInvalidations {
         if self.shared.client.settings().is_cluster() {
             return Err(unsupported());
         }
+        if self.subscribed.swap(true, Ordering::AcqRel) {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                "this invalidation source already feeds a near cache: take another from RedisBackend::invalidations",
+            ));
+        }
         // The first connection is made here, so that a wrong setting fails
-        // the build; the driver keeps it from then on.
+        // the build and the near cache starts live; the driver keeps it.
+        let first = match self.connect(&sink).await {
+            Ok(first) => first,
+            Err(e) => {
+                self.subscribed.store(false, Ordering::Release);
+                return Err(e);
+            }
+        };
+        self.go_live(&sink, &first);
         let stop = self.shared.client.shutdown.child_token();
-        let closed = Arc::new(tokio::sync::Notify::new());
-        let first = self.connect(&sink, &closed).await?;
-        tokio::spawn(
-            self.clone()
-                .drive(sink, stop.clone(), Some((first, closed))),
-        );
+        tokio::spawn(self.clone().drive(sink, stop.clone(), first));
         Ok(Subscription::new(stop.drop_guard()))
     }
 
+    /// A `PING` on the live tracking connection. When there is none, or it
+    /// does not answer, the driver is told to make it again (reporting the
+    /// channel lost, then ready), and the error says so.
     async fn sync(&self) -> Result<()> {
-        let conn = self.current.load_full();
-        match conn {
+        let result = match self.current.load_full() {
             Some(conn) => ping(&mut (*conn).clone()).await,
             None => Err(Error::new(
                 ErrorKind::Unavailable,
                 "the tracking connection is down",
             )),
+        };
+        if result.is_err() {
+            self.reset.notify_one();
         }
+        result
     }
 }
 

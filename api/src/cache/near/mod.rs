@@ -146,7 +146,7 @@ impl NearCacheBuilder {
         }
         // Every entry weighs at least its share of the byte budget, so the
         // byte bound also bounds the number of entries.
-        let floor = (self.max_bytes / self.max_entries).max(1);
+        let floor = self.max_bytes.div_ceil(self.max_entries).max(1);
         let entries = state::Entries::with(
             usize::try_from(self.max_entries).unwrap_or(usize::MAX),
             self.max_bytes,
@@ -239,7 +239,21 @@ impl NearCache {
 
     async fn fill(&self, key: &str) -> Result<Option<Bytes>> {
         let fill = self.state.begin(key);
+        // A fill dropped before it finishes forgets its token.
+        struct Abandon<'a>(&'a NearState, &'a str, Option<state::Fill>);
+        impl Drop for Abandon<'_> {
+            fn drop(&mut self) {
+                if let Some(fill) = self.2 {
+                    self.0.abandon(self.1, fill);
+                }
+            }
+        }
+        let mut guard = Abandon(&self.state, key, Some(fill));
+        // The entry's deadline counts from before the server was asked, so
+        // it never outlives the key.
+        let asked = Instant::now();
         let (value, ttl) = tokio::join!(self.inner.get(key), self.inner.ttl(key));
+        guard.2 = None;
         let value = match value {
             Ok(v) => v,
             Err(e) => {
@@ -256,11 +270,11 @@ impl NearCache {
         let entry = match (&value, keep) {
             (Some(v), Some(keep)) => Some(Entry {
                 value: Some(v.clone()),
-                expires: Instant::now() + keep,
+                expires: asked + keep,
             }),
             (None, _) if self.negative => Some(Entry {
                 value: None,
-                expires: Instant::now() + self.ttl,
+                expires: asked + self.ttl,
             }),
             _ => None,
         };
@@ -304,8 +318,11 @@ impl Cache for NearCache {
             }
         }
         metrics::counter!("im_infra_near_cache_misses_total").increment(1);
-        let instance = self as *const Self as usize;
-        super::single_flight::run(instance, key, || self.fill(key)).await
+        // Its own flights (not the cache's address, which `get_or_load`
+        // uses around this very call), one per invalidation epoch.
+        let instance = Arc::as_ptr(&self.state) as usize;
+        let flight = format!("{}\0{key}", self.state.epoch());
+        super::single_flight::run(instance, &flight, || self.fill(key)).await
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {

@@ -68,6 +68,10 @@ pub(crate) struct NearState {
     live: AtomicBool,
     /// Bumped when everything is dropped at once (channel lost, flush).
     generation: AtomicU64,
+    /// Bumped by every invalidation: a read joins only a fill that began
+    /// in the same epoch, so no caller gets a value an invalidation it
+    /// could have seen overtook.
+    epoch: AtomicU64,
     next_token: AtomicU64,
     /// Fills in progress, by key: an invalidation of the key removes its
     /// token, so the fill does not store what it read.
@@ -81,6 +85,7 @@ impl NearState {
             drop_all: RwLock::new(()),
             live: AtomicBool::new(live),
             generation: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             next_token: AtomicU64::new(1),
             pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         }
@@ -90,6 +95,11 @@ impl NearState {
         use std::hash::BuildHasher;
         let h = foldhash::fast::FixedState::default().hash_one(key);
         &self.pending[(h as usize) % SHARDS]
+    }
+
+    /// The invalidation epoch (see the field).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     pub(crate) fn is_live(&self) -> bool {
@@ -129,11 +139,20 @@ impl NearState {
         }
     }
 
+    /// Forgets a fill that will not finish (its caller was cancelled).
+    pub(crate) fn abandon(&self, key: &str, fill: Fill) {
+        let mut pending = self.shard(key).lock();
+        if pending.get(key) == Some(&fill.token) {
+            pending.remove(key);
+        }
+    }
+
     /// Drops `key` and any fill of it in progress.
     pub(crate) fn invalidate(&self, key: &str) {
         let mut pending = self.shard(key).lock();
         pending.remove(key);
         self.entries.remove(key);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Drops everything, including fills in progress.
@@ -141,6 +160,7 @@ impl NearState {
         let _exclusive = self.drop_all.write();
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.entries.clear();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The channel is down: drop everything and read from the server until

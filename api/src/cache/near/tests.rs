@@ -305,3 +305,56 @@ async fn the_bounds_hold_entries_and_bytes() {
         "{entries} entries, {bytes} bytes"
     );
 }
+
+#[tokio::test]
+async fn get_or_load_through_the_near_cache_loads_a_missing_key() {
+    use crate::cache::{CacheExt, LoadOptions};
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = near(&inner, &source).await;
+    let loaded = tokio::time::timeout(
+        Duration::from_secs(5),
+        near.get_or_load(
+            "absent",
+            LoadOptions::ttl(Duration::from_secs(60)),
+            || async { Ok(Some(Bytes::from_static(b"loaded"))) },
+        ),
+    )
+    .await
+    .expect("get_or_load must not wait on its own flight")
+    .unwrap();
+    assert_eq!(text(loaded).as_deref(), Some("loaded"));
+}
+
+#[tokio::test]
+async fn a_read_after_an_invalidation_does_not_join_a_fill_that_began_before_it() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = Arc::new(near(&inner, &source).await);
+    inner.put("k", "old", None);
+    let hold = Arc::new(tokio::sync::Notify::new());
+    *inner.hold.lock() = Some(hold.clone());
+    let first = {
+        let near = near.clone();
+        tokio::spawn(async move { near.get("k").await })
+    };
+    while inner.gets.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The first read holds "old"; the write and its invalidation come in.
+    inner.put("k", "new", None);
+    source.sink().invalidate(&["k"]);
+    *inner.hold.lock() = None;
+    let second = near.get("k").await.unwrap();
+    assert_eq!(
+        text(second).as_deref(),
+        Some("new"),
+        "a read after the invalidation"
+    );
+    hold.notify_one();
+    assert_eq!(text(first.await.unwrap().unwrap()).as_deref(), Some("old"));
+}
