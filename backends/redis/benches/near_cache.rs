@@ -186,6 +186,44 @@ fn main() {
             ours,
         )
         .await;
+        // The hit rate: the near cache alone for one round, against the
+        // GETs Redis counted meanwhile (a miss is one GET and one PTTL).
+        let gets = |info: String| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut r = raw.clone();
+        let info = |r: &mut ConnectionManager| {
+            let mut r = r.clone();
+            async move {
+                redis::cmd("INFO")
+                    .arg("commandstats")
+                    .query_async::<String>(&mut r)
+                    .await
+                    .expect("info")
+            }
+        };
+        let before = gets(info(&mut r).await);
+        let (n, z) = (near.clone(), zipf.clone());
+        let alone = im_infra_bench_support::throughput(
+            ROUNDS.tasks,
+            ROUNDS.round,
+            Arc::new(move |_i: usize| {
+                let (n, key) = (n.clone(), format!("k{}", z.sample()));
+                async move { n.get(&key).await.is_ok() }
+            }),
+        )
+        .await;
+        let reads = alone.ops_per_sec * ROUNDS.round.as_secs_f64();
+        let misses = (gets(info(&mut r).await) - before) as f64;
+        println!(
+            "near cache alone, Zipf: {:.0} reads/s, hit rate {:.1} % ({misses:.0} GETs reached Redis for {reads:.0} reads)",
+            alone.ops_per_sec,
+            100.0 * (1.0 - misses / reads)
+        );
         stop.store(true, Ordering::Relaxed);
         writer.await.expect("writer");
         println!(
