@@ -92,6 +92,19 @@ impl Default for ChatSettings {
     }
 }
 
+/// Whether `name` can be a MySQL table name written into SQL as it is: 1 to
+/// 64 ASCII letters, digits or `_`.
+///
+/// ```
+/// use im_infra_examples_chat::settings::is_table_name;
+/// assert!(is_table_name("chat_messages"));
+/// assert!(!is_table_name("x`; DROP TABLE y"));
+/// assert!(!is_table_name(""));
+/// ```
+pub fn is_table_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 fn invalid(field: &str, why: &str) -> Error {
     Error::new(ErrorKind::InvalidConfig, format!("chat.{field}: {why}"))
 }
@@ -103,13 +116,7 @@ impl im_infra::settings::Settings for ChatSettings {
         for (field, name) in [("topic", &self.topic), ("group", &self.group)] {
             im_infra::validate::name(field, name).map_err(|e| invalid(field, e.message()))?;
         }
-        if self.table.is_empty()
-            || self.table.len() > 64
-            || !self
-                .table
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if !is_table_name(&self.table) {
             return Err(invalid("table", "1 to 64 letters, digits or '_'"));
         }
         // 500 bodies of 4 KiB stay under gRPC's 4 MiB message limit.

@@ -102,16 +102,13 @@ type Row = (u64, u64, String, String, String, String, u64);
 
 impl MysqlStore {
     /// The store in `table` (letters, digits and `_` only, as
-    /// [`ChatSettings`](crate::ChatSettings) checks), created if missing.
+    /// [`is_table_name`](crate::settings::is_table_name)), created if
+    /// missing; `InvalidConfig` otherwise.
     pub async fn open(db: Arc<Db>, table: &str) -> Result<MysqlStore> {
-        if table.is_empty()
-            || !table
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if !crate::settings::is_table_name(table) {
             return Err(Error::new(
                 ErrorKind::InvalidConfig,
-                format!("table name {table:?}"),
+                format!("table name {table:?}: 1 to 64 letters, digits or '_'"),
             ));
         }
         db.exec(
