@@ -358,3 +358,56 @@ async fn a_read_after_an_invalidation_does_not_join_a_fill_that_began_before_it(
     hold.notify_one();
     assert_eq!(text(first.await.unwrap().unwrap()).as_deref(), Some("old"));
 }
+
+#[test]
+fn hits_misses_bypasses_invalidations_and_evictions_are_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (inner, source) = (
+                Arc::new(MapCache::default()),
+                Arc::new(HandSource::default()),
+            );
+            for i in 0..50 {
+                inner.put(&format!("k{i}"), &"x".repeat(50), None);
+            }
+            let near = NearCache::builder(inner.clone())
+                .invalidation(source.clone())
+                .max_entries(10)
+                .max_bytes(1_000)
+                .build()
+                .await
+                .unwrap();
+            near.get("k0").await.unwrap(); // miss
+            near.get("k0").await.unwrap(); // hit
+            source.sink().invalidate(&["k0"]);
+            for i in 1..50 {
+                near.get(&format!("k{i}")).await.unwrap(); // misses, evictions
+            }
+            source.sink().lost();
+            near.get("k0").await.unwrap(); // bypassed
+        });
+    });
+    // One snapshot drains the counters: read each name once.
+    let all: std::collections::BTreeMap<String, u64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(k, _, _, v)| match v {
+            DebugValue::Counter(c) => Some((k.key().name().to_owned(), c)),
+            _ => None,
+        })
+        .collect();
+    let get = |n: &str| all.get(n).copied().unwrap_or(0);
+    assert_eq!(get("im_infra_near_cache_hits_total"), 1, "{all:?}");
+    assert_eq!(get("im_infra_near_cache_misses_total"), 50, "{all:?}");
+    assert_eq!(get("im_infra_near_cache_invalidations_total"), 1, "{all:?}");
+    assert_eq!(get("im_infra_near_cache_bypassed_total"), 1, "{all:?}");
+    assert!(get("im_infra_near_cache_evictions_total") >= 30, "{all:?}");
+}
