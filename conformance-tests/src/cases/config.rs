@@ -425,6 +425,14 @@ async fn manager_loads_validates_and_hot_reloads(w: World) -> Result<()> {
         "the applied value with its version: {} at {version}, want third at {marker}",
         applied.name
     );
+    // The value is visible before its callbacks run: wait for the third,
+    // then check that no other came.
+    let seen = updates.clone();
+    eventually(Duration::from_secs(10), "the third callback", move || {
+        let seen = seen.clone();
+        async move { Ok(seen.load(Ordering::SeqCst) >= 3) }
+    })
+    .await?;
     ensure!(
         updates.load(Ordering::SeqCst) == 3,
         "callbacks for initial, second, third only, not {}",
