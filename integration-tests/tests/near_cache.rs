@@ -1,6 +1,6 @@
 //! The near cache on the real Redis (required under
 //! `IMINFRA_REQUIRE_BACKENDS`): invalidations from writes of other
-//! clients, the tracking connection cut, the bounds, and the refusal on a
+//! clients, the tracking connection cut, the bounds, and the same on a
 //! cluster.
 
 use std::sync::Arc;
@@ -212,39 +212,139 @@ async fn eviction_keeps_the_near_cache_under_its_bounds() -> Result<()> {
     s.close().await
 }
 
-/// On Redis Cluster tracking is per node: subscribing is refused, naming
-/// the way out (a staleness bound).
+/// On Redis Cluster every primary pushes the writes it applies: keys on
+/// every node are invalidated by another client's writes; the tracking
+/// connection to one node killed leaves nothing stale after `sync()`, and
+/// the channel comes back; a staleness bound alone works too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_cluster_the_near_cache_needs_a_staleness_bound() -> Result<()> {
+async fn on_a_cluster_every_primary_invalidates_its_keys() -> Result<()> {
     let Some(urls) = server_or_skip("redis-cluster", REDIS_CLUSTER_ENV) else {
         return Ok(());
     };
+    let urls: Vec<String> = urls.split(',').map(str::to_owned).collect();
     let ns = format!("near-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let backend = RedisBackend::builder()
-        .cluster(urls.split(','))
+        .cluster(urls.iter().map(String::as_str))
         .namespace(&ns)
         .build()
         .await?;
     let cache: Arc<dyn Cache> = backend.cache().await?;
-    let e = NearCache::builder(cache.clone())
+    let near = NearCache::builder(cache.clone())
         .invalidation(backend.invalidations())
         .build()
-        .await
-        .expect_err("tracking on a cluster is refused");
-    ensure!(
-        e.kind() == ErrorKind::Unsupported && e.to_string().contains("max_staleness"),
-        "{e}"
-    );
-    let near = NearCache::builder(cache.clone())
+        .await?;
+    ensure!(near.is_live());
+    let mut other = redis::cluster::ClusterClient::new(urls.clone())?
+        .get_async_connection()
+        .await?;
+    // 30 keys: every node owns some (a node answers only for its own).
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    let full = |k: &str| format!("{ns}:c:{k}");
+    for k in &keys {
+        let _: () = other.set(full(k), "v0").await?;
+    }
+    for url in &urls {
+        let mut node = redis::Client::open(url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let mut owned = 0;
+        for k in &keys {
+            if let Ok(true) = node.exists::<_, bool>(full(k)).await {
+                owned += 1;
+            }
+        }
+        ensure!(owned > 0, "{url} owns none of the keys");
+    }
+    for round in 1..=3 {
+        for k in &keys {
+            near.get(k).await?.context("the key exists")?;
+        }
+        ensure!(
+            near.size().0 == keys.len() as u64,
+            "round {round}: not all held near"
+        );
+        let value = format!("v{round}");
+        for k in &keys {
+            let _: () = other.set(full(k), &value).await?;
+        }
+        near.sync().await;
+        for k in &keys {
+            let read = near.get(k).await?;
+            ensure!(
+                read.as_deref() == Some(value.as_bytes()),
+                "round {round}, {k}: stale after sync: {read:?}"
+            );
+        }
+    }
+
+    // One node's tracking connection killed, then writes everywhere.
+    let name = format!("{TRACKING_CLIENT_NAME}:{ns}");
+    let mut node = redis::Client::open(urls[1].as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut node)
+        .await?;
+    let id = list
+        .lines()
+        .find(|l| l.split(' ').any(|f| f == format!("name={name}")))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .context("the tracking connection is listed on the node")?
+        .to_owned();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(&mut node)
+        .await?;
+    ensure!(killed == 1, "CLIENT KILL ID {id} killed {killed}");
+    for k in &keys {
+        let _: () = other.set(full(k), "during").await?;
+    }
+    near.sync().await;
+    for k in &keys {
+        let read = near.get(k).await?;
+        ensure!(
+            read.as_deref() == Some(&b"during"[..]),
+            "{k}: stale after the cut: {read:?}"
+        );
+    }
+    let back = Instant::now();
+    while !near.is_live() {
+        ensure!(
+            back.elapsed() < Duration::from_secs(5),
+            "tracking not back within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for k in &keys {
+        near.get(k).await?;
+    }
+    ensure!(near.size().0 >= 1, "held near again");
+    for k in &keys {
+        let _: () = other.set(full(k), "after").await?;
+    }
+    near.sync().await;
+    for k in &keys {
+        ensure!(
+            near.get(k).await?.as_deref() == Some(&b"after"[..]),
+            "{k}: stale after recovery"
+        );
+    }
+    drop(near);
+
+    // Without invalidations, a staleness bound.
+    let bounded = NearCache::builder(cache.clone())
         .max_staleness(Duration::from_millis(200))
         .build()
         .await?;
     cache.set("k", "v1".into(), None).await?;
-    ensure!(near.get("k").await?.as_deref() == Some(&b"v1"[..]));
+    ensure!(bounded.get("k").await?.as_deref() == Some(&b"v1"[..]));
     cache.set("k", "v2".into(), None).await?;
     tokio::time::sleep(Duration::from_millis(250)).await;
     ensure!(
-        near.get("k").await?.as_deref() == Some(&b"v2"[..]),
+        bounded.get("k").await?.as_deref() == Some(&b"v2"[..]),
         "older than the bound"
     );
     backend.purge_namespace().await?;

@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use im_infra::backend::Backend;
+use im_infra::cache::near::NearCache;
+use im_infra::cache::Cache;
 use im_infra::config::ConfigCenterExt;
 use im_infra::ErrorKind;
 use im_infra_conformance::servers::{server_or_skip, MYSQL_ENV};
@@ -91,6 +93,27 @@ async fn redis_over_tls_with_the_ca_and_refused_without_it() -> Result<()> {
         )
         .await?;
     ensure!(cache.get("k").await?.as_deref() == Some(&b"over tls"[..]));
+    // A near cache's tracking connection goes over the same TLS: another
+    // instance's write is not read stale after `sync()`.
+    let near = NearCache::builder(cache.clone())
+        .invalidation(backend.invalidations())
+        .build()
+        .await?;
+    ensure!(near.is_live(), "tracking over tls");
+    ensure!(near.get("k").await?.as_deref() == Some(&b"over tls"[..]));
+    let writer = RedisBackend::builder()
+        .settings(cfg.clone())
+        .build()
+        .await?;
+    writer
+        .cache()
+        .await?
+        .set("k", Bytes::from_static(b"rewritten"), None)
+        .await?;
+    near.sync().await;
+    ensure!(near.get("k").await?.as_deref() == Some(&b"rewritten"[..]));
+    writer.close().await?;
+    drop(near);
     backend.close().await?;
 
     let (_dir, wrong) = other_ca()?;

@@ -254,22 +254,58 @@ impl Client {
     }
 
     /// A RESP3 connection of its own whose server pushes go to `push`
-    /// (client-side caching); `None` on a cluster.
+    /// (client-side caching), with this backend's credentials and TLS: to
+    /// `node` (a cluster's primary, from [`Client::cluster_primaries`]), or
+    /// to the node connections of their own go to.
     #[cfg(feature = "near-cache")]
     pub(crate) async fn resp3(
         &self,
+        node: Option<&NodeAddr>,
         push: impl redis::aio::AsyncPushSender,
-    ) -> Result<Option<MultiplexedConnection>> {
+    ) -> Result<MultiplexedConnection> {
+        use redis::ConnectionAddr;
         self.check_open()?;
-        let Some(client) = self.node().await? else {
-            return Ok(None);
+        let info = match (node, self.node().await?) {
+            (None, Some(client)) => client.get_connection_info().clone(),
+            (None, None) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "a connection to a cluster names its node",
+                ))
+            }
+            (Some(node), _) => {
+                let info = self.cfg.urls[0]
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(from_redis)?;
+                let addr = match info.addr() {
+                    ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                        host: node.host.clone(),
+                        port: node.port,
+                        insecure: *insecure,
+                        tls_params: None,
+                    },
+                    _ => ConnectionAddr::Tcp(node.host.clone(), node.port),
+                };
+                info.set_addr(addr)
+            }
         };
-        let info = client.get_connection_info().clone();
-        let settings = info
+        let mut settings = info
             .redis_settings()
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(from_redis)?;
+        if let Some(u) = &self.cfg.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &self.cfg.password {
+            settings = settings.set_password(p.expose());
+        }
+        let info = info.set_redis_settings(settings);
+        let client = match &self.cfg.tls {
+            Some(tls) => redis::Client::build_with_tls(info, tls.certificates()?),
+            None => redis::Client::open(info),
+        }
+        .map_err(from_redis)?;
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.cfg.connect_timeout))
             .set_response_timeout(Some(self.cfg.response_timeout))
@@ -277,8 +313,18 @@ impl Client {
         client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
-            .map(Some)
             .map_err(from_redis)
+    }
+
+    /// The primaries that serve slots now (`CLUSTER SLOTS`), sorted;
+    /// `None` when this is not a cluster.
+    #[cfg(feature = "near-cache")]
+    pub(crate) async fn cluster_primaries(&self) -> Result<Option<Vec<NodeAddr>>> {
+        if !self.cfg.is_cluster() {
+            return Ok(None);
+        }
+        let slots: Value = self.query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        slot_ranges(&slots).map(|r| Some(primaries(&r)))
     }
 
     /// A pub/sub connection (single node only).
@@ -290,6 +336,137 @@ impl Client {
         match tokio::time::timeout(self.cfg.connect_timeout, client.get_async_pubsub()).await {
             Ok(r) => r.map(Some).map_err(from_redis),
             Err(_) => Err(self.timeout_error()),
+        }
+    }
+}
+
+/// The address of one cluster node.
+#[cfg(feature = "near-cache")]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct NodeAddr {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+/// Slots `first..=last` and the primary that serves them.
+#[cfg(feature = "near-cache")]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct SlotRange {
+    pub(crate) first: i64,
+    pub(crate) last: i64,
+    pub(crate) primary: NodeAddr,
+}
+
+/// The primaries of `ranges`, sorted, each once.
+#[cfg(feature = "near-cache")]
+pub(crate) fn primaries(ranges: &[SlotRange]) -> Vec<NodeAddr> {
+    let mut nodes: Vec<NodeAddr> = ranges.iter().map(|r| r.primary.clone()).collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
+}
+
+/// The slot ranges of a `CLUSTER SLOTS` answer, sorted: each entry is
+/// `[first, last, [host, port, id, ...], replicas...]`.
+#[cfg(feature = "near-cache")]
+pub(crate) fn slot_ranges(answer: &Value) -> Result<Vec<SlotRange>> {
+    let malformed = || Error::new(ErrorKind::Internal, "an unexpected CLUSTER SLOTS answer");
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(entries) = answer else {
+        return Err(malformed());
+    };
+    let mut ranges = entries
+        .iter()
+        .map(|entry| {
+            let Value::Array(fields) = entry else {
+                return Err(malformed());
+            };
+            let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(node))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return Err(malformed());
+            };
+            let (Some(host), Some(Value::Int(port))) = (node.first().and_then(text), node.get(1))
+            else {
+                return Err(malformed());
+            };
+            Ok(SlotRange {
+                first: *first,
+                last: *last,
+                primary: NodeAddr {
+                    host,
+                    port: u16::try_from(*port).map_err(|_| malformed())?,
+                },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ranges.sort();
+    Ok(ranges)
+}
+
+#[cfg(all(test, feature = "near-cache"))]
+mod tests {
+    use super::*;
+
+    fn entry(first: i64, last: i64, host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::Int(first),
+            Value::Int(last),
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"node-id".to_vec()),
+            ]),
+            Value::Array(vec![
+                Value::BulkString(b"10.0.0.9".to_vec()),
+                Value::Int(7009),
+            ]),
+        ])
+    }
+
+    #[test]
+    fn slot_ranges_name_the_primaries_in_slot_order() {
+        let answer = Value::Array(vec![
+            entry(5461, 10922, "127.0.0.1", 7001),
+            entry(0, 5460, "127.0.0.1", 7000),
+        ]);
+        let ranges = slot_ranges(&answer).expect("parsed");
+        assert_eq!(ranges.len(), 2);
+        assert_eq!((ranges[0].first, ranges[0].last), (0, 5460));
+        assert_eq!(ranges[0].primary.port, 7000);
+        assert_eq!(ranges[1].primary.port, 7001);
+        // A slot moved between the same primaries leaves the set as it was;
+        // a new primary (a failover, a node added) changes it.
+        let moved = Value::Array(vec![
+            entry(0, 5459, "127.0.0.1", 7000),
+            entry(5460, 10922, "127.0.0.1", 7001),
+        ]);
+        let failed_over = Value::Array(vec![
+            entry(0, 5460, "127.0.0.1", 7002),
+            entry(5461, 10922, "127.0.0.1", 7001),
+        ]);
+        let before = primaries(&ranges);
+        assert_eq!(before.len(), 2);
+        assert_eq!(primaries(&slot_ranges(&moved).expect("parsed")), before);
+        assert_ne!(
+            primaries(&slot_ranges(&failed_over).expect("parsed")),
+            before
+        );
+    }
+
+    #[test]
+    fn a_malformed_slots_answer_is_an_error_not_a_panic() {
+        for answer in [
+            Value::Nil,
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![entry(0, 1, "h", 70_000)]),
+            Value::Array(vec![Value::Array(vec![Value::Int(0), Value::Int(1)])]),
+        ] {
+            assert!(slot_ranges(&answer).is_err(), "{answer:?}");
         }
     }
 }

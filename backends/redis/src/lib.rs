@@ -296,10 +296,11 @@ impl RedisBackend {
     /// caching in broadcast mode over the namespace's cache keys, on a
     /// RESP3 connection of its own (feature `near-cache`). Each call gives a
     /// new source, for one near cache; a second near cache on the same
-    /// source is refused (`InvalidState`).
-    /// On Redis Cluster subscribing fails with `Unsupported` (tracking is
-    /// per node); the TLS of a private CA is not applied to this
-    /// connection yet.
+    /// source is refused (`InvalidState`). On Redis Cluster there is one
+    /// such connection to every primary, and a change of primaries (a
+    /// failover, a node added) empties the near cache until the
+    /// connections are made again. The backend's credentials and TLS settings
+    /// apply to these connections too.
     ///
     /// ```no_run
     /// # async fn demo(redis: im_infra_redis::RedisBackend) -> im_infra::Result<()> {

@@ -1,14 +1,17 @@
-//! Invalidations for a near cache, from Redis's client-side caching: one
+//! Invalidations for a near cache, from Redis's client-side caching: a
 //! RESP3 connection of its own in broadcast mode (`CLIENT TRACKING ON
 //! BCAST PREFIX <ns>:c:`), so that every write to a cache key of the
-//! namespace, by any client, is pushed to it.
+//! namespace, by any client, is pushed to it. A node pushes only the
+//! writes it applies, so on a cluster there is one such connection to
+//! every primary of the moment.
 //!
-//! The connection is checked with a `PING` every `HEARTBEAT`; a push that
-//! says it closed, or a `PING` without an answer within `HEARTBEAT`,
-//! reports the channel lost (the near cache empties and reads go to the
-//! server), and the connection is made again with backoff. A frozen
-//! network is noticed within two heartbeats, which bounds how long a near
-//! cache can hold a value that a write during the freeze replaced.
+//! The connections are checked with a `PING` every `HEARTBEAT` (and, on a
+//! cluster, the set of primaries with `CLUSTER SLOTS`); a push that says
+//! one closed, a `PING` without an answer within `HEARTBEAT`, or a new
+//! primary report the channel lost (the near cache empties and reads go to
+//! the server), and the connections are made again with backoff. A frozen
+//! network or a failover is noticed within two heartbeats, which bounds how
+//! long a near cache can hold a value that a write meanwhile replaced.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::client::NodeAddr;
 use crate::Shared;
 
 /// How often the tracking connection is checked, and how long its answer
@@ -38,8 +42,8 @@ pub const TRACKING_CLIENT_NAME: &str = "im-infra-near-cache";
 #[derive(Clone)]
 pub(crate) struct RedisInvalidations {
     shared: Arc<Shared>,
-    /// The live tracking connection (for `sync`).
-    current: Arc<ArcSwapOption<MultiplexedConnection>>,
+    /// The live session (for `sync`).
+    current: Arc<ArcSwapOption<Tracking>>,
     /// Which connection is the live one: a push of an older one is ignored.
     session: Arc<AtomicU64>,
     /// Tells the driver to make the connection again (a `sync` that could
@@ -129,25 +133,69 @@ async fn ping(conn: &mut MultiplexedConnection) -> Result<()> {
     }
 }
 
-/// One tracking connection and what tells that it closed.
-type Tracking = (MultiplexedConnection, Arc<tokio::sync::Notify>);
+/// `PING`s every connection at once: `Ok` when all answered in time.
+async fn ping_all(conns: &[MultiplexedConnection]) -> Result<()> {
+    futures::future::try_join_all(
+        conns
+            .iter()
+            .map(|c| async move { ping(&mut c.clone()).await }),
+    )
+    .await
+    .map(drop)
+}
+
+/// The tracking connections of one session (one per primary on a
+/// cluster), what tells that one of them closed, and the primaries they
+/// were made for (`None` off a cluster).
+struct Tracking {
+    conns: Vec<MultiplexedConnection>,
+    closed: Arc<tokio::sync::Notify>,
+    primaries: Option<Vec<NodeAddr>>,
+}
 
 impl RedisInvalidations {
-    /// A tracking connection of the next session, tracking.
-    async fn connect(&self, sink: &InvalidationSink) -> Result<Tracking> {
+    /// The tracking connections of the next session, tracking.
+    async fn connect(&self, sink: &InvalidationSink) -> Result<Arc<Tracking>> {
         let prefix = self.shared.keys.cache_prefix();
         let closed = Arc::new(tokio::sync::Notify::new());
         let session = self.session.load(Ordering::Acquire) + 1;
-        let handler = push_handler(
-            sink.clone(),
-            prefix.clone(),
-            closed.clone(),
-            self.session.clone(),
-            session,
-        );
-        let Some(mut conn) = self.shared.client.resp3(handler).await? else {
-            return Err(unsupported());
+        let primaries = self.shared.client.cluster_primaries().await?;
+        let nodes: Vec<Option<NodeAddr>> = match &primaries {
+            Some(nodes) if nodes.is_empty() => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    "the cluster serves no slots",
+                ))
+            }
+            Some(nodes) => nodes.iter().cloned().map(Some).collect(),
+            None => vec![None],
         };
+        let conns = futures::future::try_join_all(nodes.iter().map(|node| {
+            let handler = push_handler(
+                sink.clone(),
+                prefix.clone(),
+                closed.clone(),
+                self.session.clone(),
+                session,
+            );
+            self.track(node.as_ref(), &prefix, handler)
+        }))
+        .await?;
+        Ok(Arc::new(Tracking {
+            conns,
+            closed,
+            primaries,
+        }))
+    }
+
+    /// One connection to `node` (or the one node), named and tracking.
+    async fn track(
+        &self,
+        node: Option<&NodeAddr>,
+        prefix: &str,
+        handler: impl redis::aio::AsyncPushSender,
+    ) -> Result<MultiplexedConnection> {
+        let mut conn = self.shared.client.resp3(node, handler).await?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(format!(
@@ -162,39 +210,55 @@ impl RedisInvalidations {
             .arg("ON")
             .arg("BCAST")
             .arg("PREFIX")
-            .arg(&prefix)
+            .arg(prefix)
             .query_async::<()>(&mut conn)
             .await
             .map_err(crate::error::from_redis)?;
-        Ok((conn, closed))
+        Ok(conn)
     }
 
-    /// Makes `tracking` the live connection and reports the channel up.
-    fn go_live(&self, sink: &InvalidationSink, tracking: &Tracking) {
+    /// Makes `tracking` the live session and reports the channel up.
+    fn go_live(&self, sink: &InvalidationSink, tracking: &Arc<Tracking>) {
         self.session.fetch_add(1, Ordering::AcqRel);
-        self.current.store(Some(Arc::new(tracking.0.clone())));
+        self.current.store(Some(tracking.clone()));
         sink.ready();
     }
 
-    /// Keeps the channel up until `stop`: checks the live connection,
-    /// reports it lost when it fails (or a `sync` could not confirm), and
-    /// makes another with backoff.
-    async fn drive(self, sink: InvalidationSink, stop: CancellationToken, first: Tracking) {
+    /// One heartbeat: every connection answers, and on a cluster the
+    /// primaries are those the connections were made to (a slot moved
+    /// between them changes nothing: each pushes what it applies).
+    async fn check(&self, tracking: &Tracking) -> Result<()> {
+        ping_all(&tracking.conns).await?;
+        if let Some(primaries) = &tracking.primaries {
+            if self.shared.client.cluster_primaries().await?.as_ref() != Some(primaries) {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    "the cluster's primaries changed since the tracking connections were made",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the channel up until `stop`: checks the live session, reports
+    /// it lost when it fails (or a `sync` could not confirm), and makes
+    /// another with backoff.
+    async fn drive(self, sink: InvalidationSink, stop: CancellationToken, first: Arc<Tracking>) {
         let _lost_on_exit = LostOnExit(sink.clone());
         let mut live = Some(first);
         let mut delay = Duration::from_millis(50);
         while !stop.is_cancelled() {
-            if let Some((mut conn, closed)) = live.take() {
+            if let Some(tracking) = live.take() {
                 delay = Duration::from_millis(50);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = closed.notified() => break,
+                        _ = tracking.closed.notified() => break,
                         _ = self.reset.notified() => break,
                         _ = tokio::time::sleep(HEARTBEAT) => {}
                     }
-                    if let Err(e) = ping(&mut conn).await {
-                        tracing::warn!(error = %e, "near cache: the tracking connection failed; reads go to redis until it is back");
+                    if let Err(e) = self.check(&tracking).await {
+                        tracing::warn!(error = %e, "near cache: tracking failed; reads go to redis until it is back");
                         break;
                     }
                 }
@@ -219,19 +283,9 @@ impl RedisInvalidations {
     }
 }
 
-fn unsupported() -> Error {
-    Error::new(
-        ErrorKind::Unsupported,
-        "near cache invalidations on Redis Cluster are not supported (tracking is per node): use max_staleness",
-    )
-}
-
 #[async_trait]
 impl InvalidationSource for RedisInvalidations {
     async fn subscribe(&self, sink: InvalidationSink) -> Result<Subscription> {
-        if self.shared.client.settings().is_cluster() {
-            return Err(unsupported());
-        }
         if self.subscribed.swap(true, Ordering::AcqRel) {
             return Err(Error::new(
                 ErrorKind::InvalidState,
@@ -253,12 +307,13 @@ impl InvalidationSource for RedisInvalidations {
         Ok(Subscription::new(stop.drop_guard()))
     }
 
-    /// A `PING` on the live tracking connection. When there is none, or it
-    /// does not answer, the driver is told to make it again (reporting the
-    /// channel lost, then ready), and the error says so.
+    /// A `PING` on every live tracking connection (and on a cluster, the
+    /// primaries checked). When there is none, or one does not answer, the
+    /// driver is told to make them again (reporting the channel lost, then
+    /// ready), and the error says so.
     async fn sync(&self) -> Result<()> {
         let result = match self.current.load_full() {
-            Some(conn) => ping(&mut (*conn).clone()).await,
+            Some(tracking) => self.check(&tracking).await,
             None => Err(Error::new(
                 ErrorKind::Unavailable,
                 "the tracking connection is down",
