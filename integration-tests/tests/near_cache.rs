@@ -12,8 +12,9 @@ use im_infra::backend::Backend;
 use im_infra::cache::near::NearCache;
 use im_infra::cache::Cache;
 use im_infra::ErrorKind;
+use im_infra_conformance::proxy::FreezeProxy;
 use im_infra_conformance::servers::{server_or_skip, REDIS_CLUSTER_ENV, REDIS_ENV};
-use im_infra_redis::{RedisBackend, TRACKING_CLIENT_NAME};
+use im_infra_redis::{RedisBackend, TRACKING_CLIENT_NAME, TRACKING_HEARTBEAT};
 use redis::AsyncCommands;
 
 struct Setup {
@@ -175,6 +176,79 @@ async fn a_cut_tracking_connection_leaves_nothing_stale_behind() -> Result<()> {
     let _: () = s.raw.set(&key, "after").await?;
     s.near.sync().await;
     ensure!(s.near.get("session").await?.as_deref() == Some(&b"after"[..]));
+    s.close().await
+}
+
+/// The network to Redis freezes without closing anything, and another
+/// client writes meanwhile: within two heartbeats the near cache stops
+/// answering from memory (its reads then wait on Redis rather than return
+/// the old value); after the thaw it is live again and reads the new value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_network_stops_answers_from_memory_within_two_heartbeats() -> Result<()> {
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    let proxy = FreezeProxy::for_url(&url).await?;
+    let s = setup(&proxy.url(&url)?, |b| b).await?;
+    let mut direct = redis::Client::open(url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let key = s.full("profile");
+    let _: () = direct.set(&key, "before").await?;
+    s.near.sync().await;
+    ensure!(s.near.get("profile").await?.as_deref() == Some(&b"before"[..]));
+    ensure!(s.near.size().0 == 1 && s.near.is_live(), "held near, live");
+
+    proxy.freeze();
+    let _: () = direct.set(&key, "after").await?;
+    let frozen = Instant::now();
+    let mut stale_reads = 0u32;
+    while s.near.is_live() {
+        ensure!(
+            frozen.elapsed() < Duration::from_secs(5),
+            "still live 5 s into the freeze"
+        );
+        if let Ok(Ok(Some(v))) =
+            tokio::time::timeout(Duration::from_millis(20), s.near.get("profile")).await
+        {
+            ensure!(
+                v.as_ref() == b"before",
+                "read {v:?} through a frozen network"
+            );
+            stale_reads += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let noticed = frozen.elapsed();
+    println!("freeze noticed after {noticed:?} ({stale_reads} reads answered from memory before)");
+    ensure!(
+        noticed < TRACKING_HEARTBEAT * 2 + Duration::from_millis(500),
+        "the freeze was noticed only after {noticed:?}"
+    );
+    // From now on no read is answered from memory: they wait on Redis.
+    for _ in 0..5 {
+        let read = tokio::time::timeout(Duration::from_millis(100), s.near.get("profile")).await;
+        ensure!(
+            !matches!(read, Ok(Ok(Some(ref v))) if v.as_ref() == b"before"),
+            "the old value read after the freeze was noticed"
+        );
+    }
+
+    proxy.thaw();
+    let thawed = Instant::now();
+    while !s.near.is_live() {
+        ensure!(
+            thawed.elapsed() < Duration::from_secs(10),
+            "tracking not back within 10 s of the thaw"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.near.sync().await;
+    let read = s.near.get("profile").await?;
+    ensure!(
+        read.as_deref() == Some(&b"after"[..]),
+        "after the thaw: {read:?}"
+    );
     s.close().await
 }
 

@@ -125,7 +125,7 @@ use worker_id::RedisWorkerIds;
 pub use limiter::{gcra_script, RedisLimiter};
 pub use settings::{RedisSettings, RedisTls};
 #[cfg(feature = "near-cache")]
-pub use tracking::TRACKING_CLIENT_NAME;
+pub use tracking::{TRACKING_CLIENT_NAME, TRACKING_HEARTBEAT};
 
 /// The backend name used in metrics, spans and errors.
 pub const NAME: &str = "redis";

@@ -5,9 +5,9 @@
 //! writes it applies, so on a cluster there is one such connection to
 //! every primary of the moment.
 //!
-//! The connections are checked with a `PING` every `HEARTBEAT` (and, on a
+//! The connections are checked with a `PING` every `TRACKING_HEARTBEAT` (and, on a
 //! cluster, the set of primaries with `CLUSTER SLOTS`); a push that says
-//! one closed, a `PING` without an answer within `HEARTBEAT`, or a new
+//! one closed, a `PING` without an answer within `TRACKING_HEARTBEAT`, or a new
 //! primary report the channel lost (the near cache empties and reads go to
 //! the server), and the connections are made again with backoff. A frozen
 //! network or a failover is noticed within two heartbeats, which bounds how
@@ -28,9 +28,10 @@ use tokio_util::sync::CancellationToken;
 use crate::client::NodeAddr;
 use crate::Shared;
 
-/// How often the tracking connection is checked, and how long its answer
-/// may take.
-const HEARTBEAT: Duration = Duration::from_millis(500);
+/// How often the tracking connections are checked, and how long their
+/// answer may take: a network that freezes without closing anything stops
+/// a near cache from answering from memory within two of these.
+pub const TRACKING_HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// The name the tracking connection gives itself (`CLIENT LIST`), followed
 /// by `:` and the backend's namespace.
@@ -123,7 +124,12 @@ impl Drop for LostOnExit {
 }
 
 async fn ping(conn: &mut MultiplexedConnection) -> Result<()> {
-    match tokio::time::timeout(HEARTBEAT, redis::cmd("PING").query_async::<()>(conn)).await {
+    match tokio::time::timeout(
+        TRACKING_HEARTBEAT,
+        redis::cmd("PING").query_async::<()>(conn),
+    )
+    .await
+    {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(crate::error::from_redis(e)),
         Err(_) => Err(Error::new(
@@ -255,7 +261,7 @@ impl RedisInvalidations {
                         _ = stop.cancelled() => break,
                         _ = tracking.closed.notified() => break,
                         _ = self.reset.notified() => break,
-                        _ = tokio::time::sleep(HEARTBEAT) => {}
+                        _ = tokio::time::sleep(TRACKING_HEARTBEAT) => {}
                     }
                     if let Err(e) = self.check(&tracking).await {
                         tracing::warn!(error = %e, "near cache: tracking failed; reads go to redis until it is back");
