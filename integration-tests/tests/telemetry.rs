@@ -116,6 +116,7 @@ async fn drive(b: &dyn Backend, topic: &str) -> Result<Vec<Expect>> {
         c.exists("k").await?;
         c.expire("k", Duration::from_secs(60)).await?;
         c.ttl("k").await?;
+        c.get_with_ttl("k").await?;
         c.incr_by("n", 1).await?;
         c.get_many(&["k", "n"]).await?;
         c.set_many(&[("a", v())], None).await?;
@@ -128,6 +129,7 @@ async fn drive(b: &dyn Backend, topic: &str) -> Result<Vec<Expect>> {
             ("cache", "cache.exists", ONCE),
             ("cache", "cache.expire", ONCE),
             ("cache", "cache.ttl", ONCE),
+            ("cache", "cache.get_with_ttl", ONCE),
             ("cache", "cache.incr_by", ONCE),
             ("cache", "cache.get_many", ONCE),
             ("cache", "cache.set_many", ONCE),

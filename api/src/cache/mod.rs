@@ -99,6 +99,29 @@ pub trait Cache: Send + Sync + 'static {
     /// The remaining lifetime of `key`.
     async fn ttl(&self, key: &str) -> Result<KeyTtl>;
 
+    /// The value of `key` and its remaining lifetime, read together: in one
+    /// round trip where the backend can (Redis pipelines `GET` and `PTTL`,
+    /// MySQL reads both in one statement); by default [`get`](Self::get)
+    /// and [`ttl`](Self::ttl) at once. Absent: `(None, KeyTtl::Missing)`.
+    /// Unless the backend reads both in one statement, another client may
+    /// write between the two reads: a value with `Missing` means the key
+    /// went away in between.
+    ///
+    /// ```
+    /// # async fn demo(cache: std::sync::Arc<dyn im_infra::cache::Cache>) -> im_infra::Result<()> {
+    /// use im_infra::cache::KeyTtl;
+    /// match cache.get_with_ttl("session:ana").await? {
+    ///     (Some(value), KeyTtl::Expires(left)) => println!("{} bytes for {left:?}", value.len()),
+    ///     (Some(_), _) => println!("kept until deleted"),
+    ///     (None, _) => println!("absent"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
+        let (value, ttl) = tokio::join!(self.get(key), self.ttl(key));
+        Ok((value?, ttl?))
+    }
+
     /// Atomically adds `delta` to the integer stored at `key` (absent = 0)
     /// and returns the new value. The key's TTL is kept. A value that is not
     /// a decimal `i64`, or an overflow, fails with `InvalidState`.

@@ -17,6 +17,7 @@ ops!(CacheOps, "cache" {
     exists => "cache.exists",
     expire => "cache.expire",
     ttl => "cache.ttl",
+    get_with_ttl => "cache.get_with_ttl",
     incr_by => "cache.incr_by",
     get_many => "cache.get_many",
     set_many => "cache.set_many",
@@ -147,6 +148,16 @@ impl<C: Cache> Cache for ObservedCache<C> {
             .run(async {
                 validate::key(key)?;
                 self.inner.ttl(key).await
+            })
+            .await
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
+        self.ops
+            .get_with_ttl
+            .run(async {
+                validate::key(key)?;
+                self.inner.get_with_ttl(key).await
             })
             .await
     }

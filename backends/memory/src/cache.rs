@@ -191,6 +191,22 @@ impl Cache for MemoryCache {
         })
     }
 
+    /// One look-up: the value and its lifetime at the same instant.
+    async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
+        self.shared.check_open()?;
+        let now = Instant::now();
+        Ok(match self.store().items.get(key) {
+            Some(item) if item.live(now) => (
+                Some(item.value.clone()),
+                match item.expires_at {
+                    None => KeyTtl::Persistent,
+                    Some(t) => KeyTtl::Expires(t - now),
+                },
+            ),
+            _ => (None, KeyTtl::Missing),
+        })
+    }
+
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
         self.shared.check_open()?;
         let now = Instant::now();

@@ -154,6 +154,25 @@ impl Cache for MysqlCache {
         })
     }
 
+    /// The value and its lifetime in one statement: one consistent read.
+    async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
+        let k = self.key(key);
+        let sql = format!(
+            "SELECT v, TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) FROM {} WHERE k = ? AND {LIVE}",
+            self.table()
+        );
+        let row: Option<(Vec<u8>, Option<i64>)> =
+            self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
+        Ok(match row {
+            None => (None, KeyTtl::Missing),
+            Some((v, None)) => (Some(Bytes::from(v)), KeyTtl::Persistent),
+            Some((v, Some(us))) => (
+                Some(Bytes::from(v)),
+                KeyTtl::Expires(Duration::from_micros(us.max(0) as u64)),
+            ),
+        })
+    }
+
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
         let k = self.key(key);
         let table = self.table();

@@ -30,6 +30,21 @@ fn bytes_of(v: Option<Vec<u8>>) -> Option<Bytes> {
     v.map(Bytes::from)
 }
 
+/// A `PTTL` answer: -2 absent, -1 no TTL, else milliseconds left.
+fn key_ttl(ms: i64) -> Result<KeyTtl> {
+    Ok(match ms {
+        -2 => KeyTtl::Missing,
+        -1 => KeyTtl::Persistent,
+        ms if ms >= 0 => KeyTtl::Expires(Duration::from_millis(ms as u64)),
+        other => {
+            return Err(Error::new(
+                im_infra::ErrorKind::Internal,
+                format!("PTTL answered {other}"),
+            ))
+        }
+    })
+}
+
 impl RedisCache {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         RedisCache { shared }
@@ -110,17 +125,18 @@ impl Cache for RedisCache {
             .client
             .query(redis::cmd("PTTL").arg(self.key(key)))
             .await?;
-        Ok(match ms {
-            -2 => KeyTtl::Missing,
-            -1 => KeyTtl::Persistent,
-            ms if ms >= 0 => KeyTtl::Expires(Duration::from_millis(ms as u64)),
-            other => {
-                return Err(Error::new(
-                    im_infra::ErrorKind::Internal,
-                    format!("PTTL answered {other}"),
-                ))
-            }
-        })
+        key_ttl(ms)
+    }
+
+    /// `GET` and `PTTL` in one pipeline: one round trip.
+    async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET")
+            .arg(self.key(key))
+            .cmd("PTTL")
+            .arg(self.key(key));
+        let (value, ms): (Option<Vec<u8>>, i64) = self.shared.client.pipe(&pipe).await?;
+        Ok((bytes_of(value), key_ttl(ms)?))
     }
 
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {

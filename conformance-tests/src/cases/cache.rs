@@ -152,6 +152,38 @@ async fn ttl_reports_missing_persistent_and_expiring(w: World) -> Result<()> {
     Ok(())
 }
 
+async fn get_with_ttl_reads_the_value_and_its_lifetime(w: World) -> Result<()> {
+    let c = cache(&w).await?;
+    ensure!(
+        c.get_with_ttl("none").await? == (None, KeyTtl::Missing),
+        "an absent key is (None, Missing)"
+    );
+    c.set("p", b("kept"), None).await?;
+    ensure!(c.get_with_ttl("p").await? == (Some(b("kept")), KeyTtl::Persistent));
+    c.set("e", b("brief"), Some(Duration::from_secs(30)))
+        .await?;
+    match c.get_with_ttl("e").await? {
+        (Some(v), KeyTtl::Expires(d)) => ensure!(
+            v == b("brief") && d <= Duration::from_secs(30) && d > Duration::from_secs(25),
+            "{v:?} with {d:?}"
+        ),
+        other => anyhow::bail!("expected the value with Expires, got {other:?}"),
+    }
+    c.set("gone", b("v"), Some(Duration::from_millis(150)))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    ensure!(
+        c.get_with_ttl("gone").await? == (None, KeyTtl::Missing),
+        "an expired key reads as absent"
+    );
+    expect_kind(
+        c.get_with_ttl("").await,
+        ErrorKind::InvalidArgument,
+        "get_with_ttl of an empty key",
+    )?;
+    Ok(())
+}
+
 async fn expire_sets_a_ttl_on_existing_keys_only(w: World) -> Result<()> {
     let c = cache(&w).await?;
     ensure!(
@@ -448,6 +480,11 @@ pub fn cases() -> Vec<Case> {
         crate::case!(
             "cache",
             ttl_reports_missing_persistent_and_expiring,
+            when = stores
+        ),
+        crate::case!(
+            "cache",
+            get_with_ttl_reads_the_value_and_its_lifetime,
             when = stores
         ),
         crate::case!(

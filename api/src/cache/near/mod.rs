@@ -252,20 +252,20 @@ impl NearCache {
         // The entry's deadline counts from before the server was asked, so
         // it never outlives the key.
         let asked = Instant::now();
-        let (value, ttl) = tokio::join!(self.inner.get(key), self.inner.ttl(key));
+        let read = self.inner.get_with_ttl(key).await;
         guard.2 = None;
-        let value = match value {
-            Ok(v) => v,
+        let (value, ttl) = match read {
+            Ok(read) => read,
             Err(e) => {
                 self.state.finish(key, fill, None);
                 return Err(e);
             }
         };
         let keep = match ttl {
-            Ok(KeyTtl::Expires(left)) => Some(left.min(self.ttl)),
-            Ok(KeyTtl::Persistent) => Some(self.ttl),
-            // Gone between the two reads, or the TTL unknown: not kept.
-            Ok(KeyTtl::Missing) | Err(_) => None,
+            KeyTtl::Expires(left) => Some(left.min(self.ttl)),
+            KeyTtl::Persistent => Some(self.ttl),
+            // Gone between the two reads: not kept.
+            KeyTtl::Missing => None,
         };
         let entry = match (&value, keep) {
             (Some(v), Some(keep)) => Some(Entry {
@@ -347,6 +347,12 @@ impl Cache for NearCache {
 
     async fn ttl(&self, key: &str) -> Result<KeyTtl> {
         self.inner.ttl(key).await
+    }
+
+    /// From the server (what is held near has a deadline of its own, not
+    /// the key's TTL).
+    async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
+        self.inner.get_with_ttl(key).await
     }
 
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
