@@ -146,3 +146,104 @@ async fn the_balanced_channel_speaks_mutual_tls_to_https_instances() -> anyhow::
     etcd.close().await?;
     Ok(())
 }
+
+/// One instance's network freezes (a proxy holds every byte and closes
+/// nothing): the channel's HTTP/2 keepalive closes that connection within
+/// two intervals, so the calls sent to it fail fast instead of hanging
+/// until their deadline, the instance is ejected, and every later call goes
+/// to the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_is_ejected_by_the_keepalive_not_by_call_deadlines() -> anyhow::Result<()>
+{
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    use anyhow::ensure;
+    use im_infra::backend::Backend;
+    use im_infra::registry::grpc::{BalancePolicy, BalancedChannel, GrpcOptions};
+    use im_infra::registry::ServiceInstance;
+    use im_infra_conformance::proxy::FreezeProxy;
+    use im_infra_etcd::{EtcdBackend, EtcdSettings};
+    use tonic_health::pb::health_client::HealthClient;
+
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let mut settings = EtcdSettings::with_endpoints(eps.split(',').map(str::to_owned));
+    settings.namespace = format!(
+        "/freeze-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let etcd = EtcdBackend::builder().settings(settings).build().await?;
+    let (addr_a, mut a) = im_infra_examples_etcd::serve("a", None).await?;
+    let (addr_b, mut b) = im_infra_examples_etcd::serve("b", None).await?;
+    let proxy = FreezeProxy::start(&addr_a).await?;
+    let registry = etcd.registry().await?;
+    let ttl = Duration::from_secs(10);
+    registry
+        .register(
+            &ServiceInstance::new("echo", "a", proxy.addr().to_string()),
+            ttl,
+        )
+        .await?;
+    registry
+        .register(&ServiceInstance::new("echo", "b", &addr_b), ttl)
+        .await?;
+    let keepalive = Duration::from_millis(300);
+    let mut opts = GrpcOptions::default().policy(BalancePolicy::RoundRobin);
+    opts.keepalive = Some(keepalive);
+    opts.eject_for = Duration::from_secs(30);
+    let channel = BalancedChannel::connect(etcd.discovery().await?, "echo", opts).await?;
+    let mut client = HealthClient::new(channel);
+
+    let mut before = BTreeMap::new();
+    for _ in 0..20 {
+        if let Some(id) = im_infra_examples_etcd::call(&mut client).await {
+            *before.entry(id).or_insert(0) += 1;
+        }
+    }
+    ensure!(
+        before.len() == 2,
+        "both answer before the freeze: {before:?}"
+    );
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    let (mut failures, mut slowest_failure, mut after) = (0, Duration::ZERO, BTreeMap::new());
+    while frozen.elapsed() < Duration::from_secs(4) {
+        let started = Instant::now();
+        // `call` gives up after 2 s: a failure that took that long hung
+        // until the deadline.
+        match im_infra_examples_etcd::call(&mut client).await {
+            Some(id) => *after.entry(id).or_insert(0) += 1,
+            None => {
+                failures += 1;
+                slowest_failure = slowest_failure.max(started.elapsed());
+            }
+        }
+    }
+    println!("after the freeze: {after:?}, {failures} failed calls, the slowest failed after {slowest_failure:?}");
+    ensure!(
+        !after.contains_key("a"),
+        "the frozen instance answered: {after:?}"
+    );
+    ensure!(
+        after.get("b").copied().unwrap_or(0) > 20,
+        "b takes the traffic: {after:?}"
+    );
+    ensure!(
+        slowest_failure < keepalive * 2 + Duration::from_millis(700),
+        "a call to the frozen instance hung {slowest_failure:?}: the keepalive did not close it"
+    );
+    ensure!(
+        failures <= 2,
+        "{failures} calls failed: the instance was not ejected"
+    );
+
+    proxy.thaw();
+    a.kill();
+    b.kill();
+    etcd.purge_namespace().await?;
+    etcd.close().await?;
+    Ok(())
+}
