@@ -222,7 +222,7 @@ async fn a_frozen_network_stops_answers_from_memory_within_two_heartbeats() -> R
     let noticed = frozen.elapsed();
     println!("freeze noticed after {noticed:?} ({stale_reads} reads answered from memory before)");
     ensure!(
-        noticed < TRACKING_HEARTBEAT * 2 + Duration::from_millis(500),
+        noticed < TRACKING_HEARTBEAT * 2 + Duration::from_secs(1),
         "the freeze was noticed only after {noticed:?}"
     );
     // From now on no read is answered from memory: they wait on Redis.

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use im_infra::backend::Backend;
+use im_infra::cache::near::NearCache;
+use im_infra::cache::Cache;
 use im_infra::config::ConfigCenterExt;
 use im_infra::lock::LockOptions;
 use im_infra::ErrorKind;
@@ -189,6 +191,12 @@ async fn the_backend_follows_a_sentinel_failover() -> Result<()> {
     let config = backend.config().await?;
     let cache = backend.cache().await?;
     config.set_json("/app/flag", &0u32).await?;
+    // A near cache, tracking on the primary the sentinels name.
+    let near = NearCache::builder(cache.clone())
+        .invalidation(backend.invalidations())
+        .build()
+        .await?;
+    ensure!(near.is_live(), "tracking before the failover");
 
     // One task takes and releases the lock in a loop; the other stops the
     // primary once enough tokens were taken.
@@ -406,6 +414,33 @@ async fn the_backend_follows_a_sentinel_failover() -> Result<()> {
         .await?;
     ensure!(cache.get("k").await?.as_deref() == Some(&b"after"[..]));
     println!("redis sentinel: config (version {v}) and cache work on the same backend instance after the failover");
+    // The near cache tracks the promoted primary (its connection checked
+    // with ROLE): another write there is not read stale after `sync()`.
+    let back = Instant::now();
+    while !near.is_live() {
+        ensure!(
+            back.elapsed() < Duration::from_secs(15),
+            "the near cache is not live again 15 s after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    near.sync().await;
+    ensure!(near.get("k").await?.as_deref() == Some(&b"after"[..]));
+    ensure!(near.size().0 == 1, "held near on the new primary");
+    cache
+        .set("k", Bytes::from_static(b"after, again"), None)
+        .await?;
+    near.sync().await;
+    let read = near.get("k").await?;
+    ensure!(
+        read.as_deref() == Some(&b"after, again"[..]),
+        "stale after the failover: {read:?}"
+    );
+    println!(
+        "redis sentinel: the near cache was live again {:?} after the backend worked, tracking the new primary",
+        back.elapsed()
+    );
+    drop(near);
     backend.purge_namespace().await?;
     backend.close().await?;
     drop(lab);

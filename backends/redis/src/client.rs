@@ -253,16 +253,34 @@ impl Client {
             .map_err(from_redis)
     }
 
-    /// A RESP3 connection of its own whose server pushes go to `push`
-    /// (client-side caching), with this backend's credentials and TLS: to
-    /// `node` (a cluster's primary, from [`Client::cluster_primaries`]), or
-    /// to the node connections of their own go to.
+    /// The addresses the settings name (a cluster's seed nodes).
     #[cfg(feature = "near-cache")]
-    pub(crate) async fn resp3(
+    pub(crate) fn seeds(&self) -> Vec<NodeAddr> {
+        use redis::ConnectionAddr;
+        self.cfg
+            .urls
+            .iter()
+            .filter_map(|u| u.as_str().into_connection_info().ok())
+            .filter_map(|info| match info.addr() {
+                ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                    Some(NodeAddr {
+                        host: host.clone(),
+                        port: *port,
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A client of `node` (or of the node connections of their own go to)
+    /// with this backend's credentials and TLS, speaking `protocol`.
+    #[cfg(feature = "near-cache")]
+    async fn node_client(
         &self,
         node: Option<&NodeAddr>,
-        push: impl redis::aio::AsyncPushSender,
-    ) -> Result<MultiplexedConnection> {
+        protocol: redis::ProtocolVersion,
+    ) -> Result<redis::Client> {
         use redis::ConnectionAddr;
         self.check_open()?;
         let info = match (node, self.node().await?) {
@@ -290,10 +308,7 @@ impl Client {
                 info.set_addr(addr)
             }
         };
-        let mut settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
+        let mut settings = info.redis_settings().clone().set_protocol(protocol);
         if let Some(u) = &self.cfg.username {
             settings = settings.set_username(u);
         }
@@ -301,30 +316,50 @@ impl Client {
             settings = settings.set_password(p.expose());
         }
         let info = info.set_redis_settings(settings);
-        let client = match &self.cfg.tls {
+        match &self.cfg.tls {
             Some(tls) => redis::Client::build_with_tls(info, tls.certificates()?),
             None => redis::Client::open(info),
         }
-        .map_err(from_redis)?;
-        let cfg = redis::AsyncConnectionConfig::new()
+        .map_err(from_redis)
+    }
+
+    #[cfg(feature = "near-cache")]
+    fn node_connection_config(&self) -> redis::AsyncConnectionConfig {
+        redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.cfg.connect_timeout))
             .set_response_timeout(Some(self.cfg.response_timeout))
-            .set_push_sender(push);
+    }
+
+    /// A RESP3 connection of its own to `node` (or to the node connections
+    /// of their own go to) whose server pushes go to `push` (client-side
+    /// caching).
+    #[cfg(feature = "near-cache")]
+    pub(crate) async fn resp3(
+        &self,
+        node: Option<&NodeAddr>,
+        push: impl redis::aio::AsyncPushSender,
+    ) -> Result<MultiplexedConnection> {
+        let client = self
+            .node_client(node, redis::ProtocolVersion::RESP3)
+            .await?;
         client
-            .get_multiplexed_async_connection_with_config(&cfg)
+            .get_multiplexed_async_connection_with_config(
+                &self.node_connection_config().set_push_sender(push),
+            )
             .await
             .map_err(from_redis)
     }
 
-    /// The primaries that serve slots now (`CLUSTER SLOTS`), sorted;
-    /// `None` when this is not a cluster.
+    /// A plain connection of its own to `node`.
     #[cfg(feature = "near-cache")]
-    pub(crate) async fn cluster_primaries(&self) -> Result<Option<Vec<NodeAddr>>> {
-        if !self.cfg.is_cluster() {
-            return Ok(None);
-        }
-        let slots: Value = self.query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
-        slot_ranges(&slots).map(|r| Some(primaries(&r)))
+    pub(crate) async fn node_connection(&self, node: &NodeAddr) -> Result<MultiplexedConnection> {
+        let client = self
+            .node_client(Some(node), redis::ProtocolVersion::RESP2)
+            .await?;
+        client
+            .get_multiplexed_async_connection_with_config(&self.node_connection_config())
+            .await
+            .map_err(from_redis)
     }
 
     /// A pub/sub connection (single node only).
@@ -340,133 +375,10 @@ impl Client {
     }
 }
 
-/// The address of one cluster node.
+/// The address of one node.
 #[cfg(feature = "near-cache")]
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct NodeAddr {
     pub(crate) host: String,
     pub(crate) port: u16,
-}
-
-/// Slots `first..=last` and the primary that serves them.
-#[cfg(feature = "near-cache")]
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct SlotRange {
-    pub(crate) first: i64,
-    pub(crate) last: i64,
-    pub(crate) primary: NodeAddr,
-}
-
-/// The primaries of `ranges`, sorted, each once.
-#[cfg(feature = "near-cache")]
-pub(crate) fn primaries(ranges: &[SlotRange]) -> Vec<NodeAddr> {
-    let mut nodes: Vec<NodeAddr> = ranges.iter().map(|r| r.primary.clone()).collect();
-    nodes.sort();
-    nodes.dedup();
-    nodes
-}
-
-/// The slot ranges of a `CLUSTER SLOTS` answer, sorted: each entry is
-/// `[first, last, [host, port, id, ...], replicas...]`.
-#[cfg(feature = "near-cache")]
-pub(crate) fn slot_ranges(answer: &Value) -> Result<Vec<SlotRange>> {
-    let malformed = || Error::new(ErrorKind::Internal, "an unexpected CLUSTER SLOTS answer");
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => Some(s.clone()),
-        _ => None,
-    };
-    let Value::Array(entries) = answer else {
-        return Err(malformed());
-    };
-    let mut ranges = entries
-        .iter()
-        .map(|entry| {
-            let Value::Array(fields) = entry else {
-                return Err(malformed());
-            };
-            let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(node))) =
-                (fields.first(), fields.get(1), fields.get(2))
-            else {
-                return Err(malformed());
-            };
-            let (Some(host), Some(Value::Int(port))) = (node.first().and_then(text), node.get(1))
-            else {
-                return Err(malformed());
-            };
-            Ok(SlotRange {
-                first: *first,
-                last: *last,
-                primary: NodeAddr {
-                    host,
-                    port: u16::try_from(*port).map_err(|_| malformed())?,
-                },
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    ranges.sort();
-    Ok(ranges)
-}
-
-#[cfg(all(test, feature = "near-cache"))]
-mod tests {
-    use super::*;
-
-    fn entry(first: i64, last: i64, host: &str, port: i64) -> Value {
-        Value::Array(vec![
-            Value::Int(first),
-            Value::Int(last),
-            Value::Array(vec![
-                Value::BulkString(host.as_bytes().to_vec()),
-                Value::Int(port),
-                Value::BulkString(b"node-id".to_vec()),
-            ]),
-            Value::Array(vec![
-                Value::BulkString(b"10.0.0.9".to_vec()),
-                Value::Int(7009),
-            ]),
-        ])
-    }
-
-    #[test]
-    fn slot_ranges_name_the_primaries_in_slot_order() {
-        let answer = Value::Array(vec![
-            entry(5461, 10922, "127.0.0.1", 7001),
-            entry(0, 5460, "127.0.0.1", 7000),
-        ]);
-        let ranges = slot_ranges(&answer).expect("parsed");
-        assert_eq!(ranges.len(), 2);
-        assert_eq!((ranges[0].first, ranges[0].last), (0, 5460));
-        assert_eq!(ranges[0].primary.port, 7000);
-        assert_eq!(ranges[1].primary.port, 7001);
-        // A slot moved between the same primaries leaves the set as it was;
-        // a new primary (a failover, a node added) changes it.
-        let moved = Value::Array(vec![
-            entry(0, 5459, "127.0.0.1", 7000),
-            entry(5460, 10922, "127.0.0.1", 7001),
-        ]);
-        let failed_over = Value::Array(vec![
-            entry(0, 5460, "127.0.0.1", 7002),
-            entry(5461, 10922, "127.0.0.1", 7001),
-        ]);
-        let before = primaries(&ranges);
-        assert_eq!(before.len(), 2);
-        assert_eq!(primaries(&slot_ranges(&moved).expect("parsed")), before);
-        assert_ne!(
-            primaries(&slot_ranges(&failed_over).expect("parsed")),
-            before
-        );
-    }
-
-    #[test]
-    fn a_malformed_slots_answer_is_an_error_not_a_panic() {
-        for answer in [
-            Value::Nil,
-            Value::Array(vec![Value::Int(1)]),
-            Value::Array(vec![entry(0, 1, "h", 70_000)]),
-            Value::Array(vec![Value::Array(vec![Value::Int(0), Value::Int(1)])]),
-        ] {
-            assert!(slot_ranges(&answer).is_err(), "{answer:?}");
-        }
-    }
 }

@@ -92,6 +92,8 @@ mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
 #[cfg(feature = "near-cache")]
+mod topology;
+#[cfg(feature = "near-cache")]
 mod tracking;
 mod worker_id;
 

@@ -3,18 +3,23 @@
 //! BCAST PREFIX <ns>:c:`), so that every write to a cache key of the
 //! namespace, by any client, is pushed to it. A node pushes only the
 //! writes it applies, so on a cluster there is one such connection to
-//! every primary of the moment.
+//! every primary (every node `CLUSTER NODES` flags `master`, with slots
+//! or not yet).
 //!
-//! The connections are checked with a `PING` every `TRACKING_HEARTBEAT` (and, on a
-//! cluster, the set of primaries with `CLUSTER SLOTS`); a push that says
-//! one closed, a `PING` without an answer within `TRACKING_HEARTBEAT`, or a new
-//! primary report the channel lost (the near cache empties and reads go to
-//! the server), and the connections are made again with backoff. A frozen
-//! network or a failover is noticed within two heartbeats, which bounds how
-//! long a near cache can hold a value that a write meanwhile replaced.
+//! Every `TRACKING_HEARTBEAT` the connections are checked, the whole check
+//! bounded by one heartbeat: each answers (`PING`; `ROLE`, which must say
+//! primary, behind Sentinel and on a cluster), and on a cluster the
+//! primaries are still those tracked (`CLUSTER NODES`, asked of a tracked
+//! node). A push that says a connection closed, a check that fails or
+//! does not finish in time, reports the channel lost (the near cache
+//! empties and reads go to the server), and the connections are made
+//! again with backoff. A frozen network, a failover or a new primary is
+//! noticed within two heartbeats, which bounds how long a near cache can
+//! hold a value that a write meanwhile replaced; `sync` runs the same
+//! check, so after it nothing acknowledged before it is read stale.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -26,16 +31,26 @@ use redis::{PushInfo, PushKind, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::NodeAddr;
-use crate::Shared;
+use crate::{topology, Shared};
 
-/// How often the tracking connections are checked, and how long their
-/// answer may take: a network that freezes without closing anything stops
-/// a near cache from answering from memory within two of these.
+/// How often the tracking connections are checked, and how long the check
+/// may take: a network that freezes without closing anything stops a near
+/// cache from answering from memory within two of these.
 pub const TRACKING_HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// The name the tracking connection gives itself (`CLIENT LIST`), followed
 /// by `:` and the backend's namespace.
 pub const TRACKING_CLIENT_NAME: &str = "im-infra-near-cache";
+
+/// The live session's id (0: none), and the lock that orders reporting it
+/// lost (a push of its connection) against a newer one going live.
+type LiveSession = Arc<Mutex<u64>>;
+
+fn lock(live: &LiveSession) -> std::sync::MutexGuard<'_, u64> {
+    // A u64 cannot be left half-written: a poisoned lock is still sound.
+    live.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// The invalidation source of one [`RedisBackend`](crate::RedisBackend)'s
 /// cache: see the [module](self). One near cache per source: a second
@@ -45,9 +60,11 @@ pub(crate) struct RedisInvalidations {
     shared: Arc<Shared>,
     /// The live session (for `sync`).
     current: Arc<ArcSwapOption<Tracking>>,
-    /// Which connection is the live one: a push of an older one is ignored.
-    session: Arc<AtomicU64>,
-    /// Tells the driver to make the connection again (a `sync` that could
+    /// Which session is live: a push of an older one is ignored.
+    live: LiveSession,
+    /// Session ids handed out, one per attempt to connect.
+    sessions: Arc<AtomicU64>,
+    /// Tells the driver to make the connections again (a `sync` that could
     /// not confirm).
     reset: Arc<tokio::sync::Notify>,
     subscribed: Arc<AtomicBool>,
@@ -58,7 +75,8 @@ impl RedisInvalidations {
         RedisInvalidations {
             shared,
             current: Arc::new(ArcSwapOption::empty()),
-            session: Arc::new(AtomicU64::new(0)),
+            live: Arc::new(Mutex::new(0)),
+            sessions: Arc::new(AtomicU64::new(0)),
             reset: Arc::new(tokio::sync::Notify::new()),
             subscribed: Arc::new(AtomicBool::new(false)),
         }
@@ -73,11 +91,7 @@ fn invalidated(data: &[Value], prefix: &str) -> Option<Vec<String>> {
     };
     Some(
         keys.iter()
-            .filter_map(|k| match k {
-                Value::BulkString(b) => std::str::from_utf8(b).ok(),
-                Value::SimpleString(s) => Some(s.as_str()),
-                _ => None,
-            })
+            .filter_map(topology::text)
             .filter_map(|k| k.strip_prefix(prefix))
             .map(str::to_owned)
             .collect(),
@@ -85,14 +99,14 @@ fn invalidated(data: &[Value], prefix: &str) -> Option<Vec<String>> {
 }
 
 /// Applies pushes as they are read, before the answer of any command sent
-/// after them: so a `PING` answered means every earlier push is applied.
-/// A connection that closes while it is the live one (`session`) reports
-/// the channel lost at once and wakes the driver.
+/// after them: so a command answered means every earlier push is applied.
+/// A connection that closes while its session is the live one reports the
+/// channel lost at once and wakes the driver.
 fn push_handler(
     sink: InvalidationSink,
     prefix: String,
     closed: Arc<tokio::sync::Notify>,
-    live: Arc<AtomicU64>,
+    live: LiveSession,
     session: u64,
 ) -> impl Fn(PushInfo) -> std::result::Result<(), redis::aio::SendError> + Send + Sync + 'static {
     move |push: PushInfo| {
@@ -102,9 +116,11 @@ fn push_handler(
                 None => sink.invalidate_all(),
             },
             PushKind::Disconnection => {
-                if live.load(Ordering::Acquire) == session {
+                let live = lock(&live);
+                if *live == session {
                     sink.lost();
                 }
+                drop(live);
                 closed.notify_one();
             }
             _ => {}
@@ -123,85 +139,108 @@ impl Drop for LostOnExit {
     }
 }
 
-async fn ping(conn: &mut MultiplexedConnection) -> Result<()> {
-    match tokio::time::timeout(
-        TRACKING_HEARTBEAT,
-        redis::cmd("PING").query_async::<()>(conn),
-    )
-    .await
-    {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(crate::error::from_redis(e)),
-        Err(_) => Err(Error::new(
-            ErrorKind::Timeout,
-            "the tracking connection did not answer a PING in time",
-        )),
+/// Gives a refused or cancelled `subscribe` back its source.
+struct Unsubscribed<'a>(&'a AtomicBool);
+
+impl Drop for Unsubscribed<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
-/// `PING`s every connection at once: `Ok` when all answered in time.
-async fn ping_all(conns: &[MultiplexedConnection]) -> Result<()> {
-    futures::future::try_join_all(
-        conns
-            .iter()
-            .map(|c| async move { ping(&mut c.clone()).await }),
-    )
-    .await
-    .map(drop)
+/// One tracking connection, to `node` (`None`: the one node, or the
+/// primary Sentinel names).
+struct Tracked {
+    node: Option<NodeAddr>,
+    conn: MultiplexedConnection,
 }
 
 /// The tracking connections of one session (one per primary on a
 /// cluster), what tells that one of them closed, and the primaries they
 /// were made for (`None` off a cluster).
 struct Tracking {
-    conns: Vec<MultiplexedConnection>,
+    session: u64,
+    conns: Vec<Tracked>,
     closed: Arc<tokio::sync::Notify>,
     primaries: Option<Vec<NodeAddr>>,
 }
 
+fn from_redis(e: redis::RedisError) -> Error {
+    crate::error::from_redis(e)
+}
+
 impl RedisInvalidations {
-    /// The tracking connections of the next session, tracking.
+    /// The primaries of the cluster now, asked of the first seed node that
+    /// answers.
+    async fn discover(&self) -> Result<Vec<NodeAddr>> {
+        let mut last = Error::new(ErrorKind::InvalidConfig, "no cluster node to ask");
+        for seed in self.shared.client.seeds() {
+            let asked = async {
+                let mut conn = self.shared.client.node_connection(&seed).await?;
+                let nodes: Value = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(from_redis)?;
+                let nodes = topology::text(&nodes).ok_or_else(|| {
+                    Error::new(ErrorKind::Internal, "CLUSTER NODES answered no text")
+                })?;
+                topology::primaries(nodes, &seed)
+            };
+            match asked.await {
+                Ok(p) if !p.is_empty() => return Ok(p),
+                Ok(_) => last = Error::new(ErrorKind::Unavailable, "the cluster lists no primary"),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// The tracking connections of a new session, tracking and checked.
     async fn connect(&self, sink: &InvalidationSink) -> Result<Arc<Tracking>> {
         let prefix = self.shared.keys.cache_prefix();
         let closed = Arc::new(tokio::sync::Notify::new());
-        let session = self.session.load(Ordering::Acquire) + 1;
-        let primaries = self.shared.client.cluster_primaries().await?;
+        let session = self.sessions.fetch_add(1, Ordering::AcqRel) + 1;
+        let primaries = match self.shared.client.settings().is_cluster() {
+            true => Some(self.discover().await?),
+            false => None,
+        };
         let nodes: Vec<Option<NodeAddr>> = match &primaries {
-            Some(nodes) if nodes.is_empty() => {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    "the cluster serves no slots",
-                ))
-            }
             Some(nodes) => nodes.iter().cloned().map(Some).collect(),
             None => vec![None],
         };
-        let conns = futures::future::try_join_all(nodes.iter().map(|node| {
+        let conns = futures::future::try_join_all(nodes.into_iter().map(|node| {
             let handler = push_handler(
                 sink.clone(),
                 prefix.clone(),
                 closed.clone(),
-                self.session.clone(),
+                self.live.clone(),
                 session,
             );
-            self.track(node.as_ref(), &prefix, handler)
+            self.track(node, &prefix, handler)
         }))
         .await?;
-        Ok(Arc::new(Tracking {
+        let tracking = Tracking {
+            session,
             conns,
             closed,
             primaries,
-        }))
+        };
+        // Made on a node that is no longer a primary (a Sentinel that has
+        // not yet seen the failover), or while the primaries changed: not
+        // tracking what it should.
+        self.check(&tracking).await?;
+        Ok(Arc::new(tracking))
     }
 
     /// One connection to `node` (or the one node), named and tracking.
     async fn track(
         &self,
-        node: Option<&NodeAddr>,
+        node: Option<NodeAddr>,
         prefix: &str,
         handler: impl redis::aio::AsyncPushSender,
-    ) -> Result<MultiplexedConnection> {
-        let mut conn = self.shared.client.resp3(node, handler).await?;
+    ) -> Result<Tracked> {
+        let mut conn = self.shared.client.resp3(node.as_ref(), handler).await?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(format!(
@@ -210,7 +249,7 @@ impl RedisInvalidations {
             ))
             .query_async::<()>(&mut conn)
             .await
-            .map_err(crate::error::from_redis)?;
+            .map_err(from_redis)?;
         redis::cmd("CLIENT")
             .arg("TRACKING")
             .arg("ON")
@@ -219,31 +258,91 @@ impl RedisInvalidations {
             .arg(prefix)
             .query_async::<()>(&mut conn)
             .await
-            .map_err(crate::error::from_redis)?;
-        Ok(conn)
+            .map_err(from_redis)?;
+        Ok(Tracked { node, conn })
     }
 
     /// Makes `tracking` the live session and reports the channel up.
     fn go_live(&self, sink: &InvalidationSink, tracking: &Arc<Tracking>) {
-        self.session.fetch_add(1, Ordering::AcqRel);
+        let mut live = lock(&self.live);
+        *live = tracking.session;
         self.current.store(Some(tracking.clone()));
         sink.ready();
     }
 
-    /// One heartbeat: every connection answers, and on a cluster the
-    /// primaries are those the connections were made to (a slot moved
-    /// between them changes nothing: each pushes what it applies).
+    /// The live session is over: reports the channel lost.
+    fn go_down(&self, sink: &InvalidationSink) {
+        let mut live = lock(&self.live);
+        *live = 0;
+        self.current.store(None);
+        sink.lost();
+    }
+
+    /// One connection answers (after every push it sent before), and is a
+    /// primary where that can change under it.
+    async fn confirm(&self, tracked: &Tracked) -> Result<()> {
+        let mut conn = tracked.conn.clone();
+        let settings = self.shared.client.settings();
+        if !settings.is_cluster() && !settings.is_sentinel() {
+            return redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(from_redis);
+        }
+        let role: Value = redis::cmd("ROLE")
+            .query_async(&mut conn)
+            .await
+            .map_err(from_redis)?;
+        if topology::is_primary(&role)? {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Unavailable,
+                "a tracking connection's node is no longer a primary",
+            ))
+        }
+    }
+
+    /// The check of a heartbeat and of `sync`, bounded by one heartbeat:
+    /// every connection confirms, and on a cluster the primaries are those
+    /// tracked.
     async fn check(&self, tracking: &Tracking) -> Result<()> {
-        ping_all(&tracking.conns).await?;
-        if let Some(primaries) = &tracking.primaries {
-            if self.shared.client.cluster_primaries().await?.as_ref() != Some(primaries) {
-                return Err(Error::new(
+        let confirmed =
+            futures::future::try_join_all(tracking.conns.iter().map(|t| self.confirm(t)));
+        let same_primaries = async {
+            let (Some(tracked), Some(first)) = (&tracking.primaries, tracking.conns.first()) else {
+                return Ok(());
+            };
+            let Some(asked) = &first.node else {
+                return Ok(());
+            };
+            let nodes: Value = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut first.conn.clone())
+                .await
+                .map_err(from_redis)?;
+            let nodes = topology::text(&nodes)
+                .ok_or_else(|| Error::new(ErrorKind::Internal, "CLUSTER NODES answered no text"))?;
+            if topology::primaries(nodes, asked)? == *tracked {
+                Ok(())
+            } else {
+                Err(Error::new(
                     ErrorKind::Unavailable,
                     "the cluster's primaries changed since the tracking connections were made",
-                ));
+                ))
             }
+        };
+        match tokio::time::timeout(TRACKING_HEARTBEAT, async {
+            futures::try_join!(confirmed, same_primaries)
+        })
+        .await
+        {
+            Ok(done) => done.map(drop),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                "the tracking connections did not answer in time",
+            )),
         }
-        Ok(())
     }
 
     /// Keeps the channel up until `stop`: checks the live session, reports
@@ -268,8 +367,7 @@ impl RedisInvalidations {
                         break;
                     }
                 }
-                self.current.store(None);
-                sink.lost();
+                self.go_down(&sink);
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -298,25 +396,20 @@ impl InvalidationSource for RedisInvalidations {
                 "this invalidation source already feeds a near cache: take another from RedisBackend::invalidations",
             ));
         }
-        // The first connection is made here, so that a wrong setting fails
-        // the build and the near cache starts live; the driver keeps it.
-        let first = match self.connect(&sink).await {
-            Ok(first) => first,
-            Err(e) => {
-                self.subscribed.store(false, Ordering::Release);
-                return Err(e);
-            }
-        };
+        let unsubscribed = Unsubscribed(&self.subscribed);
+        // The first session is made here, so that a wrong setting fails the
+        // build and the near cache starts live; the driver keeps it.
+        let first = self.connect(&sink).await?;
+        std::mem::forget(unsubscribed);
         self.go_live(&sink, &first);
         let stop = self.shared.client.shutdown.child_token();
         tokio::spawn(self.clone().drive(sink, stop.clone(), first));
         Ok(Subscription::new(stop.drop_guard()))
     }
 
-    /// A `PING` on every live tracking connection (and on a cluster, the
-    /// primaries checked). When there is none, or one does not answer, the
-    /// driver is told to make them again (reporting the channel lost, then
-    /// ready), and the error says so.
+    /// The heartbeat's check, now. When there is no live session, or the
+    /// check fails, the driver is told to make the connections again
+    /// (reporting the channel lost, then ready), and the error says so.
     async fn sync(&self) -> Result<()> {
         let result = match self.current.load_full() {
             Some(tracking) => self.check(&tracking).await,

@@ -232,7 +232,7 @@ async fn a_frozen_instance_is_ejected_by_the_keepalive_not_by_call_deadlines() -
         "b takes the traffic: {after:?}"
     );
     ensure!(
-        slowest_failure < keepalive * 2 + Duration::from_millis(700),
+        slowest_failure < keepalive * 2 + Duration::from_secs(1),
         "a call to the frozen instance hung {slowest_failure:?}: the keepalive did not close it"
     );
     ensure!(

@@ -252,7 +252,13 @@ impl NearCache {
         // The entry's deadline counts from before the server was asked, so
         // it never outlives the key.
         let asked = Instant::now();
-        let read = self.inner.get_with_ttl(key).await;
+        let read = match self.inner.get_with_ttl(key).await {
+            // A cache that cannot tell a key's TTL: the value, not kept.
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                self.inner.get(key).await.map(|v| (v, KeyTtl::Missing))
+            }
+            read => read,
+        };
         guard.2 = None;
         let (value, ttl) = match read {
             Ok(read) => read,

@@ -18,6 +18,8 @@ struct MapCache {
     values: Mutex<HashMap<String, (Bytes, Option<Instant>)>>,
     gets: AtomicUsize,
     hold: Mutex<Option<Arc<tokio::sync::Notify>>>,
+    /// `ttl` is `Unsupported`.
+    no_ttl: std::sync::atomic::AtomicBool,
 }
 
 impl MapCache {
@@ -66,6 +68,12 @@ impl Cache for MapCache {
         unimplemented!()
     }
     async fn ttl(&self, key: &str) -> Result<KeyTtl> {
+        if self.no_ttl.load(Ordering::SeqCst) {
+            return Err(crate::Error::new(
+                crate::ErrorKind::Unsupported,
+                "no TTLs here",
+            ));
+        }
         Ok(match self.values.lock().get(key) {
             None => KeyTtl::Missing,
             Some((_, None)) => KeyTtl::Persistent,
@@ -109,6 +117,30 @@ impl HandSource {
     fn sink(&self) -> InvalidationSink {
         self.sink.lock().clone().expect("subscribed")
     }
+}
+
+/// Over a cache that cannot tell TTLs, reads are answered from it and
+/// nothing is kept near (an entry could outlive its key).
+#[tokio::test]
+async fn a_cache_without_ttls_is_read_through_and_nothing_is_kept() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    inner.no_ttl.store(true, Ordering::SeqCst);
+    inner.put("k", "v", None);
+    let near = near(&inner, &source).await;
+    for _ in 0..3 {
+        assert_eq!(near.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    }
+    assert_eq!(
+        inner.gets.load(Ordering::SeqCst),
+        // Each read: the default `get_with_ttl` (a get and the failed
+        // ttl), then the plain get.
+        6,
+        "every read reached the cache"
+    );
+    assert_eq!(near.size().0, 0, "nothing kept");
 }
 
 async fn near(inner: &Arc<MapCache>, source: &Arc<HandSource>) -> NearCache {
