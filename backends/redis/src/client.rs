@@ -253,6 +253,15 @@ impl Client {
             .map_err(from_redis)
     }
 
+    /// The node that connections of their own go to says it is no longer
+    /// the primary: behind Sentinel, ask the sentinels again.
+    #[cfg(feature = "near-cache")]
+    pub(crate) fn primary_demoted(&self) {
+        if let Conn::Sentinel(s) = &self.conn {
+            s.forget_primary();
+        }
+    }
+
     /// The addresses the settings name (a cluster's seed nodes).
     #[cfg(feature = "near-cache")]
     pub(crate) fn seeds(&self) -> Vec<NodeAddr> {

@@ -222,6 +222,14 @@ impl SentinelConn {
         Ok(Primary { client, conn, addr })
     }
 
+    /// Forgets the primary in use (its node said it is one no longer): the
+    /// next command asks the sentinels again.
+    pub(crate) fn forget_primary(&self) {
+        if let Some(p) = self.current.swap(None) {
+            tracing::warn!(master = %self.master_name, primary = %p.addr, "redis sentinel: the primary in use says it is a replica; asking the sentinels again");
+        }
+    }
+
     /// Forgets `used` (if it is still the primary in use) after `e`, when
     /// `e` shows it is gone or demoted.
     fn after_error(&self, used: &Arc<Primary>, e: &RedisError) {

@@ -25,10 +25,12 @@ pub(crate) fn text(v: &Value) -> Option<&str> {
 /// each once: every node flagged `master` that is not known to have
 /// failed (`fail`), not still joining (`handshake`) and has an address,
 /// whether it serves slots or not yet (slots can be migrated to it, and
-/// it accepts writes for them while they move). Its announced hostname
-/// when it has one, else its address; an address the node leaves empty
-/// or unspecified is `asked`'s own host. A node only suspected of failing
-/// (`fail?`) stays: it may still accept writes.
+/// it accepts writes for them while they move), at its address (as
+/// `CLUSTER SLOTS` gives it by default, the endpoint the cluster client
+/// uses); the asked node may leave its own address empty or unspecified
+/// (`myself`): that is `asked`'s host. A node only suspected of failing
+/// (`fail?`) stays: it may still accept writes. A primary without an
+/// address is an error: its writes could not be tracked.
 pub(crate) fn primaries(nodes: &str, asked: &NodeAddr) -> Result<Vec<NodeAddr>> {
     let mut out = Vec::new();
     for line in nodes.lines().filter(|l| !l.trim().is_empty()) {
@@ -37,18 +39,17 @@ pub(crate) fn primaries(nodes: &str, asked: &NodeAddr) -> Result<Vec<NodeAddr>> 
             return Err(malformed("CLUSTER NODES"));
         };
         let flags: Vec<&str> = flags.split(',').collect();
-        if !flags.contains(&"master")
-            || flags
-                .iter()
-                .any(|f| matches!(*f, "fail" | "handshake" | "noaddr"))
-        {
+        if !flags.contains(&"master") || flags.iter().any(|f| matches!(*f, "fail" | "handshake")) {
             continue;
         }
-        // `ip:port@cport[,hostname]`
-        let (endpoint, hostname) = match address.split_once(',') {
-            Some((e, h)) => (e, Some(h)),
-            None => (*address, None),
-        };
+        if flags.contains(&"noaddr") {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("the cluster lists a primary without an address: {line}"),
+            ));
+        }
+        // `ip:port@cport[,hostname[,...]]`
+        let endpoint = address.split(',').next().unwrap_or(address);
         let endpoint = endpoint.split('@').next().unwrap_or(endpoint);
         let (ip, port) = endpoint
             .rsplit_once(':')
@@ -60,13 +61,15 @@ pub(crate) fn primaries(nodes: &str, asked: &NodeAddr) -> Result<Vec<NodeAddr>> 
                 format!("the cluster lists a primary without an address: {line}"),
             ));
         }
-        let host = match hostname.filter(|h| !h.is_empty()) {
-            Some(h) => h,
-            None => ip,
-        };
-        let host = match host {
-            "" | "0.0.0.0" | "::" | "?" => asked.host.clone(),
-            h => h.to_owned(),
+        let host = match ip {
+            "" | "0.0.0.0" | "::" | "?" if flags.contains(&"myself") => asked.host.clone(),
+            "" | "0.0.0.0" | "::" | "?" => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("the cluster lists a primary without a usable address: {line}"),
+                ))
+            }
+            ip => ip.to_owned(),
         };
         out.push(NodeAddr { host, port });
     }
@@ -118,7 +121,7 @@ a1b2 10.0.0.7:7006@17006 master,handshake - 0 0 0 connected
                 "10.0.0.1:7000",
                 "10.0.0.2:7001",
                 "10.0.0.3:7002",
-                "cache-6.example:7005"
+                "10.0.0.6:7005"
             ]
         );
     }
@@ -154,10 +157,15 @@ a1b2 10.0.0.7:7006@17006 master,handshake - 0 0 0 connected
         for nodes in ["x", "a b", "a 10.0.0.1 master", "a 10.0.0.1:99999@1 master"] {
             assert!(primaries(nodes, &asked()).is_err(), "{nodes}");
         }
-        assert!(primaries("a :0@0 master,noaddr\n", &asked())
-            .expect("skipped")
-            .is_empty());
+        assert!(primaries("a :0@0 master,noaddr\n", &asked()).is_err());
         assert!(primaries("a 1.2.3.4:0@0 master\n", &asked()).is_err());
+        assert!(
+            primaries("a :7001@17001 master - 0 0 1 connected\n", &asked()).is_err(),
+            "only the asked node may leave its address out"
+        );
+        assert!(primaries("a :0@0 master,fail,noaddr\n", &asked())
+            .expect("a failed node is skipped")
+            .is_empty());
     }
 
     #[test]

@@ -13,10 +13,15 @@
 //! node). A push that says a connection closed, a check that fails or
 //! does not finish in time, reports the channel lost (the near cache
 //! empties and reads go to the server), and the connections are made
-//! again with backoff. A frozen network, a failover or a new primary is
-//! noticed within two heartbeats, which bounds how long a near cache can
-//! hold a value that a write meanwhile replaced; `sync` runs the same
-//! check, so after it nothing acknowledged before it is read stale.
+//! again with backoff. A connection that closes or stops answering, a
+//! tracked node that turns replica, or a change in the tracked node's
+//! list of primaries is noticed within two heartbeats; `sync` runs the
+//! same check. What no tracked node can see is not noticed: a primary cut
+//! off with a minority of a cluster that still says primary, or
+//! sentinels that promoted another node while ours still answers as
+//! primary. Redis bounds those windows itself: a cluster primary in a
+//! minority stops taking writes after `cluster-node-timeout`, and behind
+//! Sentinel `min-replicas-to-write` does the same.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +50,14 @@ pub const TRACKING_CLIENT_NAME: &str = "im-infra-near-cache";
 /// The live session's id (0: none), and the lock that orders reporting it
 /// lost (a push of its connection) against a newer one going live.
 type LiveSession = Arc<Mutex<u64>>;
+
+/// That a connection of a session closed: set under the [`LiveSession`]
+/// lock, so a session that lost a connection before going live never does.
+#[derive(Default)]
+struct Closed {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
 
 fn lock(live: &LiveSession) -> std::sync::MutexGuard<'_, u64> {
     // A u64 cannot be left half-written: a poisoned lock is still sound.
@@ -105,7 +118,7 @@ fn invalidated(data: &[Value], prefix: &str) -> Option<Vec<String>> {
 fn push_handler(
     sink: InvalidationSink,
     prefix: String,
-    closed: Arc<tokio::sync::Notify>,
+    closed: Arc<Closed>,
     live: LiveSession,
     session: u64,
 ) -> impl Fn(PushInfo) -> std::result::Result<(), redis::aio::SendError> + Send + Sync + 'static {
@@ -117,11 +130,12 @@ fn push_handler(
             },
             PushKind::Disconnection => {
                 let live = lock(&live);
+                closed.flag.store(true, Ordering::Release);
                 if *live == session {
                     sink.lost();
                 }
                 drop(live);
-                closed.notify_one();
+                closed.notify.notify_one();
             }
             _ => {}
         }
@@ -161,7 +175,7 @@ struct Tracked {
 struct Tracking {
     session: u64,
     conns: Vec<Tracked>,
-    closed: Arc<tokio::sync::Notify>,
+    closed: Arc<Closed>,
     primaries: Option<Vec<NodeAddr>>,
 }
 
@@ -199,7 +213,7 @@ impl RedisInvalidations {
     /// The tracking connections of a new session, tracking and checked.
     async fn connect(&self, sink: &InvalidationSink) -> Result<Arc<Tracking>> {
         let prefix = self.shared.keys.cache_prefix();
-        let closed = Arc::new(tokio::sync::Notify::new());
+        let closed = Arc::new(Closed::default());
         let session = self.sessions.fetch_add(1, Ordering::AcqRel) + 1;
         let primaries = match self.shared.client.settings().is_cluster() {
             true => Some(self.discover().await?),
@@ -262,12 +276,24 @@ impl RedisInvalidations {
         Ok(Tracked { node, conn })
     }
 
-    /// Makes `tracking` the live session and reports the channel up.
-    fn go_live(&self, sink: &InvalidationSink, tracking: &Arc<Tracking>) {
+    /// Makes `tracking` the live session and reports the channel up;
+    /// refused (`false`) when one of its connections already closed.
+    fn go_live(&self, sink: &InvalidationSink, tracking: &Arc<Tracking>) -> bool {
         let mut live = lock(&self.live);
+        if tracking.closed.flag.load(Ordering::Acquire) {
+            return false;
+        }
         *live = tracking.session;
         self.current.store(Some(tracking.clone()));
         sink.ready();
+        true
+    }
+
+    fn closed_early() -> Error {
+        Error::new(
+            ErrorKind::Unavailable,
+            "a tracking connection closed as the session was made",
+        )
     }
 
     /// The live session is over: reports the channel lost.
@@ -296,6 +322,7 @@ impl RedisInvalidations {
         if topology::is_primary(&role)? {
             Ok(())
         } else {
+            self.shared.client.primary_demoted();
             Err(Error::new(
                 ErrorKind::Unavailable,
                 "a tracking connection's node is no longer a primary",
@@ -310,11 +337,14 @@ impl RedisInvalidations {
         let confirmed =
             futures::future::try_join_all(tracking.conns.iter().map(|t| self.confirm(t)));
         let same_primaries = async {
-            let (Some(tracked), Some(first)) = (&tracking.primaries, tracking.conns.first()) else {
+            let Some(tracked) = &tracking.primaries else {
                 return Ok(());
             };
-            let Some(asked) = &first.node else {
-                return Ok(());
+            let Some((first, Some(asked))) = tracking.conns.first().map(|t| (t, &t.node)) else {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "a cluster session without a tracked node",
+                ));
             };
             let nodes: Value = redis::cmd("CLUSTER")
                 .arg("NODES")
@@ -358,7 +388,7 @@ impl RedisInvalidations {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tracking.closed.notified() => break,
+                        _ = tracking.closed.notify.notified() => break,
                         _ = self.reset.notified() => break,
                         _ = tokio::time::sleep(TRACKING_HEARTBEAT) => {}
                     }
@@ -375,9 +405,9 @@ impl RedisInvalidations {
             }
             delay = (delay * 2).min(Duration::from_secs(2));
             match self.connect(&sink).await {
-                Ok(tracking) => {
-                    self.go_live(&sink, &tracking);
-                    live = Some(tracking);
+                Ok(tracking) if self.go_live(&sink, &tracking) => live = Some(tracking),
+                Ok(_) => {
+                    tracing::warn!(error = %Self::closed_early(), "near cache: no tracking connection; reads go to redis");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "near cache: no tracking connection; reads go to redis");
@@ -400,25 +430,28 @@ impl InvalidationSource for RedisInvalidations {
         // The first session is made here, so that a wrong setting fails the
         // build and the near cache starts live; the driver keeps it.
         let first = self.connect(&sink).await?;
+        if !self.go_live(&sink, &first) {
+            return Err(Self::closed_early());
+        }
         std::mem::forget(unsubscribed);
-        self.go_live(&sink, &first);
         let stop = self.shared.client.shutdown.child_token();
         tokio::spawn(self.clone().drive(sink, stop.clone(), first));
         Ok(Subscription::new(stop.drop_guard()))
     }
 
-    /// The heartbeat's check, now. When there is no live session, or the
-    /// check fails, the driver is told to make the connections again
-    /// (reporting the channel lost, then ready), and the error says so.
+    /// The heartbeat's check, now. When it fails and its session is still
+    /// the live one, the driver is told to make the connections again
+    /// (reporting the channel lost, then ready); the error says so. With
+    /// no live session the driver is already at it.
     async fn sync(&self) -> Result<()> {
-        let result = match self.current.load_full() {
-            Some(tracking) => self.check(&tracking).await,
-            None => Err(Error::new(
+        let Some(tracking) = self.current.load_full() else {
+            return Err(Error::new(
                 ErrorKind::Unavailable,
                 "the tracking connection is down",
-            )),
+            ));
         };
-        if result.is_err() {
+        let result = self.check(&tracking).await;
+        if result.is_err() && *lock(&self.live) == tracking.session {
             self.reset.notify_one();
         }
         result

@@ -230,9 +230,10 @@ impl NearCache {
     /// staleness bound old.
     pub async fn sync(&self) {
         if let Some(source) = &self.source {
+            let readies = self.state.readies();
             if let Err(e) = source.sync().await {
                 tracing::warn!(error = %e, "near cache: the invalidation channel cannot confirm; bypassing it until it is back");
-                self.state.lost();
+                self.state.lost_unless_ready_since(readies);
             }
         }
     }

@@ -68,6 +68,8 @@ pub(crate) struct NearState {
     live: AtomicBool,
     /// Bumped when everything is dropped at once (channel lost, flush).
     generation: AtomicU64,
+    /// Bumped when the channel comes (back) up.
+    readies: AtomicU64,
     /// Bumped by every invalidation: a read joins only a fill that began
     /// in the same epoch, so no caller gets a value an invalidation it
     /// could have seen overtook.
@@ -85,6 +87,7 @@ impl NearState {
             drop_all: RwLock::new(()),
             live: AtomicBool::new(live),
             generation: AtomicU64::new(0),
+            readies: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             next_token: AtomicU64::new(1),
             pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
@@ -158,23 +161,49 @@ impl NearState {
     /// Drops everything, including fills in progress.
     pub(crate) fn invalidate_all(&self) {
         let _exclusive = self.drop_all.write();
+        self.drop_everything();
+    }
+
+    /// Under `drop_all`, exclusively.
+    fn drop_everything(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.entries.clear();
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The channel is down: drop everything and read from the server until
-    /// [`ready`](Self::ready).
+    /// [`ready`](Self::ready). Ordered with `ready` by `drop_all`: the
+    /// later of the two wins.
     pub(crate) fn lost(&self) {
+        let _exclusive = self.drop_all.write();
         self.live.store(false, Ordering::Release);
-        self.invalidate_all();
+        self.drop_everything();
+    }
+
+    /// How many times the channel came up (see
+    /// [`lost_unless_ready_since`](Self::lost_unless_ready_since)).
+    pub(crate) fn readies(&self) -> u64 {
+        self.readies.load(Ordering::Acquire)
+    }
+
+    /// [`lost`](Self::lost), unless the channel came up again since
+    /// `readies` read `seen`: a failure the source has already recovered
+    /// from must not leave the cache bypassed.
+    pub(crate) fn lost_unless_ready_since(&self, seen: u64) {
+        let _exclusive = self.drop_all.write();
+        if self.readies.load(Ordering::Acquire) == seen {
+            self.live.store(false, Ordering::Release);
+            self.drop_everything();
+        }
     }
 
     /// The channel is (back) up: entries may be kept again.
     pub(crate) fn ready(&self) {
+        let _exclusive = self.drop_all.write();
         // Whatever was cached before the channel came back may have missed
         // invalidations while it was down.
-        self.invalidate_all();
+        self.drop_everything();
+        self.readies.fetch_add(1, Ordering::AcqRel);
         self.live.store(true, Ordering::Release);
     }
 }

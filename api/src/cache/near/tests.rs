@@ -99,6 +99,9 @@ impl Cache for MapCache {
 #[derive(Default)]
 struct HandSource {
     sink: Mutex<Option<InvalidationSink>>,
+    /// `sync` fails; with `Some(true)` the channel is lost and back up
+    /// again before it returns (a source that recovered meanwhile).
+    failing_sync: Mutex<Option<bool>>,
 }
 
 #[async_trait]
@@ -109,7 +112,20 @@ impl InvalidationSource for HandSource {
         Ok(Subscription::new(()))
     }
     async fn sync(&self) -> Result<()> {
-        Ok(())
+        let failing = *self.failing_sync.lock();
+        match failing {
+            None => Ok(()),
+            Some(recovered) => {
+                if recovered {
+                    self.sink().lost();
+                    self.sink().ready();
+                }
+                Err(crate::Error::new(
+                    crate::ErrorKind::Unavailable,
+                    "no answer",
+                ))
+            }
+        }
     }
 }
 
@@ -117,6 +133,29 @@ impl HandSource {
     fn sink(&self) -> InvalidationSink {
         self.sink.lock().clone().expect("subscribed")
     }
+}
+
+/// A `sync` that cannot confirm leaves the cache bypassed, unless the
+/// source recovered (lost, then ready) before the failure came back: then
+/// it stays live.
+#[tokio::test]
+async fn a_failed_sync_bypasses_unless_the_source_recovered_meanwhile() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = near(&inner, &source).await;
+    *source.failing_sync.lock() = Some(true);
+    near.sync().await;
+    assert!(near.is_live(), "recovered before the failure was reported");
+    *source.failing_sync.lock() = Some(false);
+    near.sync().await;
+    assert!(
+        !near.is_live(),
+        "a failure that nothing recovered from bypasses"
+    );
+    source.sink().ready();
+    assert!(near.is_live());
 }
 
 /// Over a cache that cannot tell TTLs, reads are answered from it and
