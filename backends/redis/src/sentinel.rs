@@ -224,6 +224,7 @@ impl SentinelConn {
 
     /// Forgets the primary in use (its node said it is one no longer): the
     /// next command asks the sentinels again.
+    #[cfg(feature = "near-cache")]
     pub(crate) fn forget_primary(&self) {
         if let Some(p) = self.current.swap(None) {
             tracing::warn!(master = %self.master_name, primary = %p.addr, "redis sentinel: the primary in use says it is a replica; asking the sentinels again");
