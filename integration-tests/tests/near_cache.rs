@@ -12,6 +12,7 @@ use im_infra::backend::Backend;
 use im_infra::cache::near::NearCache;
 use im_infra::cache::Cache;
 use im_infra::ErrorKind;
+use im_infra_conformance::cases::eventually;
 use im_infra_conformance::proxy::FreezeProxy;
 use im_infra_conformance::servers::{server_or_skip, REDIS_CLUSTER_ENV, REDIS_ENV};
 use im_infra_redis::{RedisBackend, TRACKING_CLIENT_NAME, TRACKING_HEARTBEAT};
@@ -60,6 +61,40 @@ impl Setup {
         self.backend.close().await?;
         Ok(())
     }
+}
+
+/// Kills the tracking connection of namespace `ns` on the node `conn` is
+/// connected to (`CLIENT KILL ID`, found by its name in `CLIENT LIST`).
+async fn kill_tracking_connection(
+    conn: &mut redis::aio::MultiplexedConnection,
+    ns: &str,
+) -> Result<()> {
+    let name = format!("name={TRACKING_CLIENT_NAME}:{ns}");
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(conn).await?;
+    let id = list
+        .lines()
+        .find(|l| l.split(' ').any(|f| f == name))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .context("the tracking connection is listed")?
+        .to_owned();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(conn)
+        .await?;
+    ensure!(killed == 1, "CLIENT KILL ID {id} killed {killed}");
+    Ok(())
+}
+
+/// Waits until `near` is live again (within `within`); how long it took.
+async fn live_again(near: &NearCache, within: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    eventually(within, "the near cache live again", || async {
+        Ok(near.is_live())
+    })
+    .await?;
+    Ok(start.elapsed())
 }
 
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
@@ -132,24 +167,7 @@ async fn a_cut_tracking_connection_leaves_nothing_stale_behind() -> Result<()> {
     ensure!(s.near.get("session").await?.as_deref() == Some(&b"before"[..]));
     ensure!(s.near.is_live());
 
-    let name = format!("{TRACKING_CLIENT_NAME}:{}", s.ns);
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut s.raw)
-        .await?;
-    let id = list
-        .lines()
-        .find(|l| l.split(' ').any(|f| f == format!("name={name}")))
-        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
-        .context("the tracking connection is listed")?
-        .to_owned();
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("ID")
-        .arg(&id)
-        .query_async(&mut s.raw)
-        .await?;
-    ensure!(killed == 1, "CLIENT KILL ID {id} killed {killed}");
+    kill_tracking_connection(&mut s.raw, &s.ns).await?;
     let _: () = s.raw.set(&key, "during").await?;
     s.near.sync().await;
     let read = s.near.get("session").await?;
@@ -158,18 +176,8 @@ async fn a_cut_tracking_connection_leaves_nothing_stale_behind() -> Result<()> {
         "stale after the cut: {read:?}"
     );
 
-    let back = Instant::now();
-    while !s.near.is_live() {
-        ensure!(
-            back.elapsed() < Duration::from_secs(5),
-            "tracking not back within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    println!(
-        "tracking back {:?} after the cut was noticed",
-        back.elapsed()
-    );
+    let back = live_again(&s.near, Duration::from_secs(5)).await?;
+    println!("tracking back {back:?} after the cut was noticed");
     s.near.sync().await;
     ensure!(s.near.get("session").await?.as_deref() == Some(&b"during"[..]));
     ensure!(s.near.size().0 >= 1, "held near again");
@@ -225,6 +233,7 @@ async fn a_frozen_network_stops_answers_from_memory_within_two_heartbeats() -> R
         noticed < TRACKING_HEARTBEAT * 2 + Duration::from_secs(1),
         "the freeze was noticed only after {noticed:?}"
     );
+    ensure!(s.near.size().0 == 0, "emptied when the freeze was noticed");
     // From now on no read is answered from memory: they wait on Redis.
     for _ in 0..5 {
         let read = tokio::time::timeout(Duration::from_millis(100), s.near.get("profile")).await;
@@ -235,14 +244,7 @@ async fn a_frozen_network_stops_answers_from_memory_within_two_heartbeats() -> R
     }
 
     proxy.thaw();
-    let thawed = Instant::now();
-    while !s.near.is_live() {
-        ensure!(
-            thawed.elapsed() < Duration::from_secs(10),
-            "tracking not back within 10 s of the thaw"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    live_again(&s.near, Duration::from_secs(10)).await?;
     s.near.sync().await;
     let read = s.near.get("profile").await?;
     ensure!(
@@ -352,27 +354,10 @@ async fn on_a_cluster_every_primary_invalidates_its_keys() -> Result<()> {
     }
 
     // One node's tracking connection killed, then writes everywhere.
-    let name = format!("{TRACKING_CLIENT_NAME}:{ns}");
     let mut node = redis::Client::open(urls[1].as_str())?
         .get_multiplexed_async_connection()
         .await?;
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut node)
-        .await?;
-    let id = list
-        .lines()
-        .find(|l| l.split(' ').any(|f| f == format!("name={name}")))
-        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
-        .context("the tracking connection is listed on the node")?
-        .to_owned();
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("ID")
-        .arg(&id)
-        .query_async(&mut node)
-        .await?;
-    ensure!(killed == 1, "CLIENT KILL ID {id} killed {killed}");
+    kill_tracking_connection(&mut node, &ns).await?;
     for k in &keys {
         let _: () = other.set(full(k), "during").await?;
     }
@@ -384,14 +369,7 @@ async fn on_a_cluster_every_primary_invalidates_its_keys() -> Result<()> {
             "{k}: stale after the cut: {read:?}"
         );
     }
-    let back = Instant::now();
-    while !near.is_live() {
-        ensure!(
-            back.elapsed() < Duration::from_secs(5),
-            "tracking not back within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    live_again(&near, Duration::from_secs(5)).await?;
     for k in &keys {
         near.get(k).await?;
     }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use im_infra::backend::Backend;
 use im_infra::config::ConfigCenterExt;
 use im_infra::ErrorKind;
+use im_infra_conformance::cases::eventually;
 use im_infra_conformance::faults::{
     events_until, expect_retryable, set_retrying, until, PolicyLimiters,
 };
@@ -251,14 +252,12 @@ async fn a_near_cache_serves_nothing_stale_across_a_redis_restart() -> Result<()
         "stale after the restart: {read:?}"
     );
 
-    let back = Instant::now();
-    while !near.is_live() {
-        ensure!(
-            back.elapsed() < Duration::from_secs(10),
-            "tracking not back within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the near cache live again",
+        || async { Ok(near.is_live()) },
+    )
+    .await?;
     ensure!(near.get("k").await?.as_deref() == Some(&b"after"[..]));
     let _: () = raw.set(&key, "again").await?;
     near.sync().await;

@@ -25,6 +25,7 @@ use im_infra::cache::Cache;
 use im_infra::config::ConfigCenterExt;
 use im_infra::lock::LockOptions;
 use im_infra::ErrorKind;
+use im_infra_conformance::cases::eventually;
 use im_infra_integration_tests::docker::{docker_or_skip, Lab, Spec, REDIS_IMAGE};
 use im_infra_redis::RedisBackend;
 
@@ -417,13 +418,12 @@ async fn the_backend_follows_a_sentinel_failover() -> Result<()> {
     // The near cache tracks the promoted primary (its connection checked
     // with ROLE): another write there is not read stale after `sync()`.
     let back = Instant::now();
-    while !near.is_live() {
-        ensure!(
-            back.elapsed() < Duration::from_secs(15),
-            "the near cache is not live again 15 s after the failover"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        "the near cache live again",
+        || async { Ok(near.is_live()) },
+    )
+    .await?;
     near.sync().await;
     ensure!(near.get("k").await?.as_deref() == Some(&b"after"[..]));
     ensure!(near.size().0 == 1, "held near on the new primary");
