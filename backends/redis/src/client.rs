@@ -97,19 +97,8 @@ impl Client {
                 let sentinel = SentinelConn::connect(&cfg, certs.clone()).await?;
                 Ok((Conn::Sentinel(Arc::new(sentinel)), None))
             } else {
-                let mut info = cfg.urls[0].as_str().into_connection_info()?;
-                let mut settings = info.redis_settings().clone();
-                if let Some(u) = &cfg.username {
-                    settings = settings.set_username(u);
-                }
-                if let Some(p) = &cfg.password {
-                    settings = settings.set_password(p.expose());
-                }
-                info = info.set_redis_settings(settings);
-                let client = match &certs {
-                    Some(certs) => redis::Client::build_with_tls(info, certs.clone())?,
-                    None => redis::Client::open(info)?,
-                };
+                let info = cfg.urls[0].as_str().into_connection_info()?;
+                let client = node_client(&cfg, info, None, certs.clone())?;
                 // One plain attempt first: the manager would retry a wrong
                 // password with backoff until the deadline; this surfaces it.
                 let probe = redis::AsyncConnectionConfig::new()
@@ -285,7 +274,7 @@ impl Client {
     /// A client of `node` (or of the node connections of their own go to)
     /// with this backend's credentials and TLS, speaking `protocol`.
     #[cfg(feature = "near-cache")]
-    async fn node_client(
+    async fn client_of(
         &self,
         node: Option<&NodeAddr>,
         protocol: redis::ProtocolVersion,
@@ -317,19 +306,13 @@ impl Client {
                 info.set_addr(addr)
             }
         };
-        let mut settings = info.redis_settings().clone().set_protocol(protocol);
-        if let Some(u) = &self.cfg.username {
-            settings = settings.set_username(u);
-        }
-        if let Some(p) = &self.cfg.password {
-            settings = settings.set_password(p.expose());
-        }
-        let info = info.set_redis_settings(settings);
-        match &self.cfg.tls {
-            Some(tls) => redis::Client::build_with_tls(info, tls.certificates()?),
-            None => redis::Client::open(info),
-        }
-        .map_err(from_redis)
+        let certs = self
+            .cfg
+            .tls
+            .as_ref()
+            .map(|t| t.certificates())
+            .transpose()?;
+        node_client(&self.cfg, info, Some(protocol), certs).map_err(from_redis)
     }
 
     #[cfg(feature = "near-cache")]
@@ -348,9 +331,7 @@ impl Client {
         node: Option<&NodeAddr>,
         push: impl redis::aio::AsyncPushSender,
     ) -> Result<MultiplexedConnection> {
-        let client = self
-            .node_client(node, redis::ProtocolVersion::RESP3)
-            .await?;
+        let client = self.client_of(node, redis::ProtocolVersion::RESP3).await?;
         client
             .get_multiplexed_async_connection_with_config(
                 &self.node_connection_config().set_push_sender(push),
@@ -363,7 +344,7 @@ impl Client {
     #[cfg(feature = "near-cache")]
     pub(crate) async fn node_connection(&self, node: &NodeAddr) -> Result<MultiplexedConnection> {
         let client = self
-            .node_client(Some(node), redis::ProtocolVersion::RESP2)
+            .client_of(Some(node), redis::ProtocolVersion::RESP2)
             .await?;
         client
             .get_multiplexed_async_connection_with_config(&self.node_connection_config())
@@ -381,6 +362,31 @@ impl Client {
             Ok(r) => r.map(Some).map_err(from_redis),
             Err(_) => Err(self.timeout_error()),
         }
+    }
+}
+
+/// A client of the node `info` names, with the settings' credentials (over
+/// those of the URL), `protocol` when given, and TLS with `certs`.
+fn node_client(
+    cfg: &RedisSettings,
+    info: redis::ConnectionInfo,
+    protocol: Option<redis::ProtocolVersion>,
+    certs: Option<redis::TlsCertificates>,
+) -> redis::RedisResult<redis::Client> {
+    let mut settings = info.redis_settings().clone();
+    if let Some(protocol) = protocol {
+        settings = settings.set_protocol(protocol);
+    }
+    if let Some(u) = &cfg.username {
+        settings = settings.set_username(u);
+    }
+    if let Some(p) = &cfg.password {
+        settings = settings.set_password(p.expose());
+    }
+    let info = info.set_redis_settings(settings);
+    match certs {
+        Some(certs) => redis::Client::build_with_tls(info, certs),
+        None => redis::Client::open(info),
     }
 }
 
