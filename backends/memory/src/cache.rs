@@ -191,20 +191,24 @@ impl Cache for MemoryCache {
         })
     }
 
-    /// One look-up: the value and its lifetime at the same instant.
+    /// One look-up: the value and its lifetime at the same instant (an
+    /// expired entry found is removed, as `get` does).
     async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
         self.shared.check_open()?;
         let now = Instant::now();
-        Ok(match self.store().items.get(key) {
-            Some(item) if item.live(now) => (
-                Some(item.value.clone()),
-                match item.expires_at {
+        match self.store().items.get(key) {
+            Some(item) if item.live(now) => {
+                let ttl = match item.expires_at {
                     None => KeyTtl::Persistent,
                     Some(t) => KeyTtl::Expires(t - now),
-                },
-            ),
-            _ => (None, KeyTtl::Missing),
-        })
+                };
+                return Ok((Some(item.value.clone()), ttl));
+            }
+            Some(_) => {}
+            None => return Ok((None, KeyTtl::Missing)),
+        }
+        self.store().items.remove_if(key, |_, item| !item.live(now));
+        Ok((None, KeyTtl::Missing))
     }
 
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {

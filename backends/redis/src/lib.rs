@@ -299,10 +299,13 @@ impl RedisBackend {
     /// RESP3 connection of its own (feature `near-cache`). Each call gives a
     /// new source, for one near cache; a second near cache on the same
     /// source is refused (`InvalidState`). On Redis Cluster there is one
-    /// such connection to every primary, and a change of primaries (a
-    /// failover, a node added) empties the near cache until the
-    /// connections are made again. The backend's credentials and TLS settings
-    /// apply to these connections too.
+    /// such connection to every primary (`CLUSTER NODES`); a change of
+    /// primaries (a failover, a node added) or a tracked node that turns
+    /// replica (also behind Sentinel, checked with `ROLE`) empties the
+    /// near cache until the connections are made again. The backend's
+    /// credentials and TLS settings apply to these connections too; its
+    /// user needs `CLIENT` and `PING`, `ROLE` behind Sentinel or on a
+    /// cluster, and `CLUSTER NODES` on a cluster.
     ///
     /// ```no_run
     /// # async fn demo(redis: im_infra_redis::RedisBackend) -> im_infra::Result<()> {

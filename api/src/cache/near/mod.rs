@@ -359,6 +359,7 @@ impl Cache for NearCache {
     /// From the server (what is held near has a deadline of its own, not
     /// the key's TTL).
     async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
+        crate::validate::key(key)?;
         self.inner.get_with_ttl(key).await
     }
 
