@@ -117,6 +117,7 @@ async fn drive(b: &dyn Backend, topic: &str) -> Result<Vec<Expect>> {
         c.expire("k", Duration::from_secs(60)).await?;
         c.ttl("k").await?;
         c.get_with_ttl("k").await?;
+        c.get_many_with_ttl(&["k", "n"]).await?;
         c.incr_by("n", 1).await?;
         c.get_many(&["k", "n"]).await?;
         c.set_many(&[("a", v())], None).await?;
@@ -130,6 +131,7 @@ async fn drive(b: &dyn Backend, topic: &str) -> Result<Vec<Expect>> {
             ("cache", "cache.expire", ONCE),
             ("cache", "cache.ttl", ONCE),
             ("cache", "cache.get_with_ttl", ONCE),
+            ("cache", "cache.get_many_with_ttl", ONCE),
             ("cache", "cache.incr_by", ONCE),
             ("cache", "cache.get_many", ONCE),
             ("cache", "cache.set_many", ONCE),

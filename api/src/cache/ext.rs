@@ -92,7 +92,7 @@ pub trait CacheExt: Cache {
         }
         let instance = self as *const Self as *const () as usize;
         let mut load = Some(load);
-        single_flight::run(instance, key, || {
+        single_flight::run(instance, key.to_owned(), || {
             let load = load.take();
             async move {
                 // A previous leader may have stored the value meanwhile.

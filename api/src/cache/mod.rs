@@ -127,6 +127,29 @@ pub trait Cache: Send + Sync + 'static {
     /// a decimal `i64`, or an overflow, fails with `InvalidState`.
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64>;
 
+    /// [`get_with_ttl`](Self::get_with_ttl) of every key, in order, in one
+    /// round trip where the backend can (one pipeline on a single Redis
+    /// node, one statement on MySQL); by default each key's
+    /// `get_with_ttl` at once. A near cache fills several callers' misses
+    /// with one call.
+    ///
+    /// ```
+    /// # async fn demo(cache: std::sync::Arc<dyn im_infra::cache::Cache>) -> im_infra::Result<()> {
+    /// use im_infra::cache::KeyTtl;
+    /// for (value, ttl) in cache.get_many_with_ttl(&["a", "b"]).await? {
+    ///     if let (Some(v), KeyTtl::Expires(left)) = (value, ttl) {
+    ///         println!("{} bytes for {left:?}", v.len());
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    async fn get_many_with_ttl<'k>(
+        &self,
+        keys: &[&'k str],
+    ) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
+        futures::future::try_join_all(keys.iter().map(|k| self.get_with_ttl(k))).await
+    }
+
     /// The values of `keys`, in order, in one round trip where possible.
     async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>>;
 

@@ -4,75 +4,81 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::LazyLock;
 
-use parking_lot::Mutex;
-
 use bytes::Bytes;
-use tokio::sync::watch;
+use futures::channel::oneshot;
+use parking_lot::Mutex;
 
 use crate::error::Result;
 
 type Outcome = Result<Option<Bytes>>;
-type Slot = watch::Receiver<Option<Outcome>>;
+type Flights = HashMap<(usize, String), Vec<oneshot::Sender<Outcome>>, foldhash::fast::RandomState>;
 
-/// In-flight loads, keyed by (cache instance address, key).
-static IN_FLIGHT: LazyLock<Mutex<HashMap<(usize, String), Slot>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+/// In-flight loads, keyed by (cache instance address, key), with the
+/// callers waiting for each. A load nobody waits for costs one entry: no
+/// channel is made until a second caller comes.
+static IN_FLIGHT: LazyLock<Mutex<Flights>> = LazyLock::new(|| Mutex::new(HashMap::default()));
 
-/// Removes the in-flight entry when the leader finishes or is cancelled.
-struct LeaderGuard {
-    id: (usize, String),
+/// Takes the load out of the map when the leader finishes or is cancelled;
+/// the waiters of a cancelled leader see their senders go and try again.
+struct LeaderGuard<'a> {
+    id: &'a (usize, String),
 }
 
-impl Drop for LeaderGuard {
+impl LeaderGuard<'_> {
+    fn waiters(self) -> Vec<oneshot::Sender<Outcome>> {
+        let waiters = IN_FLIGHT.lock().remove(self.id).unwrap_or_default();
+        std::mem::forget(self);
+        waiters
+    }
+}
+
+impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
-        IN_FLIGHT.lock().remove(&self.id);
+        IN_FLIGHT.lock().remove(self.id);
     }
 }
 
 /// Runs `work` for `(instance, key)` unless another caller of this process is
 /// already running it, in which case this caller waits for that outcome. A
 /// leader that is cancelled hands the work over to one of the waiters.
-pub(crate) async fn run<F, Fut>(instance: usize, key: &str, mut work: F) -> Outcome
+pub(crate) async fn run<F, Fut>(instance: usize, key: String, mut work: F) -> Outcome
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Outcome>,
 {
-    let id = (instance, key.to_owned());
+    let id = (instance, key);
     loop {
-        let role = {
+        let waiting = {
             let mut map = IN_FLIGHT.lock();
-            match map.get(&id) {
-                Some(rx) => Role::Follower(rx.clone()),
+            match map.get_mut(&id) {
+                Some(waiters) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
                 None => {
-                    let (tx, rx) = watch::channel(None);
-                    map.insert(id.clone(), rx);
-                    Role::Leader(tx)
+                    map.insert(id.clone(), Vec::new());
+                    None
                 }
             }
         };
-        match role {
-            Role::Leader(tx) => {
-                let _guard = LeaderGuard { id: id.clone() };
+        match waiting {
+            None => {
+                let guard = LeaderGuard { id: &id };
                 let outcome = work().await;
-                let _ = tx.send(Some(outcome.clone()));
+                for waiter in guard.waiters() {
+                    let _ = waiter.send(outcome.clone());
+                }
                 return outcome;
             }
-            Role::Follower(mut rx) => loop {
-                if let Some(outcome) = rx.borrow_and_update().clone() {
-                    return outcome;
-                }
-                if rx.changed().await.is_err() {
-                    // The leader went away without an outcome: take over.
-                    break;
-                }
+            Some(rx) => match rx.await {
+                Ok(outcome) => return outcome,
+                // The leader went away without an outcome: the first
+                // waiter to come back takes over.
+                Err(oneshot::Canceled) => continue,
             },
         }
     }
-}
-
-enum Role {
-    Leader(watch::Sender<Option<Outcome>>),
-    Follower(Slot),
 }
 
 /// Whether a load is in flight for `(instance, key)` (for tests).
@@ -95,7 +101,7 @@ mod tests {
         for _ in 0..16 {
             let runs = runs.clone();
             tasks.push(tokio::spawn(async move {
-                run(1, "k", || {
+                run(1, "k".to_owned(), || {
                     let runs = runs.clone();
                     async move {
                         runs.fetch_add(1, Ordering::SeqCst);
@@ -116,7 +122,7 @@ mod tests {
     #[tokio::test]
     async fn cancelled_leader_hands_over() {
         let leader = tokio::spawn(async {
-            run(2, "k", || async {
+            run(2, "k".to_owned(), || async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 Ok(None)
             })
@@ -124,7 +130,10 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let follower = tokio::spawn(async {
-            run(2, "k", || async { Ok(Some(Bytes::from_static(b"second"))) }).await
+            run(2, "k".to_owned(), || async {
+                Ok(Some(Bytes::from_static(b"second")))
+            })
+            .await
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         leader.abort();

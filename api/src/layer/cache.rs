@@ -18,6 +18,7 @@ ops!(CacheOps, "cache" {
     expire => "cache.expire",
     ttl => "cache.ttl",
     get_with_ttl => "cache.get_with_ttl",
+    get_many_with_ttl => "cache.get_many_with_ttl",
     incr_by => "cache.incr_by",
     get_many => "cache.get_many",
     set_many => "cache.set_many",
@@ -158,6 +159,19 @@ impl<C: Cache> Cache for ObservedCache<C> {
             .run(async {
                 validate::key(key)?;
                 self.inner.get_with_ttl(key).await
+            })
+            .await
+    }
+
+    async fn get_many_with_ttl<'k>(
+        &self,
+        keys: &[&'k str],
+    ) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
+        self.ops
+            .get_many_with_ttl
+            .run(async {
+                validate::keys(keys)?;
+                self.inner.get_many_with_ttl(keys).await
             })
             .await
     }

@@ -18,6 +18,15 @@ use crate::Shared;
 /// The condition of a live row.
 const LIVE: &str = "(expires_at IS NULL OR expires_at > NOW(6))";
 
+/// A live row's lifetime from `TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at)`
+/// (`NULL`: no expiry).
+fn lifetime(us: Option<i64>) -> KeyTtl {
+    match us {
+        None => KeyTtl::Persistent,
+        Some(us) => KeyTtl::Expires(Duration::from_micros(us.max(0) as u64)),
+    }
+}
+
 /// The cache of a [`MysqlBackend`](crate::MysqlBackend): one row per key in
 /// `<prefix>cache`, expiring by the server's `NOW(6)`; expired rows are
 /// never returned and are deleted in the background.
@@ -147,11 +156,7 @@ impl Cache for MysqlCache {
         );
         let row: Option<(Option<i64>,)> =
             self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
-        Ok(match row {
-            None => KeyTtl::Missing,
-            Some((None,)) => KeyTtl::Persistent,
-            Some((Some(us),)) => KeyTtl::Expires(Duration::from_micros(us.max(0) as u64)),
-        })
+        Ok(row.map_or(KeyTtl::Missing, |(us,)| lifetime(us)))
     }
 
     /// The value and its lifetime in one statement: one consistent read.
@@ -163,14 +168,37 @@ impl Cache for MysqlCache {
         );
         let row: Option<(Vec<u8>, Option<i64>)> =
             self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
-        Ok(match row {
-            None => (None, KeyTtl::Missing),
-            Some((v, None)) => (Some(Bytes::from(v)), KeyTtl::Persistent),
-            Some((v, Some(us))) => (
-                Some(Bytes::from(v)),
-                KeyTtl::Expires(Duration::from_micros(us.max(0) as u64)),
-            ),
-        })
+        Ok(row.map_or((None, KeyTtl::Missing), |(v, us)| {
+            (Some(Bytes::from(v)), lifetime(us))
+        }))
+    }
+
+    /// Every key's value and lifetime in one statement.
+    async fn get_many_with_ttl<'k>(
+        &self,
+        keys: &[&'k str],
+    ) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
+        let ks: Vec<Vec<u8>> = keys.iter().map(|k| self.shared.key(k)).collect();
+        let sql = format!(
+            "SELECT k, v, TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) FROM {} WHERE k IN ({}) AND {LIVE}",
+            self.table(),
+            placeholders(keys.len())
+        );
+        let params: Vec<Value> = ks.iter().cloned().map(Value::from).collect();
+        let rows: Vec<(Vec<u8>, Vec<u8>, Option<i64>)> = self
+            .shared
+            .db
+            .query(&sql, Params::Positional(params))
+            .await?;
+        let found: HashMap<Vec<u8>, (Vec<u8>, Option<i64>)> =
+            rows.into_iter().map(|(k, v, us)| (k, (v, us))).collect();
+        Ok(ks
+            .iter()
+            .map(|k| match found.get(k) {
+                Some((v, us)) => (Some(Bytes::from(v.clone())), lifetime(*us)),
+                None => (None, KeyTtl::Missing),
+            })
+            .collect())
     }
 
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {

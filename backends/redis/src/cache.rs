@@ -139,6 +139,29 @@ impl Cache for RedisCache {
         Ok((bytes_of(value), key_ttl(ms)?))
     }
 
+    /// One pipeline of `GET` and `PTTL` per key on a single node; on a
+    /// cluster, where a pipeline stays in one slot, one pipeline per key,
+    /// all at once.
+    async fn get_many_with_ttl<'k>(
+        &self,
+        keys: &[&'k str],
+    ) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
+        if self.shared.client.settings().is_cluster() {
+            return futures::future::try_join_all(keys.iter().map(|k| self.get_with_ttl(k))).await;
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("GET")
+                .arg(self.key(k))
+                .cmd("PTTL")
+                .arg(self.key(k));
+        }
+        let read: Vec<(Option<Vec<u8>>, i64)> = self.shared.client.pipe(&pipe).await?;
+        read.into_iter()
+            .map(|(value, ms)| Ok((bytes_of(value), key_ttl(ms)?)))
+            .collect()
+    }
+
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
         let mut cmd = redis::cmd("INCRBY");
         cmd.arg(self.key(key)).arg(delta);

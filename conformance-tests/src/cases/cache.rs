@@ -184,6 +184,40 @@ async fn get_with_ttl_reads_the_value_and_its_lifetime(w: World) -> Result<()> {
     Ok(())
 }
 
+async fn get_many_with_ttl_reads_each_key_in_order(w: World) -> Result<()> {
+    let c = cache(&w).await?;
+    c.set("p", b("kept"), None).await?;
+    c.set("e", b("brief"), Some(Duration::from_secs(30)))
+        .await?;
+    let read = c.get_many_with_ttl(&["e", "none", "p", "e"]).await?;
+    ensure!(read.len() == 4, "one answer per key, got {read:?}");
+    for i in [0, 3] {
+        match &read[i] {
+            (Some(v), KeyTtl::Expires(d)) => ensure!(
+                *v == b("brief") && *d <= Duration::from_secs(30) && *d > Duration::from_secs(25),
+                "key {i}: {v:?} with {d:?}"
+            ),
+            other => anyhow::bail!("key {i}: expected the value with Expires, got {other:?}"),
+        }
+    }
+    ensure!(
+        read[1] == (None, KeyTtl::Missing),
+        "an absent key is (None, Missing)"
+    );
+    ensure!(read[2] == (Some(b("kept")), KeyTtl::Persistent));
+    expect_kind(
+        c.get_many_with_ttl(&[]).await,
+        ErrorKind::InvalidArgument,
+        "get_many_with_ttl of no keys",
+    )?;
+    expect_kind(
+        c.get_many_with_ttl(&["p", ""]).await,
+        ErrorKind::InvalidArgument,
+        "get_many_with_ttl with an empty key",
+    )?;
+    Ok(())
+}
+
 async fn expire_sets_a_ttl_on_existing_keys_only(w: World) -> Result<()> {
     let c = cache(&w).await?;
     ensure!(
@@ -485,6 +519,11 @@ pub fn cases() -> Vec<Case> {
         crate::case!(
             "cache",
             get_with_ttl_reads_the_value_and_its_lifetime,
+            when = stores
+        ),
+        crate::case!(
+            "cache",
+            get_many_with_ttl_reads_each_key_in_order,
             when = stores
         ),
         crate::case!(

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -13,7 +12,7 @@ use parking_lot::{Mutex, RwLock};
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
     pub(crate) value: Option<Bytes>,
-    pub(crate) expires: Instant,
+    pub(crate) expires: quanta::Instant,
 }
 
 const SHARDS: usize = 16;

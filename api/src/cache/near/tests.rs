@@ -20,6 +20,8 @@ struct MapCache {
     hold: Mutex<Option<Arc<tokio::sync::Notify>>>,
     /// `ttl` is `Unsupported`.
     no_ttl: std::sync::atomic::AtomicBool,
+    /// The keys of each `get_many_with_ttl`.
+    batches: Mutex<Vec<Vec<String>>>,
 }
 
 impl MapCache {
@@ -82,6 +84,15 @@ impl Cache for MapCache {
     }
     async fn incr_by(&self, _: &str, _: i64) -> Result<i64> {
         unimplemented!()
+    }
+    async fn get_many_with_ttl<'k>(
+        &self,
+        keys: &[&'k str],
+    ) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
+        self.batches
+            .lock()
+            .push(keys.iter().map(|k| (*k).to_owned()).collect());
+        futures::future::try_join_all(keys.iter().map(|k| self.get_with_ttl(k))).await
     }
     async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>> {
         let v = self.values.lock();
@@ -481,4 +492,134 @@ fn hits_misses_bypasses_invalidations_and_evictions_are_counted() {
     assert_eq!(get("im_infra_near_cache_invalidations_total"), 1, "{all:?}");
     assert_eq!(get("im_infra_near_cache_bypassed_total"), 1, "{all:?}");
     assert!(get("im_infra_near_cache_evictions_total") >= 30, "{all:?}");
+}
+
+/// Reads of the batcher, polled by hand: `MAX_IN_FLIGHT` readers held at
+/// the server, `waiting` more queued behind them.
+struct HeldReads {
+    inner: Arc<MapCache>,
+    hold: Arc<tokio::sync::Notify>,
+    batcher: Arc<super::batch::Batcher>,
+}
+
+impl HeldReads {
+    fn new(keys: usize) -> HeldReads {
+        let inner = Arc::new(MapCache::default());
+        for i in 0..keys {
+            inner.put(&format!("k{i}"), &format!("v{i}"), None);
+        }
+        let hold = Arc::new(tokio::sync::Notify::new());
+        *inner.hold.lock() = Some(hold.clone());
+        HeldReads {
+            inner,
+            hold,
+            batcher: Arc::default(),
+        }
+    }
+
+    fn read(&self, i: usize) -> futures::future::BoxFuture<'static, String> {
+        let (batcher, inner) = (self.batcher.clone(), self.inner.clone());
+        Box::pin(async move {
+            let (value, _) = batcher
+                .read(inner.as_ref(), &format!("k{i}"))
+                .await
+                .unwrap();
+            text(value).unwrap()
+        })
+    }
+
+    /// Lets every held read and every later one through.
+    fn open(&self) {
+        *self.inner.hold.lock() = None;
+        self.hold.notify_waiters();
+    }
+}
+
+#[tokio::test]
+async fn misses_that_wait_for_a_free_read_are_read_together() {
+    use super::batch::MAX_IN_FLIGHT;
+    let reads = HeldReads::new(MAX_IN_FLIGHT + 10);
+    let mut futs: Vec<_> = (0..MAX_IN_FLIGHT + 10).map(|i| reads.read(i)).collect();
+    for f in &mut futs {
+        assert!(futures::poll!(f.as_mut()).is_pending());
+    }
+    assert_eq!(reads.batcher.in_flight(), MAX_IN_FLIGHT);
+    assert!(
+        reads.inner.batches.lock().is_empty(),
+        "the first reads are alone"
+    );
+    reads.open();
+    let got = futures::future::join_all(futs).await;
+    let want: Vec<String> = (0..MAX_IN_FLIGHT + 10).map(|i| format!("v{i}")).collect();
+    assert_eq!(got, want, "each caller gets its own key's value");
+    let batches = reads.inner.batches.lock().clone();
+    let queued: Vec<String> = (MAX_IN_FLIGHT..MAX_IN_FLIGHT + 10)
+        .map(|i| format!("k{i}"))
+        .collect();
+    assert_eq!(batches, vec![queued], "the ten queued misses are one read");
+    assert_eq!(reads.batcher.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn callers_of_a_dropped_read_read_alone() {
+    use super::batch::MAX_IN_FLIGHT;
+    let n = MAX_IN_FLIGHT + 3;
+    let reads = HeldReads::new(n);
+    let mut futs: Vec<_> = (0..n).map(|i| Some(reads.read(i))).collect();
+    for f in futs.iter_mut().flatten() {
+        assert!(futures::poll!(f.as_mut()).is_pending());
+    }
+    // The first reader goes: the first queued caller reads for the others.
+    futs[0] = None;
+    let leader = MAX_IN_FLIGHT;
+    assert!(futures::poll!(futs[leader].as_mut().unwrap().as_mut()).is_pending());
+    assert_eq!(
+        reads.inner.batches.lock().len(),
+        1,
+        "it reads for all three"
+    );
+    // It goes too, mid-read: the two it read for read on their own.
+    futs[leader] = None;
+    reads.open();
+    for (i, f) in futs.into_iter().enumerate() {
+        if let Some(f) = f {
+            assert_eq!(f.await, format!("v{i}"));
+        }
+    }
+    assert_eq!(reads.inner.batches.lock().len(), 1, "no second batch");
+    assert_eq!(
+        reads.batcher.in_flight(),
+        0,
+        "every right to read came back"
+    );
+}
+
+#[tokio::test]
+async fn a_caller_dropped_when_its_turn_came_hands_the_turn_on() {
+    use super::batch::MAX_IN_FLIGHT;
+    let n = MAX_IN_FLIGHT + 2;
+    let reads = HeldReads::new(n);
+    let mut futs: Vec<_> = (0..n).map(|i| Some(reads.read(i))).collect();
+    for f in futs.iter_mut().flatten() {
+        assert!(futures::poll!(f.as_mut()).is_pending());
+    }
+    reads.open();
+    // The first read ends and hands the turn to the first queued caller,
+    // which is dropped before it runs.
+    assert_eq!(futs[0].take().unwrap().await, "v0");
+    futs[MAX_IN_FLIGHT] = None;
+    // The turn went on to the last caller: it finishes.
+    let last = futs[n - 1].take().unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), last)
+            .await
+            .ok()
+            .as_deref(),
+        Some(format!("v{}", n - 1).as_str()),
+        "the last caller was left waiting"
+    );
+    for f in futs.into_iter().flatten() {
+        f.await;
+    }
+    assert_eq!(reads.batcher.in_flight(), 0);
 }
