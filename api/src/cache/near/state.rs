@@ -57,6 +57,9 @@ pub(crate) struct Fill {
 }
 
 pub(crate) struct NearState {
+    /// This near cache among all of the process (never 0): its entries in
+    /// the threads' fronts are told apart by it.
+    pub(crate) id: u64,
     pub(crate) entries: Entries,
     /// Held (shared) by a fill between its last check and its insert, and
     /// (exclusive) by dropping everything: so no fill that started before
@@ -81,7 +84,9 @@ pub(crate) struct NearState {
 
 impl NearState {
     pub(crate) fn new(entries: Entries, live: bool) -> Self {
+        static IDS: AtomicU64 = AtomicU64::new(1);
         NearState {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             entries,
             drop_all: RwLock::new(()),
             live: AtomicBool::new(live),

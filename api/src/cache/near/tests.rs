@@ -623,3 +623,84 @@ async fn a_caller_dropped_when_its_turn_came_hands_the_turn_on() {
     }
     assert_eq!(reads.batcher.in_flight(), 0);
 }
+
+/// A hot key read again and again on one thread (so it is in that
+/// thread's front) is read fresh after its invalidation, after the
+/// channel is lost and back, and not after it expired.
+#[tokio::test]
+async fn a_key_held_in_the_threads_front_follows_invalidations_and_expiry() {
+    let (inner, source) = (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    );
+    let near = near(&inner, &source).await;
+    inner.put("k", "v1", None);
+    for _ in 0..10 {
+        assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v1"));
+    }
+    let id = near.state.id;
+    let (epoch, hash) = (near.state.epoch(), front::hash("k"));
+    assert!(
+        front::get(id, epoch, hash, "k", quanta::Instant::now()).is_some(),
+        "a key read ten times is in the thread's front"
+    );
+    inner.put("k", "v2", None);
+    source.sink().invalidate(&["k"]);
+    assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v2"));
+    for _ in 0..3 {
+        near.get("k").await.unwrap();
+    }
+    inner.put("k", "v3", None);
+    source.sink().lost();
+    source.sink().ready();
+    assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v3"));
+    inner.put("brief", "b", Some(Duration::from_millis(60)));
+    for _ in 0..3 {
+        assert_eq!(text(near.get("brief").await.unwrap()).as_deref(), Some("b"));
+    }
+    tokio::time::sleep(Duration::from_millis(90)).await;
+    inner.values.lock().clear(); // expired on the server
+    assert_eq!(near.get("brief").await.unwrap(), None);
+    assert_eq!(
+        front::get(
+            id,
+            near.state.epoch(),
+            front::hash("brief"),
+            "brief",
+            quanta::Instant::now()
+        ),
+        None,
+        "an expired copy does not answer"
+    );
+}
+
+/// Two near caches on one thread each read their own value of one key,
+/// and a large value is read through the shared store, not copied.
+#[tokio::test]
+async fn the_front_tells_near_caches_apart_and_keeps_no_large_value() {
+    let source = Arc::new(HandSource::default());
+    let (a, b) = (Arc::new(MapCache::default()), Arc::new(MapCache::default()));
+    a.put("k", "from a", None);
+    b.put("k", "from b", None);
+    let (near_a, near_b) = (near(&a, &source).await, near(&b, &source).await);
+    for _ in 0..5 {
+        assert_eq!(
+            text(near_a.get("k").await.unwrap()).as_deref(),
+            Some("from a")
+        );
+        assert_eq!(
+            text(near_b.get("k").await.unwrap()).as_deref(),
+            Some("from b")
+        );
+    }
+    let big = "x".repeat(front::MAX_VALUE + 1);
+    a.put("big", &big, None);
+    for _ in 0..5 {
+        assert_eq!(
+            near_a.get("big").await.unwrap().map(|v| v.len()),
+            Some(big.len())
+        );
+    }
+    let (id, epoch) = (near_a.state.id, near_a.state.epoch());
+    assert!(front::get(id, epoch, front::hash("big"), "big", quanta::Instant::now()).is_none());
+}
