@@ -7,6 +7,11 @@
 //! under load the reads grow instead of queueing behind one another, so a
 //! round trip and the call around it are paid once per batch.
 //!
+//! Errors: the server's trouble (a retryable error) or an operation the
+//! cache lacks is every caller's answer; any other error may be one key's
+//! fault (a Redis key holding another type), so each caller then reads its
+//! own key alone.
+//!
 //! Cancellation: a caller dropped while it reads for others drops their
 //! answers' senders; they read their keys on their own. A caller dropped
 //! while queued is skipped (its key may still be read). The right to read
@@ -122,11 +127,19 @@ impl Batcher {
                 }
                 Ok(own)
             }
-            Err(e) => {
+            // The server's trouble, or an operation the cache lacks: the
+            // same answer for every key.
+            Err(e) if e.is_retryable() || e.kind() == ErrorKind::Unsupported => {
                 for waiter in others {
                     let _ = waiter.tx.send(Message::Answer(Err(e.clone())));
                 }
                 Err(e)
+            }
+            // Maybe one key's fault (a Redis key of another type): each
+            // caller reads its own key alone and gets its own answer.
+            Err(_) => {
+                drop(others);
+                inner.get_with_ttl(key).await
             }
         }
     }
@@ -201,6 +214,10 @@ struct Queued<'a> {
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
+        // Closed first: a hand-off racing with this drop is then either
+        // received here or refused to its sender, which hands it on; never
+        // lost with the channel.
+        self.rx.close();
         if let Ok(Some(Message::Lead(group))) = self.rx.try_recv() {
             if !hand_on(group) {
                 self.batcher.release();

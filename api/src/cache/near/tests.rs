@@ -43,6 +43,12 @@ impl Cache for MapCache {
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         self.gets.fetch_add(1, Ordering::SeqCst);
+        if key.starts_with("bad") {
+            return Err(crate::Error::new(
+                crate::ErrorKind::InvalidState,
+                "a key of another type",
+            ));
+        }
         let value = self.values.lock().get(key).map(|(v, _)| v.clone());
         let hold = self.hold.lock().clone();
         if let Some(hold) = hold {
@@ -703,4 +709,37 @@ async fn the_front_tells_near_caches_apart_and_keeps_no_large_value() {
     }
     let (id, epoch) = (near_a.state.id, near_a.state.epoch());
     assert!(front::get(id, epoch, front::hash("big"), "big", quanta::Instant::now()).is_none());
+}
+
+#[tokio::test]
+async fn one_bad_key_in_a_batch_fails_only_its_caller() {
+    use super::batch::MAX_IN_FLIGHT;
+    let n = MAX_IN_FLIGHT + 4;
+    let reads = HeldReads::new(n);
+    let mut futs: Vec<_> = (0..n).map(|i| reads.read(i)).collect();
+    for f in &mut futs {
+        assert!(futures::poll!(f.as_mut()).is_pending());
+    }
+    // A caller of a bad key queues behind the others.
+    let bad = {
+        let (batcher, inner) = (reads.batcher.clone(), reads.inner.clone());
+        let mut bad = Box::pin(async move { batcher.read(inner.as_ref(), "bad").await });
+        assert!(futures::poll!(bad.as_mut()).is_pending());
+        bad
+    };
+    reads.open();
+    let got = futures::future::join_all(futs).await;
+    let want: Vec<String> = (0..n).map(|i| format!("v{i}")).collect();
+    assert_eq!(got, want, "the good keys are read");
+    assert_eq!(
+        bad.await.unwrap_err().kind(),
+        crate::ErrorKind::InvalidState,
+        "the bad key's caller gets its error"
+    );
+    assert_eq!(
+        reads.inner.batches.lock().len(),
+        1,
+        "they were read together first"
+    );
+    assert_eq!(reads.batcher.in_flight(), 0);
 }
