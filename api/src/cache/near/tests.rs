@@ -157,11 +157,7 @@ impl HandSource {
 /// it stays live.
 #[tokio::test]
 async fn a_failed_sync_bypasses_unless_the_source_recovered_meanwhile() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
-    let near = near(&inner, &source).await;
+    let (_, source, near) = fresh().await;
     *source.failing_sync.lock() = Some(true);
     near.sync().await;
     assert!(near.is_live(), "recovered before the failure was reported");
@@ -179,10 +175,7 @@ async fn a_failed_sync_bypasses_unless_the_source_recovered_meanwhile() {
 /// nothing is kept near (an entry could outlive its key).
 #[tokio::test]
 async fn a_cache_without_ttls_is_read_through_and_nothing_is_kept() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
+    let (inner, source) = parts();
     inner.no_ttl.store(true, Ordering::SeqCst);
     inner.put("k", "v", None);
     let near = near(&inner, &source).await;
@@ -207,17 +200,28 @@ async fn near(inner: &Arc<MapCache>, source: &Arc<HandSource>) -> NearCache {
         .unwrap()
 }
 
+/// An empty cache in a map and a source driven by hand.
+fn parts() -> (Arc<MapCache>, Arc<HandSource>) {
+    (
+        Arc::new(MapCache::default()),
+        Arc::new(HandSource::default()),
+    )
+}
+
+/// [`parts`] and a near cache over them.
+async fn fresh() -> (Arc<MapCache>, Arc<HandSource>, NearCache) {
+    let (inner, source) = parts();
+    let near = near(&inner, &source).await;
+    (inner, source, near)
+}
+
 fn text(v: Option<Bytes>) -> Option<String> {
     v.map(|b| String::from_utf8(b.to_vec()).unwrap())
 }
 
 #[tokio::test]
 async fn a_hot_key_is_read_from_the_server_once_until_it_is_invalidated() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
-    let near = near(&inner, &source).await;
+    let (inner, source, near) = fresh().await;
     inner.put("k", "v1", None);
     for _ in 0..10 {
         assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v1"));
@@ -231,11 +235,7 @@ async fn a_hot_key_is_read_from_the_server_once_until_it_is_invalidated() {
 
 #[tokio::test]
 async fn a_write_through_the_near_cache_is_read_back_at_once() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
-    let near = near(&inner, &source).await;
+    let (_, _, near) = fresh().await;
     near.set("k", Bytes::from_static(b"v1"), None)
         .await
         .unwrap();
@@ -250,10 +250,7 @@ async fn a_write_through_the_near_cache_is_read_back_at_once() {
 
 #[tokio::test]
 async fn a_fill_overtaken_by_an_invalidation_does_not_keep_what_it_read() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
+    let (inner, source) = parts();
     let near = Arc::new(near(&inner, &source).await);
     inner.put("k", "old", None);
     let hold = Arc::new(tokio::sync::Notify::new());
@@ -277,11 +274,7 @@ async fn a_fill_overtaken_by_an_invalidation_does_not_keep_what_it_read() {
 
 #[tokio::test]
 async fn while_the_channel_is_lost_every_read_goes_to_the_server() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
-    let near = near(&inner, &source).await;
+    let (inner, source, near) = fresh().await;
     inner.put("k", "v1", None);
     near.get("k").await.unwrap();
     source.sink().lost();
@@ -307,11 +300,7 @@ async fn while_the_channel_is_lost_every_read_goes_to_the_server() {
 
 #[tokio::test]
 async fn an_entry_lives_no_longer_than_the_key_on_the_server() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
-    let near = near(&inner, &source).await;
+    let (inner, _, near) = fresh().await;
     inner.put("k", "v", Some(Duration::from_millis(50)));
     near.get("k").await.unwrap();
     tokio::time::sleep(Duration::from_millis(80)).await;
@@ -321,10 +310,7 @@ async fn an_entry_lives_no_longer_than_the_key_on_the_server() {
 
 #[tokio::test]
 async fn misses_are_remembered_only_when_asked() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
+    let (inner, source) = parts();
     let plain = near(&inner, &source).await;
     plain.get("absent").await.unwrap();
     plain.get("absent").await.unwrap();
@@ -397,11 +383,7 @@ async fn the_bounds_hold_entries_and_bytes() {
 #[tokio::test]
 async fn get_or_load_through_the_near_cache_loads_a_missing_key() {
     use crate::cache::{CacheExt, LoadOptions};
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
-    let near = near(&inner, &source).await;
+    let (_, _, near) = fresh().await;
     let loaded = tokio::time::timeout(
         Duration::from_secs(5),
         near.get_or_load(
@@ -418,10 +400,7 @@ async fn get_or_load_through_the_near_cache_loads_a_missing_key() {
 
 #[tokio::test]
 async fn a_read_after_an_invalidation_does_not_join_a_fill_that_began_before_it() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
+    let (inner, source) = parts();
     let near = Arc::new(near(&inner, &source).await);
     inner.put("k", "old", None);
     let hold = Arc::new(tokio::sync::Notify::new());
@@ -635,11 +614,7 @@ async fn a_caller_dropped_when_its_turn_came_hands_the_turn_on() {
 /// channel is lost and back, and not after it expired.
 #[tokio::test]
 async fn a_key_held_in_the_threads_front_follows_invalidations_and_expiry() {
-    let (inner, source) = (
-        Arc::new(MapCache::default()),
-        Arc::new(HandSource::default()),
-    );
-    let near = near(&inner, &source).await;
+    let (inner, source, near) = fresh().await;
     inner.put("k", "v1", None);
     for _ in 0..10 {
         assert_eq!(text(near.get("k").await.unwrap()).as_deref(), Some("v1"));
