@@ -1,7 +1,7 @@
 //! The near cache on the real Redis (required under
 //! `IMINFRA_REQUIRE_BACKENDS`): invalidations from writes of other
-//! clients, the tracking connection cut, the bounds, and the same on a
-//! cluster.
+//! clients, the tracking connection cut, the bounds, misses read
+//! together, and the same on a cluster.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -426,4 +426,73 @@ async fn one_redis_source_feeds_one_near_cache() -> Result<()> {
     ensure!(first.is_live());
     drop(first);
     s.close().await
+}
+
+/// Reads of many keys from many tasks at once, through a near cache too
+/// small to hold them, so most reads miss and the misses are read
+/// together: every read gets its own key's value (or its absence), on a
+/// single node and on a cluster.
+async fn concurrent_misses_each_get_their_own_key(
+    cache: Arc<dyn Cache>,
+    near: &NearCache,
+) -> Result<()> {
+    const KEYS: usize = 2_000;
+    let entries: Vec<(String, Bytes)> = (0..KEYS)
+        .filter(|i| !i.is_multiple_of(7)) // every seventh key is absent
+        .map(|i| (format!("k{i}"), Bytes::from(format!("value of k{i}"))))
+        .collect();
+    for chunk in entries.chunks(200) {
+        let chunk: Vec<(&str, Bytes)> =
+            chunk.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        cache.set_many(&chunk, None).await?;
+    }
+    // 32 readers at once: their misses queue behind the four reads of the
+    // server allowed at once, and are read together.
+    let readers = (0..32usize).map(|t| async move {
+        for n in 0..300usize {
+            let i = (t * 7919 + n * 104_729) % KEYS;
+            let got = near.get(&format!("k{i}")).await?;
+            let want = (!i.is_multiple_of(7)).then(|| format!("value of k{i}"));
+            ensure!(
+                got.as_deref() == want.as_deref().map(str::as_bytes),
+                "reader {t}, read {n}: k{i} read {got:?}, expected {want:?}"
+            );
+        }
+        Ok::<(), anyhow::Error>(())
+    });
+    futures::future::try_join_all(readers).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_each_get_their_own_key_on_one_node() -> Result<()> {
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    let s = setup(&url, |b| b.max_entries(50)).await?;
+    concurrent_misses_each_get_their_own_key(s.backend.cache().await?, &s.near).await?;
+    s.close().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_each_get_their_own_key_on_a_cluster() -> Result<()> {
+    let Some(urls) = server_or_skip("redis-cluster", REDIS_CLUSTER_ENV) else {
+        return Ok(());
+    };
+    let ns = format!("near-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let backend = RedisBackend::builder()
+        .cluster(urls.split(','))
+        .namespace(&ns)
+        .build()
+        .await?;
+    let cache = backend.cache().await?;
+    let near = NearCache::builder(cache.clone())
+        .invalidation(backend.invalidations())
+        .max_entries(50)
+        .build()
+        .await?;
+    concurrent_misses_each_get_their_own_key(cache, &near).await?;
+    backend.purge_namespace().await?;
+    backend.close().await?;
+    Ok(())
 }
