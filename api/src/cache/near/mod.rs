@@ -106,7 +106,9 @@ impl NearCacheBuilder {
         self
     }
 
-    /// At most `n` bytes of keys and values (default 64 MiB).
+    /// At most `n` bytes of keys and values (default 64 MiB) in the shared
+    /// store; each thread's copies of its hottest keys come on top (see the
+    /// [module](self)).
     #[must_use]
     pub fn max_bytes(mut self, n: u64) -> Self {
         self.max_bytes = n;
