@@ -391,6 +391,15 @@ impl Cache for NearCache {
         self.inner.get_with_ttl(key).await
     }
 
+    /// From the server, like [`get_with_ttl`](Cache::get_with_ttl).
+    async fn get_many_with_ttl<'k>(
+        &self,
+        keys: &[&'k str],
+    ) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
+        crate::validate::keys(keys)?;
+        self.inner.get_many_with_ttl(keys).await
+    }
+
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
         self.write(&[key], self.inner.incr_by(key, delta)).await
     }

@@ -718,3 +718,21 @@ async fn one_bad_key_in_a_batch_fails_only_its_caller() {
     );
     assert_eq!(reads.batcher.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn get_many_with_ttl_checks_its_keys_and_reads_the_server() {
+    let (inner, _, near) = fresh().await;
+    inner.put("a", "1", None);
+    let e = near.get_many_with_ttl(&[]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "no keys");
+    let e = near.get_many_with_ttl(&["a", ""]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "an empty key");
+    let read = near.get_many_with_ttl(&["a", "b"]).await.unwrap();
+    assert_eq!(
+        read,
+        vec![
+            (Some(Bytes::from_static(b"1")), KeyTtl::Persistent),
+            (None, KeyTtl::Missing)
+        ]
+    );
+}
