@@ -246,24 +246,10 @@ impl Cache for MysqlCache {
         outcome.map_err(|msg| Error::new(ErrorKind::InvalidState, msg))
     }
 
+    /// The one statement of `get_many_with_ttl`, lifetimes left out.
     async fn get_many<'k>(&self, keys: &[&'k str]) -> Result<Vec<Option<Bytes>>> {
-        let ks: Vec<Vec<u8>> = keys.iter().map(|k| self.shared.key(k)).collect();
-        let sql = format!(
-            "SELECT k, v FROM {} WHERE k IN ({}) AND {LIVE}",
-            self.table(),
-            placeholders(keys.len())
-        );
-        let params: Vec<Value> = ks.iter().cloned().map(Value::from).collect();
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = self
-            .shared
-            .db
-            .query(&sql, Params::Positional(params))
-            .await?;
-        let found: HashMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
-        Ok(ks
-            .iter()
-            .map(|k| found.get(k).cloned().map(Bytes::from))
-            .collect())
+        let read = self.get_many_with_ttl(keys).await?;
+        Ok(read.into_iter().map(|(value, _)| value).collect())
     }
 
     async fn set_many<'k>(
