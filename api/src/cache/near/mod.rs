@@ -257,9 +257,25 @@ impl NearCache {
         }
     }
 
-    async fn fill(&self, key: &str) -> Result<Option<Bytes>> {
-        let fill = self.state.begin(key);
-        // A fill dropped before it finishes forgets its token.
+    /// A read that missed: joins the key's read in flight, or reads it and
+    /// hands the answer to whoever joined meanwhile. A caller whose read was
+    /// abandoned (its reader cancelled) or overtaken by an invalidation
+    /// joins again.
+    async fn miss(&self, key: &str) -> Result<Option<Bytes>> {
+        loop {
+            match self.state.join(key) {
+                state::Joined::Lead(fill) => return self.fill(key, fill).await,
+                state::Joined::Wait(rx) => {
+                    if let Ok(outcome) = rx.await {
+                        return outcome;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fill(&self, key: &str, fill: state::Fill) -> Result<Option<Bytes>> {
+        // A fill dropped before it finishes forgets its flight.
         struct Abandon<'a>(&'a NearState, &'a str, Option<state::Fill>);
         impl Drop for Abandon<'_> {
             fn drop(&mut self) {
@@ -280,20 +296,28 @@ impl NearCache {
             read => read,
         };
         guard.2 = None;
-        let (value, ttl) = match read {
-            Ok(read) => read,
-            Err(e) => {
-                self.state.finish(key, fill, None);
-                return Err(e);
+        let (outcome, entry) = match read {
+            Ok((value, ttl)) => {
+                let entry = self.entry(value.as_ref(), ttl, asked);
+                (Ok(value), entry)
             }
+            Err(e) => (Err(e), None),
         };
+        for waiter in self.state.finish(key, fill, entry) {
+            let _ = waiter.send(outcome.clone());
+        }
+        outcome
+    }
+
+    /// What a fill keeps of a read asked at `asked`, if anything.
+    fn entry(&self, value: Option<&Bytes>, ttl: KeyTtl, asked: Instant) -> Option<Entry> {
         let keep = match ttl {
             KeyTtl::Expires(left) => Some(left.min(self.ttl)),
             KeyTtl::Persistent => Some(self.ttl),
             // Gone between the two reads: not kept.
             KeyTtl::Missing => None,
         };
-        let entry = match (&value, keep) {
+        match (value, keep) {
             (Some(v), Some(keep)) => Some(Entry {
                 value: Some(v.clone()),
                 expires: asked + keep,
@@ -303,9 +327,7 @@ impl NearCache {
                 expires: asked + self.ttl,
             }),
             _ => None,
-        };
-        self.state.finish(key, fill, entry);
-        Ok(value)
+        }
     }
 
     /// Runs a write, dropping `keys` near before and after it.
@@ -353,11 +375,7 @@ impl Cache for NearCache {
             }
         }
         metrics::counter!("im_infra_near_cache_misses_total").increment(1);
-        // Its own flights (not the cache's address, which `get_or_load`
-        // uses around this very call), one per invalidation epoch.
-        let instance = Arc::as_ptr(&self.state) as usize;
-        let flight = format!("{}\0{key}", self.state.epoch());
-        super::single_flight::run(instance, flight, || self.fill(key)).await
+        self.miss(key).await
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {

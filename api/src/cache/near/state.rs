@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
+use futures::channel::oneshot;
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::error::Result;
 
 /// One cached answer: a value, or a remembered miss, until `expires`.
 #[derive(Debug, Clone)]
@@ -49,11 +52,38 @@ impl quick_cache::Lifecycle<String, Entry> for CountEvictions {
 pub(crate) type Entries =
     quick_cache::sync::Cache<String, Entry, Weight, foldhash::fast::RandomState, CountEvictions>;
 
-/// A fill in progress: its key's token and the generation it started in.
+/// What a read that missed gets.
+pub(crate) type Outcome = Result<Option<Bytes>>;
+
+/// A fill in progress: its token in its key's flight.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Fill {
     token: u64,
-    generation: u64,
+}
+
+/// A read that missed: it reads the key itself, or waits for the read in
+/// flight.
+pub(crate) enum Joined {
+    /// No read of the key was in flight: this caller reads it, then calls
+    /// [`NearState::finish`] (or [`NearState::abandon`]).
+    Lead(Fill),
+    /// A read of the key is in flight: its answer comes here. A closed
+    /// channel means the read was abandoned or overtaken by an
+    /// invalidation: join again.
+    Wait(oneshot::Receiver<Outcome>),
+}
+
+/// The read in flight for one key and the callers waiting for it.
+struct Flight {
+    token: u64,
+    waiters: Vec<oneshot::Sender<Outcome>>,
+}
+
+/// One shard of the reads in flight.
+#[derive(Default)]
+struct Shard {
+    next_token: u64,
+    flights: HashMap<String, Flight, foldhash::fast::RandomState>,
 }
 
 pub(crate) struct NearState {
@@ -61,25 +91,23 @@ pub(crate) struct NearState {
     /// the threads' fronts are told apart by it.
     pub(crate) id: u64,
     pub(crate) entries: Entries,
-    /// Held (shared) by a fill between its last check and its insert, and
-    /// (exclusive) by dropping everything: so no fill that started before
-    /// a drop can store after it.
-    drop_all: RwLock<()>,
     /// Whether invalidations are flowing (always, with a staleness bound
     /// instead of a channel). While false every read goes to the server.
     live: AtomicBool,
-    /// Bumped when everything is dropped at once (channel lost, flush).
-    generation: AtomicU64,
     /// Bumped when the channel comes (back) up.
     readies: AtomicU64,
-    /// Bumped by every invalidation: a read joins only a fill that began
-    /// in the same epoch, so no caller gets a value an invalidation it
-    /// could have seen overtook.
+    /// Bumped by every invalidation, after the entries changed: a copy of
+    /// an entry outside the store (a thread's front) answers only in the
+    /// epoch it was taken in.
     epoch: AtomicU64,
-    next_token: AtomicU64,
-    /// Fills in progress, by key: an invalidation of the key removes its
-    /// token, so the fill does not store what it read.
-    pending: [Mutex<HashMap<String, u64>>; SHARDS],
+    /// Reads in flight, by key (one per key: the single flight of misses).
+    /// A fill stores only if its flight is still there when it finishes,
+    /// and stores under its shard's lock; an invalidation removes the
+    /// key's flight under the same lock, and dropping everything removes
+    /// every flight under all of them. So nothing read before an
+    /// invalidation is stored after it, nor handed to a caller that came
+    /// after it.
+    flights: [Mutex<Shard>; SHARDS],
 }
 
 impl NearState {
@@ -88,20 +116,22 @@ impl NearState {
         NearState {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             entries,
-            drop_all: RwLock::new(()),
             live: AtomicBool::new(live),
-            generation: AtomicU64::new(0),
             readies: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
-            next_token: AtomicU64::new(1),
-            pending: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            flights: std::array::from_fn(|_| Mutex::new(Shard::default())),
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, u64>> {
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
         use std::hash::BuildHasher;
         let h = foldhash::fast::FixedState::default().hash_one(key);
-        &self.pending[(h as usize) % SHARDS]
+        self.flights[(h as usize) % SHARDS].lock()
+    }
+
+    /// Every shard, locked in order: nothing is stored meanwhile.
+    fn exclusive(&self) -> [MutexGuard<'_, Shard>; SHARDS] {
+        std::array::from_fn(|i| self.flights[i].lock())
     }
 
     /// The invalidation epoch (see the field).
@@ -113,75 +143,95 @@ impl NearState {
         self.live.load(Ordering::Acquire)
     }
 
-    /// Begins a fill of `key`.
-    pub(crate) fn begin(&self, key: &str) -> Fill {
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        // The generation is read before the token is visible: a loss after
-        // this point is seen at `finish`.
-        let generation = self.generation.load(Ordering::Acquire);
-        self.shard(key).lock().insert(key.to_owned(), token);
-        Fill { token, generation }
+    /// A read of `key` missed: lead its fill, or wait for the one in
+    /// flight.
+    pub(crate) fn join(&self, key: &str) -> Joined {
+        let mut shard = self.shard(key);
+        if let Some(flight) = shard.flights.get_mut(key) {
+            let (tx, rx) = oneshot::channel();
+            flight.waiters.push(tx);
+            return Joined::Wait(rx);
+        }
+        shard.next_token += 1;
+        let token = shard.next_token;
+        shard.flights.insert(
+            key.to_owned(),
+            Flight {
+                token,
+                waiters: Vec::new(),
+            },
+        );
+        Joined::Lead(Fill { token })
     }
 
     /// Ends a fill: stores `entry` unless the key was invalidated, the
-    /// channel lost, or everything dropped since [`begin`](Self::begin).
-    /// Returns whether it was stored.
-    pub(crate) fn finish(&self, key: &str, fill: Fill, entry: Option<Entry>) -> bool {
-        let _no_drop_meanwhile = self.drop_all.read();
-        let mut pending = self.shard(key).lock();
-        let ours = pending.get(key) == Some(&fill.token);
-        if ours {
-            pending.remove(key);
+    /// channel lost, or everything dropped since [`join`](Self::join).
+    /// Returns the callers waiting for the answer (none if the fill was
+    /// overtaken: they were told to join again).
+    pub(crate) fn finish(
+        &self,
+        key: &str,
+        fill: Fill,
+        entry: Option<Entry>,
+    ) -> Vec<oneshot::Sender<Outcome>> {
+        let mut shard = self.shard(key);
+        if shard.flights.get(key).is_none_or(|f| f.token != fill.token) {
+            return Vec::new();
         }
-        let store =
-            ours && self.is_live() && self.generation.load(Ordering::Acquire) == fill.generation;
-        match entry {
+        let Some((key, flight)) = shard.flights.remove_entry(key) else {
+            return Vec::new();
+        };
+        if let Some(entry) = entry.filter(|_| self.is_live()) {
             // Inserted under the shard's lock: an invalidation of this key
             // waits for it, then removes it.
-            Some(entry) if store => {
-                self.entries.insert(key.to_owned(), entry);
-                true
-            }
-            _ => false,
+            self.entries.insert(key, entry);
         }
+        flight.waiters
     }
 
-    /// Forgets a fill that will not finish (its caller was cancelled).
+    /// Forgets a fill that will not finish (its caller was cancelled): its
+    /// waiters join again.
     pub(crate) fn abandon(&self, key: &str, fill: Fill) {
-        let mut pending = self.shard(key).lock();
-        if pending.get(key) == Some(&fill.token) {
-            pending.remove(key);
+        let mut shard = self.shard(key);
+        if shard
+            .flights
+            .get(key)
+            .is_some_and(|f| f.token == fill.token)
+        {
+            shard.flights.remove(key);
         }
     }
 
-    /// Drops `key` and any fill of it in progress.
+    /// Drops `key` and any fill of it in flight.
     pub(crate) fn invalidate(&self, key: &str) {
-        let mut pending = self.shard(key).lock();
-        pending.remove(key);
+        let mut shard = self.shard(key);
+        shard.flights.remove(key);
         self.entries.remove(key);
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Drops everything, including fills in progress.
+    /// Drops everything, including fills in flight.
     pub(crate) fn invalidate_all(&self) {
-        let _exclusive = self.drop_all.write();
-        self.drop_everything();
+        let mut shards = self.exclusive();
+        self.drop_everything(&mut shards);
     }
 
-    /// Under `drop_all`, exclusively.
-    fn drop_everything(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// Under every shard's lock.
+    fn drop_everything(&self, shards: &mut [MutexGuard<'_, Shard>; SHARDS]) {
+        for shard in shards.iter_mut() {
+            shard.flights.clear();
+        }
         self.entries.clear();
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The channel is down: drop everything and read from the server until
-    /// [`ready`](Self::ready). Ordered with `ready` by `drop_all`: the
-    /// later of the two wins.
+    /// [`ready`](Self::ready). Ordered with `ready` by the shards' locks:
+    /// the later of the two wins.
     pub(crate) fn lost(&self) {
-        let _exclusive = self.drop_all.write();
+        let mut shards = self.exclusive();
         self.live.store(false, Ordering::Release);
-        self.drop_everything();
+        self.drop_everything(&mut shards);
     }
 
     /// How many times the channel came up (see
@@ -194,19 +244,19 @@ impl NearState {
     /// `readies` read `seen`: a failure the source has already recovered
     /// from must not leave the cache bypassed.
     pub(crate) fn lost_unless_ready_since(&self, seen: u64) {
-        let _exclusive = self.drop_all.write();
+        let mut shards = self.exclusive();
         if self.readies.load(Ordering::Acquire) == seen {
             self.live.store(false, Ordering::Release);
-            self.drop_everything();
+            self.drop_everything(&mut shards);
         }
     }
 
     /// The channel is (back) up: entries may be kept again.
     pub(crate) fn ready(&self) {
-        let _exclusive = self.drop_all.write();
-        // Whatever was cached before the channel came back may have missed
-        // invalidations while it was down.
-        self.drop_everything();
+        let mut shards = self.exclusive();
+        // Whatever was cached or read before the channel came back may
+        // have missed invalidations while it was down.
+        self.drop_everything(&mut shards);
         self.readies.fetch_add(1, Ordering::AcqRel);
         self.live.store(true, Ordering::Release);
     }

@@ -426,6 +426,43 @@ async fn a_read_after_an_invalidation_does_not_join_a_fill_that_began_before_it(
     assert_eq!(text(first.await.unwrap().unwrap()).as_deref(), Some("old"));
 }
 
+#[tokio::test]
+async fn a_read_after_the_channel_came_back_does_not_join_a_fill_from_before_the_loss() {
+    let (inner, source) = parts();
+    let near = Arc::new(near(&inner, &source).await);
+    inner.put("k", "old", None);
+    let hold = Arc::new(tokio::sync::Notify::new());
+    *inner.hold.lock() = Some(hold.clone());
+    let first = {
+        let near = near.clone();
+        tokio::spawn(async move { near.get("k").await })
+    };
+    while inner.gets.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The first read holds "old"; the channel drops, a write goes unseen,
+    // the channel comes back.
+    source.sink().lost();
+    inner.put("k", "new", None);
+    source.sink().ready();
+    *inner.hold.lock() = None;
+    let second = tokio::time::timeout(Duration::from_secs(5), near.get("k"))
+        .await
+        .expect("a read after the recovery waits for no read from before the loss");
+    assert_eq!(
+        text(second.unwrap()).as_deref(),
+        Some("new"),
+        "a read after the recovery"
+    );
+    hold.notify_one();
+    assert_eq!(text(first.await.unwrap().unwrap()).as_deref(), Some("old"));
+    assert_eq!(
+        text(near.get("k").await.unwrap()).as_deref(),
+        Some("new"),
+        "the older read was not kept"
+    );
+}
+
 #[test]
 fn hits_misses_bypasses_invalidations_and_evictions_are_counted() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
