@@ -12,10 +12,12 @@
 //! fault (a Redis key holding another type), so each caller then reads its
 //! own key alone.
 //!
-//! Cancellation: a caller dropped while it reads for others drops their
-//! answers' senders; they read their keys on their own. A caller dropped
-//! while queued is skipped (its key may still be read). The right to read
-//! is handed on even when the caller it was handed to has gone.
+//! Cancellation: a caller dropped while it reads for others hands the
+//! right to read to the first of them, who reads for itself and the rest.
+//! A caller dropped while queued is skipped (its key may still be read).
+//! The right to read is handed on even when the caller it was handed to
+//! has gone, so no cancellation lets more reads out at once than the
+//! bound, nor loses one.
 
 use std::collections::VecDeque;
 
@@ -83,7 +85,8 @@ impl Batcher {
                 match (&mut queued.rx).await {
                     Ok(Message::Answer(read)) => return read,
                     Ok(Message::Lead(others)) => others,
-                    // The caller reading for us was dropped: read alone.
+                    // The caller reading for us failed on another key's
+                    // error: read alone.
                     Err(oneshot::Canceled) => return inner.get_with_ttl(key).await,
                 }
             }
@@ -198,10 +201,12 @@ impl Leading<'_> {
 
 impl Drop for Leading<'_> {
     fn drop(&mut self) {
-        // Unanswered callers (a dropped read) see their sender go and read
-        // on their own.
-        self.others.clear();
-        self.batcher.release();
+        // Unanswered callers (a dropped read) get the right to read: the
+        // first of them still waiting reads for itself and the rest, so a
+        // dropped read lets no more reads out at once than the bound.
+        if !hand_on(std::mem::take(&mut self.others)) {
+            self.batcher.release();
+        }
     }
 }
 

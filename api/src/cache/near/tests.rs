@@ -583,7 +583,7 @@ async fn misses_that_wait_for_a_free_read_are_read_together() {
 }
 
 #[tokio::test]
-async fn callers_of_a_dropped_read_read_alone() {
+async fn callers_of_a_dropped_read_are_read_for_by_the_next_of_them() {
     use super::batch::MAX_IN_FLIGHT;
     let n = MAX_IN_FLIGHT + 3;
     let reads = HeldReads::new(n);
@@ -600,15 +600,23 @@ async fn callers_of_a_dropped_read_read_alone() {
         1,
         "it reads for all three"
     );
-    // It goes too, mid-read: the two it read for read on their own.
+    // It goes too, mid-read: the next of the two it read for reads for
+    // both, on the right to read it leaves, so no more reads are out at
+    // once than the bound.
     futs[leader] = None;
+    assert_eq!(reads.batcher.in_flight(), MAX_IN_FLIGHT);
     reads.open();
     for (i, f) in futs.into_iter().enumerate() {
         if let Some(f) = f {
             assert_eq!(f.await, format!("v{i}"));
         }
     }
-    assert_eq!(reads.inner.batches.lock().len(), 1, "no second batch");
+    let second: Vec<String> = (leader + 1..n).map(|i| format!("k{i}")).collect();
+    assert_eq!(
+        reads.inner.batches.lock().get(1),
+        Some(&second),
+        "the two left are read together"
+    );
     assert_eq!(
         reads.batcher.in_flight(),
         0,
