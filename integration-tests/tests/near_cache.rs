@@ -1,7 +1,7 @@
 //! The near cache on the real Redis (required under
 //! `IMINFRA_REQUIRE_BACKENDS`): invalidations from writes of other
-//! clients, the tracking connection cut, the bounds, misses read
-//! together, and the same on a cluster.
+//! clients, the tracking connection cut, the network frozen, the bounds,
+//! misses read together (a freeze among them), and the same on a cluster.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -252,6 +252,105 @@ async fn a_frozen_network_stops_answers_from_memory_within_two_heartbeats() -> R
         "after the thaw: {read:?}"
     );
     s.close().await
+}
+
+/// The network to Redis freezes while 32 readers' misses are being read
+/// together, and another client rewrites every key meanwhile: no read
+/// hangs (each ends, with a value or an error, within a bound set by the
+/// response timeout), and after the thaw every key reads its new value, so
+/// no read was lost from the batcher's bound of reads at once and nothing
+/// read before the freeze was kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_frozen_mid_batch_ends_every_read_in_time_and_keeps_nothing_old() -> Result<()> {
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    const KEYS: usize = 400;
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    let proxy = FreezeProxy::for_url(&url).await?;
+    let ns = format!("near-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let backend = RedisBackend::builder()
+        .url(proxy.url(&url)?)
+        .namespace(&ns)
+        .response_timeout(TIMEOUT)
+        .build()
+        .await?;
+    let near = NearCache::builder(backend.cache().await?)
+        .invalidation(backend.invalidations())
+        .max_entries(50)
+        .build()
+        .await?;
+    let mut direct = redis::Client::open(url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let full = |i: usize| format!("{ns}:c:k{i}");
+    for i in 0..KEYS {
+        let _: () = direct.set(full(i), "before").await?;
+    }
+    near.sync().await;
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    let slowest = parking_lot::Mutex::new(Duration::ZERO);
+    let readers = futures::future::join_all((0..32usize).map(|t| {
+        let (near, stop, failed, slowest) = (&near, &stop, &failed, &slowest);
+        async move {
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = (t * 7919 + n * 104_729) % KEYS;
+                let started = Instant::now();
+                if near.get(&format!("k{i}")).await.is_err() {
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let took = started.elapsed();
+                let mut worst = slowest.lock();
+                *worst = (*worst).max(took);
+                n += 1;
+            }
+        }
+    }));
+    let control = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.freeze();
+        for i in 0..KEYS {
+            let _: () = direct.set(full(i), "after").await?;
+        }
+        tokio::time::sleep(TIMEOUT * 4 + TRACKING_HEARTBEAT * 2).await;
+        proxy.thaw();
+        live_again(&near, Duration::from_secs(10)).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok::<(), anyhow::Error>(())
+    };
+    let (_, controlled) = tokio::join!(readers, control);
+    controlled?;
+    let (failed, slowest) = (failed.into_inner(), slowest.into_inner());
+    println!("{failed} reads failed during the freeze; the slowest read took {slowest:?}");
+    ensure!(failed > 0, "the freeze reached reads in flight");
+    // A miss may wait on the flight of its key, whose reader waits for a
+    // read of the server to end before it reads: three response timeouts
+    // at most (1.5 s measured), and a second of slack.
+    let bound = TIMEOUT * 3 + Duration::from_secs(1);
+    ensure!(slowest < bound, "a read took {slowest:?} (bound {bound:?})");
+
+    near.sync().await;
+    let reads = (0..KEYS).map(|i| {
+        let near = &near;
+        async move {
+            let got = tokio::time::timeout(Duration::from_secs(5), near.get(&format!("k{i}")))
+                .await
+                .context("a read after the thaw waits for nothing lost")??;
+            ensure!(
+                got.as_deref() == Some(&b"after"[..]),
+                "k{i} read {got:?} after the thaw"
+            );
+            Ok::<(), anyhow::Error>(())
+        }
+    });
+    futures::future::try_join_all(reads).await?;
+    backend.purge_namespace().await?;
+    backend.close().await?;
+    Ok(())
 }
 
 /// 2,000 values of 1 KiB through a near cache of 256 KiB: it never holds
