@@ -8,7 +8,8 @@
 //! string. `im-infra/check` is what a service calls: `Limiter::check`
 //! through the `Arc<dyn Limiter>` that `Backend::limiter` hands out
 //! (argument checks, span and metrics included, no subscriber or recorder
-//! installed), awaited in place. The multi-threaded group runs two threads
+//! installed), awaited in place; `im-infra/decision-alone` is the bucket
+//! decision without that call around it. The multi-threaded group runs two threads
 //! on disjoint key sets of one shared limiter. At the end the run prints
 //! the throughput ratios against governor.
 
@@ -74,6 +75,23 @@ fn single_thread(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % KEYS;
             black_box(allowed(&*lim, &keys[i]))
+        })
+    });
+    // The decision alone, without the trait call around it (argument
+    // checks, `Check`, the dynamic call, the telemetry layer): what the
+    // layering costs is the difference with `im-infra/check`.
+    let local = im_infra::ratelimit::LocalLimiter::new(
+        Rules::single("api", Rule::per_second(1_000_000)).expect("valid rule"),
+    );
+    let mut i = 0usize;
+    g.bench_function("im-infra/decision-alone", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(
+                local
+                    .decide_unchecked("api", &keys[i], 1)
+                    .is_ok_and(|d| d.allowed),
+            )
         })
     });
     g.finish();
