@@ -55,6 +55,7 @@ pub mod cases;
 pub mod containers;
 pub mod faults;
 pub mod harness;
+pub mod maintained;
 pub mod proxy;
 pub mod servers;
 

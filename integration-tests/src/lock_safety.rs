@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::lock::DistributedLock;
 use im_infra_etcd::{EtcdBackend, EtcdSettings};
 use im_infra_mysql::MysqlBackend;

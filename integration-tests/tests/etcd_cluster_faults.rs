@@ -26,7 +26,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::config::{ConfigCenterExt, WatchOptions};
 use im_infra::lock::LockOptions;
 use im_infra::registry::ServiceInstance;

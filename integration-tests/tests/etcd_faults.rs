@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::config::{ConfigCenterExt, WatchOptions};
 use im_infra::lock::LockOptions;
 use im_infra_conformance::faults::{events_until, set_retrying};

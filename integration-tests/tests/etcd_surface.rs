@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::lock::LockOptions;
 use im_infra::ErrorKind;
 use im_infra_conformance::servers::{server_or_skip, ETCD_ENV};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Result};
 use bytes::Bytes;
 use futures::StreamExt;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::config::{ConfigCenterExt, ConfigEventKind, WatchOptions};
 use im_infra::lock::LockOptions;
 use im_infra::once::Claim;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use bytes::Bytes;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::ErrorKind;
 use im_infra_conformance::servers::{server_or_skip, MYSQL_ENV};
 use im_infra_mysql::{Db, MysqlBackend, MysqlSettings, SCHEMA_VERSION};

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use bytes::Bytes;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::config::ConfigCenterExt;
 use im_infra::ErrorKind;
 use im_infra_conformance::cases::eventually;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::cache::near::NearCache;
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenterExt;

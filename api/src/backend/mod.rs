@@ -21,6 +21,7 @@
 //! ```
 
 mod handed_out;
+mod maintenance;
 
 use std::sync::Arc;
 
@@ -93,6 +94,7 @@ impl std::fmt::Display for Capability {
 }
 
 pub use handed_out::{Closable, HandedOut};
+pub use maintenance::Maintenance;
 
 /// A backend (memory, etcd, Redis, MySQL, Kafka, noop) seen as a whole.
 ///

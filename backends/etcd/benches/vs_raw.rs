@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::config::ConfigCenterExt;
 use im_infra::lock::LockOptions;
 use im_infra_bench_support::{compare_throughput, latency_ms, server_env, Rounds};

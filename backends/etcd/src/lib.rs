@@ -55,7 +55,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability, HandedOut};
+use im_infra::backend::{Backend, Capability, HandedOut, Maintenance};
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
     ObservedConfigCenter, ObservedDiscovery, ObservedLock, ObservedOnce, ObservedRegistry,
@@ -352,26 +352,30 @@ impl EtcdBackend {
     pub fn client(&self) -> Result<etcd_client::Client> {
         self.conn.client()
     }
+}
 
+/// Tear-down and fault injection (see [`Maintenance`]).
+#[async_trait]
+impl Maintenance for EtcdBackend {
     /// Fault injection: revokes the lease of a registered instance; its
     /// registry notices and registers it again.
-    pub async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
+    async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
         registry::revoke(&self.conn, service, id).await
     }
 
     /// Fault injection: revokes the lease of a worker id.
-    pub async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
+    async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
         worker_id::revoke(&self.conn, id).await
     }
 
     /// Compacts etcd's history up to now (watches resuming from older
     /// revisions then resynchronise).
-    pub async fn compact_config_history(&self) -> Result<()> {
+    async fn compact_config_history(&self) -> Result<()> {
         config_center::compact(&self.conn).await
     }
 
     /// Deletes every key under the namespace (refuses an empty namespace).
-    pub async fn purge_namespace(&self) -> Result<u64> {
+    async fn purge_namespace(&self) -> Result<u64> {
         let ns = self.conn.settings().namespace.clone();
         if ns.is_empty() {
             return Err(im_infra::Error::invalid_argument(

@@ -11,12 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use async_trait::async_trait;
-use im_infra::backend::Backend;
 use im_infra_conformance::cases::unique;
 use im_infra_conformance::servers::ETCD_ENV;
-use im_infra_conformance::{Fixture, Hooks, SuiteKind, Target, World};
+use im_infra_conformance::{maintained, Fixture, SuiteKind, Target, World};
 
 use crate::{EtcdBackend, EtcdSettings};
 
@@ -38,63 +37,18 @@ struct EtcdFixture {
     endpoints: Vec<String>,
 }
 
-struct EtcdHooks {
-    endpoints: Vec<String>,
-    ns: String,
-    backend: EtcdBackend,
-    peer: EtcdBackend,
-}
-
-async fn connect(endpoints: &[String], ns: &str) -> Result<EtcdBackend> {
-    let mut settings = EtcdSettings::with_endpoints(endpoints.iter().cloned());
-    settings.namespace = ns.to_owned();
+async fn connect(endpoints: Vec<String>, ns: String) -> Result<EtcdBackend> {
+    let mut settings = EtcdSettings::with_endpoints(endpoints);
+    settings.namespace = ns;
     settings.request_timeout = Duration::from_secs(10);
     Ok(EtcdBackend::builder().settings(settings).build().await?)
 }
 
 #[async_trait]
-impl Hooks for EtcdHooks {
-    async fn revoke_registration(&self, service: &str, id: &str) -> Result<()> {
-        let revoked = self.backend.revoke_registration(service, id).await?;
-        ensure!(revoked, "{service}/{id} was not registered");
-        Ok(())
-    }
-
-    async fn revoke_worker_id(&self, id: u64) -> Result<()> {
-        let revoked = self.backend.revoke_worker_id(id).await?;
-        ensure!(revoked, "worker id {id} was not leased");
-        Ok(())
-    }
-
-    async fn compact_config_history(&self) -> Result<()> {
-        Ok(self.backend.compact_config_history().await?)
-    }
-
-    async fn cleanup(&self) -> Result<()> {
-        self.peer.close().await?;
-        self.backend.close().await?;
-        let sweeper = connect(&self.endpoints, &self.ns).await?;
-        sweeper.purge_namespace().await?;
-        sweeper.close().await?;
-        Ok(())
-    }
-}
-
-#[async_trait]
 impl Fixture for EtcdFixture {
     async fn world(&self) -> Result<World> {
+        let endpoints = self.endpoints.clone();
         let ns = format!("/{}", unique("t"));
-        let backend = connect(&self.endpoints, &ns).await?;
-        let peer = connect(&self.endpoints, &ns).await?;
-        Ok(World {
-            backend: Arc::new(backend.clone()),
-            peer: Arc::new(peer.clone()),
-            hooks: Arc::new(EtcdHooks {
-                endpoints: self.endpoints.clone(),
-                ns,
-                backend,
-                peer,
-            }),
-        })
+        maintained::world(ns, move |ns| connect(endpoints.clone(), ns)).await
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::lock::LockOptions;
 use im_infra_bench_support::{compare_throughput, server_env, Rounds};
 use im_infra_mysql::mysql_async::prelude::Queryable;

@@ -60,7 +60,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability};
+use im_infra::backend::{Backend, Capability, Maintenance};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
@@ -234,24 +234,28 @@ impl MysqlBackend {
         }
     }
 
+    /// Runs one pass of the background purge now; returns the rows deleted.
+    pub async fn purge_expired(&self) -> Result<u64> {
+        purge::purge_once(&self.shared).await
+    }
+}
+
+/// Tear-down and fault injection (see [`Maintenance`]).
+#[async_trait]
+impl Maintenance for MysqlBackend {
     /// Fault injection: deletes a worker-id lease as if it had expired.
-    pub async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
+    async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
         worker_id::revoke(&self.shared, id).await
     }
 
     /// Deletes the whole config change log, so that watches resuming from
     /// an older version must resynchronise from the current state.
-    pub async fn compact_config_history(&self) -> Result<()> {
+    async fn compact_config_history(&self) -> Result<()> {
         config_center::compact(&self.shared).await.map(drop)
     }
 
-    /// Runs one pass of the background purge now; returns the rows deleted.
-    pub async fn purge_expired(&self) -> Result<u64> {
-        purge::purge_once(&self.shared).await
-    }
-
-    /// Deletes every row of the namespace (for tests and tear-down tools).
-    pub async fn purge_namespace(&self) -> Result<u64> {
+    /// Deletes every row of the namespace.
+    async fn purge_namespace(&self) -> Result<u64> {
         let s = &self.shared;
         let (low, high) = s.key_range("");
         let mut deleted = 0;

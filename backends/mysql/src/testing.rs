@@ -11,12 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use async_trait::async_trait;
-use im_infra::backend::Backend;
 use im_infra_conformance::cases::unique;
 use im_infra_conformance::servers::MYSQL_ENV;
-use im_infra_conformance::{Fixture, Hooks, SuiteKind, Target, World};
+use im_infra_conformance::{maintained, Fixture, SuiteKind, Target, World};
 
 use crate::MysqlBackend;
 
@@ -41,12 +40,7 @@ struct MysqlFixture {
     url: String,
 }
 
-struct MysqlHooks {
-    backend: MysqlBackend,
-    peer: MysqlBackend,
-}
-
-async fn connect(url: &str, ns: &str) -> Result<MysqlBackend> {
+async fn connect(url: String, ns: String) -> Result<MysqlBackend> {
     Ok(MysqlBackend::builder()
         .url(url)
         .namespace(ns)
@@ -58,35 +52,10 @@ async fn connect(url: &str, ns: &str) -> Result<MysqlBackend> {
 }
 
 #[async_trait]
-impl Hooks for MysqlHooks {
-    async fn revoke_worker_id(&self, id: u64) -> Result<()> {
-        let revoked = self.backend.revoke_worker_id(id).await?;
-        ensure!(revoked, "worker id {id} was not leased");
-        Ok(())
-    }
-
-    async fn compact_config_history(&self) -> Result<()> {
-        Ok(self.backend.compact_config_history().await?)
-    }
-
-    async fn cleanup(&self) -> Result<()> {
-        self.peer.close().await?;
-        self.backend.purge_namespace().await?;
-        self.backend.close().await?;
-        Ok(())
-    }
-}
-
-#[async_trait]
 impl Fixture for MysqlFixture {
     async fn world(&self) -> Result<World> {
+        let url = self.url.clone();
         let ns = format!("{}/", unique("t"));
-        let backend = connect(&self.url, &ns).await?;
-        let peer = connect(&self.url, &ns).await?;
-        Ok(World {
-            backend: Arc::new(backend.clone()),
-            peer: Arc::new(peer.clone()),
-            hooks: Arc::new(MysqlHooks { backend, peer }),
-        })
+        maintained::world(ns, move |ns| connect(url.clone(), ns)).await
     }
 }

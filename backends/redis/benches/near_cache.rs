@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::cache::near::NearCache;
 use im_infra::cache::Cache;
 use im_infra_bench_support::{compare_throughput, server_env, Rounds};

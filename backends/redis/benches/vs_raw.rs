@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::ratelimit::{gcra, Limiter, Rule, Rules};
 use im_infra_bench_support::{compare_throughput, server_env, Rounds};
 use im_infra_redis::{gcra_script, RedisBackend};

@@ -101,7 +101,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability, HandedOut};
+use im_infra::backend::{Backend, Capability, HandedOut, Maintenance};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
@@ -328,10 +328,14 @@ impl RedisBackend {
     pub fn limiter_without_policy(&self, rules: &Rules) -> RedisLimiter {
         RedisLimiter::new(self.shared.clone(), rules)
     }
+}
 
+/// Tear-down and fault injection (see [`Maintenance`]).
+#[async_trait]
+impl Maintenance for RedisBackend {
     /// Fault injection: removes a registered instance as if its lease had
     /// expired. Its registry notices and registers it again.
-    pub async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
+    async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
         let ops = &self.shared.ops;
         ops.revoke_registration
             .run(registry::revoke(&self.shared, service, id))
@@ -339,7 +343,7 @@ impl RedisBackend {
     }
 
     /// Fault injection: deletes a worker-id lease as if it had expired.
-    pub async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
+    async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
         let ops = &self.shared.ops;
         ops.revoke_worker_id
             .run(worker_id::revoke(&self.shared, id))
@@ -348,7 +352,7 @@ impl RedisBackend {
 
     /// Trims the config change stream to nothing, so that watches resuming
     /// from an older version must resynchronise from the current state.
-    pub async fn compact_config_history(&self) -> Result<()> {
+    async fn compact_config_history(&self) -> Result<()> {
         let shared = &self.shared;
         let mut xtrim = redis::cmd("XTRIM");
         xtrim.arg(shared.keys.cfg("log")).arg("MAXLEN").arg(0);
@@ -360,12 +364,14 @@ impl RedisBackend {
             .map(drop)
     }
 
-    /// Deletes every key of the namespace (for tests and tear-down tools).
-    pub async fn purge_namespace(&self) -> Result<u64> {
+    /// Deletes every key of the namespace.
+    async fn purge_namespace(&self) -> Result<u64> {
         let ops = &self.shared.ops;
         ops.purge_namespace.run(self.purge()).await
     }
+}
 
+impl RedisBackend {
     async fn purge(&self) -> Result<u64> {
         let (client, all) = (&self.shared.client, self.shared.keys.all());
         if client.settings().is_cluster() {

@@ -12,12 +12,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use async_trait::async_trait;
-use im_infra::backend::Backend;
 use im_infra_conformance::cases::unique;
 use im_infra_conformance::servers::{REDIS_CLUSTER_ENV, REDIS_ENV};
-use im_infra_conformance::{Fixture, Hooks, SuiteKind, Target, World};
+use im_infra_conformance::{maintained, Fixture, SuiteKind, Target, World};
 
 use crate::{RedisBackend, RedisSettings};
 
@@ -52,65 +51,19 @@ struct RedisFixture {
     url: String,
 }
 
-struct RedisHooks {
-    url: String,
-    ns: String,
-    backend: RedisBackend,
-    peer: RedisBackend,
-}
-
 /// One URL, or several separated by commas (a Redis Cluster).
-async fn connect(urls: &str, ns: &str) -> Result<RedisBackend> {
-    let mut settings = RedisSettings::new(urls);
+async fn connect(urls: String, ns: String) -> Result<RedisBackend> {
+    let mut settings = RedisSettings::new(&urls);
     settings.urls = urls.split(',').map(str::to_owned).collect();
-    settings.namespace = ns.to_owned();
+    settings.namespace = ns;
     settings.response_timeout = Duration::from_secs(5);
     Ok(RedisBackend::builder().settings(settings).build().await?)
 }
 
 #[async_trait]
-impl Hooks for RedisHooks {
-    async fn revoke_registration(&self, service: &str, id: &str) -> Result<()> {
-        let revoked = self.backend.revoke_registration(service, id).await?;
-        ensure!(revoked, "{service}/{id} was not registered");
-        Ok(())
-    }
-
-    async fn revoke_worker_id(&self, id: u64) -> Result<()> {
-        let revoked = self.backend.revoke_worker_id(id).await?;
-        ensure!(revoked, "worker id {id} was not leased");
-        Ok(())
-    }
-
-    async fn compact_config_history(&self) -> Result<()> {
-        Ok(self.backend.compact_config_history().await?)
-    }
-
-    async fn cleanup(&self) -> Result<()> {
-        self.peer.close().await?;
-        self.backend.close().await?;
-        let sweeper = connect(&self.url, &self.ns).await?;
-        sweeper.purge_namespace().await?;
-        sweeper.close().await?;
-        Ok(())
-    }
-}
-
-#[async_trait]
 impl Fixture for RedisFixture {
     async fn world(&self) -> Result<World> {
-        let ns = unique("t");
-        let backend = connect(&self.url, &ns).await?;
-        let peer = connect(&self.url, &ns).await?;
-        Ok(World {
-            backend: Arc::new(backend.clone()),
-            peer: Arc::new(peer.clone()),
-            hooks: Arc::new(RedisHooks {
-                url: self.url.clone(),
-                ns,
-                backend,
-                peer,
-            }),
-        })
+        let url = self.url.clone();
+        maintained::world(unique("t"), move |ns| connect(url.clone(), ns)).await
     }
 }

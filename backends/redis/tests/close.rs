@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::ratelimit::{FailurePolicy, LimiterSettings, Rule, Rules};
 use im_infra::registry::ServiceInstance;
 use im_infra::ErrorKind;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::config::ConfigCenterExt;
 use im_infra::ratelimit::{LimiterSettings, Rule};
 use im_infra_conformance::servers::server_or_skip;

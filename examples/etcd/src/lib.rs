@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra::registry::grpc::{BalancePolicy, BalancedChannel, GrpcOptions};
 use im_infra::registry::{ServiceInstance, ServiceRegistry};
 use im_infra_etcd::{EtcdBackend, EtcdSettings};

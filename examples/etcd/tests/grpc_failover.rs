@@ -1,6 +1,7 @@
 //! The failover example as a test, against the etcd of
 //! `scripts/services.sh` (required under `IMINFRA_REQUIRE_BACKENDS`).
 
+use im_infra::backend::Maintenance;
 use im_infra_conformance::servers::{server_or_skip, ETCD_ENV};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
