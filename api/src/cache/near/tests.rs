@@ -215,6 +215,33 @@ async fn fresh() -> (Arc<MapCache>, Arc<HandSource>, NearCache) {
     (inner, source, near)
 }
 
+/// A near cache over a fresh map holding `k` = `value`, and a read of `k`
+/// started in a task and held in the server's read until `hold` is
+/// notified (or the map's hold cleared before the read gets there).
+async fn held_read(
+    value: &str,
+) -> (
+    Arc<MapCache>,
+    Arc<HandSource>,
+    Arc<NearCache>,
+    Arc<tokio::sync::Notify>,
+    tokio::task::JoinHandle<Result<Option<Bytes>>>,
+) {
+    let (inner, source) = parts();
+    let near = Arc::new(near(&inner, &source).await);
+    inner.put("k", value, None);
+    let hold = Arc::new(tokio::sync::Notify::new());
+    *inner.hold.lock() = Some(hold.clone());
+    let reader = {
+        let near = near.clone();
+        tokio::spawn(async move { near.get("k").await })
+    };
+    while inner.gets.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    (inner, source, near, hold, reader)
+}
+
 fn text(v: Option<Bytes>) -> Option<String> {
     v.map(|b| String::from_utf8(b.to_vec()).unwrap())
 }
@@ -250,18 +277,7 @@ async fn a_write_through_the_near_cache_is_read_back_at_once() {
 
 #[tokio::test]
 async fn a_fill_overtaken_by_an_invalidation_does_not_keep_what_it_read() {
-    let (inner, source) = parts();
-    let near = Arc::new(near(&inner, &source).await);
-    inner.put("k", "old", None);
-    let hold = Arc::new(tokio::sync::Notify::new());
-    *inner.hold.lock() = Some(hold.clone());
-    let reader = {
-        let near = near.clone();
-        tokio::spawn(async move { near.get("k").await })
-    };
-    while inner.gets.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (inner, source, near, hold, reader) = held_read("old").await;
     // The read has the old value in hand; the write and its invalidation
     // come in before it returns.
     inner.put("k", "new", None);
@@ -400,18 +416,7 @@ async fn get_or_load_through_the_near_cache_loads_a_missing_key() {
 
 #[tokio::test]
 async fn a_read_after_an_invalidation_does_not_join_a_fill_that_began_before_it() {
-    let (inner, source) = parts();
-    let near = Arc::new(near(&inner, &source).await);
-    inner.put("k", "old", None);
-    let hold = Arc::new(tokio::sync::Notify::new());
-    *inner.hold.lock() = Some(hold.clone());
-    let first = {
-        let near = near.clone();
-        tokio::spawn(async move { near.get("k").await })
-    };
-    while inner.gets.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (inner, source, near, hold, first) = held_read("old").await;
     // The first read holds "old"; the write and its invalidation come in.
     inner.put("k", "new", None);
     source.sink().invalidate(&["k"]);
@@ -428,18 +433,7 @@ async fn a_read_after_an_invalidation_does_not_join_a_fill_that_began_before_it(
 
 #[tokio::test]
 async fn a_read_after_the_channel_came_back_does_not_join_a_fill_from_before_the_loss() {
-    let (inner, source) = parts();
-    let near = Arc::new(near(&inner, &source).await);
-    inner.put("k", "old", None);
-    let hold = Arc::new(tokio::sync::Notify::new());
-    *inner.hold.lock() = Some(hold.clone());
-    let first = {
-        let near = near.clone();
-        tokio::spawn(async move { near.get("k").await })
-    };
-    while inner.gets.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (inner, source, near, hold, first) = held_read("old").await;
     // The first read holds "old"; the channel drops, a write goes unseen,
     // the channel comes back.
     source.sink().lost();
@@ -460,6 +454,35 @@ async fn a_read_after_the_channel_came_back_does_not_join_a_fill_from_before_the
         text(near.get("k").await.unwrap()).as_deref(),
         Some("new"),
         "the older read was not kept"
+    );
+}
+
+#[tokio::test]
+async fn callers_waiting_on_a_cancelled_read_read_again() {
+    let (inner, _source, near, _hold, first) = held_read("v").await;
+    // A second caller joins the read in flight, then that read's caller is
+    // cancelled mid-read.
+    let second = {
+        let near = near.clone();
+        tokio::spawn(async move { near.get("k").await })
+    };
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    // Reads from now on are not held (the first stays held).
+    *inner.hold.lock() = None;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let got = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the waiting caller is not left behind by the cancelled read")
+        .unwrap()
+        .unwrap();
+    assert_eq!(text(got).as_deref(), Some("v"));
+    assert_eq!(
+        inner.gets.load(Ordering::SeqCst),
+        2,
+        "it read the key again itself"
     );
 }
 
