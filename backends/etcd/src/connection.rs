@@ -46,7 +46,7 @@ pub struct ConnectionStatus {
 /// `im_infra_ops_total{backend="etcd",capability="connection"}`); the
 /// background health checker's own checks are not counted.
 pub struct ConnectionManager {
-    cfg: EtcdSettings,
+    settings: EtcdSettings,
     client: ArcSwapOption<Client>,
     status: Mutex<ConnectionStatus>,
     /// Member id → the endpoint to report for it (see [`ConnectionStatus::endpoint`]).
@@ -73,11 +73,11 @@ impl std::fmt::Debug for ConnectionManager {
 }
 
 impl ConnectionManager {
-    pub(crate) fn new(cfg: EtcdSettings) -> Self {
-        let endpoint = cfg.endpoints.join(",");
+    pub(crate) fn new(settings: EtcdSettings) -> Self {
+        let endpoint = settings.endpoints.join(",");
         let m = |op| OpMetrics::new(crate::NAME, "connection", op);
         ConnectionManager {
-            cfg,
+            settings,
             client: ArcSwapOption::empty(),
             status: Mutex::new(ConnectionStatus {
                 endpoint,
@@ -100,19 +100,19 @@ impl ConnectionManager {
     }
 
     pub(crate) fn settings(&self) -> &EtcdSettings {
-        &self.cfg
+        &self.settings
     }
 
     fn options(&self) -> Result<ConnectOptions> {
         let mut o = ConnectOptions::new()
-            .with_connect_timeout(self.cfg.dial_timeout)
-            .with_timeout(self.cfg.request_timeout)
-            .with_keep_alive(Duration::from_secs(10), self.cfg.health_check_timeout)
+            .with_connect_timeout(self.settings.dial_timeout)
+            .with_timeout(self.settings.request_timeout)
+            .with_keep_alive(Duration::from_secs(10), self.settings.health_check_timeout)
             .with_keep_alive_while_idle(true);
-        if let (Some(u), Some(p)) = (&self.cfg.username, &self.cfg.password) {
+        if let (Some(u), Some(p)) = (&self.settings.username, &self.settings.password) {
             o = o.with_user(u.clone(), p.expose().to_owned());
         }
-        if let Some(tls) = &self.cfg.tls {
+        if let Some(tls) = &self.settings.tls {
             let mut t = etcd_client::TlsOptions::new();
             if let Some(ca) = &tls.ca_file {
                 let pem = std::fs::read(ca).map_err(|e| {
@@ -157,17 +157,17 @@ impl ConnectionManager {
             return Err(self.closed_error());
         }
         let options = self.options()?;
-        let connect = Client::connect(self.cfg.endpoints.clone(), Some(options));
-        let client = match tokio::time::timeout(self.cfg.dial_timeout, connect).await {
+        let connect = Client::connect(self.settings.endpoints.clone(), Some(options));
+        let client = match tokio::time::timeout(self.settings.dial_timeout, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(self.failed(from_etcd(e))),
-            Err(_) => return Err(self.failed(self.timeout("connect", self.cfg.dial_timeout))),
+            Err(_) => return Err(self.failed(self.timeout("connect", self.settings.dial_timeout))),
         };
         self.client.store(Some(Arc::new(client)));
         // The first requests may go to a configured member that is down
         // before the channel has learnt it is: a retryable failure is tried
         // again (on the next member) until the dial timeout.
-        let deadline = tokio::time::Instant::now() + self.cfg.dial_timeout;
+        let deadline = tokio::time::Instant::now() + self.settings.dial_timeout;
         loop {
             match self.check().await {
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
@@ -206,8 +206,8 @@ impl ConnectionManager {
     /// [`health_check`](Self::health_check) outside any operation: for the
     /// background checker, connecting, and the backend's own health check.
     pub(crate) async fn check(&self) -> Result<()> {
-        let key = format!("{}/im-infra/health", self.cfg.namespace);
-        let timeout = self.cfg.health_check_timeout;
+        let key = format!("{}/im-infra/health", self.settings.namespace);
+        let timeout = self.settings.health_check_timeout;
         let res = self
             .call_with(timeout, "health_check", |mut c| async move {
                 c.get(key, Some(GetOptions::new().with_count_only())).await
@@ -245,7 +245,7 @@ impl ConnectionManager {
         if let Some(e) = self.members.lock().get(&id) {
             return Some(e.clone());
         }
-        let timeout = self.cfg.health_check_timeout;
+        let timeout = self.settings.health_check_timeout;
         let list = self
             .call_with(timeout, "member_list", |mut c| async move {
                 c.member_list().await
@@ -256,7 +256,7 @@ impl ConnectionManager {
         members.clear();
         for m in list.members() {
             let urls = m.client_urls();
-            let configured = urls.iter().find(|u| self.cfg.endpoints.contains(u));
+            let configured = urls.iter().find(|u| self.settings.endpoints.contains(u));
             if let Some(url) = configured.or_else(|| urls.first()) {
                 members.insert(m.id(), url.clone());
             }
@@ -358,7 +358,7 @@ impl ConnectionManager {
     pub(crate) async fn health_loop(this: std::sync::Weak<ConnectionManager>) {
         loop {
             let Some(me) = this.upgrade() else { return };
-            let (interval, stop) = (me.cfg.health_check_interval, me.shutdown.clone());
+            let (interval, stop) = (me.settings.health_check_interval, me.shutdown.clone());
             if let Err(e) = me.check().await {
                 tracing::warn!(error = %e, "etcd health check failed");
             }

@@ -8,10 +8,11 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
-use crate::error::{kind_of_code, map, BACKEND};
+use crate::error::{kind_of_code, map};
 use crate::logging::TracingContext;
 use crate::names::Names;
 use crate::settings::{KafkaSettings, TopicSpec};
+use crate::NAME;
 
 /// The admin client of a backend.
 pub(crate) struct Admin {
@@ -75,7 +76,7 @@ impl Admin {
         )
         .await
         .map_err(|_| {
-            Error::new(ErrorKind::Timeout, "creating topics timed out").with_backend(BACKEND)
+            Error::new(ErrorKind::Timeout, "creating topics timed out").with_backend(NAME)
         })?
         .map_err(|e| map(e, "creating topics"))?;
         answer
@@ -87,7 +88,7 @@ impl Admin {
                     kind_of_code(code),
                     format!("creating topic {name}: {code}"),
                 )
-                .with_backend(BACKEND)),
+                .with_backend(NAME)),
             })
             .collect()
     }

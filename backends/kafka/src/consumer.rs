@@ -32,10 +32,11 @@ use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{map, BACKEND};
+use crate::error::map;
 use crate::logging;
 use crate::names::Names;
 use crate::producer::KafkaProducer;
+use crate::NAME;
 
 /// Pause after a consumer error (broker down, unknown topic) before polling
 /// again, so an outage does not spin the loop.
@@ -155,7 +156,7 @@ enum Handled {
 struct State {
     client_config: ClientConfig,
     names: Names,
-    config: ConsumerSettings,
+    settings: ConsumerSettings,
     dead_letters: KafkaProducer,
     stop: CancellationToken,
     running: AtomicBool,
@@ -183,8 +184,8 @@ pub struct KafkaConsumer {
 impl std::fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaConsumer")
-            .field("group", &self.state.config.group)
-            .field("topics", &self.state.config.topics)
+            .field("group", &self.state.settings.group)
+            .field("topics", &self.state.settings.topics)
             .finish_non_exhaustive()
     }
 }
@@ -245,25 +246,25 @@ impl KafkaConsumer {
     pub(crate) fn new(
         client_config: ClientConfig,
         names: Names,
-        config: ConsumerSettings,
+        settings: ConsumerSettings,
         dead_letters: KafkaProducer,
         stop: CancellationToken,
         close_timeout: Duration,
     ) -> Result<Self> {
-        config.validate()?;
+        settings.validate()?;
         Ok(KafkaConsumer {
             state: Arc::new(State {
                 client_config,
                 names,
-                config,
+                settings,
                 dead_letters,
                 stop,
                 running: AtomicBool::new(false),
                 active: watch::channel(false).0,
                 paused: watch::channel(false).0,
                 close_timeout,
-                handle_op: OpMetrics::new(BACKEND, "mq", "mq.handle"),
-                dead_letter_op: OpMetrics::new(BACKEND, "mq", "mq.dead_letter"),
+                handle_op: OpMetrics::new(NAME, "mq", "mq.handle"),
+                dead_letter_op: OpMetrics::new(NAME, "mq", "mq.dead_letter"),
             }),
         })
     }
@@ -284,7 +285,7 @@ impl KafkaConsumer {
     /// Runs the handler with retries, then dead-letters the message if a
     /// dead-letter topic is configured.
     async fn handle(&self, handler: &dyn Handler, mut msg: ReceivedMessage) -> Handled {
-        let retry = &self.state.config.handler_retry;
+        let retry = &self.state.settings.handler_retry;
         let mut finite = retry.delays();
         let mut forever = retry.delays_forever();
         loop {
@@ -292,7 +293,7 @@ impl KafkaConsumer {
                 Ok(()) => return Handled::Done,
                 Err(e) => e,
             };
-            let delay = if self.state.config.dead_letter_topic.is_some() {
+            let delay = if self.state.settings.dead_letter_topic.is_some() {
                 finite.next()
             } else {
                 Some(forever.next().unwrap_or(retry.max_interval))
@@ -313,11 +314,11 @@ impl KafkaConsumer {
     /// broker acknowledges it (or a stop is requested): a message is never
     /// dropped.
     async fn dead_letter(&self, msg: &ReceivedMessage, err: &Error) -> Handled {
-        let Some(dlq) = &self.state.config.dead_letter_topic else {
+        let Some(dlq) = &self.state.settings.dead_letter_topic else {
             return Handled::Abandoned;
         };
         let letter = msg.dead_letter(dlq, err);
-        let mut delays = self.state.config.handler_retry.delays_forever();
+        let mut delays = self.state.settings.handler_retry.delays_forever();
         loop {
             let sent = self
                 .state
@@ -390,20 +391,20 @@ impl Consumer for KafkaConsumer {
         let st = &*self.state;
         if st.stop.is_cancelled() {
             return Err(
-                Error::new(ErrorKind::Closed, "the consumer was shut down").with_backend(BACKEND)
+                Error::new(ErrorKind::Closed, "the consumer was shut down").with_backend(NAME)
             );
         }
         if st.running.swap(true, Ordering::AcqRel) {
             return Err(
                 Error::new(ErrorKind::InvalidState, "the consumer is already running")
-                    .with_backend(BACKEND),
+                    .with_backend(NAME),
             );
         }
         let _active = Active(st);
         st.active.send_replace(true);
         let generation = Arc::new(AtomicU64::new(0));
         let mut paused = st.paused.subscribe();
-        let group = st.config.group.clone();
+        let group = st.settings.group.clone();
         let ctx = GroupContext {
             group: group.clone(),
             paused: paused.clone(),
@@ -418,7 +419,7 @@ impl Consumer for KafkaConsumer {
             group,
         };
         let real_topics = st
-            .config
+            .settings
             .topics
             .iter()
             .map(|t| st.names.topic(t))
@@ -428,7 +429,7 @@ impl Consumer for KafkaConsumer {
             .get()
             .subscribe(&topics)
             .map_err(|e| map(e, "subscribing"))?;
-        tracing::info!(group = %member.group, topics = ?st.config.topics, "consumer joined");
+        tracing::info!(group = %member.group, topics = ?st.settings.topics, "consumer joined");
 
         let mut applied_pause = false;
         // A message received just as the member was paused: handled first
@@ -512,7 +513,7 @@ impl Closable for KafkaConsumer {
     async fn close(&self) -> Result<()> {
         with_timeout(self.state.close_timeout, "mq.shutdown", self.shutdown())
             .await
-            .map_err(|e| e.with_backend(BACKEND))
+            .map_err(|e| e.with_backend(NAME))
     }
 }
 

@@ -1,10 +1,9 @@
 //! Mapping of librdkafka errors onto the kinds of [`im_infra::Error`].
 
 use im_infra::{Error, ErrorKind};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
 
-/// The backend name stamped on errors.
-pub(crate) const BACKEND: &str = "kafka";
+use crate::NAME;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
 
 /// The kind of a librdkafka error code: retryable kinds (`Unavailable`,
 /// `Timeout`, `Connection`, `ResourceExhausted`) for what passes when the
@@ -84,7 +83,7 @@ pub(crate) fn map(err: KafkaError, what: &str) -> Error {
             .map_or(ErrorKind::Internal, kind_of_code),
     };
     Error::new(kind, format!("{what}: {err}"))
-        .with_backend(BACKEND)
+        .with_backend(NAME)
         .with_source(err)
 }
 

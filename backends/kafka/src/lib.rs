@@ -300,18 +300,18 @@ impl Backend for KafkaBackend {
         Ok(Arc::new(self.kafka_producer()?))
     }
 
-    async fn consumer(&self, config: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
+    async fn consumer(&self, settings: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         self.check_open()?;
         let names = names::Names::new(&self.shared.settings.namespace)?;
         let client_config = self
             .shared
             .settings
-            .consumer_config(&names.group(&config.group), config.start);
-        // KafkaConsumer::new validates `config`.
+            .consumer_config(&names.group(&settings.group), settings.start);
+        // KafkaConsumer::new validates `settings`.
         let consumer = Arc::new(KafkaConsumer::new(
             client_config,
             names,
-            config,
+            settings,
             self.shared.producer.handle(),
             self.shared.shutdown.child_token(),
             self.shared.settings.consumer.session_timeout,

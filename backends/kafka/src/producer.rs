@@ -12,10 +12,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 
-use crate::error::{map, BACKEND};
+use crate::error::map;
 use crate::logging::TracingContext;
 use crate::names::Names;
 use crate::settings::KafkaSettings;
+use crate::NAME;
 
 /// How long a produce that found the queue full sleeps before trying again.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(2);
@@ -120,9 +121,7 @@ impl KafkaProducer {
 
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) || self.inner.closed.load(Ordering::Acquire) {
-            return Err(
-                Error::new(ErrorKind::Closed, "the producer was closed").with_backend(BACKEND)
-            );
+            return Err(Error::new(ErrorKind::Closed, "the producer was closed").with_backend(NAME));
         }
         Ok(())
     }
@@ -147,7 +146,7 @@ impl KafkaProducer {
                                 self.inner.queue_max_messages
                             ),
                         )
-                        .with_backend(BACKEND));
+                        .with_backend(NAME));
                     }
                     rec = back;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
@@ -168,7 +167,7 @@ impl KafkaProducer {
                 ErrorKind::Closed,
                 "the producer was dropped before the delivery report",
             )
-            .with_backend(BACKEND)),
+            .with_backend(NAME)),
         }
     }
 

@@ -67,7 +67,7 @@ where
 /// ```
 pub struct Db {
     pool: Pool,
-    cfg: MysqlSettings,
+    settings: MysqlSettings,
     /// `None` on the backend's internal, untimed view.
     ops: Option<Arc<Ops>>,
     /// Shared by the views of one pool.
@@ -88,28 +88,28 @@ fn ops() -> Arc<Ops> {
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Db")
-            .field("config", &self.cfg)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
 
 impl Db {
     /// Opens the pool and checks the server answers.
-    pub async fn connect(cfg: MysqlSettings) -> Result<Db> {
-        Db::open(cfg, true).await
+    pub async fn connect(settings: MysqlSettings) -> Result<Db> {
+        Db::open(settings, true).await
     }
 
     /// [`connect`](Self::connect); without telemetry unless `timed`.
-    pub(crate) async fn open(cfg: MysqlSettings, timed: bool) -> Result<Db> {
-        cfg.validate()?;
-        let pool = Pool::new(cfg.opts()?);
+    pub(crate) async fn open(settings: MysqlSettings, timed: bool) -> Result<Db> {
+        settings.validate()?;
+        let pool = Pool::new(settings.opts()?);
         let db = Db {
             pool,
             ops: timed.then(ops),
-            cfg,
+            settings,
             closed: Arc::new(AtomicBool::new(false)),
         };
-        let bound = db.cfg.connect_timeout;
+        let bound = db.settings.connect_timeout;
         match tokio::time::timeout(bound, db.health_check()).await {
             Ok(r) => r?,
             Err(_) => {
@@ -127,7 +127,7 @@ impl Db {
     pub(crate) fn timed(&self) -> Db {
         Db {
             pool: self.pool.clone(),
-            cfg: self.cfg.clone(),
+            settings: self.settings.clone(),
             ops: Some(self.ops.clone().unwrap_or_else(ops)),
             closed: self.closed.clone(),
         }
@@ -148,7 +148,7 @@ impl Db {
 
     /// The settings in force.
     pub fn settings(&self) -> &MysqlSettings {
-        &self.cfg
+        &self.settings
     }
 
     /// The `mysql_async` pool, for anything this wrapper does not offer.
@@ -172,7 +172,7 @@ impl Db {
         &self,
         fut: impl Future<Output = std::result::Result<T, mysql_async::Error>>,
     ) -> Result<T> {
-        self.bounded_by(self.cfg.query_timeout, fut).await
+        self.bounded_by(self.settings.query_timeout, fut).await
     }
 
     /// Runs `fut` within `bound`, mapping errors.
@@ -288,7 +288,7 @@ impl Db {
             ) -> BoxFuture<'c, std::result::Result<T, mysql_async::Error>>
             + Send,
     {
-        self.with_conn_within(self.cfg.query_timeout, f).await
+        self.with_conn_within(self.settings.query_timeout, f).await
     }
 
     /// Runs `f` on one pooled connection, within `bound` (for work known to

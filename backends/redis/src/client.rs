@@ -65,26 +65,30 @@ impl ConnectionLike for Conn {
 pub(crate) struct Client {
     conn: Conn,
     single: Option<redis::Client>,
-    cfg: RedisSettings,
+    settings: RedisSettings,
     closed: AtomicBool,
     /// Cancelled on close: stops keep-alives, renewals and watches.
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Client {
-    pub(crate) async fn connect(cfg: RedisSettings) -> Result<Client> {
-        cfg.validate()?;
-        let certs = cfg.tls.as_ref().map(|t| t.certificates()).transpose()?;
+    pub(crate) async fn connect(settings: RedisSettings) -> Result<Client> {
+        settings.validate()?;
+        let certs = settings
+            .tls
+            .as_ref()
+            .map(|t| t.certificates())
+            .transpose()?;
         let connect = async {
-            if cfg.is_cluster() {
-                let mut b = ClusterClient::builder(cfg.urls.clone())
-                    .connection_timeout(cfg.connect_timeout)
-                    .response_timeout(cfg.response_timeout)
-                    .retries(cfg.retry.max_retries);
-                if let Some(u) = &cfg.username {
+            if settings.is_cluster() {
+                let mut b = ClusterClient::builder(settings.urls.clone())
+                    .connection_timeout(settings.connect_timeout)
+                    .response_timeout(settings.response_timeout)
+                    .retries(settings.retry.max_retries);
+                if let Some(u) = &settings.username {
                     b = b.username(u);
                 }
-                if let Some(p) = &cfg.password {
+                if let Some(p) = &settings.password {
                     b = b.password(p.expose());
                 }
                 if let Some(certs) = &certs {
@@ -93,33 +97,33 @@ impl Client {
                 let client = b.build()?;
                 let conn = client.get_async_connection().await?;
                 Ok::<_, redis::RedisError>((Conn::Cluster(conn), None))
-            } else if cfg.is_sentinel() {
-                let sentinel = SentinelConn::connect(&cfg, certs.clone()).await?;
+            } else if settings.is_sentinel() {
+                let sentinel = SentinelConn::connect(&settings, certs.clone()).await?;
                 Ok((Conn::Sentinel(Arc::new(sentinel)), None))
             } else {
-                let info = cfg.urls[0].as_str().into_connection_info()?;
-                let client = node_client(&cfg, info, None, certs.clone())?;
+                let info = settings.urls[0].as_str().into_connection_info()?;
+                let client = node_client(&settings, info, None, certs.clone())?;
                 // One plain attempt first: the manager would retry a wrong
                 // password with backoff until the deadline; this surfaces it.
                 let probe = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(cfg.connect_timeout))
-                    .set_response_timeout(Some(cfg.response_timeout));
+                    .set_connection_timeout(Some(settings.connect_timeout))
+                    .set_response_timeout(Some(settings.response_timeout));
                 drop(
                     client
                         .get_multiplexed_async_connection_with_config(&probe)
                         .await?,
                 );
                 let mgr_cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(cfg.connect_timeout))
-                    .set_response_timeout(Some(cfg.response_timeout))
-                    .set_number_of_retries(cfg.retry.max_retries as usize)
-                    .set_min_delay(cfg.retry.initial_interval)
-                    .set_max_delay(cfg.retry.max_interval);
+                    .set_connection_timeout(Some(settings.connect_timeout))
+                    .set_response_timeout(Some(settings.response_timeout))
+                    .set_number_of_retries(settings.retry.max_retries as usize)
+                    .set_min_delay(settings.retry.initial_interval)
+                    .set_max_delay(settings.retry.max_interval);
                 let mgr = ConnectionManager::new_with_config(client.clone(), mgr_cfg).await?;
                 Ok((Conn::Single(mgr), Some(client)))
             }
         };
-        let bound = cfg.connect_timeout * 2 + Duration::from_millis(100);
+        let bound = settings.connect_timeout * 2 + Duration::from_millis(100);
         let (conn, single) = match tokio::time::timeout(bound, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -143,18 +147,18 @@ impl Client {
         Ok(Client {
             conn,
             single,
-            cfg,
+            settings,
             closed: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
         })
     }
 
     pub(crate) fn settings(&self) -> &RedisSettings {
-        &self.cfg
+        &self.settings
     }
 
     pub(crate) fn ns(&self) -> &str {
-        &self.cfg.namespace
+        &self.settings.namespace
     }
 
     pub(crate) fn close(&self) {
@@ -179,7 +183,7 @@ impl Client {
             ErrorKind::Timeout,
             format!(
                 "redis did not answer within {:?}",
-                self.cfg.response_timeout
+                self.settings.response_timeout
             ),
         )
         .with_backend(crate::NAME)
@@ -232,11 +236,11 @@ impl Client {
         let Some(client) = self.node().await? else {
             return Ok(None);
         };
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.cfg.connect_timeout))
+        let options = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.settings.connect_timeout))
             .set_response_timeout(Some(response_timeout));
         client
-            .get_multiplexed_async_connection_with_config(&cfg)
+            .get_multiplexed_async_connection_with_config(&options)
             .await
             .map(Some)
             .map_err(from_redis)
@@ -255,7 +259,7 @@ impl Client {
     #[cfg(feature = "near-cache")]
     pub(crate) fn seeds(&self) -> Vec<NodeAddr> {
         use redis::ConnectionAddr;
-        self.cfg
+        self.settings
             .urls
             .iter()
             .filter_map(|u| u.as_str().into_connection_info().ok())
@@ -290,7 +294,7 @@ impl Client {
                 ))
             }
             (Some(node), _) => {
-                let info = self.cfg.urls[0]
+                let info = self.settings.urls[0]
                     .as_str()
                     .into_connection_info()
                     .map_err(from_redis)?;
@@ -307,19 +311,19 @@ impl Client {
             }
         };
         let certs = self
-            .cfg
+            .settings
             .tls
             .as_ref()
             .map(|t| t.certificates())
             .transpose()?;
-        node_client(&self.cfg, info, Some(protocol), certs).map_err(from_redis)
+        node_client(&self.settings, info, Some(protocol), certs).map_err(from_redis)
     }
 
     #[cfg(feature = "near-cache")]
     fn node_connection_config(&self) -> redis::AsyncConnectionConfig {
         redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.cfg.connect_timeout))
-            .set_response_timeout(Some(self.cfg.response_timeout))
+            .set_connection_timeout(Some(self.settings.connect_timeout))
+            .set_response_timeout(Some(self.settings.response_timeout))
     }
 
     /// A RESP3 connection of its own to `node` (or to the node connections
@@ -358,7 +362,7 @@ impl Client {
         let Some(client) = self.node().await? else {
             return Ok(None);
         };
-        match tokio::time::timeout(self.cfg.connect_timeout, client.get_async_pubsub()).await {
+        match tokio::time::timeout(self.settings.connect_timeout, client.get_async_pubsub()).await {
             Ok(r) => r.map(Some).map_err(from_redis),
             Err(_) => Err(self.timeout_error()),
         }
@@ -368,22 +372,22 @@ impl Client {
 /// A client of the node `info` names, with the settings' credentials (over
 /// those of the URL), `protocol` when given, and TLS with `certs`.
 fn node_client(
-    cfg: &RedisSettings,
+    settings: &RedisSettings,
     info: redis::ConnectionInfo,
     protocol: Option<redis::ProtocolVersion>,
     certs: Option<redis::TlsCertificates>,
 ) -> redis::RedisResult<redis::Client> {
-    let mut settings = info.redis_settings().clone();
+    let mut node = info.redis_settings().clone();
     if let Some(protocol) = protocol {
-        settings = settings.set_protocol(protocol);
+        node = node.set_protocol(protocol);
     }
-    if let Some(u) = &cfg.username {
-        settings = settings.set_username(u);
+    if let Some(u) = &settings.username {
+        node = node.set_username(u);
     }
-    if let Some(p) = &cfg.password {
-        settings = settings.set_password(p.expose());
+    if let Some(p) = &settings.password {
+        node = node.set_password(p.expose());
     }
-    let info = info.set_redis_settings(settings);
+    let info = info.set_redis_settings(node);
     match certs {
         Some(certs) => redis::Client::build_with_tls(info, certs),
         None => redis::Client::open(info),

@@ -24,13 +24,14 @@
 //! Sentinel `min-replicas-to-write` does the same.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use im_infra::cache::near::{InvalidationSink, InvalidationSource, Subscription};
 use im_infra::{Error, ErrorKind, Result};
+use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio_util::sync::CancellationToken;
@@ -57,12 +58,6 @@ type LiveSession = Arc<Mutex<u64>>;
 struct Closed {
     flag: AtomicBool,
     notify: tokio::sync::Notify,
-}
-
-fn lock(live: &LiveSession) -> std::sync::MutexGuard<'_, u64> {
-    // A u64 cannot be left half-written: a poisoned lock is still sound.
-    live.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The invalidation source of one [`RedisBackend`](crate::RedisBackend)'s
@@ -129,7 +124,7 @@ fn push_handler(
                 None => sink.invalidate_all(),
             },
             PushKind::Disconnection => {
-                let live = lock(&live);
+                let live = live.lock();
                 closed.flag.store(true, Ordering::Release);
                 if *live == session {
                     sink.lost();
@@ -279,7 +274,7 @@ impl RedisInvalidations {
     /// Makes `tracking` the live session and reports the channel up;
     /// refused (`false`) when one of its connections already closed.
     fn go_live(&self, sink: &InvalidationSink, tracking: &Arc<Tracking>) -> bool {
-        let mut live = lock(&self.live);
+        let mut live = self.live.lock();
         if tracking.closed.flag.load(Ordering::Acquire) {
             return false;
         }
@@ -298,7 +293,7 @@ impl RedisInvalidations {
 
     /// The live session is over: reports the channel lost.
     fn go_down(&self, sink: &InvalidationSink) {
-        let mut live = lock(&self.live);
+        let mut live = self.live.lock();
         *live = 0;
         self.current.store(None);
         sink.lost();
@@ -451,7 +446,7 @@ impl InvalidationSource for RedisInvalidations {
             ));
         };
         let result = self.check(&tracking).await;
-        if result.is_err() && *lock(&self.live) == tracking.session {
+        if result.is_err() && *self.live.lock() == tracking.session {
             self.reset.notify_one();
         }
         result

@@ -25,7 +25,7 @@ pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`mq.run`, `mq.shutdown`, ...) and shuts it down when it closes.
 pub(crate) struct MemoryConsumer {
     shared: Arc<Shared>,
-    config: ConsumerSettings,
+    settings: ConsumerSettings,
     member: u64,
     paused: watch::Sender<bool>,
     stop: CancellationToken,
@@ -39,8 +39,8 @@ pub(crate) struct MemoryConsumer {
 impl std::fmt::Debug for MemoryConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryConsumer")
-            .field("group", &self.config.group)
-            .field("topics", &self.config.topics)
+            .field("group", &self.settings.group)
+            .field("topics", &self.settings.topics)
             .field("member", &self.member)
             .finish()
     }
@@ -55,7 +55,7 @@ struct Membership<'a> {
 impl Drop for Membership<'_> {
     fn drop(&mut self) {
         let c = self.consumer;
-        c.shared.mq.leave(&c.config.group, c.member);
+        c.shared.mq.leave(&c.settings.group, c.member);
         c.running.store(false, Ordering::Release);
         c.active.send_replace(false);
     }
@@ -69,12 +69,12 @@ enum Handled {
 }
 
 impl MemoryConsumer {
-    pub(crate) fn new(shared: Arc<Shared>, config: ConsumerSettings) -> Result<Self> {
-        config.validate()?;
+    pub(crate) fn new(shared: Arc<Shared>, settings: ConsumerSettings) -> Result<Self> {
+        settings.validate()?;
         let member = shared.mq.member_ids.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(MemoryConsumer {
             shared,
-            config,
+            settings,
             member,
             paused: watch::channel(false).0,
             stop: CancellationToken::new(),
@@ -86,7 +86,7 @@ impl MemoryConsumer {
     }
 
     async fn handle(&self, handler: &dyn Handler, mut msg: ReceivedMessage) -> Handled {
-        let retry = &self.config.handler_retry;
+        let retry = &self.settings.handler_retry;
         let mut finite = retry.delays();
         let mut forever = retry.delays_forever();
         loop {
@@ -94,7 +94,7 @@ impl MemoryConsumer {
                 Ok(()) => return Handled::Commit,
                 Err(e) => e,
             };
-            let delay = if self.config.dead_letter_topic.is_some() {
+            let delay = if self.settings.dead_letter_topic.is_some() {
                 finite.next()
             } else {
                 Some(forever.next().unwrap_or(retry.max_interval))
@@ -121,7 +121,7 @@ impl MemoryConsumer {
     }
 
     fn dead_letter(&self, msg: &ReceivedMessage, err: &Error) -> Result<()> {
-        let Some(dlq) = &self.config.dead_letter_topic else {
+        let Some(dlq) = &self.settings.dead_letter_topic else {
             return Err(Error::new(ErrorKind::Internal, "no dead-letter topic"));
         };
         let m = msg.dead_letter(dlq, err);
@@ -152,7 +152,7 @@ impl Consumer for MemoryConsumer {
         }
         self.active.send_replace(true);
         let store = &self.shared.mq;
-        let cfg = &self.config;
+        let cfg = &self.settings;
         store.join(
             &cfg.group,
             self.member,
