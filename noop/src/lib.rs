@@ -50,6 +50,10 @@ use async_trait::async_trait;
 use im_infra::backend::{Backend, Capability};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
+use im_infra::layer::{
+    ObservedCache, ObservedConfigCenter, ObservedConsumer, ObservedDiscovery, ObservedLimiter,
+    ObservedLock, ObservedOnce, ObservedProducer, ObservedRegistry, ObservedWorkerIds,
+};
 use im_infra::lock::DistributedLock;
 use im_infra::mq::{Consumer, ConsumerSettings, Producer};
 use im_infra::once::Once;
@@ -67,7 +71,8 @@ pub use messaging::{NoopConsumer, NoopProducer};
 /// The backend name used in errors.
 pub const NAME: &str = "noop";
 
-/// The null backend: every capability, none of them doing anything.
+/// The null backend: every capability, none of them doing anything. The
+/// handles check their arguments and are observed like every backend's.
 ///
 /// Constructing one logs a warning: its locks grant every caller at once and
 /// its `Once` runs the work every time, so nothing that relies on mutual
@@ -113,43 +118,49 @@ impl Backend for NoopBackend {
     }
 
     async fn cache(&self) -> Result<Arc<dyn Cache>> {
-        Ok(Arc::new(NoopCache))
+        Ok(Arc::new(ObservedCache::new(NAME, NoopCache)))
     }
 
     async fn limiter(&self, _rules: Rules) -> Result<Arc<dyn Limiter>> {
-        Ok(Arc::new(NoopLimiter))
+        Ok(Arc::new(ObservedLimiter::new(NAME, NoopLimiter)))
     }
 
     async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
-        Ok(Arc::new(NoopLock::default()))
+        Ok(Arc::new(ObservedLock::new(NAME, NoopLock::default())))
     }
 
     async fn config(&self) -> Result<Arc<dyn ConfigCenter>> {
-        Ok(Arc::new(NoopConfigCenter))
+        Ok(Arc::new(ObservedConfigCenter::new(NAME, NoopConfigCenter)))
     }
 
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
-        Ok(Arc::new(NoopRegistry))
+        Ok(Arc::new(ObservedRegistry::new(NAME, NoopRegistry)))
     }
 
     async fn discovery(&self) -> Result<Arc<dyn ServiceDiscovery>> {
-        Ok(Arc::new(NoopDiscovery))
+        Ok(Arc::new(ObservedDiscovery::new(NAME, NoopDiscovery)))
     }
 
     async fn once(&self) -> Result<Arc<dyn Once>> {
-        Ok(Arc::new(NoopOnce))
+        Ok(Arc::new(ObservedOnce::new(NAME, NoopOnce)))
     }
 
     async fn producer(&self) -> Result<Arc<dyn Producer>> {
-        Ok(Arc::new(NoopProducer))
+        Ok(Arc::new(ObservedProducer::new(NAME, NoopProducer)))
     }
 
-    async fn consumer(&self, _config: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
-        Ok(Arc::new(NoopConsumer::default()))
+    async fn consumer(&self, _settings: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
+        Ok(Arc::new(ObservedConsumer::new(
+            NAME,
+            NoopConsumer::default(),
+        )))
     }
 
     async fn worker_ids(&self) -> Result<Arc<dyn WorkerIdAllocator>> {
-        Ok(Arc::new(NoopWorkerIds::new(self.worker_id)))
+        Ok(Arc::new(ObservedWorkerIds::new(
+            NAME,
+            NoopWorkerIds::new(self.worker_id),
+        )))
     }
 
     async fn health_check(&self) -> Result<()> {
@@ -195,5 +206,22 @@ mod tests {
         assert_eq!(log.matches("WARN").count(), 1, "{log}");
         assert!(log.contains("neither mutual exclusion"), "{log}");
         assert!(log.contains("nor idempotency"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_refused_as_on_every_backend() {
+        let backend = NoopBackend::new();
+        let err = backend.cache().await.unwrap().get("").await.unwrap_err();
+        assert_eq!(err.kind(), im_infra::ErrorKind::InvalidArgument);
+        assert_eq!(
+            (err.operation(), err.backend()),
+            (Some("cache.get"), Some(NAME))
+        );
+        let locks = backend.lock().await.unwrap();
+        let options = im_infra::lock::LockOptions::new(std::time::Duration::from_secs(1));
+        let Err(err) = locks.try_acquire("", options).await else {
+            panic!("an empty lock key was accepted");
+        };
+        assert_eq!(err.kind(), im_infra::ErrorKind::InvalidArgument);
     }
 }
