@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quanta::Instant;
+use tokio_util::sync::CancellationToken;
 
 use serde::{Deserialize, Serialize};
 
 use super::{
     validate_check, Check, Decision, DecisionSource, DenyReason, Limiter, LocalLimiter, Rules,
 };
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::telemetry::LIMITER_FALLBACK_TOTAL;
 
 /// Decision policy while the backend cannot be reached.
@@ -45,8 +46,10 @@ impl FailurePolicy {
 /// for `probe_interval` (so callers do not each wait for a timeout); then the
 /// next call probes it again and, if it answers, decisions switch back.
 /// Every policy decision increments `im_infra_limiter_fallback_total{backend,
-/// policy}`. A `Closed` error (the backend was closed) is not an outage: it
-/// is returned, as are bad arguments and unknown resources.
+/// policy}`. A closed backend is not an outage: once its `shutdown` token
+/// is cancelled every check answers `Closed`, also while the policy would
+/// otherwise decide without asking the primary; a `Closed` error of the
+/// primary is returned, as are bad arguments and unknown resources.
 pub struct FallbackLimiter {
     primary: Arc<dyn Limiter>,
     local: Arc<dyn Limiter>,
@@ -57,6 +60,8 @@ pub struct FallbackLimiter {
     /// Nanoseconds since `base` before which the primary is not asked.
     skip_until: AtomicU64,
     degraded: AtomicBool,
+    /// Cancelled when the backend closes.
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for FallbackLimiter {
@@ -72,15 +77,17 @@ impl std::fmt::Debug for FallbackLimiter {
 impl FallbackLimiter {
     /// `primary` guarded by the failure policy of `rules`; under
     /// [`FailurePolicy::Local`] an in-process [`LocalLimiter`] on the same
-    /// rules decides.
+    /// rules decides. Every check answers `Closed` once `shutdown` (the
+    /// backend's) is cancelled.
     pub fn new(
         backend: &'static str,
         primary: Arc<dyn Limiter>,
         rules: Rules,
         probe_interval: Duration,
+        shutdown: CancellationToken,
     ) -> Self {
         let local = Arc::new(LocalLimiter::new(rules.clone()));
-        FallbackLimiter::with_local(backend, primary, local, rules, probe_interval)
+        FallbackLimiter::with_local(backend, primary, local, rules, probe_interval, shutdown)
     }
 
     /// [`new`](Self::new) with another limiter deciding under
@@ -91,6 +98,7 @@ impl FallbackLimiter {
         local: Arc<dyn Limiter>,
         rules: Rules,
         probe_interval: Duration,
+        shutdown: CancellationToken,
     ) -> Self {
         FallbackLimiter {
             primary,
@@ -101,6 +109,7 @@ impl FallbackLimiter {
             base: Instant::now(),
             skip_until: AtomicU64::new(0),
             degraded: AtomicBool::new(false),
+            shutdown,
         }
     }
 
@@ -164,6 +173,11 @@ impl Limiter for FallbackLimiter {
 impl FallbackLimiter {
     async fn decide(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
         validate_check(resource, key, n)?;
+        if self.shutdown.is_cancelled() {
+            return Err(
+                Error::new(ErrorKind::Closed, "the backend was closed").with_backend(self.backend)
+            );
+        }
         if self.now_ns() < self.skip_until.load(Ordering::Relaxed) {
             return self.by_policy(resource, key, n).await;
         }
@@ -248,6 +262,7 @@ mod tests {
             Arc::new(DenyAll),
             Rules::fixed(cfg).unwrap(),
             Duration::from_millis(20),
+            CancellationToken::new(),
         )
     }
 
@@ -295,10 +310,40 @@ mod tests {
                 Arc::new(Closed),
                 Rules::fixed(cfg).unwrap(),
                 Duration::from_millis(20),
+                CancellationToken::new(),
             );
             let e = l.check("r", "k", 1).await.unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Closed, "{policy:?}");
             assert!(!l.is_degraded(), "{policy:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_backend_answers_closed_while_the_policy_decides() {
+        for policy in [
+            FailurePolicy::FailOpen,
+            FailurePolicy::FailClosed,
+            FailurePolicy::Local,
+        ] {
+            let primary = Arc::new(Flaky {
+                down: AtomicBool::new(true),
+            });
+            let mut cfg = LimiterSettings::with_rule("r", Rule::per_second(1));
+            cfg.failure_policy = policy;
+            let shutdown = CancellationToken::new();
+            let l = FallbackLimiter::new(
+                "test",
+                primary,
+                Rules::fixed(cfg).unwrap(),
+                Duration::from_secs(60),
+                shutdown.clone(),
+            );
+            l.check("r", "k", 1).await.unwrap();
+            assert!(l.is_degraded(), "{policy:?}: the policy decides now");
+            shutdown.cancel();
+            let e = l.check("r", "k", 1).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Closed, "{policy:?}");
+            assert_eq!(e.backend(), Some("test"));
         }
     }
 

@@ -295,6 +295,7 @@ impl Backend for MysqlBackend {
                 primary,
                 rules,
                 self.shared.settings().limiter_probe_interval,
+                self.shared.shutdown.clone(),
             ),
         )))
     }

@@ -442,11 +442,9 @@ impl Backend for RedisBackend {
         self.shared.client.check_open()?;
         let primary = Arc::new(RedisLimiter::new(self.shared.clone(), &rules));
         let probe = self.shared.client.settings().limiter_probe_interval;
-        let fallback = FallbackLimiter::new(NAME, primary, rules, probe);
-        Ok(Arc::new(ObservedLimiter::new(
-            NAME,
-            limiter::UntilClosed::new(self.shared.clone(), fallback),
-        )))
+        let shutdown = self.shared.client.shutdown.clone();
+        let fallback = FallbackLimiter::new(NAME, primary, rules, probe, shutdown);
+        Ok(Arc::new(ObservedLimiter::new(NAME, fallback)))
     }
 
     async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use im_infra::ratelimit::{
-    gcra, Check, Decision, DecisionSource, DenyReason, FallbackLimiter, Limiter, RuleTable, Rules,
+    gcra, Check, Decision, DecisionSource, DenyReason, Limiter, RuleTable, Rules,
 };
 use im_infra::Result;
 
@@ -89,34 +89,5 @@ impl RedisLimiter {
 impl Limiter for RedisLimiter {
     fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
         Check::boxed(self.decide(resource, key, n))
-    }
-}
-
-/// The limiter the backend hands out (inside its layer): `Closed` once the
-/// backend is closed, also while the failure policy would otherwise decide
-/// without asking Redis.
-pub(crate) struct UntilClosed {
-    shared: Arc<Shared>,
-    inner: FallbackLimiter,
-}
-
-impl std::fmt::Debug for UntilClosed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("UntilClosed").field(&self.inner).finish()
-    }
-}
-
-impl UntilClosed {
-    pub(crate) fn new(shared: Arc<Shared>, inner: FallbackLimiter) -> Self {
-        UntilClosed { shared, inner }
-    }
-}
-
-impl Limiter for UntilClosed {
-    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
-        match self.shared.client.check_open() {
-            Ok(()) => self.inner.check(resource, key, n),
-            Err(e) => Check::ready(Err(e)),
-        }
     }
 }
