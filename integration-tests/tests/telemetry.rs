@@ -5,7 +5,8 @@
 //! was called, with its `backend`, `capability`, `op` and `outcome`
 //! labels, and that `im_infra_op_duration_seconds` has its durations. Then
 //! the backend is closed: what it registered is deregistered at once, and
-//! the closed backend answers `Closed`.
+//! the closed backend answers `Closed`. The maintenance operations, one
+//! layer for every backend, are counted the same way, with their outcome.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
-use im_infra::backend::{Backend, Capability};
+use im_infra::backend::{Backend, Capability, Maintenance};
 use im_infra::config::WatchOptions;
 use im_infra::lock::LockOptions;
 use im_infra::mq::{ConsumerSettings, Handler, Message, ReceivedMessage};
@@ -341,6 +342,47 @@ async fn close_closes_what_was_handed_out(
     Ok(())
 }
 
+/// Calls each maintenance operation once on `b` (a fresh instance, purged
+/// last) and checks that each was counted once, under `maintenance`, with
+/// the outcome it had: `Ok` counts `ok`, an error counts its kind.
+async fn maintenance_is_counted<B: Maintenance>(b: B) -> Result<()> {
+    let name = b.name();
+    fn outcome<T>(r: im_infra::Result<T>) -> String {
+        r.map_or_else(|e| e.kind().as_str().to_owned(), |_| "ok".to_owned())
+    }
+    let expect = [
+        (
+            "maintenance.revoke_registration",
+            outcome(b.revoke_registration("telemetry", "nobody").await),
+        ),
+        (
+            "maintenance.revoke_worker_id",
+            outcome(b.revoke_worker_id(1).await),
+        ),
+        (
+            "maintenance.compact_config_history",
+            outcome(b.compact_config_history().await),
+        ),
+        (
+            "maintenance.purge_namespace",
+            outcome(b.purge_namespace().await),
+        ),
+    ];
+    b.close().await?;
+    let seen = seen(name);
+    for (op, outcome) in expect {
+        let (outcomes, timed) = seen
+            .get(&("maintenance".to_string(), op.to_string()))
+            .with_context(|| format!("{name}: {op} was not counted"))?;
+        ensure!(
+            outcomes.len() == 1 && outcomes.get(&outcome) == Some(&1),
+            "{name}: {op} must be counted once as {outcome}, counted {outcomes:?}"
+        );
+        ensure!(*timed, "{name}: {op} has no duration");
+    }
+    Ok(())
+}
+
 fn namespace() -> String {
     format!(
         "telemetry-{}",
@@ -360,6 +402,20 @@ where
     close_closes_what_was_handed_out(make().await?, Some(make().await?)).await
 }
 
+/// [`run`] on instances made by `build`, then [`maintenance_is_counted`]
+/// on one more.
+async fn run_maintained<B, F, Fut>(build: F, topic: &str) -> Result<()>
+where
+    B: Maintenance,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<B>>,
+{
+    let make = || async { Ok(Arc::new(build().await?) as Arc<dyn Backend>) };
+    // Boxed: the nested futures are too deep for the compiler's layout.
+    Box::pin(run(make, topic)).await?;
+    Box::pin(maintenance_is_counted(build().await?)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_operations_are_spans_and_counted_once() -> Result<()> {
     snapshotter();
@@ -367,7 +423,8 @@ async fn memory_operations_are_spans_and_counted_once() -> Result<()> {
     check(fresh(), "telemetry").await?;
     // In one process there is no other instance to look from: the memory
     // backend's own tests check that close deregisters.
-    close_closes_what_was_handed_out(fresh(), None).await
+    close_closes_what_was_handed_out(fresh(), None).await?;
+    maintenance_is_counted(im_infra_memory::MemoryBackend::new()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,15 +433,16 @@ async fn redis_operations_are_spans_and_counted_once() -> Result<()> {
         return Ok(());
     };
     let ns = namespace();
-    let make = || async {
-        let b = im_infra_redis::RedisBackend::builder()
-            .url(&url)
-            .namespace(&ns)
-            .build()
-            .await?;
-        Ok(Arc::new(b) as Arc<dyn Backend>)
+    let build = || async {
+        anyhow::Ok(
+            im_infra_redis::RedisBackend::builder()
+                .url(&url)
+                .namespace(&ns)
+                .build()
+                .await?,
+        )
     };
-    run(make, "unused").await
+    run_maintained(build, "unused").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,11 +480,7 @@ async fn etcd_operations_are_spans_and_counted_once() -> Result<()> {
             "etcd lease manager: {op} counted {counted} times"
         );
     }
-    run(
-        || async { Ok(Arc::new(build().await?) as Arc<dyn Backend>) },
-        "unused",
-    )
-    .await
+    run_maintained(build, "unused").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,16 +489,26 @@ async fn mysql_operations_are_spans_and_counted_once() -> Result<()> {
         return Ok(());
     };
     let ns = format!("{}/", namespace());
-    let make = || async {
-        let b = im_infra_mysql::MysqlBackend::builder()
-            .url(&url)
-            .namespace(&ns)
-            .table_prefix("iminfra_test_")
-            .build()
-            .await?;
-        Ok(Arc::new(b) as Arc<dyn Backend>)
+    let build = || async {
+        anyhow::Ok(
+            im_infra_mysql::MysqlBackend::builder()
+                .url(&url)
+                .namespace(&ns)
+                .table_prefix("iminfra_test_")
+                .build()
+                .await?,
+        )
     };
-    run(make, "unused").await
+    snapshotter();
+    // The purge the backend runs in the background, run now, counts too.
+    let b = build().await?;
+    b.purge_expired().await?;
+    b.close().await?;
+    let counted: u64 = seen("mysql")
+        .get(&("backend".to_string(), "backend.purge_expired".to_string()))
+        .map_or(0, |(o, _)| o.get("ok").copied().unwrap_or(0));
+    ensure!(counted == 1, "mysql: purge_expired counted {counted} times");
+    run_maintained(build, "unused").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

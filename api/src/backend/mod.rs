@@ -94,7 +94,7 @@ impl std::fmt::Display for Capability {
 }
 
 pub use handed_out::{Closable, HandedOut};
-pub use maintenance::Maintenance;
+pub use maintenance::{Maintenance, RawMaintenance};
 
 /// A backend (memory, etcd, Redis, MySQL, Kafka, noop) seen as a whole.
 ///
@@ -157,8 +157,8 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// A consumer-group member.
-    async fn consumer(&self, config: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
-        let _ = config;
+    async fn consumer(&self, settings: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
+        let _ = settings;
         Err(Error::unsupported("backend.consumer").with_backend(self.name()))
     }
 

@@ -55,7 +55,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability, HandedOut, Maintenance};
+use im_infra::backend::{Backend, Capability, HandedOut, RawMaintenance};
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
     ObservedConfigCenter, ObservedDiscovery, ObservedLock, ObservedOnce, ObservedRegistry,
@@ -258,7 +258,7 @@ impl EtcdBackendBuilder {
             leases: LeaseManager::new(conn.clone(), handed_out.clone()),
             conn,
             handed_out,
-            health: OpMetrics::new(NAME, "backend", "backend.health_check"),
+            health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
         })
     }
 }
@@ -275,19 +275,19 @@ pub struct EtcdBackend {
     /// Registries (deregistered on close) and keep-alives (stopped).
     handed_out: Arc<HandedOut>,
     leases: LeaseManager,
-    health: OpMetrics,
+    health_check: OpMetrics,
 }
 
 impl std::fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdBackend")
-            .field("config", self.conn.settings())
+            .field("settings", self.conn.settings())
             .finish()
     }
 }
 
 impl EtcdBackend {
-    /// A builder; without `config` it loads file and environment.
+    /// A builder; without `settings` it loads file and environment.
     pub fn builder() -> EtcdBackendBuilder {
         EtcdBackendBuilder::default()
     }
@@ -322,12 +322,12 @@ impl EtcdBackend {
             .await
     }
 
-    /// The test preset ([`EtcdSettings::test`]) on `endpoints`.
+    /// The test preset ([`EtcdSettings::testing`]) on `endpoints`.
     pub async fn testing<S: Into<String>>(
         endpoints: impl IntoIterator<Item = S>,
     ) -> Result<EtcdBackend> {
         EtcdBackend::builder()
-            .settings(EtcdSettings::test())
+            .settings(EtcdSettings::testing())
             .endpoints(endpoints)
             .build()
             .await
@@ -354,9 +354,13 @@ impl EtcdBackend {
     }
 }
 
-/// Tear-down and fault injection (see [`Maintenance`]).
+/// Tear-down and fault injection (see [`Maintenance`](im_infra::backend::Maintenance)).
 #[async_trait]
-impl Maintenance for EtcdBackend {
+impl RawMaintenance for EtcdBackend {
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.conn.settings().namespace)
+    }
+
     /// Fault injection: revokes the lease of a registered instance; its
     /// registry notices and registers it again.
     async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
@@ -374,14 +378,9 @@ impl Maintenance for EtcdBackend {
         config_center::compact(&self.conn).await
     }
 
-    /// Deletes every key under the namespace (refuses an empty namespace).
+    /// Deletes every key under the namespace.
     async fn purge_namespace(&self) -> Result<u64> {
         let ns = self.conn.settings().namespace.clone();
-        if ns.is_empty() {
-            return Err(im_infra::Error::invalid_argument(
-                "refusing to purge without a namespace",
-            ));
-        }
         let r = self
             .conn
             .call("purge", |mut c| async move {
@@ -441,7 +440,7 @@ impl Backend for EtcdBackend {
     }
 
     async fn health_check(&self) -> Result<()> {
-        self.health.run(self.conn.check()).await
+        self.health_check.run(self.conn.check()).await
     }
 
     /// Deregisters what the registries handed out registered and stops the

@@ -189,7 +189,7 @@ impl EtcdSettings {
     }
 
     /// A test setup: short TTLs and timeouts, frequent health checks.
-    pub fn test() -> Self {
+    pub fn testing() -> Self {
         EtcdSettings {
             dial_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(2),

@@ -57,6 +57,12 @@ impl ConfigStore {
         self.changed.notify_waiters();
     }
 
+    /// Forgets every change so far: a watch resuming from before now
+    /// resynchronises from the current entries.
+    pub(crate) fn compact(&self) {
+        self.state().history.clear();
+    }
+
     /// What a watch at `cursor` should deliver next (empty: nothing new).
     fn poll(&self, cursor: &mut WatchCursor) -> Vec<ConfigEvent> {
         let state = self.state();

@@ -55,7 +55,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability, HandedOut};
+use im_infra::backend::{Backend, Capability, HandedOut, RawMaintenance};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
@@ -145,7 +145,7 @@ pub struct MemoryBackendBuilder {
 }
 
 impl MemoryBackendBuilder {
-    /// Uses `config`.
+    /// Uses `settings`.
     #[must_use]
     pub fn settings(mut self, settings: MemorySettings) -> Self {
         self.settings = settings;
@@ -307,16 +307,38 @@ impl MemoryBackend {
     pub fn committed_offset(&self, group: &str, topic: &str, partition: i32) -> Option<i64> {
         self.shared.mq.committed(group, topic, partition)
     }
+}
 
-    /// Fault injection: removes a registered instance as if its lease had
-    /// expired. Its registry notices and registers it again.
-    pub async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
+/// Fault injection (see [`Maintenance`](im_infra::backend::Maintenance)).
+#[async_trait]
+impl RawMaintenance for MemoryBackend {
+    /// None: the backend's state is its own, in this process.
+    fn namespace(&self) -> Option<&str> {
+        None
+    }
+
+    /// `Unsupported`: the state lives and dies with the backend; build a
+    /// new one instead.
+    async fn purge_namespace(&self) -> Result<u64> {
+        Err(Error::unsupported("maintenance.purge_namespace"))
+    }
+
+    /// Removes a registered instance as if its lease had expired. Its
+    /// registry notices and registers it again.
+    async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
         Ok(self.shared.registry.remove(service, id, None))
     }
 
-    /// Fault injection: revokes a worker-id lease as if it had expired.
-    pub async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
+    /// Revokes a worker-id lease as if it had expired.
+    async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
         Ok(self.shared.workers.revoke(id))
+    }
+
+    /// Forgets the config change history: watches resuming from an older
+    /// version resynchronise from the current entries.
+    async fn compact_config_history(&self) -> Result<()> {
+        self.shared.configs.compact();
+        Ok(())
     }
 }
 
@@ -405,9 +427,9 @@ impl Backend for MemoryBackend {
         )))
     }
 
-    async fn consumer(&self, config: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
+    async fn consumer(&self, settings: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         self.shared.check_open()?;
-        let consumer = Arc::new(MemoryConsumer::new(self.shared.clone(), config)?);
+        let consumer = Arc::new(MemoryConsumer::new(self.shared.clone(), settings)?);
         self.shared.handed_out.track(&consumer);
         Ok(Arc::new(ObservedConsumer::new(NAME, consumer)))
     }

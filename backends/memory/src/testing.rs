@@ -1,6 +1,6 @@
 //! The conformance fixture of the in-process backend (feature `testing`):
-//! every world is a fresh backend with a short config history, its peer a
-//! second handle on the same state.
+//! every world is a fresh backend, its peer a second handle on the same
+//! state.
 //!
 //! ```no_run
 //! // tests/conformance.rs of this crate, with `harness = false`:
@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use async_trait::async_trait;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra_conformance::{Fixture, Hooks, SuiteKind, Target, World};
 
 use crate::MemoryBackend;
@@ -52,9 +52,7 @@ impl Hooks for MemoryHooks {
     }
 
     async fn compact_config_history(&self) -> Result<()> {
-        // The fixture keeps a short history: the writes before this call
-        // already pushed the old versions out.
-        Ok(())
+        Ok(self.0.compact_config_history().await?)
     }
 
     async fn cleanup(&self) -> Result<()> {
@@ -65,7 +63,7 @@ impl Hooks for MemoryHooks {
 #[async_trait]
 impl Fixture for MemoryFixture {
     async fn world(&self) -> Result<World> {
-        let backend = MemoryBackend::builder().config_history(8).build()?;
+        let backend = MemoryBackend::new();
         Ok(World {
             backend: Arc::new(backend.clone()),
             peer: Arc::new(backend.clone()),

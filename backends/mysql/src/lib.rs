@@ -60,7 +60,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability, Maintenance};
+use im_infra::backend::{Backend, Capability, RawMaintenance};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
@@ -183,7 +183,7 @@ impl MysqlBackendBuilder {
         Ok(MysqlBackend {
             db: Arc::new(shared.db.timed()),
             shared,
-            health: OpMetrics::new(NAME, "backend", "backend.health_check"),
+            health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
         })
     }
 }
@@ -198,13 +198,13 @@ pub struct MysqlBackend {
     shared: Arc<Shared>,
     /// The pool with the `db.*` telemetry, for the service's own queries.
     db: Arc<Db>,
-    health: OpMetrics,
+    health_check: OpMetrics,
 }
 
 impl std::fmt::Debug for MysqlBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MysqlBackend")
-            .field("config", self.shared.settings())
+            .field("settings", self.shared.settings())
             .finish()
     }
 }
@@ -235,14 +235,21 @@ impl MysqlBackend {
     }
 
     /// Runs one pass of the background purge now; returns the rows deleted.
+    /// One span, counted as `backend.purge_expired`.
     pub async fn purge_expired(&self) -> Result<u64> {
-        purge::purge_once(&self.shared).await
+        OpMetrics::new(NAME, "backend", "backend.purge_expired")
+            .run(purge::purge_once(&self.shared))
+            .await
     }
 }
 
-/// Tear-down and fault injection (see [`Maintenance`]).
+/// Tear-down and fault injection (see [`Maintenance`](im_infra::backend::Maintenance)).
 #[async_trait]
-impl Maintenance for MysqlBackend {
+impl RawMaintenance for MysqlBackend {
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.shared.settings().namespace)
+    }
+
     /// Fault injection: deletes a worker-id lease as if it had expired.
     async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
         worker_id::revoke(&self.shared, id).await
@@ -325,7 +332,7 @@ impl Backend for MysqlBackend {
     }
 
     async fn health_check(&self) -> Result<()> {
-        self.health.run(self.shared.db.health_check()).await
+        self.health_check.run(self.shared.db.health_check()).await
     }
 
     /// Stops the background work (purge, config watches, lock waits),

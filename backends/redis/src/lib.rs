@@ -101,7 +101,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability, HandedOut, Maintenance};
+use im_infra::backend::{Backend, Capability, HandedOut, RawMaintenance};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
@@ -152,29 +152,8 @@ pub(crate) struct Shared {
     handed_out: HandedOut,
     /// Set by the first `close`; later (and concurrent) calls wait for it.
     closed: tokio::sync::OnceCell<Result<()>>,
-    ops: BackendOps,
-}
-
-/// The operations of the backend itself (capability `backend`).
-struct BackendOps {
+    /// The backend's own operation (capability `backend`).
     health_check: OpMetrics,
-    purge_namespace: OpMetrics,
-    compact_config_history: OpMetrics,
-    revoke_registration: OpMetrics,
-    revoke_worker_id: OpMetrics,
-}
-
-impl BackendOps {
-    fn new() -> Self {
-        let m = |op| OpMetrics::new(NAME, "backend", op);
-        BackendOps {
-            health_check: m("backend.health_check"),
-            purge_namespace: m("backend.purge_namespace"),
-            compact_config_history: m("backend.compact_config_history"),
-            revoke_registration: m("backend.revoke_registration"),
-            revoke_worker_id: m("backend.revoke_worker_id"),
-        }
-    }
 }
 
 /// Builds a [`RedisBackend`].
@@ -262,7 +241,7 @@ impl RedisBackendBuilder {
                 notifier: lock::ReleaseNotifier::default(),
                 handed_out: HandedOut::default(),
                 closed: tokio::sync::OnceCell::new(),
-                ops: BackendOps::new(),
+                health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
             }),
         })
     }
@@ -277,7 +256,7 @@ pub struct RedisBackend {
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("config", self.shared.client.settings())
+            .field("settings", self.shared.client.settings())
             .finish()
     }
 }
@@ -330,24 +309,22 @@ impl RedisBackend {
     }
 }
 
-/// Tear-down and fault injection (see [`Maintenance`]).
+/// Tear-down and fault injection (see [`Maintenance`](im_infra::backend::Maintenance)).
 #[async_trait]
-impl Maintenance for RedisBackend {
+impl RawMaintenance for RedisBackend {
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.shared.client.settings().namespace)
+    }
+
     /// Fault injection: removes a registered instance as if its lease had
     /// expired. Its registry notices and registers it again.
     async fn revoke_registration(&self, service: &str, id: &str) -> Result<bool> {
-        let ops = &self.shared.ops;
-        ops.revoke_registration
-            .run(registry::revoke(&self.shared, service, id))
-            .await
+        registry::revoke(&self.shared, service, id).await
     }
 
     /// Fault injection: deletes a worker-id lease as if it had expired.
     async fn revoke_worker_id(&self, id: u64) -> Result<bool> {
-        let ops = &self.shared.ops;
-        ops.revoke_worker_id
-            .run(worker_id::revoke(&self.shared, id))
-            .await
+        worker_id::revoke(&self.shared, id).await
     }
 
     /// Trims the config change stream to nothing, so that watches resuming
@@ -356,18 +333,12 @@ impl Maintenance for RedisBackend {
         let shared = &self.shared;
         let mut xtrim = redis::cmd("XTRIM");
         xtrim.arg(shared.keys.cfg("log")).arg("MAXLEN").arg(0);
-        shared
-            .ops
-            .compact_config_history
-            .run(shared.client.query::<i64>(&xtrim))
-            .await
-            .map(drop)
+        shared.client.query::<i64>(&xtrim).await.map(drop)
     }
 
     /// Deletes every key of the namespace.
     async fn purge_namespace(&self) -> Result<u64> {
-        let ops = &self.shared.ops;
-        ops.purge_namespace.run(self.purge()).await
+        self.purge().await
     }
 }
 
@@ -485,7 +456,7 @@ impl Backend for RedisBackend {
     }
 
     async fn health_check(&self) -> Result<()> {
-        self.shared.ops.health_check.run(self.ping()).await
+        self.shared.health_check.run(self.ping()).await
     }
 
     /// Deregisters what every registry handed out registered, then closes

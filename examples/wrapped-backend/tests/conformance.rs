@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use async_trait::async_trait;
-use im_infra::backend::Backend;
+use im_infra::backend::{Backend, Maintenance};
 use im_infra_conformance::{run_main, Fixture, Hooks, SuiteKind, Target, World};
 use im_infra_example_wrapped_backend::CountingBackend;
 use im_infra_memory::MemoryBackend;
@@ -40,8 +40,7 @@ impl Hooks for CountingHooks {
     }
 
     async fn compact_config_history(&self) -> Result<()> {
-        // A config history of 8 versions: older ones are already gone.
-        Ok(())
+        Ok(self.inner.compact_config_history().await?)
     }
 
     async fn cleanup(&self) -> Result<()> {
@@ -52,7 +51,7 @@ impl Hooks for CountingHooks {
 #[async_trait]
 impl Fixture for CountingFixture {
     async fn world(&self) -> Result<World> {
-        let inner = MemoryBackend::builder().config_history(8).build()?;
+        let inner = MemoryBackend::new();
         let wrapper = CountingBackend::new(Arc::new(inner.clone()));
         Ok(World {
             backend: Arc::new(wrapper.clone()),
