@@ -319,3 +319,39 @@ async fn limiter_rules_beyond_64_bit_arithmetic_are_refused() -> Result<()> {
     backend.close().await?;
     result
 }
+
+/// With the default, empty namespace a backend's "namespace" is the whole
+/// of the shared tables: purging it is refused, and another namespace's
+/// rows stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_namespace_is_not_purged() -> Result<()> {
+    let Some(url) = server_or_skip("mysql", MYSQL_ENV) else {
+        return Ok(());
+    };
+    let build = |ns: String| {
+        MysqlBackend::builder()
+            .url(&url)
+            .namespace(ns)
+            .table_prefix("iminfra_test_")
+            .build()
+    };
+    let named = build(format!("{}/", unique("kept"))).await?;
+    let unnamed = build(String::new()).await?;
+    let result = async {
+        let cache = named.cache().await?;
+        cache.set("k", Bytes::from_static(b"v"), None).await?;
+        let refused = unnamed.purge_namespace().await.unwrap_err();
+        ensure!(refused.kind() == ErrorKind::InvalidArgument, "{refused}");
+        ensure!(
+            cache.get("k").await?.as_deref() == Some(&b"v"[..]),
+            "another namespace's row was deleted"
+        );
+        ensure!(named.purge_namespace().await? >= 1);
+        ensure!(cache.get("k").await?.is_none());
+        Ok(())
+    }
+    .await;
+    unnamed.close().await?;
+    named.close().await?;
+    result
+}
