@@ -6,7 +6,7 @@ use parking_lot::Mutex;
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 
 /// Something a backend handed out that holds resources beyond the
 /// backend's own connections: a registry's registrations (deregistered),
@@ -48,7 +48,16 @@ pub trait Closable: Send + Sync {
 /// ```
 #[derive(Default)]
 pub struct HandedOut {
-    items: Mutex<Vec<Weak<dyn Closable>>>,
+    items: Mutex<Items>,
+    /// The result of the backend's close, once it ran.
+    closed: tokio::sync::OnceCell<Result<()>>,
+}
+
+#[derive(Default)]
+struct Items {
+    live: Vec<Weak<dyn Closable>>,
+    /// Set by the first `close_all`: nothing is tracked afterwards.
+    closing: bool,
 }
 
 impl std::fmt::Debug for HandedOut {
@@ -60,30 +69,41 @@ impl std::fmt::Debug for HandedOut {
 }
 
 impl HandedOut {
-    fn items(&self) -> parking_lot::MutexGuard<'_, Vec<Weak<dyn Closable>>> {
+    fn items(&self) -> parking_lot::MutexGuard<'_, Items> {
         self.items.lock()
     }
 
-    /// Remembers `item`, to close it with the backend.
-    pub fn track<T: Closable + 'static>(&self, item: &Arc<T>) {
+    /// Remembers `item`, to close it with the backend; `Closed` once the
+    /// backend's close has begun (the caller drops `item`, so nothing
+    /// handed out during a close outlives it).
+    pub fn track<T: Closable + 'static>(&self, item: &Arc<T>) -> Result<()> {
         let weak: Weak<dyn Closable> = Arc::downgrade(item) as Weak<dyn Closable>;
         let mut items = self.items();
-        items.retain(|w| w.strong_count() > 0);
-        items.push(weak);
+        if items.closing {
+            return Err(Error::new(ErrorKind::Closed, "the backend was closed"));
+        }
+        items.live.retain(|w| w.strong_count() > 0);
+        items.live.push(weak);
+        Ok(())
     }
 
     fn live(&self) -> Vec<Arc<dyn Closable>> {
-        self.items().iter().filter_map(Weak::upgrade).collect()
+        self.items().live.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Closes every handle still alive, each once and all at the same
     /// time (so the slowest, not the sum, bounds the close); a failure is
-    /// logged and the first one returned after all were tried.
+    /// logged and the first one returned after all were tried. From its
+    /// start on, [`track`](Self::track) refuses.
     pub async fn close_all(&self) -> Result<()> {
-        let live: Vec<Arc<dyn Closable>> = std::mem::take(&mut *self.items())
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
+        let live: Vec<Arc<dyn Closable>> = {
+            let mut items = self.items();
+            items.closing = true;
+            std::mem::take(&mut items.live)
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect()
+        };
         let results = futures::future::join_all(live.iter().map(|item| item.close())).await;
         let mut first = None;
         for e in results.into_iter().filter_map(|r| r.err()) {
@@ -92,6 +112,32 @@ impl HandedOut {
         }
         first.map_or(Ok(()), Err)
     }
+
+    /// The backend's close, run once: the first call runs `close` (which
+    /// calls [`close_all`](Self::close_all) and releases the backend's
+    /// own connections); concurrent calls wait for it, and every call,
+    /// then and later, returns its result.
+    ///
+    /// ```
+    /// use im_infra::backend::HandedOut;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
+    /// let handed_out = HandedOut::default();
+    /// let close = || handed_out.close_once(async {
+    ///     handed_out.close_all().await?;
+    ///     println!("connections released"); // once
+    ///     Ok(())
+    /// });
+    /// close().await?;
+    /// close().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn close_once<F>(&self, close: F) -> Result<()>
+    where
+        F: std::future::Future<Output = Result<()>>,
+    {
+        self.closed.get_or_init(|| close).await.clone()
+    }
 }
 
 #[cfg(test)]
@@ -99,7 +145,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::{Error, ErrorKind};
 
     struct Counted(Arc<AtomicUsize>, bool);
 
@@ -122,9 +167,9 @@ mod tests {
         let a = Arc::new(Counted(n.clone(), true));
         let b = Arc::new(Counted(n.clone(), false));
         let dropped = Arc::new(Counted(n.clone(), false));
-        h.track(&a);
-        h.track(&b);
-        h.track(&dropped);
+        h.track(&a).unwrap();
+        h.track(&b).unwrap();
+        h.track(&dropped).unwrap();
         drop(dropped);
         let err = h.close_all().await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unavailable);
@@ -135,5 +180,36 @@ mod tests {
         );
         h.close_all().await.unwrap();
         assert_eq!(n.load(Ordering::SeqCst), 2, "each once");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_tracked_once_the_close_began() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let h = HandedOut::default();
+        h.close_all().await.unwrap();
+        let late = Arc::new(Counted(n.clone(), false));
+        let err = h.track(&late).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed);
+        h.close_all().await.unwrap();
+        assert_eq!(n.load(Ordering::SeqCst), 0, "refused, so never closed");
+    }
+
+    #[tokio::test]
+    async fn the_close_runs_once_and_every_caller_gets_its_result() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let h = HandedOut::default();
+        let close = || {
+            h.close_once(async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                Err(Error::new(ErrorKind::Unavailable, "flush failed"))
+            })
+        };
+        let (first, second) = tokio::join!(close(), close());
+        let third = close().await;
+        for r in [first, second, third] {
+            assert_eq!(r.unwrap_err().kind(), ErrorKind::Unavailable);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }

@@ -417,7 +417,7 @@ impl Backend for EtcdBackend {
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.conn.client()?;
         let raw = Arc::new(EtcdRegistry::new(self.conn.clone()));
-        self.handed_out.track(&raw);
+        self.handed_out.track(&raw)?;
         Ok(Arc::new(ObservedRegistry::new(NAME, raw)))
     }
 
@@ -445,13 +445,15 @@ impl Backend for EtcdBackend {
 
     /// Deregisters what the registries handed out registered and stops the
     /// lease keep-alives ([`HandedOut::close_all`]), then closes the
-    /// connection (watches and the health checker stop). Idempotent.
+    /// connection (watches and the health checker stop). Concurrent and
+    /// later calls wait for the first and answer what it answered.
     async fn close(&self) -> Result<()> {
-        if self.conn.is_closed() {
-            return Ok(());
-        }
-        let handed_out = self.handed_out.close_all().await;
-        self.conn.close();
-        handed_out
+        self.handed_out
+            .close_once(async {
+                let handed_out = self.handed_out.close_all().await;
+                self.conn.close();
+                handed_out
+            })
+            .await
     }
 }

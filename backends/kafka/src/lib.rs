@@ -316,7 +316,7 @@ impl Backend for KafkaBackend {
             self.shared.shutdown.child_token(),
             self.shared.settings.consumer.session_timeout,
         )?);
-        self.shared.handed_out.track(&consumer);
+        self.shared.handed_out.track(&consumer)?;
         Ok(Arc::new(ObservedConsumer::new(NAME, consumer)))
     }
 
@@ -333,16 +333,21 @@ impl Backend for KafkaBackend {
     /// Refuses new work and stops every consumer; waits for each to commit
     /// its offsets and leave its group (each within
     /// `consumer.session_timeout`); then flushes the shared producer client
-    /// (within `producer.delivery_timeout`) and closes it. Idempotent.
+    /// (within `producer.delivery_timeout`) and closes it.
+    /// Concurrent and later calls wait for the first and answer what it
+    /// answered.
     async fn close(&self) -> Result<()> {
-        if self.shared.shutdown.is_cancelled() {
-            return Ok(());
-        }
-        // Every consumer's stop is a child of this token: they all start
-        // leaving now, and the handles below wait for each one.
-        self.shared.shutdown.cancel();
-        let handed_out = self.shared.handed_out.close_all().await;
-        let client = self.shared.producer.close_client().await;
-        handed_out.and(client)
+        let shared = &self.shared;
+        shared
+            .handed_out
+            .close_once(async {
+                // Every consumer's stop is a child of this token: they all
+                // start leaving now, and the handles below wait for each.
+                shared.shutdown.cancel();
+                let handed_out = shared.handed_out.close_all().await;
+                let client = shared.producer.close_client().await;
+                handed_out.and(client)
+            })
+            .await
     }
 }

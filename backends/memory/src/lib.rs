@@ -396,7 +396,7 @@ impl Backend for MemoryBackend {
         self.shared.check_open()?;
         self.start_tasks();
         let registry = Arc::new(MemoryRegistry::new(self.shared.clone()));
-        self.shared.handed_out.track(&registry);
+        self.shared.handed_out.track(&registry)?;
         Ok(Arc::new(ObservedRegistry::new(NAME, registry)))
     }
 
@@ -430,7 +430,7 @@ impl Backend for MemoryBackend {
     async fn consumer(&self, settings: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         self.shared.check_open()?;
         let consumer = Arc::new(MemoryConsumer::new(self.shared.clone(), settings)?);
-        self.shared.handed_out.track(&consumer);
+        self.shared.handed_out.track(&consumer)?;
         Ok(Arc::new(ObservedConsumer::new(NAME, consumer)))
     }
 
@@ -452,16 +452,21 @@ impl Backend for MemoryBackend {
     /// what the backend handed out (registries deregister their instances;
     /// consumers finish their in-flight message and leave their group, each
     /// within 10 s), then stops the background tasks and ends the watches.
-    /// Idempotent.
+    /// Concurrent and later calls wait for the first and answer what it
+    /// answered.
     async fn close(&self) -> Result<()> {
-        if self.shared.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        #[cfg(feature = "near-cache")]
-        self.shared.cache.listeners.closed();
-        let handed_out = self.shared.handed_out.close_all().await;
-        self.shared.shutdown.cancel();
-        handed_out
+        let shared = &self.shared;
+        shared
+            .handed_out
+            .close_once(async {
+                shared.closed.store(true, Ordering::Release);
+                #[cfg(feature = "near-cache")]
+                shared.cache.listeners.closed();
+                let handed_out = shared.handed_out.close_all().await;
+                shared.shutdown.cancel();
+                handed_out
+            })
+            .await
     }
 }
 

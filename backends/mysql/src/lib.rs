@@ -339,12 +339,16 @@ impl Backend for MysqlBackend {
     /// then closes the pool. Nothing it hands out needs closing first: it
     /// has no registry, and the leases of held locks, once claims and
     /// worker ids end at their next renewal (`Closed`), their rows
-    /// expiring on the server's clock. Idempotent.
+    /// expiring on the server's clock. Concurrent and later calls wait for
+    /// the first and answer what it answered.
     async fn close(&self) -> Result<()> {
-        if self.shared.shutdown.is_cancelled() {
-            return Ok(());
-        }
-        self.shared.shutdown.cancel();
-        self.shared.db.close().await
+        let shared = &self.shared;
+        shared
+            .handed_out
+            .close_once(async {
+                shared.shutdown.cancel();
+                shared.db.close().await
+            })
+            .await
     }
 }

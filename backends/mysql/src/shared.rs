@@ -1,5 +1,6 @@
 //! State shared by every handle of one backend instance.
 
+use im_infra::backend::HandedOut;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Db;
@@ -13,6 +14,9 @@ pub(crate) struct Shared {
     ns: Vec<u8>,
     prefix: String,
     pub(crate) shutdown: CancellationToken,
+    /// Nothing is tracked (nothing handed out needs closing first); its
+    /// close runs once.
+    pub(crate) handed_out: HandedOut,
 }
 
 impl Shared {
@@ -24,6 +28,7 @@ impl Shared {
             ns,
             prefix,
             shutdown: CancellationToken::new(),
+            handed_out: HandedOut::default(),
         }
     }
 

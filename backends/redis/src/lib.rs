@@ -150,8 +150,6 @@ pub(crate) struct Shared {
     notifier: lock::ReleaseNotifier,
     /// What was handed out that closes with the backend (registries).
     handed_out: HandedOut,
-    /// Set by the first `close`; later (and concurrent) calls wait for it.
-    closed: tokio::sync::OnceCell<Result<()>>,
     /// The backend's own operation (capability `backend`).
     health_check: OpMetrics,
 }
@@ -240,7 +238,6 @@ impl RedisBackendBuilder {
                 keys,
                 notifier: lock::ReleaseNotifier::default(),
                 handed_out: HandedOut::default(),
-                closed: tokio::sync::OnceCell::new(),
                 health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
             }),
         })
@@ -433,7 +430,7 @@ impl Backend for RedisBackend {
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.shared.client.check_open()?;
         let raw = Arc::new(RedisRegistry::new(self.shared.clone()));
-        self.shared.handed_out.track(&raw);
+        self.shared.handed_out.track(&raw)?;
         Ok(Arc::new(ObservedRegistry::new(NAME, raw)))
     }
 
@@ -465,13 +462,12 @@ impl Backend for RedisBackend {
     async fn close(&self) -> Result<()> {
         let shared = &self.shared;
         shared
-            .closed
-            .get_or_init(|| async {
+            .handed_out
+            .close_once(async {
                 let handed_out = shared.handed_out.close_all().await;
                 shared.client.close();
                 handed_out
             })
             .await
-            .clone()
     }
 }
