@@ -8,19 +8,18 @@
 //! A message whose handler never succeeded is never stored, so it is
 //! delivered again, to this member or to the one that takes its partition.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::FutureExt;
 use im_infra::backend::Closable;
 use im_infra::mq::{
-    Consumer, ConsumerCapabilities, ConsumerSettings, Handler, Producer, ReceivedMessage,
+    Consumer, ConsumerCapabilities, ConsumerSettings, Handled, Handler, HandlerRunner, Producer,
+    ReceivedMessage,
 };
-use im_infra::telemetry::{with_timeout, OpMetrics};
+use im_infra::telemetry::with_timeout;
 use im_infra::{Error, ErrorKind, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -146,13 +145,6 @@ impl Drop for Member {
     }
 }
 
-enum Handled {
-    /// Store the offset (handled, or dead-lettered).
-    Done,
-    /// Stop requested before the message was done: leave it uncommitted.
-    Abandoned,
-}
-
 struct State {
     client_config: ClientConfig,
     names: Names,
@@ -165,8 +157,8 @@ struct State {
     paused: watch::Sender<bool>,
     /// How long closing the backend waits for this member to leave.
     close_timeout: Duration,
-    handle_op: OpMetrics,
-    dead_letter_op: OpMetrics,
+    /// Handler attempts, retries and dead letters.
+    runner: HandlerRunner,
 }
 
 /// One member of a Kafka consumer group, with at-least-once delivery (see
@@ -252,6 +244,7 @@ impl KafkaConsumer {
         close_timeout: Duration,
     ) -> Result<Self> {
         settings.validate()?;
+        let runner = HandlerRunner::new(NAME, &settings);
         Ok(KafkaConsumer {
             state: Arc::new(State {
                 client_config,
@@ -263,83 +256,9 @@ impl KafkaConsumer {
                 active: watch::channel(false).0,
                 paused: watch::channel(false).0,
                 close_timeout,
-                handle_op: OpMetrics::new(NAME, "mq", "mq.handle"),
-                dead_letter_op: OpMetrics::new(NAME, "mq", "mq.dead_letter"),
+                runner,
             }),
         })
-    }
-
-    /// One handler attempt; a panicking handler counts as a failed attempt.
-    async fn attempt(&self, handler: &dyn Handler, msg: &ReceivedMessage) -> Result<()> {
-        self.state
-            .handle_op
-            .run(async {
-                match AssertUnwindSafe(handler.handle(msg)).catch_unwind().await {
-                    Ok(res) => res,
-                    Err(_) => Err(Error::new(ErrorKind::Internal, "the handler panicked")),
-                }
-            })
-            .await
-    }
-
-    /// Runs the handler with retries, then dead-letters the message if a
-    /// dead-letter topic is configured.
-    async fn handle(&self, handler: &dyn Handler, mut msg: ReceivedMessage) -> Handled {
-        let retry = &self.state.settings.handler_retry;
-        let mut finite = retry.delays();
-        let mut forever = retry.delays_forever();
-        loop {
-            let err = match self.attempt(handler, &msg).await {
-                Ok(()) => return Handled::Done,
-                Err(e) => e,
-            };
-            let delay = if self.state.settings.dead_letter_topic.is_some() {
-                finite.next()
-            } else {
-                Some(forever.next().unwrap_or(retry.max_interval))
-            };
-            let Some(delay) = delay else {
-                return self.dead_letter(&msg, &err).await;
-            };
-            tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempt = msg.attempt, error = %err, "handler failed; retrying");
-            tokio::select! {
-                _ = self.state.stop.cancelled() => return Handled::Abandoned,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            msg.attempt += 1;
-        }
-    }
-
-    /// Produces the message to the dead-letter topic, retrying until the
-    /// broker acknowledges it (or a stop is requested): a message is never
-    /// dropped.
-    async fn dead_letter(&self, msg: &ReceivedMessage, err: &Error) -> Handled {
-        let Some(dlq) = &self.state.settings.dead_letter_topic else {
-            return Handled::Abandoned;
-        };
-        let letter = msg.dead_letter(dlq, err);
-        let mut delays = self.state.settings.handler_retry.delays_forever();
-        loop {
-            let sent = self
-                .state
-                .dead_letter_op
-                .run(self.state.dead_letters.produce(letter.clone()))
-                .await;
-            match sent {
-                Ok(d) => {
-                    tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, dead_letter_topic = %dlq, dead_letter_offset = d.offset, error = %err, "message dead-lettered");
-                    return Handled::Done;
-                }
-                Err(e) => {
-                    tracing::error!(topic = %msg.topic, offset = msg.offset, dead_letter_topic = %dlq, error = %e, "dead-lettering failed; retrying");
-                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
-                    tokio::select! {
-                        _ = self.state.stop.cancelled() => return Handled::Abandoned,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
     }
 
     /// Handles one message and stores its offset; `false` when the member
@@ -350,7 +269,9 @@ impl KafkaConsumer {
             message,
         } = taken;
         let (partition, offset) = (message.partition, message.offset);
-        match self.handle(handler, message).await {
+        let state = &self.state;
+        let send = |letter| async move { state.dead_letters.produce(letter).await.map(drop) };
+        match state.runner.run(handler, message, &state.stop, send).await {
             Handled::Done => {
                 // librdkafka's offset store takes the handled message's
                 // offset and commits the one after it.

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::backend::Closable;
-use im_infra::mq::{Consumer, ConsumerCapabilities, ConsumerSettings, Handler, ReceivedMessage};
-use im_infra::telemetry::{with_timeout, OpMetrics};
+use im_infra::mq::{
+    Consumer, ConsumerCapabilities, ConsumerSettings, Handled, Handler, HandlerRunner,
+};
+use im_infra::telemetry::with_timeout;
 use im_infra::{Error, ErrorKind, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -32,8 +34,7 @@ pub(crate) struct MemoryConsumer {
     running: AtomicBool,
     /// `true` while `run` is active.
     active: watch::Sender<bool>,
-    handle_op: OpMetrics,
-    dead_letter_op: OpMetrics,
+    runner: HandlerRunner,
 }
 
 impl std::fmt::Debug for MemoryConsumer {
@@ -61,17 +62,11 @@ impl Drop for Membership<'_> {
     }
 }
 
-enum Handled {
-    /// Commit the offset (handled, or dead-lettered).
-    Commit,
-    /// Stop requested before the handler succeeded: leave uncommitted.
-    Abandon,
-}
-
 impl MemoryConsumer {
     pub(crate) fn new(shared: Arc<Shared>, settings: ConsumerSettings) -> Result<Self> {
         settings.validate()?;
         let member = shared.mq.member_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let runner = HandlerRunner::new(crate::NAME, &settings);
         Ok(MemoryConsumer {
             shared,
             settings,
@@ -80,56 +75,8 @@ impl MemoryConsumer {
             stop: CancellationToken::new(),
             running: AtomicBool::new(false),
             active: watch::channel(false).0,
-            handle_op: OpMetrics::new(crate::NAME, "mq", "mq.handle"),
-            dead_letter_op: OpMetrics::new(crate::NAME, "mq", "mq.dead_letter"),
+            runner,
         })
-    }
-
-    async fn handle(&self, handler: &dyn Handler, mut msg: ReceivedMessage) -> Handled {
-        let retry = &self.settings.handler_retry;
-        let mut finite = retry.delays();
-        let mut forever = retry.delays_forever();
-        loop {
-            let err = match self.handle_op.run(handler.handle(&msg)).await {
-                Ok(()) => return Handled::Commit,
-                Err(e) => e,
-            };
-            let delay = if self.settings.dead_letter_topic.is_some() {
-                finite.next()
-            } else {
-                Some(forever.next().unwrap_or(retry.max_interval))
-            };
-            let Some(delay) = delay else {
-                return match self
-                    .dead_letter_op
-                    .run_sync(|| self.dead_letter(&msg, &err))
-                {
-                    Ok(()) => Handled::Commit,
-                    Err(e) => {
-                        tracing::error!(error = %e, "dead-lettering failed; the message stays uncommitted");
-                        Handled::Abandon
-                    }
-                };
-            };
-            tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempt = msg.attempt, error = %err, "handler failed; retrying");
-            tokio::select! {
-                _ = self.stop.cancelled() => return Handled::Abandon,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            msg.attempt += 1;
-        }
-    }
-
-    fn dead_letter(&self, msg: &ReceivedMessage, err: &Error) -> Result<()> {
-        let Some(dlq) = &self.settings.dead_letter_topic else {
-            return Err(Error::new(ErrorKind::Internal, "no dead-letter topic"));
-        };
-        let m = msg.dead_letter(dlq, err);
-        self.shared
-            .mq
-            .append(m, self.shared.settings.default_partitions);
-        tracing::warn!(topic = %msg.topic, offset = msg.offset, dead_letter_topic = %dlq, "message dead-lettered");
-        Ok(())
     }
 }
 
@@ -177,7 +124,13 @@ impl Consumer for MemoryConsumer {
                 Some(picked) => {
                     let msg = picked.message;
                     let (topic, partition, offset) = (msg.topic.clone(), msg.partition, msg.offset);
-                    if let Handled::Commit = self.handle(handler.as_ref(), msg).await {
+                    let partitions = self.shared.settings.default_partitions;
+                    let send = |letter| async move {
+                        store.append(letter, partitions);
+                        Ok(())
+                    };
+                    let handled = self.runner.run(&*handler, msg, &self.stop, send).await;
+                    if handled == Handled::Done {
                         store.commit(&cfg.group, self.member, &topic, partition, offset);
                     }
                 }

@@ -46,6 +46,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::retry::RetrySettings;
 
+mod runner;
+
+pub use runner::{Handled, HandlerRunner};
+
 /// A message to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
