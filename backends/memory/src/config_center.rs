@@ -8,13 +8,13 @@ use parking_lot::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream;
 use im_infra::config::watch::{WatchCursor, WatchTarget};
+use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory};
 use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
     WatchStream,
 };
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::{Error, ErrorKind, Result, RetrySettings};
 use tokio::sync::Notify;
 
 use crate::Shared;
@@ -63,37 +63,65 @@ impl ConfigStore {
         self.state().history.clear();
     }
 
-    /// What a watch at `cursor` should deliver next (empty: nothing new).
-    fn poll(&self, cursor: &mut WatchCursor) -> Vec<ConfigEvent> {
-        let state = self.state();
-        if cursor.last_version() >= state.revision {
-            return Vec::new();
+    /// The entries `target` covers.
+    fn covered(state: &State, target: &WatchTarget) -> Vec<(String, Versioned)> {
+        match target {
+            WatchTarget::Key(k) => state
+                .entries
+                .get(k)
+                .map(|v| (k.clone(), v.clone()))
+                .into_iter()
+                .collect(),
+            WatchTarget::Prefix(p) => state
+                .entries
+                .range(p.clone()..)
+                .take_while(|(k, _)| k.starts_with(p.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
-        if cursor.last_version() < state.history_floor() {
-            let current: Vec<(String, Versioned)> = match cursor.target() {
-                WatchTarget::Key(k) => state
-                    .entries
-                    .get(k)
-                    .map(|v| (k.clone(), v.clone()))
-                    .into_iter()
-                    .collect(),
-                WatchTarget::Prefix(p) => state
-                    .entries
-                    .range(p.clone()..)
-                    .take_while(|(k, _)| k.starts_with(p.as_str()))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            };
-            return cursor.resync(current, state.revision);
-        }
-        let mut events = Vec::new();
-        for e in &state.history {
-            if e.version > cursor.last_version() {
-                events.extend(cursor.accept(e.clone()));
+    }
+}
+
+/// The change history as one watch reads it, for the shared watch driver.
+struct History {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl ConfigHistory for History {
+    async fn revision(&mut self) -> Result<u64> {
+        Ok(self.shared.configs.state().revision)
+    }
+
+    async fn snapshot(&mut self, target: &WatchTarget) -> Result<(u64, Vec<(String, Versioned)>)> {
+        let state = self.shared.configs.state();
+        Ok((state.revision, ConfigStore::covered(&state, target)))
+    }
+
+    async fn next_batch(&mut self, cursor: &WatchCursor) -> Result<Batch> {
+        let store = &self.shared.configs;
+        loop {
+            let changed = store.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let state = store.state();
+                let after = cursor.last_version();
+                if after < state.revision {
+                    if after < state.history_floor() {
+                        return Ok(Batch::Trimmed);
+                    }
+                    let events = state.history.iter().filter(|e| e.version > after);
+                    return Ok(Batch::changes(events.cloned().collect(), state.revision));
+                }
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = self.shared.shutdown.cancelled() => {
+                    return Err(Error::new(ErrorKind::Closed, "the memory backend was closed"));
+                }
             }
         }
-        cursor.advance_to(state.revision);
-        events
     }
 }
 
@@ -156,37 +184,13 @@ impl MemoryConfigCenter {
         Ok(version)
     }
 
-    fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
+    async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
         self.shared.check_open()?;
-        let shared = self.shared.clone();
-        let mut cursor = WatchCursor::new(target, opts.after_version.unwrap_or(0));
-        if opts.after_version.is_none() {
-            cursor.advance_to(shared.configs.state().revision);
-        }
-        let state = (shared, cursor, VecDeque::<ConfigEvent>::new());
-        Ok(Box::pin(stream::unfold(
-            state,
-            |(shared, mut cursor, mut pending)| async move {
-                loop {
-                    if let Some(event) = pending.pop_front() {
-                        return Some((Ok(event), (shared, cursor, pending)));
-                    }
-                    if shared.is_closed() {
-                        return None;
-                    }
-                    let changed = shared.configs.changed.notified();
-                    tokio::pin!(changed);
-                    changed.as_mut().enable();
-                    pending.extend(shared.configs.poll(&mut cursor));
-                    if pending.is_empty() {
-                        tokio::select! {
-                            _ = &mut changed => {}
-                            _ = shared.shutdown.cancelled() => return None,
-                        }
-                    }
-                }
-            },
-        )))
+        let history = History {
+            shared: self.shared.clone(),
+        };
+        let shutdown = self.shared.shutdown.clone();
+        spawn_watch(history, target, opts, RetrySettings::default(), shutdown).await
     }
 }
 
@@ -243,10 +247,10 @@ impl ConfigCenter for MemoryConfigCenter {
     }
 
     async fn watch(&self, key: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.open_watch(WatchTarget::key(key)?, opts)
+        self.open_watch(WatchTarget::key(key)?, opts).await
     }
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
-        self.open_watch(WatchTarget::prefix(prefix)?, opts)
+        self.open_watch(WatchTarget::prefix(prefix)?, opts).await
     }
 }
