@@ -1,7 +1,7 @@
 //! In-process service registry: instances with TTL leases, keep-alive,
 //! re-registration after lease loss, and watch events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -9,17 +9,16 @@ use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use im_infra::backend::Closable;
 use im_infra::lease::LeaseBackend;
+use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
     RegisterOptions, RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities,
-    ServiceDiscovery, ServiceEvent, ServiceEventKind, ServiceEventStream, ServiceInfo,
-    ServiceInstance, ServiceRegistry, DEFAULT_TTL,
+    ServiceDiscovery, ServiceEventKind, ServiceEventStream, ServiceInfo, ServiceInstance,
+    ServiceRegistry, DEFAULT_TTL,
 };
-use im_infra::{Error, Result, RetrySettings};
-use tokio::sync::{mpsc, Notify};
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use im_infra::{Error, ErrorKind, Result, RetrySettings};
+use tokio::sync::Notify;
 
 use crate::Shared;
 
@@ -33,25 +32,25 @@ struct Entry {
     expires_at: Instant,
 }
 
+/// Changes kept for watches; a watch further behind lists again.
+const HISTORY: usize = 4096;
+
 #[derive(Debug, Default)]
 struct State {
     /// Live instances by (service, id).
     instances: BTreeMap<(String, String), Entry>,
-    watchers: Vec<(String, mpsc::UnboundedSender<Result<ServiceEvent>>)>,
+    /// Revision of the last change (0: none yet).
+    revision: u64,
+    /// The most recent changes, oldest first: revision, service, change.
+    history: VecDeque<(u64, String, InstanceChange)>,
 }
 
 impl State {
-    fn emit(&mut self, kind: ServiceEventKind, instance: &ServiceInstance) {
-        self.watchers.retain(|(service, tx)| {
-            if *service != instance.service {
-                return !tx.is_closed();
-            }
-            tx.send(Ok(ServiceEvent {
-                kind,
-                instance: instance.clone(),
-            }))
-            .is_ok()
-        });
+    /// Revisions above this one are all still in `history`.
+    fn history_floor(&self) -> u64 {
+        self.history
+            .front()
+            .map_or(self.revision, |(revision, _, _)| revision - 1)
     }
 }
 
@@ -62,11 +61,28 @@ pub(crate) struct RegistryStore {
     leases: AtomicU64,
     /// Woken whenever an expiry time changes, for the reaper.
     changed: Arc<Notify>,
+    /// Woken by every change, for the watches.
+    watches: Notify,
 }
 
 impl RegistryStore {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock()
+    }
+
+    /// Records a change of `instance` and wakes the watches.
+    fn emit(&self, state: &mut State, kind: ServiceEventKind, instance: &ServiceInstance) {
+        state.revision += 1;
+        let change = match kind {
+            ServiceEventKind::Delete => InstanceChange::Delete(instance.id.clone()),
+            _ => InstanceChange::Put(instance.clone()),
+        };
+        let entry = (state.revision, instance.service.clone(), change);
+        state.history.push_back(entry);
+        if state.history.len() > HISTORY {
+            state.history.pop_front();
+        }
+        self.watches.notify_waiters();
     }
 
     /// Puts an instance under a new lease; returns the lease id.
@@ -88,7 +104,7 @@ impl RegistryStore {
             },
         );
         if let Some(kind) = kind {
-            state.emit(kind, instance);
+            self.emit(&mut state, kind, instance);
         }
         drop(state);
         self.changed.notify_one();
@@ -124,7 +140,7 @@ impl RegistryStore {
                 };
                 if e.instance != instance {
                     e.instance = instance.clone();
-                    state.emit(ServiceEventKind::Update, &instance);
+                    self.emit(&mut state, ServiceEventKind::Update, &instance);
                 }
                 true
             }
@@ -144,7 +160,7 @@ impl RegistryStore {
             return false;
         }
         if let Some(e) = state.instances.remove(&key) {
-            state.emit(ServiceEventKind::Delete, &e.instance);
+            self.emit(&mut state, ServiceEventKind::Delete, &e.instance);
         }
         true
     }
@@ -162,7 +178,7 @@ impl RegistryStore {
         for key in expired {
             if let Some(e) = state.instances.remove(&key) {
                 tracing::debug!(service = %e.instance.service, id = %e.instance.id, "registration expired");
-                state.emit(ServiceEventKind::Delete, &e.instance);
+                self.emit(&mut state, ServiceEventKind::Delete, &e.instance);
             }
         }
         state.instances.values().map(|e| e.expires_at).min()
@@ -403,21 +419,118 @@ impl ServiceDiscovery for MemoryDiscovery {
 
     async fn watch(&self, service: &str) -> Result<ServiceEventStream> {
         self.shared.check_open()?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let history = Instances {
+            shared: self.shared.clone(),
+            service: service.to_owned(),
+        };
+        let shutdown = self.shared.shutdown.clone();
+        spawn_watch(history, RetrySettings::default(), shutdown).await
+    }
+}
+
+/// One watched service's changes, for the shared registry watch driver.
+struct Instances {
+    shared: Arc<Shared>,
+    service: String,
+}
+
+#[async_trait]
+impl InstanceHistory for Instances {
+    async fn list(&mut self) -> Result<(u64, Vec<ServiceInstance>)> {
         let now = Instant::now();
-        let mut state = self.shared.registry.state();
-        for ((s, _), e) in state.instances.iter() {
-            if s == service && e.expires_at > now {
-                let _ = tx.send(Ok(ServiceEvent {
-                    kind: ServiceEventKind::Add,
-                    instance: e.instance.clone(),
-                }));
+        let state = self.shared.registry.state();
+        let live = state
+            .instances
+            .iter()
+            .filter(|((s, _), e)| *s == self.service && e.expires_at > now)
+            .map(|(_, e)| e.instance.clone())
+            .collect();
+        Ok((state.revision, live))
+    }
+
+    async fn next_batch(&mut self, after: u64) -> Result<InstanceBatch> {
+        let store = &self.shared.registry;
+        loop {
+            let changed = store.watches.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let state = store.state();
+                if state.revision > after {
+                    if after < state.history_floor() {
+                        return Ok(InstanceBatch::Gap);
+                    }
+                    let changes = state
+                        .history
+                        .iter()
+                        .filter(|(revision, s, _)| *revision > after && *s == self.service)
+                        .map(|(_, _, change)| change.clone())
+                        .collect();
+                    let upto = state.revision;
+                    return Ok(InstanceBatch::Changes { changes, upto });
+                }
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = self.shared.shutdown.cancelled() => {
+                    return Err(Error::new(ErrorKind::Closed, "the memory backend was closed"));
+                }
             }
         }
-        state.watchers.push((service.to_owned(), tx));
-        let stop = self.shared.shutdown.clone();
-        Ok(UnboundedReceiverStream::new(rx)
-            .take_until(async move { stop.cancelled().await })
-            .boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use im_infra::backend::Backend;
+
+    use super::*;
+    use crate::MemoryBackend;
+
+    /// A watch that does not read while many more changes than the
+    /// history keeps are made lists again: it still ends on the current
+    /// state, and the history stays bounded.
+    #[tokio::test]
+    async fn a_watch_left_behind_the_bounded_history_lists_again() {
+        let backend = MemoryBackend::new();
+        let mut events = backend
+            .discovery()
+            .await
+            .unwrap()
+            .watch("svc")
+            .await
+            .unwrap();
+        let store = &backend.shared.registry;
+        let ttl = Duration::from_secs(60);
+        let last = HISTORY * 2;
+        for i in 0..=last {
+            store.put(
+                &ServiceInstance::new("svc", "a", format!("10.0.0.1:{i}")),
+                ttl,
+            );
+        }
+        store.put(&ServiceInstance::new("svc", "b", "10.0.0.2:80"), ttl);
+        assert!(store.state().history.len() <= HISTORY);
+        let want_a = format!("10.0.0.1:{last}");
+        let (mut a, mut b) = (None, false);
+        let mut seen = 0;
+        while a.as_deref() != Some(want_a.as_str()) || !b {
+            let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+                .await
+                .expect("the watch reaches the current state")
+                .expect("the stream goes on")
+                .unwrap();
+            seen += 1;
+            match event.instance.id.as_str() {
+                "a" => a = Some(event.instance.address),
+                _ => b = true,
+            }
+        }
+        assert!(
+            seen < last,
+            "{seen} events: the change history was replayed whole"
+        );
+        backend.close().await.unwrap();
     }
 }
