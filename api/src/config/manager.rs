@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{app_env, config_path_in, ConfigCenter, ConfigEventKind, WatchOptions};
+use super::{app_env, config_path_in, ConfigCenter, ConfigEvent, ConfigEventKind, WatchOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::retry::RetrySettings;
 
@@ -422,6 +422,9 @@ where
     }
 }
 
+/// Follows the config at `path` until `stop`: each connection reads the
+/// current value, then applies the watch's events; after a failure or the
+/// end of the stream it backs off with `retry` and connects again.
 async fn watch_loop<T>(
     inner: Weak<Inner<T>>,
     center: Arc<dyn ConfigCenter>,
@@ -432,83 +435,107 @@ async fn watch_loop<T>(
     T: DeserializeOwned + Send + Sync + 'static,
 {
     let mut delays = retry.delays_forever();
-    loop {
-        if stop.is_cancelled() {
-            return;
-        }
-        // Re-read on every (re)connection so nothing is missed.
-        let after = match center.get_with_version(&path).await {
-            Ok(Some(v)) => {
-                let Some(inner) = inner.upgrade() else { return };
-                Inner::apply(&inner, v.value, v.version).await;
-                inner.seen.load(Ordering::Acquire).max(v.version)
-            }
-            Ok(None) => {
-                let Some(inner) = inner.upgrade() else { return };
-                inner.seen.load(Ordering::Acquire)
-            }
-            Err(e) => {
-                tracing::debug!(path = %path, error = %e, "config center unavailable; retrying");
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
-        };
-        let mut events = match center.watch(&path, WatchOptions::after(after)).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(path = %path, error = %e, "watch failed; retrying");
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
-        };
-        delays = retry.delays_forever();
-        let mut stream_last = after;
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                next = events.next() => next,
-            };
-            let Some(inner) = inner.upgrade() else { return };
-            if let Some(Ok(ev)) = &next {
-                if ev.version < stream_last {
-                    // The watch went back: the server lost changes it had
-                    // delivered, and this event is the correction (see
-                    // `WatchCursor::resync_regressed`). It wins over what
-                    // was applied.
-                    tracing::warn!(path = %path, version = ev.version, after = stream_last, "the config center went back in time; applying its current state");
-                    inner
-                        .seen
-                        .store(ev.version.saturating_sub(1), Ordering::Release);
-                }
-                stream_last = ev.version;
-            }
-            match next {
-                Some(Ok(ev)) => match ev.kind {
-                    ConfigEventKind::Put => {
-                        if let Some(value) = ev.value {
-                            Inner::apply(&inner, value, ev.version).await;
-                        }
-                    }
-                    ConfigEventKind::Delete => Inner::revert_to_default(&inner, ev.version).await,
-                },
-                Some(Err(e)) => {
-                    tracing::warn!(path = %path, error = %e, "configuration watch failed; reconnecting");
-                    break;
-                }
-                None => break,
-            }
+    while !stop.is_cancelled() {
+        match follow(&inner, &*center, &path, &stop).await {
+            Followed::Ended => return,
+            Followed::Failed => {}
+            // The delays start again after a connection that worked.
+            Followed::Lost => delays = retry.delays_forever(),
         }
         let delay = delays.next().unwrap_or(Duration::from_secs(5));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// How one connection of [`follow`] ended.
+enum Followed {
+    /// Stopped, or the manager was dropped: the loop ends.
+    Ended,
+    /// Reading the value or opening the watch failed.
+    Failed,
+    /// The watch was open, then failed or ended.
+    Lost,
+}
+
+/// One connection: re-reads the value (so nothing is missed across
+/// reconnections), then applies the watch's events.
+async fn follow<T>(
+    inner: &Weak<Inner<T>>,
+    center: &dyn ConfigCenter,
+    path: &str,
+    stop: &CancellationToken,
+) -> Followed
+where
+    T: DeserializeOwned + Send + Sync + 'static,
+{
+    let read = center.get_with_version(path).await;
+    let Some(this) = inner.upgrade() else {
+        return Followed::Ended;
+    };
+    let after = match read {
+        Ok(Some(v)) => {
+            Inner::apply(&this, v.value, v.version).await;
+            this.seen.load(Ordering::Acquire).max(v.version)
+        }
+        Ok(None) => this.seen.load(Ordering::Acquire),
+        Err(e) => {
+            tracing::debug!(path = %path, error = %e, "config center unavailable; retrying");
+            return Followed::Failed;
+        }
+    };
+    drop(this);
+    let mut events = match center.watch(path, WatchOptions::after(after)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(path = %path, error = %e, "watch failed; retrying");
+            return Followed::Failed;
+        }
+    };
+    let mut stream_last = after;
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return Followed::Ended,
+            next = events.next() => next,
+        };
+        let Some(this) = inner.upgrade() else {
+            return Followed::Ended;
+        };
+        match next {
+            Some(Ok(ev)) => apply_event(&this, ev, &mut stream_last, path).await,
+            Some(Err(e)) => {
+                tracing::warn!(path = %path, error = %e, "configuration watch failed; reconnecting");
+                return Followed::Lost;
+            }
+            None => return Followed::Lost,
+        }
+    }
+}
+
+/// Applies one event of the watch; `stream_last` is the version of the
+/// one before.
+async fn apply_event<T>(this: &Arc<Inner<T>>, ev: ConfigEvent, stream_last: &mut u64, path: &str)
+where
+    T: DeserializeOwned + Send + Sync + 'static,
+{
+    if ev.version < *stream_last {
+        // The watch went back: the server lost changes it had delivered,
+        // and this event is the correction (see
+        // `WatchCursor::resync_regressed`). It wins over what was applied.
+        tracing::warn!(path = %path, version = ev.version, after = *stream_last, "the config center went back in time; applying its current state");
+        this.seen
+            .store(ev.version.saturating_sub(1), Ordering::Release);
+    }
+    *stream_last = ev.version;
+    match ev.kind {
+        ConfigEventKind::Put => {
+            if let Some(value) = ev.value {
+                Inner::apply(this, value, ev.version).await;
+            }
+        }
+        ConfigEventKind::Delete => Inner::revert_to_default(this, ev.version).await,
     }
 }
 
