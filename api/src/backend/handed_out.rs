@@ -41,7 +41,7 @@ pub trait Closable: Send + Sync {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
 /// let handed_out = HandedOut::default();
 /// let consumer = Arc::new(Consumer(AtomicBool::new(false)));
-/// handed_out.track(&consumer);
+/// handed_out.track(&consumer)?;
 /// handed_out.close_all().await?;
 /// assert!(consumer.0.load(Ordering::SeqCst));
 /// # Ok(()) }

@@ -172,12 +172,13 @@ impl Limiter for FallbackLimiter {
 
 impl FallbackLimiter {
     async fn decide(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
-        validate_check(resource, key, n)?;
+        // A closed backend answers Closed first, whatever the input.
         if self.shutdown.is_cancelled() {
             return Err(
                 Error::new(ErrorKind::Closed, "the backend was closed").with_backend(self.backend)
             );
         }
+        validate_check(resource, key, n)?;
         if self.now_ns() < self.skip_until.load(Ordering::Relaxed) {
             return self.by_policy(resource, key, n).await;
         }

@@ -233,7 +233,7 @@ impl LeaseManager {
                 }
                 let lost = lease.lost();
                 let kept = Arc::new(Kept(Mutex::new(Some(lease))));
-                self.handed_out.track(&kept)?;
+                self.handed_out.track(&kept).map_err(|e| e.with_backend(crate::NAME))?;
                 Ok(KeepAlive { id, lost, kept })
             })
             .await

@@ -417,7 +417,9 @@ impl Backend for EtcdBackend {
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.conn.client()?;
         let raw = Arc::new(EtcdRegistry::new(self.conn.clone()));
-        self.handed_out.track(&raw)?;
+        self.handed_out
+            .track(&raw)
+            .map_err(|e| e.with_backend(NAME))?;
         Ok(Arc::new(ObservedRegistry::new(NAME, raw)))
     }
 

@@ -316,7 +316,10 @@ impl Backend for KafkaBackend {
             self.shared.shutdown.child_token(),
             self.shared.settings.consumer.session_timeout,
         )?);
-        self.shared.handed_out.track(&consumer)?;
+        self.shared
+            .handed_out
+            .track(&consumer)
+            .map_err(|e| e.with_backend(NAME))?;
         Ok(Arc::new(ObservedConsumer::new(NAME, consumer)))
     }
 

@@ -396,7 +396,10 @@ impl Backend for MemoryBackend {
         self.shared.check_open()?;
         self.start_tasks();
         let registry = Arc::new(MemoryRegistry::new(self.shared.clone()));
-        self.shared.handed_out.track(&registry)?;
+        self.shared
+            .handed_out
+            .track(&registry)
+            .map_err(|e| e.with_backend(NAME))?;
         Ok(Arc::new(ObservedRegistry::new(NAME, registry)))
     }
 
@@ -430,7 +433,10 @@ impl Backend for MemoryBackend {
     async fn consumer(&self, settings: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         self.shared.check_open()?;
         let consumer = Arc::new(MemoryConsumer::new(self.shared.clone(), settings)?);
-        self.shared.handed_out.track(&consumer)?;
+        self.shared
+            .handed_out
+            .track(&consumer)
+            .map_err(|e| e.with_backend(NAME))?;
         Ok(Arc::new(ObservedConsumer::new(NAME, consumer)))
     }
 

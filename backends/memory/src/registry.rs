@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use im_infra::registry::{
 };
 use im_infra::{Error, ErrorKind, Result, RetrySettings};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
@@ -62,7 +63,7 @@ pub(crate) struct RegistryStore {
     /// Woken whenever an expiry time changes, for the reaper.
     changed: Arc<Notify>,
     /// Woken by every change, for the watches.
-    watches: Notify,
+    watches: Arc<Notify>,
 }
 
 impl RegistryStore {
@@ -90,7 +91,10 @@ impl RegistryStore {
         let lease = self.leases.fetch_add(1, Ordering::Relaxed) + 1;
         let mut state = self.state();
         let key = (instance.service.clone(), instance.id.clone());
+        // An entry that expired but was not reaped yet is gone for the
+        // watches (a listing leaves it out): putting it again is an Add.
         let kind = match state.instances.get(&key) {
+            Some(old) if old.expires_at <= Instant::now() => Some(ServiceEventKind::Add),
             Some(old) if old.instance == *instance => None,
             Some(_) => Some(ServiceEventKind::Update),
             None => Some(ServiceEventKind::Add),
@@ -420,7 +424,9 @@ impl ServiceDiscovery for MemoryDiscovery {
     async fn watch(&self, service: &str) -> Result<ServiceEventStream> {
         self.shared.check_open()?;
         let history = Instances {
-            shared: self.shared.clone(),
+            shared: Arc::downgrade(&self.shared),
+            watches: self.shared.registry.watches.clone(),
+            shutdown: self.shared.shutdown.clone(),
             service: service.to_owned(),
         };
         let shutdown = self.shared.shutdown.clone();
@@ -429,16 +435,29 @@ impl ServiceDiscovery for MemoryDiscovery {
 }
 
 /// One watched service's changes, for the shared registry watch driver.
+/// It holds the backend weakly: a backend dropped without `close` still
+/// ends its watches.
 struct Instances {
-    shared: Arc<Shared>,
+    shared: Weak<Shared>,
+    watches: Arc<Notify>,
+    shutdown: CancellationToken,
     service: String,
+}
+
+impl Instances {
+    fn shared(&self) -> Result<Arc<Shared>> {
+        self.shared
+            .upgrade()
+            .ok_or_else(|| Error::new(ErrorKind::Closed, "the memory backend was dropped"))
+    }
 }
 
 #[async_trait]
 impl InstanceHistory for Instances {
     async fn list(&mut self) -> Result<(u64, Vec<ServiceInstance>)> {
+        let shared = self.shared()?;
         let now = Instant::now();
-        let state = self.shared.registry.state();
+        let state = shared.registry.state();
         let live = state
             .instances
             .iter()
@@ -449,13 +468,13 @@ impl InstanceHistory for Instances {
     }
 
     async fn next_batch(&mut self, after: u64) -> Result<InstanceBatch> {
-        let store = &self.shared.registry;
         loop {
-            let changed = store.watches.notified();
+            let changed = self.watches.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             {
-                let state = store.state();
+                let shared = self.shared()?;
+                let state = shared.registry.state();
                 if state.revision > after {
                     if after < state.history_floor() {
                         return Ok(InstanceBatch::Gap);
@@ -472,7 +491,7 @@ impl InstanceHistory for Instances {
             }
             tokio::select! {
                 _ = &mut changed => {}
-                _ = self.shared.shutdown.cancelled() => {
+                _ = self.shutdown.cancelled() => {
                     return Err(Error::new(ErrorKind::Closed, "the memory backend was closed"));
                 }
             }
@@ -532,5 +551,36 @@ mod tests {
             "{seen} events: the change history was replayed whole"
         );
         backend.close().await.unwrap();
+    }
+
+    /// An entry that expired but was not reaped yet is gone for the
+    /// watches: putting the same instance again is a change they see.
+    #[test]
+    fn putting_again_an_expired_instance_not_yet_reaped_is_a_change() {
+        let backend = MemoryBackend::new();
+        let store = &backend.shared.registry;
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80");
+        store.put(&instance, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        let before = store.state().revision;
+        store.put(&instance, Duration::from_secs(60));
+        let state = store.state();
+        assert!(state.revision > before, "the put was not recorded");
+        assert!(matches!(
+            state.history.back(),
+            Some((_, _, InstanceChange::Put(_)))
+        ));
+    }
+
+    /// A watch does not keep a backend alive: dropped without `close`,
+    /// the backend ends its watches.
+    #[tokio::test]
+    async fn a_watch_ends_when_its_backend_is_dropped() {
+        let backend = MemoryBackend::new();
+        let discovery = backend.discovery().await.unwrap();
+        let mut events = discovery.watch("svc").await.unwrap();
+        drop((discovery, backend));
+        let end = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+        assert!(matches!(end, Ok(None)), "the watch goes on: {end:?}");
     }
 }

@@ -430,7 +430,10 @@ impl Backend for RedisBackend {
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.shared.client.check_open()?;
         let raw = Arc::new(RedisRegistry::new(self.shared.clone()));
-        self.shared.handed_out.track(&raw)?;
+        self.shared
+            .handed_out
+            .track(&raw)
+            .map_err(|e| e.with_backend(NAME))?;
         Ok(Arc::new(ObservedRegistry::new(NAME, raw)))
     }
 
