@@ -104,6 +104,23 @@ impl PolicyLimiters {
         Ok(())
     }
 
+    /// Fails unless each limiter answers `Closed` (its backend was closed),
+    /// also the ones whose failure policy was deciding.
+    pub async fn expect_closed(&self) -> Result<()> {
+        for (policy, limiter) in [
+            ("local", &self.local),
+            ("fail-open", &self.open),
+            ("fail-closed", &self.closed),
+        ] {
+            let r = limiter.check("api", "u", 1).await;
+            ensure!(
+                matches!(&r, Err(e) if e.kind() == im_infra::ErrorKind::Closed),
+                "{policy} limiter of a closed backend: {r:?}"
+            );
+        }
+        Ok(())
+    }
+
     /// Waits until the backend decides again (the server is back).
     pub async fn expect_recovery(&self, within: Duration) -> Result<()> {
         until(within, "the limiter switches back to the backend", || {

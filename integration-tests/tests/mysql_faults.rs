@@ -54,6 +54,9 @@ async fn mysql_killed_mid_run_fails_retryably_and_the_same_instance_recovers() -
     let once = backend.once().await?;
     let locks = backend.lock().await?;
     let limiters = PolicyLimiters::of(&backend).await?;
+    // Closed during the outage, while its limiters decide by their policy.
+    let closing = self::backend(&url, "closing").await?;
+    let closing_limiters = PolicyLimiters::of(&closing).await?;
 
     cache.set("k", Bytes::from_static(b"before"), None).await?;
     let v1 = config.set_json("/cfg/k", &1).await?;
@@ -117,7 +120,11 @@ async fn mysql_killed_mid_run_fails_retryably_and_the_same_instance_recovers() -
             "once.claim",
             once.claim("job-2", Duration::from_secs(5)).await,
         )?;
-        limiters.expect_policies().await
+        limiters.expect_policies().await?;
+        // A closed backend's limiters answer Closed, not their policy.
+        closing_limiters.expect_policies().await?;
+        closing.close().await?;
+        closing_limiters.expect_closed().await
     }
     .await;
     // Whatever happened, bring the server back for the tests that follow.

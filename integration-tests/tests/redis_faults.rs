@@ -35,6 +35,14 @@ async fn redis_killed_mid_run_fails_retryably_and_the_same_instance_recovers() -
     let cache = backend.cache().await?;
     let config = backend.config().await?;
     let limiters = PolicyLimiters::of(&backend).await?;
+    // Closed during the outage, while its limiters decide by their policy.
+    let closing = RedisBackend::builder()
+        .url(&url)
+        .namespace(&ns)
+        .response_timeout(Duration::from_secs(1))
+        .build()
+        .await?;
+    let closing_limiters = PolicyLimiters::of(&closing).await?;
 
     cache.set("k", Bytes::from_static(b"before"), None).await?;
     config.set_json("/cfg/k", &1).await?;
@@ -61,7 +69,11 @@ async fn redis_killed_mid_run_fails_retryably_and_the_same_instance_recovers() -
             l.try_acquire("job", opts).await.map(|g| g.is_some()),
         )?;
         // The limiters decide by their failure policy.
-        limiters.expect_policies().await
+        limiters.expect_policies().await?;
+        // A closed backend's limiters answer Closed, not their policy.
+        closing_limiters.expect_policies().await?;
+        closing.close().await?;
+        closing_limiters.expect_closed().await
     }
     .await;
     // Whatever happened, bring the server back for the tests that follow.
