@@ -268,9 +268,12 @@ mod tests {
         let (handler, _) = flaky(usize::MAX, false);
         let stop = CancellationToken::new();
         stop.cancel();
-        let handled = runner
-            .run(&*handler, message(), &stop, no_dead_letters)
-            .await;
+        // Bounded in (paused) time: a runner that ignored the stop would
+        // retry for ever.
+        let run = runner.run(&*handler, message(), &stop, no_dead_letters);
+        let handled = tokio::time::timeout(Duration::from_secs(3600), run)
+            .await
+            .expect("the runner stops when asked");
         assert_eq!(handled, Handled::Abandoned);
     }
 }
