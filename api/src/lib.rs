@@ -80,6 +80,7 @@ pub mod registry;
 mod retry;
 pub mod secret;
 pub mod settings;
+mod short_bytes;
 pub mod telemetry;
 pub mod uid;
 pub mod validate;

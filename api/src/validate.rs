@@ -24,7 +24,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Checks a key: not empty, at most [`MAX_KEY_BYTES`] bytes, no NUL byte.
 #[inline]
 pub fn key(key: &str) -> Result<()> {
-    if key.is_empty() || key.len() > MAX_KEY_BYTES || key.as_bytes().contains(&0) {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || crate::short_bytes::has_nul(key.as_bytes()) {
         return Err(bad_key(key));
     }
     Ok(())

@@ -35,22 +35,11 @@ impl<L: Limiter> ObservedLimiter<L> {
     }
 }
 
-impl<L: Limiter> Limiter for ObservedLimiter<L> {
-    #[inline]
-    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
-        if self.op.quiet() {
-            // Nothing to record: the decision goes through untouched, an
-            // error only gains the operation and backend.
-            let mut check = match validate_check(resource, key, n) {
-                Ok(()) => self.inner.check(resource, key, n),
-                Err(e) => Check::ready(Err(e)),
-            };
-            if check.is_ready() {
-                check.map_ready_err(|e| self.op.stamp(e));
-                return check;
-            }
-            return Check::boxed(self.op.run_started(check, self.op.span(), self.op.start()));
-        }
+impl<L: Limiter> ObservedLimiter<L> {
+    /// A check inside the operation's span, counted: out of line, so that
+    /// the quiet path stays small.
+    #[inline(never)]
+    fn check_observed<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
         let span = self.op.span();
         let entered = span.enter();
         let start = self.op.start();
@@ -65,6 +54,26 @@ impl<L: Limiter> Limiter for ObservedLimiter<L> {
                 Check::boxed(self.op.run_started(pending, span, start))
             }
         }
+    }
+}
+
+impl<L: Limiter> Limiter for ObservedLimiter<L> {
+    #[inline]
+    fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
+        if !self.op.quiet() {
+            return self.check_observed(resource, key, n);
+        }
+        // Nothing to record: the decision goes through untouched, an error
+        // only gains the operation and backend.
+        let mut check = match validate_check(resource, key, n) {
+            Ok(()) => self.inner.check(resource, key, n),
+            Err(e) => Check::ready(Err(e)),
+        };
+        if check.is_ready() {
+            check.map_ready_err(|e| self.op.stamp(e));
+            return check;
+        }
+        Check::boxed(self.op.run_started(check, self.op.span(), self.op.start()))
     }
 }
 

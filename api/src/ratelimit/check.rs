@@ -108,12 +108,16 @@ impl Future for Check<'_> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if let State::Boxed(fut) = &mut this.0 {
-            return fut.as_mut().poll(cx);
-        }
-        match std::mem::replace(&mut this.0, State::Done) {
-            State::Ready(r) => Poll::Ready(r),
-            _ => panic!("a Check is not polled after it completed"),
+        match &mut this.0 {
+            // A decision is `Copy`: it is read where it is, not moved out
+            // (polled again, the check answers the same).
+            State::Ready(Ok(decision)) => Poll::Ready(Ok(*decision)),
+            State::Boxed(fut) => fut.as_mut().poll(cx),
+            State::Ready(Err(_)) => match std::mem::replace(&mut this.0, State::Done) {
+                State::Ready(r) => Poll::Ready(r),
+                _ => unreachable!("matched as an error just above"),
+            },
+            State::Done => panic!("a Check is not polled after it completed"),
         }
     }
 }

@@ -83,7 +83,7 @@ impl Params {
 /// Decides a request of `n` units at time `now`, given the stored TAT
 /// (`None` for a key never seen). Returns the decision and the TAT to store
 /// (`None` when nothing changed).
-#[inline]
+#[inline(always)]
 pub fn decide(p: &Params, tat: Option<u64>, now: u64, n: u64) -> (Decision, Option<u64>) {
     let tat_now = tat.unwrap_or(now).max(now);
     if n > p.burst {
@@ -129,7 +129,15 @@ pub fn decide(p: &Params, tat: Option<u64>, now: u64, n: u64) -> (Decision, Opti
 #[inline]
 fn remaining(p: &Params, tat: u64, now: u64) -> u64 {
     let free = now.saturating_add(p.tolerance).saturating_sub(tat);
-    (free / p.emission).min(p.burst)
+    // `tolerance` is `emission × burst`: a full bucket, or one short by at
+    // most one request (the usual answers), need no division.
+    if free >= p.tolerance {
+        p.burst
+    } else if free >= p.tolerance - p.emission {
+        p.burst - 1
+    } else {
+        free / p.emission
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,25 @@ const REMOVED: u64 = u64::MAX;
 /// The buckets of one resource: a TAT per key.
 type Buckets = papaya::HashMap<Box<str>, AtomicU64, RandomState>;
 
+/// A key as a decision looks it up: hashed as the stored `Box<str>` is,
+/// compared in place (keys are short; a call to `memcmp` costs more than
+/// the comparison).
+struct KeyRef<'k>(&'k str);
+
+impl std::hash::Hash for KeyRef<'_> {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl papaya::Equivalent<Box<str>> for KeyRef<'_> {
+    #[inline]
+    fn equivalent(&self, stored: &Box<str>) -> bool {
+        crate::short_bytes::same(self.0.as_bytes(), stored.as_bytes())
+    }
+}
+
 /// The buckets of every limiter that shares them (all handles of one
 /// in-process backend; one fallback limiter).
 pub struct BucketStore {
@@ -62,7 +81,7 @@ impl BucketStore {
     }
 
     /// Nanoseconds since the store was created, plus one (never `EMPTY`).
-    #[inline]
+    #[inline(always)]
     fn now(&self) -> u64 {
         self.clock
             .delta_as_nanos(self.origin, self.clock.raw())
@@ -125,12 +144,13 @@ impl BucketStore {
         });
     }
 
-    #[inline]
+    #[inline(always)]
     fn decide(&self, buckets: &Buckets, params: &gcra::Params, key: &str, n: u64) -> Decision {
-        let buckets = buckets.pin();
+        // The clock first: its read is slow, and the look-up overlaps it.
         let now = self.now();
+        let buckets = buckets.pin();
         'bucket: loop {
-            let bucket = match buckets.get(key) {
+            let bucket = match buckets.get(&KeyRef(key)) {
                 Some(b) => b,
                 None => buckets.get_or_insert(key.into(), AtomicU64::new(EMPTY)),
             };
@@ -207,13 +227,21 @@ impl LocalLimiter {
 
     /// Decides without checking the arguments (the caller did: a layer, or
     /// [`Limiter::check`]).
-    #[inline]
+    #[inline(always)]
     pub fn decide_unchecked(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
-        let store = &self.store;
-        self.table.with(resource, |params, buckets| match buckets {
-            Some(b) => store.decide(b, params, key, n),
-            None => store.decide(&store.buckets_of(resource), params, key, n),
-        })
+        // Straight-line code, no closure: the whole decision is inlined
+        // into the caller and the `Decision` built once, in place.
+        let version = self.table.version();
+        let (params, named) = version.lookup(resource)?;
+        let unnamed;
+        let buckets = match named {
+            Some(b) => b,
+            None => {
+                unnamed = self.store.buckets_of(resource);
+                &unnamed
+            }
+        };
+        Ok(self.store.decide(buckets, params, key, n))
     }
 }
 

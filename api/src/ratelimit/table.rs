@@ -21,7 +21,7 @@ struct Entry<T> {
 }
 
 /// One version of the rules, converted.
-struct Table<T> {
+pub(crate) struct Table<T> {
     version: u64,
     few: Vec<(Box<str>, Entry<T>)>,
     many: HashMap<Box<str>, Entry<T>, RandomState>,
@@ -55,23 +55,44 @@ impl<T> Table<T> {
         }
     }
 
-    #[inline]
-    fn with<R>(&self, resource: &str, f: impl FnOnce(&Params, Option<&T>) -> R) -> Result<R> {
-        let entry = if self.many.is_empty() {
-            self.few
-                .iter()
-                .find(|(name, _)| **name == *resource)
-                .map(|(_, e)| e)
+    /// The parameters and payload of `resource`'s rule (the payload is
+    /// `None` when the default rule applies).
+    #[inline(always)]
+    fn lookup(&self, resource: &str) -> Result<(&Params, Option<&T>)> {
+        let mut entry = None;
+        if self.many.is_empty() {
+            for (name, e) in &self.few {
+                if crate::short_bytes::same(name.as_bytes(), resource.as_bytes()) {
+                    entry = Some(e);
+                    break;
+                }
+            }
         } else {
-            self.many.get(resource)
-        };
-        if let Some(e) = entry {
-            let params = e.params.as_ref().map_err(Clone::clone)?;
-            return Ok(f(params, Some(&e.payload)));
+            entry = self.many.get(resource);
         }
-        match &self.default {
-            Some(params) => Ok(f(params.as_ref().map_err(Clone::clone)?, None)),
-            None => Err(super::rule::no_rule(resource)),
+        match (entry, &self.default) {
+            (Some(e), _) => Ok((e.params.as_ref().map_err(Clone::clone)?, Some(&e.payload))),
+            (None, Some(params)) => Ok((params.as_ref().map_err(Clone::clone)?, None)),
+            (None, None) => Err(super::rule::no_rule(resource)),
+        }
+    }
+}
+
+/// One version of the rules, converted, as [`RuleTable::version`] hands
+/// it out.
+pub(crate) enum Version<'t, T> {
+    Fixed(&'t Table<T>),
+    Managed(arc_swap::Guard<Arc<Table<T>>>),
+}
+
+impl<T> Version<'_, T> {
+    /// The parameters and payload of `resource`'s rule (the payload is
+    /// `None` when the default rule applies).
+    #[inline(always)]
+    pub(crate) fn lookup(&self, resource: &str) -> Result<(&Params, Option<&T>)> {
+        match self {
+            Version::Fixed(table) => table.lookup(resource),
+            Version::Managed(table) => table.lookup(resource),
         }
     }
 }
@@ -147,29 +168,43 @@ impl<T: Send + Sync + 'static> RuleTable<T> {
     /// (`None` when the default rule applies). `NotFound` when there is no
     /// rule and no default; `InvalidConfig` when the rule cannot be
     /// converted.
-    #[inline]
+    #[inline(always)]
     pub fn with<R>(&self, resource: &str, f: impl FnOnce(&Params, Option<&T>) -> R) -> Result<R> {
+        let version = self.version();
+        let (params, payload) = version.lookup(resource)?;
+        Ok(f(params, payload))
+    }
+
+    /// The rules as they are now, converted: borrowed for fixed rules, held
+    /// for hot-reloaded ones (rebuilt first if they changed).
+    #[inline(always)]
+    pub(crate) fn version(&self) -> Version<'_, T> {
         match &self.current {
-            Current::Fixed(table) => table.with(resource, f),
-            Current::Managed(table) => {
-                let Rules::Managed(manager) = &self.rules else {
-                    unreachable!("a managed table follows managed rules")
-                };
-                let current = table.load();
-                let version = manager.version();
-                if current.version == version {
-                    return current.with(resource, f);
-                }
-                let fresh = Arc::new(Table::build(
-                    &manager.current(),
-                    version,
-                    self.tick_ns,
-                    &*self.make,
-                ));
-                table.store(fresh.clone());
-                fresh.with(resource, f)
-            }
+            Current::Fixed(table) => Version::Fixed(table),
+            Current::Managed(table) => Version::Managed(self.managed(table)),
         }
+    }
+
+    /// The current version of a managed table, rebuilt when the rules
+    /// changed since it was built.
+    #[inline]
+    fn managed(&self, table: &ArcSwap<Table<T>>) -> arc_swap::Guard<Arc<Table<T>>> {
+        let Rules::Managed(manager) = &self.rules else {
+            unreachable!("a managed table follows managed rules")
+        };
+        let current = table.load();
+        let version = manager.version();
+        if current.version == version {
+            return current;
+        }
+        let fresh = Arc::new(Table::build(
+            &manager.current(),
+            version,
+            self.tick_ns,
+            &*self.make,
+        ));
+        table.store(fresh.clone());
+        arc_swap::Guard::from_inner(fresh)
     }
 }
 

@@ -34,7 +34,7 @@ impl MemoryLimiter {
 }
 
 impl Limiter for MemoryLimiter {
-    #[inline]
+    #[inline(always)]
     fn check<'a>(&'a self, resource: &'a str, key: &'a str, n: u64) -> Check<'a> {
         Check::ready(
             self.shared
