@@ -4,8 +4,9 @@
 //! that `im_infra_ops_total` counts each operation exactly as often as it
 //! was called, with its `backend`, `capability`, `op` and `outcome`
 //! labels, and that `im_infra_op_duration_seconds` has its durations. Then
-//! the backend is closed: what it registered is deregistered at once, and
-//! the closed backend answers `Closed`. The maintenance operations, one
+//! the backend is closed, twice: the close is one operation
+//! (`backend.close`), counted once; what the backend registered is
+//! deregistered at once, and the closed backend answers `Closed`. The maintenance operations, one
 //! layer for every backend, are counted the same way, with their outcome.
 
 use std::collections::BTreeMap;
@@ -275,8 +276,19 @@ async fn drive(b: &dyn Backend, topic: &str) -> Result<Vec<Expect>> {
 async fn check(backend: Arc<dyn Backend>, topic: &str) -> Result<()> {
     let name = backend.name();
     let expect = drive(&*backend, topic).await?;
+    let closes = |seen: &Seen| -> u64 {
+        seen.get(&("backend".to_string(), "backend.close".to_string()))
+            .map_or(0, |(outcomes, _)| outcomes.values().sum())
+    };
+    let before = closes(&seen(name));
     backend.close().await?;
+    backend.close().await?; // answered with the first close's result
     let seen = seen(name);
+    ensure!(
+        closes(&seen) - before == 1,
+        "{name}: two calls of close counted {} times, not once",
+        closes(&seen) - before
+    );
     for (cap, op, calls) in &expect {
         let (outcomes, timed) =
             seen.get(&(cap.to_string(), op.to_string()))

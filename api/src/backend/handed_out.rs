@@ -7,6 +7,7 @@ use parking_lot::Mutex;
 use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::telemetry::OpMetrics;
 
 /// Something a backend handed out that holds resources beyond the
 /// backend's own connections: a registry's registrations (deregistered),
@@ -19,8 +20,10 @@ pub trait Closable: Send + Sync {
 
 /// The handles a backend handed out, closed together by
 /// [`close_all`](HandedOut::close_all) — the one close path every backend's
-/// [`Backend::close`](super::Backend::close) takes. Handles are held
-/// weakly: one dropped by its user is simply gone.
+/// [`Backend::close`](super::Backend::close) takes, run once
+/// ([`close_once`](HandedOut::close_once)) as one operation of the backend
+/// (`backend.close`: one span, counted). Handles are held weakly: one
+/// dropped by its user is simply gone.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -39,18 +42,19 @@ pub trait Closable: Send + Sync {
 /// }
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
-/// let handed_out = HandedOut::default();
+/// let handed_out = HandedOut::new("memory");
 /// let consumer = Arc::new(Consumer(AtomicBool::new(false)));
 /// handed_out.track(&consumer)?;
 /// handed_out.close_all().await?;
 /// assert!(consumer.0.load(Ordering::SeqCst));
 /// # Ok(()) }
 /// ```
-#[derive(Default)]
 pub struct HandedOut {
     items: Mutex<Items>,
     /// The result of the backend's close, once it ran.
     closed: tokio::sync::OnceCell<Result<()>>,
+    /// The telemetry of that close.
+    close_op: OpMetrics,
 }
 
 #[derive(Default)]
@@ -63,12 +67,23 @@ struct Items {
 impl std::fmt::Debug for HandedOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HandedOut")
+            .field("backend", &self.close_op.backend())
             .field("live", &self.live().len())
             .finish()
     }
 }
 
 impl HandedOut {
+    /// Nothing handed out yet by `backend` (its name, for the close's
+    /// telemetry).
+    pub fn new(backend: &'static str) -> Self {
+        HandedOut {
+            items: Mutex::default(),
+            closed: tokio::sync::OnceCell::new(),
+            close_op: OpMetrics::new(backend, "backend", "backend.close"),
+        }
+    }
+
     fn items(&self) -> parking_lot::MutexGuard<'_, Items> {
         self.items.lock()
     }
@@ -115,14 +130,15 @@ impl HandedOut {
 
     /// The backend's close, run once: the first call runs `close` (which
     /// calls [`close_all`](Self::close_all) and releases the backend's
-    /// own connections); concurrent calls wait for it, and every call,
-    /// then and later, returns its result.
+    /// own connections) as the operation `backend.close`; concurrent calls
+    /// wait for it, and every call, then and later, returns its result
+    /// (counted once, by the call that ran it).
     ///
     /// ```
     /// use im_infra::backend::HandedOut;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
-    /// let handed_out = HandedOut::default();
+    /// let handed_out = HandedOut::new("memory");
     /// let close = || handed_out.close_once(async {
     ///     handed_out.close_all().await?;
     ///     println!("connections released"); // once
@@ -136,7 +152,10 @@ impl HandedOut {
     where
         F: std::future::Future<Output = Result<()>>,
     {
-        self.closed.get_or_init(|| close).await.clone()
+        self.closed
+            .get_or_init(|| self.close_op.run(close))
+            .await
+            .clone()
     }
 }
 
@@ -163,7 +182,7 @@ mod tests {
     #[tokio::test]
     async fn every_live_handle_is_closed_once_and_a_failure_does_not_stop_the_rest() {
         let n = Arc::new(AtomicUsize::new(0));
-        let h = HandedOut::default();
+        let h = HandedOut::new("test");
         let a = Arc::new(Counted(n.clone(), true));
         let b = Arc::new(Counted(n.clone(), false));
         let dropped = Arc::new(Counted(n.clone(), false));
@@ -185,7 +204,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_is_tracked_once_the_close_began() {
         let n = Arc::new(AtomicUsize::new(0));
-        let h = HandedOut::default();
+        let h = HandedOut::new("test");
         h.close_all().await.unwrap();
         let late = Arc::new(Counted(n.clone(), false));
         let err = h.track(&late).unwrap_err();
@@ -197,7 +216,7 @@ mod tests {
     #[tokio::test]
     async fn the_close_runs_once_and_every_caller_gets_its_result() {
         let runs = Arc::new(AtomicUsize::new(0));
-        let h = HandedOut::default();
+        let h = HandedOut::new("test");
         let close = || {
             h.close_once(async {
                 runs.fetch_add(1, Ordering::SeqCst);

@@ -253,7 +253,7 @@ impl EtcdBackendBuilder {
         let conn = Arc::new(ConnectionManager::new(cfg));
         conn.connect().await?;
         tokio::spawn(ConnectionManager::health_loop(Arc::downgrade(&conn)));
-        let handed_out = Arc::new(HandedOut::default());
+        let handed_out = Arc::new(HandedOut::new(NAME));
         Ok(EtcdBackend {
             leases: LeaseManager::new(conn.clone(), handed_out.clone()),
             conn,

@@ -195,7 +195,7 @@ impl KafkaBackendBuilder {
                 admin,
                 producer,
                 shutdown: CancellationToken::new(),
-                handed_out: HandedOut::default(),
+                handed_out: HandedOut::new(NAME),
                 health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
             }),
         })

@@ -181,7 +181,7 @@ impl MemoryBackendBuilder {
                 settings: self.settings,
                 closed: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
-                handed_out: HandedOut::default(),
+                handed_out: HandedOut::new(NAME),
                 health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
                 tasks_started: OnceLock::new(),
                 cache: Default::default(),

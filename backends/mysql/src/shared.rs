@@ -28,7 +28,7 @@ impl Shared {
             ns,
             prefix,
             shutdown: CancellationToken::new(),
-            handed_out: HandedOut::default(),
+            handed_out: HandedOut::new(crate::NAME),
         }
     }
 

@@ -237,7 +237,7 @@ impl RedisBackendBuilder {
                 client,
                 keys,
                 notifier: lock::ReleaseNotifier::default(),
-                handed_out: HandedOut::default(),
+                handed_out: HandedOut::new(NAME),
                 health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
             }),
         })
