@@ -92,6 +92,19 @@ pub fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ms).unwrap_or(u64::MAX).max(1)
 }
 
+/// A TTL in whole microseconds, as [`ttl_millis`] rounds it (a backend
+/// that stores microseconds expires a key no sooner than one that stores
+/// milliseconds); saturates instead of overflowing.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(im_infra::validate::ttl_micros(Duration::from_micros(1_500)), 2_000);
+/// assert_eq!(im_infra::validate::ttl_micros(Duration::MAX), u64::MAX);
+/// ```
+pub fn ttl_micros(ttl: Duration) -> u64 {
+    ttl_millis(ttl).saturating_mul(1000)
+}
+
 /// Checks a value length against a backend's limit.
 pub fn value(len: usize, max: usize) -> Result<()> {
     if len > max {

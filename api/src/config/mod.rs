@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 
 pub use ext::ConfigCenterExt;
 #[cfg(feature = "mock")]
@@ -72,6 +72,61 @@ pub struct ConfigEvent {
     pub value: Option<Bytes>,
     /// The version of the change.
     pub version: u64,
+}
+
+impl ConfigEvent {
+    /// `key` was set to `value` at `version`.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use im_infra::config::{ConfigEvent, ConfigEventKind};
+    ///
+    /// let e = ConfigEvent::put("/config/a", Bytes::from_static(b"1"), 7);
+    /// assert_eq!((e.kind, e.version), (ConfigEventKind::Put, 7));
+    /// ```
+    pub fn put(key: impl Into<String>, value: Bytes, version: u64) -> Self {
+        ConfigEvent {
+            kind: ConfigEventKind::Put,
+            key: key.into(),
+            value: Some(value),
+            version,
+        }
+    }
+
+    /// `key` was deleted at `version`.
+    ///
+    /// ```
+    /// use im_infra::config::{ConfigEvent, ConfigEventKind};
+    ///
+    /// let e = ConfigEvent::delete("/config/a", 8);
+    /// assert_eq!((e.kind, e.value), (ConfigEventKind::Delete, None));
+    /// ```
+    pub fn delete(key: impl Into<String>, version: u64) -> Self {
+        ConfigEvent {
+            kind: ConfigEventKind::Delete,
+            key: key.into(),
+            value: None,
+            version,
+        }
+    }
+}
+
+/// `Conflict`: a compare-and-set found `key` at another version than
+/// `expected` (`current`, when the backend can tell).
+///
+/// ```
+/// use im_infra::ErrorKind;
+///
+/// let e = im_infra::config::conflict("/config/a", Some(4), 3);
+/// assert_eq!(e.kind(), ErrorKind::Conflict);
+/// assert!(e.message().contains("at version 4, not 3"));
+/// ```
+pub fn conflict(key: &str, current: Option<u64>, expected: u64) -> Error {
+    let message = match current {
+        Some(current) => format!("{key:?} is at version {current}, not {expected}"),
+        None => format!("{key:?} is not at version {expected} any more"),
+    };
+    Error::new(ErrorKind::Conflict, message)
 }
 
 /// Where a watch starts.

@@ -35,7 +35,10 @@ use std::time::SystemTime;
 pub use snowflake::{Clock, Layout, Snowflake, SystemClock};
 #[cfg(feature = "mock")]
 pub use worker::MockWorkerIdAllocator;
-pub use worker::{last_timestamp_bound, WorkerIdAllocator, WorkerLease, CLOCK_TOLERANCE};
+pub use worker::{
+    all_leased, check_max_worker_id, last_timestamp_bound, WorkerIdAllocator, WorkerLease,
+    CLOCK_TOLERANCE,
+};
 
 use crate::error::Result;
 

@@ -142,6 +142,42 @@ pub fn last_timestamp_bound(ahead: Duration) -> u64 {
     ))
 }
 
+/// `ResourceExhausted`: every id in `0..=max_worker_id` is leased — what
+/// [`WorkerIdAllocator::allocate`] answers on every backend then.
+///
+/// ```
+/// use im_infra::ErrorKind;
+///
+/// let e = im_infra::uid::all_leased(1023);
+/// assert_eq!(e.kind(), ErrorKind::ResourceExhausted);
+/// assert!(e.message().contains("all 1024 worker ids"));
+/// ```
+pub fn all_leased(max_worker_id: u64) -> Error {
+    Error::new(
+        ErrorKind::ResourceExhausted,
+        format!(
+            "all {} worker ids are leased",
+            max_worker_id.saturating_add(1)
+        ),
+    )
+}
+
+/// `InvalidArgument` when `max_worker_id` is above `limit`, the most ids a
+/// backend's allocator handles.
+///
+/// ```
+/// assert!(im_infra::uid::check_max_worker_id(1023, 65_535).is_ok());
+/// assert!(im_infra::uid::check_max_worker_id(70_000, 65_535).is_err());
+/// ```
+pub fn check_max_worker_id(max_worker_id: u64, limit: u64) -> Result<()> {
+    if max_worker_id > limit {
+        return Err(Error::invalid_argument(format!(
+            "max_worker_id above {limit} is not supported"
+        )));
+    }
+    Ok(())
+}
+
 /// Hands out worker ids that are unique among live processes.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]

@@ -43,12 +43,6 @@ pub(crate) struct EtcdConfigCenter {
     conn: Arc<ConnectionManager>,
 }
 
-impl std::fmt::Debug for EtcdConfigCenter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdConfigCenter").finish_non_exhaustive()
-    }
-}
-
 impl EtcdConfigCenter {
     pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
         EtcdConfigCenter { conn }
@@ -228,13 +222,6 @@ impl ConfigHistory for History {
     }
 }
 
-fn conflict(key: &str, expected: u64) -> Error {
-    Error::new(
-        ErrorKind::Conflict,
-        format!("{key:?} is not at version {expected} any more"),
-    )
-}
-
 #[async_trait]
 impl ConfigCenter for EtcdConfigCenter {
     fn capabilities(&self) -> ConfigCapabilities {
@@ -312,7 +299,7 @@ impl ConfigCenter for EtcdConfigCenter {
             .call("config.cas", |mut c| async move { c.txn(txn).await })
             .await?;
         if !r.succeeded() {
-            return Err(conflict(key, expected_version));
+            return Err(im_infra::config::conflict(key, None, expected_version));
         }
         Ok(r.header().map_or(0, |h| h.revision()) as u64)
     }

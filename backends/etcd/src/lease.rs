@@ -74,12 +74,6 @@ struct LeaseOps {
     refresh: OpMetrics,
 }
 
-impl std::fmt::Debug for LeaseManager {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaseManager").finish_non_exhaustive()
-    }
-}
-
 pub(crate) fn lost(id: i64) -> Error {
     Error::new(
         ErrorKind::LeaseLost,

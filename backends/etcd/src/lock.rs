@@ -65,12 +65,6 @@ pub(crate) struct EtcdLock {
     conn: Arc<ConnectionManager>,
 }
 
-impl std::fmt::Debug for EtcdLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdLock").finish_non_exhaustive()
-    }
-}
-
 /// A waiter key on its lease, as the lease core sees it. `rev` is 0 until
 /// the key's create revision is known.
 struct WaiterKey {

@@ -43,12 +43,6 @@ pub(crate) struct EtcdOnce {
     conn: Arc<ConnectionManager>,
 }
 
-impl std::fmt::Debug for EtcdOnce {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdOnce").finish_non_exhaustive()
-    }
-}
-
 fn claimed(token: &str) -> Vec<u8> {
     [CLAIMED, token.as_bytes()].concat()
 }

@@ -78,12 +78,6 @@ pub(crate) struct EtcdRegistry {
     registrations: Registrations,
 }
 
-impl std::fmt::Debug for EtcdRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdRegistry").finish_non_exhaustive()
-    }
-}
-
 #[async_trait]
 impl Closable for EtcdRegistry {
     /// Deregisters everything registered through this handle (failures are
@@ -369,12 +363,6 @@ impl ServiceRegistry for EtcdRegistry {
 /// ([`ObservedDiscovery`](im_infra::layer::ObservedDiscovery)).
 pub(crate) struct EtcdDiscovery {
     conn: Arc<ConnectionManager>,
-}
-
-impl std::fmt::Debug for EtcdDiscovery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdDiscovery").finish_non_exhaustive()
-    }
 }
 
 impl EtcdDiscovery {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use im_infra::lease::{Lease, LeaseBackend, PendingLease, Tick};
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::Result;
 
 use crate::connection::ConnectionManager;
 use crate::lease::EtcdLease;
@@ -34,12 +34,6 @@ fn last_dir(conn: &ConnectionManager) -> String {
 /// ([`ObservedWorkerIds`](im_infra::layer::ObservedWorkerIds)).
 pub(crate) struct EtcdWorkerIds {
     conn: Arc<ConnectionManager>,
-}
-
-impl std::fmt::Debug for EtcdWorkerIds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdWorkerIds").finish_non_exhaustive()
-    }
 }
 
 impl EtcdWorkerIds {
@@ -121,13 +115,7 @@ impl WorkerIdAllocator for EtcdWorkerIds {
                 return Ok(WorkerLease::new(id, lease).with_not_before(not_before));
             }
         }
-        Err(Error::new(
-            ErrorKind::ResourceExhausted,
-            format!(
-                "all {} worker ids are leased",
-                max_worker_id.saturating_add(1)
-            ),
-        ))
+        Err(im_infra::uid::all_leased(max_worker_id))
     }
 }
 

@@ -11,8 +11,7 @@ use bytes::Bytes;
 use im_infra::config::watch::{WatchCursor, WatchTarget};
 use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory};
 use im_infra::config::{
-    ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
-    WatchStream,
+    ConfigCapabilities, ConfigCenter, ConfigEvent, Versioned, WatchOptions, WatchStream,
 };
 use im_infra::{Error, ErrorKind, Result, RetrySettings};
 use tokio::sync::Notify;
@@ -134,12 +133,6 @@ pub(crate) struct MemoryConfigCenter {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for MemoryConfigCenter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryConfigCenter").finish_non_exhaustive()
-    }
-}
-
 impl MemoryConfigCenter {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MemoryConfigCenter { shared }
@@ -156,10 +149,7 @@ impl MemoryConfigCenter {
         if let Some(expected) = expected {
             let current = state.entries.get(key).map_or(0, |v| v.version);
             if current != expected {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!("{key:?} is at version {current}, not {expected}"),
-                ));
+                return Err(im_infra::config::conflict(key, Some(current), expected));
             }
         }
         state.revision += 1;
@@ -174,12 +164,7 @@ impl MemoryConfigCenter {
         store.record(
             &mut state,
             self.shared.settings.config_history,
-            ConfigEvent {
-                kind: ConfigEventKind::Put,
-                key: key.to_owned(),
-                value: Some(value),
-                version,
-            },
+            ConfigEvent::put(key, value, version),
         );
         Ok(version)
     }
@@ -221,12 +206,7 @@ impl ConfigCenter for MemoryConfigCenter {
         store.record(
             &mut state,
             self.shared.settings.config_history,
-            ConfigEvent {
-                kind: ConfigEventKind::Delete,
-                key: key.to_owned(),
-                value: None,
-                version,
-            },
+            ConfigEvent::delete(key, version),
         );
         Ok(true)
     }

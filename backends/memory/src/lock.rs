@@ -176,12 +176,6 @@ pub(crate) struct MemoryLock {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for MemoryLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryLock").finish_non_exhaustive()
-    }
-}
-
 impl MemoryLock {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MemoryLock { shared }

@@ -90,12 +90,6 @@ pub(crate) struct MemoryOnce {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for MemoryOnce {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryOnce").finish_non_exhaustive()
-    }
-}
-
 impl MemoryOnce {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MemoryOnce { shared }

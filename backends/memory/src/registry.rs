@@ -234,12 +234,6 @@ pub(crate) struct MemoryRegistry {
     registrations: Registrations,
 }
 
-impl std::fmt::Debug for MemoryRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryRegistry").finish_non_exhaustive()
-    }
-}
-
 impl MemoryRegistry {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         let retry = RetrySettings {
@@ -396,12 +390,6 @@ impl ServiceRegistry for MemoryRegistry {
 /// the service names and does the telemetry.
 pub(crate) struct MemoryDiscovery {
     shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for MemoryDiscovery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryDiscovery").finish_non_exhaustive()
-    }
 }
 
 impl MemoryDiscovery {

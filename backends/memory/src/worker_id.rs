@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use im_infra::lease::{Lease, LeaseBackend, Tick};
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::Result;
 
 use crate::Shared;
 
@@ -75,12 +75,6 @@ pub(crate) struct MemoryWorkerIds {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for MemoryWorkerIds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryWorkerIds").finish_non_exhaustive()
-    }
-}
-
 impl MemoryWorkerIds {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MemoryWorkerIds { shared }
@@ -98,15 +92,7 @@ impl WorkerIdAllocator for MemoryWorkerIds {
         leases.held.retain(|_, (_, exp)| *exp > now);
         let id = (0..=max_worker_id)
             .find(|id| !leases.held.contains_key(id))
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::ResourceExhausted,
-                    format!(
-                        "all {} worker ids are leased",
-                        max_worker_id.saturating_add(1)
-                    ),
-                )
-            })?;
+            .ok_or_else(|| im_infra::uid::all_leased(max_worker_id))?;
         leases.held.insert(id, (token.clone(), now + ttl));
         let not_before = leases.last_millis.get(&id).copied().unwrap_or(0);
         let last = last_timestamp_bound(ttl);

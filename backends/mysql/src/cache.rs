@@ -38,14 +38,8 @@ pub(crate) struct MysqlCache {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for MysqlCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlCache").finish_non_exhaustive()
-    }
-}
-
 fn micros(ttl: Option<Duration>) -> Option<u64> {
-    ttl.map(|t| validate::ttl_millis(t) * 1000)
+    ttl.map(validate::ttl_micros)
 }
 
 fn placeholders(n: usize) -> String {

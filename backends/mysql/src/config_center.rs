@@ -8,8 +8,7 @@ use bytes::Bytes;
 use im_infra::config::watch::{WatchCursor, WatchTarget};
 use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory, Continuity};
 use im_infra::config::{
-    ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
-    WatchStream,
+    ConfigCapabilities, ConfigCenter, ConfigEvent, Versioned, WatchOptions, WatchStream,
 };
 use im_infra::{Error, ErrorKind, Result};
 use mysql_async::prelude::Queryable;
@@ -52,12 +51,6 @@ const BATCH: usize = 256;
 /// argument checks, value sizes, telemetry).
 pub(crate) struct MysqlConfigCenter {
     shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for MysqlConfigCenter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlConfigCenter").finish_non_exhaustive()
-    }
 }
 
 /// What a write did.
@@ -271,18 +264,8 @@ fn parse_change(
         return None;
     };
     match (kind.as_deref(), v) {
-        (Some("p"), Some(v)) => Some(ConfigEvent {
-            kind: ConfigEventKind::Put,
-            key,
-            value: Some(Bytes::from(v)),
-            version: id,
-        }),
-        (Some("d"), _) => Some(ConfigEvent {
-            kind: ConfigEventKind::Delete,
-            key,
-            value: None,
-            version: id,
-        }),
+        (Some("p"), Some(v)) => Some(ConfigEvent::put(key, Bytes::from(v), id)),
+        (Some("d"), _) => Some(ConfigEvent::delete(key, id)),
         (kind, _) => {
             tracing::warn!(id, key, ?kind, "malformed config change ignored");
             None
@@ -486,9 +469,10 @@ impl ConfigCenter for MysqlConfigCenter {
     async fn compare_and_set(&self, key: &str, value: Bytes, expected_version: u64) -> Result<u64> {
         match self.write(key, Some(value), Some(expected_version)).await? {
             Written::At(v) => Ok(v),
-            Written::Conflict(found) => Err(Error::new(
-                ErrorKind::Conflict,
-                format!("{key:?} is at version {found}, not {expected_version}"),
+            Written::Conflict(found) => Err(im_infra::config::conflict(
+                key,
+                Some(found),
+                expected_version,
             )),
             Written::Missing => Err(Error::new(
                 ErrorKind::Internal,

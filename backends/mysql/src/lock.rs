@@ -89,16 +89,6 @@ fn new_token() -> String {
     format!("{:032x}", fastrand::u128(..))
 }
 
-impl std::fmt::Debug for MysqlLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlLock").finish_non_exhaustive()
-    }
-}
-
-fn micros(d: Duration) -> u64 {
-    validate::ttl_millis(d) * 1000
-}
-
 impl MysqlLock {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MysqlLock {
@@ -129,7 +119,7 @@ impl TokenLock for MysqlLock {
         let k = self.shared.key(&held.key);
         let sql = self.sql.clone();
         let token = held.token.clone();
-        let ttl_us = micros(ttl);
+        let ttl_us = validate::ttl_micros(ttl);
         self.shared
             .db
             .with_conn(move |c| {
@@ -220,7 +210,11 @@ impl LeaseBackend for Held {
 
     /// Extends the lock when this holder still has it.
     async fn extend(&self, ttl: Duration) -> Result<bool> {
-        let params = (micros(ttl), self.shared.key(&self.key), self.token.as_str());
+        let params = (
+            validate::ttl_micros(ttl),
+            self.shared.key(&self.key),
+            self.token.as_str(),
+        );
         Ok(self.shared.db.exec(&self.sql.extend, params).await? == 1)
     }
 

@@ -25,16 +25,6 @@ pub(crate) struct MysqlOnce {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for MysqlOnce {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlOnce").finish_non_exhaustive()
-    }
-}
-
-fn micros(d: Duration) -> u64 {
-    validate::ttl_millis(d) * 1000
-}
-
 impl MysqlOnce {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MysqlOnce { shared }
@@ -81,7 +71,10 @@ impl LeaseBackend for HeldClaim {
         );
         if shared
             .db
-            .exec(&extend, (micros(ttl), k.as_slice(), self.token.as_str()))
+            .exec(
+                &extend,
+                (validate::ttl_micros(ttl), k.as_slice(), self.token.as_str()),
+            )
             .await?
             == 1
         {
@@ -135,8 +128,11 @@ impl Once for MysqlOnce {
             .db
             .with_conn(move |c| {
                 Box::pin(async move {
-                    c.exec_drop(upsert, (k.as_slice(), mine.as_str(), micros(ttl)))
-                        .await?;
+                    c.exec_drop(
+                        upsert,
+                        (k.as_slice(), mine.as_str(), validate::ttl_micros(ttl)),
+                    )
+                    .await?;
                     first(c, &read, (k.as_slice(),)).await
                 })
             })
@@ -175,7 +171,12 @@ impl Once for MysqlOnce {
             .db
             .exec(
                 &sql,
-                (outcome.to_vec(), micros(ttl), self.shared.key(key), token),
+                (
+                    outcome.to_vec(),
+                    validate::ttl_micros(ttl),
+                    self.shared.key(key),
+                    token,
+                ),
             )
             .await?;
         if n == 1 {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{validate, Result};
 
 use crate::Shared;
 
@@ -28,16 +28,6 @@ const MAX_WORKER_ID: u64 = 65_535;
 /// on `max_worker_id` is this backend's own.
 pub(crate) struct MysqlWorkerIds {
     shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for MysqlWorkerIds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MysqlWorkerIds").finish_non_exhaustive()
-    }
-}
-
-fn micros(d: Duration) -> u64 {
-    validate::ttl_millis(d) * 1000
 }
 
 impl MysqlWorkerIds {
@@ -64,7 +54,10 @@ impl MysqlWorkerIds {
         let n = self
             .shared
             .db
-            .exec(&sql, (self.shared.ns(), id, token, micros(ttl), last))
+            .exec(
+                &sql,
+                (self.shared.ns(), id, token, validate::ttl_micros(ttl), last),
+            )
             .await?;
         if n == 0 {
             return Ok(None);
@@ -98,11 +91,7 @@ fn free_ids(taken: &[u64], max: u64) -> impl Iterator<Item = u64> + '_ {
 #[async_trait]
 impl WorkerIdAllocator for MysqlWorkerIds {
     async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
-        if max_worker_id > MAX_WORKER_ID {
-            return Err(Error::invalid_argument(format!(
-                "max_worker_id above {MAX_WORKER_ID} is not supported"
-            )));
-        }
+        im_infra::uid::check_max_worker_id(max_worker_id, MAX_WORKER_ID)?;
         let token = uuid::Uuid::new_v4().simple().to_string();
         // Until an id is known, releasing looks for the token.
         let mut pending = PendingLease::new(HeldWorkerId {
@@ -129,10 +118,7 @@ impl WorkerIdAllocator for MysqlWorkerIds {
                 break;
             }
         }
-        Err(Error::new(
-            ErrorKind::ResourceExhausted,
-            format!("all {} worker ids are leased", max_worker_id + 1),
-        ))
+        Err(im_infra::uid::all_leased(max_worker_id))
     }
 }
 
@@ -163,7 +149,13 @@ impl LeaseBackend for HeldWorkerId {
             shared.table("workers")
         );
         let last = last_timestamp_bound(ttl);
-        let params = (last, micros(ttl), shared.ns(), id, self.token.as_str());
+        let params = (
+            last,
+            validate::ttl_micros(ttl),
+            shared.ns(),
+            id,
+            self.token.as_str(),
+        );
         Ok(shared.db.exec(&sql, params).await? == 1)
     }
 

@@ -20,12 +20,6 @@ pub(crate) struct RedisCache {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for RedisCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisCache").finish_non_exhaustive()
-    }
-}
-
 fn bytes_of(v: Option<Vec<u8>>) -> Option<Bytes> {
     v.map(Bytes::from)
 }

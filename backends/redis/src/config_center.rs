@@ -9,8 +9,7 @@ use bytes::Bytes;
 use im_infra::config::watch::{WatchCursor, WatchTarget};
 use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory, Continuity};
 use im_infra::config::{
-    ConfigCapabilities, ConfigCenter, ConfigEvent, ConfigEventKind, Versioned, WatchOptions,
-    WatchStream,
+    ConfigCapabilities, ConfigCenter, ConfigEvent, Versioned, WatchOptions, WatchStream,
 };
 use im_infra::{Error, ErrorKind, Result};
 use redis::aio::MultiplexedConnection;
@@ -56,19 +55,6 @@ const BLOCK: Duration = Duration::from_millis(1000);
 /// checks keys, prefixes and value sizes.
 pub(crate) struct RedisConfigCenter {
     shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for RedisConfigCenter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfigCenter").finish_non_exhaustive()
-    }
-}
-
-fn conflict(key: &str, current: i64, expected: u64) -> Error {
-    Error::new(
-        ErrorKind::Conflict,
-        format!("{key:?} is at version {current}, not {expected}"),
-    )
 }
 
 fn internal(msg: &str) -> Error {
@@ -160,19 +146,9 @@ fn parse_entry(id: &str, fields: &std::collections::HashMap<String, Value>) -> O
     let key = String::from_utf8(field("k")?).ok()?;
     let kind = field("t")?;
     Some(if kind == b"d" {
-        ConfigEvent {
-            kind: ConfigEventKind::Delete,
-            key,
-            value: None,
-            version,
-        }
+        ConfigEvent::delete(key, version)
     } else {
-        ConfigEvent {
-            kind: ConfigEventKind::Put,
-            key,
-            value: Some(Bytes::from(field("v").unwrap_or_default())),
-            version,
-        }
+        ConfigEvent::put(key, Bytes::from(field("v").unwrap_or_default()), version)
     })
 }
 
@@ -399,7 +375,11 @@ impl ConfigCenter for RedisConfigCenter {
             .write(key, Some(&value), Some(expected_version))
             .await?;
         if status == -1 {
-            return Err(conflict(key, n, expected_version));
+            return Err(im_infra::config::conflict(
+                key,
+                u64::try_from(n).ok(),
+                expected_version,
+            ));
         }
         u64::try_from(n).map_err(|_| internal("negative revision"))
     }

@@ -138,12 +138,6 @@ pub(crate) struct RedisLock {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for RedisLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisLock").finish_non_exhaustive()
-    }
-}
-
 impl RedisLock {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         RedisLock { shared }

@@ -25,12 +25,6 @@ pub(crate) struct RedisOnce {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for RedisOnce {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisOnce").finish_non_exhaustive()
-    }
-}
-
 impl RedisOnce {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         RedisOnce { shared }

@@ -84,12 +84,6 @@ pub(crate) struct RedisRegistry {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for RedisRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisRegistry").finish_non_exhaustive()
-    }
-}
-
 impl RedisRegistry {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         let server = Arc::new(Server {
@@ -231,12 +225,6 @@ impl ServiceRegistry for RedisRegistry {
 /// service names.
 pub(crate) struct RedisDiscovery {
     shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for RedisDiscovery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisDiscovery").finish_non_exhaustive()
-    }
 }
 
 impl RedisDiscovery {

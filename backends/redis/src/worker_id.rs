@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{validate, Result};
 
 use crate::Shared;
 
@@ -34,12 +34,6 @@ pub(crate) struct RedisWorkerIds {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for RedisWorkerIds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisWorkerIds").finish_non_exhaustive()
-    }
-}
-
 impl RedisWorkerIds {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         RedisWorkerIds { shared }
@@ -50,11 +44,7 @@ impl RedisWorkerIds {
 impl WorkerIdAllocator for RedisWorkerIds {
     async fn allocate(&self, max_worker_id: u64, ttl: Duration) -> Result<WorkerLease> {
         // The script scans every id in one slot.
-        if max_worker_id > 65_535 {
-            return Err(Error::invalid_argument(
-                "max_worker_id above 65535 is not supported",
-            ));
-        }
+        im_infra::uid::check_max_worker_id(max_worker_id, 65_535)?;
         let token = uuid::Uuid::new_v4().to_string();
         let ttl_ms = validate::ttl_millis(ttl);
         let mut pending = PendingLease::new(HeldWorkerId {
@@ -78,10 +68,7 @@ impl WorkerIdAllocator for RedisWorkerIds {
         .await?;
         if id < 0 {
             pending.disarm();
-            return Err(Error::new(
-                ErrorKind::ResourceExhausted,
-                format!("all {} worker ids are leased", max_worker_id + 1),
-            ));
+            return Err(im_infra::uid::all_leased(max_worker_id));
         }
         let id = id as u64;
         let _ = pending.backend().id.set(id);

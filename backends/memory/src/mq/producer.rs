@@ -21,12 +21,6 @@ pub(crate) struct MemoryProducer {
     closed: AtomicBool,
 }
 
-impl std::fmt::Debug for MemoryProducer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryProducer").finish_non_exhaustive()
-    }
-}
-
 impl MemoryProducer {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MemoryProducer {
