@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use im_infra::backend::Maintenance;
 
-use crate::{Hooks, World};
+use crate::{Fixture, Hooks, World};
 
 /// Connects a backend on a namespace.
 type Connect<B> = Arc<dyn Fn(String) -> BoxFuture<'static, Result<B>> + Send + Sync>;
@@ -54,6 +54,78 @@ where
             peer,
         }),
     })
+}
+
+/// A fixture whose worlds are [`world`]s: each on a fresh namespace from
+/// `namespace`, each instance made by `connect(address, namespace)`, where
+/// `address` is the server address the runner read from the target's
+/// environment variable. All a backend needs for its
+/// [`Target`](crate::Target):
+///
+/// ```no_run
+/// use im_infra_conformance::{cases::unique, maintained, SuiteKind, Target};
+/// # #[derive(Clone)]
+/// # struct MyBackend;
+/// # #[async_trait::async_trait]
+/// # impl im_infra::backend::Backend for MyBackend {
+/// #     fn name(&self) -> &'static str { "mine" }
+/// #     fn capabilities(&self) -> &'static [im_infra::backend::Capability] { &[] }
+/// #     async fn health_check(&self) -> im_infra::Result<()> { Ok(()) }
+/// #     async fn close(&self) -> im_infra::Result<()> { Ok(()) }
+/// # }
+/// # #[async_trait::async_trait]
+/// # impl im_infra::backend::RawMaintenance for MyBackend {
+/// #     fn namespace(&self) -> Option<&str> { None }
+/// #     async fn purge_namespace(&self) -> im_infra::Result<u64> { Ok(0) }
+/// # }
+/// # async fn connect_mine(_url: &str, _ns: &str) -> im_infra::Result<MyBackend> { Ok(MyBackend) }
+///
+/// async fn connect(url: String, ns: String) -> anyhow::Result<MyBackend> {
+///     Ok(connect_mine(&url, &ns).await?)
+/// }
+///
+/// pub fn target() -> Target {
+///     Target {
+///         backend: "mine",
+///         env_var: Some("MINE_URL"),
+///         fixture: Some(|url| Ok(maintained::fixture(url, || unique("t"), connect))),
+///         suite: SuiteKind::Contract,
+///     }
+/// }
+/// ```
+pub fn fixture<B, Fut>(
+    address: &str,
+    namespace: fn() -> String,
+    connect: fn(String, String) -> Fut,
+) -> Arc<dyn Fixture>
+where
+    B: Maintenance + Clone + 'static,
+    Fut: Future<Output = Result<B>> + Send + 'static,
+{
+    Arc::new(MaintainedFixture {
+        address: address.to_owned(),
+        namespace,
+        connect,
+    })
+}
+
+/// The fixture made by [`fixture`].
+struct MaintainedFixture<Fut> {
+    address: String,
+    namespace: fn() -> String,
+    connect: fn(String, String) -> Fut,
+}
+
+#[async_trait]
+impl<B, Fut> Fixture for MaintainedFixture<Fut>
+where
+    B: Maintenance + Clone + 'static,
+    Fut: Future<Output = Result<B>> + Send + 'static,
+{
+    async fn world(&self) -> Result<World> {
+        let (address, connect) = (self.address.clone(), self.connect);
+        world((self.namespace)(), move |ns| connect(address.clone(), ns)).await
+    }
 }
 
 /// The hooks of a world made by [`world`].

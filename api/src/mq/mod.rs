@@ -46,8 +46,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::retry::RetrySettings;
 
+mod member;
 mod runner;
 
+pub use member::{MemberState, Running};
 pub use runner::{Handled, HandlerRunner};
 
 /// A message to produce.

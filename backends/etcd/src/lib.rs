@@ -91,25 +91,34 @@ pub const CAPABILITIES: &[Capability] = &[
     Capability::WorkerIds,
 ];
 
+/// One of the builder's arguments, applied over the loaded settings.
+type Edit = Arc<dyn Fn(&mut EtcdSettings) + Send + Sync>;
+
 /// Builds an [`EtcdBackend`]: the original `ManagerBuilder`.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct EtcdBackendBuilder {
     settings: Option<EtcdSettings>,
     file: Option<std::path::PathBuf>,
-    endpoints: Option<Vec<String>>,
-    dial_timeout: Option<Duration>,
-    request_timeout: Option<Duration>,
-    auth: Option<(String, Secret)>,
-    tls: Option<TlsFiles>,
-    default_ttl: Option<Duration>,
-    service_prefix: Option<String>,
-    lock_prefix: Option<String>,
-    namespace: Option<String>,
-    health: Option<(Duration, Duration)>,
-    retry: Option<RetrySettings>,
+    /// The arguments, in the order given (a later one wins).
+    edits: Vec<Edit>,
+}
+
+impl std::fmt::Debug for EtcdBackendBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdBackendBuilder")
+            .field("settings", &self.settings)
+            .field("file", &self.file)
+            .field("arguments", &self.edits.len())
+            .finish()
+    }
 }
 
 impl EtcdBackendBuilder {
+    fn edit(mut self, edit: impl Fn(&mut EtcdSettings) + Send + Sync + 'static) -> Self {
+        self.edits.push(Arc::new(edit));
+        self
+    }
+
     /// Starts from `settings` instead of loading file and environment.
     #[must_use]
     pub fn settings(mut self, settings: EtcdSettings) -> Self {
@@ -126,125 +135,93 @@ impl EtcdBackendBuilder {
 
     /// The members' client URLs.
     #[must_use]
-    pub fn endpoints<S: Into<String>>(mut self, endpoints: impl IntoIterator<Item = S>) -> Self {
-        self.endpoints = Some(endpoints.into_iter().map(Into::into).collect());
-        self
+    pub fn endpoints<S: Into<String>>(self, endpoints: impl IntoIterator<Item = S>) -> Self {
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        self.edit(move |s| s.endpoints = endpoints.clone())
     }
 
     /// Bound of connecting.
     #[must_use]
-    pub fn dial_timeout(mut self, d: Duration) -> Self {
-        self.dial_timeout = Some(d);
-        self
+    pub fn dial_timeout(self, d: Duration) -> Self {
+        self.edit(move |s| s.dial_timeout = d)
     }
 
     /// Bound of every request.
     #[must_use]
-    pub fn request_timeout(mut self, d: Duration) -> Self {
-        self.request_timeout = Some(d);
-        self
+    pub fn request_timeout(self, d: Duration) -> Self {
+        self.edit(move |s| s.request_timeout = d)
     }
 
     /// User and password.
     #[must_use]
-    pub fn auth(mut self, username: impl Into<String>, password: impl Into<Secret>) -> Self {
-        self.auth = Some((username.into(), password.into()));
-        self
+    pub fn auth(self, username: impl Into<String>, password: impl Into<Secret>) -> Self {
+        let (username, password) = (username.into(), password.into());
+        self.edit(move |s| {
+            s.username = Some(username.clone());
+            s.password = Some(password.clone());
+        })
     }
 
     /// TLS files.
     #[must_use]
-    pub fn tls(mut self, tls: TlsFiles) -> Self {
-        self.tls = Some(tls);
-        self
+    pub fn tls(self, tls: TlsFiles) -> Self {
+        self.edit(move |s| s.tls = Some(tls.clone()))
     }
 
     /// TTL of registrations without one.
     #[must_use]
-    pub fn default_ttl(mut self, ttl: Duration) -> Self {
-        self.default_ttl = Some(ttl);
-        self
+    pub fn default_ttl(self, ttl: Duration) -> Self {
+        self.edit(move |s| s.default_ttl = ttl)
     }
 
     /// Prefix of registered services.
     #[must_use]
-    pub fn service_prefix(mut self, p: impl Into<String>) -> Self {
-        self.service_prefix = Some(p.into());
-        self
+    pub fn service_prefix(self, p: impl Into<String>) -> Self {
+        let p = p.into();
+        self.edit(move |s| s.service_prefix = p.clone())
     }
 
     /// Prefix of locks.
     #[must_use]
-    pub fn lock_prefix(mut self, p: impl Into<String>) -> Self {
-        self.lock_prefix = Some(p.into());
-        self
+    pub fn lock_prefix(self, p: impl Into<String>) -> Self {
+        let p = p.into();
+        self.edit(move |s| s.lock_prefix = p.clone())
     }
 
     /// Prefix of every key.
     #[must_use]
-    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
-        self.namespace = Some(ns.into());
-        self
+    pub fn namespace(self, ns: impl Into<String>) -> Self {
+        let ns = ns.into();
+        self.edit(move |s| s.namespace = ns.clone())
     }
 
     /// Background health-check interval and timeout.
     #[must_use]
-    pub fn health_check(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.health = Some((interval, timeout));
-        self
+    pub fn health_check(self, interval: Duration, timeout: Duration) -> Self {
+        self.edit(move |s| {
+            s.health_check_interval = interval;
+            s.health_check_timeout = timeout;
+        })
     }
 
     /// Backoff of reconnections and re-registrations.
     #[must_use]
-    pub fn retry(mut self, retry: RetrySettings) -> Self {
-        self.retry = Some(retry);
-        self
+    pub fn retry(self, retry: RetrySettings) -> Self {
+        self.edit(move |s| s.retry = retry.clone())
     }
 
     /// The effective configuration: the given one (or defaults, environment
     /// and file, in rising priority), then this builder's arguments.
     pub fn resolve(&self) -> Result<EtcdSettings> {
-        let mut cfg = match &self.settings {
+        let mut settings = match &self.settings {
             Some(c) => c.clone(),
             None => EtcdSettings::load(self.file.as_deref())?,
         };
-        if let Some(v) = &self.endpoints {
-            cfg.endpoints = v.clone();
+        for edit in &self.edits {
+            edit(&mut settings);
         }
-        if let Some(v) = self.dial_timeout {
-            cfg.dial_timeout = v;
-        }
-        if let Some(v) = self.request_timeout {
-            cfg.request_timeout = v;
-        }
-        if let Some((u, p)) = &self.auth {
-            cfg.username = Some(u.clone());
-            cfg.password = Some(p.clone());
-        }
-        if let Some(v) = &self.tls {
-            cfg.tls = Some(v.clone());
-        }
-        if let Some(v) = self.default_ttl {
-            cfg.default_ttl = v;
-        }
-        if let Some(v) = &self.service_prefix {
-            cfg.service_prefix = v.clone();
-        }
-        if let Some(v) = &self.lock_prefix {
-            cfg.lock_prefix = v.clone();
-        }
-        if let Some(v) = &self.namespace {
-            cfg.namespace = v.clone();
-        }
-        if let Some((i, t)) = self.health {
-            cfg.health_check_interval = i;
-            cfg.health_check_timeout = t;
-        }
-        if let Some(r) = &self.retry {
-            cfg.retry = r.clone();
-        }
-        cfg.validate()?;
-        Ok(cfg)
+        settings.validate()?;
+        Ok(settings)
     }
 
     /// Connects and checks etcd within the dial timeout.

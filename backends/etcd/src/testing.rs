@@ -8,14 +8,12 @@
 //! }
 //! ```
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use async_trait::async_trait;
 use im_infra_conformance::cases::unique;
 use im_infra_conformance::servers::ETCD_ENV;
-use im_infra_conformance::{maintained, Fixture, SuiteKind, Target, World};
+use im_infra_conformance::{maintained, SuiteKind, Target};
 
 use crate::{EtcdBackend, EtcdSettings};
 
@@ -25,30 +23,21 @@ pub fn target() -> Target {
         backend: "etcd",
         env_var: Some(ETCD_ENV),
         fixture: Some(|endpoints| {
-            Ok(Arc::new(EtcdFixture {
-                endpoints: endpoints.split(',').map(|e| e.trim().to_owned()).collect(),
-            }))
+            Ok(maintained::fixture(
+                endpoints,
+                || format!("/{}", unique("t")),
+                connect,
+            ))
         }),
         suite: SuiteKind::Contract,
     }
 }
 
-struct EtcdFixture {
-    endpoints: Vec<String>,
-}
-
-async fn connect(endpoints: Vec<String>, ns: String) -> Result<EtcdBackend> {
+/// `endpoints` separated by commas.
+async fn connect(endpoints: String, ns: String) -> Result<EtcdBackend> {
+    let endpoints: Vec<String> = endpoints.split(',').map(|e| e.trim().to_owned()).collect();
     let mut settings = EtcdSettings::with_endpoints(endpoints);
     settings.namespace = ns;
     settings.request_timeout = Duration::from_secs(10);
     Ok(EtcdBackend::builder().settings(settings).build().await?)
-}
-
-#[async_trait]
-impl Fixture for EtcdFixture {
-    async fn world(&self) -> Result<World> {
-        let endpoints = self.endpoints.clone();
-        let ns = format!("/{}", unique("t"));
-        maintained::world(ns, move |ns| connect(endpoints.clone(), ns)).await
-    }
 }

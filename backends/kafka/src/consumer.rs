@@ -8,7 +8,7 @@
 //! A message whose handler never succeeded is never stored, so it is
 //! delivered again, to this member or to the one that takes its partition.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -16,11 +16,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::backend::Closable;
 use im_infra::mq::{
-    Consumer, ConsumerCapabilities, ConsumerSettings, Handled, Handler, HandlerRunner, Producer,
-    ReceivedMessage,
+    Consumer, ConsumerCapabilities, ConsumerSettings, Handled, Handler, HandlerRunner, MemberState,
+    Producer, ReceivedMessage,
 };
 use im_infra::telemetry::with_timeout;
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::Result;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{
@@ -150,11 +150,7 @@ struct State {
     names: Names,
     settings: ConsumerSettings,
     dead_letters: KafkaProducer,
-    stop: CancellationToken,
-    running: AtomicBool,
-    /// `true` while `run` is active.
-    active: watch::Sender<bool>,
-    paused: watch::Sender<bool>,
+    member: MemberState,
     /// How long closing the backend waits for this member to leave.
     close_timeout: Duration,
     /// Handler attempts, retries and dead letters.
@@ -179,17 +175,6 @@ impl std::fmt::Debug for KafkaConsumer {
             .field("group", &self.state.settings.group)
             .field("topics", &self.state.settings.topics)
             .finish_non_exhaustive()
-    }
-}
-
-/// Resets the running flags when `run` ends in any way, including
-/// cancellation.
-struct Active<'a>(&'a State);
-
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        self.0.running.store(false, Ordering::Release);
-        self.0.active.send_replace(false);
     }
 }
 
@@ -251,10 +236,7 @@ impl KafkaConsumer {
                 names,
                 settings,
                 dead_letters,
-                stop,
-                running: AtomicBool::new(false),
-                active: watch::channel(false).0,
-                paused: watch::channel(false).0,
+                member: MemberState::with_stop(NAME, stop),
                 close_timeout,
                 runner,
             }),
@@ -271,7 +253,11 @@ impl KafkaConsumer {
         let (partition, offset) = (message.partition, message.offset);
         let state = &self.state;
         let send = |letter| async move { state.dead_letters.produce(letter).await.map(drop) };
-        match state.runner.run(handler, message, &state.stop, send).await {
+        match state
+            .runner
+            .run(handler, message, state.member.stop(), send)
+            .await
+        {
             Handled::Done => {
                 // librdkafka's offset store takes the handled message's
                 // offset and commits the one after it.
@@ -310,21 +296,10 @@ impl Consumer for KafkaConsumer {
 
     async fn run(&self, handler: Arc<dyn Handler>) -> Result<()> {
         let st = &*self.state;
-        if st.stop.is_cancelled() {
-            return Err(
-                Error::new(ErrorKind::Closed, "the consumer was shut down").with_backend(NAME)
-            );
-        }
-        if st.running.swap(true, Ordering::AcqRel) {
-            return Err(
-                Error::new(ErrorKind::InvalidState, "the consumer is already running")
-                    .with_backend(NAME),
-            );
-        }
-        let _active = Active(st);
-        st.active.send_replace(true);
+        let _running = st.member.begin()?;
+        let stop = st.member.stop();
         let generation = Arc::new(AtomicU64::new(0));
-        let mut paused = st.paused.subscribe();
+        let mut paused = st.member.paused();
         let group = st.settings.group.clone();
         let ctx = GroupContext {
             group: group.clone(),
@@ -374,7 +349,7 @@ impl Consumer for KafkaConsumer {
             }
             tokio::select! {
                 biased;
-                _ = st.stop.cancelled() => break,
+                _ = stop.cancelled() => break,
                 changed = paused.changed() => {
                     if changed.is_err() {
                         break;
@@ -393,7 +368,7 @@ impl Consumer for KafkaConsumer {
                     Err(e) => {
                         tracing::warn!(group = %member.group, error = %e, "consumer error");
                         tokio::select! {
-                            _ = st.stop.cancelled() => break,
+                            _ = stop.cancelled() => break,
                             _ = tokio::time::sleep(ERROR_PAUSE) => {}
                         }
                     }
@@ -405,23 +380,17 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn shutdown(&self) -> Result<()> {
-        self.state.stop.cancel();
-        let mut active = self.state.active.subscribe();
-        while *active.borrow_and_update() {
-            if active.changed().await.is_err() {
-                break;
-            }
-        }
+        self.state.member.shutdown().await;
         Ok(())
     }
 
     async fn pause(&self) -> Result<()> {
-        self.state.paused.send_replace(true);
+        self.state.member.set_paused(true);
         Ok(())
     }
 
     async fn resume(&self) -> Result<()> {
-        self.state.paused.send_replace(false);
+        self.state.member.set_paused(false);
         Ok(())
     }
 }
@@ -440,6 +409,6 @@ impl Closable for KafkaConsumer {
 
 impl Drop for KafkaConsumer {
     fn drop(&mut self) {
-        self.state.stop.cancel();
+        self.state.member.stop().cancel();
     }
 }

@@ -8,14 +8,12 @@
 //! }
 //! ```
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use async_trait::async_trait;
 use im_infra_conformance::cases::unique;
 use im_infra_conformance::servers::MYSQL_ENV;
-use im_infra_conformance::{maintained, Fixture, SuiteKind, Target, World};
+use im_infra_conformance::{maintained, SuiteKind, Target};
 
 use crate::MysqlBackend;
 
@@ -28,16 +26,14 @@ pub fn target() -> Target {
         backend: "mysql",
         env_var: Some(MYSQL_ENV),
         fixture: Some(|url| {
-            Ok(Arc::new(MysqlFixture {
-                url: url.to_owned(),
-            }))
+            Ok(maintained::fixture(
+                url,
+                || format!("{}/", unique("t")),
+                connect,
+            ))
         }),
         suite: SuiteKind::Contract,
     }
-}
-
-struct MysqlFixture {
-    url: String,
 }
 
 async fn connect(url: String, ns: String) -> Result<MysqlBackend> {
@@ -49,13 +45,4 @@ async fn connect(url: String, ns: String) -> Result<MysqlBackend> {
         .config_poll_interval(Duration::from_millis(50))
         .build()
         .await?)
-}
-
-#[async_trait]
-impl Fixture for MysqlFixture {
-    async fn world(&self) -> Result<World> {
-        let url = self.url.clone();
-        let ns = format!("{}/", unique("t"));
-        maintained::world(ns, move |ns| connect(url.clone(), ns)).await
-    }
 }

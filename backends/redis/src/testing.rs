@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use async_trait::async_trait;
 use im_infra_conformance::cases::unique;
 use im_infra_conformance::servers::{REDIS_CLUSTER_ENV, REDIS_ENV};
-use im_infra_conformance::{maintained, Fixture, SuiteKind, Target, World};
+use im_infra_conformance::{maintained, Fixture, SuiteKind, Target};
 
 use crate::{RedisBackend, RedisSettings};
 
@@ -42,13 +41,7 @@ pub fn cluster_target() -> Target {
 
 /// The fixture for the server(s) at `urls` (comma-separated: a cluster).
 fn fixture(urls: &str) -> Result<Arc<dyn Fixture>> {
-    Ok(Arc::new(RedisFixture {
-        url: urls.to_owned(),
-    }))
-}
-
-struct RedisFixture {
-    url: String,
+    Ok(maintained::fixture(urls, || unique("t"), connect))
 }
 
 /// One URL, or several separated by commas (a Redis Cluster).
@@ -58,12 +51,4 @@ async fn connect(urls: String, ns: String) -> Result<RedisBackend> {
     settings.namespace = ns;
     settings.response_timeout = Duration::from_secs(5);
     Ok(RedisBackend::builder().settings(settings).build().await?)
-}
-
-#[async_trait]
-impl Fixture for RedisFixture {
-    async fn world(&self) -> Result<World> {
-        let url = self.url.clone();
-        maintained::world(unique("t"), move |ns| connect(url.clone(), ns)).await
-    }
 }

@@ -1,18 +1,16 @@
 //! The in-process consumer-group member.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::backend::Closable;
 use im_infra::mq::{
-    Consumer, ConsumerCapabilities, ConsumerSettings, Handled, Handler, HandlerRunner,
+    Consumer, ConsumerCapabilities, ConsumerSettings, Handled, Handler, HandlerRunner, MemberState,
 };
 use im_infra::telemetry::with_timeout;
-use im_infra::{Error, ErrorKind, Result};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use im_infra::Result;
 
 use crate::Shared;
 
@@ -29,11 +27,7 @@ pub(crate) struct MemoryConsumer {
     shared: Arc<Shared>,
     settings: ConsumerSettings,
     member: u64,
-    paused: watch::Sender<bool>,
-    stop: CancellationToken,
-    running: AtomicBool,
-    /// `true` while `run` is active.
-    active: watch::Sender<bool>,
+    state: MemberState,
     runner: HandlerRunner,
 }
 
@@ -57,8 +51,6 @@ impl Drop for Membership<'_> {
     fn drop(&mut self) {
         let c = self.consumer;
         c.shared.mq.leave(&c.settings.group, c.member);
-        c.running.store(false, Ordering::Release);
-        c.active.send_replace(false);
     }
 }
 
@@ -71,10 +63,7 @@ impl MemoryConsumer {
             shared,
             settings,
             member,
-            paused: watch::channel(false).0,
-            stop: CancellationToken::new(),
-            running: AtomicBool::new(false),
-            active: watch::channel(false).0,
+            state: MemberState::new(crate::NAME),
             runner,
         })
     }
@@ -88,16 +77,8 @@ impl Consumer for MemoryConsumer {
 
     async fn run(&self, handler: Arc<dyn Handler>) -> Result<()> {
         self.shared.check_open()?;
-        if self.stop.is_cancelled() {
-            return Err(Error::new(ErrorKind::Closed, "the consumer was shut down"));
-        }
-        if self.running.swap(true, Ordering::AcqRel) {
-            return Err(Error::new(
-                ErrorKind::InvalidState,
-                "the consumer is already running",
-            ));
-        }
-        self.active.send_replace(true);
+        let _running = self.state.begin()?;
+        let stop = self.state.stop();
         let store = &self.shared.mq;
         let cfg = &self.settings;
         store.join(
@@ -109,14 +90,14 @@ impl Consumer for MemoryConsumer {
         );
         let _membership = Membership { consumer: self };
         let mut cursor = 0usize;
-        let mut paused = self.paused.subscribe();
-        while !self.stop.is_cancelled() && !self.shared.is_closed() {
+        let mut paused = self.state.paused();
+        while !stop.is_cancelled() && !self.shared.is_closed() {
             let changed = store.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if *paused.borrow_and_update() {
                 tokio::select! {
-                    _ = self.stop.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     _ = paused.changed() => continue,
                 }
             }
@@ -129,7 +110,7 @@ impl Consumer for MemoryConsumer {
                         store.append(letter, partitions);
                         Ok(())
                     };
-                    let handled = self.runner.run(&*handler, msg, &self.stop, send).await;
+                    let handled = self.runner.run(&*handler, msg, stop, send).await;
                     if handled == Handled::Done {
                         store.commit(&cfg.group, self.member, &topic, partition, offset);
                     }
@@ -137,7 +118,7 @@ impl Consumer for MemoryConsumer {
                 None => {
                     tokio::select! {
                         _ = &mut changed => {}
-                        _ = self.stop.cancelled() => {}
+                        _ = stop.cancelled() => {}
                         _ = self.shared.shutdown.cancelled() => {}
                         _ = paused.changed() => {}
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -149,23 +130,17 @@ impl Consumer for MemoryConsumer {
     }
 
     async fn shutdown(&self) -> Result<()> {
-        self.stop.cancel();
-        let mut active = self.active.subscribe();
-        while *active.borrow_and_update() {
-            if active.changed().await.is_err() {
-                break;
-            }
-        }
+        self.state.shutdown().await;
         Ok(())
     }
 
     async fn pause(&self) -> Result<()> {
-        self.paused.send_replace(true);
+        self.state.set_paused(true);
         Ok(())
     }
 
     async fn resume(&self) -> Result<()> {
-        self.paused.send_replace(false);
+        self.state.set_paused(false);
         Ok(())
     }
 }
@@ -177,11 +152,5 @@ impl Closable for MemoryConsumer {
         with_timeout(CLOSE_TIMEOUT, "mq.shutdown", self.shutdown())
             .await
             .map_err(|e| e.with_backend(crate::NAME))
-    }
-}
-
-impl Drop for MemoryConsumer {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
