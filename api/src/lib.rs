@@ -70,6 +70,7 @@ pub mod cache;
 pub mod config;
 pub mod coord;
 mod error;
+mod error_category;
 pub mod layer;
 pub mod lease;
 pub mod lock;
@@ -86,6 +87,7 @@ pub mod uid;
 pub mod validate;
 
 pub use error::{Error, ErrorKind, Result};
+pub use error_category::ErrorCategory;
 pub use retry::RetrySettings;
 
 /// Re-exports for implementors and users.

@@ -36,6 +36,7 @@
 //! ```
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -92,6 +93,92 @@ impl OnceCapabilities {
     pub fn with_max_outcome(mut self, bytes: usize) -> Self {
         self.max_outcome_bytes = bytes;
         self
+    }
+}
+
+/// `LockNotHeld`: the claim on `key` expired or belongs to another caller —
+/// what [`Once::complete`] and [`Once::abandon`] answer then, on every
+/// backend.
+///
+/// ```
+/// let e = im_infra::once::not_held("order:42");
+/// assert_eq!(e.kind(), im_infra::ErrorKind::LockNotHeld);
+/// ```
+pub fn not_held(key: &str) -> Error {
+    Error::new(
+        ErrorKind::LockNotHeld,
+        format!("the claim on {key:?} expired or belongs to another caller"),
+    )
+}
+
+/// How a backend renews and abandons one claim: all it writes to keep a
+/// claim alive while its work runs, with [`claim_lease`] as its
+/// [`Once::claim_lease`].
+#[async_trait]
+pub trait ClaimStore: Send + Sync + 'static {
+    /// Extends `token`'s live claim on `key` to `ttl`; true also when
+    /// `token` completed it (the work is done: nothing left to keep).
+    async fn renew_claim(&self, key: &str, token: &str, ttl: Duration) -> Result<bool>;
+
+    /// Removes `token`'s live claim on `key`; whether it was there.
+    async fn abandon_claim(&self, key: &str, token: &str) -> Result<bool>;
+}
+
+/// The claim `token` on `key` in `store` as a lease backend, for the lease
+/// core to keep: `extend` renews it, `release` abandons it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use im_infra::once::{claim_lease, ClaimStore};
+///
+/// struct Claims;
+///
+/// #[async_trait]
+/// impl ClaimStore for Claims {
+///     async fn renew_claim(&self, _: &str, token: &str, _: Duration) -> im_infra::Result<bool> {
+///         Ok(token == "mine")
+///     }
+///     async fn abandon_claim(&self, _: &str, _: &str) -> im_infra::Result<bool> {
+///         Ok(false)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
+/// let lease = claim_lease(Arc::new(Claims), "order:42", "mine");
+/// assert!(lease.extend(Duration::from_secs(1)).await?);
+/// assert!(!lease.release().await?);
+/// assert_eq!(lease.describe(), "once claim \"order:42\"");
+/// # Ok(()) }
+/// ```
+pub fn claim_lease<S: ClaimStore>(store: Arc<S>, key: &str, token: &str) -> Box<dyn LeaseBackend> {
+    Box::new(HeldClaim {
+        store,
+        key: key.to_owned(),
+        token: token.to_owned(),
+    })
+}
+
+/// A claim, as the lease core sees it.
+struct HeldClaim<S> {
+    store: Arc<S>,
+    key: String,
+    token: String,
+}
+
+#[async_trait]
+impl<S: ClaimStore> LeaseBackend for HeldClaim<S> {
+    fn describe(&self) -> String {
+        format!("once claim {:?}", self.key)
+    }
+
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        self.store.renew_claim(&self.key, &self.token, ttl).await
+    }
+
+    async fn release(&self) -> Result<bool> {
+        self.store.abandon_claim(&self.key, &self.token).await
     }
 }
 

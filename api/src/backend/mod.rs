@@ -94,6 +94,48 @@ impl std::fmt::Display for Capability {
 }
 
 pub use handed_out::{Closable, HandedOut};
+
+/// `Closed`: the backend `backend` was closed — what every operation on it,
+/// or on anything it handed out, answers afterwards.
+///
+/// ```
+/// let e = im_infra::backend::closed("redis");
+/// assert_eq!(e.kind(), im_infra::ErrorKind::Closed);
+/// assert_eq!(e.backend(), Some("redis"));
+/// ```
+pub fn closed(backend: &'static str) -> Error {
+    Error::new(
+        crate::ErrorKind::Closed,
+        format!("the {backend} backend was closed"),
+    )
+    .with_backend(backend)
+}
+
+/// The state of a backend behind `weak`, held by background work (a watch)
+/// that must not keep the backend alive; `Closed` once the backend was
+/// dropped.
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// let shared = Arc::new(7);
+/// let weak = Arc::downgrade(&shared);
+/// assert_eq!(*im_infra::backend::upgrade(&weak, "memory").unwrap(), 7);
+/// drop(shared);
+/// let e = im_infra::backend::upgrade(&weak, "memory").unwrap_err();
+/// assert_eq!(e.kind(), im_infra::ErrorKind::Closed);
+/// assert_eq!(e.backend(), Some("memory"));
+/// ```
+pub fn upgrade<T>(weak: &std::sync::Weak<T>, backend: &'static str) -> Result<Arc<T>> {
+    weak.upgrade().ok_or_else(|| {
+        Error::new(
+            crate::ErrorKind::Closed,
+            format!("the {backend} backend was dropped"),
+        )
+        .with_backend(backend)
+    })
+}
+
 pub use maintenance::{Maintenance, RawMaintenance};
 
 /// A backend (memory, etcd, Redis, MySQL, Kafka, noop) seen as a whole.

@@ -308,7 +308,7 @@ impl ConnectionManager {
     }
 
     fn closed_error(&self) -> Error {
-        Error::new(ErrorKind::Closed, "the etcd backend was closed").with_backend(crate::NAME)
+        im_infra::backend::closed(crate::NAME)
     }
 
     fn timeout(&self, what: &str, d: Duration) -> Error {

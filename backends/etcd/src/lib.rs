@@ -71,7 +71,8 @@ use im_infra::{Result, RetrySettings};
 
 use config_center::EtcdConfigCenter;
 pub use connection::{ConnectionManager, ConnectionStatus};
-pub use error::ErrorCategory;
+/// The original system's error categories (now in `im_infra`, for every backend).
+pub use im_infra::ErrorCategory;
 pub use lease::{KeepAlive, LeaseInfo, LeaseManager, MIN_TTL};
 use lock::EtcdLock;
 use once::EtcdOnce;

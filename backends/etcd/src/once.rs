@@ -9,7 +9,7 @@ use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use im_infra::lease::LeaseBackend;
 use im_infra::once::{Claim, Once, OnceCapabilities};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{validate, Result};
 
 use crate::connection::ConnectionManager;
 use crate::lease::{lease_secs, EtcdLease, MIN_TTL};
@@ -59,13 +59,6 @@ impl EtcdOnce {
 
     fn key(&self, key: &str) -> String {
         self.conn.settings().key(&format!("/once/{key}"))
-    }
-
-    fn not_held(key: &str) -> Error {
-        Error::new(
-            ErrorKind::LockNotHeld,
-            format!("the claim on {key:?} expired or belongs to another caller"),
-        )
     }
 }
 
@@ -191,7 +184,7 @@ impl Once for EtcdOnce {
         // The layer checked the outcome against `max_outcome`, which
         // leaves room for a well-formed token: this bounds the record.
         validate::value(value.len(), self.conn.settings().max_value_bytes)?;
-        let old = lease_of(token).ok_or_else(|| Self::not_held(key))?;
+        let old = lease_of(token).ok_or_else(|| im_infra::once::not_held(key))?;
         let k = self.key(key);
         let secs = lease_secs(ttl);
         let lease = self
@@ -223,7 +216,7 @@ impl Once for EtcdOnce {
             if done_by(current.as_deref(), token) {
                 return Ok(());
             }
-            return Err(Self::not_held(key));
+            return Err(im_infra::once::not_held(key));
         }
         let _ = crate::lease::revoke(&self.conn, old).await;
         Ok(())
@@ -233,7 +226,7 @@ impl Once for EtcdOnce {
         if abandon(&self.conn, &self.key(key), token).await? {
             Ok(())
         } else {
-            Err(Self::not_held(key))
+            Err(im_infra::once::not_held(key))
         }
     }
 

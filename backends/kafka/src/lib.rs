@@ -78,7 +78,7 @@ use im_infra::backend::{Backend, Capability, HandedOut};
 use im_infra::layer::{ObservedConsumer, ObservedProducer};
 use im_infra::mq::{Consumer, ConsumerSettings, Producer};
 use im_infra::telemetry::OpMetrics;
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::Result;
 use tokio_util::sync::CancellationToken;
 
 /// The client library, for what the traits do not cover.
@@ -244,7 +244,7 @@ impl KafkaBackend {
 
     fn check_open(&self) -> Result<()> {
         if self.shared.shutdown.is_cancelled() {
-            Err(Error::new(ErrorKind::Closed, "the kafka backend was closed").with_backend(NAME))
+            Err(im_infra::backend::closed(crate::NAME))
         } else {
             Ok(())
         }

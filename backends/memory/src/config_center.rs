@@ -13,7 +13,7 @@ use im_infra::config::watch_driver::{spawn_watch, Batch, ConfigHistory};
 use im_infra::config::{
     ConfigCapabilities, ConfigCenter, ConfigEvent, Versioned, WatchOptions, WatchStream,
 };
-use im_infra::{Error, ErrorKind, Result, RetrySettings};
+use im_infra::{Result, RetrySettings};
 use tokio::sync::Notify;
 
 use crate::Shared;
@@ -117,7 +117,7 @@ impl ConfigHistory for History {
             tokio::select! {
                 _ = &mut changed => {}
                 _ = self.shared.shutdown.cancelled() => {
-                    return Err(Error::new(ErrorKind::Closed, "the memory backend was closed"));
+                    return Err(im_infra::backend::closed(crate::NAME));
                 }
             }
         }

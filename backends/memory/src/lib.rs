@@ -69,7 +69,7 @@ use im_infra::ratelimit::{BucketStore, Limiter, Rules};
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::{Error, Result};
 use tokio_util::sync::CancellationToken;
 
 use cache::MemoryCache;
@@ -121,7 +121,7 @@ impl Shared {
     #[inline]
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Relaxed) {
-            Err(Error::new(ErrorKind::Closed, "the memory backend was closed").with_backend(NAME))
+            Err(im_infra::backend::closed(crate::NAME))
         } else {
             Ok(())
         }
@@ -482,6 +482,7 @@ mod tests {
 
     use im_infra::mq::{handler_fn, ConsumerSettings};
     use im_infra::registry::ServiceInstance;
+    use im_infra::ErrorKind;
 
     use super::*;
 

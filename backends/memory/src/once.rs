@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::lease::LeaseBackend;
-use im_infra::once::{Claim, Once, OnceCapabilities};
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::once::{claim_lease, Claim, ClaimStore, Once, OnceCapabilities};
+use im_infra::Result;
 
 use crate::Shared;
 
@@ -99,35 +99,17 @@ impl MemoryOnce {
     fn holds(records: &HashMap<String, Record>, key: &str, token: &str, now: Instant) -> bool {
         matches!(records.get(key), Some(Record::Claimed { token: t, expires_at }) if t == token && *expires_at > now)
     }
-
-    fn not_held(key: &str) -> Error {
-        Error::new(
-            ErrorKind::LockNotHeld,
-            format!("the claim on {key:?} expired or belongs to another caller"),
-        )
-    }
-}
-
-/// A claim, as the lease core sees it.
-struct HeldClaim {
-    shared: Arc<Shared>,
-    key: String,
-    token: String,
 }
 
 #[async_trait]
-impl LeaseBackend for HeldClaim {
-    fn describe(&self) -> String {
-        format!("once claim {:?}", self.key)
+impl ClaimStore for Shared {
+    async fn renew_claim(&self, key: &str, token: &str, ttl: Duration) -> Result<bool> {
+        self.check_open()?;
+        Ok(self.once.renew(key, token, ttl))
     }
 
-    async fn extend(&self, ttl: Duration) -> Result<bool> {
-        self.shared.check_open()?;
-        Ok(self.shared.once.renew(&self.key, &self.token, ttl))
-    }
-
-    async fn release(&self) -> Result<bool> {
-        Ok(self.shared.once.abandon(&self.key, &self.token))
+    async fn abandon_claim(&self, key: &str, token: &str) -> Result<bool> {
+        Ok(self.once.abandon(key, token))
     }
 }
 
@@ -138,11 +120,7 @@ impl Once for MemoryOnce {
     }
 
     fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
-        Box::new(HeldClaim {
-            shared: self.shared.clone(),
-            key: key.to_owned(),
-            token: token.to_owned(),
-        })
+        claim_lease(self.shared.clone(), key, token)
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
@@ -183,7 +161,7 @@ impl Once for MemoryOnce {
             }
         }
         if !Self::holds(&records, key, token, now) {
-            return Err(Self::not_held(key));
+            return Err(im_infra::once::not_held(key));
         }
         records.insert(
             key.to_owned(),
@@ -199,7 +177,7 @@ impl Once for MemoryOnce {
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {
         self.shared.check_open()?;
         if !self.shared.once.abandon(key, token) {
-            return Err(Self::not_held(key));
+            return Err(im_infra::once::not_held(key));
         }
         Ok(())
     }

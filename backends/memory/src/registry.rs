@@ -17,7 +17,7 @@ use im_infra::registry::{
     ServiceDiscovery, ServiceEventKind, ServiceEventStream, ServiceInfo, ServiceInstance,
     ServiceRegistry, DEFAULT_TTL,
 };
-use im_infra::{Error, ErrorKind, Result, RetrySettings};
+use im_infra::{Error, Result, RetrySettings};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -434,9 +434,7 @@ struct Instances {
 
 impl Instances {
     fn shared(&self) -> Result<Arc<Shared>> {
-        self.shared
-            .upgrade()
-            .ok_or_else(|| Error::new(ErrorKind::Closed, "the memory backend was dropped"))
+        im_infra::backend::upgrade(&self.shared, crate::NAME)
     }
 }
 
@@ -480,7 +478,7 @@ impl InstanceHistory for Instances {
             tokio::select! {
                 _ = &mut changed => {}
                 _ = self.shutdown.cancelled() => {
-                    return Err(Error::new(ErrorKind::Closed, "the memory backend was closed"));
+                    return Err(im_infra::backend::closed(crate::NAME));
                 }
             }
         }

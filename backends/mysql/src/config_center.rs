@@ -163,10 +163,7 @@ impl MysqlConfigCenter {
 
     async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
         if self.shared.shutdown.is_cancelled() {
-            return Err(
-                Error::new(ErrorKind::Closed, "the mysql backend was closed")
-                    .with_backend(crate::NAME),
-            );
+            return Err(im_infra::backend::closed(crate::NAME));
         }
         let history = History {
             shared: Arc::downgrade(&self.shared),
@@ -332,9 +329,7 @@ struct History {
 
 impl History {
     fn shared(&self) -> Result<Arc<Shared>> {
-        self.shared.upgrade().ok_or_else(|| {
-            Error::new(ErrorKind::Closed, "the mysql backend was dropped").with_backend(crate::NAME)
-        })
+        im_infra::backend::upgrade(&self.shared, crate::NAME)
     }
 }
 

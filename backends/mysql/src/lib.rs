@@ -72,7 +72,7 @@ use im_infra::once::Once;
 use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::Result;
 
 /// The client library, for [`Db::with_conn`] and [`Db::transaction`]
 /// closures and anything else the wrapper does not offer.
@@ -228,7 +228,7 @@ impl MysqlBackend {
 
     fn check_open(&self) -> Result<()> {
         if self.shared.shutdown.is_cancelled() {
-            Err(Error::new(ErrorKind::Closed, "the mysql backend was closed").with_backend(NAME))
+            Err(im_infra::backend::closed(crate::NAME))
         } else {
             Ok(())
         }

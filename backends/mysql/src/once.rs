@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::lease::LeaseBackend;
-use im_infra::once::{Claim, Once, OnceCapabilities};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::once::{claim_lease, Claim, ClaimStore, Once, OnceCapabilities};
+use im_infra::{validate, Result};
 use mysql_async::prelude::Queryable;
 
 use crate::db::first;
@@ -29,13 +29,6 @@ impl MysqlOnce {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         MysqlOnce { shared }
     }
-
-    fn not_held(key: &str) -> Error {
-        Error::new(
-            ErrorKind::LockNotHeld,
-            format!("the claim on {key:?} expired or belongs to another caller"),
-        )
-    }
 }
 
 /// Deletes `token`'s live claim on `key`.
@@ -47,49 +40,32 @@ async fn abandon(shared: &Shared, key: &str, token: &str) -> Result<bool> {
     Ok(shared.db.exec(&sql, (shared.key(key), token)).await? == 1)
 }
 
-/// A claim, as the lease core sees it.
-struct HeldClaim {
-    shared: Arc<Shared>,
-    key: String,
-    token: String,
-}
-
 #[async_trait]
-impl LeaseBackend for HeldClaim {
-    fn describe(&self) -> String {
-        format!("once claim {:?}", self.key)
-    }
-
+impl ClaimStore for Shared {
     /// Extends the live claim; true also when this token completed it.
-    async fn extend(&self, ttl: Duration) -> Result<bool> {
-        let shared = &self.shared;
+    async fn renew_claim(&self, key: &str, token: &str, ttl: Duration) -> Result<bool> {
+        let shared = self;
         let table = shared.table("once");
-        let k = shared.key(&self.key);
+        let k = shared.key(key);
         let extend = format!(
             "UPDATE {table} SET expires_at = NOW(6) + INTERVAL ? MICROSECOND \
              WHERE k = ? AND state = 'c' AND token = ? AND expires_at > NOW(6)"
         );
         if shared
             .db
-            .exec(
-                &extend,
-                (validate::ttl_micros(ttl), k.as_slice(), self.token.as_str()),
-            )
+            .exec(&extend, (validate::ttl_micros(ttl), k.as_slice(), token))
             .await?
             == 1
         {
             return Ok(true);
         }
         let done = format!("SELECT 1 FROM {table} WHERE k = ? AND state = 'd' AND token = ?");
-        let v: Option<i64> = shared
-            .db
-            .query_first(&done, (k.as_slice(), self.token.as_str()))
-            .await?;
+        let v: Option<i64> = shared.db.query_first(&done, (k.as_slice(), token)).await?;
         Ok(v.is_some())
     }
 
-    async fn release(&self) -> Result<bool> {
-        abandon(&self.shared, &self.key, &self.token).await
+    async fn abandon_claim(&self, key: &str, token: &str) -> Result<bool> {
+        abandon(self, key, token).await
     }
 }
 
@@ -100,11 +76,7 @@ impl Once for MysqlOnce {
     }
 
     fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
-        Box::new(HeldClaim {
-            shared: self.shared.clone(),
-            key: key.to_owned(),
-            token: token.to_owned(),
-        })
+        claim_lease(self.shared.clone(), key, token)
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
@@ -182,7 +154,7 @@ impl Once for MysqlOnce {
         if n == 1 {
             Ok(())
         } else {
-            Err(Self::not_held(key))
+            Err(im_infra::once::not_held(key))
         }
     }
 
@@ -190,7 +162,7 @@ impl Once for MysqlOnce {
         if abandon(&self.shared, key, token).await? {
             Ok(())
         } else {
-            Err(Self::not_held(key))
+            Err(im_infra::once::not_held(key))
         }
     }
 

@@ -169,10 +169,7 @@ impl Client {
     #[inline]
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Relaxed) {
-            Err(
-                Error::new(ErrorKind::Closed, "the redis backend was closed")
-                    .with_backend(crate::NAME),
-            )
+            Err(im_infra::backend::closed(crate::NAME))
         } else {
             Ok(())
         }

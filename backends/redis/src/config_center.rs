@@ -252,9 +252,7 @@ struct History {
 
 impl History {
     fn shared(&self) -> Result<Arc<Shared>> {
-        self.shared.upgrade().ok_or_else(|| {
-            Error::new(ErrorKind::Closed, "the redis backend was dropped").with_backend(crate::NAME)
-        })
+        im_infra::backend::upgrade(&self.shared, crate::NAME)
     }
 }
 

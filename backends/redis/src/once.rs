@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::lease::LeaseBackend;
-use im_infra::once::{Claim, Once, OnceCapabilities};
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::once::{claim_lease, Claim, ClaimStore, Once, OnceCapabilities};
+use im_infra::{validate, Result};
 
 use crate::Shared;
 
@@ -41,10 +41,7 @@ impl RedisOnce {
         if finish(&self.shared, key, token, action, outcome, ttl).await? {
             Ok(())
         } else {
-            Err(Error::new(
-                ErrorKind::LockNotHeld,
-                format!("the claim on {key:?} expired or belongs to another caller"),
-            ))
+            Err(im_infra::once::not_held(key))
         }
     }
 }
@@ -68,26 +65,14 @@ async fn finish(
     Ok(ok == 1)
 }
 
-/// A claim, as the lease core sees it.
-struct HeldClaim {
-    shared: Arc<Shared>,
-    key: String,
-    token: String,
-}
-
 #[async_trait]
-impl LeaseBackend for HeldClaim {
-    fn describe(&self) -> String {
-        format!("once claim {:?}", self.key)
+impl ClaimStore for Shared {
+    async fn renew_claim(&self, key: &str, token: &str, ttl: Duration) -> Result<bool> {
+        finish(self, key, token, "renew", b"", ttl).await
     }
 
-    async fn extend(&self, ttl: Duration) -> Result<bool> {
-        finish(&self.shared, &self.key, &self.token, "renew", b"", ttl).await
-    }
-
-    async fn release(&self) -> Result<bool> {
-        let ttl = Duration::from_millis(1);
-        finish(&self.shared, &self.key, &self.token, "abandon", b"", ttl).await
+    async fn abandon_claim(&self, key: &str, token: &str) -> Result<bool> {
+        finish(self, key, token, "abandon", b"", Duration::from_millis(1)).await
     }
 }
 
@@ -98,11 +83,7 @@ impl Once for RedisOnce {
     }
 
     fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
-        Box::new(HeldClaim {
-            shared: self.shared.clone(),
-            key: key.to_owned(),
-            token: token.to_owned(),
-        })
+        claim_lease(self.shared.clone(), key, token)
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {

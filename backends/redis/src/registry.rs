@@ -13,7 +13,7 @@ use im_infra::registry::{
     ServiceDiscovery, ServiceEventStream, ServiceInfo, ServiceInstance, ServiceRegistry,
     DEFAULT_TTL,
 };
-use im_infra::{validate, Error, ErrorKind, Result};
+use im_infra::{validate, Error, Result};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
 use redis::Value;
@@ -249,9 +249,7 @@ struct Instances {
 
 impl Instances {
     fn shared(&self) -> Result<Arc<Shared>> {
-        self.shared.upgrade().ok_or_else(|| {
-            Error::new(ErrorKind::Closed, "the redis backend was dropped").with_backend(crate::NAME)
-        })
+        im_infra::backend::upgrade(&self.shared, crate::NAME)
     }
 
     /// The entries after `after` (blocking up to [`BLOCK`], or a plain
