@@ -480,11 +480,58 @@ impl Backend for MemoryBackend {
 mod tests {
     use std::time::Duration;
 
-    use im_infra::mq::{handler_fn, ConsumerSettings};
+    use im_infra::mq::{handler_fn, ConsumerSettings, Message};
     use im_infra::registry::ServiceInstance;
     use im_infra::ErrorKind;
 
     use super::*;
+
+    #[tokio::test]
+    async fn committed_offset_follows_what_the_group_handled() {
+        let backend = MemoryBackend::new();
+        backend.create_topic("t", 1).await.unwrap();
+        assert_eq!(backend.committed_offset("g", "t", 0), None);
+        let producer = backend.producer().await.unwrap();
+        for i in 0..3u8 {
+            producer.produce(Message::new("t", vec![i])).await.unwrap();
+        }
+        let consumer = backend
+            .consumer(ConsumerSettings::new("g", ["t"]))
+            .await
+            .unwrap();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let run = tokio::spawn({
+            let consumer = consumer.clone();
+            async move {
+                let handler = handler_fn(move |_| {
+                    let seen_tx = seen_tx.clone();
+                    async move {
+                        let _ = seen_tx.send(());
+                        Ok(())
+                    }
+                });
+                consumer.run(handler).await
+            }
+        });
+        for _ in 0..3 {
+            tokio::time::timeout(Duration::from_secs(5), seen.recv())
+                .await
+                .unwrap();
+        }
+        // Committed after each handler returns: poll briefly for the last.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while backend.committed_offset("g", "t", 0) != Some(3) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "offset stayed at {:?}",
+                backend.committed_offset("g", "t", 0)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(backend.committed_offset("other", "t", 0), None);
+        consumer.shutdown().await.unwrap();
+        run.await.unwrap().unwrap();
+    }
 
     #[tokio::test]
     async fn close_deregisters_and_shuts_consumers_down_once() {
