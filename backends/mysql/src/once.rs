@@ -44,14 +44,13 @@ async fn abandon(shared: &Shared, key: &str, token: &str) -> Result<bool> {
 impl ClaimStore for Shared {
     /// Extends the live claim; true also when this token completed it.
     async fn renew_claim(&self, key: &str, token: &str, ttl: Duration) -> Result<bool> {
-        let shared = self;
-        let table = shared.table("once");
-        let k = shared.key(key);
+        let table = self.table("once");
+        let k = self.key(key);
         let extend = format!(
             "UPDATE {table} SET expires_at = NOW(6) + INTERVAL ? MICROSECOND \
              WHERE k = ? AND state = 'c' AND token = ? AND expires_at > NOW(6)"
         );
-        if shared
+        if self
             .db
             .exec(&extend, (validate::ttl_micros(ttl), k.as_slice(), token))
             .await?
@@ -60,7 +59,7 @@ impl ClaimStore for Shared {
             return Ok(true);
         }
         let done = format!("SELECT 1 FROM {table} WHERE k = ? AND state = 'd' AND token = ?");
-        let v: Option<i64> = shared.db.query_first(&done, (k.as_slice(), token)).await?;
+        let v: Option<i64> = self.db.query_first(&done, (k.as_slice(), token)).await?;
         Ok(v.is_some())
     }
 
