@@ -36,8 +36,16 @@ pub(crate) fn kind_of(e: &etcd_client::Error) -> ErrorKind {
                 Code::ResourceExhausted => ErrorKind::ResourceExhausted,
                 Code::Unauthenticated | Code::PermissionDenied => ErrorKind::InvalidConfig,
                 Code::AlreadyExists => ErrorKind::AlreadyExists,
-                // "leader changed", "no leader", "timed out" arrive as Unknown.
-                Code::Unknown if msg.contains("leader") || msg.contains("timed out") => {
+                // "leader changed", "no leader", "timed out" arrive as
+                // Unknown, and so does a connection broken mid-request
+                // (tonic's "transport error": a member stopped). The
+                // request may have been applied: retryable, like any
+                // timeout.
+                Code::Unknown
+                    if msg.contains("leader")
+                        || msg.contains("timed out")
+                        || msg.contains("transport error") =>
+                {
                     ErrorKind::Unavailable
                 }
                 _ => ErrorKind::Internal,
@@ -65,5 +73,19 @@ mod tests {
         assert_eq!(kind_of(&gone), ErrorKind::LeaseLost);
         let broken = etcd_client::Error::LeaseKeepAliveError("channel closed".into());
         assert_eq!(kind_of(&broken), ErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn a_connection_broken_mid_request_is_retryable() {
+        // What a request gets when the member it went to stops.
+        let status = tonic::Status::new(Code::Unknown, "transport error");
+        let kind = kind_of(&etcd_client::Error::GRpcStatus(status));
+        assert_eq!(kind, ErrorKind::Unavailable);
+        assert!(Error::new(kind, "x").is_retryable());
+        let other = tonic::Status::new(Code::Unknown, "something else");
+        assert_eq!(
+            kind_of(&etcd_client::Error::GRpcStatus(other)),
+            ErrorKind::Internal
+        );
     }
 }
