@@ -173,6 +173,10 @@ impl ErrorKind {
     /// Whether an operation that failed with this kind may succeed if retried
     /// unchanged later: transport failures, timeouts, contention and full
     /// queues. A `Conflict` is not retryable as such: re-read, then retry.
+    ///
+    /// Retryable does not mean "not applied": a write that failed with
+    /// `Timeout`, or with `Unavailable` or `Connection` after its request
+    /// left, may have reached the server.
     pub const fn is_retryable(self) -> bool {
         matches!(
             self,

@@ -205,6 +205,13 @@ pub trait ConfigCenter: Send + Sync + 'static {
     /// Stores `value` only if the current version of `key` is
     /// `expected_version` (0: only if `key` does not exist). Returns the new
     /// version, or `Conflict` when the version differs.
+    ///
+    /// A `Timeout`, or a retryable error from a connection lost mid-call
+    /// (`Unavailable`, `Connection`), does not say the write was not
+    /// applied: the server may have stored it before the answer was lost.
+    /// Retried unchanged, such a write then answers `Conflict` although
+    /// the first attempt landed; re-read the key (its value and version)
+    /// to tell the two apart.
     async fn compare_and_set(&self, key: &str, value: Bytes, expected_version: u64) -> Result<u64>;
 
     /// Changes of `key`.
