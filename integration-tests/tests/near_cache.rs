@@ -595,3 +595,86 @@ async fn concurrent_misses_each_get_their_own_key_on_a_cluster() -> Result<()> {
     backend.close().await?;
     Ok(())
 }
+
+/// Values and TTLs are read by one script call (`EVALSHA`): after the
+/// server forgot its scripts (`SCRIPT FLUSH`, as after a restart or a
+/// failover) the call loads the script again and answers; a key of
+/// another type among several fails only its own read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_with_ttls_reload_a_forgotten_script_and_fail_only_a_key_of_another_type(
+) -> Result<()> {
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return Ok(());
+    };
+    let s = setup(&url, |b| b).await?;
+    let cache = s.backend.cache().await?;
+    cache
+        .set(
+            "short",
+            Bytes::from_static(b"s"),
+            Some(Duration::from_secs(60)),
+        )
+        .await?;
+    cache.set("kept", Bytes::from_static(b"k"), None).await?;
+    let mut raw = s.raw.clone();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await?;
+
+    let (value, ttl) = cache.get_with_ttl("short").await?;
+    ensure!(value.as_deref() == Some(&b"s"[..]), "short read {value:?}");
+    ensure!(
+        matches!(ttl, im_infra::cache::KeyTtl::Expires(d) if d <= Duration::from_secs(60) && d > Duration::from_secs(50)),
+        "short has TTL {ttl:?}"
+    );
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await?;
+    let read = cache
+        .get_many_with_ttl(&["kept", "absent", "short"])
+        .await?;
+    ensure!(read.len() == 3, "{read:?}");
+    ensure!(
+        read[0]
+            == (
+                Some(Bytes::from_static(b"k")),
+                im_infra::cache::KeyTtl::Persistent
+            ),
+        "kept read {:?}",
+        read[0]
+    );
+    ensure!(
+        read[1] == (None, im_infra::cache::KeyTtl::Missing),
+        "absent read {:?}",
+        read[1]
+    );
+    ensure!(
+        read[2].0.as_deref() == Some(&b"s"[..]),
+        "short read {:?}",
+        read[2]
+    );
+
+    // A hash under a cache key: the one command fails as a whole; read
+    // through the near cache, the other keys still get their values.
+    let _: () = raw.hset(s.full("hash"), "f", "v").await?;
+    let e = cache
+        .get_many_with_ttl(&["kept", "hash"])
+        .await
+        .expect_err("a hash read as a string");
+    ensure!(!e.is_retryable(), "{e}");
+    let reads =
+        futures::future::join_all(["kept", "hash", "short", "absent"].map(|k| s.near.get(k))).await;
+    ensure!(
+        reads[0].as_ref().ok() == Some(&Some(Bytes::from_static(b"k"))),
+        "{reads:?}"
+    );
+    ensure!(reads[1].is_err(), "the hash read as a value: {reads:?}");
+    ensure!(
+        reads[2].as_ref().ok() == Some(&Some(Bytes::from_static(b"s"))),
+        "{reads:?}"
+    );
+    ensure!(reads[3].as_ref().ok() == Some(&None), "{reads:?}");
+    s.close().await
+}

@@ -100,8 +100,8 @@ pub trait Cache: Send + Sync + 'static {
     async fn ttl(&self, key: &str) -> Result<KeyTtl>;
 
     /// The value of `key` and its remaining lifetime, read together: in one
-    /// round trip where the backend can (Redis pipelines `GET` and `PTTL`,
-    /// MySQL reads both in one statement); by default [`get`](Self::get)
+    /// round trip where the backend can (Redis runs `GET` and `PTTL` in one
+    /// script call, MySQL reads both in one statement); by default [`get`](Self::get)
     /// and [`ttl`](Self::ttl) at once. Absent: `(None, KeyTtl::Missing)`.
     /// Unless the backend reads both in one statement, another client may
     /// write between the two reads: a value with `Missing` means the key

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::cache::{Cache, CacheCapabilities, KeyTtl};
 use im_infra::{validate, Error, Result};
+use redis::Value;
 
 use crate::keys::CacheKey;
 use crate::Shared;
@@ -39,9 +40,59 @@ fn key_ttl(ms: i64) -> Result<KeyTtl> {
     })
 }
 
+/// `GET` and `PTTL` of every key, in one command (`scripts/get_with_ttl.lua`).
+static READ_WITH_TTL: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/get_with_ttl.lua")));
+
+fn unexpected(what: &str) -> Error {
+    Error::new(
+        im_infra::ErrorKind::Internal,
+        format!("unexpected reply from redis: {what}"),
+    )
+    .with_backend(crate::NAME)
+}
+
+/// The values and TTLs of `n` keys from [`READ_WITH_TTL`]'s flat reply.
+fn decode_reads(reply: Value, n: usize) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
+    let Value::Array(items) = reply else {
+        return Err(unexpected("not an array"));
+    };
+    if items.len() != 2 * n {
+        return Err(unexpected("a value and a TTL per key"));
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut items = items.into_iter();
+    while let (Some(value), Some(ttl)) = (items.next(), items.next()) {
+        let value = match value {
+            Value::Nil => None,
+            Value::BulkString(v) => Some(Bytes::from(v)),
+            _ => return Err(unexpected("a value that is not a string")),
+        };
+        let Value::Int(ms) = ttl else {
+            return Err(unexpected("a TTL that is not a number"));
+        };
+        out.push((value, key_ttl(ms)?));
+    }
+    Ok(out)
+}
+
 impl RedisCache {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         RedisCache { shared }
+    }
+
+    /// The values and TTLs of `keys` by one `EVALSHA`, the command sized
+    /// before the keys are written into it.
+    async fn read_with_ttl(&self, keys: &[&str]) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
+        let script = &*READ_WITH_TTL;
+        let bytes: usize = keys.iter().map(|k| self.key(k).len()).sum();
+        let mut cmd = redis::Cmd::with_capacity(keys.len() + 3, bytes + 64);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+        for k in keys {
+            cmd.arg(self.key(k));
+        }
+        let reply: Value = self.shared.client.evalsha(script, &cmd).await?;
+        decode_reads(reply, keys.len())
     }
 
     fn key<'a>(&'a self, key: &'a str) -> CacheKey<'a> {
@@ -122,20 +173,15 @@ impl Cache for RedisCache {
         key_ttl(ms)
     }
 
-    /// `GET` and `PTTL` in one pipeline: one round trip.
+    /// `GET` and `PTTL` in one script call: one command, one round trip,
+    /// no write in between.
     async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET")
-            .arg(self.key(key))
-            .cmd("PTTL")
-            .arg(self.key(key));
-        let (value, ms): (Option<Vec<u8>>, i64) = self.shared.client.pipe(&pipe).await?;
-        Ok((bytes_of(value), key_ttl(ms)?))
+        let mut read = self.read_with_ttl(&[key]).await?;
+        read.pop().ok_or_else(|| unexpected("no answer"))
     }
 
-    /// One pipeline of `GET` and `PTTL` per key on a single node; on a
-    /// cluster, where a pipeline stays in one slot, one pipeline per key,
-    /// all at once.
+    /// All keys in one script call on a single node; on a cluster, where a
+    /// script's keys stay in one slot, one call per key, all at once.
     async fn get_many_with_ttl<'k>(
         &self,
         keys: &[&'k str],
@@ -143,17 +189,7 @@ impl Cache for RedisCache {
         if self.shared.client.settings().is_cluster() {
             return futures::future::try_join_all(keys.iter().map(|k| self.get_with_ttl(k))).await;
         }
-        let mut pipe = redis::pipe();
-        for k in keys {
-            pipe.cmd("GET")
-                .arg(self.key(k))
-                .cmd("PTTL")
-                .arg(self.key(k));
-        }
-        let read: Vec<(Option<Vec<u8>>, i64)> = self.shared.client.pipe(&pipe).await?;
-        read.into_iter()
-            .map(|(value, ms)| Ok((bytes_of(value), key_ttl(ms)?)))
-            .collect()
+        self.read_with_ttl(keys).await
     }
 
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64> {
@@ -193,6 +229,50 @@ impl Cache for RedisCache {
                 p.add_command(c).ignore();
             }
             self.shared.client.pipe::<()>(&p).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flat_reply_decodes_to_a_value_and_a_ttl_per_key() {
+        let reply = Value::Array(vec![
+            Value::BulkString(b"v".to_vec()),
+            Value::Int(1500),
+            Value::Nil,
+            Value::Int(-2),
+            Value::BulkString(Vec::new()),
+            Value::Int(-1),
+        ]);
+        let read = decode_reads(reply, 3).expect("decoded");
+        assert_eq!(
+            read,
+            vec![
+                (
+                    Some(Bytes::from_static(b"v")),
+                    KeyTtl::Expires(Duration::from_millis(1500))
+                ),
+                (None, KeyTtl::Missing),
+                (Some(Bytes::new()), KeyTtl::Persistent),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reply_of_another_shape_is_an_internal_error() {
+        let pair = || vec![Value::Nil, Value::Int(-2)];
+        for (reply, n) in [
+            (Value::Nil, 1),
+            (Value::Array(pair()), 2),
+            (Value::Array(vec![Value::Int(1), Value::Int(-1)]), 1),
+            (Value::Array(vec![Value::Nil, Value::Nil]), 1),
+            (Value::Array(vec![Value::Nil, Value::Int(-7)]), 1),
+        ] {
+            let e = decode_reads(reply, n).expect_err("not decodable");
+            assert_eq!(e.kind(), im_infra::ErrorKind::Internal, "{e}");
         }
     }
 }

@@ -211,6 +211,26 @@ impl Client {
         inv.invoke_async(&mut c).await.map_err(from_redis)
     }
 
+    /// Runs `cmd`, an `EVALSHA` of `script` built by the caller (keys
+    /// written straight into it, with no copy per key as a
+    /// `ScriptInvocation` makes); on NOSCRIPT (a restarted or failed-over
+    /// server) loads the script and runs `cmd` once more.
+    pub(crate) async fn evalsha<T: FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        cmd: &Cmd,
+    ) -> Result<T> {
+        self.check_open()?;
+        let mut c = self.conn.clone();
+        match cmd.query_async(&mut c).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                script.load_async(&mut c).await.map_err(from_redis)?;
+                cmd.query_async(&mut c).await.map_err(from_redis)
+            }
+            read => read.map_err(from_redis),
+        }
+    }
+
     /// The client of the one node connections of their own go to: the
     /// server, or the primary the sentinels name now; `None` on a cluster.
     async fn node(&self) -> Result<Option<redis::Client>> {

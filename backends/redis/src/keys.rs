@@ -21,6 +21,13 @@ impl ToRedisArgs for CacheKey<'_> {
     }
 }
 
+impl CacheKey<'_> {
+    /// Its length in bytes, to size a command before writing it.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len() + 3 + self.1.len()
+    }
+}
+
 /// A limiter bucket key written straight into the command
 /// (`<ns>:rl:<len(resource)>:<resource>:<key>`).
 pub(crate) struct LimiterKey<'a>(pub &'a str, pub &'a str, pub &'a str);

@@ -5,7 +5,7 @@
 //!
 //! | capability | how |
 //! |---|---|
-//! | `Cache` | strings with `PX` TTLs; `MGET`; one pipeline for `set_many`, and for `GET` and `PTTL` of every key of `get_many_with_ttl` (one per key on a cluster) |
+//! | `Cache` | strings with `PX` TTLs; `MGET`; one pipeline for `set_many`; `GET` and `PTTL` of every key of `get_many_with_ttl` in one script call (`EVALSHA`, reloaded on `NOSCRIPT`; one call per key on a cluster) |
 //! | `Limiter` | GCRA in one Lua script (`EVALSHA`, reloaded on `NOSCRIPT`) on the server's `TIME`; failure policy (fail-open, fail-closed, local limiter) while Redis is unreachable |
 //! | `DistributedLock` | owner token + Lua; fencing token from a per-key counter in the acquire script, never below the server's clock in µs (see below); renewal; release notifications by pub/sub |
 //! | `Once` | one hash per key, claim/complete/abandon in Lua |

@@ -43,7 +43,7 @@ enum Message {
 }
 
 struct Waiter {
-    key: String,
+    key: super::state::Key,
     tx: oneshot::Sender<Message>,
 }
 
@@ -71,7 +71,7 @@ impl Batcher {
             } else {
                 let (tx, rx) = oneshot::channel();
                 q.waiting.push_back(Waiter {
-                    key: key.to_owned(),
+                    key: key.into(),
                     tx,
                 });
                 Some(rx)

@@ -375,7 +375,9 @@ impl Cache for NearCache {
             }
         }
         metrics::counter!("im_infra_near_cache_misses_total").increment(1);
-        self.miss(key).await
+        // Boxed apart: the future of every read, a hit's too, is then only
+        // as large as the hit path needs.
+        Box::pin(self.miss(key)).await
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {

@@ -20,6 +20,9 @@ pub(crate) struct Entry {
 
 const SHARDS: usize = 16;
 
+/// A key as the near cache holds it: inline up to 24 bytes.
+pub(crate) type Key = compact_str::CompactString;
+
 /// An entry's weight: its key and value bytes, at least `floor` (the share
 /// of the byte budget one entry may take), so the byte bound also bounds
 /// the number of entries.
@@ -28,8 +31,8 @@ pub(crate) struct Weight {
     pub(crate) floor: u64,
 }
 
-impl quick_cache::Weighter<String, Entry> for Weight {
-    fn weight(&self, key: &String, entry: &Entry) -> u64 {
+impl quick_cache::Weighter<Key, Entry> for Weight {
+    fn weight(&self, key: &Key, entry: &Entry) -> u64 {
         let bytes = (key.len() + entry.value.as_ref().map_or(0, Bytes::len)) as u64;
         bytes.max(self.floor)
     }
@@ -39,18 +42,18 @@ impl quick_cache::Weighter<String, Entry> for Weight {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CountEvictions;
 
-impl quick_cache::Lifecycle<String, Entry> for CountEvictions {
+impl quick_cache::Lifecycle<Key, Entry> for CountEvictions {
     type RequestState = ();
 
     fn begin_request(&self) -> Self::RequestState {}
 
-    fn on_evict(&self, _: &mut (), _: String, _: Entry) {
+    fn on_evict(&self, _: &mut (), _: Key, _: Entry) {
         metrics::counter!("im_infra_near_cache_evictions_total").increment(1);
     }
 }
 
 pub(crate) type Entries =
-    quick_cache::sync::Cache<String, Entry, Weight, foldhash::fast::RandomState, CountEvictions>;
+    quick_cache::sync::Cache<Key, Entry, Weight, foldhash::fast::RandomState, CountEvictions>;
 
 /// What a read that missed gets.
 pub(crate) type Outcome = Result<Option<Bytes>>;
@@ -83,7 +86,7 @@ struct Flight {
 #[derive(Default)]
 struct Shard {
     next_token: u64,
-    flights: HashMap<String, Flight, foldhash::fast::RandomState>,
+    flights: HashMap<Key, Flight, foldhash::fast::RandomState>,
 }
 
 pub(crate) struct NearState {
@@ -155,7 +158,7 @@ impl NearState {
         shard.next_token += 1;
         let token = shard.next_token;
         shard.flights.insert(
-            key.to_owned(),
+            Key::new(key),
             Flight {
                 token,
                 waiters: Vec::new(),
