@@ -128,7 +128,7 @@ pub trait Cache: Send + Sync + 'static {
     async fn incr_by(&self, key: &str, delta: i64) -> Result<i64>;
 
     /// [`get_with_ttl`](Self::get_with_ttl) of every key, in order, in one
-    /// round trip where the backend can (one pipeline on a single Redis
+    /// round trip where the backend can (one script call on a single Redis
     /// node, one statement on MySQL); by default each key's
     /// `get_with_ttl` at once. A near cache fills several callers' misses
     /// with one call.

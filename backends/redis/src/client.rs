@@ -213,21 +213,39 @@ impl Client {
 
     /// Runs `cmd`, an `EVALSHA` of `script` built by the caller (keys
     /// written straight into it, with no copy per key as a
-    /// `ScriptInvocation` makes); on NOSCRIPT (a restarted or failed-over
-    /// server) loads the script and runs `cmd` once more.
+    /// `ScriptInvocation` makes). On NOSCRIPT (a restarted or failed-over
+    /// server) loads the script and runs `cmd` again, up to twice; a third
+    /// NOSCRIPT is `Unavailable` (retryable).
+    ///
+    /// On a cluster `SCRIPT LOAD` goes to every node of the slot map and
+    /// fails if one of them does (a replica still syncing): the key's
+    /// primary may have loaded it all the same, so `cmd` is run again
+    /// whatever the load answered there.
     pub(crate) async fn evalsha<T: FromRedisValue>(
         &self,
         script: &redis::Script,
         cmd: &Cmd,
     ) -> Result<T> {
+        const LOADS: usize = 2;
         self.check_open()?;
         let mut c = self.conn.clone();
-        match cmd.query_async(&mut c).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                script.load_async(&mut c).await.map_err(from_redis)?;
-                cmd.query_async(&mut c).await.map_err(from_redis)
+        let mut loads = 0;
+        loop {
+            match cmd.query_async(&mut c).await {
+                Err(e)
+                    if loads < LOADS
+                        && e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    loads += 1;
+                    if let Err(e) = script.load_async(&mut c).await {
+                        if !self.settings.is_cluster() {
+                            return Err(from_redis(e));
+                        }
+                    }
+                }
+                read => return read.map_err(from_redis),
             }
-            read => read.map_err(from_redis),
         }
     }
 

@@ -19,6 +19,9 @@ pub(crate) fn kind_of(e: &RedisError) -> ErrorKind {
         RK::Server(
             SK::BusyLoading | SK::TryAgain | SK::ClusterDown | SK::MasterDown | SK::ReadOnly,
         ) => ErrorKind::Unavailable,
+        // The server forgot its scripts again (flushed, restarted or failed
+        // over) between a script's load and its call: retry.
+        RK::Server(SK::NoScript) => ErrorKind::Unavailable,
         RK::ClusterConnectionNotFound => ErrorKind::Unavailable,
         // Sentinel names no usable primary (yet): a failover under way.
         RK::MasterNameNotFoundBySentinel | RK::NoValidReplicasFoundBySentinel => {
@@ -76,5 +79,14 @@ mod tests {
         assert!(from_redis(e).is_retryable());
         let e = RedisError::from(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "gone"));
         assert!(from_redis(e).is_retryable());
+    }
+
+    #[test]
+    fn a_script_the_server_forgot_again_is_retryable() {
+        let e = RedisError::from((
+            RK::Server(SK::NoScript),
+            "NOSCRIPT No matching script. Please use EVAL.",
+        ));
+        assert_eq!(kind_of(&e), ErrorKind::Unavailable);
     }
 }

@@ -6,7 +6,7 @@
 //! server once per key at a time (single flight) and keeps the value for at
 //! most the server's remaining TTL and the near cache's own `ttl`. Misses
 //! of several callers at once are read together
-//! ([`Cache::get_many_with_ttl`]: one pipeline on Redis): at most four
+//! ([`Cache::get_many_with_ttl`]: one script call on Redis): at most four
 //! reads of the server run at once, and the misses that come meanwhile
 //! wait for the next one. Writes through the near cache drop the key near
 //! before and after they reach the server.
