@@ -9,6 +9,7 @@ use im_infra::cache::{Cache, CacheCapabilities, KeyTtl};
 use im_infra::{validate, Error, Result};
 use redis::Value;
 
+use crate::error::unexpected;
 use crate::keys::CacheKey;
 use crate::Shared;
 
@@ -43,14 +44,6 @@ fn key_ttl(ms: i64) -> Result<KeyTtl> {
 /// `GET` and `PTTL` of every key, in one command (`scripts/get_with_ttl.lua`).
 static READ_WITH_TTL: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/get_with_ttl.lua")));
-
-fn unexpected(what: &str) -> Error {
-    Error::new(
-        im_infra::ErrorKind::Internal,
-        format!("unexpected reply from redis: {what}"),
-    )
-    .with_backend(crate::NAME)
-}
 
 /// The values and TTLs of `n` keys from [`READ_WITH_TTL`]'s flat reply.
 fn decode_reads(reply: Value, n: usize) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {

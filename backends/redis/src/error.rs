@@ -55,15 +55,18 @@ pub(crate) fn from_redis(e: RedisError) -> Error {
         .with_source(e)
 }
 
+/// A reply of a shape the caller did not expect (`Internal`).
+pub(crate) fn unexpected(what: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Internal,
+        format!("unexpected reply from redis: {what}"),
+    )
+    .with_backend(crate::NAME)
+}
+
 /// Decodes a value of a script's reply.
 pub(crate) fn decode<T: redis::FromRedisValue>(v: redis::Value) -> im_infra::Result<T> {
-    redis::from_redis_value(v).map_err(|e| {
-        Error::new(
-            ErrorKind::Internal,
-            format!("unexpected reply from redis: {e}"),
-        )
-        .with_backend(crate::NAME)
-    })
+    redis::from_redis_value(v).map_err(unexpected)
 }
 
 #[cfg(test)]
