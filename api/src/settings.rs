@@ -51,6 +51,68 @@ pub fn missing_endpoints(backend: &'static str, field: &str) -> Error {
     .with_backend(backend)
 }
 
+/// The checks of one backend's settings. Each fails with `InvalidConfig`
+/// (code 6001) carrying the backend's name and naming the field at fault.
+///
+/// ```
+/// use std::time::Duration;
+/// use im_infra::{settings::Checks, ErrorKind};
+///
+/// const CHECK: Checks = Checks::new("redis");
+/// CHECK.positive("connect_timeout", Duration::from_secs(5))?;
+/// CHECK.within("config_history", 1_000, 1..=u64::MAX)?;
+/// let e = CHECK.positive("connect_timeout", Duration::ZERO).unwrap_err();
+/// assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+/// assert_eq!(e.backend(), Some("redis"));
+/// assert_eq!(e.message(), "connect_timeout must be positive");
+/// let e = CHECK.within("pool_max", 0, 1..=100).unwrap_err();
+/// assert_eq!(e.message(), "pool_max must be 1 to 100");
+/// # Ok::<(), im_infra::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Checks {
+    backend: &'static str,
+}
+
+impl Checks {
+    /// The checks of `backend`'s settings.
+    pub const fn new(backend: &'static str) -> Self {
+        Checks { backend }
+    }
+
+    /// `InvalidConfig` with `message`, which names the field at fault.
+    pub fn invalid(&self, message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::InvalidConfig, message.into()).with_backend(self.backend)
+    }
+
+    /// The duration `field` is longer than zero.
+    pub fn positive(&self, field: &str, value: Duration) -> Result<()> {
+        if value.is_zero() {
+            return Err(self.invalid(format!("{field} must be positive")));
+        }
+        Ok(())
+    }
+
+    /// The number `field` lies in `range` ("must be at least N" when the
+    /// range has no upper end).
+    pub fn within(
+        &self,
+        field: &str,
+        value: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<()> {
+        if range.contains(&value) {
+            return Ok(());
+        }
+        let (low, high) = range.into_inner();
+        Err(self.invalid(if high == u64::MAX {
+            format!("{field} must be at least {low}")
+        } else {
+            format!("{field} must be {low} to {high}")
+        }))
+    }
+}
+
 /// A backend's settings type.
 pub trait Settings: DeserializeOwned + Send + Sync + Sized {
     /// The component segment of its config-center path

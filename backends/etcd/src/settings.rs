@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use im_infra::secret::{redact_url, Secret};
-use im_infra::{Error, ErrorKind, Result, RetrySettings};
+use im_infra::settings::Checks;
+use im_infra::{Error, Result, RetrySettings};
 use serde::{Deserialize, Serialize};
 
 /// TLS files for connecting to etcd over `https://`.
@@ -136,8 +137,10 @@ impl std::fmt::Debug for EtcdSettings {
     }
 }
 
+const CHECK: Checks = Checks::new(crate::NAME);
+
 fn invalid(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::InvalidConfig, msg.into()).with_backend(crate::NAME)
+    CHECK.invalid(msg)
 }
 
 /// The file names looked for, in order, when no file is named.
@@ -218,15 +221,10 @@ impl EtcdSettings {
                 return Err(invalid(format!("endpoint {} has no port", redact_url(e))));
             }
         }
-        if self.dial_timeout.is_zero()
-            || self.request_timeout.is_zero()
-            || self.health_check_timeout.is_zero()
-        {
-            return Err(invalid("timeouts must be positive"));
-        }
-        if self.health_check_interval.is_zero() {
-            return Err(invalid("health_check_interval must be positive"));
-        }
+        CHECK.positive("dial_timeout", self.dial_timeout)?;
+        CHECK.positive("request_timeout", self.request_timeout)?;
+        CHECK.positive("health_check_timeout", self.health_check_timeout)?;
+        CHECK.positive("health_check_interval", self.health_check_interval)?;
         if self.default_ttl < Duration::from_secs(1) {
             return Err(invalid(
                 "default_ttl must be at least 1 s (etcd leases are whole seconds)",
@@ -237,9 +235,7 @@ impl EtcdSettings {
                 "service_prefix and lock_prefix must start with '/'",
             ));
         }
-        if self.max_value_bytes == 0 {
-            return Err(invalid("max_value_bytes must be positive"));
-        }
+        CHECK.within("max_value_bytes", self.max_value_bytes as u64, 1..=u64::MAX)?;
         if let Some(level) = &self.log_level {
             if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
                 return Err(invalid(format!(
@@ -383,6 +379,7 @@ impl im_infra::settings::Settings for EtcdSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use im_infra::ErrorKind;
 
     /// The sample files of the seed's etcd library (JSON and YAML) load, with
     /// its `log_level`; a field it does not define is still refused, by name.

@@ -30,10 +30,11 @@ impl Names {
             return Err(Error::new(
                 ErrorKind::InvalidConfig,
                 format!(
-                    "kafka: namespace {namespace:?} must be at most 100 characters of \
+                    "namespace {namespace:?} must be at most 100 characters of \
                      ASCII letters, digits, '.', '_' and '-'"
                 ),
-            ));
+            )
+            .with_backend(crate::NAME));
         }
         Ok(Names {
             namespace: namespace.to_owned(),

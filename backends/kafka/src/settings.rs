@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use im_infra::secret::Secret;
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::settings::Checks;
+use im_infra::{Error, Result};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
@@ -371,20 +372,21 @@ fn one_u16() -> u16 {
     1
 }
 
+const CHECK: Checks = Checks::new(crate::NAME);
+
 fn invalid(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::InvalidConfig, msg.into())
+    CHECK.invalid(msg)
 }
 
 fn millis(d: Duration) -> String {
     d.as_millis().min(i32::MAX as u128).to_string()
 }
 
-fn positive(name: &str, d: Duration) -> Result<()> {
-    if d.is_zero() {
-        return Err(invalid(format!("kafka: {name} must be positive")));
-    }
+/// Positive, and whole milliseconds that librdkafka's `int` holds.
+fn positive(field: &str, d: Duration) -> Result<()> {
+    CHECK.positive(field, d)?;
     if d.as_millis() > i32::MAX as u128 {
-        return Err(invalid(format!("kafka: {name} is too long")));
+        return Err(invalid(format!("{field} is too long")));
     }
     Ok(())
 }
@@ -403,11 +405,11 @@ impl KafkaSettings {
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if !ok || b.contains(',') || b.contains(char::is_whitespace) {
-                return Err(invalid(format!("kafka: broker {b:?} is not host:port")));
+                return Err(invalid(format!("broker {b:?} is not host:port")));
             }
         }
         if self.client_id.is_empty() {
-            return Err(invalid("kafka: client_id must not be empty"));
+            return Err(invalid("client_id must not be empty"));
         }
         crate::names::Names::new(&self.namespace)?;
         // librdkafka takes every property as a C string.
@@ -437,21 +439,19 @@ impl KafkaSettings {
             .chain(extra)
             .find(|(_, t)| t.contains('\0'))
         {
-            return Err(invalid(format!(
-                "kafka: {field} must not contain a NUL character"
-            )));
+            return Err(invalid(format!("{field} must not contain a NUL character")));
         }
         for (property, value) in &self.extra {
             if RESERVED_PROPERTIES.contains(&property.as_str()) {
                 return Err(invalid(format!(
-                    "kafka: extra property {property:?} would override the delivery guarantees; it is set by the backend"
+                    "extra property {property:?} would override the delivery guarantees; it is set by the backend"
                 )));
             }
             // The consumer commits on revoke under the eager protocol; the
             // incremental (cooperative) one is not handled end to end.
             if property == "partition.assignment.strategy" && value.contains("cooperative") {
                 return Err(invalid(format!(
-                    "kafka: extra property {property:?} = {value:?}: cooperative assignment is not supported"
+                    "extra property {property:?} = {value:?}: cooperative assignment is not supported"
                 )));
             }
         }
@@ -461,41 +461,36 @@ impl KafkaSettings {
                 Some(s) if !s.username.is_empty() => {}
                 _ => {
                     return Err(invalid(
-                        "kafka: security.sasl with a username is required by the sasl protocols",
+                        "security.sasl with a username is required by the sasl protocols",
                     ))
                 }
             }
         } else if sec.sasl.is_some() {
             return Err(invalid(
-                "kafka: security.sasl is set but security.protocol is not sasl_plaintext or sasl_ssl",
+                "security.sasl is set but security.protocol is not sasl_plaintext or sasl_ssl",
             ));
         }
         let p = &self.producer;
         positive("producer.delivery_timeout", p.delivery_timeout)?;
         if p.linger.as_millis() > 900_000 {
-            return Err(invalid("kafka: producer.linger is at most 15 minutes"));
+            return Err(invalid("producer.linger is at most 15 minutes"));
         }
         if p.enqueue_timeout.as_millis() > i32::MAX as u128 {
-            return Err(invalid("kafka: producer.enqueue_timeout is too long"));
+            return Err(invalid("producer.enqueue_timeout is too long"));
         }
-        if p.queue_max_messages == 0 || p.queue_max_messages > 2_147_483_647 {
-            return Err(invalid(
-                "kafka: producer.queue_max_messages must be 1 to 2147483647",
-            ));
-        }
-        if p.queue_max_kbytes == 0 || p.queue_max_kbytes > 2_147_483_647 {
-            return Err(invalid(
-                "kafka: producer.queue_max_kbytes must be 1 to 2147483647",
-            ));
-        }
-        if p.batch_bytes == 0 || p.batch_bytes > 2_147_483_647 {
-            return Err(invalid("kafka: producer.batch_bytes must be positive"));
-        }
-        if !(1000..=1_000_000_000).contains(&p.max_message_bytes) {
-            return Err(invalid(
-                "kafka: producer.max_message_bytes must be 1000 to 1000000000",
-            ));
-        }
+        const INT: std::ops::RangeInclusive<u64> = 1..=i32::MAX as u64;
+        CHECK.within(
+            "producer.queue_max_messages",
+            p.queue_max_messages as u64,
+            INT,
+        )?;
+        CHECK.within("producer.queue_max_kbytes", p.queue_max_kbytes as u64, INT)?;
+        CHECK.within("producer.batch_bytes", p.batch_bytes as u64, INT)?;
+        CHECK.within(
+            "producer.max_message_bytes",
+            p.max_message_bytes as u64,
+            1000..=1_000_000_000,
+        )?;
         let c = &self.consumer;
         positive("consumer.session_timeout", c.session_timeout)?;
         positive("consumer.heartbeat_interval", c.heartbeat_interval)?;
@@ -504,30 +499,25 @@ impl KafkaSettings {
         positive("consumer.fetch_wait_max", c.fetch_wait_max)?;
         if c.heartbeat_interval >= c.session_timeout {
             return Err(invalid(
-                "kafka: consumer.heartbeat_interval must be below consumer.session_timeout",
+                "consumer.heartbeat_interval must be below consumer.session_timeout",
             ));
         }
         if c.max_poll_interval < c.session_timeout {
             return Err(invalid(
-                "kafka: consumer.max_poll_interval must be at least consumer.session_timeout",
+                "consumer.max_poll_interval must be at least consumer.session_timeout",
             ));
         }
         positive("request_timeout", self.request_timeout)?;
         for t in &self.topics {
             im_infra::mq::validate_topic(&t.name)
-                .map_err(|e| invalid(format!("kafka: topics: {}", e.message())))?;
-            if t.partitions == 0 || t.partitions > 100_000 {
-                return Err(invalid(format!(
-                    "kafka: topic {}: partitions must be 1 to 100000",
-                    t.name
-                )));
-            }
-            if t.replication_factor == 0 {
-                return Err(invalid(format!(
-                    "kafka: topic {}: replication_factor must be positive",
-                    t.name
-                )));
-            }
+                .map_err(|e| invalid(format!("topics: {}", e.message())))?;
+            let field = |name| format!("topic {}: {name}", t.name);
+            CHECK.within(&field("partitions"), t.partitions.into(), 1..=100_000)?;
+            CHECK.within(
+                &field("replication_factor"),
+                t.replication_factor.into(),
+                1..=u64::MAX,
+            )?;
         }
         Ok(())
     }
@@ -686,6 +676,7 @@ impl im_infra::settings::Settings for KafkaSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use im_infra::ErrorKind;
 
     #[test]
     fn defaults_are_valid_and_safe() {
@@ -762,6 +753,7 @@ mod tests {
                 ErrorKind::InvalidConfig
             };
             assert_eq!(err.kind(), kind, "{field}");
+            assert_eq!(err.backend(), Some(crate::NAME), "{field}");
             assert!(err.message().contains(field), "{field}: {err}");
         }
     }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use im_infra::settings::Checks;
 use serde::{Deserialize, Serialize};
 
 /// Settings of a [`MemoryBackend`](crate::MemoryBackend).
@@ -44,32 +45,20 @@ impl Default for MemorySettings {
 impl MemorySettings {
     /// Checks the values.
     pub fn validate(&self) -> im_infra::Result<()> {
-        use im_infra::{Error, ErrorKind};
-        if self.max_value_bytes == 0 || self.max_message_bytes == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "size limits must be positive",
-            ));
-        }
-        if self.config_history == 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "config_history must be at least 1",
-            ));
-        }
-        if self.default_partitions == 0 || self.default_partitions > 10_000 {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "default_partitions must be 1..=10000",
-            ));
-        }
-        if self.purge_interval.is_zero() {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "purge_interval must be positive",
-            ));
-        }
-        Ok(())
+        const CHECK: Checks = Checks::new(crate::NAME);
+        CHECK.within("max_value_bytes", self.max_value_bytes as u64, 1..=u64::MAX)?;
+        CHECK.within(
+            "max_message_bytes",
+            self.max_message_bytes as u64,
+            1..=u64::MAX,
+        )?;
+        CHECK.within("config_history", self.config_history as u64, 1..=u64::MAX)?;
+        CHECK.within(
+            "default_partitions",
+            u64::from(self.default_partitions),
+            1..=10_000,
+        )?;
+        CHECK.positive("purge_interval", self.purge_interval)
     }
 }
 
@@ -94,5 +83,46 @@ impl im_infra::settings::Settings for MemorySettings {
 
     fn validate(&self) -> im_infra::Result<()> {
         MemorySettings::validate(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_value_is_named_with_the_backend() {
+        assert!(MemorySettings::default().validate().is_ok());
+        type Edit = fn(&mut MemorySettings);
+        let cases: [(Edit, &str); 5] = [
+            (
+                |s| s.max_value_bytes = 0,
+                "max_value_bytes must be at least 1",
+            ),
+            (
+                |s| s.max_message_bytes = 0,
+                "max_message_bytes must be at least 1",
+            ),
+            (
+                |s| s.config_history = 0,
+                "config_history must be at least 1",
+            ),
+            (
+                |s| s.default_partitions = 10_001,
+                "default_partitions must be 1 to 10000",
+            ),
+            (
+                |s| s.purge_interval = Duration::ZERO,
+                "purge_interval must be positive",
+            ),
+        ];
+        for (edit, message) in cases {
+            let mut settings = MemorySettings::default();
+            edit(&mut settings);
+            let e = settings.validate().unwrap_err();
+            assert_eq!(e.kind(), im_infra::ErrorKind::InvalidConfig, "{message}");
+            assert_eq!(e.backend(), Some(crate::NAME), "{message}");
+            assert_eq!(e.message(), message);
+        }
     }
 }

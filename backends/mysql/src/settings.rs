@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use im_infra::secret::{redact_url, Secret};
-use im_infra::{Error, ErrorKind, Result, RetrySettings};
+use im_infra::settings::Checks;
+use im_infra::{Error, Result, RetrySettings};
 use serde::{Deserialize, Serialize};
 
 /// TLS to the server.
@@ -130,8 +131,10 @@ impl std::fmt::Debug for MysqlSettings {
     }
 }
 
+const CHECK: Checks = Checks::new(crate::NAME);
+
 fn invalid(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::InvalidConfig, msg.into()).with_backend(crate::NAME)
+    CHECK.invalid(msg)
 }
 
 impl MysqlSettings {
@@ -158,9 +161,8 @@ impl MysqlSettings {
         if self.pool_max == 0 || self.pool_min > self.pool_max {
             return Err(invalid("pool_max must be positive and at least pool_min"));
         }
-        if self.connect_timeout.is_zero() || self.query_timeout.is_zero() {
-            return Err(invalid("timeouts must be positive"));
-        }
+        CHECK.positive("connect_timeout", self.connect_timeout)?;
+        CHECK.positive("query_timeout", self.query_timeout)?;
         let ok_name = |s: &str, max: usize| {
             s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         };
@@ -172,17 +174,11 @@ impl MysqlSettings {
         if self.namespace.len() > 64 {
             return Err(invalid("namespace is longer than 64 bytes"));
         }
-        if self.config_poll_interval.is_zero()
-            || self.purge_interval.is_zero()
-            || self.limiter_probe_interval.is_zero()
-        {
-            return Err(invalid("intervals must be positive"));
-        }
-        if self.config_history == 0 || self.max_value_bytes == 0 {
-            return Err(invalid(
-                "config_history and max_value_bytes must be positive",
-            ));
-        }
+        CHECK.positive("config_poll_interval", self.config_poll_interval)?;
+        CHECK.positive("purge_interval", self.purge_interval)?;
+        CHECK.positive("limiter_probe_interval", self.limiter_probe_interval)?;
+        CHECK.within("config_history", self.config_history, 1..=u64::MAX)?;
+        CHECK.within("max_value_bytes", self.max_value_bytes as u64, 1..=u64::MAX)?;
         self.retry.validate()
     }
 
@@ -277,6 +273,7 @@ impl im_infra::settings::Settings for MysqlSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use im_infra::ErrorKind;
 
     #[test]
     fn bad_values_are_rejected() {

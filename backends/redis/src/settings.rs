@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use im_infra::secret::{redact_url, Secret};
-use im_infra::{Error, ErrorKind, Result, RetrySettings};
+use im_infra::settings::Checks;
+use im_infra::{Error, Result, RetrySettings};
 use serde::{Deserialize, Serialize};
 
 /// Settings of a [`RedisBackend`](crate::RedisBackend); deserialises from
@@ -182,8 +183,10 @@ impl RedisTls {
     }
 }
 
+const CHECK: Checks = Checks::new(crate::NAME);
+
 fn invalid(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::InvalidConfig, msg.into()).with_backend(crate::NAME)
+    CHECK.invalid(msg)
 }
 
 impl RedisSettings {
@@ -230,17 +233,11 @@ impl RedisSettings {
                 ));
             }
         }
-        if self.connect_timeout.is_zero() || self.response_timeout.is_zero() {
-            return Err(invalid("timeouts must be positive"));
-        }
-        if self.max_value_bytes == 0 || self.config_history == 0 {
-            return Err(invalid(
-                "max_value_bytes and config_history must be positive",
-            ));
-        }
-        if self.limiter_probe_interval.is_zero() {
-            return Err(invalid("limiter_probe_interval must be positive"));
-        }
+        CHECK.positive("connect_timeout", self.connect_timeout)?;
+        CHECK.positive("response_timeout", self.response_timeout)?;
+        CHECK.within("max_value_bytes", self.max_value_bytes as u64, 1..=u64::MAX)?;
+        CHECK.within("config_history", self.config_history as u64, 1..=u64::MAX)?;
+        CHECK.positive("limiter_probe_interval", self.limiter_probe_interval)?;
         self.retry.validate()
     }
 
@@ -324,6 +321,7 @@ impl im_infra::settings::Settings for RedisSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use im_infra::ErrorKind;
 
     #[test]
     fn bad_values_are_rejected() {
@@ -341,7 +339,12 @@ mod tests {
         );
         c = RedisSettings::default();
         c.response_timeout = Duration::ZERO;
-        assert!(c.validate().is_err());
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            (e.kind(), e.backend()),
+            (ErrorKind::InvalidConfig, Some("redis"))
+        );
+        assert_eq!(e.message(), "response_timeout must be positive");
         let bad: std::result::Result<RedisSettings, _> = serde_json::from_str(r#"{"unknown": 1}"#);
         assert!(bad.is_err());
     }
