@@ -639,6 +639,12 @@ async fn reads_with_ttls_reload_a_forgotten_script_and_fail_only_a_key_of_anothe
         "absent read {:?}",
         read[1]
     );
+    ensure!(
+        read[2].0.as_deref() == Some(&b"s"[..])
+            && matches!(read[2].1, KeyTtl::Expires(d) if d <= Duration::from_secs(60) && d > Duration::from_secs(50)),
+        "short read {:?}",
+        read[2]
+    );
     let (value, ttl) = cache.get_with_ttl("short").await?;
     ensure!(value.as_deref() == Some(&b"s"[..]), "short read {value:?}");
     ensure!(

@@ -9,6 +9,7 @@ use im_infra::cache::{Cache, CacheCapabilities, KeyTtl};
 use im_infra::{validate, Error, Result};
 use redis::Value;
 
+use crate::client;
 use crate::error::unexpected;
 use crate::keys::CacheKey;
 use crate::Shared;
@@ -79,12 +80,11 @@ impl RedisCache {
     async fn read_with_ttl(&self, keys: &[&str]) -> Result<Vec<(Option<Bytes>, KeyTtl)>> {
         let script = &*READ_WITH_TTL;
         let bytes: usize = keys.iter().map(|k| self.key(k).len()).sum();
-        let mut cmd = redis::Cmd::with_capacity(keys.len() + 3, bytes + 64);
-        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+        let mut cmd = client::evalsha_sized(script, keys.len(), keys.len(), bytes);
         for k in keys {
             cmd.arg(self.key(k));
         }
-        let reply: Value = self.shared.client.evalsha(script, &cmd).await?;
+        let reply: Value = self.shared.client.script(script, &cmd).await?;
         decode_reads(reply, keys.len())
     }
 

@@ -11,9 +11,7 @@ use redis::aio::{
 };
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{
-    Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisFuture, ScriptInvocation, Value,
-};
+use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisFuture, Script, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::from_redis;
@@ -204,28 +202,16 @@ impl Client {
         p.query_async(&mut c).await.map_err(from_redis)
     }
 
-    /// Runs a script by EVALSHA (loading it on NOSCRIPT).
-    pub(crate) async fn script<T: FromRedisValue>(&self, inv: ScriptInvocation<'_>) -> Result<T> {
-        self.check_open()?;
-        let mut c = self.conn.clone();
-        inv.invoke_async(&mut c).await.map_err(from_redis)
-    }
-
-    /// Runs `cmd`, an `EVALSHA` of `script` built by the caller (keys
-    /// written straight into it, with no copy per key as a
-    /// `ScriptInvocation` makes). On NOSCRIPT (a restarted or failed-over
-    /// server) loads the script and runs `cmd` again, up to twice; a third
-    /// NOSCRIPT is `Unavailable` (retryable).
+    /// Runs `cmd`, an `EVALSHA` of `script` ([`evalsha`]). On NOSCRIPT (a
+    /// restarted, flushed or failed-over server) loads the script and runs
+    /// `cmd` again, up to twice; a third NOSCRIPT is `Unavailable`
+    /// (retryable). The one way every script of the backend runs.
     ///
     /// On a cluster `SCRIPT LOAD` goes to every node of the slot map and
     /// fails if one of them does (a replica still syncing): the key's
     /// primary may have loaded it all the same, so `cmd` is run again
     /// whatever the load answered there.
-    pub(crate) async fn evalsha<T: FromRedisValue>(
-        &self,
-        script: &redis::Script,
-        cmd: &Cmd,
-    ) -> Result<T> {
+    pub(crate) async fn script<T: FromRedisValue>(&self, script: &Script, cmd: &Cmd) -> Result<T> {
         const LOADS: usize = 2;
         self.check_open()?;
         let mut c = self.conn.clone();
@@ -402,6 +388,19 @@ impl Client {
             Err(_) => Err(self.timeout_error()),
         }
     }
+}
+
+/// The `EVALSHA` of `script` with `keys` keys: the caller appends the keys,
+/// then the arguments, and runs it with [`Client::script`].
+pub(crate) fn evalsha(script: &Script, keys: usize) -> Cmd {
+    evalsha_sized(script, keys, 0, 0)
+}
+
+/// [`evalsha`] sized once for `args` keys and arguments of `bytes` in all.
+pub(crate) fn evalsha_sized(script: &Script, keys: usize, args: usize, bytes: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(args + 3, bytes + 64);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    cmd
 }
 
 /// A client of the node `info` names, with the settings' credentials (over

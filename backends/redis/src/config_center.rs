@@ -16,6 +16,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::time::Instant;
 
+use crate::client;
 use crate::error::{decode, from_redis};
 use crate::Shared;
 
@@ -73,17 +74,17 @@ impl RedisConfigCenter {
         expected: Option<u64>,
     ) -> Result<(i64, i64)> {
         let k = &self.shared.keys;
-        let mut inv = WRITE.prepare_invoke();
-        inv.key(k.cfg("rev"))
-            .key(k.cfg("data"))
-            .key(k.cfg("index"))
-            .key(k.cfg("log"))
+        let mut cmd = client::evalsha(&WRITE, 4);
+        cmd.arg(k.cfg("rev"))
+            .arg(k.cfg("data"))
+            .arg(k.cfg("index"))
+            .arg(k.cfg("log"))
             .arg(key)
             .arg(if value.is_some() { "p" } else { "d" })
             .arg(value.map(|v| v.as_ref()).unwrap_or_default())
             .arg(expected.map(|e| e.to_string()).unwrap_or_default())
             .arg(self.shared.client.settings().config_history);
-        self.shared.client.script(inv).await
+        self.shared.client.script(&WRITE, &cmd).await
     }
 
     async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
@@ -110,13 +111,13 @@ async fn snapshot(
         WatchTarget::Key(key) => ("key", key.as_str()),
         WatchTarget::Prefix(p) => ("prefix", p.as_str()),
     };
-    let mut inv = SNAPSHOT.prepare_invoke();
-    inv.key(k.cfg("rev"))
-        .key(k.cfg("data"))
-        .key(k.cfg("index"))
+    let mut cmd = client::evalsha(&SNAPSHOT, 3);
+    cmd.arg(k.cfg("rev"))
+        .arg(k.cfg("data"))
+        .arg(k.cfg("index"))
         .arg(mode)
         .arg(arg);
-    let raw: Vec<Value> = shared.client.script(inv).await?;
+    let raw: Vec<Value> = shared.client.script(&SNAPSHOT, &cmd).await?;
     let mut it = raw.into_iter();
     let rev: u64 = it.next().map(decode).transpose()?.unwrap_or(0);
     let mut entries = Vec::new();

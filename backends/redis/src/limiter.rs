@@ -8,6 +8,7 @@ use im_infra::ratelimit::{
 };
 use im_infra::Result;
 
+use crate::client;
 use crate::Shared;
 
 /// Microseconds: the resolution of Redis `TIME` that the script uses.
@@ -57,14 +58,14 @@ impl RedisLimiter {
 
     async fn decide(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
         let p = self.params_of(resource)?;
-        let mut inv = GCRA.prepare_invoke();
-        inv.key(self.shared.keys.limiter_arg(resource, key))
+        let mut cmd = client::evalsha(&GCRA, 1);
+        cmd.arg(self.shared.keys.limiter_arg(resource, key))
             .arg(p.emission)
             .arg(p.tolerance)
             .arg(n)
             .arg(p.burst);
         let (allowed, remaining, retry_us, reset_us, reason): (i64, i64, i64, i64, i64) =
-            self.shared.client.script(inv).await?;
+            self.shared.client.script(&GCRA, &cmd).await?;
         let denied = match reason {
             0 => None,
             2 => Some(DenyReason::ExceedsBurst),

@@ -15,6 +15,7 @@ use im_infra::{validate, Result};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::client;
 use crate::Shared;
 
 static ACQUIRE: std::sync::LazyLock<redis::Script> =
@@ -162,12 +163,12 @@ impl TokenLock for RedisLock {
 
     async fn attempt(&self, held: &HeldLock, ttl: Duration) -> Result<Attempt> {
         let keys = &self.shared.keys;
-        let mut inv = ACQUIRE.prepare_invoke();
-        inv.key(keys.lock(&held.key))
-            .key(keys.lock_fence(&held.key))
+        let mut cmd = client::evalsha(&ACQUIRE, 2);
+        cmd.arg(keys.lock(&held.key))
+            .arg(keys.lock_fence(&held.key))
             .arg(&held.token)
             .arg(validate::ttl_millis(ttl));
-        let (ok, n): (i64, i64) = self.shared.client.script(inv).await?;
+        let (ok, n): (i64, i64) = self.shared.client.script(&ACQUIRE, &cmd).await?;
         Ok(if ok == 1 {
             Attempt::Acquired(n as u64)
         } else {
@@ -265,21 +266,21 @@ impl LeaseBackend for HeldLock {
     }
 
     async fn extend(&self, ttl: Duration) -> Result<bool> {
-        let mut inv = EXTEND.prepare_invoke();
-        inv.key(self.shared.keys.lock(&self.key))
+        let mut cmd = client::evalsha(&EXTEND, 1);
+        cmd.arg(self.shared.keys.lock(&self.key))
             .arg(&self.token)
             .arg(validate::ttl_millis(ttl));
-        let ok: i64 = self.shared.client.script(inv).await?;
+        let ok: i64 = self.shared.client.script(&EXTEND, &cmd).await?;
         Ok(ok == 1)
     }
 
     async fn release(&self) -> Result<bool> {
-        let mut inv = RELEASE.prepare_invoke();
-        inv.key(self.shared.keys.lock(&self.key))
+        let mut cmd = client::evalsha(&RELEASE, 1);
+        cmd.arg(self.shared.keys.lock(&self.key))
             .arg(&self.token)
             .arg(self.shared.keys.lock_channel())
             .arg(&self.key);
-        let ok: i64 = self.shared.client.script(inv).await?;
+        let ok: i64 = self.shared.client.script(&RELEASE, &cmd).await?;
         Ok(ok == 1)
     }
 }

@@ -9,6 +9,7 @@ use im_infra::lease::LeaseBackend;
 use im_infra::once::{claim_lease, Claim, ClaimStore, Once, OnceCapabilities};
 use im_infra::{validate, Result};
 
+use crate::client;
 use crate::Shared;
 
 static CLAIM: std::sync::LazyLock<redis::Script> =
@@ -55,13 +56,13 @@ async fn finish(
     outcome: &[u8],
     ttl: Duration,
 ) -> Result<bool> {
-    let mut inv = FINISH.prepare_invoke();
-    inv.key(shared.keys.once(key))
+    let mut cmd = client::evalsha(&FINISH, 1);
+    cmd.arg(shared.keys.once(key))
         .arg(token)
         .arg(action)
         .arg(outcome)
         .arg(validate::ttl_millis(ttl));
-    let ok: i64 = shared.client.script(inv).await?;
+    let ok: i64 = shared.client.script(&FINISH, &cmd).await?;
     Ok(ok == 1)
 }
 
@@ -88,11 +89,11 @@ impl Once for RedisOnce {
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
         let token = uuid::Uuid::new_v4().to_string();
-        let mut inv = CLAIM.prepare_invoke();
-        inv.key(self.shared.keys.once(key))
+        let mut cmd = client::evalsha(&CLAIM, 1);
+        cmd.arg(self.shared.keys.once(key))
             .arg(&token)
             .arg(validate::ttl_millis(ttl));
-        let (state, outcome): (i64, Vec<u8>) = self.shared.client.script(inv).await?;
+        let (state, outcome): (i64, Vec<u8>) = self.shared.client.script(&CLAIM, &cmd).await?;
         Ok(match state {
             0 => Claim::Acquired { token },
             1 => Claim::InProgress,

@@ -18,6 +18,7 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamReadReply};
 use redis::Value;
 
+use crate::client;
 use crate::error::{decode, from_redis};
 use crate::Shared;
 
@@ -39,16 +40,17 @@ fn parse(json: &[u8]) -> Result<ServiceInstance> {
 /// Runs one registry operation.
 async fn op<T: redis::FromRedisValue>(shared: &Shared, args: &[&str]) -> Result<T> {
     let k = &shared.keys;
-    let mut inv = SCRIPT.prepare_invoke();
-    for part in ["inst", "lease", "exp", "names", "rev", "log"] {
-        inv.key(k.reg(part));
+    const PARTS: [&str; 6] = ["inst", "lease", "exp", "names", "rev", "log"];
+    let mut cmd = client::evalsha(&SCRIPT, PARTS.len());
+    for part in PARTS {
+        cmd.arg(k.reg(part));
     }
-    inv.arg(args[0])
+    cmd.arg(args[0])
         .arg(shared.client.settings().config_history);
     for a in &args[1..] {
-        inv.arg(*a);
+        cmd.arg(*a);
     }
-    shared.client.script(inv).await
+    shared.client.script(&SCRIPT, &cmd).await
 }
 
 /// Live instances whose id starts with `prefix`, with the revision.

@@ -8,6 +8,7 @@ use im_infra::lease::{LeaseBackend, PendingLease, Tick};
 use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
 use im_infra::{validate, Result};
 
+use crate::client;
 use crate::Shared;
 
 static SCRIPT: std::sync::LazyLock<redis::Script> =
@@ -15,13 +16,13 @@ static SCRIPT: std::sync::LazyLock<redis::Script> =
 
 async fn run<T: redis::FromRedisValue>(shared: &Shared, args: &[String]) -> Result<T> {
     let prefix = shared.keys.worker_prefix();
-    let mut inv = SCRIPT.prepare_invoke();
-    inv.key(format!("{prefix}route"));
-    inv.arg(&args[0]).arg(&prefix);
+    let mut cmd = client::evalsha(&SCRIPT, 1);
+    cmd.arg(format!("{prefix}route"));
+    cmd.arg(&args[0]).arg(&prefix);
     for a in &args[1..] {
-        inv.arg(a);
+        cmd.arg(a);
     }
-    shared.client.script(inv).await
+    shared.client.script(&SCRIPT, &cmd).await
 }
 
 /// The worker-id allocator of a [`RedisBackend`](crate::RedisBackend): one
