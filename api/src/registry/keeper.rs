@@ -1,7 +1,9 @@
-//! [`Registrations`]: the registrations of one registry handle, each kept
-//! by a [`Lease`] and registered again, forever, after it is lost.
+//! [`Registrations`]: the registry handle every backend hands out. Its
+//! registrations are each kept by a [`Lease`] and registered again,
+//! forever, after they are lost; a backend supplies only the server's side
+//! ([`RegistrationBackend`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -10,7 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::ServiceInstance;
+use super::{RegisterOptions, ServiceInfo, ServiceInstance, ServiceRegistry};
+use crate::backend::Closable;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{Lease, LeaseBackend, LeaseOptions, Tick};
 use crate::retry::RetrySettings;
@@ -30,6 +33,32 @@ pub trait RegistrationLease: LeaseBackend {
 pub trait RegistrationBackend: Send + Sync + 'static {
     /// The backend's name, for metrics and logs.
     fn name(&self) -> &'static str;
+
+    /// The TTL of a registration that names none.
+    fn default_ttl(&self) -> Duration;
+
+    /// The shortest TTL the backend keeps alive (renewals every third of
+    /// it need room); a shorter one is `InvalidArgument`. None by default.
+    fn min_ttl(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// Whether [`put`](Self::put) registers on a lease of the caller's
+    /// ([`RegisterOptions::lease_id`]); where not (the default), such a
+    /// registration is `Unsupported`.
+    fn takes_caller_leases(&self) -> bool {
+        false
+    }
+
+    /// Metadata every instance is registered with unless it sets the key
+    /// itself. None by default.
+    fn default_metadata(&self) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        &NONE
+    }
+
+    /// Every live instance of every service.
+    async fn list(&self) -> Result<Vec<ServiceInstance>>;
 
     /// Puts `instance` on the server under a new lease of `ttl` (or on the
     /// existing lease `lease_id`, where the backend has such leases),
@@ -89,14 +118,18 @@ struct Registration {
     stop: CancellationToken,
 }
 
-/// The registrations made through one registry handle of a backend.
+/// A backend's [`ServiceRegistry`] handle: the registrations made through
+/// it.
 ///
 /// Each is a [`Lease`] (renewed every third of its TTL, with a local
 /// deadline); when it is lost — expired during a partition, revoked,
 /// deleted — it is registered again with a new lease, retrying forever with
-/// the backend's backoff, until it is deregistered. Backends implement
-/// [`RegistrationBackend`] and [`RegistrationLease`] and delegate
-/// `register`, `deregister` and `update` here.
+/// the backend's backoff, until it is deregistered. Dropping the handle
+/// stops the renewals (the instances then expire, as when a process dies);
+/// closing it ([`Closable`], with its backend) deregisters them. Backends
+/// implement [`RegistrationBackend`] and [`RegistrationLease`] and hand this
+/// out inside [`ObservedRegistry`](crate::layer::ObservedRegistry), which
+/// checks the arguments.
 pub struct Registrations {
     backend: Arc<dyn RegistrationBackend>,
     retry: RetrySettings,
@@ -137,7 +170,7 @@ impl Registrations {
     /// where the backend has such leases) and keeps it registered.
     /// Registering the same service and id again replaces the earlier
     /// registration. After a loss it is registered again on a new lease.
-    pub async fn register(
+    async fn keep_registered(
         &self,
         instance: &ServiceInstance,
         ttl: Duration,
@@ -188,7 +221,7 @@ impl Registrations {
     }
 
     /// Deregisters an instance registered here. `NotRegistered` if it is not.
-    pub async fn deregister(&self, service: &str, id: &str) -> Result<()> {
+    async fn remove(&self, service: &str, id: &str) -> Result<()> {
         let reg = self
             .mine()
             .remove(&(service.to_owned(), id.to_owned()))
@@ -211,7 +244,7 @@ impl Registrations {
     /// again, with the new value). Registered elsewhere: the value on the
     /// server is replaced, keeping its lease; `NotRegistered` if it is
     /// registered nowhere.
-    pub async fn update(&self, instance: &ServiceInstance) -> Result<()> {
+    async fn change(&self, instance: &ServiceInstance) -> Result<()> {
         instance.validate()?;
         let slot = self
             .mine()
@@ -254,15 +287,16 @@ impl Registrations {
         self.mine().keys().cloned().collect()
     }
 
-    /// Deregisters everything registered here; failures are logged (those
-    /// registrations expire on the server).
-    pub async fn close(&self) {
-        let keys = self.instances();
-        for (service, id) in keys {
-            if let Err(e) = self.deregister(&service, &id).await {
-                tracing::warn!(service, id, error = %e, "deregistration on close failed; the instance will expire");
-            }
+    /// `instance` with the backend's default metadata under its own.
+    fn with_default_metadata(&self, instance: &ServiceInstance) -> ServiceInstance {
+        let mut instance = instance.clone();
+        for (k, v) in self.backend.default_metadata() {
+            instance
+                .metadata
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
         }
+        instance
     }
 
     fn lease(&self, reg: Arc<dyn RegistrationLease>, granted: Duration, sent: Tick) -> Lease {
@@ -297,9 +331,56 @@ async fn retire(old: Registration) {
     }
 }
 
+#[async_trait]
+impl ServiceRegistry for Registrations {
+    /// Without a TTL, the backend's default; a lease of the caller's only
+    /// where the backend takes one (etcd), `Unsupported` elsewhere.
+    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
+        if opts.lease_id.is_some() && !self.backend.takes_caller_leases() {
+            return Err(Error::unsupported("registry.register on an existing lease"));
+        }
+        let ttl = opts.ttl.unwrap_or_else(|| self.backend.default_ttl());
+        let min = self.backend.min_ttl();
+        if ttl < min {
+            return Err(Error::invalid_argument(format!(
+                "registration ttl must be at least {min:?} on {}",
+                self.backend.name()
+            )));
+        }
+        let instance = self.with_default_metadata(instance);
+        self.keep_registered(&instance, ttl, opts.lease_id).await
+    }
+
+    async fn deregister(&self, service: &str, id: &str) -> Result<()> {
+        self.remove(service, id).await
+    }
+
+    async fn update(&self, instance: &ServiceInstance) -> Result<()> {
+        self.change(&self.with_default_metadata(instance)).await
+    }
+
+    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
+        Ok(ServiceInfo::group(self.backend.list().await?))
+    }
+}
+
+#[async_trait]
+impl Closable for Registrations {
+    /// Deregisters everything registered here; failures are logged (those
+    /// registrations expire on the server).
+    async fn close(&self) -> Result<()> {
+        for (service, id) in self.instances() {
+            if let Err(e) = self.remove(&service, &id).await {
+                tracing::warn!(service, id, error = %e, "deregistration on close failed; the instance will expire");
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Registrations {
     /// Stops keeping the registrations: they expire on the server, as when
-    /// the process dies. Use [`close`](Registrations::close) to deregister.
+    /// the process dies. Use [`close`](Closable::close) to deregister.
     fn drop(&mut self) {
         for (_, reg) in self.mine().drain() {
             reg.stop.cancel();

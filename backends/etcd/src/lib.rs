@@ -76,7 +76,7 @@ pub use im_infra::ErrorCategory;
 pub use lease::{KeepAlive, LeaseInfo, LeaseManager, MIN_TTL};
 use lock::EtcdLock;
 use once::EtcdOnce;
-use registry::{EtcdDiscovery, EtcdRegistry};
+use registry::EtcdDiscovery;
 pub use settings::{EtcdSettings, TlsFiles, SETTINGS_FILES};
 use worker_id::EtcdWorkerIds;
 
@@ -394,7 +394,7 @@ impl Backend for EtcdBackend {
 
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.conn.client()?;
-        let raw = Arc::new(EtcdRegistry::new(self.conn.clone()));
+        let raw = Arc::new(registry::registry(self.conn.clone()));
         self.handed_out
             .track(&raw)
             .map_err(|e| e.with_backend(NAME))?;

@@ -1,6 +1,7 @@
 //! Service registry and discovery on etcd: one key per instance on a lease,
 //! kept alive, registered again after a lost lease, watched by prefix.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,12 +9,11 @@ use async_trait::async_trait;
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
-use im_infra::backend::Closable;
 use im_infra::lease::{LeaseBackend, PendingLease};
 use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
-    RegisterOptions, RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities,
-    ServiceDiscovery, ServiceEventStream, ServiceInfo, ServiceInstance, ServiceRegistry,
+    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
+    ServiceEventStream, ServiceInstance,
 };
 use im_infra::{Error, ErrorKind, Result};
 
@@ -60,52 +60,16 @@ async fn read(conn: &ConnectionManager, service: &str) -> Result<(i64, Vec<Servi
     Ok((rev, out))
 }
 
-/// The registry of an [`EtcdBackend`](crate::EtcdBackend).
+/// The registry of an [`EtcdBackend`](crate::EtcdBackend): a
+/// [`Registrations`] over etcd's side.
 ///
 /// An instance is JSON at `<service_prefix>/<service>/<id>` on a lease of
-/// its TTL (whole seconds), kept by a [`Lease`](im_infra::lease::Lease)
-/// (renewed every third of the TTL, with a local deadline). When the lease
-/// is lost (expired during a partition, revoked), the instance is
-/// registered again on a new lease, retrying forever with backoff, until
-/// deregistered ([`Registrations`]). Dropping the handle stops the
-/// keep-alive (the instance expires); `close` (also the backend's close)
-/// deregisters.
-///
-/// Raw operations: the backend hands it out layered
-/// ([`ObservedRegistry`](im_infra::layer::ObservedRegistry)).
-pub(crate) struct EtcdRegistry {
-    conn: Arc<ConnectionManager>,
-    registrations: Registrations,
-}
-
-#[async_trait]
-impl Closable for EtcdRegistry {
-    /// Deregisters everything registered through this handle (failures are
-    /// logged: those instances expire on etcd).
-    async fn close(&self) -> Result<()> {
-        self.registrations.close().await;
-        Ok(())
-    }
-}
-
-impl EtcdRegistry {
-    pub(crate) fn new(conn: Arc<ConnectionManager>) -> Self {
-        EtcdRegistry {
-            registrations: Registrations::new(
-                Arc::new(Server { conn: conn.clone() }),
-                conn.settings().retry.clone(),
-            ),
-            conn,
-        }
-    }
-
-    fn with_defaults(&self, instance: &ServiceInstance) -> ServiceInstance {
-        let mut i = instance.clone();
-        for (k, v) in &self.conn.settings().default_metadata {
-            i.metadata.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-        i
-    }
+/// its TTL (whole seconds), or on a lease of the caller's; without a TTL,
+/// the settings' `default_ttl`. Every instance carries the settings'
+/// `default_metadata` under its own.
+pub(crate) fn registry(conn: Arc<ConnectionManager>) -> Registrations {
+    let retry = conn.settings().retry.clone();
+    Registrations::new(Arc::new(Server { conn }), retry)
 }
 
 /// Registers on etcd.
@@ -117,6 +81,40 @@ struct Server {
 impl RegistrationBackend for Server {
     fn name(&self) -> &'static str {
         crate::NAME
+    }
+
+    fn default_ttl(&self) -> Duration {
+        self.conn.settings().default_ttl
+    }
+
+    fn takes_caller_leases(&self) -> bool {
+        true
+    }
+
+    fn default_metadata(&self) -> &BTreeMap<String, String> {
+        &self.conn.settings().default_metadata
+    }
+
+    async fn list(&self) -> Result<Vec<ServiceInstance>> {
+        let root = self
+            .conn
+            .settings()
+            .key(&format!("{}/", self.conn.settings().service_prefix));
+        let r = self
+            .conn
+            .call("registry.list", |mut c| async move {
+                c.get(root, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        let instances = r
+            .kvs().iter().filter_map(|kv| match parse(kv) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "unreadable instance ignored");
+                None
+            }
+        });
+        Ok(instances.collect())
     }
 
     /// Grants a lease and puts the instance on it; or puts it on the
@@ -310,48 +308,6 @@ impl RegistrationLease for Registered {
             Some(PutOptions::new().with_lease(self.lease.id())),
         );
         self.if_mine("registry.update", put).await
-    }
-}
-
-#[async_trait]
-impl ServiceRegistry for EtcdRegistry {
-    /// Without a TTL, the settings' `default_ttl`.
-    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
-        let instance = self.with_defaults(instance);
-        let ttl = opts.ttl.unwrap_or(self.conn.settings().default_ttl);
-        self.registrations
-            .register(&instance, ttl, opts.lease_id)
-            .await
-    }
-
-    async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        self.registrations.deregister(service, id).await
-    }
-
-    async fn update(&self, instance: &ServiceInstance) -> Result<()> {
-        let instance = self.with_defaults(instance);
-        self.registrations.update(&instance).await
-    }
-
-    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
-        let root = self
-            .conn
-            .settings()
-            .key(&format!("{}/", self.conn.settings().service_prefix));
-        let r = self
-            .conn
-            .call("registry.list", |mut c| async move {
-                c.get(root, Some(GetOptions::new().with_prefix())).await
-            })
-            .await?;
-        let instances = r.kvs().iter().filter_map(|kv| match parse(kv) {
-            Ok(i) => Some(i),
-            Err(e) => {
-                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "unreadable instance ignored");
-                None
-            }
-        });
-        Ok(ServiceInfo::group(instances))
     }
 }
 

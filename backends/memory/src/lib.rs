@@ -78,7 +78,7 @@ use limiter::MemoryLimiter;
 use lock::MemoryLock;
 use mq::{MemoryConsumer, MemoryProducer};
 use once::MemoryOnce;
-use registry::{MemoryDiscovery, MemoryRegistry};
+use registry::MemoryDiscovery;
 pub use settings::MemorySettings;
 use worker_id::MemoryWorkerIds;
 
@@ -395,7 +395,7 @@ impl Backend for MemoryBackend {
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.shared.check_open()?;
         self.start_tasks();
-        let registry = Arc::new(MemoryRegistry::new(self.shared.clone()));
+        let registry = Arc::new(registry::registry(self.shared.clone()));
         self.shared
             .handed_out
             .track(&registry)

@@ -9,15 +9,13 @@ use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use im_infra::backend::Closable;
 use im_infra::lease::LeaseBackend;
 use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
-    RegisterOptions, RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities,
-    ServiceDiscovery, ServiceEventKind, ServiceEventStream, ServiceInfo, ServiceInstance,
-    ServiceRegistry, DEFAULT_TTL,
+    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
+    ServiceEventKind, ServiceEventStream, ServiceInstance, DEFAULT_TTL,
 };
-use im_infra::{Error, Result, RetrySettings};
+use im_infra::{Result, RetrySettings};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -221,52 +219,18 @@ impl RegistryStore {
     }
 }
 
-/// The registry handle of a [`MemoryBackend`](crate::MemoryBackend). Its
-/// registrations stay alive while it lives (each a lease, registered again
-/// after it is lost); dropping it stops the keep-alive (instances then
-/// expire, as when a process dies), and [`close`](Self::close) deregisters
-/// them, as does [`Backend::close`](im_infra::backend::Backend::close). The
-/// backend hands it out inside an
-/// [`ObservedRegistry`](im_infra::layer::ObservedRegistry), which checks the
-/// arguments and does the telemetry.
-pub(crate) struct MemoryRegistry {
-    shared: Arc<Shared>,
-    registrations: Registrations,
-}
-
-impl MemoryRegistry {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let retry = RetrySettings {
-            max_retries: u32::MAX,
-            initial_interval: Duration::from_millis(20),
-            max_interval: Duration::from_secs(2),
-            multiplier: 2.0,
-            jitter: true,
-        };
-        MemoryRegistry {
-            registrations: Registrations::new(
-                Arc::new(Store {
-                    shared: shared.clone(),
-                }),
-                retry,
-            ),
-            shared,
-        }
-    }
-
-    /// Deregisters every instance registered through this handle.
-    pub async fn close(&self) {
-        self.registrations.close().await;
-    }
-}
-
-/// Closed with the backend: its instances are deregistered.
-#[async_trait]
-impl Closable for MemoryRegistry {
-    async fn close(&self) -> Result<()> {
-        MemoryRegistry::close(self).await;
-        Ok(())
-    }
+/// The registry handle of a [`MemoryBackend`](crate::MemoryBackend): a
+/// [`Registrations`] over the backend's store. Without a TTL,
+/// [`DEFAULT_TTL`]; at least [`MIN_TTL`].
+pub(crate) fn registry(shared: Arc<Shared>) -> Registrations {
+    let retry = RetrySettings {
+        max_retries: u32::MAX,
+        initial_interval: Duration::from_millis(20),
+        max_interval: Duration::from_secs(2),
+        multiplier: 2.0,
+        jitter: true,
+    };
+    Registrations::new(Arc::new(Store { shared }), retry)
 }
 
 /// Registers in the backend's store.
@@ -278,6 +242,26 @@ struct Store {
 impl RegistrationBackend for Store {
     fn name(&self) -> &'static str {
         crate::NAME
+    }
+
+    fn default_ttl(&self) -> Duration {
+        DEFAULT_TTL
+    }
+
+    fn min_ttl(&self) -> Duration {
+        MIN_TTL
+    }
+
+    async fn list(&self) -> Result<Vec<ServiceInstance>> {
+        self.shared.check_open()?;
+        let now = Instant::now();
+        let state = self.shared.registry.state();
+        let live = state
+            .instances
+            .values()
+            .filter(|e| e.expires_at > now)
+            .map(|e| e.instance.clone());
+        Ok(live.collect())
     }
 
     async fn put(
@@ -340,47 +324,6 @@ impl RegistrationLease for Registered {
     async fn update(&self, instance: &ServiceInstance) -> Result<bool> {
         self.shared.check_open()?;
         Ok(self.shared.registry.update(instance, Some(self.lease)))
-    }
-}
-
-#[async_trait]
-impl ServiceRegistry for MemoryRegistry {
-    /// Without a TTL, [`DEFAULT_TTL`]; leases of the caller's are etcd's
-    /// (`Unsupported`).
-    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
-        self.shared.check_open()?;
-        if opts.lease_id.is_some() {
-            return Err(Error::unsupported("registry.register on an existing lease"));
-        }
-        let ttl = opts.ttl.unwrap_or(DEFAULT_TTL);
-        if ttl < MIN_TTL {
-            return Err(Error::invalid_argument(
-                "registration ttl must be at least 10 ms",
-            ));
-        }
-        self.registrations.register(instance, ttl, None).await
-    }
-
-    async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        self.shared.check_open()?;
-        self.registrations.deregister(service, id).await
-    }
-
-    async fn update(&self, instance: &ServiceInstance) -> Result<()> {
-        self.shared.check_open()?;
-        self.registrations.update(instance).await
-    }
-
-    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
-        self.shared.check_open()?;
-        let now = Instant::now();
-        let state = self.shared.registry.state();
-        let live = state
-            .instances
-            .values()
-            .filter(|e| e.expires_at > now)
-            .map(|e| e.instance.clone());
-        Ok(ServiceInfo::group(live))
     }
 }
 

@@ -121,7 +121,7 @@ use cache::RedisCache;
 use config_center::RedisConfigCenter;
 use lock::RedisLock;
 use once::RedisOnce;
-use registry::{RedisDiscovery, RedisRegistry};
+use registry::RedisDiscovery;
 use worker_id::RedisWorkerIds;
 
 pub use limiter::{gcra_script, RedisLimiter};
@@ -429,7 +429,7 @@ impl Backend for RedisBackend {
 
     async fn registry(&self) -> Result<Arc<dyn ServiceRegistry>> {
         self.shared.client.check_open()?;
-        let raw = Arc::new(RedisRegistry::new(self.shared.clone()));
+        let raw = Arc::new(registry::registry(self.shared.clone()));
         self.shared
             .handed_out
             .track(&raw)

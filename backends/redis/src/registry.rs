@@ -5,13 +5,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::Closable;
 use im_infra::lease::LeaseBackend;
 use im_infra::registry::watch::{spawn_watch, InstanceBatch, InstanceChange, InstanceHistory};
 use im_infra::registry::{
-    RegisterOptions, RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities,
-    ServiceDiscovery, ServiceEventStream, ServiceInfo, ServiceInstance, ServiceRegistry,
-    DEFAULT_TTL,
+    RegistrationBackend, RegistrationLease, Registrations, RegistryCapabilities, ServiceDiscovery,
+    ServiceEventStream, ServiceInstance, DEFAULT_TTL,
 };
 use im_infra::{validate, Error, Result};
 use redis::aio::MultiplexedConnection;
@@ -70,42 +68,15 @@ async fn list(shared: &Shared, prefix: &str) -> Result<(u64, Vec<ServiceInstance
     Ok((rev, out))
 }
 
-/// The registry of a [`RedisBackend`](crate::RedisBackend).
+/// The registry of a [`RedisBackend`](crate::RedisBackend): a
+/// [`Registrations`] over this server's side.
 ///
 /// An instance is a JSON value with a lease token and an expiry on the
-/// server's clock, kept by a [`Lease`](im_infra::lease::Lease) (renewed
-/// every `ttl / 3`, with a local deadline); if the registration is lost
-/// (expired during a partition, removed), it is registered again with a new
-/// lease, retrying forever with backoff ([`Registrations`]). Dropping the
-/// handle stops the renewals (the instances then expire, as when a process
-/// dies); closing the backend deregisters them ([`Closable`]). Handed out
-/// inside [`ObservedRegistry`](im_infra::layer::ObservedRegistry), which
-/// checks instances, TTLs and names.
-pub(crate) struct RedisRegistry {
-    registrations: Registrations,
-    shared: Arc<Shared>,
-}
-
-impl RedisRegistry {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        let server = Arc::new(Server {
-            shared: shared.clone(),
-        });
-        RedisRegistry {
-            registrations: Registrations::new(server, shared.client.settings().retry.clone()),
-            shared,
-        }
-    }
-}
-
-#[async_trait]
-impl Closable for RedisRegistry {
-    /// Deregisters every instance registered through this handle (a
-    /// failure is logged: that instance expires on the server).
-    async fn close(&self) -> Result<()> {
-        self.registrations.close().await;
-        Ok(())
-    }
+/// server's clock; without a TTL, [`DEFAULT_TTL`], and at least 100 ms
+/// (keep-alives every third of it need room).
+pub(crate) fn registry(shared: Arc<Shared>) -> Registrations {
+    let retry = shared.client.settings().retry.clone();
+    Registrations::new(Arc::new(Server { shared }), retry)
 }
 
 /// Registers on the server.
@@ -117,6 +88,18 @@ struct Server {
 impl RegistrationBackend for Server {
     fn name(&self) -> &'static str {
         crate::NAME
+    }
+
+    fn default_ttl(&self) -> Duration {
+        DEFAULT_TTL
+    }
+
+    fn min_ttl(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+
+    async fn list(&self) -> Result<Vec<ServiceInstance>> {
+        Ok(list(&self.shared, "").await?.1)
     }
 
     async fn put(
@@ -185,38 +168,6 @@ impl RegistrationLease for Registered {
             serde_json::to_string(instance).map_err(|e| Error::serialization(&self.sid, e))?;
         let updated: i64 = op(&self.shared, &["update", &self.sid, &self.lease, &json]).await?;
         Ok(updated == 1)
-    }
-}
-
-#[async_trait]
-impl ServiceRegistry for RedisRegistry {
-    /// Without a TTL, [`DEFAULT_TTL`]; leases of the caller's are etcd's
-    /// (`Unsupported`).
-    async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
-        if opts.lease_id.is_some() {
-            return Err(Error::unsupported("registry.register on an existing lease"));
-        }
-        let ttl = opts.ttl.unwrap_or(DEFAULT_TTL);
-        // Keep-alives every ttl / 3 need some room.
-        if ttl < Duration::from_millis(100) {
-            return Err(Error::invalid_argument(
-                "registration ttl must be at least 100 ms",
-            ));
-        }
-        self.registrations.register(instance, ttl, None).await
-    }
-
-    async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        self.registrations.deregister(service, id).await
-    }
-
-    async fn update(&self, instance: &ServiceInstance) -> Result<()> {
-        self.registrations.update(instance).await
-    }
-
-    async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
-        let (_, instances) = list(&self.shared, "").await?;
-        Ok(ServiceInfo::group(instances))
     }
 }
 
