@@ -391,9 +391,10 @@ impl Client {
 }
 
 /// The `EVALSHA` of `script` with `keys` keys: the caller appends the keys,
-/// then the arguments, and runs it with [`Client::script`].
+/// then the arguments (room for a few arguments and about a hundred bytes
+/// is made at once), and runs it with [`Client::script`].
 pub(crate) fn evalsha(script: &Script, keys: usize) -> Cmd {
-    evalsha_sized(script, keys, 0, 0)
+    evalsha_sized(script, keys, keys + 6, 96)
 }
 
 /// [`evalsha`] sized once for `args` keys and arguments of `bytes` in all.
