@@ -93,8 +93,8 @@ impl RedisCache {
     }
 
     fn set_cmd(key: CacheKey<'_>, value: &Bytes, ttl: Option<Duration>, nx: bool) -> redis::Cmd {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(value.as_ref());
+        let mut cmd = command("SET", key, 5, value.len() + 24);
+        cmd.arg(value.as_ref());
         if nx {
             cmd.arg("NX");
         }
@@ -103,6 +103,14 @@ impl RedisCache {
         }
         cmd
     }
+}
+
+/// `name` over `key`, sized once for `args` more arguments of `bytes` in
+/// all (a command grown argument by argument allocates again and again).
+fn command(name: &'static str, key: CacheKey<'_>, args: usize, bytes: usize) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(2 + args, name.len() + key.len() + bytes);
+    cmd.arg(name).arg(key);
+    cmd
 }
 
 #[async_trait]
@@ -115,7 +123,7 @@ impl Cache for RedisCache {
         let v: Option<Vec<u8>> = self
             .shared
             .client
-            .query(redis::cmd("GET").arg(self.key(key)))
+            .query(&command("GET", self.key(key), 0, 0))
             .await?;
         Ok(bytes_of(v))
     }
