@@ -73,9 +73,9 @@ pub fn decode_untrusted(data: &[u8]) -> usize {
         let _ = c.opts();
     });
     valid += one::<KafkaSettings>(data, false, KafkaSettings::validate, |c| {
-        let _ = c.producer_config();
-        let _ = c.consumer_config("group", StartPosition::Earliest);
-        let _ = c.admin_config();
+        let _ = c.producer_properties();
+        let _ = c.consumer_properties("group", StartPosition::Earliest);
+        let _ = c.admin_properties();
     });
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = im_infra::validate::key(text);

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Both sides use clients built from the same librdkafka properties
-//! ([`KafkaSettings::producer_config`], [`KafkaSettings::consumer_settings`]).
+//! ([`KafkaSettings::producer_properties`], [`KafkaSettings::consumer_settings`]).
 //!
 //! - produce: 64 tasks each produce 1 KiB messages and await the broker's
 //!   acknowledgement; rounds of 1.5 s alternate raw and im-infra (7 pairs).
@@ -37,7 +37,7 @@ fn unique(what: &str) -> String {
 
 async fn consume_raw(cfg: &KafkaSettings, topic: &str, group: &str) -> f64 {
     let consumer: StreamConsumer = cfg
-        .consumer_config(group, StartPosition::Earliest)
+        .consumer_properties(group, StartPosition::Earliest)
         .create()
         .expect("raw consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
@@ -113,7 +113,7 @@ fn main() {
         // Produce: the same properties, the same topic, 1 KiB messages.
         let topic = unique("bench-produce");
         backend.create_topic(&topic, 4, 1).await.expect("topic");
-        let raw_producer: FutureProducer = cfg.producer_config().create().expect("raw producer");
+        let raw_producer: FutureProducer = cfg.producer_properties().create().expect("raw producer");
         let rounds = Rounds { tasks: 64, ..Rounds::default() };
         let (p, t, body) = (raw_producer.clone(), topic.clone(), payload.clone());
         let raw = Arc::new(move |i: usize| {

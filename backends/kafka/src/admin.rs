@@ -24,7 +24,7 @@ pub(crate) struct Admin {
 impl Admin {
     pub(crate) fn new(cfg: &KafkaSettings) -> Result<Self> {
         let client = cfg
-            .admin_config()
+            .admin_properties()
             .create_with_context(TracingContext)
             .map_err(|e| map(e, "creating the admin client"))?;
         Ok(Admin {

@@ -146,7 +146,7 @@ impl Drop for Member {
 }
 
 struct State {
-    client_config: ClientConfig,
+    properties: ClientConfig,
     names: Names,
     settings: ConsumerSettings,
     dead_letters: KafkaProducer,
@@ -221,7 +221,7 @@ fn received(m: &BorrowedMessage<'_>, names: &Names) -> Taken {
 
 impl KafkaConsumer {
     pub(crate) fn new(
-        client_config: ClientConfig,
+        properties: ClientConfig,
         names: Names,
         settings: ConsumerSettings,
         dead_letters: KafkaProducer,
@@ -232,7 +232,7 @@ impl KafkaConsumer {
         let runner = HandlerRunner::new(NAME, &settings);
         Ok(KafkaConsumer {
             state: Arc::new(State {
-                client_config,
+                properties,
                 names,
                 settings,
                 dead_letters,
@@ -307,7 +307,7 @@ impl Consumer for KafkaConsumer {
             generation: generation.clone(),
         };
         let consumer: GroupConsumer = st
-            .client_config
+            .properties
             .create_with_context(ctx)
             .map_err(|e| map(e, "creating the consumer"))?;
         let member = Member {

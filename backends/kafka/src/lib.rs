@@ -303,13 +303,13 @@ impl Backend for KafkaBackend {
     async fn consumer(&self, settings: ConsumerSettings) -> Result<Arc<dyn Consumer>> {
         self.check_open()?;
         let names = names::Names::new(&self.shared.settings.namespace)?;
-        let client_config = self
+        let properties = self
             .shared
             .settings
-            .consumer_config(&names.group(&settings.group), settings.start);
+            .consumer_properties(&names.group(&settings.group), settings.start);
         // KafkaConsumer::new validates `settings`.
         let consumer = Arc::new(KafkaConsumer::new(
-            client_config,
+            properties,
             names,
             settings,
             self.shared.producer.handle(),

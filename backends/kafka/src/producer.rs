@@ -80,7 +80,7 @@ fn record<'a>(m: &'a Message, topic: &'a str) -> FutureRecord<'a, [u8], [u8]> {
 impl KafkaProducer {
     pub(crate) fn new(cfg: &KafkaSettings) -> Result<Self> {
         let client: FutureProducer<TracingContext> = cfg
-            .producer_config()
+            .producer_properties()
             .create_with_context(TracingContext)
             .map_err(|e| map(e, "creating the producer"))?;
         Ok(KafkaProducer {

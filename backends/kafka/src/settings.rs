@@ -573,7 +573,7 @@ impl KafkaSettings {
 
     /// The producer's librdkafka properties (also for a raw `rdkafka`
     /// client with the same settings).
-    pub fn producer_config(&self) -> ClientConfig {
+    pub fn producer_properties(&self) -> ClientConfig {
         let p = &self.producer;
         let mut c = self.common();
         c.set(
@@ -616,14 +616,18 @@ impl KafkaSettings {
     }
 
     /// The admin client's properties.
-    pub fn admin_config(&self) -> ClientConfig {
+    pub fn admin_properties(&self) -> ClientConfig {
         let c = self.common();
         self.finish(c)
     }
 
     /// The properties of one member of `group` (also for a raw `rdkafka`
     /// consumer with the same settings).
-    pub fn consumer_config(&self, group: &str, start: im_infra::mq::StartPosition) -> ClientConfig {
+    pub fn consumer_properties(
+        &self,
+        group: &str,
+        start: im_infra::mq::StartPosition,
+    ) -> ClientConfig {
         let t = &self.consumer;
         let mut c = self.common();
         c.set("group.id", group)
@@ -682,10 +686,10 @@ mod tests {
     fn defaults_are_valid_and_safe() {
         let cfg = KafkaSettings::default();
         cfg.validate().unwrap();
-        let p = cfg.producer_config();
+        let p = cfg.producer_properties();
         assert_eq!(p.get("acks"), Some("all"));
         assert_eq!(p.get("enable.idempotence"), Some("true"));
-        let c = cfg.consumer_config("g", im_infra::mq::StartPosition::Earliest);
+        let c = cfg.consumer_properties("g", im_infra::mq::StartPosition::Earliest);
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
     }
@@ -694,7 +698,7 @@ mod tests {
     fn without_idempotence_one_request_is_in_flight() {
         let mut cfg = KafkaSettings::default();
         cfg.producer.idempotence = false;
-        let p = cfg.producer_config();
+        let p = cfg.producer_properties();
         assert_eq!(p.get("max.in.flight.requests.per.connection"), Some("1"));
     }
 
@@ -826,6 +830,6 @@ mod tests {
     fn extra_properties_win() {
         let mut cfg = KafkaSettings::default();
         cfg.extra.insert("linger.ms".into(), "42".into());
-        assert_eq!(cfg.producer_config().get("linger.ms"), Some("42"));
+        assert_eq!(cfg.producer_properties().get("linger.ms"), Some("42"));
     }
 }

@@ -110,7 +110,7 @@ pub struct MysqlBackendBuilder {
 }
 
 impl MysqlBackendBuilder {
-    /// Uses `config` (replacing what was set before).
+    /// Uses `settings` (replacing what was set before).
     #[must_use]
     pub fn settings(mut self, settings: MysqlSettings) -> Self {
         self.settings = settings;

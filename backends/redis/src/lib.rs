@@ -161,7 +161,7 @@ pub struct RedisBackendBuilder {
 }
 
 impl RedisBackendBuilder {
-    /// Uses `config` (replacing what was set before).
+    /// Uses `settings` (replacing what was set before).
     #[must_use]
     pub fn settings(mut self, settings: RedisSettings) -> Self {
         self.settings = settings;
