@@ -37,6 +37,13 @@ pub trait RegistrationBackend: Send + Sync + 'static {
     /// The TTL of a registration that names none.
     fn default_ttl(&self) -> Duration;
 
+    /// `Closed` once the backend was closed, checked before every call of
+    /// the registry handle (a backend whose calls all reach its server,
+    /// which refuses them once closed, keeps the default).
+    fn check_open(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The shortest TTL the backend keeps alive (renewals every third of
     /// it need room); a shorter one is `InvalidArgument`. None by default.
     fn min_ttl(&self) -> Duration {
@@ -336,6 +343,7 @@ impl ServiceRegistry for Registrations {
     /// Without a TTL, the backend's default; a lease of the caller's only
     /// where the backend takes one (etcd), `Unsupported` elsewhere.
     async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
+        self.backend.check_open()?;
         if opts.lease_id.is_some() && !self.backend.takes_caller_leases() {
             return Err(Error::unsupported("registry.register on an existing lease"));
         }
@@ -343,8 +351,7 @@ impl ServiceRegistry for Registrations {
         let min = self.backend.min_ttl();
         if ttl < min {
             return Err(Error::invalid_argument(format!(
-                "registration ttl must be at least {min:?} on {}",
-                self.backend.name()
+                "registration ttl must be at least {min:?}"
             )));
         }
         let instance = self.with_default_metadata(instance);
@@ -352,14 +359,17 @@ impl ServiceRegistry for Registrations {
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
+        self.backend.check_open()?;
         self.remove(service, id).await
     }
 
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {
+        self.backend.check_open()?;
         self.change(&self.with_default_metadata(instance)).await
     }
 
     async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
+        self.backend.check_open()?;
         Ok(ServiceInfo::group(self.backend.list().await?))
     }
 }

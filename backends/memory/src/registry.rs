@@ -252,6 +252,10 @@ impl RegistrationBackend for Store {
         MIN_TTL
     }
 
+    fn check_open(&self) -> Result<()> {
+        self.shared.check_open()
+    }
+
     async fn list(&self) -> Result<Vec<ServiceInstance>> {
         self.shared.check_open()?;
         let now = Instant::now();
@@ -435,6 +439,32 @@ mod tests {
 
     use super::*;
     use crate::MemoryBackend;
+
+    /// Once the backend is closed, every call of a registry handle
+    /// answers `Closed`; what it registered was deregistered by the close.
+    #[tokio::test]
+    async fn a_registry_of_a_closed_backend_answers_closed() {
+        use im_infra::registry::ServiceRegistry;
+        use im_infra::ErrorKind;
+        let backend = MemoryBackend::new();
+        let registry = backend.registry().await.unwrap();
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80");
+        registry
+            .register(&instance, Duration::from_secs(60))
+            .await
+            .unwrap();
+        backend.close().await.unwrap();
+        assert!(backend.shared.registry.live("svc").is_empty());
+        let kinds = [
+            registry.register(&instance, Duration::from_secs(60)).await,
+            registry.register(&instance, Duration::from_millis(1)).await,
+            registry.deregister("svc", "a").await,
+            registry.update(&instance).await,
+            registry.list_services().await.map(drop),
+        ]
+        .map(|r| r.unwrap_err().kind());
+        assert_eq!(kinds, [ErrorKind::Closed; 5]);
+    }
 
     /// A watch that does not read while many more changes than the
     /// history keeps are made lists again: it still ends on the current

@@ -390,11 +390,16 @@ impl Client {
     }
 }
 
-/// The `EVALSHA` of `script` with `keys` keys: the caller appends the keys,
-/// then the arguments (room for a few arguments and about a hundred bytes
-/// is made at once), and runs it with [`Client::script`].
-pub(crate) fn evalsha(script: &Script, keys: usize) -> Cmd {
-    evalsha_sized(script, keys, keys + 6, 96)
+/// The `EVALSHA` of `script` over `keys` (each one argument; their number
+/// is the array's, so it cannot disagree with them): the caller appends
+/// the arguments (room for a few and about a hundred bytes is made at
+/// once) and runs it with [`Client::script`].
+pub(crate) fn evalsha<K: redis::ToRedisArgs, const N: usize>(script: &Script, keys: [K; N]) -> Cmd {
+    let mut cmd = evalsha_sized(script, N, N + 6, 96);
+    for key in keys {
+        cmd.arg(key);
+    }
+    cmd
 }
 
 /// [`evalsha`] sized once for `args` keys and arguments of `bytes` in all.

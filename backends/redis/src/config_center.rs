@@ -74,12 +74,9 @@ impl RedisConfigCenter {
         expected: Option<u64>,
     ) -> Result<(i64, i64)> {
         let k = &self.shared.keys;
-        let mut cmd = client::evalsha(&WRITE, 4);
-        cmd.arg(k.cfg("rev"))
-            .arg(k.cfg("data"))
-            .arg(k.cfg("index"))
-            .arg(k.cfg("log"))
-            .arg(key)
+        let keys = [k.cfg("rev"), k.cfg("data"), k.cfg("index"), k.cfg("log")];
+        let mut cmd = client::evalsha(&WRITE, keys);
+        cmd.arg(key)
             .arg(if value.is_some() { "p" } else { "d" })
             .arg(value.map(|v| v.as_ref()).unwrap_or_default())
             .arg(expected.map(|e| e.to_string()).unwrap_or_default())
@@ -111,12 +108,9 @@ async fn snapshot(
         WatchTarget::Key(key) => ("key", key.as_str()),
         WatchTarget::Prefix(p) => ("prefix", p.as_str()),
     };
-    let mut cmd = client::evalsha(&SNAPSHOT, 3);
-    cmd.arg(k.cfg("rev"))
-        .arg(k.cfg("data"))
-        .arg(k.cfg("index"))
-        .arg(mode)
-        .arg(arg);
+    let keys = [k.cfg("rev"), k.cfg("data"), k.cfg("index")];
+    let mut cmd = client::evalsha(&SNAPSHOT, keys);
+    cmd.arg(mode).arg(arg);
     let raw: Vec<Value> = shared.client.script(&SNAPSHOT, &cmd).await?;
     let mut it = raw.into_iter();
     let rev: u64 = it.next().map(decode).transpose()?.unwrap_or(0);

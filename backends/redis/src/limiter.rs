@@ -58,12 +58,8 @@ impl RedisLimiter {
 
     async fn decide(&self, resource: &str, key: &str, n: u64) -> Result<Decision> {
         let p = self.params_of(resource)?;
-        let mut cmd = client::evalsha(&GCRA, 1);
-        cmd.arg(self.shared.keys.limiter_arg(resource, key))
-            .arg(p.emission)
-            .arg(p.tolerance)
-            .arg(n)
-            .arg(p.burst);
+        let mut cmd = client::evalsha(&GCRA, [self.shared.keys.limiter_arg(resource, key)]);
+        cmd.arg(p.emission).arg(p.tolerance).arg(n).arg(p.burst);
         let (allowed, remaining, retry_us, reset_us, reason): (i64, i64, i64, i64, i64) =
             self.shared.client.script(&GCRA, &cmd).await?;
         let denied = match reason {

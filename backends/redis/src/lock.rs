@@ -163,11 +163,9 @@ impl TokenLock for RedisLock {
 
     async fn attempt(&self, held: &HeldLock, ttl: Duration) -> Result<Attempt> {
         let keys = &self.shared.keys;
-        let mut cmd = client::evalsha(&ACQUIRE, 2);
-        cmd.arg(keys.lock(&held.key))
-            .arg(keys.lock_fence(&held.key))
-            .arg(&held.token)
-            .arg(validate::ttl_millis(ttl));
+        let lock = [keys.lock(&held.key), keys.lock_fence(&held.key)];
+        let mut cmd = client::evalsha(&ACQUIRE, lock);
+        cmd.arg(&held.token).arg(validate::ttl_millis(ttl));
         let (ok, n): (i64, i64) = self.shared.client.script(&ACQUIRE, &cmd).await?;
         Ok(if ok == 1 {
             Attempt::Acquired(n as u64)
@@ -266,18 +264,15 @@ impl LeaseBackend for HeldLock {
     }
 
     async fn extend(&self, ttl: Duration) -> Result<bool> {
-        let mut cmd = client::evalsha(&EXTEND, 1);
-        cmd.arg(self.shared.keys.lock(&self.key))
-            .arg(&self.token)
-            .arg(validate::ttl_millis(ttl));
+        let mut cmd = client::evalsha(&EXTEND, [self.shared.keys.lock(&self.key)]);
+        cmd.arg(&self.token).arg(validate::ttl_millis(ttl));
         let ok: i64 = self.shared.client.script(&EXTEND, &cmd).await?;
         Ok(ok == 1)
     }
 
     async fn release(&self) -> Result<bool> {
-        let mut cmd = client::evalsha(&RELEASE, 1);
-        cmd.arg(self.shared.keys.lock(&self.key))
-            .arg(&self.token)
+        let mut cmd = client::evalsha(&RELEASE, [self.shared.keys.lock(&self.key)]);
+        cmd.arg(&self.token)
             .arg(self.shared.keys.lock_channel())
             .arg(&self.key);
         let ok: i64 = self.shared.client.script(&RELEASE, &cmd).await?;

@@ -56,9 +56,8 @@ async fn finish(
     outcome: &[u8],
     ttl: Duration,
 ) -> Result<bool> {
-    let mut cmd = client::evalsha(&FINISH, 1);
-    cmd.arg(shared.keys.once(key))
-        .arg(token)
+    let mut cmd = client::evalsha(&FINISH, [shared.keys.once(key)]);
+    cmd.arg(token)
         .arg(action)
         .arg(outcome)
         .arg(validate::ttl_millis(ttl));
@@ -89,10 +88,8 @@ impl Once for RedisOnce {
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {
         let token = uuid::Uuid::new_v4().to_string();
-        let mut cmd = client::evalsha(&CLAIM, 1);
-        cmd.arg(self.shared.keys.once(key))
-            .arg(&token)
-            .arg(validate::ttl_millis(ttl));
+        let mut cmd = client::evalsha(&CLAIM, [self.shared.keys.once(key)]);
+        cmd.arg(&token).arg(validate::ttl_millis(ttl));
         let (state, outcome): (i64, Vec<u8>) = self.shared.client.script(&CLAIM, &cmd).await?;
         Ok(match state {
             0 => Claim::Acquired { token },

@@ -38,11 +38,8 @@ fn parse(json: &[u8]) -> Result<ServiceInstance> {
 /// Runs one registry operation.
 async fn op<T: redis::FromRedisValue>(shared: &Shared, args: &[&str]) -> Result<T> {
     let k = &shared.keys;
-    const PARTS: [&str; 6] = ["inst", "lease", "exp", "names", "rev", "log"];
-    let mut cmd = client::evalsha(&SCRIPT, PARTS.len());
-    for part in PARTS {
-        cmd.arg(k.reg(part));
-    }
+    let keys = ["inst", "lease", "exp", "names", "rev", "log"].map(|part| k.reg(part));
+    let mut cmd = client::evalsha(&SCRIPT, keys);
     cmd.arg(args[0])
         .arg(shared.client.settings().config_history);
     for a in &args[1..] {

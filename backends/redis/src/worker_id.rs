@@ -16,8 +16,7 @@ static SCRIPT: std::sync::LazyLock<redis::Script> =
 
 async fn run<T: redis::FromRedisValue>(shared: &Shared, args: &[String]) -> Result<T> {
     let prefix = shared.keys.worker_prefix();
-    let mut cmd = client::evalsha(&SCRIPT, 1);
-    cmd.arg(format!("{prefix}route"));
+    let mut cmd = client::evalsha(&SCRIPT, [format!("{prefix}route")]);
     cmd.arg(&args[0]).arg(&prefix);
     for a in &args[1..] {
         cmd.arg(a);
