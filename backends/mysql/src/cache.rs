@@ -36,6 +36,18 @@ fn lifetime(us: Option<i64>) -> KeyTtl {
 /// value sizes, telemetry).
 pub(crate) struct MysqlCache {
     shared: Arc<Shared>,
+    sql: Statements,
+}
+
+/// The statements of the single-key calls, built once per handle.
+struct Statements {
+    get: String,
+    get_with_ttl: String,
+    exists: String,
+    ttl: String,
+    expire: String,
+    set: String,
+    set_nx: String,
 }
 
 fn micros(ttl: Option<Duration>) -> Option<u64> {
@@ -48,7 +60,23 @@ fn placeholders(n: usize) -> String {
 
 impl MysqlCache {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        MysqlCache { shared }
+        let table = shared.table("cache");
+        let sql = Statements {
+            get: format!("SELECT v FROM {table} WHERE k = ? AND {LIVE}"),
+            get_with_ttl: format!(
+                "SELECT v, TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) FROM {table} WHERE k = ? AND {LIVE}"
+            ),
+            exists: format!("SELECT 1 FROM {table} WHERE k = ? AND {LIVE}"),
+            ttl: format!(
+                "SELECT TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) FROM {table} WHERE k = ? AND {LIVE}"
+            ),
+            expire: format!(
+                "UPDATE {table} SET expires_at = NOW(6) + INTERVAL ? MICROSECOND WHERE k = ? AND {LIVE}"
+            ),
+            set: upsert_sql(&table, 1, false),
+            set_nx: upsert_sql(&table, 1, true),
+        };
+        MysqlCache { shared, sql }
     }
 
     fn key(&self, key: &str) -> Vec<u8> {
@@ -58,23 +86,22 @@ impl MysqlCache {
     fn table(&self) -> String {
         self.shared.table("cache")
     }
+}
 
-    /// `INSERT ... ON DUPLICATE KEY UPDATE` of one or more rows; with
-    /// `only_if_expired` the existing live row is left alone.
-    fn upsert_sql(&self, rows: usize, only_if_expired: bool) -> String {
-        let values =
-            vec!["(?, ?, IF(? IS NULL, NULL, NOW(6) + INTERVAL ? MICROSECOND))"; rows].join(",");
-        let update = if only_if_expired {
-            "v = IF(expires_at IS NOT NULL AND expires_at <= NOW(6), VALUES(v), v), \
-             expires_at = IF(expires_at IS NOT NULL AND expires_at <= NOW(6), VALUES(expires_at), expires_at)"
-        } else {
-            "v = VALUES(v), expires_at = VALUES(expires_at)"
-        };
-        format!(
-            "INSERT INTO {} (k, v, expires_at) VALUES {values} ON DUPLICATE KEY UPDATE {update}",
-            self.table()
-        )
-    }
+/// `INSERT ... ON DUPLICATE KEY UPDATE` of one or more rows into `table`;
+/// with `only_if_expired` the existing live row is left alone.
+fn upsert_sql(table: &str, rows: usize, only_if_expired: bool) -> String {
+    let values =
+        vec!["(?, ?, IF(? IS NULL, NULL, NOW(6) + INTERVAL ? MICROSECOND))"; rows].join(",");
+    let update = if only_if_expired {
+        "v = IF(expires_at IS NOT NULL AND expires_at <= NOW(6), VALUES(v), v), \
+         expires_at = IF(expires_at IS NOT NULL AND expires_at <= NOW(6), VALUES(expires_at), expires_at)"
+    } else {
+        "v = VALUES(v), expires_at = VALUES(expires_at)"
+    };
+    format!(
+        "INSERT INTO {table} (k, v, expires_at) VALUES {values} ON DUPLICATE KEY UPDATE {update}"
+    )
 }
 
 fn row_params(k: Vec<u8>, v: &Bytes, ttl: Option<u64>) -> [Value; 4] {
@@ -89,31 +116,26 @@ impl Cache for MysqlCache {
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let k = self.key(key);
-        let sql = format!("SELECT v FROM {} WHERE k = ? AND {LIVE}", self.table());
-        let v: Option<Vec<u8>> = self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
+        let v: Option<Vec<u8>> = self
+            .shared
+            .db
+            .query_first(&self.sql.get, (k,))
+            .await
+            .for_key(key)?;
         Ok(v.map(Bytes::from))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         let k = self.key(key);
         let params = Params::Positional(row_params(k, &value, micros(ttl)).to_vec());
-        self.shared
-            .db
-            .exec(&self.upsert_sql(1, false), params)
-            .await
-            .map(drop)
+        self.shared.db.exec(&self.sql.set, params).await.map(drop)
     }
 
     async fn set_nx(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
         let k = self.key(key);
         let params = Params::Positional(row_params(k, &value, micros(ttl)).to_vec());
         // Affected rows: 1 inserted, 2 replaced an expired row, 0 left a live one.
-        Ok(self
-            .shared
-            .db
-            .exec(&self.upsert_sql(1, true), params)
-            .await?
-            > 0)
+        Ok(self.shared.db.exec(&self.sql.set_nx, params).await? > 0)
     }
 
     async fn delete<'k>(&self, keys: &[&'k str]) -> Result<u64> {
@@ -128,40 +150,36 @@ impl Cache for MysqlCache {
 
     async fn exists(&self, key: &str) -> Result<bool> {
         let k = self.key(key);
-        let sql = format!("SELECT 1 FROM {} WHERE k = ? AND {LIVE}", self.table());
-        let v: Option<i64> = self.shared.db.query_first(&sql, (k,)).await?;
+        let v: Option<i64> = self.shared.db.query_first(&self.sql.exists, (k,)).await?;
         Ok(v.is_some())
     }
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
         let k = self.key(key);
-        let sql = format!(
-            "UPDATE {} SET expires_at = NOW(6) + INTERVAL ? MICROSECOND WHERE k = ? AND {LIVE}",
-            self.table()
-        );
-        Ok(self.shared.db.exec(&sql, (micros(Some(ttl)), k)).await? > 0)
+        let params = (micros(Some(ttl)), k);
+        Ok(self.shared.db.exec(&self.sql.expire, params).await? > 0)
     }
 
     async fn ttl(&self, key: &str) -> Result<KeyTtl> {
         let k = self.key(key);
-        let sql = format!(
-            "SELECT TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) FROM {} WHERE k = ? AND {LIVE}",
-            self.table()
-        );
-        let row: Option<(Option<i64>,)> =
-            self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
+        let row: Option<(Option<i64>,)> = self
+            .shared
+            .db
+            .query_first(&self.sql.ttl, (k,))
+            .await
+            .for_key(key)?;
         Ok(row.map_or(KeyTtl::Missing, |(us,)| lifetime(us)))
     }
 
     /// The value and its lifetime in one statement: one consistent read.
     async fn get_with_ttl(&self, key: &str) -> Result<(Option<Bytes>, KeyTtl)> {
         let k = self.key(key);
-        let sql = format!(
-            "SELECT v, TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) FROM {} WHERE k = ? AND {LIVE}",
-            self.table()
-        );
-        let row: Option<(Vec<u8>, Option<i64>)> =
-            self.shared.db.query_first(&sql, (k,)).await.for_key(key)?;
+        let row: Option<(Vec<u8>, Option<i64>)> = self
+            .shared
+            .db
+            .query_first(&self.sql.get_with_ttl, (k,))
+            .await
+            .for_key(key)?;
         Ok(row.map_or((None, KeyTtl::Missing), |(v, us)| {
             (Some(Bytes::from(v)), lifetime(us))
         }))
@@ -258,7 +276,7 @@ impl Cache for MysqlCache {
         self.shared
             .db
             .exec(
-                &self.upsert_sql(entries.len(), false),
+                &upsert_sql(&self.table(), entries.len(), false),
                 Params::Positional(params),
             )
             .await

@@ -51,6 +51,8 @@ const BATCH: usize = 256;
 /// argument checks, value sizes, telemetry).
 pub(crate) struct MysqlConfigCenter {
     shared: Arc<Shared>,
+    /// Built once per handle; a write's transaction holds a clone.
+    sql: Arc<Statements>,
 }
 
 /// What a write did.
@@ -65,6 +67,7 @@ enum Written {
 
 /// The SQL of one table prefix.
 struct Statements {
+    get: String,
     next_version: String,
     versions: String,
     append: String,
@@ -80,6 +83,7 @@ impl Statements {
             shared.table("meta"),
         );
         Statements {
+            get: format!("SELECT v, version FROM {config} WHERE k = ?"),
             // Locks the writers' row until the transaction ends, and only
             // that row: a subquery on the log here would lock the log's end
             // before the writers' row, and deadlock with the insert of the
@@ -104,7 +108,8 @@ impl Statements {
 
 impl MysqlConfigCenter {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        MysqlConfigCenter { shared }
+        let sql = Arc::new(Statements::new(&shared));
+        MysqlConfigCenter { shared, sql }
     }
 
     async fn write(
@@ -113,7 +118,7 @@ impl MysqlConfigCenter {
         value: Option<Bytes>,
         expected: Option<u64>,
     ) -> Result<Written> {
-        let sql = Statements::new(&self.shared);
+        let sql = self.sql.clone();
         let k = self.shared.key(key);
         self.shared
             .db
@@ -415,14 +420,10 @@ impl ConfigCenter for MysqlConfigCenter {
     }
 
     async fn get_with_version(&self, key: &str) -> Result<Option<Versioned>> {
-        let sql = format!(
-            "SELECT v, version FROM {} WHERE k = ?",
-            self.shared.table("config")
-        );
         let row: Option<(Vec<u8>, u64)> = self
             .shared
             .db
-            .query_first(&sql, (self.shared.key(key),))
+            .query_first(&self.sql.get, (self.shared.key(key),))
             .await
             .for_key(key)?;
         Ok(row.map(|(v, version)| Versioned {
