@@ -441,3 +441,66 @@ pub(crate) struct NodeAddr {
     pub(crate) host: String,
     pub(crate) port: u16,
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    /// The test server (`IMINFRA_REDIS_URL`); skipped without it unless
+    /// `IMINFRA_REQUIRE_BACKENDS` names `redis` or `all`.
+    fn server() -> Option<String> {
+        let url = std::env::var("IMINFRA_REDIS_URL").ok();
+        let required = std::env::var("IMINFRA_REQUIRE_BACKENDS").is_ok_and(|v| {
+            v.split(',')
+                .any(|b| matches!(b.trim().to_ascii_lowercase().as_str(), "all" | "redis"))
+        });
+        assert!(url.is_some() || !required, "IMINFRA_REDIS_URL is not set");
+        if url.is_none() {
+            eprintln!("SKIPPED: IMINFRA_REDIS_URL is not set");
+        }
+        url
+    }
+
+    /// A script the server forgets again after every load (here: the
+    /// command names the hash of a body that is never loaded) is loaded
+    /// twice, then the call fails as `Unavailable`, retryable.
+    #[tokio::test]
+    async fn a_script_forgotten_after_every_load_is_loaded_twice_then_unavailable() {
+        let Some(url) = server() else { return };
+        let marker = uuid::Uuid::new_v4().simple().to_string();
+        let mut monitor = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_async_monitor()
+            .await
+            .unwrap()
+            .into_on_message::<String>();
+        let client = Client::connect(RedisSettings::new(url)).await.unwrap();
+        let script = Script::new(&format!("return 'loaded {marker}'"));
+        let never_loaded = Script::new(&format!("return 'never loaded {marker}'"));
+        let cmd = evalsha::<String, 0>(&never_loaded, []);
+
+        let e = client.script::<String>(&script, &cmd).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable());
+
+        // MONITOR shows every command, these before the call returned:
+        // count this script's loads and calls until the feed is quiet.
+        let (mut loads, mut calls) = (0, 0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Some(line)) = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)),
+            monitor.next(),
+        )
+        .await
+        {
+            if line.contains("\"SCRIPT\" \"LOAD\"") && line.contains(&marker) {
+                loads += 1;
+            } else if line.contains("\"EVALSHA\"") && line.contains(never_loaded.get_hash()) {
+                calls += 1;
+            }
+        }
+        assert_eq!((loads, calls), (2, 3), "SCRIPT LOADs and calls");
+    }
+}
