@@ -46,10 +46,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Stops the server at once, dropping its connections.
+    /// Stops the server at once, dropping its connections: when this
+    /// returns, every socket it held is closed, as at the end of a process.
+    /// (The runtime is dropped on a thread of its own, which this waits
+    /// for, a few milliseconds; `shutdown_background` would return before
+    /// the sockets close, and a call sent meanwhile would hang.)
     pub fn kill(&mut self) {
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            let _ = std::thread::spawn(move || drop(rt)).join();
         }
     }
 }
