@@ -445,30 +445,18 @@ pub(crate) struct NodeAddr {
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
+    use im_infra_conformance::servers::{server_or_skip, REDIS_ENV};
 
     use super::*;
-
-    /// The test server (`IMINFRA_REDIS_URL`); skipped without it unless
-    /// `IMINFRA_REQUIRE_BACKENDS` names `redis` or `all`.
-    fn server() -> Option<String> {
-        let url = std::env::var("IMINFRA_REDIS_URL").ok();
-        let required = std::env::var("IMINFRA_REQUIRE_BACKENDS").is_ok_and(|v| {
-            v.split(',')
-                .any(|b| matches!(b.trim().to_ascii_lowercase().as_str(), "all" | "redis"))
-        });
-        assert!(url.is_some() || !required, "IMINFRA_REDIS_URL is not set");
-        if url.is_none() {
-            eprintln!("SKIPPED: IMINFRA_REDIS_URL is not set");
-        }
-        url
-    }
 
     /// A script the server forgets again after every load (here: the
     /// command names the hash of a body that is never loaded) is loaded
     /// twice, then the call fails as `Unavailable`, retryable.
     #[tokio::test]
     async fn a_script_forgotten_after_every_load_is_loaded_twice_then_unavailable() {
-        let Some(url) = server() else { return };
+        let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+            return;
+        };
         let marker = uuid::Uuid::new_v4().simple().to_string();
         let mut monitor = redis::Client::open(url.as_str())
             .unwrap()
