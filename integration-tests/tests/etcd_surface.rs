@@ -254,6 +254,8 @@ async fn registrations_use_the_default_ttl_or_the_callers_lease() -> Result<()> 
     let mut cfg = EtcdSettings::with_endpoints(eps.split(',').map(str::to_owned));
     cfg.namespace = ns.clone();
     cfg.default_ttl = Duration::from_secs(7);
+    cfg.default_metadata
+        .insert("region".to_owned(), "eu".to_owned());
     let etcd = EtcdBackend::builder().settings(cfg).build().await?;
     let reg = etcd.registry().await?;
     let leases = etcd.leases();
@@ -269,13 +271,24 @@ async fn registrations_use_the_default_ttl_or_the_callers_lease() -> Result<()> 
         granted == Duration::from_secs(7),
         "granted {granted:?}, default_ttl is 7 s"
     );
-    // Discovery names the lease and the TTL.
+    // Discovery names the lease and the TTL, and the settings' default
+    // metadata is registered with the instance, also after an update.
     let found = etcd.discovery().await?.instances("svc").await?;
     ensure!(
         found.len() == 1
             && found[0].lease_id == Some(lease)
-            && found[0].ttl == Some(Duration::from_secs(7)),
+            && found[0].ttl == Some(Duration::from_secs(7))
+            && found[0].metadata.get("region").map(String::as_str) == Some("eu"),
         "{found:?}"
+    );
+    reg.update(&ServiceInstance::new("svc", "a", "127.0.0.1:3"))
+        .await?;
+    let found = etcd.discovery().await?.instances("svc").await?;
+    ensure!(
+        found.len() == 1
+            && found[0].address == "127.0.0.1:3"
+            && found[0].metadata.get("region").map(String::as_str) == Some("eu"),
+        "after an update: {found:?}"
     );
 
     let mine = leases.create(Duration::from_secs(20)).await?;

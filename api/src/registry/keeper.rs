@@ -452,3 +452,134 @@ async fn keep(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// A server side that records what it was asked to put.
+    struct Recording {
+        default_metadata: BTreeMap<String, String>,
+        put: Mutex<Vec<(ServiceInstance, Duration, Option<i64>)>>,
+        closed: AtomicBool,
+    }
+
+    struct Held;
+
+    #[async_trait]
+    impl LeaseBackend for Held {
+        fn describe(&self) -> String {
+            "registration".into()
+        }
+        async fn extend(&self, _: Duration) -> Result<bool> {
+            Ok(true)
+        }
+        async fn release(&self) -> Result<bool> {
+            Ok(true)
+        }
+    }
+
+    #[async_trait]
+    impl RegistrationLease for Held {
+        async fn update(&self, _: &ServiceInstance) -> Result<bool> {
+            Ok(true)
+        }
+    }
+
+    #[async_trait]
+    impl RegistrationBackend for Recording {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        fn default_ttl(&self) -> Duration {
+            Duration::from_secs(7)
+        }
+        fn min_ttl(&self) -> Duration {
+            Duration::from_millis(100)
+        }
+        fn check_open(&self) -> Result<()> {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(crate::backend::closed("recording"));
+            }
+            Ok(())
+        }
+        fn default_metadata(&self) -> &BTreeMap<String, String> {
+            &self.default_metadata
+        }
+        async fn list(&self) -> Result<Vec<ServiceInstance>> {
+            Ok(self.put.lock().iter().map(|(i, _, _)| i.clone()).collect())
+        }
+        async fn put(
+            &self,
+            instance: &ServiceInstance,
+            ttl: Duration,
+            lease_id: Option<i64>,
+        ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+            self.put.lock().push((instance.clone(), ttl, lease_id));
+            Ok((Arc::new(Held), ttl))
+        }
+        async fn replace(&self, _: &ServiceInstance) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    fn registry() -> (Arc<Recording>, Registrations) {
+        let server = Arc::new(Recording {
+            default_metadata: BTreeMap::from([
+                ("region".to_owned(), "eu".to_owned()),
+                ("zone".to_owned(), "a".to_owned()),
+            ]),
+            put: Mutex::default(),
+            closed: AtomicBool::new(false),
+        });
+        let registrations = Registrations::new(server.clone(), RetrySettings::default());
+        (server, registrations)
+    }
+
+    /// The backend's policy, applied once for every backend: its default
+    /// TTL, its minimum, a caller's lease only where it takes one, its
+    /// default metadata under the instance's own, and `Closed` once closed.
+    #[tokio::test]
+    async fn the_backends_policy_applies_to_every_call() {
+        let (server, registry) = registry();
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80").with_metadata("zone", "b");
+        registry
+            .register_with(&instance, RegisterOptions::default())
+            .await
+            .unwrap();
+        {
+            let put = server.put.lock();
+            let (stored, ttl, lease) = &put[0];
+            assert_eq!((*ttl, *lease), (Duration::from_secs(7), None));
+            assert_eq!(stored.metadata["region"], "eu");
+            assert_eq!(
+                stored.metadata["zone"], "b",
+                "the instance's own value wins"
+            );
+        }
+        let short = RegisterOptions::default().ttl(Duration::from_millis(99));
+        let e = registry.register_with(&instance, short).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        let leased = RegisterOptions::default().lease_id(42);
+        let e = registry.register_with(&instance, leased).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        assert_eq!(server.put.lock().len(), 1, "refused calls reach no server");
+
+        let services = registry.list_services().await.unwrap();
+        assert_eq!(services.len(), 1);
+        server.closed.store(true, Ordering::SeqCst);
+        let kinds = [
+            registry.register(&instance, Duration::from_secs(1)).await,
+            registry.update(&instance).await,
+            registry.deregister("svc", "a").await,
+            registry.list_services().await.map(drop),
+        ]
+        .map(|r| r.unwrap_err().kind());
+        assert_eq!(kinds, [ErrorKind::Closed; 4]);
+        // The close still deregisters what is registered.
+        Closable::close(&registry).await.unwrap();
+        assert!(registry.instances().is_empty());
+    }
+}
