@@ -934,7 +934,7 @@ impl LockBackend {
                 RedisBackend::builder()
                     .url(url)
                     .namespace(namespace)
-                    .response_timeout(timeout)
+                    .request_timeout(timeout)
                     .connect_timeout(timeout)
                     .build()
                     .await?,
@@ -944,7 +944,7 @@ impl LockBackend {
                     EtcdSettings::with_endpoints(url.split(',').map(|e| e.trim().to_owned()));
                 cfg.namespace = namespace.to_owned();
                 cfg.request_timeout = timeout;
-                cfg.dial_timeout = timeout;
+                cfg.connect_timeout = timeout;
                 LockBackend::Etcd(EtcdBackend::builder().settings(cfg).build().await?)
             }
             "mysql" => LockBackend::Mysql(
@@ -952,7 +952,7 @@ impl LockBackend {
                     .url(url)
                     .namespace(namespace)
                     .table_prefix(MYSQL_TABLE_PREFIX)
-                    .query_timeout(timeout)
+                    .request_timeout(timeout)
                     .connect_timeout(timeout)
                     .build()
                     .await?,

@@ -124,7 +124,7 @@ async fn backend(endpoints: &[&str], ns: &str, request_timeout: Duration) -> Res
     let mut cfg = EtcdSettings::with_endpoints(endpoints.iter().map(|e| e.to_string()));
     cfg.namespace = ns.to_owned();
     cfg.request_timeout = request_timeout;
-    cfg.dial_timeout = Duration::from_secs(3);
+    cfg.connect_timeout = Duration::from_secs(3);
     cfg.health_check_interval = Duration::from_secs(1);
     cfg.health_check_timeout = Duration::from_secs(1);
     // Re-registration after a lost lease: quickly, forever.

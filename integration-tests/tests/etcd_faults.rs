@@ -20,7 +20,7 @@ async fn backend(endpoints: &str, ns: &str) -> Result<EtcdBackend> {
     let mut cfg = EtcdSettings::with_endpoints(endpoints.split(',').map(str::to_owned));
     cfg.namespace = ns.to_owned();
     cfg.request_timeout = Duration::from_secs(2);
-    cfg.dial_timeout = Duration::from_secs(3);
+    cfg.connect_timeout = Duration::from_secs(3);
     Ok(EtcdBackend::builder().settings(cfg).build().await?)
 }
 

@@ -26,7 +26,7 @@ async fn backend(endpoint: &str) -> Result<EtcdBackend> {
     let mut cfg = EtcdSettings::with_endpoints([endpoint.to_owned()]);
     cfg.namespace = "/regression".into();
     cfg.request_timeout = Duration::from_secs(2);
-    cfg.dial_timeout = Duration::from_secs(2);
+    cfg.connect_timeout = Duration::from_secs(2);
     cfg.retry.max_interval = Duration::from_millis(500);
     Ok(EtcdBackend::builder().settings(cfg).build().await?)
 }

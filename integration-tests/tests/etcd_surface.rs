@@ -146,11 +146,11 @@ async fn connection_status_names_the_endpoint_in_use() -> Result<()> {
 }
 
 #[tokio::test]
-async fn an_unreachable_etcd_fails_within_the_dial_timeout() {
+async fn an_unreachable_etcd_fails_within_the_connect_timeout() {
     let started = Instant::now();
     let err = EtcdBackend::builder()
         .settings(EtcdSettings::with_endpoints(["http://127.0.0.1:1"]))
-        .dial_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500))
         .build()
         .await
         .expect_err("nothing listens on port 1");

@@ -35,7 +35,7 @@ async fn backend(url: &str, what: &str) -> Result<MysqlBackend> {
         .url(url)
         .namespace(ns)
         .table_prefix(TABLE_PREFIX)
-        .query_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(1))
         .connect_timeout(Duration::from_secs(1))
         .config_poll_interval(Duration::from_millis(50))
         .build()

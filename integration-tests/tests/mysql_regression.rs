@@ -129,7 +129,7 @@ async fn config_watch_converges_after_the_tables_come_back_older() -> Result<()>
         .url(&url)
         .namespace("regression/")
         .table_prefix(&prefix)
-        .query_timeout(Duration::from_secs(5))
+        .request_timeout(Duration::from_secs(5))
         .config_poll_interval(Duration::from_millis(50))
         .build()
         .await?;

@@ -125,7 +125,7 @@ async fn a_query_past_its_deadline_is_a_retryable_timeout() -> Result<()> {
         return Ok(());
     };
     let cfg = MysqlSettings {
-        query_timeout: Duration::from_millis(200),
+        request_timeout: Duration::from_millis(200),
         ..MysqlSettings::new(&url)
     };
     let db = Db::connect(cfg).await?;
@@ -154,7 +154,7 @@ async fn concurrent_starts_create_the_schema_once() -> Result<()> {
         MysqlBackend::builder()
             .url(&url)
             .table_prefix(&prefix)
-            .query_timeout(Duration::from_secs(10))
+            .request_timeout(Duration::from_secs(10))
             .build()
     };
     let started = futures::future::join_all((0..4).map(|_| build())).await;

@@ -257,7 +257,7 @@ async fn a_frozen_network_stops_answers_from_memory_within_two_heartbeats() -> R
 /// The network to Redis freezes while 32 readers' misses are being read
 /// together, and another client rewrites every key meanwhile: no read
 /// hangs (each ends, with a value or an error, within a bound set by the
-/// response timeout), and after the thaw every key reads its new value, so
+/// request timeout), and after the thaw every key reads its new value, so
 /// no read was lost from the batcher's bound of reads at once and nothing
 /// read before the freeze was kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +272,7 @@ async fn a_network_frozen_mid_batch_ends_every_read_in_time_and_keeps_nothing_ol
     let backend = RedisBackend::builder()
         .url(proxy.url(&url)?)
         .namespace(&ns)
-        .response_timeout(TIMEOUT)
+        .request_timeout(TIMEOUT)
         .build()
         .await?;
     let near = NearCache::builder(backend.cache().await?)
@@ -328,7 +328,7 @@ async fn a_network_frozen_mid_batch_ends_every_read_in_time_and_keeps_nothing_ol
     println!("{failed} reads failed during the freeze; the slowest read took {slowest:?}");
     ensure!(failed > 0, "the freeze reached reads in flight");
     // A miss may wait on the flight of its key, whose reader waits for a
-    // read of the server to end before it reads: three response timeouts
+    // read of the server to end before it reads: three request timeouts
     // at most (1.5 s measured), and a second of slack.
     let bound = TIMEOUT * 3 + Duration::from_secs(1);
     ensure!(slowest < bound, "a read took {slowest:?} (bound {bound:?})");

@@ -80,7 +80,7 @@ async fn connect(kind: Kind, address: &str, ns: &str) -> Result<Arc<dyn Backend>
             RedisBackend::builder()
                 .url(address)
                 .namespace(ns)
-                .response_timeout(REQUEST_TIMEOUT)
+                .request_timeout(REQUEST_TIMEOUT)
                 .build()
                 .await?,
         ),
@@ -88,7 +88,7 @@ async fn connect(kind: Kind, address: &str, ns: &str) -> Result<Arc<dyn Backend>
             let mut cfg = EtcdSettings::with_endpoints([address.to_owned()]);
             cfg.namespace = format!("/{ns}");
             cfg.request_timeout = REQUEST_TIMEOUT;
-            cfg.dial_timeout = Duration::from_secs(3);
+            cfg.connect_timeout = Duration::from_secs(3);
             Arc::new(EtcdBackend::builder().settings(cfg).build().await?)
         }
         Kind::Mysql => Arc::new(
@@ -96,7 +96,7 @@ async fn connect(kind: Kind, address: &str, ns: &str) -> Result<Arc<dyn Backend>
                 .url(address)
                 .namespace(format!("{ns}/"))
                 .table_prefix("iminfra_test_")
-                .query_timeout(REQUEST_TIMEOUT)
+                .request_timeout(REQUEST_TIMEOUT)
                 .connect_timeout(REQUEST_TIMEOUT)
                 .build()
                 .await?,

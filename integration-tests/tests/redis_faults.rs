@@ -29,7 +29,7 @@ async fn redis_killed_mid_run_fails_retryably_and_the_same_instance_recovers() -
     let backend = RedisBackend::builder()
         .url(&url)
         .namespace(&ns)
-        .response_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(1))
         .build()
         .await?;
     let cache = backend.cache().await?;
@@ -39,7 +39,7 @@ async fn redis_killed_mid_run_fails_retryably_and_the_same_instance_recovers() -
     let closing = RedisBackend::builder()
         .url(&url)
         .namespace(&ns)
-        .response_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(1))
         .build()
         .await?;
     let closing_limiters = PolicyLimiters::of(&closing).await?;
@@ -179,7 +179,7 @@ async fn config_watch_resumes_across_a_restart_and_loses_nothing() -> Result<()>
     let backend = RedisBackend::builder()
         .url(&url)
         .namespace(&ns)
-        .response_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(1))
         .build()
         .await?;
     let center = backend.config().await?;
@@ -227,7 +227,7 @@ async fn a_near_cache_serves_nothing_stale_across_a_redis_restart() -> Result<()
     let backend = RedisBackend::builder()
         .url(&url)
         .namespace(&ns)
-        .response_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(1))
         .build()
         .await?;
     let near = NearCache::builder(backend.cache().await?)

@@ -25,7 +25,7 @@ async fn backend(url: &str) -> Result<RedisBackend> {
     Ok(RedisBackend::builder()
         .url(url)
         .namespace("regression")
-        .response_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(1))
         .connect_timeout(Duration::from_secs(1))
         .build()
         .await?)

@@ -185,7 +185,7 @@ async fn the_backend_follows_a_sentinel_failover() -> Result<()> {
         .sentinel(sentinel_urls, MASTER)
         .namespace(&ns)
         .connect_timeout(Duration::from_secs(1))
-        .response_timeout(Duration::from_secs(1))
+        .request_timeout(Duration::from_secs(1))
         .build()
         .await?;
     let lock = backend.lock().await?;

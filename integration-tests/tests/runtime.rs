@@ -449,7 +449,7 @@ async fn an_unreachable_coordinator_fails_the_start_or_is_replaced_in_process_by
 ) -> Result<()> {
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let etcd = json!({"endpoints": [format!("http://{closed}")], "dial_timeout": "1s"});
+    let etcd = json!({"endpoints": [format!("http://{closed}")], "connect_timeout": "1s"});
     let started = Instant::now();
     let e = builder("svc-nocoord")
         .section("backends", json!({"coord": "etcd"}))

@@ -216,7 +216,7 @@ async fn etcd_over_tls_with_the_ca_and_refused_without_it() -> Result<()> {
     expect_refused(
         EtcdBackend::builder()
             .endpoints(endpoints.split(','))
-            .dial_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(2))
             .tls(TlsFiles {
                 ca_file: Some(wrong),
                 ..TlsFiles::default()

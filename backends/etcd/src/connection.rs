@@ -105,7 +105,7 @@ impl ConnectionManager {
 
     fn options(&self) -> Result<ConnectOptions> {
         let mut o = ConnectOptions::new()
-            .with_connect_timeout(self.settings.dial_timeout)
+            .with_connect_timeout(self.settings.connect_timeout)
             .with_timeout(self.settings.request_timeout)
             .with_keep_alive(Duration::from_secs(10), self.settings.health_check_timeout)
             .with_keep_alive_while_idle(true);
@@ -143,11 +143,11 @@ impl ConnectionManager {
     }
 
     /// Connects (replacing any previous client) and checks that etcd
-    /// answers. Building the client is bounded by the dial timeout; the
+    /// answers. Building the client is bounded by the connect timeout; the
     /// first check (each bounded by the health-check timeout) is tried
     /// again on a retryable failure, such as a configured member that is
-    /// down, until the dial timeout has passed once more, so a connect
-    /// takes at most twice the dial timeout plus one health-check timeout.
+    /// down, until the connect timeout has passed once more, so a connect
+    /// takes at most twice the connect timeout plus one health-check timeout.
     pub async fn connect(&self) -> Result<()> {
         self.ops.connect.run(self.connect_raw()).await
     }
@@ -158,16 +158,18 @@ impl ConnectionManager {
         }
         let options = self.options()?;
         let connect = Client::connect(self.settings.endpoints.clone(), Some(options));
-        let client = match tokio::time::timeout(self.settings.dial_timeout, connect).await {
+        let client = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(self.failed(from_etcd(e))),
-            Err(_) => return Err(self.failed(self.timeout("connect", self.settings.dial_timeout))),
+            Err(_) => {
+                return Err(self.failed(self.timeout("connect", self.settings.connect_timeout)))
+            }
         };
         self.client.store(Some(Arc::new(client)));
         // The first requests may go to a configured member that is down
         // before the channel has learnt it is: a retryable failure is tried
-        // again (on the next member) until the dial timeout.
-        let deadline = tokio::time::Instant::now() + self.settings.dial_timeout;
+        // again (on the next member) until the connect timeout.
+        let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
         loop {
             match self.check().await {
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {

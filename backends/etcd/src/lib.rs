@@ -10,7 +10,7 @@
 //! | `Once`, `WorkerIdAllocator` | transactions on lease-backed keys |
 //!
 //! and the etcd-specific surface of the original component:
-//! [`EtcdBackendBuilder`] (endpoints, dial timeout, auth, TLS, default TTL,
+//! [`EtcdBackendBuilder`] (endpoints, connect timeout, auth, TLS, default TTL,
 //! prefixes, health checks, retry), presets ([`EtcdBackend::quick_start`],
 //! [`EtcdBackend::development`], ...), configuration loaded with priority
 //! arguments > file > environment > defaults ([`EtcdSettings::load`]), the
@@ -25,7 +25,7 @@
 //! # async fn demo() -> im_infra::Result<()> {
 //! let etcd = EtcdBackend::builder()
 //!     .endpoints(["http://127.0.0.1:2379"])
-//!     .dial_timeout(Duration::from_secs(5))
+//!     .connect_timeout(Duration::from_secs(5))
 //!     .service_prefix("/prod/services")
 //!     .build()
 //!     .await?;
@@ -143,8 +143,8 @@ impl EtcdBackendBuilder {
 
     /// Bound of connecting.
     #[must_use]
-    pub fn dial_timeout(self, d: Duration) -> Self {
-        self.edit(move |s| s.dial_timeout = d)
+    pub fn connect_timeout(self, d: Duration) -> Self {
+        self.edit(move |s| s.connect_timeout = d)
     }
 
     /// Bound of every request.
@@ -225,7 +225,7 @@ impl EtcdBackendBuilder {
         Ok(settings)
     }
 
-    /// Connects and checks etcd within the dial timeout.
+    /// Connects and checks etcd within the connect timeout.
     pub async fn build(self) -> Result<EtcdBackend> {
         let cfg = self.resolve()?;
         let conn = Arc::new(ConnectionManager::new(cfg));

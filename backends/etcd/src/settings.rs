@@ -2,7 +2,7 @@
 //!
 //! Priority, highest first: builder arguments > a config file
 //! (`etcd-config.json|yaml|yml`, then `config/etcd.json|yaml|yml`) >
-//! environment (`ETCD_ENDPOINTS`, `ETCD_DIAL_TIMEOUT`, ...) > defaults.
+//! environment (`ETCD_ENDPOINTS`, `ETCD_CONNECT_TIMEOUT`, ...) > defaults.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ pub struct TlsFiles {
 /// ```
 /// let cfg: im_infra_etcd::EtcdSettings = serde_json::from_str(r#"{
 ///     "endpoints": ["http://10.0.0.1:2379", "http://10.0.0.2:2379"],
-///     "dial_timeout": "5s",
+///     "connect_timeout": "5s",
 ///     "username": "app", "password": "s3cret",
 ///     "service_prefix": "/prod/services",
 ///     "lock_prefix": "/prod/locks/"
@@ -46,8 +46,9 @@ pub struct EtcdSettings {
     /// Client URLs of the members (`http://host:2379` or `https://`).
     pub endpoints: Vec<String>,
     /// Bound of connecting (and of the first health check).
-    #[serde(with = "humantime_serde")]
-    pub dial_timeout: Duration,
+    /// `dial_timeout`, the original system's name, is read as this.
+    #[serde(with = "humantime_serde", alias = "dial_timeout")]
+    pub connect_timeout: Duration,
     /// Bound of every request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -93,7 +94,7 @@ impl Default for EtcdSettings {
     fn default() -> Self {
         EtcdSettings {
             endpoints: vec!["http://127.0.0.1:2379".into()],
-            dial_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             username: None,
             password: None,
@@ -123,7 +124,7 @@ impl std::fmt::Debug for EtcdSettings {
         let eps: Vec<String> = self.endpoints.iter().map(|e| redact_url(e)).collect();
         f.debug_struct("EtcdSettings")
             .field("endpoints", &eps)
-            .field("dial_timeout", &self.dial_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("username", &self.username)
             .field("password", &self.password)
@@ -165,7 +166,7 @@ impl EtcdSettings {
     /// A local development setup: `localhost:2379`, short timeouts.
     pub fn development() -> Self {
         EtcdSettings {
-            dial_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(3),
             default_ttl: Duration::from_secs(10),
             ..EtcdSettings::default()
@@ -176,7 +177,7 @@ impl EtcdSettings {
     pub fn production<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
         EtcdSettings {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
-            dial_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             default_ttl: Duration::from_secs(60),
             health_check_interval: Duration::from_secs(15),
@@ -194,7 +195,7 @@ impl EtcdSettings {
     /// A test setup: short TTLs and timeouts, frequent health checks.
     pub fn testing() -> Self {
         EtcdSettings {
-            dial_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(2),
             default_ttl: Duration::from_secs(5),
             health_check_interval: Duration::from_secs(2),
@@ -221,7 +222,7 @@ impl EtcdSettings {
                 return Err(invalid(format!("endpoint {} has no port", redact_url(e))));
             }
         }
-        CHECK.positive("dial_timeout", self.dial_timeout)?;
+        CHECK.positive("connect_timeout", self.connect_timeout)?;
         CHECK.positive("request_timeout", self.request_timeout)?;
         CHECK.positive("health_check_timeout", self.health_check_timeout)?;
         CHECK.positive("health_check_interval", self.health_check_interval)?;
@@ -248,7 +249,8 @@ impl EtcdSettings {
     }
 
     /// Applies the `ETCD_*` environment variables that are set
-    /// (`ETCD_ENDPOINTS` comma-separated, `ETCD_DIAL_TIMEOUT` like `5s`,
+    /// (`ETCD_ENDPOINTS` comma-separated, `ETCD_CONNECT_TIMEOUT` like `5s`
+    /// — `ETCD_DIAL_TIMEOUT` is read too, the new name winning —,
     /// `ETCD_REQUEST_TIMEOUT`, `ETCD_USERNAME`, `ETCD_PASSWORD`,
     /// `ETCD_NAMESPACE`, `ETCD_SERVICE_PREFIX`, `ETCD_LOCK_PREFIX`,
     /// `ETCD_DEFAULT_TTL`).
@@ -267,8 +269,11 @@ impl EtcdSettings {
                 .filter(|s| !s.is_empty())
                 .collect();
         }
-        if let Some(v) = var("ETCD_DIAL_TIMEOUT") {
-            self.dial_timeout = dur("ETCD_DIAL_TIMEOUT", v)?;
+        // `ETCD_DIAL_TIMEOUT` is the original system's name.
+        for name in ["ETCD_DIAL_TIMEOUT", "ETCD_CONNECT_TIMEOUT"] {
+            if let Some(v) = var(name) {
+                self.connect_timeout = dur(name, v)?;
+            }
         }
         if let Some(v) = var("ETCD_REQUEST_TIMEOUT") {
             self.request_timeout = dur("ETCD_REQUEST_TIMEOUT", v)?;
@@ -311,6 +316,10 @@ impl EtcdSettings {
         let mut merged = serde_json::to_value(&*self).map_err(|e| invalid(e.to_string()))?;
         if let serde_json::Value::Object(base) = &mut merged {
             for (k, v) in patch {
+                // A field given by its earlier name replaces the current one.
+                if k == "dial_timeout" {
+                    base.remove("connect_timeout");
+                }
                 base.insert(k, v);
             }
         }
@@ -406,7 +415,7 @@ mod tests {
             let s = EtcdSettings::load(Some(file)).unwrap();
             s.validate().unwrap();
             assert_eq!(s.endpoints.len(), 3, "{file:?}");
-            assert_eq!(s.dial_timeout, Duration::from_secs(5));
+            assert_eq!(s.connect_timeout, Duration::from_secs(5));
             assert_eq!(s.log_level.as_deref(), Some("info"));
         }
         std::fs::write(&json, r#"{"endpoints": ["h:1"], "log_levl": "info"}"#).unwrap();
@@ -452,7 +461,18 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.endpoints, vec!["http://a:1", "http://b:2"]);
-        assert_eq!(c.dial_timeout, Duration::from_millis(750));
+        assert_eq!(c.connect_timeout, Duration::from_millis(750));
+        c.apply_vars(|k| match k {
+            "ETCD_DIAL_TIMEOUT" => Some("1s".into()),
+            "ETCD_CONNECT_TIMEOUT" => Some("2s".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            c.connect_timeout,
+            Duration::from_secs(2),
+            "the new name wins"
+        );
         let bad = EtcdSettings::default()
             .apply_vars(|k| (k == "ETCD_DIAL_TIMEOUT").then(|| "soon".into()));
         assert_eq!(bad.unwrap_err().kind(), ErrorKind::InvalidConfig);
@@ -464,7 +484,7 @@ mod tests {
         std::fs::create_dir(dir.path().join("config")).unwrap();
         std::fs::write(
             dir.path().join("config/etcd.json"),
-            r#"{"dial_timeout": "9s"}"#,
+            r#"{"connect_timeout": "9s"}"#,
         )
         .unwrap();
         assert_eq!(
@@ -473,7 +493,7 @@ mod tests {
         );
         std::fs::write(
             dir.path().join("etcd-config.yaml"),
-            "endpoints:\n  - http://y:2379\ndial_timeout: 4s\n",
+            "endpoints:\n  - http://y:2379\nconnect_timeout: 4s\n",
         )
         .unwrap();
         let found = EtcdSettings::find_file(dir.path()).unwrap();
@@ -487,7 +507,7 @@ mod tests {
             vec!["http://y:2379"],
             "the file wins over the environment"
         );
-        assert_eq!(c.dial_timeout, Duration::from_secs(4));
+        assert_eq!(c.connect_timeout, Duration::from_secs(4));
         std::fs::write(dir.path().join("bad.json"), "{not json").unwrap();
         assert_eq!(
             c.apply_file(&dir.path().join("bad.json"))

@@ -45,7 +45,7 @@ where
 /// A connection pool to MySQL or MariaDB.
 ///
 /// Every call takes a connection from the pool, runs within the configured
-/// query timeout (the time to get a connection included), is one `tracing`
+/// request timeout (the time to get a connection included), is one `tracing`
 /// span, and counts in `im_infra_ops_total{backend="mysql",capability="db"}`.
 ///
 /// The [`MysqlBackend`](crate::MysqlBackend)'s own queries run on an
@@ -167,12 +167,12 @@ impl Db {
         }
     }
 
-    /// Runs `fut` within the query timeout, mapping errors.
+    /// Runs `fut` within the request timeout, mapping errors.
     async fn bounded<T>(
         &self,
         fut: impl Future<Output = std::result::Result<T, mysql_async::Error>>,
     ) -> Result<T> {
-        self.bounded_by(self.settings.query_timeout, fut).await
+        self.bounded_by(self.settings.request_timeout, fut).await
     }
 
     /// Runs `fut` within `bound`, mapping errors.
@@ -279,7 +279,7 @@ impl Db {
         .await
     }
 
-    /// Runs `f` on one pooled connection, within the query timeout.
+    /// Runs `f` on one pooled connection, within the request timeout.
     pub async fn with_conn<T, F>(&self, f: F) -> Result<T>
     where
         T: Send,
@@ -288,7 +288,8 @@ impl Db {
             ) -> BoxFuture<'c, std::result::Result<T, mysql_async::Error>>
             + Send,
     {
-        self.with_conn_within(self.settings.query_timeout, f).await
+        self.with_conn_within(self.settings.request_timeout, f)
+            .await
     }
 
     /// Runs `f` on one pooled connection, within `bound` (for work known to

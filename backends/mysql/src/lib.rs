@@ -140,8 +140,8 @@ impl MysqlBackendBuilder {
 
     /// Bound of every query.
     #[must_use]
-    pub fn query_timeout(mut self, d: Duration) -> Self {
-        self.settings.query_timeout = d;
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.settings.request_timeout = d;
         self
     }
 

@@ -31,7 +31,7 @@ pub struct MysqlTls {
 /// let cfg: im_infra_mysql::MysqlSettings = serde_json::from_str(r#"{
 ///     "url": "mysql://app:s3cret@10.0.0.7:3306/im",
 ///     "pool_max": 32,
-///     "query_timeout": "2s",
+///     "request_timeout": "2s",
 ///     "table_prefix": "im_"
 /// }"#).unwrap();
 /// cfg.validate().unwrap();
@@ -59,9 +59,10 @@ pub struct MysqlSettings {
     /// Bound of establishing a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Bound of every query (and of taking a connection from the pool).
-    #[serde(with = "humantime_serde")]
-    pub query_timeout: Duration,
+    /// Bound of every query (and of taking a connection from the pool);
+    /// `query_timeout` in files is read as this.
+    #[serde(with = "humantime_serde", alias = "query_timeout")]
+    pub request_timeout: Duration,
     /// TLS, when set.
     pub tls: Option<MysqlTls>,
     /// Prefix of the backend's tables (letters, digits, `_`).
@@ -98,7 +99,7 @@ impl Default for MysqlSettings {
             pool_min: 1,
             pool_max: 16,
             connect_timeout: Duration::from_secs(3),
-            query_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(3),
             tls: None,
             table_prefix: "iminfra_".into(),
             namespace: String::new(),
@@ -123,7 +124,7 @@ impl std::fmt::Debug for MysqlSettings {
             .field("database", &self.database)
             .field("pool_min", &self.pool_min)
             .field("pool_max", &self.pool_max)
-            .field("query_timeout", &self.query_timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("tls", &self.tls)
             .field("table_prefix", &self.table_prefix)
             .field("namespace", &self.namespace)
@@ -162,7 +163,7 @@ impl MysqlSettings {
             return Err(invalid("pool_max must be positive and at least pool_min"));
         }
         CHECK.positive("connect_timeout", self.connect_timeout)?;
-        CHECK.positive("query_timeout", self.query_timeout)?;
+        CHECK.positive("request_timeout", self.request_timeout)?;
         let ok_name = |s: &str, max: usize| {
             s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         };
@@ -274,6 +275,12 @@ impl im_infra::settings::Settings for MysqlSettings {
 mod tests {
     use super::*;
     use im_infra::ErrorKind;
+
+    #[test]
+    fn the_earlier_name_of_the_request_timeout_is_read() {
+        let s: MysqlSettings = serde_json::from_str(r#"{"query_timeout": "750ms"}"#).unwrap();
+        assert_eq!(s.request_timeout, Duration::from_millis(750));
+    }
 
     #[test]
     fn bad_values_are_rejected() {

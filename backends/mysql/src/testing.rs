@@ -41,7 +41,7 @@ async fn connect(url: String, ns: String) -> Result<MysqlBackend> {
         .url(url)
         .namespace(ns)
         .table_prefix(TABLE_PREFIX)
-        .query_timeout(Duration::from_secs(10))
+        .request_timeout(Duration::from_secs(10))
         .config_poll_interval(Duration::from_millis(50))
         .build()
         .await?)

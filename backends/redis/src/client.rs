@@ -81,7 +81,7 @@ impl Client {
             if settings.is_cluster() {
                 let mut b = ClusterClient::builder(settings.urls.clone())
                     .connection_timeout(settings.connect_timeout)
-                    .response_timeout(settings.response_timeout)
+                    .response_timeout(settings.request_timeout)
                     .retries(settings.retry.max_retries);
                 if let Some(u) = &settings.username {
                     b = b.username(u);
@@ -105,7 +105,7 @@ impl Client {
                 // password with backoff until the deadline; this surfaces it.
                 let probe = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(settings.connect_timeout))
-                    .set_response_timeout(Some(settings.response_timeout));
+                    .set_response_timeout(Some(settings.request_timeout));
                 drop(
                     client
                         .get_multiplexed_async_connection_with_config(&probe)
@@ -113,7 +113,7 @@ impl Client {
                 );
                 let mgr_cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(settings.connect_timeout))
-                    .set_response_timeout(Some(settings.response_timeout))
+                    .set_response_timeout(Some(settings.request_timeout))
                     .set_number_of_retries(settings.retry.max_retries as usize)
                     .set_min_delay(settings.retry.initial_interval)
                     .set_max_delay(settings.retry.max_interval);
@@ -178,14 +178,14 @@ impl Client {
             ErrorKind::Timeout,
             format!(
                 "redis did not answer within {:?}",
-                self.settings.response_timeout
+                self.settings.request_timeout
             ),
         )
         .with_backend(crate::NAME)
     }
 
-    // Every request is bounded by the connection's response timeout
-    // (`RedisSettings::response_timeout`), set on the connection manager and
+    // Every request is bounded by the connection's request timeout
+    // (`RedisSettings::request_timeout`), set on the connection manager and
     // the cluster client alike; a timeout surfaces as `Timeout`.
 
     /// Runs one command.
@@ -251,7 +251,7 @@ impl Client {
     /// pub/sub; `None` on a cluster (those poll instead).
     pub(crate) async fn dedicated(
         &self,
-        response_timeout: Duration,
+        request_timeout: Duration,
     ) -> Result<Option<MultiplexedConnection>> {
         self.check_open()?;
         let Some(client) = self.node().await? else {
@@ -259,7 +259,7 @@ impl Client {
         };
         let options = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.connect_timeout))
-            .set_response_timeout(Some(response_timeout));
+            .set_response_timeout(Some(request_timeout));
         client
             .get_multiplexed_async_connection_with_config(&options)
             .await
@@ -344,7 +344,7 @@ impl Client {
     fn node_connection_config(&self) -> redis::AsyncConnectionConfig {
         redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.connect_timeout))
-            .set_response_timeout(Some(self.settings.response_timeout))
+            .set_response_timeout(Some(self.settings.request_timeout))
     }
 
     /// A RESP3 connection of its own to `node` (or to the node connections

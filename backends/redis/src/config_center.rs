@@ -263,7 +263,7 @@ impl ConfigHistory for History {
 
     async fn connect(&mut self, cursor: &WatchCursor) -> Result<Continuity> {
         let s = self.shared()?;
-        let block = BLOCK + s.client.settings().response_timeout;
+        let block = BLOCK + s.client.settings().request_timeout;
         self.conn = s.client.dedicated(block).await?;
         self.checked = Instant::now();
         let last = cursor.last_version();

@@ -215,8 +215,8 @@ impl RedisBackendBuilder {
 
     /// Bound of every command.
     #[must_use]
-    pub fn response_timeout(mut self, d: Duration) -> Self {
-        self.settings.response_timeout = d;
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.settings.request_timeout = d;
         self
     }
 

@@ -249,7 +249,7 @@ impl InstanceHistory for Instances {
         let s = self.shared()?;
         self.conn = s
             .client
-            .dedicated(BLOCK + s.client.settings().response_timeout)
+            .dedicated(BLOCK + s.client.settings().request_timeout)
             .await?;
         Ok(())
     }

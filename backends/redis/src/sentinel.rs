@@ -6,7 +6,7 @@
 //! primary flagged down is skipped, and `ROLE` on the named node must say
 //! it is a primary), and one multiplexed connection to it is opened. A
 //! command that finds the primary gone (connection refused or dropped, an
-//! I/O error, no answer within the response timeout) or demoted (`READONLY`,
+//! I/O error, no answer within the request timeout) or demoted (`READONLY`,
 //! `MASTERDOWN`, `NOREPLICAS`) drops that connection and fails with that
 //! error; the next command asks the sentinels again. During a failover the
 //! sentinels name no usable primary for a while: commands fail retryably
@@ -154,7 +154,7 @@ impl SentinelConn {
             pause: cfg.retry.initial_interval,
             connection: redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(cfg.connect_timeout))
-                .set_response_timeout(Some(cfg.response_timeout)),
+                .set_response_timeout(Some(cfg.request_timeout)),
             bound: cfg.connect_timeout,
             db,
         };

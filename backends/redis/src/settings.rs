@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 ///     "username": "app",
 ///     "password": "s3cret",
 ///     "namespace": "im-logic",
-///     "response_timeout": "500ms"
+///     "request_timeout": "500ms"
 /// }"#).unwrap();
 /// cfg.validate().unwrap();
 /// assert!(!format!("{cfg:?}").contains("s3cret"));
@@ -74,9 +74,10 @@ pub struct RedisSettings {
     /// sentinels for the primary, checking its role and connecting to it).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Bound of every command.
-    #[serde(with = "humantime_serde")]
-    pub response_timeout: Duration,
+    /// Bound of every command (`response_timeout` in files is read as
+    /// this).
+    #[serde(with = "humantime_serde", alias = "response_timeout")]
+    pub request_timeout: Duration,
     /// Backoff of reconnection attempts (with Sentinel, a failed lookup of
     /// the primary is not repeated within `initial_interval`).
     pub retry: RetrySettings,
@@ -102,7 +103,7 @@ impl Default for RedisSettings {
             tls: None,
             namespace: "im-infra".into(),
             connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
             retry: RetrySettings {
                 max_retries: 6,
                 initial_interval: Duration::from_millis(50),
@@ -131,7 +132,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("tls", &self.tls)
             .field("namespace", &self.namespace)
             .field("connect_timeout", &self.connect_timeout)
-            .field("response_timeout", &self.response_timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("max_value_bytes", &self.max_value_bytes)
             .field("config_history", &self.config_history)
             .finish_non_exhaustive()
@@ -234,7 +235,7 @@ impl RedisSettings {
             }
         }
         CHECK.positive("connect_timeout", self.connect_timeout)?;
-        CHECK.positive("response_timeout", self.response_timeout)?;
+        CHECK.positive("request_timeout", self.request_timeout)?;
         CHECK.within("max_value_bytes", self.max_value_bytes as u64, 1..=u64::MAX)?;
         CHECK.within("config_history", self.config_history as u64, 1..=u64::MAX)?;
         CHECK.positive("limiter_probe_interval", self.limiter_probe_interval)?;
@@ -324,6 +325,12 @@ mod tests {
     use im_infra::ErrorKind;
 
     #[test]
+    fn the_earlier_name_of_the_request_timeout_is_read() {
+        let s: RedisSettings = serde_json::from_str(r#"{"response_timeout": "750ms"}"#).unwrap();
+        assert_eq!(s.request_timeout, Duration::from_millis(750));
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         assert!(RedisSettings::default().validate().is_ok());
         let mut c = RedisSettings::new("http://x");
@@ -338,13 +345,13 @@ mod tests {
             ErrorKind::MissingEndpoints
         );
         c = RedisSettings::default();
-        c.response_timeout = Duration::ZERO;
+        c.request_timeout = Duration::ZERO;
         let e = c.validate().unwrap_err();
         assert_eq!(
             (e.kind(), e.backend()),
             (ErrorKind::InvalidConfig, Some("redis"))
         );
-        assert_eq!(e.message(), "response_timeout must be positive");
+        assert_eq!(e.message(), "request_timeout must be positive");
         let bad: std::result::Result<RedisSettings, _> = serde_json::from_str(r#"{"unknown": 1}"#);
         assert!(bad.is_err());
     }

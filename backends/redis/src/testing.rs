@@ -49,6 +49,6 @@ async fn connect(urls: String, ns: String) -> Result<RedisBackend> {
     let mut settings = RedisSettings::new(&urls);
     settings.urls = urls.split(',').map(str::to_owned).collect();
     settings.namespace = ns;
-    settings.response_timeout = Duration::from_secs(5);
+    settings.request_timeout = Duration::from_secs(5);
     Ok(RedisBackend::builder().settings(settings).build().await?)
 }
