@@ -22,6 +22,7 @@
 
 mod handed_out;
 mod maintenance;
+mod shutdown;
 
 use std::sync::Arc;
 
@@ -94,6 +95,7 @@ impl std::fmt::Display for Capability {
 }
 
 pub use handed_out::{Closable, HandedOut};
+pub use shutdown::Shutdown;
 
 /// `Closed`: the backend `backend` was closed — what every operation on it,
 /// or on anything it handed out, answers afterwards.

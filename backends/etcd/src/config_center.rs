@@ -62,10 +62,7 @@ impl EtcdConfigCenter {
             conn: self.conn.clone(),
             stream: None,
         };
-        let (retry, shutdown) = (
-            self.conn.settings().retry.clone(),
-            self.conn.shutdown.clone(),
-        );
+        let (retry, shutdown) = (self.conn.settings().retry.clone(), self.conn.stop().clone());
         spawn_watch(history, target, opts, retry, shutdown).await
     }
 }

@@ -2,7 +2,6 @@
 //! deadline and error mapping around every request.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -10,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use etcd_client::{Client, ConnectOptions, GetOptions};
+use im_infra::backend::Shutdown;
 use im_infra::telemetry::OpMetrics;
 use im_infra::{Error, ErrorKind, Result};
 use serde::Serialize;
@@ -51,9 +51,8 @@ pub struct ConnectionManager {
     status: Mutex<ConnectionStatus>,
     /// Member id → the endpoint to report for it (see [`ConnectionStatus::endpoint`]).
     members: Mutex<std::collections::HashMap<u64, String>>,
-    closed: AtomicBool,
-    /// Cancelled on close: stops keep-alives, watches and the health checker.
-    pub(crate) shutdown: CancellationToken,
+    /// Closed on close: stops keep-alives, watches and the health checker.
+    shutdown: Shutdown,
     ops: ConnectionOps,
 }
 
@@ -84,8 +83,7 @@ impl ConnectionManager {
                 ..ConnectionStatus::default()
             }),
             members: Mutex::new(std::collections::HashMap::new()),
-            closed: AtomicBool::new(false),
-            shutdown: CancellationToken::new(),
+            shutdown: Shutdown::new(crate::NAME),
             ops: ConnectionOps {
                 connect: m("connection.connect"),
                 disconnect: m("connection.disconnect"),
@@ -153,9 +151,7 @@ impl ConnectionManager {
     }
 
     async fn connect_raw(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(self.closed_error());
-        }
+        self.shutdown.check_open()?;
         let options = self.options()?;
         let connect = Client::connect(self.settings.endpoints.clone(), Some(options));
         let client = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
@@ -284,9 +280,7 @@ impl ConnectionManager {
 
     /// The raw `etcd-client` client (for operations this crate does not wrap).
     pub fn client(&self) -> Result<Client> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(self.closed_error());
-        }
+        self.shutdown.check_open()?;
         self.client.load().as_deref().cloned().ok_or_else(|| {
             Error::new(ErrorKind::Closed, "not connected to etcd").with_backend(crate::NAME)
         })
@@ -299,18 +293,19 @@ impl ConnectionManager {
     /// (deregistering instances); closing only the connection leaves
     /// registrations to expire on etcd. Idempotent.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.shutdown.cancel();
+        self.shutdown.close();
         self.drop_client();
     }
 
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.shutdown.is_closed()
     }
 
-    fn closed_error(&self) -> Error {
-        im_infra::backend::closed(crate::NAME)
+    /// Cancelled on close: keep-alives, watches and the health checker
+    /// stop on it.
+    pub(crate) fn stop(&self) -> &CancellationToken {
+        self.shutdown.token()
     }
 
     fn timeout(&self, what: &str, d: Duration) -> Error {
@@ -360,7 +355,7 @@ impl ConnectionManager {
     pub(crate) async fn health_loop(this: std::sync::Weak<ConnectionManager>) {
         loop {
             let Some(me) = this.upgrade() else { return };
-            let (interval, stop) = (me.settings.health_check_interval, me.shutdown.clone());
+            let (interval, stop) = (me.settings.health_check_interval, me.stop().clone());
             if let Err(e) = me.check().await {
                 tracing::warn!(error = %e, "etcd health check failed");
             }

@@ -409,7 +409,7 @@ impl EtcdLock {
                 _ = deleted => {}
                 _ = &mut until => return Err(im_infra::lock::not_acquired(name, wait)),
                 _ = lost.cancelled() => return Err(waiter_lost()),
-                _ = self.conn.shutdown.cancelled() => return Err(im_infra::backend::closed(crate::NAME)),
+                _ = self.conn.stop().cancelled() => return Err(im_infra::backend::closed(crate::NAME)),
             }
         }
     }

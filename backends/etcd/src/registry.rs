@@ -415,10 +415,7 @@ impl ServiceDiscovery for EtcdDiscovery {
             dir: service_dir(&self.conn, service),
             stream: None,
         };
-        let (retry, shutdown) = (
-            self.conn.settings().retry.clone(),
-            self.conn.shutdown.clone(),
-        );
+        let (retry, shutdown) = (self.conn.settings().retry.clone(), self.conn.stop().clone());
         spawn_watch(history, retry, shutdown).await
     }
 }

@@ -74,12 +74,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability, HandedOut};
+use im_infra::backend::{Backend, Capability, HandedOut, Shutdown};
 use im_infra::layer::{ObservedConsumer, ObservedProducer};
 use im_infra::mq::{Consumer, ConsumerSettings, Producer};
 use im_infra::telemetry::OpMetrics;
 use im_infra::Result;
-use tokio_util::sync::CancellationToken;
 
 /// The client library, for what the traits do not cover.
 pub use rdkafka;
@@ -194,7 +193,7 @@ impl KafkaBackendBuilder {
                 settings: self.settings,
                 admin,
                 producer,
-                shutdown: CancellationToken::new(),
+                shutdown: Shutdown::new(NAME),
                 handed_out: HandedOut::new(NAME),
                 health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
             }),
@@ -208,8 +207,8 @@ struct Shared {
     /// The shared client; every producer handle and the consumers'
     /// dead-letter producers are handles on it.
     producer: KafkaProducer,
-    /// Cancelled on close: refuses new work and stops every consumer.
-    shutdown: CancellationToken,
+    /// Closed on close: refuses new work and stops every consumer.
+    shutdown: Shutdown,
     /// The consumers handed out, shut down on close.
     handed_out: HandedOut,
     health_check: OpMetrics,
@@ -243,11 +242,7 @@ impl KafkaBackend {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.shared.shutdown.is_cancelled() {
-            Err(im_infra::backend::closed(crate::NAME))
-        } else {
-            Ok(())
-        }
+        self.shared.shutdown.check_open()
     }
 
     /// Creates `topic` with `partitions` partitions and the given replication
@@ -313,7 +308,7 @@ impl Backend for KafkaBackend {
             names,
             settings,
             self.shared.producer.handle(),
-            self.shared.shutdown.child_token(),
+            self.shared.shutdown.token().child_token(),
             self.shared.settings.consumer.session_timeout,
         )?);
         self.shared
@@ -346,7 +341,7 @@ impl Backend for KafkaBackend {
             .close_once(async {
                 // Every consumer's stop is a child of this token: they all
                 // start leaving now, and the handles below wait for each.
-                shared.shutdown.cancel();
+                shared.shutdown.close();
                 let handed_out = shared.handed_out.close_all().await;
                 let client = shared.producer.close_client().await;
                 handed_out.and(client)

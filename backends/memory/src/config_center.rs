@@ -116,7 +116,7 @@ impl ConfigHistory for History {
             }
             tokio::select! {
                 _ = &mut changed => {}
-                _ = self.shared.shutdown.cancelled() => {
+                _ = self.shared.stop().cancelled() => {
                     return Err(im_infra::backend::closed(crate::NAME));
                 }
             }
@@ -174,7 +174,7 @@ impl MemoryConfigCenter {
         let history = History {
             shared: self.shared.clone(),
         };
-        let shutdown = self.shared.shutdown.clone();
+        let shutdown = self.shared.stop().clone();
         spawn_watch(history, target, opts, RetrySettings::default(), shutdown).await
     }
 }

@@ -51,11 +51,10 @@ mod settings;
 pub mod testing;
 mod worker_id;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use async_trait::async_trait;
-use im_infra::backend::{Backend, Capability, HandedOut, RawMaintenance};
+use im_infra::backend::{Backend, Capability, HandedOut, RawMaintenance, Shutdown};
 use im_infra::cache::Cache;
 use im_infra::config::ConfigCenter;
 use im_infra::layer::{
@@ -101,8 +100,7 @@ pub const CAPABILITIES: &[Capability] = &[
 #[derive(Debug)]
 pub(crate) struct Shared {
     settings: MemorySettings,
-    closed: AtomicBool,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
     /// Registries and consumers handed out, closed with the backend.
     handed_out: HandedOut,
     health_check: OpMetrics,
@@ -120,21 +118,16 @@ pub(crate) struct Shared {
 impl Shared {
     #[inline]
     pub(crate) fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Relaxed) {
-            Err(im_infra::backend::closed(crate::NAME))
-        } else {
-            Ok(())
-        }
+        self.shutdown.check_open()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
+        self.shutdown.is_closed()
     }
-}
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+    /// Cancelled on close: the background tasks and watches stop.
+    pub(crate) fn stop(&self) -> &CancellationToken {
+        self.shutdown.token()
     }
 }
 
@@ -179,8 +172,7 @@ impl MemoryBackendBuilder {
         Ok(MemoryBackend {
             shared: Arc::new(Shared {
                 settings: self.settings,
-                closed: AtomicBool::new(false),
-                shutdown: CancellationToken::new(),
+                shutdown: Shutdown::new(NAME),
                 handed_out: HandedOut::new(NAME),
                 health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
                 tasks_started: OnceLock::new(),
@@ -346,7 +338,7 @@ async fn purge_loop(shared: Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
         let interval = s.settings.purge_interval;
-        let stop = s.shutdown.clone();
+        let stop = s.stop().clone();
         s.cache.purge();
         s.limiter.purge();
         s.once.purge();
@@ -465,11 +457,11 @@ impl Backend for MemoryBackend {
         shared
             .handed_out
             .close_once(async {
-                shared.closed.store(true, Ordering::Release);
+                shared.shutdown.refuse();
                 #[cfg(feature = "near-cache")]
                 shared.cache.listeners.closed();
                 let handed_out = shared.handed_out.close_all().await;
-                shared.shutdown.cancel();
+                shared.shutdown.close();
                 handed_out
             })
             .await

@@ -195,7 +195,7 @@ impl RegistryStore {
                 t.saturating_duration_since(Instant::now())
                     .min(Duration::from_secs(1))
             });
-            let stop = s.shutdown.clone();
+            let stop = s.stop().clone();
             let changed = s.registry.changed.clone();
             drop(s);
             tokio::select! {
@@ -361,10 +361,10 @@ impl ServiceDiscovery for MemoryDiscovery {
         let history = Instances {
             shared: Arc::downgrade(&self.shared),
             watches: self.shared.registry.watches.clone(),
-            shutdown: self.shared.shutdown.clone(),
+            shutdown: self.shared.stop().clone(),
             service: service.to_owned(),
         };
-        let shutdown = self.shared.shutdown.clone();
+        let shutdown = self.shared.stop().clone();
         spawn_watch(history, RetrySettings::default(), shutdown).await
     }
 }

@@ -167,15 +167,13 @@ impl MysqlConfigCenter {
     }
 
     async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
-        if self.shared.shutdown.is_cancelled() {
-            return Err(im_infra::backend::closed(crate::NAME));
-        }
+        self.shared.check_open()?;
         let history = History {
             shared: Arc::downgrade(&self.shared),
             wait: false,
         };
         let retry = self.shared.settings().retry.clone();
-        let shutdown = self.shared.shutdown.clone();
+        let shutdown = self.shared.stop().clone();
         spawn_watch(history, target, opts, retry, shutdown).await
     }
 }

@@ -227,11 +227,7 @@ impl MysqlBackend {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.shared.shutdown.is_cancelled() {
-            Err(im_infra::backend::closed(crate::NAME))
-        } else {
-            Ok(())
-        }
+        self.shared.check_open()
     }
 
     /// Runs one pass of the background purge now; returns the rows deleted.
@@ -302,7 +298,7 @@ impl Backend for MysqlBackend {
                 primary,
                 rules,
                 self.shared.settings().limiter_probe_interval,
-                self.shared.shutdown.clone(),
+                self.shared.stop().clone(),
             ),
         )))
     }
@@ -346,7 +342,7 @@ impl Backend for MysqlBackend {
         shared
             .handed_out
             .close_once(async {
-                shared.shutdown.cancel();
+                shared.shutdown.close();
                 shared.db.close().await
             })
             .await

@@ -146,7 +146,7 @@ impl TokenLock for MysqlLock {
     }
 
     fn closed(&self) -> &CancellationToken {
-        &self.shared.shutdown
+        self.shared.stop()
     }
 }
 

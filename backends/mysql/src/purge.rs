@@ -26,7 +26,7 @@ pub(crate) async fn purge_once(shared: &Shared) -> Result<u64> {
         loop {
             let n = shared.db.exec(&sql, ()).await?;
             total += n;
-            if n < BATCH || shared.shutdown.is_cancelled() {
+            if n < BATCH || shared.shutdown.is_closed() {
                 break;
             }
         }
@@ -40,7 +40,7 @@ pub(crate) async fn purge_once(shared: &Shared) -> Result<u64> {
 pub(crate) async fn run(shared: Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
-        let stop = s.shutdown.clone();
+        let stop = s.stop().clone();
         let interval = s.settings().purge_interval;
         drop(s);
         let pause = interval.mul_f64(0.75 + fastrand::f64() / 2.0);

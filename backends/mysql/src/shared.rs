@@ -1,6 +1,7 @@
 //! State shared by every handle of one backend instance.
 
-use im_infra::backend::HandedOut;
+use im_infra::backend::{HandedOut, Shutdown};
+use im_infra::Result;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Db;
@@ -13,7 +14,7 @@ pub(crate) struct Shared {
     pub(crate) db: Db,
     ns: Vec<u8>,
     prefix: String,
-    pub(crate) shutdown: CancellationToken,
+    pub(crate) shutdown: Shutdown,
     /// Nothing is tracked (nothing handed out needs closing first); its
     /// close runs once.
     pub(crate) handed_out: HandedOut,
@@ -27,9 +28,20 @@ impl Shared {
             db,
             ns,
             prefix,
-            shutdown: CancellationToken::new(),
+            shutdown: Shutdown::new(crate::NAME),
             handed_out: HandedOut::new(crate::NAME),
         }
+    }
+
+    /// `Closed` once the backend's close began.
+    pub(crate) fn check_open(&self) -> Result<()> {
+        self.shutdown.check_open()
+    }
+
+    /// Cancelled on close: the purge, the config watches and lock waits
+    /// stop on it.
+    pub(crate) fn stop(&self) -> &CancellationToken {
+        self.shutdown.token()
     }
 
     /// The settings in force.

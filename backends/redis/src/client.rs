@@ -1,10 +1,10 @@
 //! The connection to Redis (one node, the primary Redis Sentinel names, or
 //! a cluster), with a deadline and error mapping on every command.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use im_infra::backend::Shutdown;
 use im_infra::{Error, ErrorKind, Result};
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
@@ -64,9 +64,8 @@ pub(crate) struct Client {
     conn: Conn,
     single: Option<redis::Client>,
     settings: RedisSettings,
-    closed: AtomicBool,
-    /// Cancelled on close: stops keep-alives, renewals and watches.
-    pub(crate) shutdown: CancellationToken,
+    /// Closed on close: stops keep-alives, renewals and watches.
+    shutdown: Shutdown,
 }
 
 impl Client {
@@ -146,8 +145,7 @@ impl Client {
             conn,
             single,
             settings,
-            closed: AtomicBool::new(false),
-            shutdown: CancellationToken::new(),
+            shutdown: Shutdown::new(crate::NAME),
         })
     }
 
@@ -160,17 +158,17 @@ impl Client {
     }
 
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.shutdown.cancel();
+        self.shutdown.close();
     }
 
     #[inline]
     pub(crate) fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Relaxed) {
-            Err(im_infra::backend::closed(crate::NAME))
-        } else {
-            Ok(())
-        }
+        self.shutdown.check_open()
+    }
+
+    /// Cancelled on close: keep-alives, renewals and watches stop on it.
+    pub(crate) fn stop(&self) -> &CancellationToken {
+        self.shutdown.token()
     }
 
     fn timeout_error(&self) -> Error {

@@ -93,7 +93,7 @@ impl RedisConfigCenter {
             checked: Instant::now(),
         };
         let client = &self.shared.client;
-        let (retry, shutdown) = (client.settings().retry.clone(), client.shutdown.clone());
+        let (retry, shutdown) = (client.settings().retry.clone(), client.stop().clone());
         spawn_watch(history, target, opts, retry, shutdown).await
     }
 }

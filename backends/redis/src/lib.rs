@@ -410,7 +410,7 @@ impl Backend for RedisBackend {
         self.shared.client.check_open()?;
         let primary = Arc::new(RedisLimiter::new(self.shared.clone(), &rules));
         let probe = self.shared.client.settings().limiter_probe_interval;
-        let shutdown = self.shared.client.shutdown.clone();
+        let shutdown = self.shared.client.stop().clone();
         let fallback = FallbackLimiter::new(NAME, primary, rules, probe, shutdown);
         Ok(Arc::new(ObservedLimiter::new(NAME, fallback)))
     }

@@ -79,7 +79,7 @@ async fn subscriber(shared: std::sync::Weak<Shared>) {
     let mut delays = None;
     loop {
         let Some(s) = shared.upgrade() else { return };
-        let stop = s.client.shutdown.clone();
+        let stop = s.client.stop().clone();
         let channel = s.keys.lock_channel();
         let pubsub = s.client.pubsub().await;
         let delays_iter = delays.get_or_insert_with(|| s.client.settings().retry.delays_forever());
@@ -175,7 +175,7 @@ impl TokenLock for RedisLock {
     }
 
     fn closed(&self) -> &CancellationToken {
-        &self.shared.client.shutdown
+        self.shared.client.stop()
     }
 
     fn releases(&self, key: &str) -> Option<ReleaseWatch> {

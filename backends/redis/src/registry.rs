@@ -291,7 +291,7 @@ impl ServiceDiscovery for RedisDiscovery {
         spawn_watch(
             history,
             client.settings().retry.clone(),
-            client.shutdown.clone(),
+            client.stop().clone(),
         )
         .await
     }

@@ -429,7 +429,7 @@ impl InvalidationSource for RedisInvalidations {
             return Err(Self::closed_early());
         }
         std::mem::forget(unsubscribed);
-        let stop = self.shared.client.shutdown.child_token();
+        let stop = self.shared.client.stop().child_token();
         tokio::spawn(self.clone().drive(sink, stop.clone(), first));
         Ok(Subscription::new(stop.drop_guard()))
     }

@@ -119,7 +119,7 @@ impl Consumer for MemoryConsumer {
                     tokio::select! {
                         _ = &mut changed => {}
                         _ = stop.cancelled() => {}
-                        _ = self.shared.shutdown.cancelled() => {}
+                        _ = self.shared.stop().cancelled() => {}
                         _ = paused.changed() => {}
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     }

@@ -32,7 +32,9 @@ impl MemoryProducer {
     fn send(&self, message: Message) -> Result<Delivery> {
         self.shared.check_open()?;
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::new(ErrorKind::Closed, "the producer was closed"));
+            return Err(
+                Error::new(ErrorKind::Closed, "the producer was closed").with_backend(crate::NAME)
+            );
         }
         message.validate(self.shared.settings.max_message_bytes)?;
         Ok(self
