@@ -167,12 +167,19 @@ pub type ServiceEventStream = BoxStream<'static, Result<ServiceEvent>>;
 pub struct RegistryCapabilities {
     /// [`ServiceDiscovery::watch`] delivers changes.
     pub watch: bool,
+    /// The registry puts an instance on a lease of the caller's
+    /// ([`RegisterOptions::lease_id`]); without it such a registration is
+    /// `Unsupported`.
+    pub caller_leases: bool,
 }
 
 /// Nothing beyond the required operations.
 impl Default for RegistryCapabilities {
     fn default() -> Self {
-        RegistryCapabilities { watch: false }
+        RegistryCapabilities {
+            watch: false,
+            caller_leases: false,
+        }
     }
 }
 
@@ -186,6 +193,19 @@ impl RegistryCapabilities {
     #[must_use]
     pub fn with_watch(mut self) -> Self {
         self.watch = true;
+        self
+    }
+
+    /// Instances can be put on a lease of the caller's.
+    ///
+    /// ```
+    /// use im_infra::registry::RegistryCapabilities;
+    /// assert!(RegistryCapabilities::default().with_caller_leases().caller_leases);
+    /// assert!(!RegistryCapabilities::default().caller_leases);
+    /// ```
+    #[must_use]
+    pub fn with_caller_leases(mut self) -> Self {
+        self.caller_leases = true;
         self
     }
 }

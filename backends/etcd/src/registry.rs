@@ -401,7 +401,9 @@ impl InstanceHistory for Instances {
 #[async_trait]
 impl ServiceDiscovery for EtcdDiscovery {
     fn capabilities(&self) -> RegistryCapabilities {
-        RegistryCapabilities::default().with_watch()
+        RegistryCapabilities::default()
+            .with_watch()
+            .with_caller_leases()
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {

@@ -387,7 +387,28 @@ async fn bad_input_is_invalid_argument(w: World) -> Result<()> {
         ErrorKind::InvalidArgument,
         "empty service",
     )?;
+    ensure!(
+        disc.instances("svc").await?.is_empty(),
+        "nothing refused was registered"
+    );
     Ok(())
+}
+
+async fn a_callers_lease_is_unsupported_where_not_claimed(w: World) -> Result<()> {
+    let reg = w.backend.registry().await?;
+    let opts = RegisterOptions::default().ttl(TTL).lease_id(0x7a);
+    expect_kind(
+        reg.register_with(&instance("svc", "id", 1), opts).await,
+        ErrorKind::Unsupported,
+        "a registration on a caller's lease",
+    )?;
+    let live = w.backend.discovery().await?.instances("svc").await?;
+    ensure!(live.is_empty(), "nothing was registered: {live:?}");
+    Ok(())
+}
+
+fn without_caller_leases(c: &Claims) -> bool {
+    on(c) && c.registry.as_ref().is_some_and(|r| !r.caller_leases)
 }
 
 fn on(c: &Claims) -> bool {
@@ -437,6 +458,11 @@ pub fn cases() -> Vec<Case> {
             when = on
         ),
         crate::case!("registry", lost_lease_is_registered_again, when = on),
+        crate::case!(
+            "registry",
+            a_callers_lease_is_unsupported_where_not_claimed,
+            when = without_caller_leases
+        ),
         crate::case!("registry", resolve_filters_by_metadata, when = on),
         crate::case!("registry", services_are_isolated, when = on),
         crate::case!("registry", bad_input_is_invalid_argument, when = on),
