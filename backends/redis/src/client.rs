@@ -205,10 +205,11 @@ impl Client {
     /// `cmd` again, up to twice; a third NOSCRIPT is `Unavailable`
     /// (retryable). The one way every script of the backend runs.
     ///
-    /// On a cluster `SCRIPT LOAD` goes to every node of the slot map and
-    /// fails if one of them does (a replica still syncing): the key's
-    /// primary may have loaded it all the same, so `cmd` is run again
-    /// whatever the load answered there.
+    /// On a cluster `SCRIPT LOAD` goes to every node of the slot map; it
+    /// fails if a node cannot be reached, or if the node whose answer the
+    /// client reports (the last) refused it (a replica still syncing, a
+    /// node's own ACL). The key's primary may have loaded it all the same,
+    /// so `cmd` is run again whatever the load answered.
     pub(crate) async fn script<T: FromRedisValue>(&self, script: &Script, cmd: &Cmd) -> Result<T> {
         const LOADS: usize = 2;
         self.check_open()?;
@@ -443,7 +444,7 @@ pub(crate) struct NodeAddr {
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
-    use im_infra_conformance::servers::{server_or_skip, REDIS_ENV};
+    use im_infra_conformance::servers::{server_or_skip, REDIS_CLUSTER_ENV, REDIS_ENV};
 
     use super::*;
 
@@ -488,5 +489,80 @@ mod tests {
             }
         }
         assert_eq!((loads, calls), (2, 3), "SCRIPT LOADs and calls");
+    }
+
+    /// On a cluster a node that refuses `SCRIPT LOAD` (ACL users are per
+    /// node: here every node but the first denies this test's user the
+    /// load) fails the cluster-wide load whenever its answer is the one
+    /// the client reports, which depends on each client's order of
+    /// nodes: so six clients, each with a script of its own. The call is
+    /// made again whatever the load answered: a key on the node that
+    /// loaded the script runs, and a key on a refusing node is
+    /// `Unavailable` once the two loads are spent.
+    #[tokio::test]
+    async fn on_a_cluster_a_failed_load_still_runs_where_the_keys_node_loaded_it() {
+        let Some(urls) = server_or_skip("redis-cluster", REDIS_CLUSTER_ENV) else {
+            return;
+        };
+        let urls: Vec<String> = urls.split(',').map(str::to_owned).collect();
+        let marker = uuid::Uuid::new_v4().simple().to_string();
+        let user = format!("script-load-{marker}");
+        let mut nodes = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let mut node = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let mut acl = redis::cmd("ACL");
+            acl.arg("SETUSER").arg(&user).arg("on").arg(">pw");
+            acl.arg("~*").arg("&*").arg("+@all");
+            if i > 0 {
+                acl.arg("-script|load");
+            }
+            acl.query_async::<()>(&mut node).await.unwrap();
+            nodes.push(node);
+        }
+        // A plain connection to the first node answers a key of its own
+        // slots and redirects (MOVED) any other.
+        let (mut loading_key, mut refusing_key) = (None, None);
+        for n in 0..1000 {
+            let key = format!("{marker}:{n}");
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(&key);
+            match exists.query_async::<i64>(&mut nodes[0]).await {
+                Ok(_) => loading_key.get_or_insert(key),
+                Err(_) => refusing_key.get_or_insert(key),
+            };
+        }
+        let (loading_key, refusing_key) = (loading_key.unwrap(), refusing_key.unwrap());
+
+        let mut outcomes = Vec::new();
+        for n in 0..6 {
+            let mut settings = RedisSettings::new(&urls[0]);
+            settings.urls = urls.clone();
+            settings.username = Some(user.clone());
+            settings.password = Some("pw".into());
+            let client = Client::connect(settings).await.unwrap();
+            let script = Script::new(&format!("return 'ran {marker} {n}'"));
+            let (on_loading, on_refusing) = (
+                evalsha(&script, [&loading_key]),
+                evalsha(&script, [&refusing_key]),
+            );
+            let loading = client.script::<String>(&script, &on_loading).await;
+            let refusing = client.script::<String>(&script, &on_refusing).await;
+            outcomes.push((n, loading, refusing));
+        }
+        for node in &mut nodes {
+            let mut del = redis::cmd("ACL");
+            del.arg("DELUSER").arg(&user);
+            del.query_async::<i64>(node).await.unwrap();
+        }
+
+        for (n, loading, refusing) in outcomes {
+            assert_eq!(loading.unwrap(), format!("ran {marker} {n}"));
+            let e = refusing.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        }
     }
 }

@@ -302,3 +302,48 @@ pub(crate) async fn revoke(shared: &Shared, service: &str, id: &str) -> Result<b
     let n: i64 = op(shared, &["remove", &sid(service, id), ""]).await?;
     Ok(n == 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use im_infra::backend::Backend;
+    use im_infra::ErrorKind;
+    use im_infra_conformance::servers::{server_or_skip, REDIS_ENV};
+
+    use super::*;
+
+    /// Keep-alives run every third of a TTL: below 100 ms a registration
+    /// is refused before anything reaches the server; 100 ms is kept.
+    #[tokio::test]
+    async fn a_ttl_under_100_ms_is_refused_and_100_ms_is_kept() {
+        let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+            return;
+        };
+        let ns = format!("t-min-ttl-{}", uuid::Uuid::new_v4().simple());
+        let backend = crate::RedisBackend::builder()
+            .url(url)
+            .namespace(ns)
+            .build()
+            .await
+            .unwrap();
+        let (reg, disc) = (
+            backend.registry().await.unwrap(),
+            backend.discovery().await.unwrap(),
+        );
+        let instance = ServiceInstance::new("svc", "a", "127.0.0.1:1");
+
+        let e = reg
+            .register(&instance, Duration::from_millis(99))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(disc.instances("svc").await.unwrap().is_empty());
+
+        reg.register(&instance, Duration::from_millis(100))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let live = disc.instances("svc").await.unwrap();
+        assert_eq!(live.len(), 1, "kept alive past three TTLs: {live:?}");
+        backend.close().await.unwrap();
+    }
+}

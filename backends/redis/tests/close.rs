@@ -8,17 +8,8 @@ use im_infra::backend::{Backend, Maintenance};
 use im_infra::ratelimit::{FailurePolicy, LimiterSettings, Rule, Rules};
 use im_infra::registry::ServiceInstance;
 use im_infra::ErrorKind;
+use im_infra_conformance::servers::{server_or_skip, REDIS_ENV};
 use im_infra_redis::RedisBackend;
-
-fn url() -> Option<String> {
-    let url = std::env::var("IMINFRA_REDIS_URL").ok();
-    let required = std::env::var("IMINFRA_REQUIRE_BACKENDS").is_ok_and(|v| {
-        v.split(',')
-            .any(|b| b.trim().eq_ignore_ascii_case("all") || b.trim().eq_ignore_ascii_case("redis"))
-    });
-    assert!(url.is_some() || !required, "IMINFRA_REDIS_URL is not set");
-    url
-}
 
 async fn connect(url: &str, ns: &str) -> RedisBackend {
     RedisBackend::builder()
@@ -31,7 +22,9 @@ async fn connect(url: &str, ns: &str) -> RedisBackend {
 
 #[tokio::test]
 async fn close_deregisters_what_was_registered_and_then_everything_answers_closed() {
-    let Some(url) = url() else { return };
+    let Some(url) = server_or_skip("redis", REDIS_ENV) else {
+        return;
+    };
     let ns = format!(
         "t-close-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
