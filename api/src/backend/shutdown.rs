@@ -11,8 +11,9 @@ use crate::error::Result;
 /// every call checks ([`check_open`](Self::check_open), one atomic load on
 /// the hot path) and a [`CancellationToken`] its background tasks (watches,
 /// probes, keep-alives) stop on. [`close`](Self::close) sets both, and
-/// is idempotent; [`refuse`](Self::refuse) only the first. Dropping it cancels the token too, so a backend dropped
-/// without being closed still stops its tasks.
+/// is idempotent; [`refuse`](Self::refuse) only the first. Dropping it
+/// cancels nothing: what a backend's handles keep running after the
+/// backend value is dropped is the backend's decision.
 ///
 /// ```
 /// use im_infra::backend::Shutdown;
@@ -61,9 +62,11 @@ impl Shutdown {
     }
 
     /// Refuses every later call; background work goes on until
-    /// [`close`](Self::close) (a backend that must still reach its server
-    /// while it closes what it handed out, or whose background work must
-    /// see those closes, refuses first and closes after).
+    /// [`close`](Self::close). For a backend whose handed-out handles must
+    /// stop taking new work before they are closed, while its background
+    /// tasks still run (the in-process backend). A backend whose handles
+    /// close through its connection (a registry deregistering) closes
+    /// them first and calls neither until then.
     pub fn refuse(&self) {
         self.closed.store(true, Ordering::Release);
     }
@@ -79,11 +82,5 @@ impl Shutdown {
     /// on its own as well.
     pub fn token(&self) -> &CancellationToken {
         &self.token
-    }
-}
-
-impl Drop for Shutdown {
-    fn drop(&mut self) {
-        self.token.cancel();
     }
 }

@@ -131,6 +131,13 @@ impl Shared {
     }
 }
 
+/// The last handle gone: the background tasks and watches stop.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown.close();
+    }
+}
+
 /// Builds a [`MemoryBackend`].
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBackendBuilder {
