@@ -119,8 +119,63 @@ pub trait Settings: DeserializeOwned + Send + Sync + Sized {
     /// (`/config/{env}/{service}/{COMPONENT}`).
     const COMPONENT: &'static str;
 
+    /// Fields renamed since an earlier release, as `(earlier, current)`:
+    /// a source may still give the earlier name ([`use_current_names`]).
+    const EARLIER_NAMES: &'static [(&'static str, &'static str)] = &[];
+
     /// Checks the values; `InvalidConfig` names the field at fault.
     fn validate(&self) -> Result<()>;
+}
+
+/// Renames, in the fields of one settings section as one source (a file,
+/// the environment, code) gives them, every earlier name of `T`'s fields
+/// to the current one, so that sections from several sources merge field
+/// by field whichever name each used. `InvalidConfig` when the one source
+/// gives a field under both names.
+///
+/// ```
+/// use im_infra::settings::{use_current_names, Settings};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Mine { connect_timeout: u64 }
+///
+/// impl Settings for Mine {
+///     const COMPONENT: &'static str = "mine";
+///     const EARLIER_NAMES: &'static [(&'static str, &'static str)] =
+///         &[("dial_timeout", "connect_timeout")];
+///     fn validate(&self) -> im_infra::Result<()> { Ok(()) }
+/// }
+///
+/// let serde_json::Value::Object(mut fields) = serde_json::json!({"dial_timeout": 5}) else {
+///     unreachable!()
+/// };
+/// use_current_names::<Mine>(&mut fields).unwrap();
+/// assert_eq!(fields["connect_timeout"], 5);
+/// assert!(!fields.contains_key("dial_timeout"));
+///
+/// let serde_json::Value::Object(mut both) =
+///     serde_json::json!({"dial_timeout": 5, "connect_timeout": 6}) else { unreachable!() };
+/// assert!(use_current_names::<Mine>(&mut both).is_err());
+/// ```
+pub fn use_current_names<T: Settings>(
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    for (earlier, current) in T::EARLIER_NAMES {
+        let Some(value) = fields.remove(*earlier) else {
+            continue;
+        };
+        if fields.contains_key(*current) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "{}: {earlier} is the earlier name of {current}; give one of them",
+                    T::COMPONENT
+                ),
+            ));
+        }
+        fields.insert((*current).to_owned(), value);
+    }
+    Ok(())
 }
 
 /// The settings stored at `/config/{APP_ENV}/{service}/{T::COMPONENT}`

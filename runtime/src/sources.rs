@@ -73,6 +73,29 @@ pub(crate) fn read_file(path: &Path) -> Result<Map<String, Value>> {
     }
 }
 
+/// Each backend section of `layer` (what one source gives) with its fields'
+/// current names ([`im_infra::settings::use_current_names`]), so that one
+/// source's earlier name and another's current one merge as one field.
+fn use_current_names(layer: &mut Map<String, Value>) -> Result<()> {
+    #[allow(unused_imports)]
+    use im_infra::settings::use_current_names as current;
+    for (section, fields) in layer.iter_mut() {
+        let Value::Object(fields) = fields else {
+            continue;
+        };
+        match section.as_str() {
+            #[cfg(feature = "etcd")]
+            "etcd" => current::<im_infra_etcd::EtcdSettings>(fields)?,
+            #[cfg(feature = "redis")]
+            "redis" => current::<im_infra_redis::RedisSettings>(fields)?,
+            #[cfg(feature = "mysql")]
+            "db" => current::<im_infra_mysql::MysqlSettings>(fields)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Merges `over` into `base`: mappings key by key, anything else replaced.
 pub(crate) fn merge(base: &mut Map<String, Value>, over: Map<String, Value>) {
     for (key, value) in over {
@@ -160,6 +183,7 @@ impl Sources {
     /// one `IMINFRA_CONFIG` names, else none.
     pub(crate) fn load(&self) -> Result<Map<String, Value>> {
         let mut merged = self.code.clone();
+        use_current_names(&mut merged)?;
         let from_var = self
             .read_env
             .then(|| std::env::var_os(CONFIG_FILE_VAR))
@@ -167,12 +191,22 @@ impl Sources {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from);
         if let Some(path) = self.file.clone().or(from_var) {
-            merge(&mut merged, read_file(&path)?);
+            let mut file = read_file(&path)?;
+            use_current_names(&mut file).map_err(|e| {
+                invalid(format!(
+                    "configuration file {}: {}",
+                    path.display(),
+                    e.message()
+                ))
+            })?;
+            merge(&mut merged, file);
         }
         if self.read_env {
             let utf8 = std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-            merge(&mut merged, from_env(utf8, &self.own));
+            let mut env = from_env(utf8, &self.own);
+            use_current_names(&mut env)?;
+            merge(&mut merged, env);
         }
         Ok(merged)
     }
@@ -188,6 +222,36 @@ mod tests {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// The code's section carries every field by its current name; a file
+    /// that still uses an earlier name overrides it all the same, and a
+    /// file that gives both names is refused, naming them.
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn a_files_earlier_field_name_overrides_the_codes_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("app.yaml");
+        std::fs::write(&file, "etcd:\n  dial_timeout: 4s\n").unwrap();
+        let etcd = serde_json::to_value(im_infra_etcd::EtcdSettings::default()).unwrap();
+        let sources = Sources {
+            code: Map::from_iter([("etcd".to_owned(), etcd)]),
+            file: Some(file.clone()),
+            read_env: false,
+            own: Vec::new(),
+        };
+        let merged = sources.load().unwrap();
+        let etcd: im_infra_etcd::EtcdSettings =
+            serde_json::from_value(merged["etcd"].clone()).unwrap();
+        assert_eq!(etcd.connect_timeout, std::time::Duration::from_secs(4));
+
+        std::fs::write(&file, "etcd:\n  dial_timeout: 4s\n  connect_timeout: 5s\n").unwrap();
+        let e = sources.load().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        assert!(
+            e.message().contains("dial_timeout is the earlier name"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -310,16 +310,14 @@ impl EtcdSettings {
             _ => serde_json::from_str(&text)
                 .map_err(|e| invalid(format!("{} is not valid JSON: {e}", path.display())))?,
         };
-        let serde_json::Value::Object(patch) = patch else {
+        let serde_json::Value::Object(mut patch) = patch else {
             return Err(invalid(format!("{} must hold an object", path.display())));
         };
+        im_infra::settings::use_current_names::<Self>(&mut patch)
+            .map_err(|e| invalid(format!("{}: {}", path.display(), e.message())))?;
         let mut merged = serde_json::to_value(&*self).map_err(|e| invalid(e.to_string()))?;
         if let serde_json::Value::Object(base) = &mut merged {
             for (k, v) in patch {
-                // A field given by its earlier name replaces the current one.
-                if k == "dial_timeout" {
-                    base.remove("connect_timeout");
-                }
                 base.insert(k, v);
             }
         }
@@ -379,6 +377,8 @@ impl EtcdSettings {
 /// ```
 impl im_infra::settings::Settings for EtcdSettings {
     const COMPONENT: &'static str = "etcd";
+    const EARLIER_NAMES: &'static [(&'static str, &'static str)] =
+        &[("dial_timeout", "connect_timeout")];
 
     fn validate(&self) -> im_infra::Result<()> {
         EtcdSettings::validate(self)
@@ -476,6 +476,27 @@ mod tests {
         let bad = EtcdSettings::default()
             .apply_vars(|k| (k == "ETCD_DIAL_TIMEOUT").then(|| "soon".into()));
         assert_eq!(bad.unwrap_err().kind(), ErrorKind::InvalidConfig);
+    }
+
+    #[test]
+    fn a_file_may_give_the_earlier_name_but_not_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("etcd-config.json");
+        let mut c = EtcdSettings {
+            connect_timeout: Duration::from_secs(9),
+            ..EtcdSettings::default()
+        };
+        std::fs::write(&file, r#"{"dial_timeout": "4s"}"#).unwrap();
+        c.apply_file(&file).unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_secs(4));
+        std::fs::write(&file, r#"{"dial_timeout": "4s", "connect_timeout": "5s"}"#).unwrap();
+        let e = c.apply_file(&file).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        assert!(
+            e.message()
+                .contains("dial_timeout is the earlier name of connect_timeout"),
+            "{e}"
+        );
     }
 
     #[test]

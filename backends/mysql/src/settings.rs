@@ -265,6 +265,8 @@ impl MysqlSettings {
 /// ```
 impl im_infra::settings::Settings for MysqlSettings {
     const COMPONENT: &'static str = "db";
+    const EARLIER_NAMES: &'static [(&'static str, &'static str)] =
+        &[("query_timeout", "request_timeout")];
 
     fn validate(&self) -> Result<()> {
         MysqlSettings::validate(self)

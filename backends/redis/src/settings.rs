@@ -313,6 +313,8 @@ impl RedisSettings {
 /// ```
 impl im_infra::settings::Settings for RedisSettings {
     const COMPONENT: &'static str = "redis";
+    const EARLIER_NAMES: &'static [(&'static str, &'static str)] =
+        &[("response_timeout", "request_timeout")];
 
     fn validate(&self) -> im_infra::Result<()> {
         RedisSettings::validate(self)
