@@ -553,12 +553,23 @@ mod tests {
             let refusing = client.script::<String>(&script, &on_refusing).await;
             outcomes.push((n, loading, refusing));
         }
+        // Every refusing node logged this user's refused loads.
+        let mut logged = Vec::new();
+        for node in &mut nodes[1..] {
+            let log: Value = redis::cmd("ACL")
+                .arg("LOG")
+                .query_async(node)
+                .await
+                .unwrap();
+            logged.push(format!("{log:?}").contains(&user));
+        }
         for node in &mut nodes {
             let mut del = redis::cmd("ACL");
             del.arg("DELUSER").arg(&user);
             del.query_async::<i64>(node).await.unwrap();
         }
 
+        assert!(logged.iter().all(|l| *l), "loads refused: {logged:?}");
         for (n, loading, refusing) in outcomes {
             assert_eq!(loading.unwrap(), format!("ran {marker} {n}"));
             let e = refusing.unwrap_err();
