@@ -67,10 +67,11 @@ impl RuntimeBuilder {
     /// ```
     pub fn section(mut self, name: &str, value: impl Serialize) -> Self {
         let value = serde_json::to_value(value).unwrap_or(Value::Null);
-        crate::sources::merge(
-            &mut self.sources.code,
-            Map::from_iter([(name.to_owned(), value)]),
-        );
+        let mut section = Map::from_iter([(name.to_owned(), value)]);
+        // Each call is a source of its own; a call that gives a field by
+        // both names is reported when the configuration is loaded.
+        let _ = crate::sources::use_current_names(&mut section);
+        crate::sources::merge(&mut self.sources.code, section);
         self
     }
 
@@ -829,5 +830,20 @@ async fn stop_requested(requested: &CancellationToken) {
         _ = ctrl_c => tracing::info!("Ctrl-C"),
         _ = term => tracing::info!("SIGTERM"),
         _ = requested.cancelled() => {}
+    }
+}
+
+#[cfg(all(test, feature = "etcd"))]
+mod tests {
+    /// Each `section` call is a source of its own: a later call's earlier
+    /// field name overrides an earlier call's current one.
+    #[test]
+    fn a_later_section_call_may_use_an_earlier_field_name() {
+        let b = super::Runtime::builder("svc")
+            .section("etcd", im_infra_etcd::EtcdSettings::default())
+            .section("etcd", serde_json::json!({"dial_timeout": "4s"}));
+        let etcd: im_infra_etcd::EtcdSettings =
+            serde_json::from_value(b.sources.code["etcd"].clone()).unwrap();
+        assert_eq!(etcd.connect_timeout, std::time::Duration::from_secs(4));
     }
 }

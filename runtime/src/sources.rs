@@ -76,8 +76,13 @@ pub(crate) fn read_file(path: &Path) -> Result<Map<String, Value>> {
 /// Each backend section of `layer` (what one source gives) with its fields'
 /// current names ([`im_infra::settings::use_current_names`]), so that one
 /// source's earlier name and another's current one merge as one field.
-fn use_current_names(layer: &mut Map<String, Value>) -> Result<()> {
-    #[allow(unused_imports)]
+/// The backends' sections only: a service's own sections are merged as
+/// they are given.
+#[cfg_attr(
+    not(any(feature = "etcd", feature = "redis", feature = "mysql")),
+    allow(unused_imports, unused_variables)
+)]
+pub(crate) fn use_current_names(layer: &mut Map<String, Value>) -> Result<()> {
     use im_infra::settings::use_current_names as current;
     for (section, fields) in layer.iter_mut() {
         let Value::Object(fields) = fields else {
@@ -205,7 +210,8 @@ impl Sources {
             let utf8 = std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
             let mut env = from_env(utf8, &self.own);
-            use_current_names(&mut env)?;
+            use_current_names(&mut env)
+                .map_err(|e| invalid(format!("environment: {}", e.message())))?;
             merge(&mut merged, env);
         }
         Ok(merged)
