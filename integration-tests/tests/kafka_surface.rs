@@ -329,3 +329,46 @@ async fn close_stops_consumers_and_refuses_new_work() -> Result<()> {
     backend.close().await?;
     Ok(())
 }
+
+/// A consumer holds its own client and stop signal, not the backend value:
+/// dropping the last `KafkaBackend` (without closing it) leaves a running
+/// consumer consuming. Only `close` stops what the backend handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_backend_value_leaves_its_consumers_running() -> Result<()> {
+    let Some(list) = server_or_skip("kafka", KAFKA_ENV) else {
+        return Ok(());
+    };
+    let backend = KafkaBackend::builder()
+        .brokers(brokers(&list))
+        .build()
+        .await?;
+    let topic = unique("dropped");
+    backend.create_topic(&topic, 1, 1).await?;
+    let producer = backend.producer().await?;
+    let consumer = backend
+        .consumer(ConsumerSettings::new(unique("group"), [&topic]))
+        .await?;
+    let (seen, task) = record_all(consumer.clone());
+    drop(backend);
+    producer
+        .produce(Message::new(&topic, "after the drop"))
+        .await?;
+    until(
+        Duration::from_secs(30),
+        "the message sent after the drop",
+        || {
+            let n = seen.lock().unwrap_or_else(|p| p.into_inner()).len();
+            async move { n >= 1 }
+        },
+    )
+    .await?;
+    ensure!(
+        !task.is_finished(),
+        "the consumer stopped with the backend value"
+    );
+    consumer.shutdown().await?;
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .context("run did not end after shutdown")???;
+    Ok(())
+}
