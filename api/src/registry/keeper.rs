@@ -45,7 +45,8 @@ pub trait RegistrationBackend: Send + Sync + 'static {
     }
 
     /// The shortest TTL the backend keeps alive (renewals every third of
-    /// it need room); a shorter one is `InvalidArgument`. None by default.
+    /// it need room), as its [`RegistryCapabilities::min_ttl`](crate::registry::RegistryCapabilities::min_ttl)
+    /// reports it; a shorter one is raised to it. None by default.
     fn min_ttl(&self) -> Duration {
         Duration::ZERO
     }
@@ -347,13 +348,11 @@ impl ServiceRegistry for Registrations {
         if opts.lease_id.is_some() && !self.backend.takes_caller_leases() {
             return Err(Error::unsupported("registry.register on an existing lease"));
         }
-        let ttl = opts.ttl.unwrap_or_else(|| self.backend.default_ttl());
-        let min = self.backend.min_ttl();
-        if ttl < min {
-            return Err(Error::invalid_argument(format!(
-                "registration ttl must be at least {min:?}"
-            )));
-        }
+        crate::validate::opt_ttl(opts.ttl)?;
+        let ttl = opts
+            .ttl
+            .unwrap_or_else(|| self.backend.default_ttl())
+            .max(self.backend.min_ttl());
         let instance = self.with_default_metadata(instance);
         self.keep_registered(&instance, ttl, opts.lease_id).await
     }
@@ -539,7 +538,7 @@ mod tests {
     }
 
     /// The backend's policy, applied once for every backend: its default
-    /// TTL, its minimum, a caller's lease only where it takes one, its
+    /// TTL, its minimum (a shorter TTL is raised to it), a caller's lease only where it takes one, its
     /// default metadata under the instance's own, and `Closed` once closed.
     #[tokio::test]
     async fn the_backends_policy_applies_to_every_call() {
@@ -559,13 +558,18 @@ mod tests {
                 "the instance's own value wins"
             );
         }
-        let short = RegisterOptions::default().ttl(Duration::from_millis(99));
-        let e = registry.register_with(&instance, short).await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        let short = ServiceInstance::new("svc", "b", "10.0.0.2:80");
+        let opts = RegisterOptions::default().ttl(Duration::from_millis(99));
+        registry.register_with(&short, opts).await.unwrap();
+        assert_eq!(
+            server.put.lock()[1].1,
+            Duration::from_millis(100),
+            "a TTL under the minimum is raised to it"
+        );
         let leased = RegisterOptions::default().lease_id(42);
         let e = registry.register_with(&instance, leased).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
-        assert_eq!(server.put.lock().len(), 1, "refused calls reach no server");
+        assert_eq!(server.put.lock().len(), 2, "refused calls reach no server");
 
         let services = registry.list_services().await.unwrap();
         assert_eq!(services.len(), 1);

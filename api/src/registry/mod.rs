@@ -171,14 +171,22 @@ pub struct RegistryCapabilities {
     /// ([`RegisterOptions::lease_id`]); without it such a registration is
     /// `Unsupported`.
     pub caller_leases: bool,
+    /// The shortest registration TTL the backend keeps alive; a shorter one
+    /// is raised to it, as lock and idempotency TTLs are, and discovery
+    /// reports the TTL the instance was kept with. etcd grants leases of at
+    /// least 2 s; Redis renews every third of a TTL and needs 100 ms; the
+    /// in-process backend 50 ms.
+    pub min_ttl: Duration,
 }
 
-/// Nothing beyond the required operations.
+/// Nothing beyond the required operations; TTLs kept down to the
+/// millisecond.
 impl Default for RegistryCapabilities {
     fn default() -> Self {
         RegistryCapabilities {
             watch: false,
             caller_leases: false,
+            min_ttl: Duration::from_millis(1),
         }
     }
 }
@@ -206,6 +214,20 @@ impl RegistryCapabilities {
     #[must_use]
     pub fn with_caller_leases(mut self) -> Self {
         self.caller_leases = true;
+        self
+    }
+
+    /// Sets the shortest TTL kept alive.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use im_infra::registry::RegistryCapabilities;
+    /// let caps = RegistryCapabilities::default().with_min_ttl(Duration::from_secs(2));
+    /// assert_eq!(caps.min_ttl, Duration::from_secs(2));
+    /// ```
+    #[must_use]
+    pub fn with_min_ttl(mut self, min_ttl: Duration) -> Self {
+        self.min_ttl = min_ttl;
         self
     }
 }
@@ -299,7 +321,9 @@ impl ServiceInfo {
 pub trait ServiceRegistry: Send + Sync + 'static {
     /// Registers `instance` with a lease of `ttl`, kept alive in the
     /// background and re-established (forever, with backoff) if lost.
-    /// Registering the same service and id again replaces it.
+    /// Registering the same service and id again replaces it. A `ttl` under
+    /// the backend's [`RegistryCapabilities::min_ttl`] is raised to it; a
+    /// zero `ttl` is `InvalidArgument`.
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
         self.register_with(instance, RegisterOptions::default().ttl(ttl))
             .await

@@ -18,7 +18,7 @@ use im_infra::registry::{
 use im_infra::{Error, ErrorKind, Result};
 
 use crate::connection::ConnectionManager;
-use crate::lease::EtcdLease;
+use crate::lease::{EtcdLease, MIN_TTL};
 
 /// `<namespace><service_prefix>/<service>/`.
 fn service_dir(conn: &ConnectionManager, service: &str) -> String {
@@ -85,6 +85,10 @@ impl RegistrationBackend for Server {
 
     fn default_ttl(&self) -> Duration {
         self.conn.settings().default_ttl
+    }
+
+    fn min_ttl(&self) -> Duration {
+        MIN_TTL
     }
 
     fn takes_caller_leases(&self) -> bool {
@@ -404,6 +408,7 @@ impl ServiceDiscovery for EtcdDiscovery {
         RegistryCapabilities::default()
             .with_watch()
             .with_caller_leases()
+            .with_min_ttl(MIN_TTL)
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {

@@ -21,8 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
-/// The shortest registration TTL the in-process registry accepts.
-const MIN_TTL: Duration = Duration::from_millis(10);
+/// The shortest registration TTL the in-process registry keeps alive; a
+/// shorter one is raised to it. Renewals every third of it, and the lease's
+/// drift margin, need room beyond the timer's millisecond on a loaded
+/// machine.
+const MIN_TTL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -348,7 +351,9 @@ impl MemoryDiscovery {
 #[async_trait]
 impl ServiceDiscovery for MemoryDiscovery {
     fn capabilities(&self) -> RegistryCapabilities {
-        RegistryCapabilities::default().with_watch()
+        RegistryCapabilities::default()
+            .with_watch()
+            .with_min_ttl(MIN_TTL)
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {

@@ -23,6 +23,10 @@ use crate::Shared;
 static SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("scripts/registry.lua")));
 
+/// The shortest registration TTL kept alive (renewals every third of it);
+/// a shorter one is raised to it.
+const MIN_TTL: Duration = Duration::from_millis(100);
+
 /// How long one blocking read of the change stream waits; expired
 /// instances are reaped at least this often while a watch runs.
 const BLOCK: Duration = Duration::from_millis(250);
@@ -92,7 +96,7 @@ impl RegistrationBackend for Server {
     }
 
     fn min_ttl(&self) -> Duration {
-        Duration::from_millis(100)
+        MIN_TTL
     }
 
     async fn list(&self) -> Result<Vec<ServiceInstance>> {
@@ -274,7 +278,9 @@ impl InstanceHistory for Instances {
 #[async_trait]
 impl ServiceDiscovery for RedisDiscovery {
     fn capabilities(&self) -> RegistryCapabilities {
-        RegistryCapabilities::default().with_watch()
+        RegistryCapabilities::default()
+            .with_watch()
+            .with_min_ttl(MIN_TTL)
     }
 
     async fn instances(&self, service: &str) -> Result<Vec<ServiceInstance>> {
@@ -306,15 +312,14 @@ pub(crate) async fn revoke(shared: &Shared, service: &str, id: &str) -> Result<b
 #[cfg(test)]
 mod tests {
     use im_infra::backend::Backend;
-    use im_infra::ErrorKind;
     use im_infra_conformance::servers::{server_or_skip, REDIS_ENV};
 
     use super::*;
 
-    /// Keep-alives run every third of a TTL: below 100 ms a registration
-    /// is refused, and nothing is registered; 100 ms is registered.
+    /// Keep-alives run every third of a TTL: a TTL below 100 ms is raised
+    /// to 100 ms, and discovery reports the TTL the instance is kept with.
     #[tokio::test]
-    async fn a_ttl_under_100_ms_is_refused_and_100_ms_is_registered() {
+    async fn a_ttl_under_100_ms_is_raised_to_100_ms() {
         let Some(url) = server_or_skip("redis", REDIS_ENV) else {
             return;
         };
@@ -329,20 +334,25 @@ mod tests {
             backend.registry().await.unwrap(),
             backend.discovery().await.unwrap(),
         );
-        let instance = ServiceInstance::new("svc", "a", "127.0.0.1:1");
-
-        let e = reg
-            .register(&instance, Duration::from_millis(99))
+        assert_eq!(disc.capabilities().min_ttl, MIN_TTL);
+        for (id, ttl) in [("a", 99), ("b", 100)] {
+            let instance = ServiceInstance::new("svc", id, "127.0.0.1:1");
+            reg.register(&instance, Duration::from_millis(ttl))
+                .await
+                .unwrap();
+        }
+        let mut ttls: Vec<_> = disc
+            .instances("svc")
             .await
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
-        assert!(disc.instances("svc").await.unwrap().is_empty());
-
-        reg.register(&instance, Duration::from_millis(100))
-            .await
-            .unwrap();
-        let live = disc.instances("svc").await.unwrap();
-        assert_eq!(live.len(), 1, "{live:?}");
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.id, i.ttl))
+            .collect();
+        ttls.sort();
+        assert_eq!(
+            ttls,
+            [("a".into(), Some(MIN_TTL)), ("b".into(), Some(MIN_TTL))],
+        );
         backend.close().await.unwrap();
     }
 }
