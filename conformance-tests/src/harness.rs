@@ -24,7 +24,7 @@ use im_infra::backend::{Backend, Capability};
 use im_infra::cache::CacheCapabilities;
 use im_infra::config::ConfigCapabilities;
 use im_infra::lock::LockCapabilities;
-use im_infra::mq::{ConsumerCapabilities, ConsumerSettings};
+use im_infra::mq::{ConsumerCapabilities, ConsumerSettings, TopicSpec};
 use im_infra::registry::RegistryCapabilities;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -71,9 +71,11 @@ pub trait Hooks: Send + Sync {
         ))
     }
 
-    /// Creates a topic with `partitions` partitions.
-    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
-        let _ = (topic, partitions);
+    /// Creates a topic as the backend's `create_topic` does: `true` if
+    /// created, `false` if it existed with that partition count, the
+    /// backend's `AlreadyExists` error if it exists with another.
+    async fn create_topic(&self, spec: &TopicSpec) -> Result<bool> {
+        let _ = spec;
         Err(anyhow!("create_topic is not available for this backend"))
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
 use im_infra::backend::Backend;
-use im_infra::mq::{handler_fn, Consumer, ConsumerSettings, Message};
+use im_infra::mq::{handler_fn, Consumer, ConsumerSettings, Message, TopicSpec};
 use im_infra::ErrorKind;
 use im_infra_conformance::faults::until;
 use im_infra_conformance::servers::{server_or_skip, KAFKA_ENV};
@@ -154,7 +154,7 @@ async fn broker_killed_mid_produce_fails_retryably_and_loses_nothing_acknowledge
     };
     let backend = backend(&list).await?;
     let topic = unique("fault");
-    backend.create_topic(&topic, 3, 1).await?;
+    backend.create_topic(&TopicSpec::new(&topic, 3)).await?;
     let producer = backend.producer().await?;
     // Warm up: metadata known, connection open.
     producer.produce(Message::new(&topic, "0")).await?;
@@ -236,7 +236,7 @@ async fn consumer_keeps_its_place_across_a_broker_restart() -> Result<()> {
     };
     let backend = backend(&list).await?;
     let topic = unique("restart");
-    backend.create_topic(&topic, 1, 1).await?;
+    backend.create_topic(&TopicSpec::new(&topic, 1)).await?;
     let producer = backend.producer().await?;
     let member = Recorder::start(&backend, &topic).await?;
     for n in 0..20u64 {
@@ -305,7 +305,7 @@ async fn shutdown_with_the_broker_down_ends_within_bounds() -> Result<()> {
     };
     let backend = backend(&list).await?;
     let topic = unique("down");
-    backend.create_topic(&topic, 1, 1).await?;
+    backend.create_topic(&TopicSpec::new(&topic, 1)).await?;
     let producer = backend.producer().await?;
     for n in 0..5u64 {
         producer

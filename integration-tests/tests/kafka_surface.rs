@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use im_infra::backend::Backend;
-use im_infra::mq::{handler_fn, Consumer, ConsumerSettings, Message, ReceivedMessage};
+use im_infra::mq::{handler_fn, Consumer, ConsumerSettings, Message, ReceivedMessage, TopicSpec};
 use im_infra::{ErrorKind, RetrySettings};
 use im_infra_conformance::faults::until;
 use im_infra_conformance::servers::{server_or_skip, KAFKA_ENV};
@@ -67,7 +67,7 @@ async fn a_full_producer_queue_answers_resource_exhausted() -> Result<()> {
         .build()
         .await?;
     let topic = unique("queue");
-    backend.create_topic(&topic, 1, 1).await?;
+    backend.create_topic(&TopicSpec::new(&topic, 1)).await?;
     let producer = backend.producer().await?;
     let batch = (0..30)
         .map(|i| Message::new(&topic, format!("{i}")))
@@ -115,9 +115,16 @@ async fn namespaces_prefix_topics_and_groups_on_the_broker() -> Result<()> {
         .brokers(brokers(&list))
         .build()
         .await?;
-    ensure!(namespaced.create_topic("orders", 2, 1).await?, "created");
     ensure!(
-        !namespaced.create_topic("orders", 2, 1).await?,
+        namespaced
+            .create_topic(&TopicSpec::new("orders", 2))
+            .await?,
+        "created"
+    );
+    ensure!(
+        !namespaced
+            .create_topic(&TopicSpec::new("orders", 2))
+            .await?,
         "creating it again reports that it existed"
     );
     namespaced
@@ -208,7 +215,7 @@ async fn an_unreachable_broker_gives_retryable_errors_within_the_deadlines() -> 
         .context("the health check must fail without a broker")?;
     ensure!(err.is_retryable(), "health check: {err} ({:?})", err.kind());
     let err = backend
-        .create_topic("t", 1, 1)
+        .create_topic(&TopicSpec::new("t", 1))
         .await
         .err()
         .context("topic creation must fail without a broker")?;
@@ -231,7 +238,7 @@ async fn a_panicking_handler_is_a_failed_attempt_not_a_dead_consumer() -> Result
         .build()
         .await?;
     let topic = unique("panic");
-    backend.create_topic(&topic, 1, 1).await?;
+    backend.create_topic(&TopicSpec::new(&topic, 1)).await?;
     let producer = backend.producer().await?;
     producer.produce(Message::new(&topic, "boom")).await?;
     producer.produce(Message::new(&topic, "calm")).await?;
@@ -296,7 +303,7 @@ async fn close_stops_consumers_and_refuses_new_work() -> Result<()> {
         .build()
         .await?;
     let topic = unique("close");
-    backend.create_topic(&topic, 1, 1).await?;
+    backend.create_topic(&TopicSpec::new(&topic, 1)).await?;
     let producer = backend.producer().await?;
     producer.produce(Message::new(&topic, "x")).await?;
     let consumer = backend
@@ -343,7 +350,7 @@ async fn dropping_the_backend_value_leaves_its_consumers_running() -> Result<()>
         .build()
         .await?;
     let topic = unique("dropped");
-    backend.create_topic(&topic, 1, 1).await?;
+    backend.create_topic(&TopicSpec::new(&topic, 1)).await?;
     let producer = backend.producer().await?;
     let consumer = backend
         .consumer(ConsumerSettings::new(unique("group"), [&topic]))

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use im_infra::backend::{Backend, Capability, Maintenance};
 use im_infra::config::WatchOptions;
 use im_infra::lock::LockOptions;
-use im_infra::mq::{ConsumerSettings, Handler, Message, ReceivedMessage};
+use im_infra::mq::{ConsumerSettings, Handler, Message, ReceivedMessage, TopicSpec};
 use im_infra::once::OnceExt;
 use im_infra::ratelimit::{Rule, Rules};
 use im_infra::registry::ServiceInstance;
@@ -535,7 +535,7 @@ async fn kafka_operations_are_spans_and_counted_once() -> Result<()> {
             .namespace(&ns)
             .build()
             .await?;
-        b.create_topic("telemetry", 1, 1).await?;
+        b.create_topic(&TopicSpec::new("telemetry", 1)).await?;
         Ok(Arc::new(b) as Arc<dyn Backend>)
     };
     run(make, "telemetry").await

@@ -48,9 +48,11 @@ use crate::retry::RetrySettings;
 
 mod member;
 mod runner;
+mod topic;
 
 pub use member::{MemberState, Running};
 pub use runner::{Handled, HandlerRunner};
+pub use topic::TopicSpec;
 
 /// A message to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use im_infra::backend::Backend;
-use im_infra::mq::{handler_fn, ConsumerSettings, Message, StartPosition};
+use im_infra::mq::{handler_fn, ConsumerSettings, Message, StartPosition, TopicSpec};
 use im_infra_bench_support::{compare_throughput, median, server_env, Rounds};
 use im_infra_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
 use im_infra_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
@@ -112,7 +112,7 @@ fn main() {
 
         // Produce: the same properties, the same topic, 1 KiB messages.
         let topic = unique("bench-produce");
-        backend.create_topic(&topic, 4, 1).await.expect("topic");
+        backend.create_topic(&TopicSpec::new(&topic, 4)).await.expect("topic");
         let raw_producer: FutureProducer = cfg.producer_properties().create().expect("raw producer");
         let rounds = Rounds { tasks: 64, ..Rounds::default() };
         let (p, t, body) = (raw_producer.clone(), topic.clone(), payload.clone());
@@ -138,7 +138,7 @@ fn main() {
 
         // Consume: fill a topic, then read it whole with a new group.
         let topic = unique("bench-consume");
-        backend.create_topic(&topic, 4, 1).await.expect("topic");
+        backend.create_topic(&TopicSpec::new(&topic, 4)).await.expect("topic");
         let batch: Vec<Message> = (0..CONSUME_MESSAGES)
             .map(|i| {
                 Message::new(&topic, bytes::Bytes::from(payload.clone()))

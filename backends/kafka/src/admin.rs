@@ -6,6 +6,7 @@ use std::time::Duration;
 use im_infra::{Error, ErrorKind, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::metadata::Metadata;
 use rdkafka::util::Timeout;
 
 use crate::error::{kind_of_code, map};
@@ -37,21 +38,7 @@ impl Admin {
     /// Creates the topics that do not exist yet; `Ok(true)` per topic
     /// created, `Ok(false)` per topic that already existed.
     pub(crate) async fn create_topics(&self, topics: &[TopicSpec]) -> Result<Vec<bool>> {
-        for t in topics {
-            im_infra::mq::validate_topic(&t.name)?;
-            if t.partitions == 0 || t.partitions > i32::MAX as u32 {
-                return Err(Error::invalid_argument(format!(
-                    "topic {}: partitions must be positive",
-                    t.name
-                )));
-            }
-            if t.replication_factor == 0 {
-                return Err(Error::invalid_argument(format!(
-                    "topic {}: replication factor must be positive",
-                    t.name
-                )));
-            }
-        }
+        topics.iter().try_for_each(TopicSpec::validate)?;
         let real = topics
             .iter()
             .map(|t| self.names.topic(&t.name))
@@ -93,17 +80,55 @@ impl Admin {
             .collect()
     }
 
+    /// Creates `spec`'s topic: `Ok(true)` if created, `Ok(false)` if it
+    /// exists with that partition count, `AlreadyExists` if with another.
+    pub(crate) async fn create_topic(self: &Arc<Self>, spec: &TopicSpec) -> Result<bool> {
+        if self.create_topics(std::slice::from_ref(spec)).await? == [true] {
+            return Ok(true);
+        }
+        spec.exists_with(self.partitions(&spec.name).await?)
+    }
+
+    /// The partition count of a topic the broker said exists (the
+    /// caller's name). A broker whose metadata does not know it yet (just
+    /// created by another client, or being deleted) is `Unavailable`: ask
+    /// again.
+    pub(crate) async fn partitions(self: &Arc<Self>, topic: &str) -> Result<usize> {
+        let real = self.names.topic(topic)?.into_owned();
+        let metadata = self.metadata(Some(real.clone())).await?;
+        let code = match metadata.topics().iter().find(|t| t.name() == real) {
+            Some(t) => match t.error() {
+                None => return Ok(t.partitions().len()),
+                Some(e) => RDKafkaErrorCode::from(e),
+            },
+            None => RDKafkaErrorCode::UnknownTopicOrPartition,
+        };
+        let kind = match code {
+            RDKafkaErrorCode::UnknownTopicOrPartition => ErrorKind::Unavailable,
+            other => kind_of_code(other),
+        };
+        Err(Error::new(
+            kind,
+            format!("topic {topic} exists, but its partitions could not be read: {code}"),
+        )
+        .with_backend(NAME))
+    }
+
     /// Asks a broker for the cluster metadata (the health check).
     pub(crate) async fn ping(self: &Arc<Self>) -> Result<()> {
+        self.metadata(None).await.map(drop)
+    }
+
+    /// The metadata of one topic, or of the cluster, within the timeout.
+    async fn metadata(self: &Arc<Self>, topic: Option<String>) -> Result<Metadata> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             me.client
                 .inner()
-                .fetch_metadata(None, Timeout::After(me.timeout))
+                .fetch_metadata(topic.as_deref(), Timeout::After(me.timeout))
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("metadata task failed: {e}")))?
-        .map(drop)
-        .map_err(|e| map(e, "fetching cluster metadata"))
+        .map_err(|e| map(e, "fetching metadata"))
     }
 }

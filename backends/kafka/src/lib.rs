@@ -132,14 +132,12 @@ impl KafkaBackendBuilder {
     }
 
     /// A topic to create at start-up if it does not exist (replication
-    /// factor 1; use [`settings`](Self::settings) for more).
+    /// factor 1; use [`settings`](Self::settings) for more). A topic that
+    /// exists is left as it is, whatever its partition count;
+    /// [`KafkaBackend::create_topic`] is the call that checks it.
     #[must_use]
     pub fn topic(mut self, name: impl Into<String>, partitions: u32) -> Self {
-        self.settings.topics.push(TopicSpec {
-            name: name.into(),
-            partitions,
-            replication_factor: 1,
-        });
+        self.settings.topics.push(TopicSpec::new(name, partitions));
         self
     }
 
@@ -245,28 +243,20 @@ impl KafkaBackend {
         self.shared.shutdown.check_open()
     }
 
-    /// Creates `topic` with `partitions` partitions and the given replication
-    /// factor; `Ok(false)` if it already existed.
+    /// Creates a topic (see [`TopicSpec`] for the answers): `Ok(true)` if
+    /// created, `Ok(false)` if it exists with that partition count,
+    /// `AlreadyExists` if it exists with another.
     ///
     /// ```no_run
     /// # async fn demo(backend: im_infra_kafka::KafkaBackend) -> im_infra::Result<()> {
-    /// let created = backend.create_topic("orders", 12, 3).await?;
+    /// use im_infra::mq::TopicSpec;
+    /// let spec = TopicSpec::new("orders", 12).with_replication_factor(3);
+    /// let created = backend.create_topic(&spec).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn create_topic(
-        &self,
-        topic: &str,
-        partitions: u32,
-        replication_factor: u16,
-    ) -> Result<bool> {
+    pub async fn create_topic(&self, spec: &TopicSpec) -> Result<bool> {
         self.check_open()?;
-        let spec = TopicSpec {
-            name: topic.to_owned(),
-            partitions,
-            replication_factor,
-        };
-        let created = self.shared.admin.create_topics(&[spec]).await?;
-        Ok(created.first().copied().unwrap_or(false))
+        self.shared.admin.create_topic(spec).await
     }
 
     /// A producer as [`Backend::producer`] hands it out (observed), without

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use im_infra::mq::TopicSpec;
 use im_infra::secret::Secret;
 use im_infra::settings::Checks;
 use im_infra::{Error, Result};
@@ -53,8 +54,8 @@ pub struct KafkaSettings {
     /// Topics created (if missing) through the admin client when the backend
     /// is built.
     pub topics: Vec<TopicSpec>,
-    /// Deadline of admin and metadata requests (topic creation, health
-    /// check).
+    /// Deadline of each admin and metadata request (topic creation, the
+    /// read of an existing topic's partitions, health check).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Further librdkafka properties, set last (they override the ones this
@@ -350,28 +351,6 @@ impl Default for ConsumerTuning {
     }
 }
 
-/// A topic to create at start-up.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicSpec {
-    /// Its name.
-    pub name: String,
-    /// Its partitions.
-    #[serde(default = "one")]
-    pub partitions: u32,
-    /// Its replication factor.
-    #[serde(default = "one_u16")]
-    pub replication_factor: u16,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn one_u16() -> u16 {
-    1
-}
-
 const CHECK: Checks = Checks::new(crate::NAME);
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -512,7 +491,11 @@ impl KafkaSettings {
             im_infra::mq::validate_topic(&t.name)
                 .map_err(|e| invalid(format!("topics: {}", e.message())))?;
             let field = |name| format!("topic {}: {name}", t.name);
-            CHECK.within(&field("partitions"), t.partitions.into(), 1..=100_000)?;
+            CHECK.within(
+                &field("partitions"),
+                t.partitions.into(),
+                1..=u64::from(TopicSpec::MAX_PARTITIONS),
+            )?;
             CHECK.within(
                 &field("replication_factor"),
                 t.replication_factor.into(),
@@ -615,9 +598,12 @@ impl KafkaSettings {
         self.finish(c)
     }
 
-    /// The admin client's properties.
+    /// The admin client's properties. Its metadata reads never create a
+    /// topic on a broker that auto-creates them: a topic deleted between
+    /// a create and the read of its partitions is not brought back.
     pub fn admin_properties(&self) -> ClientConfig {
-        let c = self.common();
+        let mut c = self.common();
+        c.set("allow.auto.create.topics", "false");
         self.finish(c)
     }
 
@@ -737,13 +723,7 @@ mod tests {
                 "heartbeat_interval",
             ),
             (
-                Box::new(|c| {
-                    c.topics.push(TopicSpec {
-                        name: "bad topic".into(),
-                        partitions: 1,
-                        replication_factor: 1,
-                    })
-                }),
+                Box::new(|c| c.topics.push(TopicSpec::new("bad topic", 1))),
                 "topics",
             ),
         ];

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Result;
 use async_trait::async_trait;
 use im_infra::backend::Backend;
+use im_infra::mq::TopicSpec;
 use im_infra_conformance::cases::unique;
 use im_infra_conformance::servers::KAFKA_ENV;
 use im_infra_conformance::{Fixture, Hooks, SuiteKind, Target, World};
@@ -65,9 +66,8 @@ async fn connect(brokers: &[String], namespace: &str) -> Result<KafkaBackend> {
 
 #[async_trait]
 impl Hooks for KafkaHooks {
-    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
-        self.backend.create_topic(topic, partitions, 1).await?;
-        Ok(())
+    async fn create_topic(&self, spec: &TopicSpec) -> Result<bool> {
+        Ok(self.backend.create_topic(spec).await?)
     }
 
     async fn cleanup(&self) -> Result<()> {

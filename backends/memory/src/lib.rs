@@ -296,10 +296,25 @@ impl MemoryBackend {
     }
 
     /// Creates a topic with an explicit partition count (topics are
-    /// otherwise created on first use); `Ok(false)` if it already existed
-    /// with that count, `AlreadyExists` if it exists with another.
-    pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
-        self.shared.mq.create_topic(topic, partitions)
+    /// otherwise created on first use), as Kafka's `create_topic` does (see
+    /// [`TopicSpec`](im_infra::mq::TopicSpec)): `Ok(true)` if created,
+    /// `Ok(false)` if it already existed with that count, `AlreadyExists`
+    /// if it exists with another; `Closed` once the backend is closed. The
+    /// replication factor is not used: the backend keeps one copy.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> im_infra::Result<()> {
+    /// use im_infra::mq::TopicSpec;
+    /// let backend = im_infra_memory::MemoryBackend::new();
+    /// assert!(backend.create_topic(&TopicSpec::new("orders", 12)).await?);
+    /// assert!(!backend.create_topic(&TopicSpec::new("orders", 12)).await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_topic(&self, spec: &im_infra::mq::TopicSpec) -> Result<bool> {
+        self.shared.check_open()?;
+        spec.validate()?;
+        self.shared.mq.create_topic(spec)
     }
 
     /// The committed offset (next offset to read) of a group on a partition.
@@ -479,7 +494,7 @@ impl Backend for MemoryBackend {
 mod tests {
     use std::time::Duration;
 
-    use im_infra::mq::{handler_fn, ConsumerSettings, Message};
+    use im_infra::mq::{handler_fn, ConsumerSettings, Message, TopicSpec};
     use im_infra::registry::ServiceInstance;
     use im_infra::ErrorKind;
 
@@ -488,7 +503,7 @@ mod tests {
     #[tokio::test]
     async fn committed_offset_follows_what_the_group_handled() {
         let backend = MemoryBackend::new();
-        backend.create_topic("t", 1).await.unwrap();
+        backend.create_topic(&TopicSpec::new("t", 1)).await.unwrap();
         assert_eq!(backend.committed_offset("g", "t", 0), None);
         let producer = backend.producer().await.unwrap();
         for i in 0..3u8 {

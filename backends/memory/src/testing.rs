@@ -14,6 +14,7 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 use async_trait::async_trait;
 use im_infra::backend::{Backend, Maintenance};
+use im_infra::mq::TopicSpec;
 use im_infra_conformance::{Fixture, Hooks, SuiteKind, Target, World};
 
 use crate::MemoryBackend;
@@ -46,9 +47,8 @@ impl Hooks for MemoryHooks {
         Ok(())
     }
 
-    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
-        self.0.create_topic(topic, partitions).await?;
-        Ok(())
+    async fn create_topic(&self, spec: &TopicSpec) -> Result<bool> {
+        Ok(self.0.create_topic(spec).await?)
     }
 
     async fn compact_config_history(&self) -> Result<()> {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use im_infra::backend::Capability;
 use im_infra::mq::{
     dead_letter_headers as dlh, handler_fn, Consumer, ConsumerSettings, Handler, Message, Producer,
-    ReceivedMessage, StartPosition,
+    ReceivedMessage, StartPosition, TopicSpec,
 };
 use im_infra::{Error, ErrorKind, RetrySettings};
 use tokio::sync::Notify;
@@ -91,7 +91,9 @@ async fn start(w: &World, cfg: ConsumerSettings, handler: Arc<dyn Handler>) -> R
 
 async fn topic(w: &World, partitions: u32) -> Result<String> {
     let t = unique("topic");
-    w.hooks.create_topic(&t, partitions).await?;
+    w.hooks
+        .create_topic(&TopicSpec::new(&t, partitions))
+        .await?;
     Ok(t)
 }
 
@@ -575,6 +577,26 @@ async fn run_twice_and_after_shutdown_fail_clearly(w: World) -> Result<()> {
     Ok(())
 }
 
+async fn a_topic_is_created_once_and_never_with_another_partition_count(w: World) -> Result<()> {
+    let spec = TopicSpec::new(unique("topic"), 2);
+    ensure!(w.hooks.create_topic(&spec).await?, "created");
+    ensure!(
+        !w.hooks.create_topic(&spec).await?,
+        "creating it again answers that it existed"
+    );
+    let other = TopicSpec::new(spec.name.clone(), 3);
+    let e = match w.hooks.create_topic(&other).await {
+        Ok(created) => bail!("another partition count answered Ok({created})"),
+        Err(e) => e,
+    };
+    ensure!(
+        e.downcast_ref::<Error>()
+            .is_some_and(|e| e.kind() == ErrorKind::AlreadyExists),
+        "another partition count is AlreadyExists: {e:#}"
+    );
+    Ok(())
+}
+
 async fn bad_input_is_invalid_argument(w: World) -> Result<()> {
     let p = producer(&w).await?;
     for bad in ["", "has space", "slash/topic", &"t".repeat(300)] {
@@ -656,6 +678,11 @@ pub fn cases() -> Vec<Case> {
         ),
         crate::case!("mq", pause_stops_delivery_until_resume, when = pausable),
         crate::case!("mq", run_twice_and_after_shutdown_fail_clearly, when = on),
+        crate::case!(
+            "mq",
+            a_topic_is_created_once_and_never_with_another_partition_count,
+            when = on
+        ),
         crate::case!("mq", bad_input_is_invalid_argument, when = on),
     ]
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 use async_trait::async_trait;
 use im_infra::backend::{Backend, Maintenance};
+use im_infra::mq::TopicSpec;
 use im_infra_conformance::{run_main, Fixture, Hooks, SuiteKind, Target, World};
 use im_infra_example_wrapped_backend::CountingBackend;
 use im_infra_memory::MemoryBackend;
@@ -34,9 +35,8 @@ impl Hooks for CountingHooks {
         Ok(())
     }
 
-    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
-        self.inner.create_topic(topic, partitions).await?;
-        Ok(())
+    async fn create_topic(&self, spec: &TopicSpec) -> Result<bool> {
+        Ok(self.inner.create_topic(spec).await?)
     }
 
     async fn compact_config_history(&self) -> Result<()> {

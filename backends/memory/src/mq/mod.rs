@@ -16,8 +16,8 @@ use parking_lot::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use im_infra::mq::{Delivery, Message, ReceivedMessage, StartPosition};
-use im_infra::{Error, ErrorKind, Result};
+use im_infra::mq::{Delivery, Message, ReceivedMessage, StartPosition, TopicSpec};
+use im_infra::Result;
 use tokio::sync::Notify;
 
 pub(crate) use consumer::MemoryConsumer;
@@ -85,30 +85,17 @@ impl MqStore {
         self.inner.lock()
     }
 
-    /// Creates `topic` with `partitions` partitions (`Ok(false)` when it
-    /// exists with that count); `AlreadyExists` when it exists with another.
-    pub(crate) fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
-        im_infra::mq::validate_topic(topic)?;
-        if partitions == 0 {
-            return Err(Error::invalid_argument(
-                "a topic needs at least one partition",
-            ));
-        }
+    /// Creates a checked spec's topic (`Ok(false)` when it exists with
+    /// that count); `AlreadyExists` when it exists with another.
+    pub(crate) fn create_topic(&self, spec: &TopicSpec) -> Result<bool> {
         let mut inner = self.inner();
-        match inner.topics.get(topic) {
-            Some(t) if t.partitions.len() == partitions as usize => Ok(false),
-            Some(t) => Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "topic {topic:?} exists with {} partitions",
-                    t.partitions.len()
-                ),
-            )),
+        match inner.topics.get(&spec.name) {
+            Some(t) => spec.exists_with(t.partitions.len()),
             None => {
                 inner.topics.insert(
-                    topic.to_owned(),
+                    spec.name.clone(),
                     Topic {
-                        partitions: vec![Vec::new(); partitions as usize],
+                        partitions: vec![Vec::new(); spec.partitions as usize],
                     },
                 );
                 Ok(true)
