@@ -398,7 +398,10 @@ impl Drop for Registrations {
 }
 
 /// Waits for the registration's lease to be lost, then registers it again
-/// with backoff, forever, until stopped.
+/// with backoff, forever, until stopped. The backoff starts over only after
+/// a registration that lasted a whole TTL: one lost again at once (a put
+/// slower than its lease, another owner of the same id taking the key)
+/// waits longer each time instead of putting back to back.
 async fn keep(
     backend: Arc<dyn RegistrationBackend>,
     retry: RetrySettings,
@@ -406,6 +409,8 @@ async fn keep(
     stop: CancellationToken,
     ttl: Duration,
 ) {
+    let mut delays = retry.delays_forever();
+    let mut registered = Tick::now();
     loop {
         let lost = match &slot.lock().await.current {
             Some((_, lease)) => lease.lost(),
@@ -415,7 +420,15 @@ async fn keep(
             _ = stop.cancelled() => return,
             _ = lost.cancelled() => {}
         }
-        let mut delays = retry.delays_forever();
+        if registered.elapsed() >= ttl {
+            delays = retry.delays_forever();
+        } else {
+            let pause = delays.next().unwrap_or(Duration::from_secs(1));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
         loop {
             // Held across the put, so that a deregistration waits for it
             // and then releases what it registered.
@@ -435,6 +448,7 @@ async fn keep(
                     let lease = lease_of(backend.name(), reg.clone(), granted, sent);
                     // The lost lease is released where it is still its own.
                     s.current = Some((reg, lease));
+                    registered = Tick::now();
                     break;
                 }
                 Err(e) if e.kind() == ErrorKind::Closed => return,
@@ -454,7 +468,7 @@ async fn keep(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
 
@@ -535,6 +549,55 @@ mod tests {
         });
         let registrations = Registrations::new(server.clone(), RetrySettings::default());
         (server, registrations)
+    }
+
+    /// A put slower than the lease it grants (the lease is lost as it
+    /// starts) is registered again after growing pauses, not back to back.
+    #[tokio::test]
+    async fn a_registration_lost_at_once_is_registered_again_after_growing_pauses() {
+        struct SlowPut(AtomicUsize);
+        #[async_trait]
+        impl RegistrationBackend for SlowPut {
+            fn name(&self) -> &'static str {
+                "slow"
+            }
+            fn default_ttl(&self) -> Duration {
+                Duration::from_millis(100)
+            }
+            async fn list(&self) -> Result<Vec<ServiceInstance>> {
+                Ok(Vec::new())
+            }
+            async fn put(
+                &self,
+                _: &ServiceInstance,
+                ttl: Duration,
+                _: Option<i64>,
+            ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(ttl + Duration::from_millis(20)).await;
+                Ok((Arc::new(Held), ttl))
+            }
+            async fn replace(&self, _: &ServiceInstance) -> Result<bool> {
+                Ok(false)
+            }
+        }
+        let server = Arc::new(SlowPut(AtomicUsize::new(0)));
+        let retry = RetrySettings {
+            jitter: false,
+            ..RetrySettings::default()
+        };
+        let registry = Registrations::new(server.clone(), retry);
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80");
+        registry
+            .register(&instance, Duration::from_millis(100))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let puts = server.0.load(Ordering::SeqCst);
+        // Back to back, a put every 120 ms: about 17 in 2 s. After pauses
+        // of 100, 200, 400 and 800 ms: 5.
+        assert!((2..=7).contains(&puts), "{puts} puts in 2 s");
+        Closable::close(&registry).await.unwrap();
     }
 
     /// The backend's policy, applied once for every backend: its default

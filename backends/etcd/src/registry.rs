@@ -261,15 +261,16 @@ struct Registered {
 }
 
 impl Registered {
-    /// Runs `op` on the key only while it is on this registration's lease.
-    async fn if_mine(&self, what: &'static str, op: TxnOp) -> Result<bool> {
+    /// Runs `ops` on the key only while it is on this registration's
+    /// lease; whether it was.
+    async fn if_mine(&self, what: &'static str, ops: Vec<TxnOp>) -> Result<bool> {
         let txn = Txn::new()
             .when([Compare::lease(
                 self.key.clone(),
                 CompareOp::Equal,
                 self.lease.id(),
             )])
-            .and_then([op]);
+            .and_then(ops);
         let r = self
             .lease
             .conn()
@@ -285,15 +286,24 @@ impl LeaseBackend for Registered {
         format!("registration {}", self.key)
     }
 
+    /// Renews the lease, then checks that the key is still on it. A key
+    /// deleted or put on another lease meanwhile (the same instance
+    /// registered by another handle and deregistered there, or a put that
+    /// etcd applied after reporting it failed) is a lost registration,
+    /// which its keeper registers again: a live lease alone would keep
+    /// renewing nothing.
     async fn extend(&self, _ttl: Duration) -> Result<bool> {
-        self.lease.keep_alive().await
+        Ok(self.lease.keep_alive().await? && self.if_mine("registry.check", Vec::new()).await?)
     }
 
     /// Deletes the key if it is still on this lease, then revokes the lease
     /// if the registration granted it.
     async fn release(&self) -> Result<bool> {
         let deleted = self
-            .if_mine("registry.delete", TxnOp::delete(self.key.clone(), None))
+            .if_mine(
+                "registry.delete",
+                vec![TxnOp::delete(self.key.clone(), None)],
+            )
             .await?;
         if self.own_lease {
             let _ = self.lease.revoke().await;
@@ -311,7 +321,7 @@ impl RegistrationLease for Registered {
             value,
             Some(PutOptions::new().with_lease(self.lease.id())),
         );
-        self.if_mine("registry.update", put).await
+        self.if_mine("registry.update", vec![put]).await
     }
 }
 

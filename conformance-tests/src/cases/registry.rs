@@ -352,6 +352,40 @@ async fn lost_lease_is_registered_again(w: World) -> Result<()> {
     .await
 }
 
+/// The key can go without the lease going: another registry registers
+/// the same id (taking the key) and deregisters it. The owner's keeper
+/// notices on its next renewal and registers it again.
+async fn an_instance_deleted_elsewhere_is_registered_again(w: World) -> Result<()> {
+    let service = unique("svc");
+    let owner = w.backend.registry().await?;
+    owner
+        .register(&instance(&service, "i-1", 9001), TTL)
+        .await?;
+    let other = w.peer.registry().await?;
+    other
+        .register(&instance(&service, "i-1", 9002), TTL)
+        .await?;
+    // Which of the two holds the key at this instant is a race the
+    // keepers settle; either way the other one's deregistration ends its
+    // own claim.
+    let _ = other.deregister(&service, "i-1").await;
+    let disc = w.backend.discovery().await?;
+    eventually(
+        Duration::from_secs(10),
+        "the owner's instance listed again",
+        || {
+            let (disc, service) = (disc.clone(), service.clone());
+            async move {
+                let live = disc.instances(&service).await?;
+                Ok(live.len() == 1 && live[0].address == "127.0.0.1:9001")
+            }
+        },
+    )
+    .await?;
+    owner.deregister(&service, "i-1").await?;
+    Ok(())
+}
+
 async fn resolve_filters_by_metadata(w: World) -> Result<()> {
     let service = unique("svc");
     let reg = w.backend.registry().await?;
@@ -493,6 +527,11 @@ pub fn cases() -> Vec<Case> {
             when = on
         ),
         crate::case!("registry", lost_lease_is_registered_again, when = on),
+        crate::case!(
+            "registry",
+            an_instance_deleted_elsewhere_is_registered_again,
+            when = on
+        ),
         crate::case!(
             "registry",
             a_callers_lease_is_unsupported_where_not_claimed,
