@@ -54,7 +54,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,7 +117,8 @@ impl Control {
 #[derive(Debug)]
 pub struct FreezeProxy {
     addr: SocketAddr,
-    target: String,
+    /// Where new connections go (see [`retarget`](Self::retarget)).
+    target: Arc<Mutex<String>>,
     control: watch::Sender<Control>,
     open: Arc<AtomicUsize>,
     listener: JoinHandle<()>,
@@ -147,10 +148,11 @@ impl FreezeProxy {
         let addr = listener.local_addr()?;
         let (control, rx) = watch::channel(Control::default());
         let open = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(accept_loop(listener, target.to_owned(), rx, open.clone()));
+        let target = Arc::new(Mutex::new(target.to_owned()));
+        let task = tokio::spawn(accept_loop(listener, target.clone(), rx, open.clone()));
         Ok(FreezeProxy {
             addr,
-            target: target.to_owned(),
+            target,
             control,
             open,
             listener: task,
@@ -197,7 +199,7 @@ impl FreezeProxy {
         self.addr
     }
 
-    /// The `host:port` the proxy forwards to.
+    /// The `host:port` the proxy forwards new connections to.
     ///
     /// ```
     /// use im_infra_conformance::proxy::FreezeProxy;
@@ -209,8 +211,31 @@ impl FreezeProxy {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn target(&self) -> &str {
-        &self.target
+    pub fn target(&self) -> String {
+        self.target
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sends the connections accepted from now on to `target`; those open
+    /// stay with the old one. What a DNS name or a load balancer that moves
+    /// to another server does to a client: its next connection reaches the
+    /// new server while its old connections still talk to the old one.
+    ///
+    /// ```
+    /// use im_infra_conformance::proxy::FreezeProxy;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> anyhow::Result<()> {
+    /// let proxy = FreezeProxy::start("127.0.0.1:6379").await?;
+    /// proxy.retarget("127.0.0.1:6380");
+    /// assert_eq!(proxy.target(), "127.0.0.1:6380");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn retarget(&self, target: &str) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = target.to_owned();
     }
 
     /// `url` with its `host:port` replaced by the proxy's address; scheme,
@@ -395,7 +420,7 @@ impl Drop for OpenConnection {
 
 async fn accept_loop(
     listener: TcpListener,
-    target: String,
+    target: Arc<Mutex<String>>,
     mut rx: watch::Receiver<Control>,
     open: Arc<AtomicUsize>,
 ) {
@@ -420,7 +445,7 @@ async fn accept_loop(
         // has not started yet.
         let born = rx.borrow().cut;
         let rx = rx.clone();
-        let target = target.clone();
+        let target = target.lock().unwrap_or_else(|p| p.into_inner()).clone();
         tokio::spawn(async move {
             let _counted = counted;
             connection(client, &target, born, rx).await;

@@ -1,7 +1,8 @@
 //! The near cache on the real Redis (required under
 //! `IMINFRA_REQUIRE_BACKENDS`): invalidations from writes of other
-//! clients, the tracking connection cut, the network frozen, the bounds,
-//! misses read together (a freeze among them), and the same on a cluster.
+//! clients, the tracking connection cut, the network frozen, the URL
+//! moved to another server, the bounds, misses read together (a freeze
+//! among them), and the same on a cluster.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,12 @@ use im_infra_conformance::proxy::FreezeProxy;
 use im_infra_conformance::servers::{server_or_skip, REDIS_CLUSTER_ENV, REDIS_ENV};
 use im_infra_redis::{RedisBackend, TRACKING_CLIENT_NAME, TRACKING_HEARTBEAT};
 use redis::AsyncCommands;
+
+// Only starting a server and its URL are used here.
+#[allow(dead_code)]
+#[path = "support/private_redis.rs"]
+mod private_redis;
+use private_redis::PrivateRedis;
 
 struct Setup {
     backend: RedisBackend,
@@ -252,6 +259,108 @@ async fn a_frozen_network_stops_answers_from_memory_within_two_heartbeats() -> R
         "after the thaw: {read:?}"
     );
     s.close().await
+}
+
+/// The URL moves to another server (a managed endpoint's failover, a
+/// load balancer): the reads' connection, cut, comes back on server B while
+/// the tracking connection stays on server A, whose pushes say nothing of
+/// B's writes. Within two heartbeats the near cache notices that the
+/// servers differ, and a write acknowledged by B is read, never A's value
+/// held in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_moved_to_another_server_is_noticed_within_two_heartbeats() -> Result<()> {
+    let (Some(a), Some(b)) = (
+        PrivateRedis::start_or_skip().await?,
+        PrivateRedis::start_or_skip().await?,
+    ) else {
+        return Ok(());
+    };
+    let proxy = FreezeProxy::for_url(&a.url()).await?;
+    let s = setup(&proxy.url(&a.url())?, |n| n).await?;
+    let key = s.full("profile");
+    let mut on_a = redis::Client::open(a.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let _: () = on_a.set(&key, "on a").await?;
+    s.near.sync().await;
+    ensure!(s.near.get("profile").await?.as_deref() == Some(&b"on a"[..]));
+    ensure!(s.near.size().0 == 1 && s.near.is_live(), "held near, live");
+
+    // The name moves to B; every connection on A but the tracking one
+    // (and this test's own) is cut, so the reads reconnect, to B.
+    proxy.retarget(&im_infra_conformance::servers::host_port(&b.url())?);
+    let tracking = format!("name={TRACKING_CLIENT_NAME}:{}", s.ns);
+    let mine: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut on_a)
+        .await?;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut on_a)
+        .await?;
+    for line in list
+        .lines()
+        .filter(|l| !l.split(' ').any(|f| f == tracking))
+    {
+        let Some(id) = line.split(' ').find_map(|f| f.strip_prefix("id=")) else {
+            continue;
+        };
+        if id != mine.to_string() {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async(&mut on_a)
+                .await?;
+        }
+    }
+    let cache = s.backend.cache().await?;
+    let moved = Instant::now();
+    eventually(Duration::from_secs(10), "a write reaches B", || {
+        let cache = cache.clone();
+        async move {
+            Ok(cache
+                .set("profile", Bytes::from_static(b"on b"), None)
+                .await
+                .is_ok())
+        }
+    })
+    .await?;
+    let on_b: Option<String> = redis::Client::open(b.url())?
+        .get_multiplexed_async_connection()
+        .await?
+        .get(&key)
+        .await?;
+    ensure!(
+        on_b.as_deref() == Some("on b"),
+        "the write went to B: {on_b:?}"
+    );
+    let written = Instant::now();
+
+    let mut old_reads = 0u32;
+    loop {
+        let read = s.near.get("profile").await;
+        if matches!(&read, Ok(Some(v)) if v.as_ref() == b"on b") {
+            break;
+        }
+        old_reads += 1;
+        ensure!(
+            written.elapsed() < TRACKING_HEARTBEAT * 2 + Duration::from_secs(1),
+            "still {read:?} {:?} after B acknowledged the write",
+            written.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "B's write read {:?} after it was acknowledged ({:?} after the move; {old_reads} older reads before)",
+        written.elapsed(),
+        moved.elapsed()
+    );
+    live_again(&s.near, Duration::from_secs(10)).await?;
+    s.near.sync().await;
+    ensure!(s.near.get("profile").await?.as_deref() == Some(&b"on b"[..]));
+    s.backend.close().await?;
+    Ok(())
 }
 
 /// The network to Redis freezes while 32 readers' misses are being read

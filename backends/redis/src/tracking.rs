@@ -10,7 +10,14 @@
 //! bounded by one heartbeat: each answers (`PING`; `ROLE`, which must say
 //! primary, behind Sentinel and on a cluster), and on a cluster the
 //! primaries are still those tracked (`CLUSTER NODES`, asked of a tracked
-//! node). A push that says a connection closed, a check that fails or
+//! node). On one node the reads must also still reach the server that is
+//! tracked: a URL whose name or proxy moves to another server (a managed
+//! endpoint's failover, a Kubernetes service) reconnects the reads there
+//! while the tracking connection stays on the old one, whose pushes no
+//! longer cover what is read. So every check compares the server's
+//! `run_id` (`INFO server`) on the reads' connection with the tracking
+//! connection's (skipped, with a warning when the session is made, for a
+//! user that may not run `INFO`). A push that says a connection closed, a check that fails or
 //! does not finish in time, reports the channel lost (the near cache
 //! empties and reads go to the server), and the connections are made
 //! again with backoff. A connection that closes or stops answering, a
@@ -73,8 +80,11 @@ pub(crate) struct RedisInvalidations {
     /// Session ids handed out, one per attempt to connect.
     sessions: Arc<AtomicU64>,
     /// Tells the driver to make the connections again (a `sync` that could
-    /// not confirm).
+    /// not confirm)...
     reset: Arc<tokio::sync::Notify>,
+    /// ...of this session: a request left stored after the driver gave up
+    /// that session on its own ends no later one.
+    reset_session: Arc<AtomicU64>,
     subscribed: Arc<AtomicBool>,
 }
 
@@ -86,6 +96,7 @@ impl RedisInvalidations {
             live: Arc::new(Mutex::new(0)),
             sessions: Arc::new(AtomicU64::new(0)),
             reset: Arc::new(tokio::sync::Notify::new()),
+            reset_session: Arc::new(AtomicU64::new(0)),
             subscribed: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -165,13 +176,39 @@ struct Tracked {
 }
 
 /// The tracking connections of one session (one per primary on a
-/// cluster), what tells that one of them closed, and the primaries they
-/// were made for (`None` off a cluster).
+/// cluster), what tells that one of them closed, the primaries they were
+/// made for (`None` off a cluster), and on one node the `run_id` of the
+/// server tracked (`None` on a cluster, behind Sentinel, or where `INFO`
+/// is refused).
 struct Tracking {
     session: u64,
     conns: Vec<Tracked>,
     closed: Arc<Closed>,
     primaries: Option<Vec<NodeAddr>>,
+    server: Option<String>,
+}
+
+/// The `run_id` line of an `INFO server` answer.
+fn run_id(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(str::trim)
+}
+
+/// The server's `run_id` from an `INFO server` answer; `None` when the
+/// user may not run `INFO` (refused as `InvalidConfig`, Redis's `NOPERM`).
+fn server_id(info: Result<String>) -> Result<Option<String>> {
+    match info {
+        Ok(info) => Ok(run_id(&info).map(str::to_owned)),
+        Err(e) if e.kind() == ErrorKind::InvalidConfig => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn info_server() -> redis::Cmd {
+    let mut cmd = redis::cmd("INFO");
+    cmd.arg("server");
+    cmd
 }
 
 fn from_redis(e: redis::RedisError) -> Error {
@@ -229,11 +266,30 @@ impl RedisInvalidations {
             self.track(node, &prefix, handler)
         }))
         .await?;
+        let settings = self.shared.client.settings();
+        let server = match &conns[..] {
+            [one] if !settings.is_cluster() && !settings.is_sentinel() => {
+                let info = info_server()
+                    .query_async(&mut one.conn.clone())
+                    .await
+                    .map_err(from_redis);
+                let server = server_id(info)?;
+                if server.is_none() {
+                    tracing::warn!(
+                        "near cache: INFO is refused, so it cannot be checked that reads reach \
+                         the server tracked (a URL that moves to another server goes unnoticed)"
+                    );
+                }
+                server
+            }
+            _ => None,
+        };
         let tracking = Tracking {
             session,
             conns,
             closed,
             primaries,
+            server,
         };
         // Made on a node that is no longer a primary (a Sentinel that has
         // not yet seen the failover), or while the primaries changed: not
@@ -326,8 +382,8 @@ impl RedisInvalidations {
     }
 
     /// The check of a heartbeat and of `sync`, bounded by one heartbeat:
-    /// every connection confirms, and on a cluster the primaries are those
-    /// tracked.
+    /// every connection confirms, on a cluster the primaries are those
+    /// tracked, and on one node the reads reach the server tracked.
     async fn check(&self, tracking: &Tracking) -> Result<()> {
         let confirmed =
             futures::future::try_join_all(tracking.conns.iter().map(|t| self.confirm(t)));
@@ -357,8 +413,27 @@ impl RedisInvalidations {
                 ))
             }
         };
+        // Only a different server fails it: the reads' connection being
+        // slow or down is the reads' business (they fail or wait on their
+        // own), and must not empty the near cache.
+        let same_server = async {
+            let Some(tracked) = &tracking.server else {
+                return Ok(());
+            };
+            let info = info_server();
+            let asked = self.shared.client.query::<String>(&info);
+            match tokio::time::timeout(TRACKING_HEARTBEAT / 2, asked).await {
+                Ok(Ok(info)) if run_id(&info).is_some_and(|reads| reads != tracked) => {
+                    Err(Error::new(
+                        ErrorKind::Unavailable,
+                        "reads reach another server than the one tracked (the URL moved)",
+                    ))
+                }
+                _ => Ok(()),
+            }
+        };
         match tokio::time::timeout(TRACKING_HEARTBEAT, async {
-            futures::try_join!(confirmed, same_primaries)
+            futures::try_join!(confirmed, same_primaries, same_server)
         })
         .await
         {
@@ -384,7 +459,12 @@ impl RedisInvalidations {
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = tracking.closed.notify.notified() => break,
-                        _ = self.reset.notified() => break,
+                        _ = self.reset.notified() => {
+                            if self.reset_session.load(Ordering::Acquire) == tracking.session {
+                                break;
+                            }
+                            continue;
+                        }
                         _ = tokio::time::sleep(TRACKING_HEARTBEAT) => {}
                     }
                     if let Err(e) = self.check(&tracking).await {
@@ -447,6 +527,8 @@ impl InvalidationSource for RedisInvalidations {
         };
         let result = self.check(&tracking).await;
         if result.is_err() && *self.live.lock() == tracking.session {
+            self.reset_session
+                .store(tracking.session, Ordering::Release);
             self.reset.notify_one();
         }
         result
@@ -456,6 +538,23 @@ impl InvalidationSource for RedisInvalidations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server is named by `run_id`; a refused `INFO` leaves it
+    /// unknown (the check is skipped), any other failure fails the session.
+    #[test]
+    fn the_server_is_its_run_id_and_a_refused_info_leaves_it_unknown() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:4f2a9c\r\ntcp_port:6379\r\n";
+        assert_eq!(run_id(info), Some("4f2a9c"));
+        assert_eq!(
+            server_id(Ok(info.into())).unwrap().as_deref(),
+            Some("4f2a9c")
+        );
+        assert_eq!(run_id("# Server\r\n"), None);
+        let refused = Error::new(ErrorKind::InvalidConfig, "NOPERM");
+        assert_eq!(server_id(Err(refused)).unwrap(), None);
+        let down = Error::new(ErrorKind::Connection, "refused");
+        assert!(server_id(Err(down)).is_err());
+    }
 
     #[test]
     fn pushed_keys_lose_the_namespace_and_others_are_ignored() {
