@@ -323,7 +323,10 @@ pub trait ServiceRegistry: Send + Sync + 'static {
     /// background and re-established (forever, with backoff) if lost.
     /// Registering the same service and id again replaces it. A `ttl` under
     /// the backend's [`RegistryCapabilities::min_ttl`] is raised to it; a
-    /// zero `ttl` is `InvalidArgument`.
+    /// zero `ttl` is `InvalidArgument`. An id names one instance: two
+    /// registries (two processes) registering the same service and id take
+    /// it from each other at every renewal, each noticing its loss and
+    /// registering again.
     async fn register(&self, instance: &ServiceInstance, ttl: Duration) -> Result<()> {
         self.register_with(instance, RegisterOptions::default().ttl(ttl))
             .await

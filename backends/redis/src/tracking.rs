@@ -196,12 +196,14 @@ fn run_id(info: &str) -> Option<&str> {
 }
 
 /// The server's `run_id` from an `INFO server` answer; `None` when the
-/// user may not run `INFO` (refused as `InvalidConfig`, Redis's `NOPERM`).
+/// server refuses `INFO` (`NOPERM`, or renamed away: unknown command). A
+/// transient failure (connection, timeout) fails the session, which is
+/// made again.
 fn server_id(info: Result<String>) -> Result<Option<String>> {
     match info {
         Ok(info) => Ok(run_id(&info).map(str::to_owned)),
-        Err(e) if e.kind() == ErrorKind::InvalidConfig => Ok(None),
-        Err(e) => Err(e),
+        Err(e) if e.is_retryable() => Err(e),
+        Err(_) => Ok(None),
     }
 }
 
@@ -526,7 +528,10 @@ impl InvalidationSource for RedisInvalidations {
             ));
         };
         let result = self.check(&tracking).await;
-        if result.is_err() && *self.live.lock() == tracking.session {
+        // Under the lock that orders sessions going live: a request for an
+        // older session cannot overwrite a newer one's.
+        let live = self.live.lock();
+        if result.is_err() && *live == tracking.session {
             self.reset_session
                 .store(tracking.session, Ordering::Release);
             self.reset.notify_one();
@@ -540,7 +545,8 @@ mod tests {
     use super::*;
 
     /// The server is named by `run_id`; a refused `INFO` leaves it
-    /// unknown (the check is skipped), any other failure fails the session.
+    /// unknown (the check is skipped), a transient failure fails the
+    /// session.
     #[test]
     fn the_server_is_its_run_id_and_a_refused_info_leaves_it_unknown() {
         let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:4f2a9c\r\ntcp_port:6379\r\n";
@@ -552,6 +558,8 @@ mod tests {
         assert_eq!(run_id("# Server\r\n"), None);
         let refused = Error::new(ErrorKind::InvalidConfig, "NOPERM");
         assert_eq!(server_id(Err(refused)).unwrap(), None);
+        let renamed = Error::new(ErrorKind::Internal, "ERR unknown command 'INFO'");
+        assert_eq!(server_id(Err(renamed)).unwrap(), None);
         let down = Error::new(ErrorKind::Connection, "refused");
         assert!(server_id(Err(down)).is_err());
     }
