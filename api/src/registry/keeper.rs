@@ -4,6 +4,7 @@
 //! ([`RegistrationBackend`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -45,8 +46,9 @@ pub trait RegistrationBackend: Send + Sync + 'static {
     }
 
     /// The shortest TTL the backend keeps alive (renewals every third of
-    /// it need room), as its [`RegistryCapabilities::min_ttl`](crate::registry::RegistryCapabilities::min_ttl)
-    /// reports it; a shorter one is raised to it. None by default.
+    /// it need room), as its capabilities report it
+    /// ([`RegistryCapabilities::min_ttl`](crate::registry::RegistryCapabilities::min_ttl));
+    /// a shorter one is raised to it. None by default.
     fn min_ttl(&self) -> Duration {
         Duration::ZERO
     }
@@ -142,6 +144,9 @@ pub struct Registrations {
     backend: Arc<dyn RegistrationBackend>,
     retry: RetrySettings,
     mine: Mutex<HashMap<(String, String), Registration>>,
+    /// Set by [`close`](Closable::close), under the `mine` lock: a
+    /// registration whose put was still running then is released, not kept.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for Registrations {
@@ -167,6 +172,7 @@ impl Registrations {
             backend,
             retry,
             mine: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -186,6 +192,9 @@ impl Registrations {
     ) -> Result<()> {
         instance.validate()?;
         crate::validate::ttl(ttl)?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(crate::backend::closed(self.backend.name()));
+        }
         // What is stored carries the TTL; the lease id is the backend's.
         let mut instance = ServiceInstance {
             ttl: Some(ttl),
@@ -221,11 +230,28 @@ impl Registrations {
             stop.clone(),
             ttl,
         ));
-        let old = self.mine().insert(key, Registration { slot, stop });
-        if let Some(old) = old {
-            retire(old).await;
+        let registration = Registration { slot, stop };
+        let old = {
+            let mut mine = self.mine();
+            if self.closed.load(Ordering::Acquire) {
+                Err(registration)
+            } else {
+                Ok(mine.insert(key, registration))
+            }
+        };
+        match old {
+            Ok(old) => {
+                if let Some(old) = old {
+                    retire(old).await;
+                }
+                Ok(())
+            }
+            // Closed while the put ran: what it registered goes too.
+            Err(registration) => {
+                retire(registration).await;
+                Err(crate::backend::closed(self.backend.name()))
+            }
         }
-        Ok(())
     }
 
     /// Deregisters an instance registered here. `NotRegistered` if it is not.
@@ -375,9 +401,14 @@ impl ServiceRegistry for Registrations {
 
 #[async_trait]
 impl Closable for Registrations {
-    /// Deregisters everything registered here; failures are logged (those
-    /// registrations expire on the server).
+    /// Deregisters everything registered here, including a registration
+    /// whose put is still running, and refuses further ones (`Closed`);
+    /// failures are logged (those registrations expire on the server).
     async fn close(&self) -> Result<()> {
+        {
+            let _mine = self.mine();
+            self.closed.store(true, Ordering::Release);
+        }
         for (service, id) in self.instances() {
             if let Err(e) = self.remove(&service, &id).await {
                 tracing::warn!(service, id, error = %e, "deregistration on close failed; the instance will expire");
@@ -468,7 +499,7 @@ async fn keep(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use super::*;
 
@@ -600,9 +631,88 @@ mod tests {
         Closable::close(&registry).await.unwrap();
     }
 
+    /// A registration whose put is still running when the registry is
+    /// closed is released when the put returns, and answers `Closed`: a
+    /// closed registry keeps nothing alive.
+    #[tokio::test]
+    async fn a_register_running_when_closed_is_released_not_kept() {
+        #[derive(Default)]
+        struct Gated {
+            entered: tokio::sync::Notify,
+            go: tokio::sync::Notify,
+            released: Arc<AtomicUsize>,
+        }
+        struct Counted(Arc<AtomicUsize>);
+        #[async_trait]
+        impl LeaseBackend for Counted {
+            fn describe(&self) -> String {
+                "registration".into()
+            }
+            async fn extend(&self, _: Duration) -> Result<bool> {
+                Ok(true)
+            }
+            async fn release(&self) -> Result<bool> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Ok(true)
+            }
+        }
+        #[async_trait]
+        impl RegistrationLease for Counted {
+            async fn update(&self, _: &ServiceInstance) -> Result<bool> {
+                Ok(true)
+            }
+        }
+        #[async_trait]
+        impl RegistrationBackend for Gated {
+            fn name(&self) -> &'static str {
+                "gated"
+            }
+            fn default_ttl(&self) -> Duration {
+                Duration::from_secs(10)
+            }
+            async fn list(&self) -> Result<Vec<ServiceInstance>> {
+                Ok(Vec::new())
+            }
+            async fn put(
+                &self,
+                _: &ServiceInstance,
+                ttl: Duration,
+                _: Option<i64>,
+            ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+                self.entered.notify_one();
+                self.go.notified().await;
+                Ok((Arc::new(Counted(self.released.clone())), ttl))
+            }
+            async fn replace(&self, _: &ServiceInstance) -> Result<bool> {
+                Ok(false)
+            }
+        }
+        let server = Arc::new(Gated::default());
+        let registry = Arc::new(Registrations::new(server.clone(), RetrySettings::default()));
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80");
+        let registering = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.register(&instance, Duration::from_secs(10)).await }
+        });
+        server.entered.notified().await;
+        Closable::close(&*registry).await.unwrap();
+        server.go.notify_one();
+        let e = registering.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+        assert_eq!(server.released.load(Ordering::SeqCst), 1, "released");
+        assert!(registry.instances().is_empty(), "nothing kept");
+        let again = ServiceInstance::new("svc", "b", "10.0.0.1:81");
+        let e = registry
+            .register(&again, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    }
+
     /// The backend's policy, applied once for every backend: its default
-    /// TTL, its minimum (a shorter TTL is raised to it), a caller's lease only where it takes one, its
-    /// default metadata under the instance's own, and `Closed` once closed.
+    /// TTL, its minimum (a shorter TTL is raised to it), a caller's lease
+    /// only where it takes one, its default metadata under the instance's
+    /// own, and `Closed` once closed.
     #[tokio::test]
     async fn the_backends_policy_applies_to_every_call() {
         let (server, registry) = registry();

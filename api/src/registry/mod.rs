@@ -173,9 +173,9 @@ pub struct RegistryCapabilities {
     pub caller_leases: bool,
     /// The shortest registration TTL the backend keeps alive; a shorter one
     /// is raised to it, as lock and idempotency TTLs are, and discovery
-    /// reports the TTL the instance was kept with. etcd grants leases of at
-    /// least 2 s; Redis renews every third of a TTL and needs 100 ms; the
-    /// in-process backend 50 ms.
+    /// reports the raised TTL. etcd grants leases of at least 2 s (and in
+    /// whole seconds, rounded up); Redis renews every third of a TTL and
+    /// needs 100 ms; the in-process backend 50 ms.
     pub min_ttl: Duration,
 }
 

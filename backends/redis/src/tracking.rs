@@ -16,9 +16,9 @@
 //! while the tracking connection stays on the old one, whose pushes no
 //! longer cover what is read. So every check compares the server's
 //! `run_id` (`INFO server`) on the reads' connection with the tracking
-//! connection's (skipped, with a warning when the session is made, for a
-//! user that may not run `INFO`). A push that says a connection closed, a check that fails or
-//! does not finish in time, reports the channel lost (the near cache
+//! connection's (skipped, with a warning when the session is made, where
+//! `INFO` is refused). A push that says a connection closed, a check that
+//! fails or does not finish in time, reports the channel lost (the near cache
 //! empties and reads go to the server), and the connections are made
 //! again with backoff. A connection that closes or stops answering, a
 //! tracked node that turns replica, or a change in the tracked node's
