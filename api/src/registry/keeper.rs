@@ -27,6 +27,14 @@ pub trait RegistrationLease: LeaseBackend {
     /// Replaces the registered value, keeping the lease. `Ok(false)`: the
     /// registration is gone on the server.
     async fn update(&self, instance: &ServiceInstance) -> Result<bool>;
+
+    /// The caller's lease this registration is on
+    /// ([`RegisterOptions::lease_id`]); `None` (the default) for a lease
+    /// of its own. A registration replaced by one on the same lease is left
+    /// to it, not released: releasing it would delete the new value.
+    fn callers_lease(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// What a backend does to register an instance on its server.
@@ -109,7 +117,13 @@ impl LeaseBackend for Kept {
 struct Slot {
     instance: ServiceInstance,
     current: Option<(Arc<dyn RegistrationLease>, Lease)>,
+    /// Set when the registration ends (deregistered, replaced): its keeper
+    /// registers it no more.
     stopped: bool,
+    /// A deregistration that failed to reach the server (no longer kept,
+    /// still on the server until its TTL): the next `deregister` of the
+    /// instance, or the registry's close, releases it again.
+    unreleased: Option<Arc<dyn RegistrationLease>>,
 }
 
 impl Drop for Slot {
@@ -183,7 +197,8 @@ impl Registrations {
     /// Registers `instance` for `ttl` (on the existing lease `lease_id`,
     /// where the backend has such leases) and keeps it registered.
     /// Registering the same service and id again replaces the earlier
-    /// registration. After a loss it is registered again on a new lease.
+    /// registration once the put succeeded; a failed put leaves it as it
+    /// was. After a loss it is registered again on a new lease.
     async fn keep_registered(
         &self,
         instance: &ServiceInstance,
@@ -202,14 +217,20 @@ impl Registrations {
             ..instance.clone()
         };
         let key = (instance.service.clone(), instance.id.clone());
-        if lease_id.is_some() {
-            // The earlier registration may be on the same (caller's) lease:
-            // released after the put, it would delete the new value.
-            let old = self.mine().remove(&key);
-            if let Some(old) = old {
-                retire(old).await;
+        // The earlier registration is held while the put runs: its keeper
+        // cannot register it again over the new value, and a failed put
+        // (the guard dropped) leaves it registered and kept.
+        let mut earlier = loop {
+            let Some(slot) = self.mine().get(&key).map(|r| r.slot.clone()) else {
+                break None;
+            };
+            let guard = slot.clone().lock_owned().await;
+            // Replaced while waiting: hold the registration that replaced it.
+            let still = self.mine().get(&key).map(|r| r.slot.clone());
+            if still.is_some_and(|still| Arc::ptr_eq(&still, &slot)) {
+                break Some(guard);
             }
-        }
+        };
         let sent = Tick::now();
         let (reg, granted) = self.backend.put(&instance, ttl, lease_id).await?;
         if lease_id.is_some() {
@@ -219,8 +240,9 @@ impl Registrations {
         let lease = self.lease(reg.clone(), granted, sent);
         let slot = Arc::new(tokio::sync::Mutex::new(Slot {
             instance: instance.clone(),
-            current: Some((reg, lease)),
+            current: Some((reg.clone(), lease)),
             stopped: false,
+            unreleased: None,
         }));
         let stop = CancellationToken::new();
         tokio::spawn(keep(
@@ -231,7 +253,9 @@ impl Registrations {
             ttl,
         ));
         let registration = Registration { slot, stop };
-        let old = {
+        // In the map before the earlier one is let go: a call that waited
+        // for it then finds the new registration.
+        let displaced = {
             let mut mine = self.mine();
             if self.closed.load(Ordering::Acquire) {
                 Err(registration)
@@ -239,37 +263,69 @@ impl Registrations {
                 Ok(mine.insert(key, registration))
             }
         };
-        match old {
-            Ok(old) => {
-                if let Some(old) = old {
-                    retire(old).await;
+        let replaced = earlier.as_mut().and_then(|slot| {
+            slot.stopped = true;
+            slot.current.take()
+        });
+        drop(earlier);
+        if let Some(replaced) = replaced {
+            end(replaced, &reg).await;
+        }
+        match displaced {
+            Ok(displaced) => {
+                if let Some(displaced) = displaced {
+                    retire(displaced, Some(&reg)).await;
                 }
                 Ok(())
             }
             // Closed while the put ran: what it registered goes too.
             Err(registration) => {
-                retire(registration).await;
+                retire(registration, None).await;
                 Err(crate::backend::closed(self.backend.name()))
             }
         }
     }
 
-    /// Deregisters an instance registered here. `NotRegistered` if it is not.
+    /// Deregisters an instance registered here. `NotRegistered` if it is
+    /// not. It is no longer kept from the start. Until the server confirms
+    /// the release it stays in the map, stopped: a call that failed with a
+    /// retryable error, or that was dropped midway, is retried by the next
+    /// `deregister` (or the registry's close); meanwhile the instance
+    /// expires on the server after its TTL.
     async fn remove(&self, service: &str, id: &str) -> Result<()> {
-        let reg = self
+        let key = (service.to_owned(), id.to_owned());
+        let (slot, stop) = self
             .mine()
-            .remove(&(service.to_owned(), id.to_owned()))
+            .get(&key)
+            .map(|r| (r.slot.clone(), r.stop.clone()))
             .ok_or_else(|| not_registered(service, id))?;
-        reg.stop.cancel();
-        let current = {
-            let mut slot = reg.slot.lock().await;
+        stop.cancel();
+        let (reg, lease) = {
+            let mut slot = slot.lock().await;
             slot.stopped = true;
-            slot.current.take()
+            match slot.current.take() {
+                Some((reg, lease)) => {
+                    slot.unreleased = Some(reg.clone());
+                    (Some(reg), Some(lease))
+                }
+                None => (slot.unreleased.clone(), None),
+            }
         };
-        if let Some((_, lease)) = current {
-            lease.release().await?;
+        let result = match (reg, lease) {
+            (_, Some(lease)) => lease.release().await.map(drop),
+            (Some(reg), None) => reg.release().await.map(drop),
+            (None, None) => Ok(()),
+        };
+        if matches!(&result, Err(e) if e.is_retryable()) {
+            return result;
         }
-        Ok(())
+        // Released (or it cannot be, whatever is retried): gone from here.
+        slot.lock().await.unreleased = None;
+        let mut mine = self.mine();
+        if mine.get(&key).is_some_and(|r| Arc::ptr_eq(&r.slot, &slot)) {
+            mine.remove(&key);
+        }
+        result
     }
 
     /// Changes the address or metadata of a registered instance. Registered
@@ -280,19 +336,28 @@ impl Registrations {
     /// registered nowhere.
     async fn change(&self, instance: &ServiceInstance) -> Result<()> {
         instance.validate()?;
-        let slot = self
-            .mine()
-            .get(&(instance.service.clone(), instance.id.clone()))
-            .map(|r| r.slot.clone());
-        let Some(slot) = slot else {
-            // The backend keeps the TTL the instance is registered with.
-            return if self.backend.replace(&instance.registered()).await? {
-                Ok(())
-            } else {
-                Err(not_registered(&instance.service, &instance.id))
+        let key = (instance.service.clone(), instance.id.clone());
+        let mut slot = loop {
+            let slot = self.mine().get(&key).map(|r| r.slot.clone());
+            let Some(slot) = slot else {
+                // The backend keeps the TTL the instance is registered with.
+                return if self.backend.replace(&instance.registered()).await? {
+                    Ok(())
+                } else {
+                    Err(not_registered(&instance.service, &instance.id))
+                };
             };
+            let guard = slot.clone().lock_owned().await;
+            if !guard.stopped {
+                break guard;
+            }
+            // Replaced while waiting: the new registration takes the change.
+            // Deregistered: not registered here.
+            let now = self.mine().get(&key).map(|r| r.slot.clone());
+            if now.is_none_or(|now| Arc::ptr_eq(&now, &slot)) {
+                return Err(not_registered(&instance.service, &instance.id));
+            }
         };
-        let mut slot = slot.lock().await;
         let instance = &ServiceInstance {
             ttl: slot.instance.ttl,
             lease_id: None,
@@ -316,7 +381,8 @@ impl Registrations {
         }
     }
 
-    /// The instances registered here (as last registered or updated).
+    /// The instances registered here, and those whose deregistration
+    /// failed until it is retried.
     pub fn instances(&self) -> Vec<(String, String)> {
         self.mine().keys().cloned().collect()
     }
@@ -352,16 +418,34 @@ fn lease_of(
 }
 
 /// Stops keeping a replaced registration and releases it; releasing
-/// touches only what is still that registration's.
-async fn retire(old: Registration) {
+/// touches only what is still that registration's. One on the lease of
+/// `by` (the registration replacing it) is left to it.
+async fn retire(old: Registration, by: Option<&Arc<dyn RegistrationLease>>) {
     old.stop.cancel();
     let current = {
         let mut slot = old.slot.lock().await;
         slot.stopped = true;
         slot.current.take()
     };
-    if let Some((_, lease)) = current {
-        let _ = lease.release().await;
+    if let Some(current) = current {
+        match by {
+            Some(by) => end(current, by).await,
+            None => {
+                let _ = current.1.release().await;
+            }
+        }
+    }
+}
+
+/// Ends a registration replaced by `by`: released, unless both are on the
+/// same caller's lease (the new value is on it: the old one stops renewing
+/// and leaves the lease to the new registration).
+async fn end((old, lease): (Arc<dyn RegistrationLease>, Lease), by: &Arc<dyn RegistrationLease>) {
+    match old.callers_lease() {
+        Some(id) if by.callers_lease() == Some(id) => lease.detach(),
+        _ => {
+            let _ = lease.release().await;
+        }
     }
 }
 
@@ -413,6 +497,10 @@ impl Closable for Registrations {
             if let Err(e) = self.remove(&service, &id).await {
                 tracing::warn!(service, id, error = %e, "deregistration on close failed; the instance will expire");
             }
+        }
+        // Those whose release failed expire on the server.
+        for (_, reg) in self.mine().drain() {
+            reg.stop.cancel();
         }
         Ok(())
     }
@@ -473,6 +561,9 @@ async fn keep(
                 backend = backend.name(),
                 "registering again after the registration was lost"
             );
+            // On a lease of its own, with the TTL of the registration (one
+            // on a caller's lease recorded that lease's).
+            s.instance.ttl = Some(ttl);
             let sent = Tick::now();
             match backend.put(&s.instance, ttl, None).await {
                 Ok((reg, granted)) => {
@@ -707,6 +798,206 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    }
+
+    /// A server side whose puts and releases fail on demand, and whose
+    /// registrations on a caller's lease say so.
+    #[derive(Default)]
+    struct Scripted {
+        fail_puts: AtomicBool,
+        failing_releases: AtomicUsize,
+        releases: Arc<AtomicUsize>,
+        released: Arc<AtomicUsize>,
+        puts: AtomicUsize,
+    }
+
+    struct ScriptedLease {
+        lease: Option<i64>,
+        server: Arc<Scripted>,
+    }
+
+    #[async_trait]
+    impl LeaseBackend for ScriptedLease {
+        fn describe(&self) -> String {
+            "registration".into()
+        }
+        async fn extend(&self, _: Duration) -> Result<bool> {
+            Ok(true)
+        }
+        async fn release(&self) -> Result<bool> {
+            self.server.releases.fetch_add(1, Ordering::SeqCst);
+            let failing = &self.server.failing_releases;
+            if failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(Error::new(ErrorKind::Unavailable, "release timed out"));
+            }
+            self.server.released.fetch_add(1, Ordering::SeqCst);
+            Ok(true)
+        }
+    }
+
+    #[async_trait]
+    impl RegistrationLease for ScriptedLease {
+        async fn update(&self, _: &ServiceInstance) -> Result<bool> {
+            Ok(true)
+        }
+        fn callers_lease(&self) -> Option<i64> {
+            self.lease
+        }
+    }
+
+    struct ScriptedServer(Arc<Scripted>);
+
+    #[async_trait]
+    impl RegistrationBackend for ScriptedServer {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        fn default_ttl(&self) -> Duration {
+            Duration::from_secs(10)
+        }
+        fn takes_caller_leases(&self) -> bool {
+            true
+        }
+        async fn list(&self) -> Result<Vec<ServiceInstance>> {
+            Ok(Vec::new())
+        }
+        async fn put(
+            &self,
+            _: &ServiceInstance,
+            _: Duration,
+            lease: Option<i64>,
+        ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
+            if self.0.fail_puts.load(Ordering::SeqCst) {
+                return Err(Error::new(ErrorKind::Unavailable, "put timed out"));
+            }
+            self.0.puts.fetch_add(1, Ordering::SeqCst);
+            let server = self.0.clone();
+            Ok((
+                Arc::new(ScriptedLease { lease, server }),
+                Duration::from_secs(10),
+            ))
+        }
+        async fn replace(&self, _: &ServiceInstance) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    fn scripted() -> (Arc<Scripted>, Registrations) {
+        let server = Arc::new(Scripted::default());
+        let backend = Arc::new(ScriptedServer(server.clone()));
+        (
+            server,
+            Registrations::new(backend, RetrySettings::default()),
+        )
+    }
+
+    /// Registering again replaces the earlier registration only once the
+    /// put succeeded: a failed put leaves it registered, kept and
+    /// updatable (also on a caller's lease, where the earlier registration
+    /// used to be released before the put).
+    #[tokio::test]
+    async fn a_failed_registration_again_leaves_the_earlier_one_kept() {
+        let (server, registry) = scripted();
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80");
+        let on_lease = || RegisterOptions::default().lease_id(5);
+        registry.register_with(&instance, on_lease()).await.unwrap();
+        server.fail_puts.store(true, Ordering::SeqCst);
+        let e = registry
+            .register(&instance, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        let e = registry
+            .register_with(&instance, on_lease())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert_eq!(
+            server.releases.load(Ordering::SeqCst),
+            0,
+            "nothing released"
+        );
+        assert_eq!(registry.instances(), [("svc".into(), "a".into())]);
+        registry
+            .update(&ServiceInstance::new("svc", "a", "10.0.0.1:81"))
+            .await
+            .expect("the earlier registration is still kept");
+        server.fail_puts.store(false, Ordering::SeqCst);
+        registry
+            .register(&instance, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            server.released.load(Ordering::SeqCst),
+            1,
+            "replaced once the put succeeded"
+        );
+        Closable::close(&registry).await.unwrap();
+        assert_eq!(server.released.load(Ordering::SeqCst), 2);
+    }
+
+    /// A deregistration the server did not take stops keeping the instance
+    /// at once; retrying it releases it again (and the registry's close
+    /// would), instead of answering `NotRegistered` while the instance
+    /// lives on the server.
+    #[tokio::test]
+    async fn a_failed_deregistration_can_be_retried() {
+        let (server, registry) = scripted();
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80");
+        registry
+            .register(&instance, Duration::from_secs(10))
+            .await
+            .unwrap();
+        server.failing_releases.store(2, Ordering::SeqCst);
+        for _ in 0..2 {
+            let e = registry.deregister("svc", "a").await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+            let e = registry.update(&instance).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::NotRegistered, "{e}");
+        }
+        registry.deregister("svc", "a").await.unwrap();
+        assert_eq!(server.releases.load(Ordering::SeqCst), 3, "tried thrice");
+        assert_eq!(server.released.load(Ordering::SeqCst), 1);
+        let e = registry.deregister("svc", "a").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotRegistered, "{e}");
+
+        // One whose deregistration failed is released by the close.
+        registry
+            .register(&instance, Duration::from_secs(10))
+            .await
+            .unwrap();
+        server.failing_releases.store(1, Ordering::SeqCst);
+        registry.deregister("svc", "a").await.unwrap_err();
+        Closable::close(&registry).await.unwrap();
+        assert_eq!(server.released.load(Ordering::SeqCst), 2);
+        assert!(registry.instances().is_empty());
+    }
+
+    /// An instance registered again on the same caller's lease: the new
+    /// value is on that lease, so the earlier registration is not released
+    /// (which would delete it); on another lease it is.
+    #[tokio::test]
+    async fn a_registration_replaced_on_the_same_callers_lease_is_not_released() {
+        let (server, registry) = scripted();
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80");
+        for lease in [5, 5] {
+            let opts = RegisterOptions::default().lease_id(lease);
+            registry.register_with(&instance, opts).await.unwrap();
+        }
+        assert_eq!(server.releases.load(Ordering::SeqCst), 0);
+        let opts = RegisterOptions::default().lease_id(6);
+        registry.register_with(&instance, opts).await.unwrap();
+        assert_eq!(server.releases.load(Ordering::SeqCst), 1);
+        registry
+            .register(&instance, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(server.releases.load(Ordering::SeqCst), 2);
+        assert_eq!(server.puts.load(Ordering::SeqCst), 4);
+        Closable::close(&registry).await.unwrap();
     }
 
     /// The backend's policy, applied once for every backend: its default

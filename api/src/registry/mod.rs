@@ -321,7 +321,9 @@ impl ServiceInfo {
 pub trait ServiceRegistry: Send + Sync + 'static {
     /// Registers `instance` with a lease of `ttl`, kept alive in the
     /// background and re-established (forever, with backoff) if lost.
-    /// Registering the same service and id again replaces it. A `ttl` under
+    /// Registering the same service and id again replaces it once the new
+    /// registration is on the server; if that fails, the earlier one stays
+    /// registered and kept. A `ttl` under
     /// the backend's [`RegistryCapabilities::min_ttl`] is raised to it; a
     /// zero `ttl` is `InvalidArgument`. An id names one instance: two
     /// registries (two processes) registering the same service and id take
@@ -337,7 +339,11 @@ pub trait ServiceRegistry: Send + Sync + 'static {
     async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()>;
 
     /// Removes an instance registered by this registry and stops keeping it
-    /// alive. `NotRegistered` (code 2002) if it is not registered here.
+    /// alive. `NotRegistered` (code 2002) if it is not registered here. It
+    /// is no longer kept from the start of the call: if the server cannot
+    /// be reached (a retryable error), the instance stays there until its
+    /// TTL ends, and calling `deregister` again (or closing the backend)
+    /// tries again to remove it.
     async fn deregister(&self, service: &str, id: &str) -> Result<()>;
 
     /// Changes the address or metadata of a registered instance, keeping

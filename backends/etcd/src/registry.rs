@@ -323,6 +323,10 @@ impl RegistrationLease for Registered {
         );
         self.if_mine("registry.update", vec![put]).await
     }
+
+    fn callers_lease(&self) -> Option<i64> {
+        (!self.own_lease).then(|| self.lease.id())
+    }
 }
 
 /// Discovery on an [`EtcdBackend`](crate::EtcdBackend): a read of the
