@@ -74,6 +74,40 @@ async fn lease_manager_creates_keeps_inspects_and_revokes() -> Result<()> {
     Ok(())
 }
 
+/// `keep_alive` cut off at any point (a caller's timeout around it) or
+/// failing never revokes the caller's lease: it only stops keeping it.
+#[tokio::test]
+async fn a_keep_alive_cut_off_midway_leaves_the_lease() -> Result<()> {
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let (etcd, _) = backend(&eps).await?;
+    let leases = etcd.leases();
+    let id = leases.create(Duration::from_secs(30)).await?;
+    // Cut off after 0, 0.25, 0.5, ... ms: over the info read, the lease's
+    // start and its first renewal.
+    let mut cut = 0;
+    for step in 0..40u64 {
+        let call = leases.keep_alive(id);
+        if tokio::time::timeout(Duration::from_micros(step * 250), call)
+            .await
+            .is_err()
+        {
+            cut += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ensure!(
+            leases.info(id).await.is_ok(),
+            "the lease was revoked by a keep-alive cut off after {} µs",
+            step * 250
+        );
+    }
+    ensure!(cut > 0, "no call was cut off");
+    leases.revoke(id).await?;
+    etcd.close().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn connection_manager_reports_and_recovers() -> Result<()> {
     let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
@@ -318,6 +352,29 @@ async fn registrations_use_the_default_ttl_or_the_callers_lease() -> Result<()> 
             && b.ttl == Some(Duration::from_secs(20)),
         "{b:?}"
     );
+    // Registered again on a lease that does not exist: refused, and the
+    // earlier registration is left as it was (on the caller's lease, with
+    // its value, still kept: it can be updated).
+    let err = reg
+        .register_with(
+            &ServiceInstance::new("svc", "b", "127.0.0.1:5"),
+            RegisterOptions::default().lease_id(0x7eed_0000_0001),
+        )
+        .await
+        .expect_err("a lease that does not exist takes no registration");
+    ensure!(err.kind() == ErrorKind::LeaseNotFound, "{err}");
+    let found = etcd.discovery().await?.instances("svc").await?;
+    let b = found
+        .iter()
+        .find(|i| i.id == "b")
+        .context("a failed registration again leaves the earlier one")?;
+    ensure!(
+        b.address == "127.0.0.1:4" && b.lease_id == Some(mine),
+        "{b:?}"
+    );
+    reg.update(&ServiceInstance::new("svc", "b", "127.0.0.1:6"))
+        .await
+        .context("the earlier registration is still kept")?;
     reg.deregister("svc", "b").await?;
     ensure!(
         lease_of_instance(&eps, &ns, "svc", "b").await.is_err(),

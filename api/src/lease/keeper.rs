@@ -133,6 +133,16 @@ impl Inner {
             self.end("its deadline passed before it could be renewed");
             return Step::Ended;
         }
+        // Until an answer is read, the server may apply this request at
+        // any later time, also when the call fails or is dropped (a
+        // caller's timeout around `refresh`): never count on more than its
+        // TTL from then on.
+        let mut unanswered = Unanswered {
+            inner: self,
+            ttl,
+            sent,
+            answered: false,
+        };
         let res = tokio::select! {
             biased;
             _ = self.stop.cancelled() => return Step::Ended,
@@ -144,6 +154,7 @@ impl Inner {
         };
         match res {
             Ok(true) => {
+                unanswered.answered();
                 self.renewed(sent, ttl, refresh);
                 Step::Extended
             }
@@ -155,15 +166,35 @@ impl Inner {
                 self.end("the backend was closed");
                 Step::Failed(e)
             }
-            Err(e) => {
-                // The server may still apply this request, at any later
-                // time: never count on more than its TTL from now on.
-                self.floor.fetch_min(nanos(ttl), Ordering::AcqRel);
-                let bound = self.deadline_for(sent, ttl);
-                self.set_deadline(|d| d.min(bound));
-                Step::Failed(e)
-            }
+            Err(e) => Step::Failed(e),
         }
+    }
+}
+
+/// An extension sent and not answered: dropped (failed, or cancelled
+/// mid-call), it bounds the lease by what the server may still apply.
+struct Unanswered<'a> {
+    inner: &'a Inner,
+    ttl: Duration,
+    sent: u64,
+    answered: bool,
+}
+
+impl Unanswered<'_> {
+    fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let inner = self.inner;
+        inner.floor.fetch_min(nanos(self.ttl), Ordering::AcqRel);
+        let bound = inner.deadline_for(self.sent, self.ttl);
+        inner.set_deadline(|d| d.min(bound));
     }
 }
 
@@ -253,7 +284,8 @@ impl Lease {
             ttl: AtomicU64::new(nanos(opts.ttl)),
             floor: AtomicU64::new(u64::MAX),
             next_renew: AtomicU64::new(sent.0.saturating_add(nanos(opts.ttl) / 3)),
-            auto_renew: AtomicBool::new(opts.auto_renew),
+            // No renewal at all when none is allowed.
+            auto_renew: AtomicBool::new(opts.auto_renew && opts.max_extensions != Some(0)),
             extensions: AtomicU64::new(0),
             max_extensions: AtomicU64::new(opts.max_extensions.unwrap_or(u64::MAX)),
             lost: CancellationToken::new(),
@@ -614,6 +646,32 @@ mod tests {
         assert!(lease.refresh(Duration::from_secs(10)).await.unwrap());
         // The failed 100 ms extension may still be applied by the server.
         assert!(lease.remaining().unwrap() <= Duration::from_millis(100));
+    }
+
+    /// A refresh dropped mid-call (a caller's timeout around it) may still
+    /// be applied by the server: it bounds the deadline as a failed one
+    /// does.
+    #[tokio::test]
+    async fn a_refresh_dropped_mid_call_bounds_later_deadlines() {
+        let (lease, server) = kept(10_000, |o| o.auto_renew(false));
+        server.set(HANG);
+        let refresh = lease.refresh(Duration::from_millis(300));
+        let cut = tokio::time::timeout(Duration::from_millis(20), refresh).await;
+        assert!(cut.is_err(), "the refresh hangs until dropped");
+        let left = lease.remaining().expect("still held");
+        assert!(left <= Duration::from_millis(300), "{left:?}");
+        server.set(OK);
+        assert!(lease.refresh(Duration::from_secs(10)).await.unwrap());
+        assert!(lease.remaining().unwrap() <= Duration::from_millis(300));
+    }
+
+    /// No renewal is allowed: none is made, the lease ends at its first
+    /// deadline.
+    #[tokio::test]
+    async fn no_extension_allowed_means_no_renewal() {
+        let (lease, server) = kept(60, |o| o.max_extensions(0));
+        assert!(lost_within(&lease, Duration::from_secs(1)).await.is_some());
+        assert!(server.extends().is_empty(), "{:?}", server.extends());
     }
 
     #[tokio::test]

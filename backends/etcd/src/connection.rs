@@ -54,6 +54,10 @@ pub struct ConnectionManager {
     /// Closed on close: stops keep-alives, watches and the health checker.
     shutdown: Shutdown,
     ops: ConnectionOps,
+    /// Calls whose next answer is lost after etcd applied them (fault
+    /// injection for tests).
+    #[cfg(feature = "testing")]
+    lose_answers: Mutex<Vec<&'static str>>,
 }
 
 struct ConnectionOps {
@@ -90,7 +94,17 @@ impl ConnectionManager {
                 reconnect: m("connection.reconnect"),
                 health_check: m("connection.health_check"),
             },
+            #[cfg(feature = "testing")]
+            lose_answers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The next call named `what` (its metric name, such as
+    /// `"lock.refresh"`) is applied by etcd and then fails with `Timeout`,
+    /// as when its answer is lost (feature `testing`).
+    #[cfg(feature = "testing")]
+    pub fn lose_next_answer(&self, what: &'static str) {
+        self.lose_answers.lock().push(what);
     }
 
     fn status_mut(&self) -> MutexGuard<'_, ConnectionStatus> {
@@ -329,13 +343,24 @@ impl ConnectionManager {
     /// timeout (set on its channel, so no second timer runs here); failures
     /// come back as they are, retryable ones marked so: the caller decides
     /// whether to retry, e.g. with [`RetrySettings::retry`](im_infra::RetrySettings::retry).
-    pub(crate) async fn call<T, F, Fut>(&self, _what: &'static str, f: F) -> Result<T>
+    pub(crate) async fn call<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T>
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
         let client = self.client()?;
-        f(client).await.map_err(|e| self.failed(from_etcd(e)))
+        let answer = f(client).await.map_err(|e| self.failed(from_etcd(e)));
+        #[cfg(feature = "testing")]
+        if answer.is_ok() {
+            let mut lose = self.lose_answers.lock();
+            if let Some(at) = lose.iter().position(|w| *w == what) {
+                lose.remove(at);
+                return Err(self.timeout(what, self.settings.request_timeout));
+            }
+        }
+        #[cfg(not(feature = "testing"))]
+        let _ = what;
+        answer
     }
 
     async fn call_with<T, F, Fut>(&self, timeout: Duration, what: &'static str, f: F) -> Result<T>

@@ -212,21 +212,22 @@ impl LeaseManager {
                 let info = info(&self.conn, id).await.map_err(|e| not_found(e, id))?;
                 // Until the first renewal, the deadline counts from what etcd
                 // reported as left (whole seconds, rounded down).
-                let lease = Lease::start(
+                // The caller's lease: a failure or a dropped call stops
+                // keeping it (`Kept` detaches on drop), never revokes it.
+                let kept = Arc::new(Kept(Mutex::new(Some(Lease::start(
                     EtcdLease::new(self.conn.clone(), id),
                     LeaseOptions::new(info.ttl.max(Duration::from_millis(1)))
                         .labels(crate::NAME, "lease"),
                     sent,
-                );
+                )))));
+                let lost = kept.lost();
                 // Renew at once: from then on a full TTL, renewed every third of it.
-                if let Err(e) = lease
+                if let Err(e) = kept
                     .refresh(info.granted_ttl.max(Duration::from_secs(1)))
                     .await
                 {
                     tracing::debug!(lease = format!("{id:x}"), error = %e, "first keep-alive failed; the keeper retries");
                 }
-                let lost = lease.lost();
-                let kept = Arc::new(Kept(Mutex::new(Some(lease))));
                 self.handed_out.track(&kept).map_err(|e| e.with_backend(crate::NAME))?;
                 Ok(KeepAlive { id, lost, kept })
             })
@@ -291,13 +292,49 @@ impl LeaseManager {
 
 /// The renewals behind a [`KeepAlive`], stopped by the handle or by the
 /// backend's close (the lease then expires on etcd after its TTL).
+/// The lease core keeping a caller's lease; stopping or dropping it stops
+/// the renewals and never revokes the lease.
 struct Kept(Mutex<Option<Lease>>);
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
 
 impl Kept {
     fn stop(&self) {
         let lease = self.0.lock().take();
         if let Some(lease) = lease {
             lease.detach();
+        }
+    }
+
+    fn lost(&self) -> CancellationToken {
+        self.0
+            .lock()
+            .as_ref()
+            .map_or_else(CancellationToken::new, Lease::lost)
+    }
+
+    /// The first renewal (the lease is taken out of the mutex for it and put
+    /// back; dropped mid-call it is detached, as on any drop of `Kept`).
+    async fn refresh(&self, ttl: Duration) -> Result<bool> {
+        struct Back<'a>(&'a Kept, Option<Lease>);
+        impl Drop for Back<'_> {
+            fn drop(&mut self) {
+                if let Some(lease) = self.1.take() {
+                    *self.0 .0.lock() = Some(lease);
+                }
+            }
+        }
+        let Some(lease) = self.0.lock().take() else {
+            return Ok(false);
+        };
+        let back = Back(self, Some(lease));
+        match &back.1 {
+            Some(lease) => lease.refresh(ttl).await,
+            None => Ok(false),
         }
     }
 
@@ -414,49 +451,62 @@ impl EtcdLease {
         self.id.swap(id, Ordering::AcqRel)
     }
 
+    /// Moves from lease `from` to `to`, only if it is still on `from`;
+    /// whether it moved.
+    pub(crate) async fn adopt(&self, from: i64, to: i64) -> bool {
+        let mut stream = self.stream.lock().await;
+        let moved = self
+            .id
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if moved {
+            *stream = None;
+        }
+        moved
+    }
+
     /// One keep-alive round trip, bounded by the request timeout. `Ok(true)`
     /// while the lease lives, `Ok(false)` once etcd reports it gone.
     pub(crate) async fn keep_alive(&self) -> Result<bool> {
         let mut slot = self.stream.lock().await;
         let id = self.id();
-        if slot.is_none() {
-            let opened = self
-                .conn
-                .call("lease.keep_alive", |mut c| async move {
-                    c.lease_keep_alive(id).await
-                })
-                .await?;
-            *slot = Some(opened);
-        }
-        let Some((keeper, responses)) = slot.as_mut() else {
-            return Err(Error::new(ErrorKind::Internal, "no keep-alive stream"));
+        // Out of the slot for the exchange, and back only once its answer
+        // was read: a call dropped or failed mid-exchange leaves no answer
+        // queued, which the next call would take for its own.
+        let mut stream = match slot.take() {
+            Some(stream) => stream,
+            None => {
+                self.conn
+                    .call("lease.keep_alive", |mut c| async move {
+                        c.lease_keep_alive(id).await
+                    })
+                    .await?
+            }
         };
         let timeout = self.conn.settings().request_timeout;
-        let once = async {
-            keeper.keep_alive().await?;
-            responses.message().await
+        let answer = {
+            let (keeper, responses) = &mut stream;
+            let once = async {
+                keeper.keep_alive().await?;
+                responses.message().await
+            };
+            tokio::time::timeout(timeout, once).await
         };
-        match tokio::time::timeout(timeout, once).await {
-            Ok(Ok(Some(r))) => Ok(r.ttl() > 0),
-            Ok(Ok(None)) => {
-                *slot = None;
-                Err(
-                    Error::new(ErrorKind::Unavailable, "the keep-alive stream ended")
-                        .with_backend(crate::NAME),
-                )
+        match answer {
+            Ok(Ok(Some(r))) => {
+                *slot = Some(stream);
+                Ok(r.ttl() > 0)
             }
-            Ok(Err(e)) => {
-                *slot = None;
-                Err(from_etcd(e))
-            }
-            Err(_) => {
-                *slot = None;
-                Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!("no keep-alive answer within {timeout:?}"),
-                )
-                .with_backend(crate::NAME))
-            }
+            Ok(Ok(None)) => Err(
+                Error::new(ErrorKind::Unavailable, "the keep-alive stream ended")
+                    .with_backend(crate::NAME),
+            ),
+            Ok(Err(e)) => Err(from_etcd(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("no keep-alive answer within {timeout:?}"),
+            )
+            .with_backend(crate::NAME)),
         }
     }
 

@@ -85,8 +85,9 @@ impl WaiterKey {
         self.lease.conn()
     }
 
-    /// Whether the waiter key is still there with our create revision.
-    async fn key_is_ours(&self) -> Result<bool> {
+    /// The lease our waiter key is on: `None` when the key is gone or is
+    /// another waiter's (another create revision).
+    async fn key_lease(&self) -> Result<Option<i64>> {
         let k = self.my_key.clone();
         let r = self
             .conn()
@@ -98,7 +99,28 @@ impl WaiterKey {
         let rev = self.rev();
         Ok(r.kvs()
             .first()
-            .is_some_and(|kv| kv.create_revision() == rev))
+            .filter(|kv| kv.create_revision() == rev)
+            .map(|kv| kv.lease()))
+    }
+
+    /// Whether the waiter key is still ours, on the lease this waiter
+    /// renews. Our key on another lease (a move to a new lease that etcd
+    /// applied but whose answer was lost, or that was cut off before it was
+    /// recorded) has that lease adopted and renewed from now on: renewing
+    /// the old one would leave the key to expire. Called only by `extend`,
+    /// one at a time, as every change of the lease id.
+    async fn key_is_ours(&self) -> Result<bool> {
+        let renewed = self.lease.id();
+        match self.key_lease().await? {
+            Some(lease) if lease == renewed => Ok(true),
+            Some(lease) if lease != 0 => {
+                if self.lease.adopt(renewed, lease).await {
+                    EtcdLease::revoke_later(self.conn(), renewed);
+                }
+                self.lease.keep_alive().await
+            }
+            _ => Ok(false),
+        }
     }
 
     /// A lease's TTL is fixed: a new TTL moves the key to a new lease
@@ -134,10 +156,12 @@ impl WaiterKey {
                 EtcdLease::revoke_later(self.conn(), new_id);
                 Ok(false)
             }
-            Err(e) => {
-                EtcdLease::revoke_later(self.conn(), new_id);
-                Err(e)
-            }
+            // etcd may have moved the key before the answer was lost:
+            // revoking the new lease would then delete it. It is left to
+            // expire; the next renewal moves the key again (the TTL still
+            // differs), and until then the lease core bounds the deadline
+            // by this request's TTL, which the new lease outlives.
+            Err(e) => Err(e),
         }
     }
 }
@@ -181,9 +205,12 @@ impl LeaseBackend for WaiterKey {
         let resp = self
             .conn()
             .call("lock.release", |mut c| async move { c.txn(txn).await })
-            .await?;
+            .await;
+        // The lease is this waiter's own: revoking it deletes only its key,
+        // also when the delete failed (a dead waiter key would otherwise
+        // hold its place in the queue until its TTL).
         EtcdLease::revoke_later(self.conn(), self.lease.id());
-        Ok(resp.succeeded())
+        Ok(resp?.succeeded())
     }
 
     fn announces_loss(&self) -> bool {
@@ -231,7 +258,7 @@ impl LeaseBackend for WaiterKey {
                 return std::future::pending().await;
             }
             // The watch broke: look at the key, then watch again.
-            if matches!(self.key_is_ours().await, Ok(false)) {
+            if matches!(self.key_lease().await, Ok(None)) {
                 return;
             }
             tokio::time::sleep(WATCH_DELAY).await;
