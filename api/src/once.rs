@@ -4,7 +4,10 @@
 //! successfully at most once within the TTL. While it runs, other callers
 //! get `InProgress` (or wait, with [`OnceOptions::wait`]); if it fails,
 //! panics or is cancelled, the key is released so a retry can run it; its
-//! outcome is stored and handed to later callers.
+//! outcome is stored and handed to later callers. Once the work returned,
+//! its outcome is stored by a task of its own, also when the caller goes
+//! away meanwhile (its future dropped); the key is never released after
+//! the work ran.
 //!
 //! While the work runs, the key is held by a short *claim* (its own TTL,
 //! [`OnceOptions::claim_ttl`], 10 s by default) kept by a
@@ -122,15 +125,35 @@ pub trait ClaimStore: Send + Sync + 'static {
 
     /// Removes `token`'s live claim on `key`; whether it was there.
     async fn abandon_claim(&self, key: &str, token: &str) -> Result<bool>;
+
+    /// Marks `token`'s claim on `key` done with `outcome`, kept for `ttl`
+    /// ([`Once::complete`]).
+    async fn complete_claim(
+        &self,
+        key: &str,
+        token: &str,
+        outcome: Bytes,
+        ttl: Duration,
+    ) -> Result<()>;
 }
 
-/// The claim `token` on `key` in `store` as a lease backend, for the lease
-/// core to keep: `extend` renews it, `release` abandons it.
+/// One claim, owned: kept by the lease core while the work runs
+/// ([`LeaseBackend`]: `extend` renews it, `release` abandons it), and
+/// completed by it once the work ran, also after the caller went away.
+#[async_trait]
+pub trait ClaimLease: LeaseBackend {
+    /// [`Once::complete`] for this claim.
+    async fn complete(&self, outcome: Bytes, ttl: Duration) -> Result<()>;
+}
+
+/// The claim `token` on `key` in `store`, for the lease core to keep and
+/// for [`OnceExt::run`] to complete.
 ///
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use async_trait::async_trait;
+/// use bytes::Bytes;
 /// use im_infra::once::{claim_lease, ClaimStore};
 ///
 /// struct Claims;
@@ -143,17 +166,21 @@ pub trait ClaimStore: Send + Sync + 'static {
 ///     async fn abandon_claim(&self, _: &str, _: &str) -> im_infra::Result<bool> {
 ///         Ok(false)
 ///     }
+///     async fn complete_claim(&self, key: &str, _: &str, _: Bytes, _: Duration) -> im_infra::Result<()> {
+///         Err(im_infra::once::not_held(key))
+///     }
 /// }
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> im_infra::Result<()> {
-/// let lease = claim_lease(Arc::new(Claims), "order:42", "mine");
-/// assert!(lease.extend(Duration::from_secs(1)).await?);
-/// assert!(!lease.release().await?);
-/// assert_eq!(lease.describe(), "once claim \"order:42\"");
+/// let claim = claim_lease(Arc::new(Claims), "order:42", "mine");
+/// assert!(claim.extend(Duration::from_secs(1)).await?);
+/// assert!(!claim.release().await?);
+/// assert!(claim.complete(Bytes::new(), Duration::from_secs(1)).await.is_err());
+/// assert_eq!(claim.describe(), "once claim \"order:42\"");
 /// # Ok(()) }
 /// ```
-pub fn claim_lease<S: ClaimStore>(store: Arc<S>, key: &str, token: &str) -> Box<dyn LeaseBackend> {
-    Box::new(HeldClaim {
+pub fn claim_lease<S: ClaimStore>(store: Arc<S>, key: &str, token: &str) -> Arc<dyn ClaimLease> {
+    Arc::new(HeldClaim {
         store,
         key: key.to_owned(),
         token: token.to_owned(),
@@ -182,6 +209,31 @@ impl<S: ClaimStore> LeaseBackend for HeldClaim<S> {
     }
 }
 
+#[async_trait]
+impl<S: ClaimStore> ClaimLease for HeldClaim<S> {
+    async fn complete(&self, outcome: Bytes, ttl: Duration) -> Result<()> {
+        self.store
+            .complete_claim(&self.key, &self.token, outcome, ttl)
+            .await
+    }
+}
+
+/// A shared claim as the lease core's backend.
+struct Kept(Arc<dyn ClaimLease>);
+
+#[async_trait]
+impl LeaseBackend for Kept {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        self.0.extend(ttl).await
+    }
+    async fn release(&self) -> Result<bool> {
+        self.0.release().await
+    }
+}
+
 /// The backend side of idempotency: claim, complete or abandon a key.
 /// Use [`OnceExt::run`] rather than these primitives.
 #[cfg_attr(feature = "mock", mockall::automock)]
@@ -195,10 +247,11 @@ pub trait Once: Send + Sync + 'static {
     /// Claims `key` for `ttl` unless it is claimed or done.
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim>;
 
-    /// The claim `token` on `key` as a lease backend, to keep it while the
-    /// work runs: `extend` renews the claim (true while it is this token's,
-    /// running or completed by it), `release` abandons it.
-    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend>;
+    /// The claim `token` on `key`, owned: the lease core keeps it while the
+    /// work runs (`extend` renews it, true while it is this token's,
+    /// running or completed by it; `release` abandons it), and
+    /// [`ClaimLease::complete`] completes it.
+    fn claim_lease(&self, key: &str, token: &str) -> Arc<dyn ClaimLease>;
 
     /// Marks a claimed key done with `outcome`, kept for `ttl`.
     /// `LockNotHeld` when the claim expired or belongs to someone else.
@@ -343,7 +396,7 @@ pub trait OnceExt: Once {
             if raw.is_empty() {
                 return Err(Error::new(
                     ErrorKind::Serialization,
-                    format!("the work of {key:?} completed, but its outcome was larger than the backend stores, so it was not kept"),
+                    format!("the work of {key:?} completed, but its outcome was not kept (larger than the backend stores, or not encodable as JSON)"),
                 ));
             }
             serde_json::from_slice(raw).map_err(|e| Error::serialization(key, e))
@@ -378,8 +431,9 @@ pub trait OnceExt: Once {
         };
         // From here the claim is a lease: renewed while the work runs,
         // abandoned if the work fails, panics or is cancelled (drop).
-        let claim = Lease::start_boxed(
-            self.claim_lease(key, &token),
+        let held = self.claim_lease(key, &token);
+        let claim = Lease::start(
+            Kept(held.clone()),
             LeaseOptions::new(opts.claim_ttl).labels("once", "once"),
             sent,
         );
@@ -392,45 +446,92 @@ pub trait OnceExt: Once {
                 return Err(RunError::Task(e));
             }
         };
-        let mut raw = serde_json::to_vec(&value).map_err(|e| Error::serialization(key, e))?;
-        if raw.len() > self.capabilities().max_outcome_bytes {
-            // The work ran: store that it did (so it never runs again)
-            // without the outcome, and hand the value to this caller.
-            tracing::warn!(
-                key,
-                bytes = raw.len(),
-                limit = self.capabilities().max_outcome_bytes,
-                "the outcome is larger than the backend stores; the key is marked done without it"
-            );
-            raw.clear();
+        // The work ran. From here the claim is never abandoned: the work
+        // must not run again because this caller went away or its outcome
+        // could not be stored (then the claim expires after its TTL).
+        let raw = match serde_json::to_vec(&value) {
+            Ok(raw) if raw.len() <= self.capabilities().max_outcome_bytes => raw,
+            // Stored as done without the outcome (so it never runs again);
+            // the value goes to this caller.
+            Ok(raw) => {
+                tracing::warn!(
+                    key,
+                    bytes = raw.len(),
+                    limit = self.capabilities().max_outcome_bytes,
+                    "the outcome is larger than the backend stores; the key is marked done without it"
+                );
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "the outcome cannot be encoded; the key is marked done without it");
+                Vec::new()
+            }
+        };
+        // Stored by a task of its own, which finishes even if this caller's
+        // future is dropped meanwhile (a timeout around `run`).
+        let storing = tokio::spawn(store_outcome(
+            held,
+            claim,
+            Bytes::from(raw),
+            opts.ttl,
+            key.to_owned(),
+        ));
+        match storing.await {
+            Ok(Ok(())) => Ok(Outcome::Executed(value)),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(Error::new(
+                ErrorKind::Internal,
+                format!("storing the outcome of {key:?} failed: {e}"),
+            )
+            .into()),
         }
-        if !claim.is_held() {
-            return Err(claim_lost(key).into());
-        }
-        let raw = Bytes::from(raw);
-        // The work ran: retry a failed completion while the claim holds
-        // (completing again with the same token is recognised as done).
-        let mut pause = Duration::from_millis(20);
-        loop {
-            match self.complete(key, &token, raw.clone(), opts.ttl).await {
-                Ok(()) => {
-                    claim.detach();
-                    return Ok(Outcome::Executed(value));
-                }
-                Err(e) if e.kind() == ErrorKind::LockNotHeld => return Err(claim_lost(key).into()),
-                Err(e) if e.is_retryable() && claim.is_held() => {
-                    tracing::debug!(key, error = %e, "storing the outcome failed; retrying");
-                    let lost = claim.lost();
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = lost.cancelled() => {}
-                    }
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
-                Err(e) => return Err(e.into()),
+    }
+}
+
+/// Completes the claim with `raw`, retrying a failure while the claim
+/// holds (completing again with the same token is recognised as done).
+/// Whatever happens, the claim is not abandoned: it is completed, or left
+/// to expire.
+async fn store_outcome(
+    held: Arc<dyn ClaimLease>,
+    claim: Lease,
+    raw: Bytes,
+    ttl: Duration,
+    key: String,
+) -> Result<()> {
+    /// Detaches the claim however the task ends (a panic included): a
+    /// dropped lease would abandon it.
+    struct NeverAbandoned(Option<Lease>);
+    impl Drop for NeverAbandoned {
+        fn drop(&mut self) {
+            if let Some(claim) = self.0.take() {
+                claim.detach();
             }
         }
     }
+    let kept = NeverAbandoned(Some(claim));
+    let Some(claim) = kept.0.as_ref() else {
+        return Err(claim_lost(&key));
+    };
+    let mut pause = Duration::from_millis(20);
+    let result = loop {
+        match held.complete(raw.clone(), ttl).await {
+            Ok(()) => break Ok(()),
+            Err(e) if e.kind() == ErrorKind::LockNotHeld => break Err(claim_lost(&key)),
+            Err(e) if e.is_retryable() && claim.is_held() => {
+                tracing::debug!(key, error = %e, "storing the outcome failed; retrying");
+                let lost = claim.lost();
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = lost.cancelled() => {}
+                }
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    drop(kept);
+    result
 }
 
 fn claim_lost(key: &str) -> Error {
@@ -441,3 +542,105 @@ fn claim_lost(key: &str) -> Error {
 }
 
 impl<O: Once + ?Sized> OnceExt for O {}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Claims that take their time to complete, and count what they did.
+    #[derive(Default)]
+    struct Slow {
+        completed: Mutex<Vec<Bytes>>,
+        abandoned: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ClaimStore for Slow {
+        async fn renew_claim(&self, _: &str, _: &str, _: Duration) -> Result<bool> {
+            Ok(true)
+        }
+        async fn abandon_claim(&self, _: &str, _: &str) -> Result<bool> {
+            self.abandoned.fetch_add(1, Ordering::SeqCst);
+            Ok(true)
+        }
+        async fn complete_claim(
+            &self,
+            _: &str,
+            _: &str,
+            outcome: Bytes,
+            _: Duration,
+        ) -> Result<()> {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.completed.lock().unwrap().push(outcome);
+            Ok(())
+        }
+    }
+
+    struct SlowOnce(Arc<Slow>);
+
+    #[async_trait]
+    impl Once for SlowOnce {
+        async fn claim(&self, _: &str, _: Duration) -> Result<Claim> {
+            Ok(Claim::Acquired { token: "t".into() })
+        }
+        fn claim_lease(&self, key: &str, token: &str) -> Arc<dyn ClaimLease> {
+            claim_lease(self.0.clone(), key, token)
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &str,
+            outcome: Bytes,
+            ttl: Duration,
+        ) -> Result<()> {
+            self.0.complete_claim(key, token, outcome, ttl).await
+        }
+        async fn abandon(&self, _: &str, _: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn outcome(&self, _: &str) -> Result<Option<Bytes>> {
+            Ok(None)
+        }
+        async fn reset(&self, _: &str) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    /// The caller's future dropped while the outcome is being stored: it is
+    /// still stored, and the claim is never abandoned.
+    #[tokio::test]
+    async fn a_caller_dropped_while_storing_the_outcome_leaves_it_stored() {
+        let store = Arc::new(Slow::default());
+        let once = SlowOnce(store.clone());
+        let run = once.run("job", Duration::from_secs(60), || async {
+            Ok::<_, std::io::Error>(7u32)
+        });
+        let cut = tokio::time::timeout(Duration::from_millis(30), run).await;
+        assert!(cut.is_err(), "dropped while storing");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*store.completed.lock().unwrap(), [Bytes::from_static(b"7")]);
+        assert_eq!(store.abandoned.load(Ordering::SeqCst), 0, "never abandoned");
+    }
+
+    /// An output that cannot be encoded: the work ran, so the key is
+    /// marked done (without an outcome) and the value goes to the caller.
+    #[tokio::test]
+    async fn an_output_that_cannot_be_encoded_marks_the_key_done() {
+        let store = Arc::new(Slow::default());
+        let once = SlowOnce(store.clone());
+        let unencodable = HashMap::from([((1u8, 2u8), 3u8)]);
+        let out = once
+            .run("job", Duration::from_secs(60), || async {
+                Ok::<_, std::io::Error>(unencodable.clone())
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, Outcome::Executed(unencodable));
+        assert_eq!(*store.completed.lock().unwrap(), [Bytes::new()]);
+        assert_eq!(store.abandoned.load(Ordering::SeqCst), 0);
+    }
+}

@@ -1,12 +1,13 @@
 //! Null cache, limiter and once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use im_infra::cache::{Cache, CacheCapabilities, KeyTtl};
 use im_infra::lease::LeaseBackend;
-use im_infra::once::{Claim, Once};
+use im_infra::once::{Claim, ClaimLease, Once};
 use im_infra::ratelimit::{Check, Decision, DecisionSource, Limiter};
 use im_infra::Result;
 
@@ -103,14 +104,21 @@ impl LeaseBackend for NothingClaimed {
     }
 }
 
+#[async_trait]
+impl ClaimLease for NothingClaimed {
+    async fn complete(&self, _outcome: Bytes, _ttl: Duration) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Idempotency that always lets the work run and stores nothing.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoopOnce;
 
 #[async_trait]
 impl Once for NoopOnce {
-    fn claim_lease(&self, key: &str, _token: &str) -> Box<dyn LeaseBackend> {
-        Box::new(NothingClaimed(key.to_owned()))
+    fn claim_lease(&self, key: &str, _token: &str) -> Arc<dyn ClaimLease> {
+        Arc::new(NothingClaimed(key.to_owned()))
     }
 
     async fn claim(&self, _key: &str, _ttl: Duration) -> Result<Claim> {

@@ -1,5 +1,6 @@
 //! The layer of [`Once`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -7,7 +8,8 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::lease::LeaseBackend;
-use crate::once::{Claim, Once, OnceCapabilities};
+use crate::once::{Claim, ClaimLease, Once, OnceCapabilities};
+use crate::telemetry::OpMetrics;
 use crate::validate;
 
 ops!(OnceOps, "once" {
@@ -62,14 +64,53 @@ impl<O> std::fmt::Debug for ObservedOnce<O> {
     }
 }
 
+/// A claim of the inner backend whose completion is checked and counted.
+struct ObservedClaim {
+    inner: Arc<dyn ClaimLease>,
+    complete: OpMetrics,
+    max_outcome_bytes: usize,
+}
+
+#[async_trait]
+impl LeaseBackend for ObservedClaim {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        self.inner.extend(ttl).await
+    }
+    async fn release(&self) -> Result<bool> {
+        self.inner.release().await
+    }
+}
+
+#[async_trait]
+impl ClaimLease for ObservedClaim {
+    async fn complete(&self, outcome: Bytes, ttl: Duration) -> Result<()> {
+        self.complete
+            .run(async {
+                validate::ttl(ttl)?;
+                validate::value(outcome.len(), self.max_outcome_bytes)?;
+                self.inner.complete(outcome, ttl).await
+            })
+            .await
+    }
+}
+
 #[async_trait]
 impl<O: Once> Once for ObservedOnce<O> {
     fn capabilities(&self) -> OnceCapabilities {
         self.inner.capabilities()
     }
 
-    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
-        self.inner.claim_lease(key, token)
+    /// The inner backend's claim, its completion checked and counted as
+    /// `once.complete`.
+    fn claim_lease(&self, key: &str, token: &str) -> Arc<dyn ClaimLease> {
+        Arc::new(ObservedClaim {
+            inner: self.inner.claim_lease(key, token),
+            complete: self.ops.complete.clone(),
+            max_outcome_bytes: self.max_outcome_bytes,
+        })
     }
 
     async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim> {

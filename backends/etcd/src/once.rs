@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use im_infra::lease::LeaseBackend;
-use im_infra::once::{Claim, Once, OnceCapabilities};
+use im_infra::once::{Claim, ClaimLease, Once, OnceCapabilities};
 use im_infra::{validate, Result};
 
 use crate::connection::ConnectionManager;
@@ -85,10 +85,69 @@ async fn abandon(conn: &Arc<ConnectionManager>, k: &str, token: &str) -> Result<
     Ok(r.succeeded())
 }
 
+/// Stores `token`'s claim on `k` (the stored key of `key`) as done with
+/// `outcome`, on a new lease of `ttl`, then revokes the claim's lease.
+async fn complete(
+    conn: &Arc<ConnectionManager>,
+    k: &str,
+    key: &str,
+    token: &str,
+    outcome: &[u8],
+    ttl: Duration,
+) -> Result<()> {
+    let value = [DONE_BY, token.as_bytes(), b"\n", outcome].concat();
+    // The layer checked the outcome against `max_outcome`, which leaves
+    // room for a well-formed token: this bounds the record.
+    validate::value(value.len(), conn.settings().max_value_bytes)?;
+    let old = lease_of(token).ok_or_else(|| im_infra::once::not_held(key))?;
+    let secs = lease_secs(ttl);
+    let lease = conn
+        .call("once.lease", |mut c| async move {
+            c.lease_grant(secs, None).await
+        })
+        .await?
+        .id();
+    let txn = Txn::new()
+        .when([Compare::value(
+            k.to_owned(),
+            CompareOp::Equal,
+            claimed(token),
+        )])
+        .and_then([TxnOp::put(
+            k.to_owned(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(k.to_owned(), None)]);
+    // A failed call may have been applied with its answer lost: the done
+    // record is then on the new lease, which is therefore not revoked
+    // (unused, it expires with the outcome's TTL).
+    let r = conn
+        .call("once.complete", |mut c| async move { c.txn(txn).await })
+        .await?;
+    if !r.succeeded() {
+        let _ = crate::lease::revoke(conn, lease).await;
+        // Completed by this token already (a retry after a lost answer)?
+        let current = match r.op_responses().first() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        };
+        if done_by(current.as_deref(), token) {
+            return Ok(());
+        }
+        return Err(im_infra::once::not_held(key));
+    }
+    let _ = crate::lease::revoke(conn, old).await;
+    Ok(())
+}
+
 /// A claim on its lease, as the lease core sees it.
 struct HeldClaim {
     lease: EtcdLease,
+    /// The stored key.
     key: String,
+    /// The caller's key, for errors.
+    name: String,
     token: String,
 }
 
@@ -119,6 +178,14 @@ impl LeaseBackend for HeldClaim {
 }
 
 #[async_trait]
+impl ClaimLease for HeldClaim {
+    async fn complete(&self, outcome: Bytes, ttl: Duration) -> Result<()> {
+        let conn = self.lease.conn();
+        complete(conn, &self.key, &self.name, &self.token, &outcome, ttl).await
+    }
+}
+
+#[async_trait]
 impl Once for EtcdOnce {
     fn capabilities(&self) -> OnceCapabilities {
         // The done record carries the token and a separator beside the outcome.
@@ -133,10 +200,11 @@ impl Once for EtcdOnce {
             )
     }
 
-    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
-        Box::new(HeldClaim {
+    fn claim_lease(&self, key: &str, token: &str) -> Arc<dyn ClaimLease> {
+        Arc::new(HeldClaim {
             lease: EtcdLease::new(self.conn.clone(), lease_of(token).unwrap_or(0)),
             key: self.key(key),
+            name: key.to_owned(),
             token: token.to_owned(),
         })
     }
@@ -180,46 +248,7 @@ impl Once for EtcdOnce {
     }
 
     async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
-        let value = [DONE_BY, token.as_bytes(), b"\n", &outcome].concat();
-        // The layer checked the outcome against `max_outcome`, which
-        // leaves room for a well-formed token: this bounds the record.
-        validate::value(value.len(), self.conn.settings().max_value_bytes)?;
-        let old = lease_of(token).ok_or_else(|| im_infra::once::not_held(key))?;
-        let k = self.key(key);
-        let secs = lease_secs(ttl);
-        let lease = self
-            .conn
-            .call("once.lease", |mut c| async move {
-                c.lease_grant(secs, None).await
-            })
-            .await?
-            .id();
-        let txn = Txn::new()
-            .when([Compare::value(k.clone(), CompareOp::Equal, claimed(token))])
-            .and_then([TxnOp::put(
-                k.clone(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(k, None)]);
-        let r = self
-            .conn
-            .call("once.complete", |mut c| async move { c.txn(txn).await })
-            .await?;
-        if !r.succeeded() {
-            let _ = crate::lease::revoke(&self.conn, lease).await;
-            // Completed by this token already (a retry after a lost answer)?
-            let current = match r.op_responses().first() {
-                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
-                _ => None,
-            };
-            if done_by(current.as_deref(), token) {
-                return Ok(());
-            }
-            return Err(im_infra::once::not_held(key));
-        }
-        let _ = crate::lease::revoke(&self.conn, old).await;
-        Ok(())
+        complete(&self.conn, &self.key(key), key, token, &outcome, ttl).await
     }
 
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {

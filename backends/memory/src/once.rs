@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use im_infra::lease::LeaseBackend;
-use im_infra::once::{claim_lease, Claim, ClaimStore, Once, OnceCapabilities};
+use im_infra::once::{claim_lease, Claim, ClaimLease, ClaimStore, Once, OnceCapabilities};
 use im_infra::Result;
 
 use crate::Shared;
@@ -111,6 +110,35 @@ impl ClaimStore for Shared {
     async fn abandon_claim(&self, key: &str, token: &str) -> Result<bool> {
         Ok(self.once.abandon(key, token))
     }
+
+    async fn complete_claim(
+        &self,
+        key: &str,
+        token: &str,
+        outcome: Bytes,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.check_open()?;
+        let now = Instant::now();
+        let mut records = self.once.records();
+        if let Some(Record::Done { token: t, .. }) = records.get(key) {
+            if t == token {
+                return Ok(()); // completed by this caller already
+            }
+        }
+        if !MemoryOnce::holds(&records, key, token, now) {
+            return Err(im_infra::once::not_held(key));
+        }
+        records.insert(
+            key.to_owned(),
+            Record::Done {
+                token: token.to_owned(),
+                outcome,
+                expires_at: now + ttl,
+            },
+        );
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -119,7 +147,7 @@ impl Once for MemoryOnce {
         OnceCapabilities::default().with_max_outcome(self.shared.settings.max_value_bytes)
     }
 
-    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
+    fn claim_lease(&self, key: &str, token: &str) -> Arc<dyn ClaimLease> {
         claim_lease(self.shared.clone(), key, token)
     }
 
@@ -152,26 +180,7 @@ impl Once for MemoryOnce {
     }
 
     async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
-        self.shared.check_open()?;
-        let now = Instant::now();
-        let mut records = self.shared.once.records();
-        if let Some(Record::Done { token: t, .. }) = records.get(key) {
-            if t == token {
-                return Ok(()); // completed by this caller already
-            }
-        }
-        if !Self::holds(&records, key, token, now) {
-            return Err(im_infra::once::not_held(key));
-        }
-        records.insert(
-            key.to_owned(),
-            Record::Done {
-                token: token.to_owned(),
-                outcome,
-                expires_at: now + ttl,
-            },
-        );
-        Ok(())
+        self.shared.complete_claim(key, token, outcome, ttl).await
     }
 
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {

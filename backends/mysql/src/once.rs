@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use im_infra::lease::LeaseBackend;
-use im_infra::once::{claim_lease, Claim, ClaimStore, Once, OnceCapabilities};
+use im_infra::once::{claim_lease, Claim, ClaimLease, ClaimStore, Once, OnceCapabilities};
 use im_infra::{validate, Result};
 use mysql_async::prelude::Queryable;
 
@@ -66,6 +65,39 @@ impl ClaimStore for Shared {
     async fn abandon_claim(&self, key: &str, token: &str) -> Result<bool> {
         abandon(self, key, token).await
     }
+
+    async fn complete_claim(
+        &self,
+        key: &str,
+        token: &str,
+        outcome: Bytes,
+        ttl: Duration,
+    ) -> Result<()> {
+        // The token stays on the done row: completing again (a retry
+        // after a lost answer) is recognised as this caller's.
+        let sql = format!(
+            "UPDATE {} SET state = 'd', outcome = ?, expires_at = NOW(6) + INTERVAL ? MICROSECOND \
+             WHERE k = ? AND token = ? AND (state = 'd' OR expires_at > NOW(6))",
+            self.table("once")
+        );
+        let n = self
+            .db
+            .exec(
+                &sql,
+                (
+                    outcome.to_vec(),
+                    validate::ttl_micros(ttl),
+                    self.key(key),
+                    token,
+                ),
+            )
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(im_infra::once::not_held(key))
+        }
+    }
 }
 
 #[async_trait]
@@ -74,7 +106,7 @@ impl Once for MysqlOnce {
         OnceCapabilities::default().with_max_outcome(self.shared.settings().max_value_bytes)
     }
 
-    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
+    fn claim_lease(&self, key: &str, token: &str) -> Arc<dyn ClaimLease> {
         claim_lease(self.shared.clone(), key, token)
     }
 
@@ -130,31 +162,7 @@ impl Once for MysqlOnce {
     }
 
     async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
-        // The token stays on the done row: completing again (a retry
-        // after a lost answer) is recognised as this caller's.
-        let sql = format!(
-            "UPDATE {} SET state = 'd', outcome = ?, expires_at = NOW(6) + INTERVAL ? MICROSECOND \
-             WHERE k = ? AND token = ? AND (state = 'd' OR expires_at > NOW(6))",
-            self.shared.table("once")
-        );
-        let n = self
-            .shared
-            .db
-            .exec(
-                &sql,
-                (
-                    outcome.to_vec(),
-                    validate::ttl_micros(ttl),
-                    self.shared.key(key),
-                    token,
-                ),
-            )
-            .await?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(im_infra::once::not_held(key))
-        }
+        self.shared.complete_claim(key, token, outcome, ttl).await
     }
 
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {

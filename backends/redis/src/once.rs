@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use im_infra::lease::LeaseBackend;
-use im_infra::once::{claim_lease, Claim, ClaimStore, Once, OnceCapabilities};
+use im_infra::once::{claim_lease, Claim, ClaimLease, ClaimStore, Once, OnceCapabilities};
 use im_infra::{validate, Result};
 
 use crate::client;
@@ -74,6 +73,20 @@ impl ClaimStore for Shared {
     async fn abandon_claim(&self, key: &str, token: &str) -> Result<bool> {
         finish(self, key, token, "abandon", b"", Duration::from_millis(1)).await
     }
+
+    async fn complete_claim(
+        &self,
+        key: &str,
+        token: &str,
+        outcome: Bytes,
+        ttl: Duration,
+    ) -> Result<()> {
+        if finish(self, key, token, "complete", &outcome, ttl).await? {
+            Ok(())
+        } else {
+            Err(im_infra::once::not_held(key))
+        }
+    }
 }
 
 #[async_trait]
@@ -82,7 +95,7 @@ impl Once for RedisOnce {
         OnceCapabilities::default().with_max_outcome(self.shared.client.settings().max_value_bytes)
     }
 
-    fn claim_lease(&self, key: &str, token: &str) -> Box<dyn LeaseBackend> {
+    fn claim_lease(&self, key: &str, token: &str) -> Arc<dyn ClaimLease> {
         claim_lease(self.shared.clone(), key, token)
     }
 
@@ -99,7 +112,7 @@ impl Once for RedisOnce {
     }
 
     async fn complete(&self, key: &str, token: &str, outcome: Bytes, ttl: Duration) -> Result<()> {
-        self.finish(key, token, "complete", &outcome, ttl).await
+        self.shared.complete_claim(key, token, outcome, ttl).await
     }
 
     async fn abandon(&self, key: &str, token: &str) -> Result<()> {

@@ -301,6 +301,41 @@ async fn a_cancelled_run_releases_the_key(w: World) -> Result<()> {
     peer_runs_soon(&w, &key, Duration::from_secs(5)).await
 }
 
+/// A caller that goes away as soon as its work returned (its future
+/// dropped while the outcome is being stored) leaves the work done: a
+/// later caller waits for the outcome and never runs it again.
+async fn a_caller_gone_after_its_work_ran_leaves_it_done(w: World) -> Result<()> {
+    let o = once(&w).await?;
+    let key = unique("job");
+    let runs = AtomicUsize::new(0);
+    let returned = tokio::sync::Notify::new();
+    let run = o.run(&key, HOUR, || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        returned.notify_one();
+        Ok::<_, std::io::Error>("receipt".to_string())
+    });
+    tokio::select! {
+        _ = run => {}
+        _ = returned.notified() => {}
+    }
+    let opts = OnceOptions::new(HOUR).wait(Duration::from_secs(10));
+    let later: Run = w
+        .peer
+        .once()
+        .await?
+        .run_with(&key, opts, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok("again".to_string())
+        })
+        .await;
+    ensure!(
+        matches!(&later, Ok(Outcome::AlreadyDone(v)) if v == "receipt"),
+        "{later:?}"
+    );
+    ensure!(runs.load(Ordering::SeqCst) == 1, "the work ran twice");
+    Ok(())
+}
+
 async fn a_panicking_run_releases_the_key(w: World) -> Result<()> {
     let o = once(&w).await?;
     let key = unique("job");
@@ -395,6 +430,11 @@ pub fn cases() -> Vec<Case> {
         crate::case!("once", a_long_run_keeps_its_claim, when = on),
         crate::case!("once", a_cancelled_run_releases_the_key, when = on),
         crate::case!("once", a_panicking_run_releases_the_key, when = on),
+        crate::case!(
+            "once",
+            a_caller_gone_after_its_work_ran_leaves_it_done,
+            when = on
+        ),
         crate::case!(
             "once",
             an_oversized_outcome_never_reruns_the_work,
