@@ -165,12 +165,22 @@ impl WatchCursor {
     /// After the history below the cursor was lost: given every covered
     /// entry that exists now and the store's current revision, returns the
     /// events that bring the consumer to the current state, in version
-    /// order, and moves the cursor to `revision`.
+    /// order, and moves the cursor to `revision`. Besides what changed
+    /// after the cursor, a key whose version is not the one delivered for
+    /// it is reported too (the store lost that change and has the key's
+    /// older value again: a restore with its revision bumped past the
+    /// cursor, then compacted). Such a put carries the store's version,
+    /// below one delivered before: as after
+    /// [`resync_regressed`](Self::resync_regressed), a consumer must apply
+    /// it.
     pub fn resync(&mut self, current: Vec<(String, Versioned)>, revision: u64) -> Vec<ConfigEvent> {
         let current = self.covered(current);
         let mut events: Vec<ConfigEvent> = current
             .iter()
-            .filter(|(_, v)| v.version > self.last_version)
+            .filter(|(key, v)| {
+                v.version > self.last_version
+                    || matches!(self.present.get(key), Some(&seen) if seen != 0 && seen != v.version)
+            })
             .map(|(key, v)| put(key, v))
             .collect();
         events.sort_by_key(|e| e.version);
@@ -375,6 +385,25 @@ mod tests {
             (ConfigEventKind::Delete, 6)
         );
         assert_eq!(c.last_version(), 6);
+    }
+
+    #[test]
+    fn resync_reports_a_key_back_at_an_older_version() {
+        let mut c = WatchCursor::new(WatchTarget::Prefix("/p/".into()), 0);
+        for (k, ver) in [("/p/a", 3), ("/p/b", 4), ("/p/a", 7)] {
+            assert!(c.accept(put_at(k, ver)).is_some());
+        }
+        // Restored with the revision bumped past the cursor, then compacted:
+        // "/p/a" has its value of version 3 again, "/p/b" is unchanged.
+        let events = c.resync(vec![("/p/a".into(), v(3)), ("/p/b".into(), v(4))], 20);
+        let got: Vec<(ConfigEventKind, &str, u64)> = events
+            .iter()
+            .map(|e| (e.kind, e.key.as_str(), e.version))
+            .collect();
+        assert_eq!(got, vec![(ConfigEventKind::Put, "/p/a", 3)]);
+        assert!(c
+            .resync(vec![("/p/a".into(), v(3)), ("/p/b".into(), v(4))], 21)
+            .is_empty());
     }
 
     #[test]
