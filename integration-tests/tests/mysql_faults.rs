@@ -211,6 +211,71 @@ async fn config_watch_resumes_across_a_kill_and_loses_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A client that goes silent inside a config write (its host froze, its
+/// network partitioned) holds the writers' row lock until the server ends
+/// its session after `idle_session_timeout`, not for the server's default
+/// of hours: another client's write then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_gone_silent_in_a_config_write_blocks_writes_only_until_its_session_ends(
+) -> Result<()> {
+    let Some(url) = server_or_skip("mysql", MYSQL_ENV) else {
+        return Ok(());
+    };
+    // Tables of its own: the writers' row is one per table prefix, and
+    // this test holds it.
+    let prefix = "iminfra_silent_".to_owned();
+    let mut settings = im_infra_mysql::MysqlSettings::new(url.clone());
+    settings.table_prefix = prefix.clone();
+    settings.idle_session_timeout = Duration::from_secs(2);
+    let silent = MysqlBackend::builder().settings(settings).build().await?;
+    let other = MysqlBackend::builder()
+        .url(url)
+        .table_prefix(prefix.clone())
+        .request_timeout(Duration::from_secs(1))
+        .build()
+        .await?;
+    let center = other.config().await?;
+    center.set("/k", Bytes::from_static(b"{}")).await?;
+    // What a config write does first, then silence for 10 s.
+    let lock = format!("UPDATE {prefix}meta SET value = value + 1 WHERE name = 'config_writer'");
+    let holder = tokio::spawn(async move {
+        silent
+            .db()
+            .with_conn_within(Duration::from_secs(30), move |c| {
+                Box::pin(async move {
+                    use im_infra_mysql::mysql_async::prelude::Queryable;
+                    c.query_drop("BEGIN").await?;
+                    c.query_drop(lock).await?;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    c.query_drop("COMMIT").await
+                })
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    loop {
+        match center.set("/k", Bytes::from_static(b"{\"v\":1}")).await {
+            Ok(_) => break,
+            Err(e) if started.elapsed() < Duration::from_secs(15) => {
+                ensure!(e.is_retryable(), "{e}");
+            }
+            Err(e) => bail!("still blocked after {:?}: {e}", started.elapsed()),
+        }
+    }
+    let waited = started.elapsed();
+    ensure!(
+        waited < Duration::from_secs(6),
+        "the write waited {waited:?} for a silent client's lock"
+    );
+    ensure!(
+        holder.await?.is_err(),
+        "the silent client's session was ended by the server"
+    );
+    other.close().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_rows_are_serialization_errors_naming_the_key() -> Result<()> {
     let _one_at_a_time = SERVER.lock().await;

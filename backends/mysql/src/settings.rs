@@ -63,6 +63,14 @@ pub struct MysqlSettings {
     /// `query_timeout` in files is read as this.
     #[serde(with = "humantime_serde", alias = "query_timeout")]
     pub request_timeout: Duration,
+    /// The server closes a connection silent this long (the session's
+    /// `wait_timeout`, whole seconds, at least 2 s), rolling back what it
+    /// left open: a client that froze inside a config write holds the
+    /// writers' row lock this long at most, not for the server's default
+    /// of hours. The pool closes connections idle half as long, so that it
+    /// never hands out one the server closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_session_timeout: Duration,
     /// TLS, when set.
     pub tls: Option<MysqlTls>,
     /// Prefix of the backend's tables (letters, digits, `_`).
@@ -100,6 +108,7 @@ impl Default for MysqlSettings {
             pool_max: 16,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(3),
+            idle_session_timeout: Duration::from_secs(120),
             tls: None,
             table_prefix: "iminfra_".into(),
             namespace: String::new(),
@@ -164,6 +173,11 @@ impl MysqlSettings {
         }
         CHECK.positive("connect_timeout", self.connect_timeout)?;
         CHECK.positive("request_timeout", self.request_timeout)?;
+        CHECK.within(
+            "idle_session_timeout (seconds)",
+            self.idle_session_timeout.as_secs(),
+            2..=31_536_000,
+        )?;
         let ok_name = |s: &str, max: usize| {
             s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         };
@@ -230,10 +244,17 @@ impl MysqlSettings {
             // Affected rows must count changed rows: the backend's
             // conditional upserts report success through them.
             .client_found_rows(false)
-            // Expiry arithmetic on DATETIME columns must not see DST jumps.
-            .setup(vec!["SET time_zone = '+00:00'"])
+            // Expiry arithmetic on DATETIME columns must not see DST jumps;
+            // a silent client's session (and its locks) ends on the server.
+            .setup(vec![
+                "SET time_zone = '+00:00'".to_owned(),
+                format!(
+                    "SET SESSION wait_timeout = {}",
+                    self.idle_session_timeout.as_secs()
+                ),
+            ])
             .tcp_keepalive(Some(Duration::from_secs(30)))
-            .conn_ttl(Some(Duration::from_secs(300)));
+            .conn_ttl(Some(self.idle_session_timeout / 2));
         if let Some(tls) = &self.tls {
             let mut ssl = mysql_async::SslOpts::default()
                 .with_danger_skip_domain_validation(tls.skip_domain_validation)
