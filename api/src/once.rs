@@ -446,6 +446,7 @@ pub trait OnceExt: Once {
                 return Err(RunError::Task(e));
             }
         };
+        let claim = NeverAbandoned(Some(claim));
         // The work ran. From here the claim is never abandoned: the work
         // must not run again because this caller went away or its outcome
         // could not be stored (then the claim expires after its TTL).
@@ -494,22 +495,11 @@ pub trait OnceExt: Once {
 /// to expire.
 async fn store_outcome(
     held: Arc<dyn ClaimLease>,
-    claim: Lease,
+    kept: NeverAbandoned,
     raw: Bytes,
     ttl: Duration,
     key: String,
 ) -> Result<()> {
-    /// Detaches the claim however the task ends (a panic included): a
-    /// dropped lease would abandon it.
-    struct NeverAbandoned(Option<Lease>);
-    impl Drop for NeverAbandoned {
-        fn drop(&mut self) {
-            if let Some(claim) = self.0.take() {
-                claim.detach();
-            }
-        }
-    }
-    let kept = NeverAbandoned(Some(claim));
     let Some(claim) = kept.0.as_ref() else {
         return Err(claim_lost(&key));
     };
@@ -532,6 +522,19 @@ async fn store_outcome(
     };
     drop(kept);
     result
+}
+
+/// The claim of work that ran: detached however it ends (a panic, a drop
+/// before the storing task first ran, included), since a dropped lease
+/// would abandon it and let the work run again.
+struct NeverAbandoned(Option<Lease>);
+
+impl Drop for NeverAbandoned {
+    fn drop(&mut self) {
+        if let Some(claim) = self.0.take() {
+            claim.detach();
+        }
+    }
 }
 
 fn claim_lost(key: &str) -> Error {

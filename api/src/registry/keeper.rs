@@ -265,6 +265,10 @@ impl Registrations {
         };
         let replaced = earlier.as_mut().and_then(|slot| {
             slot.stopped = true;
+            // A failed deregistration's release is moot: the put replaced
+            // its value (and releasing it could delete the new one, on the
+            // same caller's lease).
+            slot.unreleased = None;
             slot.current.take()
         });
         drop(earlier);
@@ -299,10 +303,12 @@ impl Registrations {
             .get(&key)
             .map(|r| (r.slot.clone(), r.stop.clone()))
             .ok_or_else(|| not_registered(service, id))?;
-        stop.cancel();
+        // Stopped under the slot's lock, then its keeper: a call dropped
+        // while waiting for the lock leaves the registration as it was.
         let (reg, lease) = {
             let mut slot = slot.lock().await;
             slot.stopped = true;
+            stop.cancel();
             match slot.current.take() {
                 Some((reg, lease)) => {
                     slot.unreleased = Some(reg.clone());
@@ -805,6 +811,7 @@ mod tests {
     #[derive(Default)]
     struct Scripted {
         fail_puts: AtomicBool,
+        slow_puts: AtomicBool,
         failing_releases: AtomicUsize,
         releases: Arc<AtomicUsize>,
         released: Arc<AtomicUsize>,
@@ -872,6 +879,9 @@ mod tests {
         ) -> Result<(Arc<dyn RegistrationLease>, Duration)> {
             if self.0.fail_puts.load(Ordering::SeqCst) {
                 return Err(Error::new(ErrorKind::Unavailable, "put timed out"));
+            }
+            if self.0.slow_puts.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             self.0.puts.fetch_add(1, Ordering::SeqCst);
             let server = self.0.clone();
@@ -974,6 +984,40 @@ mod tests {
         Closable::close(&registry).await.unwrap();
         assert_eq!(server.released.load(Ordering::SeqCst), 2);
         assert!(registry.instances().is_empty());
+    }
+
+    /// A deregistration retried while the instance is registered again on
+    /// the same caller's lease: the retry waits for the new registration,
+    /// then finds nothing left to release (the put replaced the value the
+    /// failed deregistration left); releasing it would delete the new one.
+    #[tokio::test]
+    async fn a_retried_deregistration_spares_a_registration_made_meanwhile() {
+        let (server, registry) = scripted();
+        let registry = Arc::new(registry);
+        let instance = ServiceInstance::new("svc", "a", "10.0.0.1:80");
+        let on_lease = || RegisterOptions::default().lease_id(5);
+        registry.register_with(&instance, on_lease()).await.unwrap();
+        server.failing_releases.store(1, Ordering::SeqCst);
+        registry.deregister("svc", "a").await.unwrap_err();
+        server.slow_puts.store(true, Ordering::SeqCst);
+        let again = tokio::spawn({
+            let (registry, instance) = (registry.clone(), instance.clone());
+            async move { registry.register_with(&instance, on_lease()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let retried = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.deregister("svc", "a").await }
+        });
+        again.await.unwrap().unwrap();
+        retried.await.unwrap().unwrap();
+        assert_eq!(
+            server.releases.load(Ordering::SeqCst),
+            1,
+            "only the failed release reached the server"
+        );
+        assert_eq!(registry.instances(), [("svc".into(), "a".into())]);
+        Closable::close(&*registry).await.unwrap();
     }
 
     /// An instance registered again on the same caller's lease: the new
