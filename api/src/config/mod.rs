@@ -132,7 +132,9 @@ pub fn conflict(key: &str, current: Option<u64>, expected: u64) -> Error {
 /// Where a watch starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WatchOptions {
-    /// `None`: changes from now on. `Some(v)`: every change with a version
+    /// `None`: changes from now on (what exists now counts as known: if the
+    /// history is lost while the watch is disconnected, a key deleted
+    /// meanwhile is still reported deleted). `Some(v)`: every change with a version
     /// above `v`; if the backend's history no longer reaches back to `v`,
     /// the watch delivers the current state instead (a put for every key
     /// changed since, a delete for a watched key that is gone) and continues.

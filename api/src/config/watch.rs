@@ -144,6 +144,30 @@ impl WatchCursor {
         self.last_version = self.last_version.max(version);
     }
 
+    /// Starts a watch "now": the store at `revision` holds `current`, which
+    /// counts as delivered, so that a later resync after lost history
+    /// reports a deletion (or an older value) of those keys too.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use im_infra::config::watch::{WatchCursor, WatchTarget};
+    /// use im_infra::config::{ConfigEventKind, Versioned};
+    ///
+    /// let mut cursor = WatchCursor::new(WatchTarget::Prefix("/app/".into()), 0);
+    /// let a = Versioned { value: Bytes::new(), version: 3 };
+    /// cursor.start_at(vec![("/app/a".into(), a)], 5);
+    /// assert_eq!(cursor.last_version(), 5);
+    /// // History lost while disconnected, and "/app/a" deleted meanwhile.
+    /// let events = cursor.resync(vec![], 9);
+    /// assert_eq!(events.len(), 1);
+    /// assert_eq!((events[0].kind, events[0].key.as_str()), (ConfigEventKind::Delete, "/app/a"));
+    /// ```
+    pub fn start_at(&mut self, current: Vec<(String, Versioned)>, revision: u64) {
+        let current = self.covered(current);
+        self.present = present(&current);
+        self.advance_to(revision);
+    }
+
     /// Returns `event` if it is covered and newer than anything delivered.
     pub fn accept(&mut self, event: ConfigEvent) -> Option<ConfigEvent> {
         if event.version <= self.last_version || !self.target.matches(&event.key) {

@@ -243,7 +243,9 @@ pub trait ConfigHistory: Send + 'static {
 /// Starts a watch of `target` fed by `history` and returns its stream.
 ///
 /// `opts.after_version: None` starts after the store's revision at this
-/// call (read here, so a failure is returned). The driver task backs off
+/// call, read with the entries covered then (a snapshot, read here, so a
+/// failure is returned): those count as delivered, so that a resync after
+/// lost history reports their deletion too. The driver task backs off
 /// with `retry` after failures and ends when the stream is dropped,
 /// `shutdown` is cancelled or `history` answers `Closed`; the stream then
 /// ends.
@@ -288,8 +290,11 @@ pub async fn spawn_watch<H: ConfigHistory>(
 ) -> Result<WatchStream> {
     let mut cursor = WatchCursor::new(target, opts.after_version.unwrap_or(0));
     if opts.after_version.is_none() {
-        // "From now" means the revision at this call, not when the task runs.
-        cursor.advance_to(history.revision().await?);
+        // "From now" means the store at this call, not when the task runs;
+        // what it holds then counts as delivered (a resync after lost
+        // history then reports its deletion).
+        let (revision, current) = history.snapshot(cursor.target()).await?;
+        cursor.start_at(current, revision);
     }
     let (tx, mut rx) = mpsc::channel(BUFFER);
     let driver = Driver {
@@ -570,7 +575,7 @@ mod tests {
             // Read up to 10 already: 9 is not delivered again.
             Ok(Batch::changes(vec![put("/p/c", 9), put("/p/c", 11)], 0)),
         ]);
-        script.revision = 5;
+        script.snapshots.push_back((5, vec![entry("/p/a", 4)]));
         let mut events = start(script, "/p/", WatchOptions::default()).await;
         let got = take(&mut events, 3).await;
         assert_eq!(got, vec![put("/p/a", 6), put("/p/b", 8), put("/p/c", 11)]);
@@ -578,13 +583,25 @@ mod tests {
         assert_eq!(
             calls(&log),
             vec![
-                Call::Revision,
+                Call::Snapshot,
                 Call::Connect(5),
                 Call::Next(5),
                 Call::Next(10),
                 Call::Next(11)
             ]
         );
+    }
+
+    /// A watch from now counts what exists at its start as delivered: a
+    /// key deleted while the history was lost is reported deleted.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_from_now_reports_the_deletion_of_a_key_it_found_at_its_start() {
+        let (mut script, _log, _alive) = Script::new(vec![Ok(Batch::Trimmed)]);
+        script.snapshots.push_back((5, vec![entry("/p/a", 4)]));
+        script.snapshots.push_back((9, vec![]));
+        let mut events = start(script, "/p/", WatchOptions::default()).await;
+        assert_eq!(take(&mut events, 1).await, vec![delete("/p/a", 9)]);
+        nothing_more(&mut events).await;
     }
 
     #[tokio::test(start_paused = true)]
