@@ -218,22 +218,6 @@ impl<S: ClaimStore> ClaimLease for HeldClaim<S> {
     }
 }
 
-/// A shared claim as the lease core's backend.
-struct Kept(Arc<dyn ClaimLease>);
-
-#[async_trait]
-impl LeaseBackend for Kept {
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-    async fn extend(&self, ttl: Duration) -> Result<bool> {
-        self.0.extend(ttl).await
-    }
-    async fn release(&self) -> Result<bool> {
-        self.0.release().await
-    }
-}
-
 /// The backend side of idempotency: claim, complete or abandon a key.
 /// Use [`OnceExt::run`] rather than these primitives.
 #[cfg_attr(feature = "mock", mockall::automock)]
@@ -433,7 +417,7 @@ pub trait OnceExt: Once {
         // abandoned if the work fails, panics or is cancelled (drop).
         let held = self.claim_lease(key, &token);
         let claim = Lease::start(
-            Kept(held.clone()),
+            held.clone(),
             LeaseOptions::new(opts.claim_ttl).labels("once", "once"),
             sent,
         );

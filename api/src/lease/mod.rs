@@ -113,6 +113,27 @@ pub trait LeaseBackend: Send + Sync + 'static {
     }
 }
 
+/// A shared lease backend is one: the lease core keeps it while its owner
+/// holds it too (a registration it updates, a claim it completes).
+#[async_trait]
+impl<T: LeaseBackend + ?Sized> LeaseBackend for std::sync::Arc<T> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    async fn extend(&self, ttl: Duration) -> Result<bool> {
+        (**self).extend(ttl).await
+    }
+    async fn release(&self) -> Result<bool> {
+        (**self).release().await
+    }
+    fn announces_loss(&self) -> bool {
+        (**self).announces_loss()
+    }
+    async fn gone(&self) {
+        (**self).gone().await
+    }
+}
+
 /// How a [`Lease`] is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseOptions {

@@ -96,22 +96,6 @@ pub trait RegistrationBackend: Send + Sync + 'static {
     async fn replace(&self, instance: &ServiceInstance) -> Result<bool>;
 }
 
-/// The lease core sees the registration through this.
-struct Kept(Arc<dyn RegistrationLease>);
-
-#[async_trait]
-impl LeaseBackend for Kept {
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-    async fn extend(&self, ttl: Duration) -> Result<bool> {
-        self.0.extend(ttl).await
-    }
-    async fn release(&self) -> Result<bool> {
-        self.0.release().await
-    }
-}
-
 /// The state of one registration, shared by its keeper task and the
 /// registry's calls.
 struct Slot {
@@ -417,7 +401,7 @@ fn lease_of(
     sent: Tick,
 ) -> Lease {
     Lease::start(
-        Kept(reg),
+        reg,
         LeaseOptions::new(granted).labels(backend, "registry"),
         sent,
     )
