@@ -173,6 +173,68 @@ async fn lock_holder_learns_first(kind: Kind) -> Result<()> {
     Ok(())
 }
 
+/// A lock release that never reached the server (the holder was cut off,
+/// the release timed out, its request was lost with the connection) is
+/// asked again: by a second `release`, and by dropping the guard. Either
+/// frees the lock long before its TTL. (Not on etcd: there a release also
+/// revokes the waiter's own lease in the background, which frees the lock
+/// by itself once the connection is back; a second release may then find
+/// nothing left to release.)
+async fn a_release_that_never_arrived_is_asked_again(kind: Kind) -> Result<()> {
+    let Some(s) = Sides::new(kind).await? else {
+        return Ok(());
+    };
+    let long = LockOptions::new(Duration::from_secs(60));
+    let locks = s.cut.lock().await?;
+    let (retried, dropped) = (
+        locks.acquire("released-again", long).await?,
+        locks.acquire("dropped-after", long).await?,
+    );
+    s.proxy.freeze();
+    for guard in [&retried, &dropped] {
+        let err = guard.release().await.expect_err("the release is cut off");
+        ensure!(err.is_retryable(), "{kind:?}: {err}");
+        ensure!(!guard.is_held(), "{kind:?}: given up locally at once");
+    }
+    // The held requests go with their connections.
+    s.proxy.cut();
+    s.proxy.thaw();
+    let started = Instant::now();
+    let answer = loop {
+        match retried.release().await {
+            Err(e) if e.is_retryable() && started.elapsed() < BOUND => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => break other,
+        }
+    };
+    ensure!(
+        answer.is_ok(),
+        "{kind:?}: the second release answered {answer:?}"
+    );
+    drop(dropped);
+    let other = s.direct.lock().await?;
+    for key in ["released-again", "dropped-after"] {
+        let taken = loop {
+            if let Some(g) = other.try_acquire(key, LockOptions::new(TTL)).await? {
+                break g;
+            }
+            ensure!(
+                started.elapsed() < BOUND,
+                "{kind:?}: {key:?} stayed held after its release was asked again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        taken.release().await?;
+    }
+    println!(
+        "{kind:?} lock: both locks free {:?} after the thaw (TTL 60 s)",
+        started.elapsed()
+    );
+    s.close().await;
+    Ok(())
+}
+
 /// A Snowflake generator whose worker lease is behind the frozen proxy
 /// stops issuing ids before another allocator receives the same worker id.
 async fn generator_stops_before_its_id_is_reused(kind: Kind) -> Result<()> {
@@ -340,6 +402,8 @@ per_backend! {
     redis_lock_holder_learns_first => lock_holder_learns_first(Kind::Redis);
     etcd_lock_holder_learns_first => lock_holder_learns_first(Kind::Etcd);
     mysql_lock_holder_learns_first => lock_holder_learns_first(Kind::Mysql);
+    redis_a_release_that_never_arrived_is_asked_again => a_release_that_never_arrived_is_asked_again(Kind::Redis);
+    mysql_a_release_that_never_arrived_is_asked_again => a_release_that_never_arrived_is_asked_again(Kind::Mysql);
     redis_generator_stops_before_its_id_is_reused => generator_stops_before_its_id_is_reused(Kind::Redis);
     etcd_generator_stops_before_its_id_is_reused => generator_stops_before_its_id_is_reused(Kind::Etcd);
     mysql_generator_stops_before_its_id_is_reused => generator_stops_before_its_id_is_reused(Kind::Mysql);

@@ -49,6 +49,12 @@ struct Inner {
     /// Stops the keeper and any outstanding extension.
     stop: CancellationToken,
     released: AtomicBool,
+    /// A release was asked of the server and not confirmed (it failed, or
+    /// its call was dropped): the next `release`, or the drop, asks again.
+    release_unconfirmed: AtomicBool,
+    /// Whether the lease was held when its release began (what a retried
+    /// release reports together with the server's answer).
+    held_at_release: AtomicBool,
     /// Wakes the keeper when the TTL, the deadline or `auto_renew` changed.
     changed: Notify,
     /// One extension at a time (the keeper's or a refresh).
@@ -167,6 +173,30 @@ impl Inner {
                 Step::Failed(e)
             }
             Err(e) => Step::Failed(e),
+        }
+    }
+}
+
+impl Inner {
+    /// Asks the server to release the lease. Until it answers, the release
+    /// counts as unconfirmed: an error, or the call dropped midway, leaves
+    /// it for the next `release` or the drop to ask again.
+    async fn release_on_server(&self) -> Result<bool> {
+        let mut unconfirmed = Unconfirmed(Some(&self.release_unconfirmed));
+        let on_server = self.release_op.run(self.backend.release()).await?;
+        unconfirmed.0 = None;
+        Ok(self.held_at_release.load(Ordering::Acquire) && on_server)
+    }
+}
+
+/// A release asked of the server and not answered: dropped while still
+/// armed, it marks the release unconfirmed.
+struct Unconfirmed<'a>(Option<&'a AtomicBool>);
+
+impl Drop for Unconfirmed<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(true, Ordering::Release);
         }
     }
 }
@@ -291,6 +321,8 @@ impl Lease {
             lost: CancellationToken::new(),
             stop: CancellationToken::new(),
             released: AtomicBool::new(false),
+            release_unconfirmed: AtomicBool::new(false),
+            held_at_release: AtomicBool::new(false),
             changed: Notify::new(),
             extending: tokio::sync::Mutex::new(()),
             extend_op: m("lease.extend"),
@@ -408,6 +440,7 @@ impl Lease {
     pub fn detach(self) {
         let inner = &self.inner;
         inner.released.store(true, Ordering::Release);
+        inner.release_unconfirmed.store(false, Ordering::Release);
         inner.deadline.store(0, Ordering::Release);
         inner.stop.cancel();
         inner.lost.cancel();
@@ -417,17 +450,28 @@ impl Lease {
     /// and releases it on the server. `Ok(true)` only if it was held up to
     /// this call (locally and on the server); `Ok(false)` if it had been
     /// lost or released before.
+    ///
+    /// The lease is given up locally at once, whatever the server answers.
+    /// When the server could not be asked (`Err`, or this call dropped
+    /// midway), what it holds there is not lost track of: the next
+    /// `release` asks again (and answers as this call would have, except
+    /// that a first attempt applied before its answer was lost makes it
+    /// `Ok(false)`), and dropping the lease asks again in the background.
     pub async fn release(&self) -> Result<bool> {
         let inner = &self.inner;
         if inner.released.swap(true, Ordering::AcqRel) {
+            if inner.release_unconfirmed.swap(false, Ordering::AcqRel) {
+                return inner.release_on_server().await;
+            }
             return Ok(false);
         }
-        let held = self.is_held();
+        inner
+            .held_at_release
+            .store(self.is_held(), Ordering::Release);
         inner.deadline.store(0, Ordering::Release);
         inner.stop.cancel();
         inner.lost.cancel();
-        let on_server = inner.release_op.run(inner.backend.release()).await?;
-        Ok(held && on_server)
+        inner.release_on_server().await
     }
 }
 
@@ -445,7 +489,9 @@ impl std::fmt::Debug for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let inner = &self.inner;
-        if inner.released.swap(true, Ordering::AcqRel) {
+        if inner.released.swap(true, Ordering::AcqRel)
+            && !inner.release_unconfirmed.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         inner.deadline.store(0, Ordering::Release);
@@ -454,7 +500,7 @@ impl Drop for Lease {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let inner = inner.clone();
             rt.spawn(async move {
-                if let Err(e) = inner.release_op.run(inner.backend.release()).await {
+                if let Err(e) = inner.release_on_server().await {
                     tracing::debug!(
                         lease = %inner.backend.describe(),
                         error = %e,
@@ -486,6 +532,8 @@ mod tests {
         mode: AtomicU8,
         extends: Mutex<Vec<(Instant, Duration)>>,
         releases: AtomicU64,
+        /// How many of the next releases fail (after being counted).
+        failing_releases: AtomicU64,
     }
 
     impl Server {
@@ -515,6 +563,16 @@ mod tests {
         }
         async fn release(&self) -> Result<bool> {
             self.0.releases.fetch_add(1, Ordering::SeqCst);
+            let failing = &self.0.failing_releases;
+            if failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(Error::new(ErrorKind::Timeout, "no answer"));
+            }
+            if self.0.mode.load(Ordering::SeqCst) == HANG {
+                std::future::pending::<()>().await;
+            }
             Ok(true)
         }
     }
@@ -685,6 +743,52 @@ mod tests {
 
         let (lease, server) = kept(1000, |o| o);
         drop(lease);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(server.releases.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_release_is_asked_again_by_the_next_release() {
+        let (lease, server) = kept(1000, |o| o);
+        server.failing_releases.store(1, Ordering::SeqCst);
+        let err = lease.release().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Timeout);
+        assert!(!lease.is_held() && lease.lost().is_cancelled());
+        assert!(
+            lease.release().await.unwrap(),
+            "the retry releases what was held when the release began"
+        );
+        assert_eq!(server.releases.load(Ordering::SeqCst), 2);
+        assert!(
+            !lease.release().await.unwrap(),
+            "confirmed: not asked again"
+        );
+        assert_eq!(server.releases.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_release_dropped_midway_is_asked_again_by_the_drop() {
+        let (lease, server) = kept(1000, |o| o);
+        server.set(HANG);
+        let cut = tokio::time::timeout(Duration::from_millis(20), lease.release()).await;
+        assert!(cut.is_err(), "the release was cut off");
+        assert_eq!(server.releases.load(Ordering::SeqCst), 1);
+        server.set(OK);
+        drop(lease);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            server.releases.load(Ordering::SeqCst),
+            2,
+            "the drop asked the server again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_detached_lease_is_not_released_again_after_a_failed_release() {
+        let (lease, server) = kept(1000, |o| o);
+        server.failing_releases.store(1, Ordering::SeqCst);
+        assert!(lease.release().await.is_err());
+        lease.detach();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(server.releases.load(Ordering::SeqCst), 1);
     }

@@ -244,7 +244,11 @@ pub trait LockGuard: Send + Sync {
     /// Extends the lock to `ttl` from now. `LockNotHeld` if it was lost.
     async fn refresh(&self, ttl: Duration) -> Result<()>;
     /// Releases the lock. `LockNotHeld` if it had expired, was taken over,
-    /// or was already released.
+    /// or was already released. The lock stops being held here at once;
+    /// when the server could not be asked (an error such as a timeout, or
+    /// this call dropped midway), calling `release` again asks it again,
+    /// and so does dropping the guard. A retry after a first attempt the
+    /// server applied but whose answer was lost answers `LockNotHeld`.
     async fn release(&self) -> Result<()>;
 }
 

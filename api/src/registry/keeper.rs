@@ -289,22 +289,26 @@ impl Registrations {
             .ok_or_else(|| not_registered(service, id))?;
         // Stopped under the slot's lock, then its keeper: a call dropped
         // while waiting for the lock leaves the registration as it was.
-        let (reg, lease) = {
+        // The lease only stops being kept: the release below is the
+        // registration's own, retried through the slot, so that no
+        // background release of a dropped lease can race a registration
+        // made meanwhile on the same caller's lease.
+        let reg = {
             let mut slot = slot.lock().await;
             slot.stopped = true;
             stop.cancel();
             match slot.current.take() {
                 Some((reg, lease)) => {
+                    lease.detach();
                     slot.unreleased = Some(reg.clone());
-                    (Some(reg), Some(lease))
+                    Some(reg)
                 }
-                None => (slot.unreleased.clone(), None),
+                None => slot.unreleased.clone(),
             }
         };
-        let result = match (reg, lease) {
-            (_, Some(lease)) => lease.release().await.map(drop),
-            (Some(reg), None) => reg.release().await.map(drop),
-            (None, None) => Ok(()),
+        let result = match reg {
+            Some(reg) => reg.release().await.map(drop),
+            None => Ok(()),
         };
         if matches!(&result, Err(e) if e.is_retryable()) {
             return result;
