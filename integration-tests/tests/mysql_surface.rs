@@ -232,6 +232,11 @@ async fn the_purge_deletes_expired_rows_and_trims_the_config_log() -> Result<()>
         for i in 0..20 {
             config.set("/c", Bytes::from(i.to_string())).await?;
         }
+        // A released worker id: its row is expired but must stay, with the
+        // last timestamp its holder may have used.
+        let workers = backend.worker_ids().await?;
+        let held = workers.allocate(0, Duration::from_secs(600)).await?;
+        held.release().await?;
         tokio::time::sleep(Duration::from_millis(50)).await;
         let count = |table: &str| {
             let sql = format!("SELECT COUNT(*) FROM {prefix}{table}");
@@ -255,6 +260,16 @@ async fn the_purge_deletes_expired_rows_and_trims_the_config_log() -> Result<()>
             "config_history changes are kept"
         );
         ensure!(cache.get("long").await?.is_some());
+        ensure!(
+            count("workers").await? == 1,
+            "the released worker id's row stays"
+        );
+        let next = workers.allocate(0, Duration::from_secs(600)).await?;
+        ensure!(
+            next.not_before_millis() > 0,
+            "the next holder of the id starts after its previous holder"
+        );
+        next.release().await?;
         Ok(())
     }
     .await;

@@ -36,8 +36,8 @@ pub use snowflake::{Clock, Layout, Snowflake, SystemClock};
 #[cfg(feature = "mock")]
 pub use worker::MockWorkerIdAllocator;
 pub use worker::{
-    all_leased, check_max_worker_id, last_timestamp_bound, WorkerIdAllocator, WorkerLease,
-    CLOCK_TOLERANCE,
+    all_leased, check_max_worker_id, last_timestamp_bound, last_timestamp_bound_after,
+    WorkerIdAllocator, WorkerLease, CLOCK_TOLERANCE,
 };
 
 use crate::error::Result;

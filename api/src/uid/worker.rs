@@ -142,6 +142,25 @@ pub fn last_timestamp_bound(ahead: Duration) -> u64 {
     ))
 }
 
+/// What a holder records for its id's next holder: [`last_timestamp_bound`]
+/// of `ahead`, but never less than `not_before`, the bound it inherited
+/// ([`WorkerLease::not_before_millis`]). Its own bound can be lower (it
+/// released the id at once, or its clock is behind its predecessor's);
+/// recording that would let the next holder start before ids the
+/// predecessor may have issued.
+///
+/// ```
+/// use std::time::Duration;
+/// use im_infra::uid::{last_timestamp_bound, last_timestamp_bound_after};
+///
+/// let far = last_timestamp_bound(Duration::from_secs(3600));
+/// assert_eq!(last_timestamp_bound_after(far, Duration::ZERO), far);
+/// assert!(last_timestamp_bound_after(0, Duration::ZERO) > 0);
+/// ```
+pub fn last_timestamp_bound_after(not_before: u64, ahead: Duration) -> u64 {
+    last_timestamp_bound(ahead).max(not_before)
+}
+
 /// `ResourceExhausted`: every id in `0..=max_worker_id` is leased — what
 /// [`WorkerIdAllocator::allocate`] answers on every backend then.
 ///

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use im_infra::lease::{Lease, LeaseBackend, PendingLease, Tick};
-use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
+use im_infra::uid::{last_timestamp_bound_after, WorkerIdAllocator, WorkerLease};
 use im_infra::Result;
 
 use crate::connection::ConnectionManager;
@@ -79,7 +79,6 @@ impl WorkerIdAllocator for EtcdWorkerIds {
         for id in (0..=max_worker_id).filter(|id| !taken.contains(id)) {
             let key = format!("{d}{id}");
             let last_key = format!("{last_dir}{id}");
-            let last = last_timestamp_bound(granted);
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([
@@ -89,7 +88,6 @@ impl WorkerIdAllocator for EtcdWorkerIds {
                         token.clone(),
                         Some(PutOptions::new().with_lease(lease_id)),
                     ),
-                    TxnOp::put(last_key.clone(), last.to_string(), None),
                 ]);
             let r = self
                 .conn
@@ -104,11 +102,21 @@ impl WorkerIdAllocator for EtcdWorkerIds {
                         .unwrap_or(0),
                     _ => 0,
                 };
+                // The record is raised (never lowered) before any id is
+                // issued; until then it holds the previous holder's bound.
+                let last = last_timestamp_bound_after(not_before, granted);
+                if !record_last(pending.backend(), &key, &last_key, last).await? {
+                    return Err(im_infra::Error::new(
+                        im_infra::ErrorKind::LeaseLost,
+                        format!("worker id {id} was lost while being allocated"),
+                    ));
+                }
                 let held = HeldWorkerId {
                     lease: pending.into_backend(),
                     key,
                     last_key,
                     ttl: granted,
+                    not_before,
                 };
                 let opts = WorkerLease::lease_options(crate::NAME, granted);
                 let lease = Lease::start(held, opts, sent);
@@ -125,24 +133,29 @@ struct HeldWorkerId {
     key: String,
     last_key: String,
     ttl: Duration,
+    /// The bound it inherited, which no record of its own may lower.
+    not_before: u64,
+}
+
+/// Writes `last` as the id's last timestamp while its key (`key`) is still
+/// on `lease`.
+async fn record_last(lease: &EtcdLease, key: &str, last_key: &str, last: u64) -> Result<bool> {
+    let txn = Txn::new()
+        .when([Compare::lease(key.to_owned(), CompareOp::Equal, lease.id())])
+        .and_then([TxnOp::put(last_key.to_owned(), last.to_string(), None)]);
+    let r = lease
+        .conn()
+        .call("uid.last", |mut c| async move { c.txn(txn).await })
+        .await?;
+    Ok(r.succeeded())
 }
 
 impl HeldWorkerId {
-    /// Writes the last timestamp while the id is still on our lease.
-    async fn record_last(&self, last: u64) -> Result<bool> {
-        let txn = Txn::new()
-            .when([Compare::lease(
-                self.key.clone(),
-                CompareOp::Equal,
-                self.lease.id(),
-            )])
-            .and_then([TxnOp::put(self.last_key.clone(), last.to_string(), None)]);
-        let r = self
-            .lease
-            .conn()
-            .call("uid.last", |mut c| async move { c.txn(txn).await })
-            .await?;
-        Ok(r.succeeded())
+    /// Records the last timestamp of a lease lasting `ahead` from now, never
+    /// below the bound this holder inherited.
+    async fn record_last(&self, ahead: Duration) -> Result<bool> {
+        let last = last_timestamp_bound_after(self.not_before, ahead);
+        record_last(&self.lease, &self.key, &self.last_key, last).await
     }
 }
 
@@ -153,15 +166,14 @@ impl LeaseBackend for HeldWorkerId {
     }
 
     async fn extend(&self, _ttl: Duration) -> Result<bool> {
-        let last = last_timestamp_bound(self.ttl);
-        Ok(self.lease.keep_alive().await? && self.record_last(last).await?)
+        Ok(self.lease.keep_alive().await? && self.record_last(self.ttl).await?)
     }
 
     /// Records the release time as the last timestamp, then revokes the
     /// lease (deleting the id's key).
     async fn release(&self) -> Result<bool> {
         // Without the record, the next holder waits for the last renewal's.
-        if let Err(e) = self.record_last(last_timestamp_bound(Duration::ZERO)).await {
+        if let Err(e) = self.record_last(Duration::ZERO).await {
             tracing::debug!(key = %self.key, error = %e, "could not record the release time");
         }
         self.lease.revoke().await

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_infra::lease::{Lease, LeaseBackend, Tick};
-use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
+use im_infra::uid::{
+    last_timestamp_bound, last_timestamp_bound_after, WorkerIdAllocator, WorkerLease,
+};
 use im_infra::Result;
 
 use crate::Shared;
@@ -47,14 +49,13 @@ impl WorkerStore {
         }
     }
 
-    fn release(&self, id: u64, token: &str) -> bool {
+    /// Releases `id` if `token` holds it, recording `last` as the last
+    /// timestamp its holder used.
+    fn release(&self, id: u64, token: &str, last: u64) -> bool {
         let mut leases = self.leases();
         if leases.held.get(&id).is_some_and(|(t, _)| t == token) {
             leases.held.remove(&id);
-            // Its holder stops issuing ids now.
-            leases
-                .last_millis
-                .insert(id, last_timestamp_bound(Duration::ZERO));
+            leases.last_millis.insert(id, last);
             true
         } else {
             false
@@ -103,6 +104,7 @@ impl WorkerIdAllocator for MemoryWorkerIds {
                 shared: self.shared.clone(),
                 id,
                 token,
+                not_before,
             },
             WorkerLease::lease_options(crate::NAME, ttl),
             sent,
@@ -116,6 +118,8 @@ struct HeldWorkerId {
     shared: Arc<Shared>,
     id: u64,
     token: String,
+    /// The bound it inherited, which its release must not lower.
+    not_before: u64,
 }
 
 #[async_trait]
@@ -129,7 +133,9 @@ impl LeaseBackend for HeldWorkerId {
         Ok(self.shared.workers.renew(self.id, &self.token, ttl))
     }
 
+    /// Its holder stops issuing ids now (or at the inherited bound).
     async fn release(&self) -> Result<bool> {
-        Ok(self.shared.workers.release(self.id, &self.token))
+        let last = last_timestamp_bound_after(self.not_before, Duration::ZERO);
+        Ok(self.shared.workers.release(self.id, &self.token, last))
     }
 }

@@ -12,8 +12,10 @@ use crate::Shared;
 const BATCH: u64 = 5_000;
 
 /// The tables with an `expires_at` column whose expired rows can go.
-/// (Lock rows stay: they carry the fencing counter.)
-const EXPIRING: &[&str] = &["cache", "once", "limiter", "workers"];
+/// (Lock rows stay: they carry the fencing counter. Worker-id rows stay:
+/// they carry the last timestamp the id's holder may have used, which its
+/// next holder starts after; there are at most 65,536 per namespace.)
+const EXPIRING: &[&str] = &["cache", "once", "limiter"];
 
 /// One purge pass; returns the rows deleted.
 pub(crate) async fn purge_once(shared: &Shared) -> Result<u64> {

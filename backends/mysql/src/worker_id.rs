@@ -160,11 +160,12 @@ impl LeaseBackend for HeldWorkerId {
     }
 
     /// Expires the row (it stays, with the release time as the last
-    /// timestamp its holder used).
+    /// timestamp its holder used, but never less than the bound it
+    /// inherited, `prev_ms`).
     async fn release(&self) -> Result<bool> {
         let shared = &self.shared;
         let sql = format!(
-            "UPDATE {} SET last_ms = ?, expires_at = NOW(6) \
+            "UPDATE {} SET last_ms = GREATEST(prev_ms, ?), expires_at = NOW(6) \
              WHERE ns = ? AND token = ? AND expires_at > NOW(6)",
             shared.table("workers")
         );

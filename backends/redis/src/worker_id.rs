@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use im_infra::lease::{LeaseBackend, PendingLease, Tick};
-use im_infra::uid::{last_timestamp_bound, WorkerIdAllocator, WorkerLease};
+use im_infra::uid::{
+    last_timestamp_bound, last_timestamp_bound_after, WorkerIdAllocator, WorkerLease,
+};
 use im_infra::{validate, Result};
 
 use crate::client;
@@ -50,6 +52,7 @@ impl WorkerIdAllocator for RedisWorkerIds {
         let mut pending = PendingLease::new(HeldWorkerId {
             shared: self.shared.clone(),
             id: OnceLock::new(),
+            not_before: OnceLock::new(),
             token: token.clone(),
             max_worker_id,
         });
@@ -72,6 +75,7 @@ impl WorkerIdAllocator for RedisWorkerIds {
         }
         let id = id as u64;
         let _ = pending.backend().id.set(id);
+        let _ = pending.backend().not_before.set(not_before);
         let lease = pending.start(WorkerLease::lease_options(crate::NAME, ttl), sent);
         Ok(WorkerLease::new(id, lease).with_not_before(not_before))
     }
@@ -83,6 +87,8 @@ impl WorkerIdAllocator for RedisWorkerIds {
 struct HeldWorkerId {
     shared: Arc<Shared>,
     id: OnceLock<u64>,
+    /// The bound it inherited, which its release must not lower.
+    not_before: OnceLock<u64>,
     token: String,
     max_worker_id: u64,
 }
@@ -116,11 +122,12 @@ impl LeaseBackend for HeldWorkerId {
             None => ["forget".to_string(), self.max_worker_id.to_string()],
         };
         let [op, which] = args;
+        let not_before = self.not_before.get().copied().unwrap_or(0);
         let args = [
             op,
             which,
             self.token.clone(),
-            last_timestamp_bound(Duration::ZERO).to_string(),
+            last_timestamp_bound_after(not_before, Duration::ZERO).to_string(),
         ];
         Ok(run::<i64>(&self.shared, &args).await? == 1)
     }

@@ -143,6 +143,33 @@ async fn a_reused_id_starts_after_its_previous_holder(w: World) -> Result<()> {
     Ok(())
 }
 
+/// A holder that took an id while its previous holder may still issue ids
+/// (lost, not released: its lease had a minute to run) starts after that
+/// holder's bound, and releasing the id at once does not lower it: the
+/// holder after it starts no earlier.
+async fn a_released_id_keeps_the_bound_its_holder_inherited(w: World) -> Result<()> {
+    let alloc = w.backend.worker_ids().await?;
+    let lost = alloc.allocate(0, Duration::from_secs(60)).await?;
+    w.hooks.revoke_worker_id(lost.worker_id()).await?;
+    let peer = w.peer.worker_ids().await?;
+    let second = eventually_allocated(&*peer).await?;
+    let inherited = second.not_before_millis();
+    let lost_until = std::time::SystemTime::now() + Duration::from_secs(50);
+    ensure!(
+        std::time::UNIX_EPOCH + Duration::from_millis(inherited) >= lost_until,
+        "the next holder may start at {inherited} ms, before the lost holder's lease ran out"
+    );
+    second.release().await?;
+    let third = eventually_allocated(&*peer).await?;
+    ensure!(
+        third.not_before_millis() >= inherited,
+        "released at once, the id's bound went down from {inherited} ms to {} ms",
+        third.not_before_millis()
+    );
+    drop(lost);
+    Ok(())
+}
+
 /// Id 0 once the background release of a dropped lease went through.
 async fn eventually_allocated(
     alloc: &dyn im_infra::uid::WorkerIdAllocator,
@@ -169,6 +196,11 @@ pub fn cases() -> Vec<Case> {
         crate::case!(
             "uid",
             a_reused_id_starts_after_its_previous_holder,
+            when = on
+        ),
+        crate::case!(
+            "uid",
+            a_released_id_keeps_the_bound_its_holder_inherited,
             when = on
         ),
         crate::case!("uid", leased_ids_are_unique, when = on),

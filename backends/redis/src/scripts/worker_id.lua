@@ -5,8 +5,8 @@
 -- ARGV[1] operation, ARGV[2] key prefix, then:
 --   allocate  max id, token, ttl ms, now ms -> {lowest free id, previous holder's last ms}, or {-1, 0}
 --   renew     id, token, ttl ms, now ms     -> 1 renewed, 0 lost
---   release   id, token, now ms             -> 1 released, 0 not held
---   forget    max id, token, now ms         -> releases whichever id holds token (an allocation whose answer was lost)
+--   release   id, token, last ms            -> 1 released, 0 not held (last: the release time, or the bound the holder inherited if later)
+--   forget    max id, token, now ms         -> releases whichever id holds token (an allocation whose answer was lost; the id's record is only raised)
 local op, prefix = ARGV[1], ARGV[2]
 local last = prefix .. 'last'
 if op == 'allocate' then
@@ -24,7 +24,9 @@ if op == 'forget' then
   for id = 0, tonumber(ARGV[3]) do
     if redis.call('GET', prefix .. id) == ARGV[4] then
       redis.call('DEL', prefix .. id)
-      redis.call('HSET', last, id, ARGV[5])
+      -- The bound the allocation inherited is not known here: keep it.
+      local before = tonumber(redis.call('HGET', last, id) or '0')
+      redis.call('HSET', last, id, math.max(before, tonumber(ARGV[5])))
       return 1
     end
   end
