@@ -132,11 +132,12 @@ async fn complete(
             Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
             _ => None,
         };
-        if done_by(current.as_deref(), token) {
-            return Ok(());
+        if !done_by(current.as_deref(), token) {
+            return Err(im_infra::once::not_held(key));
         }
-        return Err(im_infra::once::not_held(key));
     }
+    // The claim's lease holds nothing any more (also after a retry that
+    // found the record done by this token).
     let _ = crate::lease::revoke(conn, old).await;
     Ok(())
 }

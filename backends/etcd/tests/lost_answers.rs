@@ -2,12 +2,16 @@
 //! out): what was promised must still hold. Against the server from
 //! `scripts/services.sh` (`IMINFRA_ETCD_ENDPOINTS`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use im_infra::backend::Backend;
 use im_infra::lock::LockOptions;
+use im_infra::once::{OnceExt, Outcome};
+use im_infra::registry::ServiceInstance;
 use im_infra::ErrorKind;
+use im_infra_conformance::cases::eventually;
 use im_infra_conformance::servers::{server_or_skip, ETCD_ENV};
 use im_infra_etcd::{EtcdBackend, EtcdSettings};
 
@@ -58,6 +62,89 @@ async fn a_lock_refresh_whose_answer_was_lost_keeps_the_lock() -> Result<()> {
         others.try_acquire("job", ten).await?.is_some(),
         "released at the end"
     );
+    holder.close().await?;
+    other.close().await?;
+    Ok(())
+}
+
+/// A registration whose put etcd applied but whose answer was lost fails,
+/// and leaves no instance for others to find: its lease is revoked, so the
+/// instance goes at once, not after its TTL.
+#[tokio::test]
+async fn a_registration_whose_answer_was_lost_leaves_no_instance() -> Result<()> {
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let ns = namespace();
+    let (holder, other) = (backend(&eps, &ns).await?, backend(&eps, &ns).await?);
+    let instance = ServiceInstance::new("svc", "a", "127.0.0.1:1");
+    holder.connection().lose_next_answer("registry.put");
+    let err = holder
+        .registry()
+        .await?
+        .register(&instance, Duration::from_secs(60))
+        .await
+        .expect_err("the answer was lost");
+    ensure!(err.kind() == ErrorKind::Timeout, "{err}");
+    let discovery = other.discovery().await?;
+    eventually(
+        Duration::from_secs(5),
+        "the instance of a failed registration is gone",
+        || async { Ok(discovery.instances("svc").await?.is_empty()) },
+    )
+    .await?;
+    // Registering again works and is found.
+    holder
+        .registry()
+        .await?
+        .register(&instance, Duration::from_secs(60))
+        .await?;
+    let found = discovery.instances("svc").await?;
+    ensure!(found.len() == 1 && found[0].id == "a", "{found:?}");
+    holder.close().await?;
+    other.close().await?;
+    Ok(())
+}
+
+/// A once-claim completion etcd applied but whose answer was lost: the
+/// retry finds the key done by this claim, the caller gets its own
+/// outcome, and a later caller gets it as already done, the work having
+/// run once.
+#[tokio::test]
+async fn a_completion_whose_answer_was_lost_is_done_once() -> Result<()> {
+    let Some(eps) = server_or_skip("etcd", ETCD_ENV) else {
+        return Ok(());
+    };
+    let ns = namespace();
+    let (holder, other) = (backend(&eps, &ns).await?, backend(&eps, &ns).await?);
+    let runs = AtomicUsize::new(0);
+    let hour = Duration::from_secs(3600);
+    holder.connection().lose_next_answer("once.complete");
+    let first = holder
+        .once()
+        .await?
+        .run("job", hour, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>("receipt".to_string())
+        })
+        .await;
+    ensure!(
+        matches!(&first, Ok(Outcome::Executed(v)) if v == "receipt"),
+        "{first:?}"
+    );
+    let later = other
+        .once()
+        .await?
+        .run("job", hour, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>("again".to_string())
+        })
+        .await;
+    ensure!(
+        matches!(&later, Ok(Outcome::AlreadyDone(v)) if v == "receipt"),
+        "{later:?}"
+    );
+    ensure!(runs.load(Ordering::SeqCst) == 1, "the work ran twice");
     holder.close().await?;
     other.close().await?;
     Ok(())
