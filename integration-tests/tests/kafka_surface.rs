@@ -100,6 +100,50 @@ async fn a_full_producer_queue_answers_resource_exhausted() -> Result<()> {
     Ok(())
 }
 
+/// A batch waits for room in the queue once: after one message was
+/// refused, none after it is queued, even if the queue drained meanwhile
+/// (a later message of the same key would otherwise overtake the refused
+/// one when the caller sends it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_queues_nothing_after_a_message_the_full_queue_refused() -> Result<()> {
+    let Some(list) = server_or_skip("kafka", KAFKA_ENV) else {
+        return Ok(());
+    };
+    let enqueue_timeout = Duration::from_millis(300);
+    let backend = KafkaBackend::builder()
+        .brokers(brokers(&list))
+        .producer(ProducerTuning {
+            queue_max_messages: 10,
+            enqueue_timeout,
+            // The queue drains after half a second: a per-message wait
+            // would see room again from the twelfth message on.
+            linger: Duration::from_millis(500),
+            ..ProducerTuning::default()
+        })
+        .build()
+        .await?;
+    let topic = unique("queue");
+    backend.create_topic(&TopicSpec::new(&topic, 1)).await?;
+    let producer = backend.producer().await?;
+    let batch = (0..30)
+        .map(|i| Message::new(&topic, format!("{i}")).with_key("one key"))
+        .collect();
+    let started = std::time::Instant::now();
+    let results = producer.produce_batch(batch).await?;
+    let stored = results.iter().take_while(|r| r.is_ok()).count();
+    ensure!(stored == 10, "the first 10 fit the queue: {results:?}");
+    ensure!(
+        results[stored..]
+            .iter()
+            .all(|r| matches!(r, Err(e) if e.kind() == ErrorKind::ResourceExhausted)),
+        "after the first refusal every message is refused: {results:?}"
+    );
+    println!("batch answered in {:?}", started.elapsed());
+    producer.close().await?;
+    backend.close().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_prefix_topics_and_groups_on_the_broker() -> Result<()> {
     let Some(list) = server_or_skip("kafka", KAFKA_ENV) else {

@@ -178,7 +178,7 @@ impl ReceivedMessage {
             ),
             (
                 dead_letter_headers::ERROR.to_owned(),
-                Bytes::from(error.to_string()),
+                Bytes::from(error_text(error)),
             ),
         ]);
         Message {
@@ -454,6 +454,24 @@ impl<C: Consumer + ?Sized> Consumer for Arc<C> {
     }
 }
 
+/// The text of `error` for a dead letter's [`ERROR`](dead_letter_headers::ERROR)
+/// header, cut to [`MAX_ERROR_BYTES`](dead_letter_headers::MAX_ERROR_BYTES)
+/// (at a character boundary): a long error must not make the letter too
+/// large to send.
+fn error_text(error: &Error) -> String {
+    let mut text = error.to_string();
+    let max = dead_letter_headers::MAX_ERROR_BYTES;
+    if text.len() > max {
+        let mut end = max - "…".len();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Names of the headers added to a dead-lettered message.
 pub mod dead_letter_headers {
     /// Topic the message was consumed from.
@@ -462,6 +480,59 @@ pub mod dead_letter_headers {
     pub const ORIGINAL_PARTITION: &str = "x-original-partition";
     /// Its offset.
     pub const ORIGINAL_OFFSET: &str = "x-original-offset";
-    /// The last handler error.
+    /// The last handler error, at most [`MAX_ERROR_BYTES`] long.
     pub const ERROR: &str = "x-error";
+    /// The longest [`ERROR`] header value; a longer error text is cut and
+    /// ends with `…`.
+    pub const MAX_ERROR_BYTES: usize = 1024;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    fn message() -> ReceivedMessage {
+        ReceivedMessage {
+            topic: "orders".into(),
+            partition: 0,
+            offset: 7,
+            key: None,
+            payload: Bytes::from_static(b"x"),
+            headers: Vec::new(),
+            timestamp: None,
+            attempt: 1,
+        }
+    }
+
+    fn error_header(letter: &Message) -> &Bytes {
+        &letter
+            .headers
+            .iter()
+            .find(|(k, _)| k == dead_letter_headers::ERROR)
+            .expect("the error header")
+            .1
+    }
+
+    #[test]
+    fn a_long_error_is_cut_at_a_character_boundary_in_the_dead_letter() {
+        let long = Error::new(ErrorKind::Internal, "é".repeat(5000));
+        let letter = message().dead_letter("dlq", &long);
+        let text = std::str::from_utf8(error_header(&letter)).expect("valid UTF-8");
+        assert!(
+            text.len() <= dead_letter_headers::MAX_ERROR_BYTES,
+            "{}",
+            text.len()
+        );
+        assert!(
+            text.len() > dead_letter_headers::MAX_ERROR_BYTES - 8,
+            "{}",
+            text.len()
+        );
+        assert!(text.ends_with('…'));
+
+        let short = Error::new(ErrorKind::Internal, "bad json");
+        let letter = message().dead_letter("dlq", &short);
+        assert_eq!(error_header(&letter), &Bytes::from(short.to_string()));
+    }
 }

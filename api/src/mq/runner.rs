@@ -105,7 +105,7 @@ impl HandlerRunner {
             if !pause(stop, delay).await {
                 return Handled::Abandoned;
             }
-            msg.attempt += 1;
+            msg.attempt = msg.attempt.saturating_add(1);
         }
     }
 

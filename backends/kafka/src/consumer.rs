@@ -185,19 +185,36 @@ struct Taken {
     message: ReceivedMessage,
 }
 
+/// The headers of a message. librdkafka's header names are C strings that
+/// rdkafka decodes as UTF-8 with a panic on anything else; a producer in
+/// another language may write such a name. Each header is read on its own
+/// and one whose name cannot be read is left out (and logged), so that the
+/// message still reaches the handler instead of stopping the member on
+/// every delivery.
+fn headers_of(h: &impl Headers, topic: &str, offset: i64) -> Vec<(String, Bytes)> {
+    let mut out = Vec::with_capacity(h.count());
+    for i in 0..h.count() {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.try_get(i))) {
+            Ok(Some(x)) => out.push((
+                x.key.to_owned(),
+                x.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+            )),
+            Ok(None) => {}
+            Err(_) => tracing::warn!(
+                topic,
+                offset,
+                header = i,
+                "a header whose name is not UTF-8 was left out"
+            ),
+        }
+    }
+    out
+}
+
 fn received(m: &BorrowedMessage<'_>, names: &Names) -> Taken {
     let headers = m
         .headers()
-        .map(|h| {
-            h.iter()
-                .map(|x| {
-                    (
-                        x.key.to_owned(),
-                        x.value.map(Bytes::copy_from_slice).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        })
+        .map(|h| headers_of(h, m.topic(), m.offset()))
         .unwrap_or_default();
     let message = ReceivedMessage {
         topic: names.logical(m.topic()).to_owned(),
@@ -229,6 +246,11 @@ impl KafkaConsumer {
         close_timeout: Duration,
     ) -> Result<Self> {
         settings.validate()?;
+        // A dead-letter topic that cannot be named would make every dead
+        // letter fail forever: refused here instead.
+        if let Some(topic) = &settings.dead_letter_topic {
+            names.topic(topic)?;
+        }
         let runner = HandlerRunner::new(NAME, &settings);
         Ok(KafkaConsumer {
             state: Arc::new(State {
@@ -410,5 +432,49 @@ impl Closable for KafkaConsumer {
 impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         self.state.member.stop().cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::Header;
+
+    use super::*;
+
+    /// Headers as librdkafka hands them, the second with a name rdkafka
+    /// cannot decode (it panics, as its `try_get` does on such a name).
+    struct WithUnreadableName;
+
+    impl Headers for WithUnreadableName {
+        fn count(&self) -> usize {
+            3
+        }
+
+        fn try_get(&self, idx: usize) -> Option<Header<'_, &[u8]>> {
+            match idx {
+                0 => Some(Header {
+                    key: "trace",
+                    value: Some(&b"t1"[..]),
+                }),
+                1 => panic!("expected: a header name that is not UTF-8"),
+                2 => Some(Header {
+                    key: "empty",
+                    value: None,
+                }),
+                _ => None,
+            }
+        }
+    }
+
+    #[test]
+    fn a_header_whose_name_cannot_be_read_is_left_out_and_the_rest_kept() {
+        let headers = headers_of(&WithUnreadableName, "orders", 7);
+        assert_eq!(
+            headers,
+            vec![
+                ("trace".to_owned(), Bytes::from_static(b"t1")),
+                ("empty".to_owned(), Bytes::new()),
+            ]
+        );
     }
 }

@@ -126,12 +126,11 @@ impl KafkaProducer {
         Ok(())
     }
 
-    /// Hands one message to the client's queue, waiting for room up to
-    /// `enqueue_timeout`.
-    async fn enqueue(&self, m: &Message) -> Result<DeliveryFuture> {
+    /// Hands one message to the client's queue, waiting for room until
+    /// `deadline`.
+    async fn enqueue(&self, m: &Message, deadline: Instant) -> Result<DeliveryFuture> {
         m.validate(self.inner.max_message_bytes)?;
         let topic = self.inner.names.topic(&m.topic)?;
-        let deadline = Instant::now() + self.inner.enqueue_timeout;
         let mut rec = record(m, &topic);
         loop {
             match self.inner.client.send_result(rec) {
@@ -184,7 +183,8 @@ impl KafkaProducer {
 impl Producer for KafkaProducer {
     async fn produce(&self, message: Message) -> Result<Delivery> {
         self.check_open()?;
-        let f = self.enqueue(&message).await?;
+        let deadline = Instant::now() + self.inner.enqueue_timeout;
+        let f = self.enqueue(&message, deadline).await?;
         Self::delivered(f).await
     }
 
@@ -192,10 +192,24 @@ impl Producer for KafkaProducer {
         self.check_open()?;
         // Everything is queued first, so librdkafka batches it into as few
         // requests as the partitions allow; then the reports are awaited in
-        // order.
+        // order. The whole batch waits for room in the queue once, up to
+        // `enqueue_timeout`; after a message found no room, the later ones
+        // are not queued either (one of them queued after it would overtake
+        // it when the caller sends it again: same key, out of order).
+        let deadline = Instant::now() + self.inner.enqueue_timeout;
         let mut pending = Vec::with_capacity(messages.len());
+        let mut no_room: Option<Error> = None;
         for m in &messages {
-            pending.push(self.enqueue(m).await);
+            let queued = match &no_room {
+                Some(full) => Err(full.clone()),
+                None => self.enqueue(m, deadline).await,
+            };
+            if let Err(e) = &queued {
+                if e.kind() == ErrorKind::ResourceExhausted {
+                    no_room = Some(e.clone());
+                }
+            }
+            pending.push(queued);
         }
         let mut out = Vec::with_capacity(pending.len());
         for p in pending {
