@@ -25,8 +25,13 @@
 //! caching, the in-process backend's own writes. While the source's
 //! channel is down, the near cache is empty and every read goes to the
 //! server, so no read returns a value older than a write acknowledged
-//! before the channel came back. A fill that an invalidation overtook does
-//! not store what it read. [`NearCache::sync`] waits until every write
+//! before the channel came back. "Down" starts when the source notices
+//! it: at once for a closed connection, within the source's heartbeats
+//! for a frozen one (the Redis source's documentation says which losses it
+//! notices and how fast). A fill that an invalidation overtook does not
+//! store what it read. An entry expires a little before the key would on
+//! the server (1 ‰ of its remaining time and 1 ms earlier), so the two
+//! clocks drifting apart cannot make it outlive the key. [`NearCache::sync`] waits until every write
 //! acknowledged before the call has been reported. A backend without such
 //! a channel can only be used with an explicit bound on staleness
 //! ([`NearCacheBuilder::max_staleness`]); the builder refuses otherwise.
@@ -312,7 +317,14 @@ impl NearCache {
     /// What a fill keeps of a read asked at `asked`, if anything.
     fn entry(&self, value: Option<&Bytes>, ttl: KeyTtl, asked: Instant) -> Option<Entry> {
         let keep = match ttl {
-            KeyTtl::Expires(left) => Some(left.min(self.ttl)),
+            // Less a margin for the two clocks' rates: the server (or the
+            // in-process store) counts the key's time on its own clock, the
+            // entry on this one, and they may drift apart by up to 500 ppm
+            // (the kernel's most NTP slew) while the entry lives.
+            KeyTtl::Expires(left) => Some(
+                left.saturating_sub(left / 1000 + Duration::from_millis(1))
+                    .min(self.ttl),
+            ),
             KeyTtl::Persistent => Some(self.ttl),
             // Gone between the two reads: not kept.
             KeyTtl::Missing => None,

@@ -325,6 +325,33 @@ async fn an_entry_lives_no_longer_than_the_key_on_the_server() {
 }
 
 #[tokio::test]
+async fn an_entry_leaves_a_margin_for_the_two_clocks_drifting_apart() {
+    let (_, _, near) = fresh().await;
+    let asked = quanta::Instant::now();
+    let left = Duration::from_secs(100);
+    let entry = near
+        .entry(
+            Some(&Bytes::from_static(b"v")),
+            KeyTtl::Expires(left),
+            asked,
+        )
+        .expect("kept");
+    // 500 ppm of drift over 100 s is 50 ms; the margin is 1 ‰ and 1 ms.
+    assert_eq!(entry.expires, asked + left - Duration::from_millis(101));
+    let short = near
+        .entry(
+            Some(&Bytes::from_static(b"v")),
+            KeyTtl::Expires(Duration::from_micros(500)),
+            asked,
+        )
+        .expect("kept");
+    assert!(
+        short.expires <= asked,
+        "less than the margin left: gone at once"
+    );
+}
+
+#[tokio::test]
 async fn misses_are_remembered_only_when_asked() {
     let (inner, source) = parts();
     let plain = near(&inner, &source).await;
