@@ -217,13 +217,20 @@ impl Cache for MysqlCache {
         let k = self.key(key);
         let table = self.table();
         // Make sure a row exists, so that the transaction locks a row
-        // (not a gap: concurrent first increments would deadlock).
-        let seed = format!("INSERT IGNORE INTO {table} (k, v, expires_at) VALUES (?, '0', NULL)");
+        // (not a gap: concurrent first increments would deadlock). The seed
+        // is born expired: no read sees it, and a failed increment leaves
+        // nothing a reader could take for a value.
+        let seed = format!("INSERT IGNORE INTO {table} (k, v, expires_at) VALUES (?, '0', NOW(6))");
         self.shared.db.exec(&seed, (k.clone(),)).await?;
         let select = format!("SELECT v, {LIVE} FROM {table} WHERE k = ? FOR UPDATE");
         let update = format!(
             "UPDATE {table} SET v = ?, expires_at = IF({LIVE}, expires_at, NULL) WHERE k = ?"
         );
+        // The row went between the seed and the lock (a delete, or the
+        // purge of the expired seed): inserted again; a duplicate or a
+        // deadlock with a concurrent first increment fails the call
+        // (retryable) instead of losing the increment.
+        let insert = format!("INSERT INTO {table} (k, v, expires_at) VALUES (?, ?, NULL)");
         let key_name = key.to_owned();
         let outcome = self
             .shared
@@ -232,6 +239,7 @@ impl Cache for MysqlCache {
                 Box::pin(async move {
                     let row: Option<(Vec<u8>, i64)> =
                         first(&mut *tx, &select, (k.clone(),)).await?;
+                    let exists = row.is_some();
                     let current = match row {
                         Some((v, 1)) => match std::str::from_utf8(&v)
                             .ok()
@@ -249,8 +257,12 @@ impl Cache for MysqlCache {
                     let Some(next) = current.checked_add(delta) else {
                         return Ok(Err(format!("incrementing {key_name:?} overflows i64")));
                     };
-                    tx.exec_drop(update, (next.to_string().into_bytes(), k))
-                        .await?;
+                    let v = next.to_string().into_bytes();
+                    if exists {
+                        tx.exec_drop(update, (v, k)).await?;
+                    } else {
+                        tx.exec_drop(insert, (k, v)).await?;
+                    }
                     Ok(Ok(next))
                 })
             })
