@@ -40,7 +40,7 @@ use crate::error::Result;
 
 pub use check::Check;
 pub use local::{BucketStore, LocalLimiter};
-pub use policy::{FailurePolicy, FallbackLimiter};
+pub use policy::{FailurePolicy, FallbackLimiter, LimiterFallback};
 pub use rule::{LimiterSettings, Rule, Rules};
 pub use table::RuleTable;
 

@@ -69,7 +69,7 @@ use im_infra::layer::{
 };
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
-use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
+use im_infra::ratelimit::{Limiter, Rules};
 use im_infra::telemetry::OpMetrics;
 use im_infra::uid::WorkerIdAllocator;
 use im_infra::Result;
@@ -293,13 +293,7 @@ impl Backend for MysqlBackend {
         let primary = Arc::new(MysqlLimiter::new(self.shared.clone(), &rules)?);
         Ok(Arc::new(ObservedLimiter::new(
             NAME,
-            FallbackLimiter::new(
-                NAME,
-                primary,
-                rules,
-                self.shared.settings().limiter_probe_interval,
-                self.shared.stop().clone(),
-            ),
+            self.shared.limiter_fallback.guard(primary, rules),
         )))
     }
 

@@ -1,6 +1,7 @@
 //! State shared by every handle of one backend instance.
 
 use im_infra::backend::{HandedOut, Shutdown};
+use im_infra::ratelimit::LimiterFallback;
 use im_infra::Result;
 use tokio_util::sync::CancellationToken;
 
@@ -18,18 +19,28 @@ pub(crate) struct Shared {
     /// Nothing is tracked (nothing handed out needs closing first); its
     /// close runs once.
     pub(crate) handed_out: HandedOut,
+    /// The limiters' failure policy (one local budget for all of them).
+    pub(crate) limiter_fallback: LimiterFallback,
 }
 
 impl Shared {
     pub(crate) fn new(db: Db) -> Self {
         let ns = db.settings().namespace.as_bytes().to_vec();
         let prefix = db.settings().table_prefix.clone();
+        let shutdown = Shutdown::new(crate::NAME);
+        let limiter_fallback = LimiterFallback::new(
+            crate::NAME,
+            db.settings().limiter_probe_interval,
+            db.settings().request_timeout,
+            shutdown.token().clone(),
+        );
         Shared {
             db,
             ns,
             prefix,
-            shutdown: Shutdown::new(crate::NAME),
+            shutdown,
             handed_out: HandedOut::new(crate::NAME),
+            limiter_fallback,
         }
     }
 

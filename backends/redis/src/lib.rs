@@ -110,7 +110,7 @@ use im_infra::layer::{
 };
 use im_infra::lock::DistributedLock;
 use im_infra::once::Once;
-use im_infra::ratelimit::{FallbackLimiter, Limiter, Rules};
+use im_infra::ratelimit::{Limiter, LimiterFallback, Rules};
 use im_infra::registry::{ServiceDiscovery, ServiceRegistry};
 use im_infra::secret::Secret;
 use im_infra::telemetry::OpMetrics;
@@ -152,6 +152,8 @@ pub(crate) struct Shared {
     handed_out: HandedOut,
     /// The backend's own operation (capability `backend`).
     health_check: OpMetrics,
+    /// The limiters' failure policy (one local budget for all of them).
+    limiter_fallback: LimiterFallback,
 }
 
 /// Builds a [`RedisBackend`].
@@ -232,10 +234,17 @@ impl RedisBackendBuilder {
     pub async fn build(self) -> Result<RedisBackend> {
         let client = client::Client::connect(self.settings).await?;
         let keys = keys::Keys::new(client.ns());
+        let limiter_fallback = LimiterFallback::new(
+            NAME,
+            client.settings().limiter_probe_interval,
+            client.settings().request_timeout,
+            client.stop().clone(),
+        );
         Ok(RedisBackend {
             shared: Arc::new(Shared {
                 client,
                 keys,
+                limiter_fallback,
                 notifier: lock::ReleaseNotifier::default(),
                 handed_out: HandedOut::new(NAME),
                 health_check: OpMetrics::new(NAME, "backend", "backend.health_check"),
@@ -409,10 +418,8 @@ impl Backend for RedisBackend {
     async fn limiter(&self, rules: Rules) -> Result<Arc<dyn Limiter>> {
         self.shared.client.check_open()?;
         let primary = Arc::new(RedisLimiter::new(self.shared.clone(), &rules));
-        let probe = self.shared.client.settings().limiter_probe_interval;
-        let shutdown = self.shared.client.stop().clone();
-        let fallback = FallbackLimiter::new(NAME, primary, rules, probe, shutdown);
-        Ok(Arc::new(ObservedLimiter::new(NAME, fallback)))
+        let guarded = self.shared.limiter_fallback.guard(primary, rules);
+        Ok(Arc::new(ObservedLimiter::new(NAME, guarded)))
     }
 
     async fn lock(&self) -> Result<Arc<dyn DistributedLock>> {
