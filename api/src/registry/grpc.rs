@@ -362,10 +362,20 @@ async fn follow(discovery: Arc<dyn ServiceDiscovery>, shared: std::sync::Weak<Sh
         let Some(s) = shared.upgrade() else { return };
         let (service, stop) = (s.service.clone(), s.stop.clone());
         drop(s);
-        if let Ok(mut events) = discovery.watch(&service).await {
+        // Instances that went away while the watch was down are found by
+        // a listing after the watch started: the watch never reports the
+        // deletion of one it did not know. Without that listing the watch
+        // is started again.
+        let watched = match discovery.watch(&service).await {
+            Ok(events) => discovery
+                .instances(&service)
+                .await
+                .map(|live| (events, live)),
+            Err(e) => Err(e),
+        };
+        if let Ok((mut events, live)) = watched {
             delay = Duration::from_millis(100);
-            // Instances that went away while the watch was down.
-            if let (Ok(live), Some(s)) = (discovery.instances(&service).await, shared.upgrade()) {
+            if let Some(s) = shared.upgrade() {
                 let ids: std::collections::BTreeSet<&str> =
                     live.iter().map(|i| i.id.as_str()).collect();
                 let stale: Vec<String> = s
@@ -481,5 +491,71 @@ mod tests {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert!(!ran_out_of_time(&refused));
         assert!(!ran_out_of_time(&Wrapping(Box::new(refused))));
+    }
+}
+
+#[cfg(test)]
+mod follow_tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::registry::{RegistryCapabilities, ServiceEvent, ServiceEventStream};
+
+    fn instance(id: &str, port: u16) -> ServiceInstance {
+        ServiceInstance::new("svc", id, format!("127.0.0.1:{port}"))
+    }
+
+    /// A discovery whose listings follow a script (then `a` alone), and
+    /// whose watch knows only `a`: `b` went before the watch's first
+    /// listing, so it never reports `b`'s deletion.
+    struct Scripted {
+        listings: Mutex<VecDeque<Result<Vec<ServiceInstance>>>>,
+    }
+
+    #[async_trait]
+    impl ServiceDiscovery for Scripted {
+        fn capabilities(&self) -> RegistryCapabilities {
+            RegistryCapabilities::default().with_watch()
+        }
+
+        async fn instances(&self, _service: &str) -> Result<Vec<ServiceInstance>> {
+            let next = self.listings.lock().unwrap().pop_front();
+            next.unwrap_or_else(|| Ok(vec![instance("a", 1)]))
+        }
+
+        async fn watch(&self, _service: &str) -> Result<ServiceEventStream> {
+            let add = ServiceEvent {
+                kind: ServiceEventKind::Add,
+                instance: instance("a", 1),
+            };
+            Ok(futures::stream::iter([Ok(add)])
+                .chain(futures::stream::pending())
+                .boxed())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_instance_gone_before_the_watch_began_is_dropped_even_if_a_listing_failed() {
+        let discovery = Arc::new(Scripted {
+            listings: Mutex::new(VecDeque::from([
+                Ok(vec![instance("a", 1), instance("b", 2)]),
+                Err(Error::new(ErrorKind::Unavailable, "a listing that failed")),
+            ])),
+        });
+        let channel = BalancedChannel::connect(discovery, "svc", GrpcOptions::default())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while channel.endpoints() != ["127.0.0.1:1"] {
+            assert!(
+                Instant::now() < deadline,
+                "b is still a target: {:?}",
+                channel.endpoints()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -356,15 +356,22 @@ struct Instances {
 }
 
 impl Instances {
-    /// The change an event records (an unreadable instance is skipped).
+    /// The change an event records. An instance whose value became
+    /// unreadable counts as gone, as the listing leaves it out.
     fn change(&self, ev: &etcd_client::Event) -> Option<InstanceChange> {
         let kv = ev.kv()?;
         let key = String::from_utf8_lossy(kv.key());
         let id = key.strip_prefix(self.dir.as_str())?.to_owned();
-        match ev.event_type() {
-            EventType::Put => parse(kv).ok().map(InstanceChange::Put),
-            EventType::Delete => Some(InstanceChange::Delete(id)),
-        }
+        Some(match ev.event_type() {
+            EventType::Put => match parse(kv) {
+                Ok(instance) => InstanceChange::Put(instance),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "unreadable instance counted as gone");
+                    InstanceChange::Delete(id)
+                }
+            },
+            EventType::Delete => InstanceChange::Delete(id),
+        })
     }
 }
 

@@ -63,7 +63,17 @@ async fn list(shared: &Shared, prefix: &str) -> Result<(u64, Vec<ServiceInstance
     let mut out = Vec::new();
     for v in it {
         let json: Vec<u8> = decode(v)?;
-        out.push(parse(&json)?);
+        // One unreadable record (written by another client or version)
+        // must not hide the others.
+        match parse(&json) {
+            Ok(i) => out.push(i),
+            Err(e) => tracing::warn!(
+                prefix,
+                record = %String::from_utf8_lossy(&json),
+                error = %e,
+                "unreadable instance ignored"
+            ),
+        }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok((rev, out))
@@ -232,10 +242,30 @@ impl Instances {
     }
 
     /// The change an entry records, if it is one of the watched service's.
+    /// An instance whose record is unreadable counts as gone (as the
+    /// listing leaves it out), if its service and id can be read.
     fn change(&self, entry: &StreamId) -> Option<InstanceChange> {
         let kind: String = entry.get("t")?;
         let json: Vec<u8> = entry.get("i")?;
-        let instance = parse(&json).ok().filter(|i| i.service == self.service)?;
+        let instance = match parse(&json) {
+            Ok(instance) => instance,
+            Err(e) => {
+                #[derive(serde::Deserialize)]
+                struct Named {
+                    service: String,
+                    id: String,
+                }
+                let named: Named = serde_json::from_slice(&json).ok()?;
+                if named.service != self.service {
+                    return None;
+                }
+                tracing::warn!(service = %named.service, id = %named.id, error = %e, "unreadable instance counted as gone");
+                return Some(InstanceChange::Delete(named.id));
+            }
+        };
+        if instance.service != self.service {
+            return None;
+        }
         Some(match kind.as_str() {
             "a" | "u" => InstanceChange::Put(instance),
             _ => InstanceChange::Delete(instance.id),
