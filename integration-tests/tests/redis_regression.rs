@@ -1,7 +1,8 @@
 //! Redis coming back with older data: a private `redis-server` (never the
 //! shared one of `scripts/services.sh`) takes a snapshot, accepts more
 //! writes, then crashes and restarts from the snapshot — as after a restore
-//! from an old RDB file or a failover to a lagging replica. What a client
+//! from an old RDB file or a failover to a lagging replica — or has data
+//! rolled back in place, as a cluster client sees a failover (no error). What a client
 //! was told must still hold (DESIGN §8): fencing tokens never repeat or go
 //! back, versions keep increasing, and a watch converges on the server's
 //! state instead of silently dropping the writes made after the regression.
@@ -151,6 +152,81 @@ async fn a_restart_that_loses_nothing_does_not_disturb_a_watch() -> Result<()> {
         "every change once, in order, nothing resent: {values:?}"
     );
     ensure!(seen.windows(2).all(|w| w[0].version < w[1].version));
+    backend.close().await?;
+    Ok(())
+}
+
+/// A cluster client follows a failover by itself, so a registry watch can
+/// find the server's revision behind its cursor without any error telling
+/// it: the changes after that revision were lost. Simulated on the private
+/// server by rolling the registry back by one registration (revision,
+/// change stream, instance) without touching any connection: the watch
+/// reports the lost instance as gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_watch_notices_a_revision_behind_it_without_a_reconnect() -> Result<()> {
+    use futures::StreamExt;
+    use im_infra::registry::{ServiceEventKind, ServiceInstance};
+
+    let Some(server) = PrivateRedis::start_or_skip().await? else {
+        return Ok(());
+    };
+    let backend = backend(&server.url()).await?;
+    let registry = backend.registry().await?;
+    let ttl = Duration::from_secs(30);
+    registry
+        .register(&ServiceInstance::new("svc", "a", "127.0.0.1:1"), ttl)
+        .await?;
+    let mut watch = backend.discovery().await?.watch("svc").await?;
+    async fn next(
+        watch: &mut im_infra::registry::ServiceEventStream,
+    ) -> Result<im_infra::registry::ServiceEvent> {
+        Ok(tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .context("no event within 5 s")?
+            .context("the watch ended")??)
+    }
+    ensure!(next(&mut watch).await?.instance.id == "a");
+    registry
+        .register(&ServiceInstance::new("svc", "x", "127.0.0.1:2"), ttl)
+        .await?;
+    ensure!(next(&mut watch).await?.instance.id == "x");
+    // The registration of x is lost, as on a replica that lagged by one
+    // write.
+    let mut raw = redis::Client::open(server.url().as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let key = |part: &str| format!("regression:{{reg}}:{part}");
+    let rev: u64 = redis::cmd("GET")
+        .arg(key("rev"))
+        .query_async(&mut raw)
+        .await?;
+    redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg(key("rev"))
+        .arg(rev - 1)
+        .cmd("XDEL")
+        .arg(key("log"))
+        .arg(format!("{rev}-1"))
+        .cmd("HDEL")
+        .arg(key("inst"))
+        .arg("svc/x")
+        .cmd("HDEL")
+        .arg(key("lease"))
+        .arg("svc/x")
+        .cmd("ZREM")
+        .arg(key("exp"))
+        .arg("svc/x")
+        .cmd("ZREM")
+        .arg(key("names"))
+        .arg("svc/x")
+        .query_async::<()>(&mut raw)
+        .await?;
+    let e = next(&mut watch).await?;
+    ensure!(
+        e.kind == ServiceEventKind::Delete && e.instance.id == "x",
+        "the watch reports the lost instance as gone: {e:?}"
+    );
     backend.close().await?;
     Ok(())
 }

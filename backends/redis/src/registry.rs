@@ -290,7 +290,15 @@ impl InstanceHistory for Instances {
 
     async fn next_batch(&mut self, after: u64) -> Result<InstanceBatch> {
         let s = self.shared()?;
-        op::<i64>(&s, &["reap"]).await?;
+        // A revision behind the cursor: the server lost changes it had
+        // reported (a failover to a replica that lagged, a restore), and
+        // the stream will not repeat what it now holds at those
+        // revisions. A cluster client reconnects to the new primary by
+        // itself, so no error tells the watch.
+        let revision: u64 = op(&s, &["reap"]).await?;
+        if revision < after {
+            return Ok(InstanceBatch::Gap);
+        }
         let entries = self.read(&s, after).await?;
         // Revisions are consecutive: a first entry beyond the next one
         // means the stream was trimmed past us.

@@ -8,7 +8,7 @@
 --   update     sid, lease, instance JSON           -> 1 updated, 0 lease lost
 --   replace    sid, instance JSON                  -> 1 replaced (any lease, recorded ttl kept), 0 not registered
 --   remove     sid, lease ('' = whoever holds it)  -> 1 removed, 0 not there
---   reap                                           -> number of expired instances removed
+--   reap                                           -> the revision, after removing expired instances
 --   list       sid prefix ('' = all)               -> {revision, json1, json2, ...} of live instances
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -42,7 +42,8 @@ local function reap()
 end
 
 if op == 'reap' then
-  return reap()
+  reap()
+  return tonumber(redis.call('GET', KEYS[5]) or '0')
 end
 
 if op == 'put' then
