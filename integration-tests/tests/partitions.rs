@@ -235,6 +235,56 @@ async fn a_release_that_never_arrived_is_asked_again(kind: Kind) -> Result<()> {
     Ok(())
 }
 
+/// Redis cut off while its connection is re-established (the connection
+/// closed, the server then silent): every command still answers within the
+/// request timeout, rather than waiting for each connection attempt of the
+/// client's reconnection in turn.
+async fn commands_during_a_reconnection_keep_their_deadline(kind: Kind) -> Result<()> {
+    let Some(s) = Sides::new(kind).await? else {
+        return Ok(());
+    };
+    let cache = s.cut.cache().await?;
+    cache
+        .set("k", bytes::Bytes::from_static(b"v"), None)
+        .await?;
+    s.proxy.freeze();
+    s.proxy.cut();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..4 {
+        let started = Instant::now();
+        let answer = cache.get("k").await;
+        slowest = slowest.max(started.elapsed());
+        ensure!(
+            answer.as_ref().is_err_and(|e| e.is_retryable()),
+            "{kind:?}: {answer:?}"
+        );
+    }
+    ensure!(
+        slowest < REQUEST_TIMEOUT + Duration::from_millis(500),
+        "{kind:?}: a command took {slowest:?} (request timeout {REQUEST_TIMEOUT:?})"
+    );
+    s.proxy.thaw();
+    let started = Instant::now();
+    loop {
+        match cache.get("k").await {
+            Ok(v) => {
+                ensure!(v.as_deref() == Some(&b"v"[..]), "{v:?}");
+                break;
+            }
+            Err(e) if e.is_retryable() && started.elapsed() < BOUND => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    println!(
+        "{kind:?}: slowest command while reconnecting {slowest:?}; back {:?} after the thaw",
+        started.elapsed()
+    );
+    s.close().await;
+    Ok(())
+}
+
 /// A Snowflake generator whose worker lease is behind the frozen proxy
 /// stops issuing ids before another allocator receives the same worker id.
 async fn generator_stops_before_its_id_is_reused(kind: Kind) -> Result<()> {
@@ -403,6 +453,7 @@ per_backend! {
     etcd_lock_holder_learns_first => lock_holder_learns_first(Kind::Etcd);
     mysql_lock_holder_learns_first => lock_holder_learns_first(Kind::Mysql);
     redis_a_release_that_never_arrived_is_asked_again => a_release_that_never_arrived_is_asked_again(Kind::Redis);
+    redis_commands_during_a_reconnection_keep_their_deadline => commands_during_a_reconnection_keep_their_deadline(Kind::Redis);
     mysql_a_release_that_never_arrived_is_asked_again => a_release_that_never_arrived_is_asked_again(Kind::Mysql);
     redis_generator_stops_before_its_id_is_reused => generator_stops_before_its_id_is_reused(Kind::Redis);
     etcd_generator_stops_before_its_id_is_reused => generator_stops_before_its_id_is_reused(Kind::Etcd);

@@ -1,6 +1,7 @@
 //! The connection to Redis (one node, the primary Redis Sentinel names, or
 //! a cluster), with a deadline and error mapping on every command.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -182,22 +183,45 @@ impl Client {
         .with_backend(crate::NAME)
     }
 
-    // Every request is bounded by the connection's request timeout
-    // (`RedisSettings::request_timeout`), set on the connection manager and
-    // the cluster client alike; a timeout surfaces as `Timeout`.
+    /// One request, bounded by the request timeout
+    /// (`RedisSettings::request_timeout`) on a single node: the connection
+    /// manager's response timeout starts only once the request is sent,
+    /// and a request queued behind its reconnection (several connection
+    /// attempts with backoff) would otherwise wait for all of them. The
+    /// cluster client bounds a whole request itself; behind Sentinel the
+    /// primary's look-up has its own bound (`connect_timeout`) and must be
+    /// allowed to finish, and its connection's response timeout tells it a
+    /// primary went silent. A timeout surfaces as `Timeout`.
+    async fn bounded<T>(&self, request: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
+        self.bounded_answer(request).await?.map_err(from_redis)
+    }
+
+    /// [`bounded`](Self::bounded), the server's answer unmapped (`Err`: no
+    /// answer in time).
+    async fn bounded_answer<T>(
+        &self,
+        request: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<redis::RedisResult<T>> {
+        if !matches!(self.conn, Conn::Single(_)) {
+            return Ok(request.await);
+        }
+        tokio::time::timeout(self.settings.request_timeout, request)
+            .await
+            .map_err(|_| self.timeout_error())
+    }
 
     /// Runs one command.
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
         self.check_open()?;
         let mut c = self.conn.clone();
-        cmd.query_async(&mut c).await.map_err(from_redis)
+        self.bounded(cmd.query_async(&mut c)).await
     }
 
     /// Runs a pipeline in one round trip.
     pub(crate) async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> Result<T> {
         self.check_open()?;
         let mut c = self.conn.clone();
-        p.query_async(&mut c).await.map_err(from_redis)
+        self.bounded(p.query_async(&mut c)).await
     }
 
     /// Runs `cmd`, an `EVALSHA` of `script` ([`evalsha`]). On NOSCRIPT (a
@@ -216,16 +240,16 @@ impl Client {
         let mut c = self.conn.clone();
         let mut loads = 0;
         loop {
-            match cmd.query_async(&mut c).await {
+            match self.bounded_answer(cmd.query_async(&mut c)).await? {
                 Err(e)
                     if loads < LOADS
                         && e.kind()
                             == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
                     loads += 1;
-                    if let Err(e) = script.load_async(&mut c).await {
+                    if let Err(e) = self.bounded(script.load_async(&mut c)).await {
                         if !self.settings.is_cluster() {
-                            return Err(from_redis(e));
+                            return Err(e);
                         }
                     }
                 }

@@ -251,12 +251,23 @@ impl SentinelConn {
         }
     }
 
+    /// Forgets `used` after an error reply in `value` that shows it gone or
+    /// demoted. The connection hands server errors (`READONLY`,
+    /// `MASTERDOWN`, ...) back as values; they become errors only later,
+    /// where the reply is read.
+    fn after_reply(&self, used: &Arc<Primary>, value: &Value) {
+        if let Value::ServerError(se) = value {
+            self.after_error(used, &RedisError::from(se.clone()));
+        }
+    }
+
     pub(crate) async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
         let primary = self.primary().await?;
         let mut conn = primary.conn.clone();
         let r = conn.req_packed_command(cmd).await;
-        if let Err(e) = &r {
-            self.after_error(&primary, e);
+        match &r {
+            Ok(value) => self.after_reply(&primary, value),
+            Err(e) => self.after_error(&primary, e),
         }
         r
     }
@@ -270,8 +281,13 @@ impl SentinelConn {
         let primary = self.primary().await?;
         let mut conn = primary.conn.clone();
         let r = conn.req_packed_commands(cmd, offset, count).await;
-        if let Err(e) = &r {
-            self.after_error(&primary, e);
+        match &r {
+            Ok(values) => {
+                for value in values {
+                    self.after_reply(&primary, value);
+                }
+            }
+            Err(e) => self.after_error(&primary, e),
         }
         r
     }
