@@ -346,6 +346,43 @@ fn service_file(
     Ok(file)
 }
 
+/// A service that panics is a failed service, not a skipped shutdown: its
+/// instance is deregistered and its lock released, and `run` reports the
+/// panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_service_still_deregisters_and_releases_and_reports_the_panic() -> Result<()> {
+    let rt = builder("svc-panic").start().await?;
+    let instance = ServiceInstance::new("svc-panic", "a", "127.0.0.1:1");
+    rt.registry()
+        .register(&instance, Duration::from_secs(60))
+        .await?;
+    let mut events = rt.discovery().watch("svc-panic").await?;
+    let added = events.next().await.context("the watch ended")??;
+    ensure!(added.kind == ServiceEventKind::Add, "{added:?}");
+    let guard = rt.lock().lock("ledger", Duration::from_secs(60)).await?;
+    let service = async {
+        if guard.is_held() {
+            panic!("expected: this test checks that a panicking service is shut down");
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let result = tokio::time::timeout(Duration::from_secs(10), rt.run(service)).await?;
+    ensure!(
+        matches!(&result, Err(im_infra_runtime::RunError::Service(e)) if e.to_string().contains("panicked")),
+        "{result:?}"
+    );
+    ensure!(!guard.is_held(), "the lock was released");
+    let gone = tokio::time::timeout(Duration::from_secs(2), events.next())
+        .await
+        .context("no event after the shutdown")?
+        .context("the watch ended")??;
+    ensure!(
+        gone.kind == ServiceEventKind::Delete && gone.instance.id == "a",
+        "{gone:?}"
+    );
+    Ok(())
+}
+
 async fn etcd_center(s: &Servers, namespace: &str) -> Result<Arc<dyn ConfigCenter>> {
     let etcd = im_infra_etcd::EtcdBackend::builder()
         .endpoints(s.etcd.clone())

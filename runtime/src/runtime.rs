@@ -1,10 +1,12 @@
 //! [`Runtime`]: two-phase start-up, the typed handles, graceful shutdown.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use im_infra::backend::Backend;
 use im_infra::cache::Cache;
 use im_infra::config::{ConfigCenter, ConfigManager, ConfigManagerBuilder};
@@ -378,6 +380,7 @@ async fn start(settings: RuntimeSettings, logging: bool, started: &mut Started) 
         consumers: Mutex::new(Vec::new()),
         stopping,
         finished: tokio::sync::OnceCell::new(),
+        early_deregistration: Mutex::new(None),
     })
 }
 
@@ -473,6 +476,8 @@ pub struct Runtime {
     stopping: CancellationToken,
     /// The outcome of the shutdown, once it has run to its end.
     finished: tokio::sync::OnceCell<Result<()>>,
+    /// The deregistration begun as shutdown began.
+    early_deregistration: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -639,16 +644,19 @@ impl Runtime {
         self.stopping.cancel();
     }
 
-    /// Runs `service` until it ends, or until SIGTERM, Ctrl-C or
-    /// [`request_shutdown`](Self::request_shutdown); then shuts down within
-    /// the deadline (`shutdown.timeout`) in reverse order:
+    /// Runs `service` until it ends (or panics), or until SIGTERM, Ctrl-C
+    /// or [`request_shutdown`](Self::request_shutdown); then shuts down
+    /// within the deadline (`shutdown.timeout`) in reverse order:
     ///
     /// 1. [`shutdown_signal`](Self::shutdown_signal) fires: the business
-    ///    stops accepting; `/readyz` answers 503;
+    ///    stops accepting; `/readyz` answers 503; instances registered
+    ///    through [`registry`](Self::registry) are deregistered at once,
+    ///    so that clients stop finding the instance while it still answers
+    ///    what reaches it;
     /// 2. consumers finish the message in hand and commit, while `service`
     ///    winds down (awaited up to the deadline);
     /// 3. the producer flushes;
-    /// 4. instances registered through [`registry`](Self::registry) are
+    /// 4. what was registered meanwhile, or failed to deregister, is
     ///    deregistered;
     /// 5. locks still held are released;
     /// 6. hot reloads stop, backends close (the coordinator last), the
@@ -656,52 +664,106 @@ impl Runtime {
     ///
     /// Every step runs even when the deadline has passed (bounded by a
     /// short grace each), so registrations never outlive the process by
-    /// their TTL.
+    /// their TTL; a panic of `service` is caught, the steps run, and `run`
+    /// answers [`RunError::Service`]. A SIGTERM or Ctrl-C during the
+    /// wind-down (the second, when one began it) ends the wait for
+    /// `service` and the consumers at once; the steps after it get their
+    /// short grace each.
     pub async fn run<F, E>(self, service: F) -> std::result::Result<(), RunError>
     where
         F: Future<Output = std::result::Result<(), E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut service = Box::pin(service);
+        // A panic of the service is its failure: the steps still run.
+        let mut service = Box::pin(
+            AssertUnwindSafe(async move { service.await.map_err(Into::into) }).catch_unwind(),
+        );
         let ended = tokio::select! {
             r = &mut service => Some(r),
             _ = stop_requested(&self.stopping) => None,
         };
-        let deadline = deadline_after(self.shutdown_timeout);
+        let mut deadline = deadline_after(self.shutdown_timeout);
         self.stopping.cancel();
+        self.deregister_early(deadline);
         let mut missed = None;
-        let result = match ended {
+        let outcome = match ended {
             Some(r) => {
-                self.shutdown_consumers(deadline).await;
-                r
+                tokio::select! {
+                    _ = self.shutdown_consumers(deadline) => {}
+                    _ = os_signal() => deadline = hurried(),
+                }
+                Some(r)
             }
             None => {
                 tracing::info!(deadline = ?self.shutdown_timeout, "shutting down");
-                let consumers = self.shutdown_consumers(deadline);
-                let (_, r) =
-                    tokio::join!(consumers, tokio::time::timeout_at(deadline, &mut service));
-                r.unwrap_or_else(|_| {
-                    tracing::warn!(
-                        "the service did not finish before the shutdown deadline; it is dropped"
-                    );
-                    missed = Some(Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "the service did not finish within the shutdown deadline ({:?})",
-                            self.shutdown_timeout
-                        ),
-                    ));
-                    Ok(())
-                })
+                let (this, until, running) = (&self, deadline, &mut service);
+                let wind_down = async move {
+                    let consumers = this.shutdown_consumers(until);
+                    let service = tokio::time::timeout_at(until, running);
+                    tokio::join!(consumers, service).1.ok()
+                };
+                tokio::select! {
+                    r = wind_down => {
+                        if r.is_none() {
+                            tracing::warn!(
+                                "the service did not finish before the shutdown deadline; it is dropped"
+                            );
+                            missed = Some(Error::new(
+                                ErrorKind::Timeout,
+                                format!(
+                                    "the service did not finish within the shutdown deadline ({:?})",
+                                    self.shutdown_timeout
+                                ),
+                            ));
+                        }
+                        r
+                    }
+                    _ = os_signal() => {
+                        deadline = hurried();
+                        missed = Some(Error::new(
+                            ErrorKind::Timeout,
+                            "shutdown hurried by a signal: the service was dropped",
+                        ));
+                        None
+                    }
+                }
             }
         };
         // Nothing of the service runs past this point: its locks are
         // released and its registrations removed only after it is gone.
         drop(service);
         let closed = self.finish(deadline).await;
-        result.map_err(|e| RunError::Service(e.into()))?;
+        let result = match outcome {
+            Some(Ok(r)) => r,
+            Some(Err(panic)) => {
+                let what = panic_message(panic.as_ref());
+                tracing::error!(panic = %what, "the service panicked");
+                Err(format!("the service panicked: {what}").into())
+            }
+            None => Ok(()),
+        };
+        result.map_err(RunError::Service)?;
         closed.map_err(RunError::Shutdown)?;
         missed.map_or(Ok(()), |e| Err(RunError::Shutdown(e)))
+    }
+
+    /// Begins deregistering what was registered through the runtime, in a
+    /// task of its own (bounded by `deadline`): clients stop finding the
+    /// instance while it drains, and no other step waits for it before the
+    /// second pass. Failures are left to that pass, which reports them.
+    fn deregister_early(&self, deadline: tokio::time::Instant) {
+        let mut early = self.early_deregistration.lock();
+        if early.is_some() {
+            return;
+        }
+        let registry = self.handles.registry.clone();
+        *early = Some(tokio::spawn(async move {
+            if let Some(Ok(n)) = step_timeout(deadline, registry.deregister_all()).await {
+                if n > 0 {
+                    tracing::info!(instances = n, "deregistered");
+                }
+            }
+        }));
     }
 
     /// Shuts down as [`run`](Self::run) does after a signal, without a
@@ -709,6 +771,7 @@ impl Runtime {
     pub async fn shutdown(&self) -> Result<()> {
         let deadline = deadline_after(self.shutdown_timeout);
         self.stopping.cancel();
+        self.deregister_early(deadline);
         self.shutdown_consumers(deadline).await;
         self.finish(deadline).await
     }
@@ -762,6 +825,10 @@ impl Runtime {
             "flush the producer",
             step_timeout(deadline, producer.flush(flush_for)).await,
         );
+        let early = self.early_deregistration.lock().take();
+        if let Some(early) = early {
+            let _ = step_timeout(deadline, early).await;
+        }
         let deregistered = step_timeout(deadline, self.handles.registry.deregister_all()).await;
         note(
             "deregister",
@@ -808,8 +875,35 @@ async fn step_timeout<T>(
     tokio::time::timeout_at(until, fut).await.ok()
 }
 
+/// What a signal during the wind-down does: the steps left get their
+/// short grace each, from now.
+fn hurried() -> tokio::time::Instant {
+    tracing::warn!(
+        "a signal during the shutdown: the business is no longer waited for; \
+         the steps left get a short grace each"
+    );
+    tokio::time::Instant::now()
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(not a message)".to_owned())
+}
+
 /// SIGTERM, Ctrl-C (SIGINT), or a requested shutdown.
 async fn stop_requested(requested: &CancellationToken) {
+    tokio::select! {
+        _ = os_signal() => {}
+        _ = requested.cancelled() => {}
+    }
+}
+
+/// SIGTERM or Ctrl-C (SIGINT).
+async fn os_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await
@@ -829,7 +923,6 @@ async fn stop_requested(requested: &CancellationToken) {
     tokio::select! {
         _ = ctrl_c => tracing::info!("Ctrl-C"),
         _ = term => tracing::info!("SIGTERM"),
-        _ = requested.cancelled() => {}
     }
 }
 

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct TrackedRegistry {
     inner: Arc<dyn ServiceRegistry>,
     live: Mutex<BTreeSet<(String, String)>>,
+    /// Deregistered by the runtime at shutdown: the service's own
+    /// deregistration of one of them, arriving later, succeeds.
+    gone: Mutex<BTreeSet<(String, String)>>,
 }
 
 impl TrackedRegistry {
@@ -23,25 +26,29 @@ impl TrackedRegistry {
         TrackedRegistry {
             inner,
             live: Mutex::new(BTreeSet::new()),
+            gone: Mutex::new(BTreeSet::new()),
         }
     }
 
     /// Deregisters every instance still registered through it, all at once;
     /// the first failure is returned after all were tried. One found gone
-    /// already (its lease lost) counts as deregistered.
+    /// already (its lease lost) counts as deregistered. One that failed, or
+    /// whose deregistration was cut off (the call dropped), stays for the
+    /// next call to try again.
     pub(crate) async fn deregister_all(&self) -> Result<usize> {
-        let live: Vec<_> = std::mem::take(&mut *self.live.lock()).into_iter().collect();
-        let results = futures::future::join_all(
-            live.iter()
-                .map(|(service, id)| self.inner.deregister(service, id)),
-        )
+        let live: Vec<_> = self.live.lock().iter().cloned().collect();
+        let results = futures::future::join_all(live.iter().map(|(service, id)| async move {
+            let res = already_gone_is_ok(self.inner.deregister(service, id).await);
+            if res.is_ok() {
+                let key = (service.clone(), id.clone());
+                self.live.lock().remove(&key);
+                self.gone.lock().insert(key);
+            }
+            res
+        }))
         .await;
         let n = live.len();
-        results
-            .into_iter()
-            .map(already_gone_is_ok)
-            .collect::<Result<Vec<()>>>()
-            .map(|_| n)
+        results.into_iter().collect::<Result<Vec<()>>>().map(|_| n)
     }
 }
 
@@ -49,20 +56,28 @@ impl TrackedRegistry {
 impl ServiceRegistry for TrackedRegistry {
     async fn register_with(&self, instance: &ServiceInstance, opts: RegisterOptions) -> Result<()> {
         self.inner.register_with(instance, opts).await?;
-        self.live
-            .lock()
-            .insert((instance.service.clone(), instance.id.clone()));
+        let key = (instance.service.clone(), instance.id.clone());
+        self.gone.lock().remove(&key);
+        self.live.lock().insert(key);
         Ok(())
     }
 
     async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        let res = self.inner.deregister(service, id).await;
-        if res.is_ok() {
-            self.live
-                .lock()
-                .remove(&(service.to_owned(), id.to_owned()));
+        let key = (service.to_owned(), id.to_owned());
+        match self.inner.deregister(service, id).await {
+            Ok(()) => {
+                self.live.lock().remove(&key);
+                Ok(())
+            }
+            // The runtime deregistered it as shutdown began.
+            Err(e)
+                if e.kind() == im_infra::ErrorKind::NotRegistered
+                    && self.gone.lock().contains(&key) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        res
     }
 
     async fn update(&self, instance: &ServiceInstance) -> Result<()> {

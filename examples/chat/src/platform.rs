@@ -109,7 +109,7 @@ pub struct Platform {
     role: Role,
     settings: ChatSettings,
     store: Option<Arc<dyn MessageStore>>,
-    logic: Option<(TcpListener, LogicService, ServiceInstance)>,
+    logic: Option<(TcpListener, LogicService)>,
     gateway: Option<(TcpListener, GatewayService)>,
     consumer: Option<Arc<dyn im_infra::mq::Consumer>>,
     db: Option<Arc<Db>>,
@@ -223,7 +223,7 @@ impl Platform {
                 .registry()
                 .register(&instance, REGISTRATION_TTL)
                 .await?;
-            self.logic = Some((listener, service, instance));
+            self.logic = Some((listener, service));
         }
         if role.task() {
             let consumer = runtime
@@ -262,9 +262,7 @@ impl Platform {
 
     /// Where logic listens, when this process runs it.
     pub fn logic_addr(&self) -> Option<SocketAddr> {
-        self.logic
-            .as_ref()
-            .and_then(|(l, _, _)| l.local_addr().ok())
+        self.logic.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Where the gateway listens, when this process runs it.
@@ -307,19 +305,18 @@ impl Platform {
             ..
         } = self;
         let stop = runtime.shutdown_signal();
-        let registry = runtime.registry();
         let limiter = runtime.limiter();
         let cache = runtime.cache();
         let service = async move {
             let mut servers = tokio::task::JoinSet::new();
-            if let Some((listener, service, instance)) = logic {
+            if let Some((listener, service)) = logic {
                 let stop = stop.clone();
                 let layer = RateLimitLayer::new(limiter, SEND_RESOURCE, SendUser)?;
+                // The runtime takes the instance out of discovery as
+                // shutdown begins; the server goes on answering for DRAIN,
+                // while clients learn it is gone.
                 let drained = async move {
                     stop.cancelled().await;
-                    if let Err(e) = registry.deregister(&instance.service, &instance.id).await {
-                        tracing::warn!(error = %e, "leaving discovery failed; the registration expires");
-                    }
                     tokio::time::sleep(DRAIN).await;
                 };
                 servers.spawn(
