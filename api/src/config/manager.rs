@@ -478,23 +478,46 @@ where
     let after = match read {
         Ok(Some(v)) => {
             Inner::apply(&this, v.value, v.version).await;
-            this.seen.load(Ordering::Acquire).max(v.version)
+            Some(this.seen.load(Ordering::Acquire).max(v.version))
         }
-        Ok(None) => this.seen.load(Ordering::Acquire),
+        // No value now, and none ever applied: a watch after version 0
+        // would replay the key's retained history (values deleted long
+        // ago) as if they were current. The watch starts from now instead,
+        // and a second read finds what came before it.
+        Ok(None) if this.seen.load(Ordering::Acquire) == 0 => None,
+        Ok(None) => Some(this.seen.load(Ordering::Acquire)),
         Err(e) => {
             tracing::debug!(path = %path, error = %e, "config center unavailable; retrying");
             return Followed::Failed;
         }
     };
     drop(this);
-    let mut events = match center.watch(path, WatchOptions::after(after)).await {
+    let opts = after.map_or_else(WatchOptions::default, WatchOptions::after);
+    let mut events = match center.watch(path, opts).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(path = %path, error = %e, "watch failed; retrying");
             return Followed::Failed;
         }
     };
-    let mut stream_last = after;
+    if after.is_none() {
+        match center.get_with_version(path).await {
+            Ok(Some(v)) => {
+                let Some(this) = inner.upgrade() else {
+                    return Followed::Ended;
+                };
+                Inner::apply(&this, v.value, v.version).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(path = %path, error = %e, "config center unavailable; retrying");
+                return Followed::Failed;
+            }
+        }
+    }
+    // From now: an event older than the second read is not a regression
+    // (the watch began before that read), and `apply` skips it.
+    let mut stream_last = after.unwrap_or(0);
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => return Followed::Ended,

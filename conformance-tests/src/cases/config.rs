@@ -345,6 +345,65 @@ struct Settings {
     name: String,
 }
 
+/// A manager started on a key that once had values and was deleted keeps
+/// its default: none of the old values the backend's history still holds
+/// is applied or handed to a callback. A value set afterwards is.
+async fn a_manager_of_a_deleted_key_keeps_its_default(w: World) -> Result<()> {
+    let c = center(&w).await?;
+    let service = unique("svc");
+    let path = format!("/config/test/{service}/settings");
+    c.set_json(
+        &path,
+        &Settings {
+            workers: 4,
+            name: "old".into(),
+        },
+    )
+    .await?;
+    c.delete(&path).await?;
+    let updates = Arc::new(AtomicUsize::new(0));
+    let counted = updates.clone();
+    let m = ConfigManager::<Settings>::builder(c.clone(), &service, "settings")
+        .env("test")
+        .default_value(Settings {
+            workers: 1,
+            name: "default".into(),
+        })
+        .on_update(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        })
+        .build()?;
+    m.start().await;
+    // Time for a watch to replay whatever it would replay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        m.current().name == "default" && updates.load(Ordering::SeqCst) == 0,
+        "the default stays and no callback ran: {:?}, {} callbacks",
+        m.current(),
+        updates.load(Ordering::SeqCst)
+    );
+    c.set_json(
+        &path,
+        &Settings {
+            workers: 2,
+            name: "new".into(),
+        },
+    )
+    .await?;
+    let applied = m.clone();
+    eventually(Duration::from_secs(10), "the new value", move || {
+        let m = applied.clone();
+        async move { Ok(m.current().name == "new") }
+    })
+    .await?;
+    ensure!(
+        updates.load(Ordering::SeqCst) == 1,
+        "one callback, for the new value"
+    );
+    m.stop().await;
+    Ok(())
+}
+
 async fn manager_loads_validates_and_hot_reloads(w: World) -> Result<()> {
     let c = center(&w).await?;
     let service = unique("svc");
@@ -487,5 +546,10 @@ pub fn cases() -> Vec<Case> {
         crate::case!("config", bad_input_is_invalid_argument, when = on),
         crate::case!("config", instances_share_entries, when = on),
         crate::case!("config", manager_loads_validates_and_hot_reloads, when = on),
+        crate::case!(
+            "config",
+            a_manager_of_a_deleted_key_keeps_its_default,
+            when = on
+        ),
     ]
 }
