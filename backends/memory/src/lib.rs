@@ -590,4 +590,71 @@ mod tests {
             (ErrorKind::Closed, Some("backend.health_check"))
         );
     }
+
+    #[tokio::test]
+    async fn a_lock_waiter_answers_closed_when_the_backend_closes() {
+        use im_infra::lock::LockOptions;
+        let backend = MemoryBackend::new();
+        let locks = backend.lock().await.unwrap();
+        let _held = locks
+            .acquire("k", LockOptions::new(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let waiter = tokio::spawn({
+            let locks = locks.clone();
+            async move {
+                locks
+                    .acquire("k", LockOptions::new(Duration::from_secs(30)))
+                    .await
+                    .map(|g| g.fencing_token())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        backend.close().await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the waiter is woken by the close")
+            .unwrap();
+        assert_eq!(answer.unwrap_err().kind(), ErrorKind::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_lock_that_expired_before_its_release_leaves_no_entry() {
+        use im_infra::lock::LockOptions;
+        let backend = MemoryBackend::new();
+        let locks = backend.lock().await.unwrap();
+        for i in 0..100 {
+            let guard = locks
+                .acquire(
+                    &format!("job:{i}"),
+                    LockOptions::new(Duration::from_millis(100)).no_renewal(),
+                )
+                .await
+                .unwrap();
+            drop(guard);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Released after their TTL (or dropped): nothing to keep.
+        let guard = locks
+            .acquire(
+                "late",
+                LockOptions::new(Duration::from_millis(100)).no_renewal(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(guard.release().await.is_err(), "expired before the release");
+        assert_eq!(backend.shared.locks.len(), 0, "no entry left");
+    }
+
+    #[tokio::test]
+    async fn a_closed_producer_refuses_batches_and_flushes() {
+        let backend = MemoryBackend::new();
+        let producer = backend.producer().await.unwrap();
+        producer.close().await.unwrap();
+        let batch = producer.produce_batch(vec![Message::new("t", "x")]).await;
+        assert_eq!(batch.unwrap_err().kind(), ErrorKind::Closed);
+        let flush = producer.flush(Duration::from_secs(1)).await;
+        assert_eq!(flush.unwrap_err().kind(), ErrorKind::Closed);
+    }
 }

@@ -57,6 +57,12 @@ impl LockStore {
         self.keys.lock()
     }
 
+    /// How many keys have an entry.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.keys().len()
+    }
+
     /// Takes the lock for `token` if it is free and nobody waits ahead.
     fn take(&self, key: &str, token: &str, ttl: Duration, waiter: Option<u64>) -> Option<Holder> {
         let now = Instant::now();
@@ -131,9 +137,11 @@ impl LockStore {
         if mine {
             state.holder = None;
             state.notify.notify_waiters();
-            if state.queue.is_empty() {
-                keys.remove(key);
-            }
+        }
+        // Nothing left of the key (released, or its holder expired): the
+        // entry goes, so keys used once do not pile up.
+        if state.holder.is_none() && state.queue.is_empty() {
+            keys.remove(key);
         }
         mine
     }
@@ -236,16 +244,18 @@ impl DistributedLock for MemoryLock {
             done: false,
         };
         let notify = store.notify_of(key);
+        let closed = self.shared.stop().clone();
         loop {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // A backend closed while this waited grants nothing more.
+            self.shared.check_open()?;
             let sent = Tick::now();
             if let Some(holder) = store.take(key, &token, opts.ttl, Some(id)) {
                 ticket.done = true;
                 return Ok(self.guard(key, token, holder, opts, sent));
             }
-            self.shared.check_open()?;
             // Wake up at the holder's expiry at the latest (a dead holder
             // does not notify).
             let expiry = store.expiry(key).map(tokio::time::Instant::from_std);
@@ -257,9 +267,14 @@ impl DistributedLock for MemoryLock {
                 Some(wake) => tokio::select! {
                     _ = &mut notified => {}
                     _ = tokio::time::sleep_until(wake) => {}
+                    _ = closed.cancelled() => {}
                 },
-                None => notified.await,
+                None => tokio::select! {
+                    _ = &mut notified => {}
+                    _ = closed.cancelled() => {}
+                },
             }
+            self.shared.check_open()?;
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 let sent = Tick::now();
                 if let Some(holder) = store.take(key, &token, opts.ttl, Some(id)) {

@@ -29,13 +29,19 @@ impl MemoryProducer {
         }
     }
 
-    fn send(&self, message: Message) -> Result<Delivery> {
+    /// `Closed` once the backend or this producer was closed.
+    fn check_open(&self) -> Result<()> {
         self.shared.check_open()?;
         if self.closed.load(Ordering::Acquire) {
             return Err(
                 Error::new(ErrorKind::Closed, "the producer was closed").with_backend(crate::NAME)
             );
         }
+        Ok(())
+    }
+
+    fn send(&self, message: Message) -> Result<Delivery> {
+        self.check_open()?;
         message.validate(self.shared.settings.max_message_bytes)?;
         Ok(self
             .shared
@@ -51,11 +57,12 @@ impl Producer for MemoryProducer {
     }
 
     async fn produce_batch(&self, messages: Vec<Message>) -> Result<Vec<Result<Delivery>>> {
+        self.check_open()?;
         Ok(messages.into_iter().map(|m| self.send(m)).collect())
     }
 
     async fn flush(&self, _timeout: Duration) -> Result<()> {
-        self.shared.check_open()
+        self.check_open()
     }
 
     async fn close(&self) -> Result<()> {
