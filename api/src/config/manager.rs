@@ -1,6 +1,7 @@
 //! A typed configuration that loads from the config center, falls back to
 //! defaults, validates, and hot-reloads.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -146,7 +147,8 @@ where
         self
     }
 
-    /// A check every loaded value must pass before it is applied.
+    /// A check every loaded value must pass before it is applied (one that
+    /// panics rejects the value).
     #[must_use]
     pub fn validator(
         mut self,
@@ -156,14 +158,17 @@ where
         self
     }
 
-    /// Called with every newly applied value.
+    /// Called with every newly applied value. A callback that panics is
+    /// logged and skipped; the other callbacks, and later values, are not
+    /// affected.
     #[must_use]
     pub fn on_update(mut self, f: impl Fn(&T) + Send + Sync + 'static) -> Self {
         self.listeners.push(Arc::new(f));
         self
     }
 
-    /// A component reloaded with every newly applied value.
+    /// A component reloaded with every newly applied value (a failed or
+    /// panicking reload is logged; the value stays applied).
     #[must_use]
     pub fn reloadable(mut self, component: Arc<dyn HotReloadable<T>>) -> Self {
         self.reloadables.push(component);
@@ -385,7 +390,10 @@ where
             }
         };
         if let Some(validate) = &this.validator {
-            if let Err(msg) = validate(&value) {
+            // A validator that panics rejects the value; the manager goes on.
+            let verdict = std::panic::catch_unwind(AssertUnwindSafe(|| validate(&value)))
+                .unwrap_or_else(|_| Err("the validator panicked".into()));
+            if let Err(msg) = verdict {
                 tracing::warn!(path = %this.path, version, reason = %msg, "invalid configuration rejected; keeping the last good value");
                 return false;
             }
@@ -411,12 +419,25 @@ where
             version,
         }));
         tracing::info!(path = %this.path, version, "configuration applied");
+        // A callback or component that panics is logged and skipped: the
+        // others still get the value, and later values still apply.
         for listener in &this.listeners {
-            listener(&value);
+            if std::panic::catch_unwind(AssertUnwindSafe(|| listener(&value))).is_err() {
+                tracing::error!(path = %this.path, version, "an update callback panicked");
+            }
         }
         for r in &this.reloadables {
-            if let Err(e) = r.reload(value.clone()).await {
-                tracing::warn!(path = %this.path, error = %e, "hot reload of a component failed");
+            match AssertUnwindSafe(r.reload(value.clone()))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(path = %this.path, error = %e, "hot reload of a component failed")
+                }
+                Err(_) => {
+                    tracing::error!(path = %this.path, version, "hot reload of a component panicked")
+                }
             }
         }
     }
@@ -743,6 +764,47 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!((m.current().workers, m.version()), (4, 4));
+        m.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_callback_that_panics_stops_neither_the_others_nor_later_values() {
+        let put = |workers: u32, version: u64| ConfigEvent {
+            kind: crate::config::ConfigEventKind::Put,
+            key: "/config/test/svc/settings".into(),
+            value: Some(Bytes::from(format!(r#"{{"workers":{workers}}}"#))),
+            version,
+        };
+        let center = Arc::new(Scripted(vec![put(6, 6), put(7, 7)]));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let m = ConfigManager::<Settings>::builder(center, "svc", "settings")
+            .env("test")
+            .validator(|s| {
+                if s.workers == 6 {
+                    panic!("expected: this test checks that a panicking validator is a rejection");
+                }
+                Ok(())
+            })
+            .on_update(|s| {
+                if s.workers == 5 {
+                    panic!("expected: this test checks that a panicking callback is skipped");
+                }
+            })
+            .on_update({
+                let seen = seen.clone();
+                move |s| seen.lock().unwrap().push(s.workers)
+            })
+            .build()
+            .unwrap();
+        m.start().await;
+        for _ in 0..100 {
+            if m.version() == 7 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((m.current().workers, m.version()), (7, 7));
+        assert_eq!(*seen.lock().unwrap(), [5, 7], "6 rejected, the others seen");
         m.stop().await;
     }
 }
