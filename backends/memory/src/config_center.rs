@@ -2,7 +2,7 @@
 //! history and ordered, resumable watches.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -15,6 +15,7 @@ use im_infra::config::{
 };
 use im_infra::{Result, RetrySettings};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
@@ -40,7 +41,8 @@ impl State {
 #[derive(Debug, Default)]
 pub(crate) struct ConfigStore {
     state: Mutex<State>,
-    changed: Notify,
+    /// Shared with the watches, which hold the backend only weakly.
+    changed: Arc<Notify>,
 }
 
 impl ConfigStore {
@@ -82,29 +84,40 @@ impl ConfigStore {
 }
 
 /// The change history as one watch reads it, for the shared watch driver.
+/// It holds the backend weakly: a backend dropped without `close` still
+/// ends its watches.
 struct History {
-    shared: Arc<Shared>,
+    shared: Weak<Shared>,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+}
+
+impl History {
+    fn shared(&self) -> Result<Arc<Shared>> {
+        im_infra::backend::upgrade(&self.shared, crate::NAME)
+    }
 }
 
 #[async_trait]
 impl ConfigHistory for History {
     async fn revision(&mut self) -> Result<u64> {
-        Ok(self.shared.configs.state().revision)
+        Ok(self.shared()?.configs.state().revision)
     }
 
     async fn snapshot(&mut self, target: &WatchTarget) -> Result<(u64, Vec<(String, Versioned)>)> {
-        let state = self.shared.configs.state();
+        let shared = self.shared()?;
+        let state = shared.configs.state();
         Ok((state.revision, ConfigStore::covered(&state, target)))
     }
 
     async fn next_batch(&mut self, cursor: &WatchCursor) -> Result<Batch> {
-        let store = &self.shared.configs;
         loop {
-            let changed = store.changed.notified();
+            let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             {
-                let state = store.state();
+                let shared = self.shared()?;
+                let state = shared.configs.state();
                 let after = cursor.last_version();
                 if after < state.revision {
                     if after < state.history_floor() {
@@ -116,7 +129,7 @@ impl ConfigHistory for History {
             }
             tokio::select! {
                 _ = &mut changed => {}
-                _ = self.shared.stop().cancelled() => {
+                _ = self.shutdown.cancelled() => {
                     return Err(im_infra::backend::closed(crate::NAME));
                 }
             }
@@ -172,7 +185,9 @@ impl MemoryConfigCenter {
     async fn open_watch(&self, target: WatchTarget, opts: WatchOptions) -> Result<WatchStream> {
         self.shared.check_open()?;
         let history = History {
-            shared: self.shared.clone(),
+            shared: Arc::downgrade(&self.shared),
+            changed: self.shared.configs.changed.clone(),
+            shutdown: self.shared.stop().clone(),
         };
         let shutdown = self.shared.stop().clone();
         spawn_watch(history, target, opts, RetrySettings::default(), shutdown).await
@@ -232,5 +247,33 @@ impl ConfigCenter for MemoryConfigCenter {
 
     async fn watch_prefix(&self, prefix: &str, opts: WatchOptions) -> Result<WatchStream> {
         self.open_watch(WatchTarget::prefix(prefix)?, opts).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use im_infra::backend::Backend;
+
+    use crate::MemoryBackend;
+
+    /// A watch does not keep a backend alive: dropped without `close`,
+    /// the backend ends its watches.
+    #[tokio::test]
+    async fn a_watch_ends_when_its_backend_is_dropped() {
+        let backend = MemoryBackend::new();
+        let config = backend.config().await.unwrap();
+        let mut events = config
+            .watch("/k", im_infra::config::WatchOptions::default())
+            .await
+            .unwrap();
+        drop((config, backend));
+        let end = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+        assert!(
+            matches!(end, Ok(None) | Ok(Some(Err(_)))),
+            "the watch goes on: {end:?}"
+        );
     }
 }
